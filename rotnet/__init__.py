@@ -1,0 +1,1 @@
+"""Shared building blocks of the rotnet trainer: config, distributed init, checkpoints, logging."""
