@@ -56,12 +56,13 @@ class ModelConfig:
 class OptimConfig:
     epochs: int = 30
     batch_size_per_gpu: int = 192  # ORIGINAL images per GPU per step; the step sees 4x as many rotated
-    lr: float = 0.01               # base lr (before linear scaling, if enabled)
-    schedule: list[list[float]] = field(default_factory=lambda: [[0, 1.0], [10, 0.1], [20, 0.01]])
+    # Step schedule as an (epoch, lr) table: lr = the last entry whose epoch <= current epoch.
+    # Paper ImageNet: 0.01, /10 after epochs 10 and 20.
+    schedule: list[list[float]] = field(default_factory=lambda: [[0, 0.01], [10, 0.001], [20, 0.0001]])
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
-    scale_lr: bool = False         # lr *= global_batch / ref_batch (Goyal et al.)
+    scale_lr: bool = False         # every lr *= global_batch / ref_batch (Goyal et al. 2017)
     ref_batch: int = 256
     warmup_epochs: float = 0.0     # linear warm-up from 0 (use with scale_lr for large batches)
 
@@ -87,8 +88,9 @@ class ProbeConfig:
     head: str = "linear"           # linear | mlp | conv
     epochs: int = 35
     batch_size_per_gpu: int = 192
-    lr: float = 0.01
-    schedule: list[list[float]] = field(default_factory=lambda: [[0, 1.0], [5, 0.2], [15, 0.04], [25, 0.008]])
+    # (epoch, lr) table; the original linear-probe schedule: 0.01, /5 at epochs 5, 15, 25.
+    schedule: list[list[float]] = field(default_factory=lambda: [[0, 0.01], [5, 0.002], [15, 0.0004],
+                                                                 [25, 0.00008]])
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
