@@ -4,7 +4,7 @@ Everything a run needs is in one `Config`. Loading is strict on purpose: a typo 
 a 300-GPU-hour job should fail in the first second, naming the key, not silently
 fall back to a default.
 
-    cfg = load_config("configs/sample.yaml", ["optim.lr=0.05", "data.root=/data/imagenet"])
+    cfg = load_config("configs/sample.yaml", ["optim.epochs=5", "data.root=/data/imagenet"])
 """
 from __future__ import annotations
 
@@ -168,7 +168,7 @@ def config_from_dict(raw: dict, source: str = "<dict>") -> Config:
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read YAML at `path` (None: all defaults), apply `key.sub=value` overrides, check types.
 
-    Override values are parsed as YAML, so `optim.lr=0.05`, `data.rotations=[0,180]` and
+    Override values are parsed as YAML, so `optim.weight_decay=1e-4`, `data.rotations=[0,180]` and
     `train.compile=true` all work.
     """
     raw: dict = {}

@@ -1,0 +1,97 @@
+"""What the user sees: main-rank logging, a tqdm progress bar, TensorBoard scalars, JSON lines.
+
+Only rank 0 writes anything; other ranks get a logger at WARNING level so that
+real problems on any rank still reach the job's stderr.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+log = logging.getLogger("rotnet")
+
+
+def setup_logging(is_main: bool, output_dir: str | Path | None = None) -> None:
+    """INFO on rank 0 (stderr, plus `output_dir/train.log`), WARNING elsewhere."""
+    log.handlers.clear()
+    log.propagate = False
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
+    fmt = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(fmt)
+    log.addHandler(h)
+    if is_main and output_dir is not None:
+        fh = logging.FileHandler(Path(output_dir) / "train.log")
+        fh.setFormatter(fmt)
+        log.addHandler(fh)
+
+
+def progress_enabled() -> bool:
+    """Bars only on a terminal; ROTNET_PROGRESS=1/0 forces them on/off (SLURM logs are files)."""
+    forced = os.environ.get("ROTNET_PROGRESS")
+    if forced is not None:
+        return forced == "1"
+    return sys.stderr.isatty()
+
+
+class RunLogger:
+    """Rank-0 sink for step scalars (bar + TensorBoard) and epoch stats (JSON lines)."""
+
+    def __init__(self, output_dir: str | Path, is_main: bool, jsonl_name: str = "log.jsonl",
+                 tensorboard: bool = True):
+        self.is_main = is_main
+        self.output_dir = Path(output_dir)
+        self.jsonl = self.output_dir / jsonl_name
+        self.tb = None
+        if is_main and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # imported lazily: slow import
+            self.tb = SummaryWriter(str(self.output_dir / "tensorboard"))
+        self.bar = None
+
+    def start_epoch(self, epoch: int, total: int, initial: int = 0) -> None:
+        if self.is_main and progress_enabled():
+            self.bar = tqdm(total=total, initial=initial, desc=f"epoch {epoch}", dynamic_ncols=True,
+                            file=sys.stderr, leave=True)
+
+    def step(self, global_step: int, n_steps: int, scalars: dict[str, float]) -> None:
+        """n_steps: steps since the last call (advances the bar)."""
+        if not self.is_main:
+            return
+        if self.bar is not None:
+            self.bar.update(n_steps)
+            self.bar.set_postfix({k: _fmt(v) for k, v in scalars.items()}, refresh=False)
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(f"train/{k}", v, global_step)
+
+    def end_epoch(self, stats: dict) -> None:
+        """Append one JSON line; mirror numeric stats to TensorBoard under epoch/."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if not self.is_main:
+            return
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(stats) + "\n")
+        if self.tb is not None:
+            for k, v in stats.items():
+                if isinstance(v, (int, float)) and k != "epoch":
+                    self.tb.add_scalar(f"epoch/{k}", v, stats["epoch"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _fmt(v: float) -> str:
+    if isinstance(v, int):
+        return str(v)
+    return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"

@@ -1,0 +1,37 @@
+"""Learning-rate schedule: (epoch, lr) step table, optional linear scaling and warm-up.
+
+Evaluated per optimizer step from a float epoch, so resuming mid-epoch lands on
+exactly the same lr as the uninterrupted run.
+"""
+from __future__ import annotations
+
+
+class StepSchedule:
+    """lr(epoch_float) from a table [[epoch, lr], ...] sorted by epoch, starting at epoch 0.
+
+    scale: multiplies every lr (linear scaling rule: global_batch / ref_batch).
+    warmup_epochs: lr ramps linearly from ~0 to the table value over the first epochs
+    (Goyal et al. 2017: needed when the scaled lr is large).
+    """
+
+    def __init__(self, table: list[list[float]], scale: float = 1.0, warmup_epochs: float = 0.0,
+                 name: str = "optim.schedule"):
+        if not table or any(len(row) != 2 for row in table):
+            raise ValueError(f"{name}: expected a non-empty list of [epoch, lr] pairs, got {table!r}")
+        epochs = [row[0] for row in table]
+        if epochs[0] != 0 or epochs != sorted(epochs):
+            raise ValueError(f"{name}: epochs must start at 0 and increase, got {epochs}")
+        self.table = [(float(e), float(lr) * scale) for e, lr in table]
+        self.warmup_epochs = warmup_epochs
+
+    def __call__(self, epoch: float) -> float:
+        lr = next(lr for e, lr in reversed(self.table) if epoch >= e)
+        if epoch < self.warmup_epochs:
+            lr *= (epoch + 1e-3) / self.warmup_epochs
+        return lr
+
+
+def scaled_schedule(table: list[list[float]], epochs_from: int, epochs_to: int) -> list[list[float]]:
+    """Stretch a schedule written for `epochs_from` epochs to `epochs_to` (milestones scale, lrs stay)."""
+    f = epochs_to / epochs_from
+    return [[round(e * f) if i else 0, lr] for i, (e, lr) in enumerate(table)]

@@ -1,0 +1,317 @@
+#!/usr/bin/env python
+"""RotNet self-supervised pretraining (Gidaris, Singh, Komodakis, ICLR 2018).
+
+Each step takes N original images per GPU; the input pipeline rotates every crop by
+each angle of the rotation set (K = 4: 0, 90, 180, 270 degrees) and the network learns
+to say which rotation it sees: (K*N, 3, H, W) -> (K*N, K) logits, cross-entropy
+against labels 0..K-1. Batch order from the pipeline: row K*i + r is image i rotated
+by rotations[r].
+
+    python train.py                                   # built-in sample data, CPU or one GPU
+    torchrun --nproc_per_node=8 train.py --config configs/imagenet_alexnet.yaml data.root=/data/imagenet
+    srun python train.py --config ...                 # SLURM, one task per GPU (see slurm/)
+
+A run started again with the same train.output_dir resumes from its checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from models.rotnet import build_rotnet
+from pipelines import build_rotation_loader, prepare_batch
+from rotnet.checkpoint import check_compatible, find_checkpoint, git_commit, load_checkpoint, save_checkpoint
+from rotnet.config import Config, ConfigError, config_to_dict, load_config, save_config
+from rotnet.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
+from rotnet.preemption import REQUEUE_EXIT_CODE, StopFlag
+from rotnet.progress import RunLogger, log, setup_logging
+from rotnet.sample_data import ensure_sample_data
+from rotnet.schedule import StepSchedule
+
+# A checkpoint is refused (with the differences listed) when these differ from the run's config.
+ARCH_KEYS = ("model.arch", "model.width", "model.num_blocks", "data.rotations", "data.crop_size")
+
+
+def get_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/sample.yaml",
+                   help="YAML config (default: configs/sample.yaml, the built-in sample data). "
+                        "Start from configs/imagenet_alexnet.yaml for the paper's ImageNet run.")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="dotted overrides parsed as YAML, e.g. optim.epochs=5 data.root=/data/imagenet "
+                        "train.output_dir=runs/x. Unknown keys and wrong types are errors.")
+    return p.parse_args(argv)
+
+
+@dataclass
+class Run:
+    """What every step needs and that outlives an epoch (a plain record, not a trainer class)."""
+    cfg: Config
+    info: DistInfo
+    model: nn.Module            # DDP-wrapped (and compiled) when asked; `raw` is the unwrapped one
+    raw: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    schedule: StepSchedule
+    logger: RunLogger
+    stop: StopFlag
+    step: int = 0               # optimizer steps taken in total
+
+
+def autocast(cfg: Config, device: torch.device):
+    if cfg.train.precision == "fp32":
+        return nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
+    return torch.autocast(device.type, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------- one epoch
+
+def train_one_epoch(run: Run, loader, epoch: int, start_step: int) -> dict:
+    """Train over the rest of one epoch (from `start_step` when resuming mid-epoch).
+
+    Returns the epoch's stats (averaged over all ranks) or raises SystemExit after a
+    preemption checkpoint.
+    """
+    cfg, info, model = run.cfg, run.info, run.model
+    model.train()
+    steps = len(loader)
+    dev = info.device
+    sums = torch.zeros(3, device=dev, dtype=torch.float64)   # loss*n, correct, n (rotated samples)
+    window = torch.zeros(3, device=dev, dtype=torch.float64)
+    data_time = window_data = 0.0
+    n_done = 0
+    t_epoch = t_window = t_end = time.perf_counter()
+    run.logger.start_epoch(epoch, total=steps, initial=start_step)
+
+    for i, (images, labels) in enumerate(loader, start=start_step):
+        t_data = time.perf_counter() - t_end
+        data_time += t_data
+        window_data += t_data
+        lr = run.schedule(epoch + i / steps)
+        for g in run.optimizer.param_groups:
+            g["lr"] = lr
+
+        x = prepare_batch(images, cfg.data, cfg.train.channels_last)   # (K*N, 3, H, W) normalised
+        with autocast(cfg, dev):
+            logits = model(x)                                          # (K*N, K)
+        loss = F.cross_entropy(logits.float(), labels)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.step += 1
+        n_done += 1
+
+        with torch.no_grad():  # accumulate on the device: no host sync per step
+            n = labels.numel()
+            batch = torch.stack([loss.detach().double() * n, (logits.argmax(1) == labels).sum().double(),
+                                 torch.tensor(n, device=dev, dtype=torch.float64)])
+            sums += batch
+            window += batch
+
+        last = i + 1 == steps or (cfg.train.max_steps and run.step >= cfg.train.max_steps)
+        if (i + 1) % cfg.train.log_every == 0 or last:
+            w = window.tolist()   # syncs the device once per window
+            if not math.isfinite(w[0]):
+                raise FloatingPointError(f"loss is {w[0] / w[2]} at epoch {epoch} step {i}: lower the lr "
+                                         "or use train.precision=fp32 to debug")
+            dt = time.perf_counter() - t_window
+            n_steps = (i + 1) % cfg.train.log_every or cfg.train.log_every
+            originals = w[2] / len(cfg.data.rotations) * info.world_size
+            if cfg.data.rotation_mode == "one_random":
+                originals = w[2] * info.world_size
+            run.logger.step(run.step, n_steps, {
+                "loss": w[0] / w[2], "rot_acc": w[1] / w[2], "lr": lr,
+                "img/s": originals / dt, "rot_img/s": w[2] * info.world_size / dt,
+                "data_wait": window_data / dt,
+                "eta_min": (steps - i - 1) * dt / n_steps / 60})
+            window.zero_()
+            window_data = 0.0
+            t_window = time.perf_counter()
+
+        if run.stop.should_stop(run.step):
+            save(run, loader, epoch, epoch_step=i + 1)
+            log.info(f"stop signal received: checkpoint written at epoch {epoch} step {i + 1}; "
+                     f"exiting with code {REQUEUE_EXIT_CODE} (requeue)")
+            run.logger.close()
+            cleanup(info)
+            sys.exit(REQUEUE_EXIT_CODE)
+        if last:
+            break
+        t_end = time.perf_counter()
+
+    all_reduce_sum(sums, info)
+    loss_sum, correct, count = sums.tolist()
+    elapsed = time.perf_counter() - t_epoch
+    return {"epoch": epoch, "step": run.step, "loss": loss_sum / max(count, 1),
+            "rot_acc": correct / max(count, 1), "lr": lr if n_done else float("nan"),
+            "rotated_images": int(count), "steps": n_done, "time_s": round(elapsed, 2),
+            "data_wait": round(data_time / max(elapsed, 1e-9), 4), "complete": not (
+                cfg.train.max_steps and run.step >= cfg.train.max_steps and i + 1 < steps)}
+
+
+@torch.no_grad()
+def evaluate_rotation(run: Run, loader) -> float:
+    """Rotation accuracy on held-out images (data.val_dir, eval recipe), over all ranks."""
+    run.raw.eval()
+    counts = torch.zeros(2, device=run.info.device, dtype=torch.float64)
+    for images, labels in loader:
+        keep = labels >= 0                      # -1 marks padding that keeps ranks in step
+        with autocast(run.cfg, run.info.device):
+            logits = run.raw(prepare_batch(images, run.cfg.data, run.cfg.train.channels_last))
+        counts[0] += (logits.argmax(1) == labels)[keep].sum()
+        counts[1] += keep.sum()
+    all_reduce_sum(counts, run.info)
+    return counts[0].item() / max(counts[1].item(), 1)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+def save(run: Run, loader, epoch: int, epoch_step: int) -> None:
+    """Collective: gathers every rank's reader state; rank 0 writes atomically."""
+    loader_states = [loader.state_dict()]
+    if run.info.distributed:
+        loader_states = [None] * run.info.world_size
+        dist.all_gather_object(loader_states, loader.state_dict())
+    if run.info.is_main:
+        state = {
+            "model": run.raw.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict(), "epoch": epoch, "epoch_step": epoch_step, "step": run.step,
+            "rng": {"cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state() if run.info.device.type == "cuda" else None},
+            "loader": loader_states, "world_size": run.info.world_size,
+            "config": config_to_dict(run.cfg), "commit": git_commit(),
+        }
+        path = save_checkpoint(state, run.cfg.train.output_dir, run.cfg.train.keep_last,
+                               numbered=bool(run.cfg.train.save_every and epoch_step == 0
+                                             and epoch % run.cfg.train.save_every == 0))
+        log.info(f"checkpoint: {path} (epoch {epoch}, step in epoch {epoch_step}, total step {run.step})")
+    barrier(run.info)
+
+
+def resume(run: Run, loader) -> tuple[int, int]:
+    """Load the output folder's checkpoint if any; returns (epoch, step inside that epoch)."""
+    path = find_checkpoint(run.cfg.train.output_dir)
+    if path is None:
+        return 0, 0
+    ckpt = load_checkpoint(path, map_location=run.info.device)
+    check_compatible(ckpt["config"], config_to_dict(run.cfg), ARCH_KEYS)
+    run.raw.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scaler.load_state_dict(ckpt["scaler"])
+    run.step = ckpt["step"]
+    torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
+    if ckpt["rng"]["cuda"] is not None and run.info.device.type == "cuda":
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
+    epoch, epoch_step = ckpt["epoch"], ckpt["epoch_step"]
+    if ckpt["world_size"] == run.info.world_size:
+        loader.load_state_dict(ckpt["loader"][run.info.rank])
+    elif epoch_step:
+        log.warning(f"world size changed ({ckpt['world_size']} -> {run.info.world_size}): "
+                    f"epoch {epoch} restarts from its first step with a fresh data order")
+        epoch_step = 0
+    log.info(f"resumed from {path}: epoch {epoch}, step in epoch {epoch_step}, total step {run.step}")
+    return epoch, epoch_step
+
+
+# ---------------------------------------------------------------------------- main
+
+def main(argv=None) -> None:
+    args = get_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    info = init_distributed()
+    out = Path(cfg.train.output_dir)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    barrier(info)
+    setup_logging(info.is_main, out)
+
+    # ------------------------------------------------------------ data
+    if not cfg.data.root:
+        cfg.data.root = str(ensure_sample_data(seed=cfg.data.sample_seed))
+    root = Path(cfg.data.root)
+    n, k = cfg.optim.batch_size_per_gpu, len(cfg.data.rotations)
+    loader = build_rotation_loader(cfg.data, str(root / cfg.data.train_dir), batch_size=n, rank=info.rank,
+                                   world_size=info.world_size, local_rank=info.local_rank,
+                                   device=info.device, train=True, seed=cfg.train.seed)
+    val_loader = None
+    if cfg.train.eval_rotation and (root / cfg.data.val_dir).is_dir():
+        val_loader = build_rotation_loader(cfg.data, str(root / cfg.data.val_dir), batch_size=n,
+                                           rank=info.rank, world_size=info.world_size,
+                                           local_rank=info.local_rank, device=info.device, train=False,
+                                           seed=cfg.train.seed)
+
+    # ------------------------------------------------------------ model and optimizer
+    torch.manual_seed(cfg.train.seed)   # same initial weights on every rank
+    raw = build_rotnet(cfg.model, num_rotations=k, input_size=cfg.data.crop_size).to(info.device)
+    if cfg.train.sync_bn and info.distributed:
+        raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
+    if cfg.train.channels_last:
+        raw = raw.to(memory_format=torch.channels_last)
+    model = raw
+    if info.distributed:
+        model = DistributedDataParallel(raw, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    global_batch = n * info.world_size
+    scale = global_batch / cfg.optim.ref_batch if cfg.optim.scale_lr else 1.0
+    schedule = StepSchedule(cfg.optim.schedule, scale, cfg.optim.warmup_epochs)
+    sgd = dict(lr=schedule(0), momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
+               weight_decay=cfg.optim.weight_decay)
+    try:   # fused SGD: one kernel for the whole update (CUDA, and CPU in recent torch)
+        optimizer = torch.optim.SGD(raw.parameters(), fused=True, **sgd)
+    except (RuntimeError, TypeError):
+        optimizer = torch.optim.SGD(raw.parameters(), foreach=True, **sgd)
+    scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.train.precision == "fp16")
+    logger = RunLogger(out, info.is_main)
+    run = Run(cfg, info, model, raw, optimizer, scaler, schedule, logger,
+              StopFlag(info, every=cfg.train.log_every))
+    start_epoch, start_step = resume(run, loader)
+
+    if info.is_main:
+        save_config(cfg, out / "config.yaml")
+        log.info("resolved config:\n" + "\n".join(f"  {s}: {v}" for s, v in config_to_dict(cfg).items()))
+        log.info(f"commit {git_commit()} | launcher {info.launcher} | world size {info.world_size} | "
+                 f"device {torch.cuda.get_device_name(info.device) if info.device.type == 'cuda' else 'cpu'} | "
+                 f"precision {cfg.train.precision} | data backend {loader.backend}")
+        log.info(f"batch: {n} original images/GPU x {k} rotations = {n * k} rotated samples/GPU; global "
+                 f"{global_batch} originals = {global_batch * k} rotated; lr scale {scale:.3g}; "
+                 f"{len(loader)} steps/epoch; {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params")
+
+    # ------------------------------------------------------------ training loop
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        if cfg.train.max_steps and run.step >= cfg.train.max_steps:
+            break
+        loader.set_epoch(epoch)
+        stats = train_one_epoch(run, loader, epoch, start_step if epoch == start_epoch else 0)
+        if val_loader is not None and stats["complete"]:
+            stats["heldout_rot_acc"] = evaluate_rotation(run, val_loader)
+        stats["global_batch"] = global_batch
+        logger.end_epoch(stats)
+        log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()))
+        if stats["complete"]:
+            save(run, loader, epoch + 1, epoch_step=0)
+        else:
+            save(run, loader, epoch, epoch_step=stats["steps"] + (start_step if epoch == start_epoch else 0))
+    logger.close()
+    log.info(f"done: {cfg.train.output_dir}")
+    cleanup(info)
+
+
+if __name__ == "__main__":
+    main()
