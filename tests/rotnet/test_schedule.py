@@ -1,0 +1,24 @@
+import pytest
+
+from rotnet.schedule import StepSchedule, scaled_schedule
+
+
+def test_step_table():
+    s = StepSchedule([[0, 0.1], [30, 0.02], [60, 0.004]])
+    assert s(0) == 0.1 and s(29.99) == 0.1 and s(30) == 0.02 and s(99) == 0.004
+
+
+def test_scale_and_warmup():
+    s = StepSchedule([[0, 0.1]], scale=8.0, warmup_epochs=5)
+    assert s(0) < 0.01 and s(2.5) == pytest.approx(0.4, rel=1e-3) and s(5) == pytest.approx(0.8)
+
+
+def test_bad_tables_are_named():
+    with pytest.raises(ValueError, match="optim.schedule.*start at 0"):
+        StepSchedule([[5, 0.1]])
+    with pytest.raises(ValueError, match="pairs"):
+        StepSchedule([[0, 0.1, 3]])
+
+
+def test_scaled_schedule():
+    assert scaled_schedule([[0, 0.01], [5, 0.002], [15, 0.0004]], 35, 7) == [[0, 0.01], [1, 0.002], [3, 0.0004]]
