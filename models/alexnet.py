@@ -1,0 +1,203 @@
+"""RotNet AlexNet trunk (Gidaris et al., ICLR 2018) and the shared probe-trunk base.
+
+`ProbeTrunk` is the small contract every trunk in `models/` follows (it lives here
+because the package keeps one file per architecture; resnet.py and nin.py import it):
+
+    trunk.arch, trunk.width  registry name and width multiplier it was built with
+    trunk.layer_names      probe points, shallow -> deep
+    trunk.layer_channels   {probe name: channels}
+    trunk.out_dim          size of `forward(x)`, the rotation head's input
+    trunk.features(x, layers) -> {name: (B, C, h, w)}   runs only as deep as needed
+    trunk(x)               -> (B, out_dim)
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import Tensor, nn
+
+
+def scale_channels(channels: int, width: float) -> int:
+    """Width-multiplied channel count: max(1, round(channels * width))."""
+    if width <= 0:
+        raise ValueError(f"width must be > 0, got {width}")
+    return max(1, round(channels * width))
+
+
+def init_weights(module: nn.Module) -> None:
+    """torchvision's ResNet init, applied in place to every submodule.
+
+    Conv: kaiming-normal (fan_out, relu); BatchNorm/GroupNorm: weight 1, bias 0.
+    Linear layers keep PyTorch's default init (as in torchvision and the RotNet code).
+    """
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class ProbeTrunk(nn.Module):
+    """Base class: a trunk is an ordered list of stages, each ending at a probe point.
+
+    Subclasses set `arch`, `width`, `layer_names`, `layer_channels`, `out_dim` and
+    `_stage_attrs` ({probe name: attribute names of the modules run, in order, to go
+    from the previous probe point to this one}) and implement `_tail` (deepest probe
+    feature -> rotation-head input). Keeping modules as plain attributes (not a
+    ModuleDict of stages) keeps state_dict keys readable, and torchvision-compatible
+    for ResNet.
+    """
+
+    arch: str = "trunk"
+    width: float
+    layer_names: list[str]
+    layer_channels: dict[str, int]
+    out_dim: int
+    _stage_attrs: dict[str, tuple[str, ...]]
+
+    def _check_layers(self, layers: Iterable[str] | str) -> list[str]:
+        """Validate requested probe names; a bare string means one layer."""
+        wanted = [layers] if isinstance(layers, str) else list(layers)
+        if not wanted:
+            raise ValueError(f"{self.arch}.features: no layers requested; valid layers: {self.layer_names}")
+        bad = [name for name in wanted if name not in self.layer_names]
+        if bad:
+            raise ValueError(f"{self.arch}.features: unknown layer(s) {bad}; valid layers: {self.layer_names}")
+        return wanted
+
+    def features(self, x: Tensor, layers: Iterable[str] | str) -> dict[str, Tensor]:
+        """x: (B, 3, H, W) -> {name: (B, layer_channels[name], h, w)} for exactly `layers`.
+
+        The network runs only up to the deepest requested probe point, so asking for
+        an early layer is cheap. Keys come back in the order requested (duplicates
+        collapse). Works with channels_last inputs and under torch.autocast.
+        """
+        wanted = self._check_layers(layers)
+        deepest = max(self.layer_names.index(name) for name in wanted)
+        found: dict[str, Tensor] = {}
+        for name in self.layer_names[: deepest + 1]:
+            for attr in self._stage_attrs[name]:
+                x = getattr(self, attr)(x)
+            found[name] = x
+        return {name: found[name] for name in wanted}
+
+    def _tail(self, x: Tensor) -> Tensor:
+        """Deepest probe feature (B, C, h, w) -> rotation-head input (B, out_dim)."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, 3, H, W) -> (B, out_dim), the features the rotation head classifies."""
+        last = self.layer_names[-1]
+        return self._tail(self.features(x, [last])[last])
+
+
+def _conv_bn_relu(cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0) -> nn.Sequential:
+    """Conv (no bias; BN follows) -> BN -> ReLU. (B, cin, H, W) -> (B, cout, H', W')."""
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+def alexnet_fc_block(in_features: int, width: float = 1.0) -> nn.Sequential:
+    """Fresh RotNet FC block: pool5 output (B, C, h, w) -> (B, round(4096*width)).
+
+    Flatten -> Linear(no bias) -> BN1d -> ReLU -> Linear(no bias) -> BN1d -> ReLU, as in
+    the RotNet code. `in_features` = C*h*w of pool5 (9216 for full width at 224 px).
+    This is also what the paper's non-linear conv5 probe retrains from scratch.
+    """
+    hidden = scale_channels(4096, width)
+    return nn.Sequential(
+        nn.Flatten(1),  # flatten (not view): pool5 output may be channels_last
+        nn.Linear(in_features, hidden, bias=False),
+        nn.BatchNorm1d(hidden),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden, hidden, bias=False),
+        nn.BatchNorm1d(hidden),
+        nn.ReLU(inplace=True),
+    )
+
+
+def _pool5_size(input_size: int) -> int:
+    """Spatial side of pool5 for a square input (6 at 224, 2 at 96, 1 at 64)."""
+
+    def out(side: int, kernel: int, stride: int, pad: int) -> int:
+        return (side + 2 * pad - kernel) // stride + 1
+
+    side = out(input_size, 11, 4, 2)  # conv1
+    side = out(side, 3, 2, 0)         # pool1 (conv2..conv5 keep the size)
+    side = out(side, 3, 2, 0)         # pool2
+    side = out(side, 3, 2, 0)         # pool5
+    if side < 1:
+        raise ValueError(f"alexnet: input_size {input_size} is too small (pool5 would be empty); use >= 63")
+    return side
+
+
+class AlexNetTrunk(ProbeTrunk):
+    """RotNet AlexNet: five Conv-BN-ReLU layers, pool5, and the two-layer FC block.
+
+    Probe points (after each ReLU, before any pool), shapes at 224 px, width 1:
+        conv1 (B, 64, 55, 55), conv2 (B, 192, 27, 27), conv3 (B, 384, 13, 13),
+        conv4 (B, 256, 13, 13), conv5 (B, 256, 13, 13).
+    forward: x (B, 3, input_size, input_size) -> pool5 (B, 256, 6, 6) -> fc_block
+    -> (B, 4096); channels and FC sizes scale with `width`.
+    """
+
+    arch = "alexnet"
+
+    def __init__(self, width: float = 1.0, input_size: int = 224) -> None:
+        super().__init__()
+        c1, c2, c3, c4, c5 = (scale_channels(c, width) for c in (64, 192, 384, 256, 256))
+        self.conv1 = _conv_bn_relu(3, c1, 11, stride=4, padding=2)
+        self.pool1 = nn.MaxPool2d(3, stride=2)
+        self.conv2 = _conv_bn_relu(c1, c2, 5, padding=2)
+        self.pool2 = nn.MaxPool2d(3, stride=2)
+        self.conv3 = _conv_bn_relu(c2, c3, 3, padding=1)
+        self.conv4 = _conv_bn_relu(c3, c4, 3, padding=1)
+        self.conv5 = _conv_bn_relu(c4, c5, 3, padding=1)
+        self.pool5 = nn.MaxPool2d(3, stride=2)
+        self.width = width
+        self.input_size = input_size
+        # The FC input size is fixed by the resolution the trunk is built for (no
+        # adaptive pool), which keeps the paper's 6x6x256 pool5 at 224 px.
+        self.fc_in_features = c5 * _pool5_size(input_size) ** 2
+        self.fc_block = alexnet_fc_block(self.fc_in_features, width)
+
+        self.layer_names = ["conv1", "conv2", "conv3", "conv4", "conv5"]
+        self.layer_channels = dict(zip(self.layer_names, (c1, c2, c3, c4, c5)))
+        self.out_dim = scale_channels(4096, width)
+        self._stage_attrs = {
+            "conv1": ("conv1",),
+            "conv2": ("pool1", "conv2"),
+            "conv3": ("pool2", "conv3"),
+            "conv4": ("conv4",),
+            "conv5": ("conv5",),
+        }
+        init_weights(self)
+
+    def new_fc_block(self) -> nn.Sequential:
+        """Freshly initialised copy of `fc_block`: (B, C5, h, w) pool5 -> (B, out_dim)."""
+        return alexnet_fc_block(self.fc_in_features, self.width)
+
+    def _tail(self, x: Tensor) -> Tensor:
+        """conv5 (B, C5, h, w) -> pool5 -> fc_block -> (B, out_dim)."""
+        x = self.pool5(x)
+        got = x.shape[1] * x.shape[2] * x.shape[3]
+        if got != self.fc_in_features:
+            raise ValueError(
+                f"alexnet was built for input_size={self.input_size} (pool5 gives "
+                f"{self.fc_in_features} features) but got {got}; pass the right input_size"
+            )
+        return self.fc_block(x)
+
+
+def alexnet(width: float = 1.0, input_size: int = 224) -> AlexNetTrunk:
+    """RotNet AlexNet trunk for square (B, 3, input_size, input_size) inputs -> (B, 4096*width)."""
+    return AlexNetTrunk(width=width, input_size=input_size)
+
+
+__all__ = ["ProbeTrunk", "AlexNetTrunk", "alexnet", "alexnet_fc_block", "init_weights", "scale_channels"]

@@ -1,0 +1,79 @@
+"""RotNet Network-in-Network trunk for CIFAR-sized inputs (Gidaris et al., 2018).
+
+Blocks (all Conv-BN-ReLU, conv bias off, 'same' padding), as in the RotNet code:
+    block1: 5x5->192, 1x1->160, 1x1->96, max-pool 3x3/2 pad 1
+    block2: 5x5->192, 1x1->192, 1x1->192, avg-pool 3x3/2 pad 1
+    block3+: 3x3->192, 1x1->192, 1x1->192
+    and, when num_blocks > 3, block3 also ends with an avg-pool 3x3/2 pad 1
+    (the original's `use_avg_on_conv3`).
+Probe `blockK` = output of block K, including its pool. Shapes at 32 px, width 1:
+    block1 (B, 96, 16, 16), block2 (B, 192, 8, 8),
+    block3 (B, 192, 8, 8) if num_blocks == 3 else (B, 192, 4, 4), block4/5 (B, 192, 4, 4).
+forward: global average pool of the last block -> (B, 192*width).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from models.alexnet import ProbeTrunk, init_weights, scale_channels
+
+
+def _conv_bn_relu(cin: int, cout: int, kernel: int) -> nn.Sequential:
+    """Stride-1 'same' Conv(no bias)-BN-ReLU: (B, cin, H, W) -> (B, cout, H, W)."""
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, padding=(kernel - 1) // 2, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class NINTrunk(ProbeTrunk):
+    """RotNet NIN with `num_blocks` in {3, 4, 5}; see the module docstring for shapes.
+
+    x: (B, 3, H, W) -> forward (B, out_dim), out_dim = round(192*width).
+    """
+
+    arch = "nin"
+
+    def __init__(self, width: float = 1.0, num_blocks: int = 4) -> None:
+        super().__init__()
+        if num_blocks not in (3, 4, 5):
+            raise ValueError(f"nin: num_blocks must be 3, 4 or 5, got {num_blocks}")
+        wide, mid, narrow = (scale_channels(c, width) for c in (192, 160, 96))
+        blocks = [
+            nn.Sequential(
+                _conv_bn_relu(3, wide, 5), _conv_bn_relu(wide, mid, 1), _conv_bn_relu(mid, narrow, 1),
+                nn.MaxPool2d(3, stride=2, padding=1),
+            ),
+            nn.Sequential(
+                _conv_bn_relu(narrow, wide, 5), _conv_bn_relu(wide, wide, 1), _conv_bn_relu(wide, wide, 1),
+                nn.AvgPool2d(3, stride=2, padding=1),
+            ),
+        ]
+        for k in range(3, num_blocks + 1):
+            block = nn.Sequential(_conv_bn_relu(wide, wide, 3), _conv_bn_relu(wide, wide, 1),
+                                  _conv_bn_relu(wide, wide, 1))
+            if k == 3 and num_blocks > 3:
+                # Deeper NINs downsample once more after block3, as the original does.
+                block.append(nn.AvgPool2d(3, stride=2, padding=1))
+            blocks.append(block)
+        for k, block in enumerate(blocks, start=1):
+            setattr(self, f"block{k}", block)
+
+        self.width = width
+        self.num_blocks = num_blocks
+        self.layer_names = [f"block{k}" for k in range(1, num_blocks + 1)]
+        self.layer_channels = {name: (narrow if name == "block1" else wide) for name in self.layer_names}
+        self.out_dim = wide
+        self._stage_attrs = {name: (name,) for name in self.layer_names}
+        init_weights(self)
+
+    def _tail(self, x: Tensor) -> Tensor:
+        """Last block (B, C, h, w) -> global average pool -> (B, C)."""
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+
+
+def nin(width: float = 1.0, num_blocks: int = 4) -> NINTrunk:
+    """RotNet NIN trunk: (B, 3, H, W) -> (B, 192*width); `num_blocks` in {3, 4, 5}."""
+    return NINTrunk(width=width, num_blocks=num_blocks)
