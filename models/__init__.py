@@ -6,7 +6,7 @@
     feats = trunk.features(x, ["layer3", "layer4"])  # {"layer3": (B, C, h, w), ...}
 
 Every trunk has `layer_names`, `layer_channels`, `out_dim`, `forward`, `features`
-(see `models.alexnet.ProbeTrunk`).
+(see `models.trunk.ProbeTrunk`).
 """
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ from collections.abc import Callable
 
 from torch import nn
 
-from models.alexnet import AlexNetTrunk, ProbeTrunk, alexnet, alexnet_fc_block
+from models.alexnet import AlexNetTrunk, alexnet, alexnet_fc_block
 from models.heads import RotationHead
 from models.nin import NINTrunk, nin
 from models.resnet import ResNetTrunk, resnet18, resnet50
+from models.trunk import ProbeTrunk
 
 MODELS: dict[str, Callable[..., ProbeTrunk]] = {
     "alexnet": alexnet,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from models.alexnet import ProbeTrunk, init_weights, scale_channels
+from models.trunk import ProbeTrunk, init_weights, scale_channels
 
 
 def _conv_bn_relu(cin: int, cout: int, kernel: int) -> nn.Sequential:

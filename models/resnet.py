@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
-from models.alexnet import ProbeTrunk, init_weights, scale_channels
+from models.trunk import ProbeTrunk, init_weights, scale_channels
 
 Block = type[BasicBlock] | type[Bottleneck]
 

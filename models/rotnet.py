@@ -25,6 +25,6 @@ def build_rotnet(model_cfg, num_rotations: int, input_size: int) -> RotNet:
     """Trunk `model_cfg.arch` at `model_cfg.width` (NIN: `num_blocks`) plus a K-way rotation head."""
     from models import build_rotation_head, build_trunk  # registry lives in models/__init__.py
 
-    kwargs = {"input_size": input_size} if model_cfg.arch == "alexnet" else {}
-    trunk = build_trunk(model_cfg.arch, width=model_cfg.width, num_blocks=model_cfg.num_blocks, **kwargs)
+    trunk = build_trunk(model_cfg.arch, width=model_cfg.width, num_blocks=model_cfg.num_blocks,
+                        input_size=input_size)
     return RotNet(trunk, build_rotation_head(trunk, num_rotations))

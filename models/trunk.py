@@ -1,0 +1,91 @@
+"""The contract every trunk in `models/` follows, and the helpers they share.
+
+    trunk.arch, trunk.width  registry name and width multiplier it was built with
+    trunk.layer_names      probe points, shallow -> deep
+    trunk.layer_channels   {probe name: channels}
+    trunk.out_dim          size of `forward(x)`, the rotation head's input
+    trunk.features(x, layers) -> {name: (B, C, h, w)}   runs only as deep as needed
+    trunk(x)               -> (B, out_dim)
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import Tensor, nn
+
+
+def scale_channels(channels: int, width: float) -> int:
+    """Width-multiplied channel count: max(1, round(channels * width))."""
+    if width <= 0:
+        raise ValueError(f"width must be > 0, got {width}")
+    return max(1, round(channels * width))
+
+
+def init_weights(module: nn.Module) -> None:
+    """torchvision's ResNet init, applied in place to every submodule.
+
+    Conv: kaiming-normal (fan_out, relu); BatchNorm/GroupNorm: weight 1, bias 0.
+    Linear layers keep PyTorch's default init (as in torchvision and the RotNet code).
+    """
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class ProbeTrunk(nn.Module):
+    """Base class: a trunk is an ordered list of stages, each ending at a probe point.
+
+    Subclasses set `arch`, `width`, `layer_names`, `layer_channels`, `out_dim` and
+    `_stage_attrs` ({probe name: attribute names of the modules run, in order, to go
+    from the previous probe point to this one}) and implement `_tail` (deepest probe
+    feature -> rotation-head input). Keeping modules as plain attributes (not a
+    ModuleDict of stages) keeps state_dict keys readable, and torchvision-compatible
+    for ResNet.
+    """
+
+    arch: str = "trunk"
+    width: float
+    layer_names: list[str]
+    layer_channels: dict[str, int]
+    out_dim: int
+    _stage_attrs: dict[str, tuple[str, ...]]
+
+    def _check_layers(self, layers: Iterable[str] | str) -> list[str]:
+        """Validate requested probe names; a bare string means one layer."""
+        wanted = [layers] if isinstance(layers, str) else list(layers)
+        if not wanted:
+            raise ValueError(f"{self.arch}.features: no layers requested; valid layers: {self.layer_names}")
+        bad = [name for name in wanted if name not in self.layer_names]
+        if bad:
+            raise ValueError(f"{self.arch}.features: unknown layer(s) {bad}; valid layers: {self.layer_names}")
+        return wanted
+
+    def features(self, x: Tensor, layers: Iterable[str] | str) -> dict[str, Tensor]:
+        """x: (B, 3, H, W) -> {name: (B, layer_channels[name], h, w)} for exactly `layers`.
+
+        The network runs only up to the deepest requested probe point, so asking for
+        an early layer is cheap. Keys come back in the order requested (duplicates
+        collapse). Works with channels_last inputs and under torch.autocast.
+        """
+        wanted = self._check_layers(layers)
+        deepest = max(self.layer_names.index(name) for name in wanted)
+        found: dict[str, Tensor] = {}
+        for name in self.layer_names[: deepest + 1]:
+            for attr in self._stage_attrs[name]:
+                x = getattr(self, attr)(x)
+            found[name] = x
+        return {name: found[name] for name in wanted}
+
+    def _tail(self, x: Tensor) -> Tensor:
+        """Deepest probe feature (B, C, h, w) -> rotation-head input (B, out_dim)."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, 3, H, W) -> (B, out_dim), the features the rotation head classifies."""
+        last = self.layer_names[-1]
+        return self._tail(self.features(x, [last])[last])
