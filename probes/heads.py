@@ -1,0 +1,183 @@
+"""Probe heads trained on top of one frozen trunk layer (Gidaris et al., ICLR 2018).
+
+Three protocols, chosen with `eval.py --head`:
+
+    linear  paper Table 5 / original `LinearClassifier.py`:
+            adaptive max-pool to a g x g grid -> BatchNorm2d(affine=False) -> flatten -> Linear.
+            The grid keeps C*g*g close to 9,000 (`pool_grid`); for AlexNet at 224 px this
+            gives exactly the original config's 12, 7, 5, 6, 6 cells for conv1..conv5.
+    mlp     non-linear heads. AlexNet conv4/conv5: the paper's Table 4 heads (conv4 gets one
+            more Conv-BN-ReLU, then pool5 and a fresh FC-4096 x2 block, then Linear).
+            Other archs: the CIFAR "MultLayer" head, FC-BN-ReLU x2 (hidden = min(20*K, 2048),
+            i.e. 200 units for 10 classes) on the flattened map, pooled first if it is large.
+    conv    paper Table 3 (CIFAR): one more NIN block (3x3, 1x1, 1x1 Conv-BN-ReLU, 192
+            channels) -> global average pool -> Linear.
+
+Every head maps a feature map (B, C, h, w) to logits (B, num_classes).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from models import alexnet_fc_block
+
+HEADS = ("linear", "mlp", "conv")
+TARGET_DIMS = 9000          # linear-probe input size of the paper (Table 5: ~9k dims per layer)
+MLP_FLATTEN_MAX = 16384     # MLP flattens the whole map up to this size (covers NIN block2 at
+                            # 32 px, 192x8x8 = 12,288, which the paper's CIFAR head flattens)
+ALEXNET_NONLINEAR_LAYERS = ("conv4", "conv5")  # Table 4 defines non-linear heads for these only
+NIN_BLOCK_WIDTH = 192
+
+
+def pool_grid(channels: int, height: int, width: int, target: int = TARGET_DIMS) -> tuple[int, int]:
+    """Grid (gh, gw) for the adaptive max-pool so that channels*gh*gw ~= target.
+
+    g = round(sqrt(target / C)), clamped to the map size: pooling to more cells than
+    the map has would only repeat values (adaptive pooling "upsamples" by duplication),
+    adding dimensions but no information.
+    """
+    g = max(1, round(math.sqrt(target / channels)))
+    return min(g, height), min(g, width)
+
+
+def _init_like_original(module: nn.Module) -> None:
+    """Initialisation of the original probe code (normal, std sqrt(2 / fan_out)).
+
+    Conv: std sqrt(2 / (k*k*C_out)); Linear: std sqrt(2 / out_features), bias 0;
+    BatchNorm: weight 1, bias 0.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / n))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / m.out_features))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class LinearProbe(nn.Module):
+    """(B, C, h, w) -> max-pool (B, C, gh, gw) -> BN (no affine) -> (B, C*gh*gw) -> (B, K).
+
+    The affine-free BN only standardises each channel (a fixed linear map at test
+    time), so the classifier stays linear in the pooled features.
+    """
+
+    def __init__(self, channels: int, grid: tuple[int, int], num_classes: int):
+        super().__init__()
+        self.grid = grid
+        self.in_dim = channels * grid[0] * grid[1]
+        self.pool = nn.AdaptiveMaxPool2d(grid)
+        self.bn = nn.BatchNorm2d(channels, affine=False)
+        self.fc = nn.Linear(self.in_dim, num_classes)
+        _init_like_original(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.flatten(self.bn(self.pool(x)), 1))  # flatten: input may be channels_last
+
+
+class MLPProbe(nn.Module):
+    """CIFAR non-linear head: (B, C, h, w) [-> max-pool to `grid`] -> flatten (B, D)
+    -> FC-BN-ReLU (B, hidden) -> FC-BN-ReLU (B, hidden) -> Linear (B, K)."""
+
+    def __init__(self, channels: int, grid: tuple[int, int] | None, num_classes: int, map_hw: tuple[int, int]):
+        super().__init__()
+        self.hidden = min(20 * num_classes, 2048)  # original code; 200 for CIFAR-10 as in the paper
+        self.pool = nn.AdaptiveMaxPool2d(grid) if grid is not None else nn.Identity()
+        gh, gw = grid if grid is not None else map_hw
+        self.in_dim = channels * gh * gw
+        self.mlp = nn.Sequential(
+            nn.Flatten(1),
+            nn.Linear(self.in_dim, self.hidden, bias=False), nn.BatchNorm1d(self.hidden), nn.ReLU(inplace=True),
+            nn.Linear(self.hidden, self.hidden, bias=False), nn.BatchNorm1d(self.hidden), nn.ReLU(inplace=True),
+            nn.Linear(self.hidden, num_classes),
+        )
+        _init_like_original(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mlp(self.pool(x))
+
+
+class AlexNetNonLinearProbe(nn.Module):
+    """Paper Table 4 head. conv4 (B, C4, 13, 13): Conv3x3-BN-ReLU to C5 channels first;
+    then pool5 (B, C5, 6, 6) -> fresh FC-4096-BN-ReLU x2 (B, 4096*width) -> Linear (B, K).
+
+    The FC block is the trunk's own architecture (`models.alexnet.alexnet_fc_block`),
+    freshly initialised, sized from the measured pool5 output so any input size works.
+    """
+
+    def __init__(self, layer: str, in_channels: int, conv5_channels: int, map_hw: tuple[int, int],
+                 width: float, num_classes: int):
+        super().__init__()
+        if layer not in ALEXNET_NONLINEAR_LAYERS:
+            raise ValueError(f"alexnet mlp head exists for {ALEXNET_NONLINEAR_LAYERS}, not {layer!r}")
+        self.conv = (nn.Sequential(nn.Conv2d(in_channels, conv5_channels, 3, padding=1, bias=False),
+                                   nn.BatchNorm2d(conv5_channels), nn.ReLU(inplace=True))
+                     if layer == "conv4" else nn.Identity())
+        self.pool5 = nn.MaxPool2d(3, stride=2)
+        side = [(s - 3) // 2 + 1 for s in map_hw]
+        if min(side) < 1:
+            raise ValueError(f"alexnet {layer} map {map_hw} is too small for pool5; use a larger data.crop_size")
+        self.fc_block = alexnet_fc_block(conv5_channels * side[0] * side[1], width)
+        hidden = self.fc_block[-2].num_features  # BN1d of the last FC layer
+        self.fc = nn.Linear(hidden, num_classes)
+        _init_like_original(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.fc_block(self.pool5(self.conv(x))))
+
+
+class ConvProbe(nn.Module):
+    """Paper Table 3 head: (B, C, h, w) -> NIN block (B, 192, h, w) -> GAP (B, 192) -> (B, K)."""
+
+    def __init__(self, channels: int, num_classes: int, width: int = NIN_BLOCK_WIDTH):
+        super().__init__()
+
+        def cbr(cin: int, cout: int, k: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, k, padding=(k - 1) // 2, bias=False), nn.BatchNorm2d(cout),
+                    nn.ReLU(inplace=True)]
+
+        self.block = nn.Sequential(*cbr(channels, width, 3), *cbr(width, width, 1), *cbr(width, width, 1))
+        self.fc = nn.Linear(width, num_classes)
+        _init_like_original(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.block(x).mean(dim=(2, 3)))
+
+
+def valid_layers(head: str, trunk: nn.Module) -> list[str]:
+    """Probe layers `head` is defined for on this trunk (`--layer all` means these)."""
+    if head == "mlp" and trunk.arch == "alexnet":
+        return list(ALEXNET_NONLINEAR_LAYERS)
+    return list(trunk.layer_names)
+
+
+def build_probe(head: str, trunk: nn.Module, layer: str, feat_shape: tuple[int, int, int],
+                num_classes: int) -> nn.Module:
+    """Fresh probe for `layer`, whose features have shape feat_shape = (C, h, w)."""
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; valid heads: {', '.join(HEADS)}")
+    layers = valid_layers(head, trunk)
+    if layer not in layers:
+        raise ValueError(f"--head {head} on {trunk.arch} is defined for layers {layers}, not {layer!r}")
+    c, h, w = feat_shape
+    if head == "linear":
+        return LinearProbe(c, pool_grid(c, h, w), num_classes)
+    if head == "conv":
+        return ConvProbe(c, num_classes)
+    if trunk.arch == "alexnet":
+        return AlexNetNonLinearProbe(layer, c, trunk.layer_channels["conv5"], (h, w), trunk.width, num_classes)
+    return MLPProbe(c, None if c * h * w <= MLP_FLATTEN_MAX else pool_grid(c, h, w), num_classes, (h, w))
+
+
+def probe_input_dims(probe: nn.Module) -> int | None:
+    """Number of features the (first) classifier layer sees, for reports; None for conv heads."""
+    return getattr(probe, "in_dim", None)

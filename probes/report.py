@@ -1,0 +1,99 @@
+"""Eval outputs: eval.json (machine-readable), eval.md (table), eval.png (bar chart).
+
+`results` maps a model name to its per-layer metrics:
+    {"pretrained": {"conv1": {"top1": 31.2, "top5": 55.0, "count": 50000}, ...},
+     "random":     {...}}            # present when --with-random / --checkpoint random ran
+`meta` describes the run (head, epochs, checkpoint, commit, labels_per_class, ...).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+MODEL_TITLES = {"pretrained": "RotNet pretrained", "random": "random init"}
+
+
+def _title(name: str) -> str:
+    return MODEL_TITLES.get(name, name)
+
+
+def to_json(results: dict[str, dict], meta: dict) -> dict:
+    """One self-describing record per (model, layer), plus the pretrained - random gap."""
+    out: dict = {"meta": meta}
+    for model, layers in results.items():
+        ckpt = meta["checkpoint"] if model == "pretrained" else f"random init (seed {meta['seed']})"
+        out[model] = {
+            layer: {"top1": m["top1"], "top5": m["top5"], "num_val": m["count"], "head": meta["head"],
+                    "epochs": meta["epochs"], "checkpoint": ckpt, "commit": meta["commit"],
+                    "labels_per_class": meta["labels_per_class"]}
+            for layer, m in layers.items()
+        }
+    if "pretrained" in results and "random" in results:
+        out["difference_top1"] = {layer: results["pretrained"][layer]["top1"] - results["random"][layer]["top1"]
+                                  for layer in results["pretrained"]}
+    return out
+
+
+def markdown_table(results: dict[str, dict], meta: dict) -> str:
+    """Markdown table: one row per layer; pretrained vs random side by side when both ran."""
+    models = list(results)
+    layers = list(results[models[0]])
+    n_val = results[models[0]][layers[0]]["count"]
+    labels = "all labels" if not meta["labels_per_class"] else f"{meta['labels_per_class']} labels/class"
+    lines = [f"Frozen-layer **{meta['head']}** probes on {meta['arch']}: top-1 / top-5 (%) on "
+             f"{n_val} val images; {meta['epochs']} epochs, {labels}"
+             + (", trunk fine-tuned" if meta.get("finetune") else "") + ".", ""]
+    both = "pretrained" in results and "random" in results
+    if both:
+        head = ["layer", "pretrained top-1", "random-init top-1", "difference (pretrained - random)",
+                "pretrained top-5", "random-init top-5"]
+    else:
+        head = ["layer"] + [f"{_title(m)} top-1" for m in models] + [f"{_title(m)} top-5" for m in models]
+    lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for layer in layers:
+        if both:
+            p, r = results["pretrained"][layer], results["random"][layer]
+            cells = [f"{p['top1']:.2f}", f"{r['top1']:.2f}", f"{p['top1'] - r['top1']:+.2f}",
+                     f"{p['top5']:.2f}", f"{r['top5']:.2f}"]
+        else:
+            cells = [f"{results[m][layer]['top1']:.2f}" for m in models] + \
+                    [f"{results[m][layer]['top5']:.2f}" for m in models]
+        lines.append("| " + " | ".join([layer] + cells) + " |")
+    lines += ["", f"pretrained = {meta['checkpoint']}" if "pretrained" in results else "",
+              f"random init = same architecture ({meta['arch']}), random weights, seed {meta['seed']}"
+              if "random" in results else "", f"code commit {meta['commit']}"]
+    return "\n".join(line for line in lines if line is not None) + "\n"
+
+
+def bar_chart(results: dict[str, dict], meta: dict, path: Path) -> None:
+    """Top-1 per layer as bars; random init beside pretrained when both ran."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display on cluster nodes
+    import matplotlib.pyplot as plt
+
+    models = list(results)
+    layers = list(results[models[0]])
+    width = 0.8 / len(models)
+    colors = {"pretrained": "tab:blue", "random": "tab:gray"}
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(layers), 3.6))
+    for i, model in enumerate(models):
+        xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(layers))]
+        ys = [results[model][layer]["top1"] for layer in layers]
+        bars = ax.bar(xs, ys, width, label=_title(model), color=colors.get(model))
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks(range(len(layers)), layers)
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(f"{meta['arch']}: frozen-layer {meta['head']} probes ({meta['epochs']} epochs)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_reports(results: dict[str, dict], meta: dict, out_dir: Path) -> str:
+    """Write eval.json, eval.md, eval.png into out_dir; return the Markdown table."""
+    (out_dir / "eval.json").write_text(json.dumps(to_json(results, meta), indent=2) + "\n")
+    table = markdown_table(results, meta)
+    (out_dir / "eval.md").write_text(table)
+    bar_chart(results, meta, out_dir / "eval.png")
+    return table
