@@ -59,10 +59,13 @@ def markdown_table(results: dict[str, dict], meta: dict) -> str:
             cells = [f"{results[m][layer]['top1']:.2f}" for m in models] + \
                     [f"{results[m][layer]['top5']:.2f}" for m in models]
         lines.append("| " + " | ".join([layer] + cells) + " |")
-    lines += ["", f"pretrained = {meta['checkpoint']}" if "pretrained" in results else "",
-              f"random init = same architecture ({meta['arch']}), random weights, seed {meta['seed']}"
-              if "random" in results else "", f"code commit {meta['commit']}"]
-    return "\n".join(line for line in lines if line is not None) + "\n"
+    lines.append("")
+    if "pretrained" in results:
+        lines.append(f"pretrained = {meta['checkpoint']}")
+    if "random" in results:
+        lines.append(f"random init = same architecture ({meta['arch']}), random weights, seed {meta['seed']}")
+    lines.append(f"code commit {meta['commit']}")
+    return "\n".join(lines) + "\n"
 
 
 def bar_chart(results: dict[str, dict], meta: dict, path: Path) -> None:

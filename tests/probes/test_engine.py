@@ -1,0 +1,111 @@
+"""Probe engine: frozen means frozen, one trunk forward per batch, exact val counting."""
+from __future__ import annotations
+
+import torch
+
+from models import build_trunk
+from probes.engine import ProbeSet, evaluate, topk_correct, train_one_epoch
+from probes.heads import build_probe
+from rotnet.distributed import DistInfo
+
+INFO = DistInfo()
+SIZE, CLASSES = 32, 4
+
+
+class ListLoader(list):
+    """In-memory (images uint8 (B,H,W,C), labels (B,)) batches; stands in for a class loader."""
+
+    def set_epoch(self, epoch):
+        pass
+
+
+def _loader(n_batches=3, batch=6, pad=0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = ListLoader()
+    for _ in range(n_batches):
+        x = torch.randint(0, 256, (batch, SIZE, SIZE, 3), dtype=torch.uint8, generator=g)
+        y = torch.randint(0, CLASSES, (batch,), generator=g)
+        if pad:
+            y[-pad:] = -1
+        out.append((x, y))
+    return out
+
+
+def _prepare(images):
+    return images.permute(0, 3, 1, 2).float().div(255).sub(0.5)
+
+
+def _model(finetune=False, layers=("block1", "block2", "block3")):
+    torch.manual_seed(0)
+    trunk = build_trunk("nin", width=0.125, num_blocks=3)
+    with torch.no_grad():
+        feats = trunk.eval().features(torch.zeros(2, 3, SIZE, SIZE), list(layers))
+    heads = {k: build_probe("linear", trunk, k, tuple(v.shape[1:]), CLASSES) for k, v in feats.items()}
+    return ProbeSet(trunk, heads, finetune=finetune, precision="bf16")
+
+
+def _trunk_state(model):
+    return {k: v.clone() for k, v in model.trunk.state_dict().items()}  # params AND BN buffers
+
+
+def _train(model, loader, epochs=2):
+    opt = torch.optim.SGD(model.trainable_parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    for epoch in range(epochs):
+        train_one_epoch(model, loader, opt, lambda e: 0.1, epoch, len(loader), model.layers, INFO, _prepare)
+    return opt
+
+
+def test_frozen_trunk_is_bit_identical_and_optimizer_sees_only_probes():
+    model = _model()
+    before = _trunk_state(model)
+    opt = _train(model, _loader())
+    after = model.trunk.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "trunk params or BN stats changed"
+    assert not model.trunk.training and all(not p.requires_grad for p in model.trunk.parameters())
+    opt_params = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert opt_params == {id(p) for p in model.heads.parameters()}
+    model.train()                                    # asking for train mode keeps a frozen trunk in eval
+    assert not model.trunk.training and model.heads.training
+
+
+def test_finetune_changes_trunk():
+    model = _model(finetune=True)
+    before = _trunk_state(model)
+    opt = _train(model, _loader(), epochs=1)
+    after = model.trunk.state_dict()
+    assert model.trunk.training
+    assert any(not torch.equal(before[k], after[k]) for k in before if "running" not in k)
+    assert any(not torch.equal(before[k], after[k]) for k in before if "running_mean" in k)
+    assert {id(p) for g in opt.param_groups for p in g["params"]} >= {id(p) for p in model.trunk.parameters()}
+
+
+def test_one_trunk_forward_per_batch_for_all_layers():
+    model = _model()
+    calls = []
+    features = model.trunk.features
+
+    def counting(x, layers):
+        calls.append(list(layers))
+        return features(x, layers)
+
+    model.trunk.features = counting
+    loader = _loader(n_batches=4)
+    _train(model, loader, epochs=1)
+    evaluate(model, loader, model.layers, INFO, _prepare)
+    assert len(calls) == 2 * len(loader)
+    assert all(c == ["block1", "block2", "block3"] for c in calls)
+
+
+def test_topk_ignores_padding():
+    logits = torch.tensor([[5.0, 1, 0], [0, 5, 1], [0, 1, 5], [9, 0, 0]])
+    labels = torch.tensor([0, 2, 2, -1])
+    c1, c5, n = topk_correct(logits, labels).tolist()
+    assert (c1, c5, n) == (2, 3, 3)          # k=5 > 3 classes counts as k=3; the -1 row is skipped
+
+
+def test_val_denominator_is_number_of_real_images():
+    model = _model()
+    loader = _loader(n_batches=3, batch=5, pad=2)      # 3 real + 2 padding per batch
+    metrics = evaluate(model, loader, model.layers, INFO, _prepare)
+    assert all(m["count"] == 9 for m in metrics.values())
+    assert all(0 <= m["top1"] <= m["top5"] <= 100 for m in metrics.values())
