@@ -1,0 +1,120 @@
+"""The DALI graph (fn API): read -> decode+crop (recipe) -> flip -> rotations -> [normalise].
+
+One `@pipeline_def` serves every loader; `mode` picks the output per sample:
+  "all"        uint8 (K, H, W, C) -- the K rotations of one crop stacked (or float16 (K, C, H, W)
+               when normalising in the graph); the loader reshapes (N, K, ...) -> (K*N, ...).
+  "one_random" one rotation per sample, (H, W, C), plus its label (index into `rotations`).
+  "none"       the unrotated crop, (H, W, C), plus the class label (class loader).
+Crops are always square (crop x crop), so rotations of one crop stack.
+
+Rotations by multiples of 90 are exact pixel permutations built from one transpose and flips,
+with the random horizontal flip folded into those flips (no extra copy):
+  x' = flipW^c(x), t = transpose(x) (layout re-labelled HWC)
+  rot0(x')   = flip(x, h=c)          rot180(x') = flip(x, h=1-c, v=1)
+  rot90(x')  = flip(t, v=1-c)        rot270(x') = flip(t, h=1, v=c)
+which matches `torch.rot90(x', k, dims=(0, 1))` (counter-clockwise). Odd multiples of 45 use
+fn.rotate (bilinear, keep_size, corners 0); fn.rotate also matches torch.rot90 at multiples
+of 90 (checked in the tests), so one_random uses it with a per-sample angle.
+Flips and transposes run on uint8 (the CPU fn.flip has no float16); normalisation is last.
+"""
+from __future__ import annotations
+
+import nvidia.dali.fn as fn
+import nvidia.dali.types as types
+from nvidia.dali import pipeline_def
+
+
+def _flip(x, h, v):
+    return fn.flip(x, horizontal=h, vertical=v)
+
+
+def _decode_crop(jpegs, *, recipe, train, crop, resize, min_scale, dec, mixed_args):
+    """Encoded bytes -> uint8 (crop, crop, 3) RGB crop per the recipe (no flip yet)."""
+    if recipe == "imagenet" and train:
+        # Fused decode + random-resized-crop: only the crop window's DCT blocks are decoded,
+        # several times cheaper on CPU than decoding the full image and cropping after.
+        img = fn.decoders.image_random_crop(
+            jpegs, device=dec, output_type=types.RGB, random_area=[min_scale, 1.0],
+            random_aspect_ratio=[3.0 / 4.0, 4.0 / 3.0], num_attempts=10, **mixed_args)
+        return fn.resize(img, resize_x=crop, resize_y=crop, interp_type=types.INTERP_LINEAR,
+                         antialias=True)
+    img = fn.decoders.image(jpegs, device=dec, output_type=types.RGB, **mixed_args)
+    if recipe == "imagenet":  # eval: shorter side -> resize, centre crop
+        img = fn.resize(img, resize_shorter=resize, interp_type=types.INTERP_LINEAR, antialias=True)
+        return fn.crop(img, crop=(crop, crop), out_of_bounds_policy="pad", fill_values=0)
+    if recipe == "cifar":
+        if not train:  # no augmentation; the crop only guarantees a square crop x crop output
+            return fn.crop(img, crop=(crop, crop), out_of_bounds_policy="pad", fill_values=0)
+        # pad 4 then a random crop: centre-crop a (crop+8) window with zero padding, then pick
+        # one of the 9 x 9 integer offsets (discrete positions: anchor = pos * 8 is an integer).
+        padded = fn.crop(img, crop=(crop + 8, crop + 8), out_of_bounds_policy="pad", fill_values=0)
+        pos = [i / 8.0 for i in range(9)]
+        return fn.crop(padded, crop=(crop, crop), crop_pos_x=fn.random.uniform(values=pos),
+                       crop_pos_y=fn.random.uniform(values=pos))
+    raise ValueError(f"data.recipe={recipe!r}; expected 'imagenet' or 'cifar'")
+
+
+def _rotations_all(x, c, rotations):
+    """K uint8 (H, W, C) outputs, rotations[r] of flipW^c(x), in `rotations` order."""
+    need_t = any(a % 180 == 90 for a in rotations)
+    t = fn.transpose(x, perm=[1, 0, 2], output_layout="HWC") if need_t else None
+    flipped = None
+    outs = []
+    for a in rotations:
+        if a == 0:
+            outs.append(_flip(x, c, 0))
+        elif a == 90:
+            outs.append(_flip(t, 0, 1 - c))
+        elif a == 180:
+            outs.append(_flip(x, 1 - c, 1))
+        elif a == 270:
+            outs.append(_flip(t, 1, c))
+        else:  # odd multiple of 45: interpolate from the flipped crop
+            if flipped is None:
+                flipped = _flip(x, c, 0)
+            outs.append(fn.rotate(flipped, angle=float(a), keep_size=True, fill_value=0,
+                                  interp_type=types.INTERP_LINEAR))
+    return outs
+
+
+def _normalise(x, mean, std):
+    """uint8 HWC -> float16 CHW, (x/255 - mean)/std (mean/std in 0..1 units)."""
+    return fn.crop_mirror_normalize(x, dtype=types.FLOAT16, output_layout="CHW",
+                                    mean=[255.0 * m for m in mean], std=[255.0 * s for s in std])
+
+
+@pipeline_def(enable_checkpointing=True)
+def rotation_graph(*, files, labels, file_root, shard_id, num_shards, train, reader_seed,
+                   recipe, crop, resize, min_scale, rotations, mode, decoder_device,
+                   mixed_args, normalize, mean, std):
+    """Returns (images, labels); see the module docstring for the per-mode shapes.
+
+    The reader: fixed shard per rank (stick_to_shard) of a list reshuffled globally after
+    every epoch with the same `reader_seed` on all ranks (shuffle_after_epoch), padded to
+    whole batches (pad_last_batch) -- so ranks together read every file exactly once per
+    epoch. (random_shuffle's buffer mixes samples across shard boundaries: not exact.)
+    """
+    reader_args = dict(shuffle_after_epoch=True, shuffle_after_epoch_seed=reader_seed) if train \
+        else dict(stick_to_shard=True)
+    jpegs, label = fn.readers.file(
+        file_root=file_root, files=files, labels=labels, shard_id=shard_id, num_shards=num_shards,
+        pad_last_batch=True, name="Reader", seed=reader_seed, **reader_args)
+    x = _decode_crop(jpegs, recipe=recipe, train=train, crop=crop, resize=resize,
+                     min_scale=min_scale, dec=decoder_device, mixed_args=mixed_args)
+    c = fn.random.coin_flip(probability=0.5, dtype=types.INT32) if train else 0
+    if mode == "all":
+        outs = _rotations_all(x, c, rotations)
+        if normalize:
+            outs = [_normalise(o, mean, std) for o in outs]
+        return fn.stack(*outs, axis=0), label
+    if mode == "one_random":
+        r = fn.random.uniform(values=list(range(len(rotations))), dtype=types.INT32)
+        # angle = rotations[r], looked up arithmetically (sum of masks) so label and angle agree.
+        angle = sum((r == i) * float(a) for i, a in enumerate(rotations))
+        y = fn.rotate(_flip(x, c, 0), angle=fn.cast(angle, dtype=types.FLOAT), keep_size=True,
+                      fill_value=0, interp_type=types.INTERP_LINEAR)
+        return (_normalise(y, mean, std) if normalize else y), r
+    if mode == "none":
+        y = _flip(x, c, 0)
+        return (_normalise(y, mean, std) if normalize else y), label
+    raise ValueError(f"unknown graph mode {mode!r}")

@@ -1,0 +1,53 @@
+"""Rotation sets and the torch implementation of the rotations (torch backend, resident mode, tests).
+
+Convention (all backends): rotating an HWC image by `a` degrees, `a` a multiple of 90, is
+`torch.rot90(img, a // 90, dims=(0, 1))`, i.e. counter-clockwise as displayed. Odd multiples
+of 45 use an interpolating (bilinear) counter-clockwise rotation about the centre that keeps
+the size and fills the corners with 0.
+
+Batch order of a rotation loader (mode "all"): sample-major, row K*i + r is original i rotated
+by rotations[r] with label r, K = len(rotations).
+"""
+from __future__ import annotations
+
+import torch
+import torchvision.transforms.v2.functional as TF
+
+ROTATION_MODES = ("all", "one_random")
+
+
+def check_rotations(rotations, mode: str = "all") -> list[int]:
+    """Validated rotation list (degrees, multiples of 45 in [0, 360), no duplicates)."""
+    rots = [int(r) for r in rotations]
+    if not rots:
+        raise ValueError("data.rotations is empty")
+    bad = [r for r in rots if r % 45 or not 0 <= r < 360]
+    if bad:
+        raise ValueError(f"data.rotations: {bad} are not multiples of 45 in [0, 360)")
+    if len(set(rots)) != len(rots):
+        raise ValueError(f"data.rotations has duplicates: {rots}")
+    if mode not in ROTATION_MODES:
+        raise ValueError(f"data.rotation_mode={mode!r}; expected one of {ROTATION_MODES}")
+    return rots
+
+
+def rotate_hwc(img: torch.Tensor, angle: int) -> torch.Tensor:
+    """Rotate uint8 (..., H, W, C) images by `angle` degrees (multiple of 45); square H == W.
+
+    Multiples of 90 are exact pixel permutations; odd multiples of 45 interpolate.
+    """
+    if angle % 90 == 0:
+        return torch.rot90(img, angle // 90, dims=(-3, -2))
+    chw = img.movedim(-1, -3)  # (..., C, H, W) view: torchvision rotates CHW
+    out = TF.rotate(chw, float(angle), interpolation=TF.InterpolationMode.BILINEAR, expand=False, fill=0)
+    return out.movedim(-3, -1).contiguous()
+
+
+def stack_rotations(img: torch.Tensor, rotations: list[int]) -> torch.Tensor:
+    """uint8 (H, W, C) or (B, H, W, C) -> (K, H, W, C) or (B, K, H, W, C), one slot per rotation."""
+    return torch.stack([rotate_hwc(img, a) for a in rotations], dim=-4)
+
+
+def rotation_labels(k: int, n: int, device=None) -> torch.Tensor:
+    """int64 (K*N,) labels of a sample-major batch: [0, 1, .., K-1] repeated N times."""
+    return torch.arange(k, device=device, dtype=torch.int64).repeat(n)

@@ -1,0 +1,114 @@
+"""Find undecodable images before a long run, and write a file list without them.
+
+    python -m pipelines.scan ROOT [--out FILE] [--workers N]
+
+ROOT is a split folder (ROOT/CLASS/IMAGE) or a dataset root whose sub-folders are splits
+(ROOT/SPLIT/CLASS/IMAGE); each split is scanned. Every image is fully decoded with PIL
+(`verify()` for structure, then `load()` for the pixel data, which catches truncated files)
+in N worker processes. Bad files are printed by path; the list of good ones goes to FILE
+(one `relative/path label` line per image, relative to the split folder; `{split}` in FILE
+is replaced by the split name, default `file_lists/{split}.txt`). Point `data.file_list`
+at it (keep `{split}` to cover train and val). Exit status 1 when bad files were found.
+
+Greyscale, CMYK, palette and PNG-named-.JPEG files are fine (the loaders convert them to RGB);
+only files that cannot be decoded are dropped.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+from pipelines.listing import class_folders, is_image_file, list_images, write_file_list
+
+# Leading bytes of formats the decoders read; anything else is certainly not an image.
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*",
+          b"P1", b"P2", b"P3", b"P4", b"P5", b"P6", b"GIF8")
+
+
+def header_ok(path: str) -> bool:
+    """Cheap check: the file starts like an image (misses truncation; `check_image` doesn't)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except OSError:
+        return False
+    return head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
+def bad_headers(paths: list[str]) -> list[str]:
+    """Paths whose first bytes are not an image's (used to name a file DALI did not name)."""
+    return [p for p in paths if not header_ok(p)]
+
+
+def check_image(path: str) -> str:
+    """'' if `path` decodes completely to RGB, else the reason."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        with Image.open(path) as im:  # verify() leaves the image unusable: reopen to decode
+            im.load()
+            im.convert("RGB")
+        return ""
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        return f"{type(e).__name__}: {e}"
+
+
+def _check_chunk(paths: list[str]) -> list[str]:
+    return [check_image(p) for p in paths]
+
+
+def scan_split(split_dir: str, workers: int) -> tuple[list[str], list[int], list[tuple[str, str]], int]:
+    """(good relative paths, their labels, [(bad path, reason)], non-image files skipped)."""
+    paths, labels, _ = list_images(split_dir)
+    skipped = sum(1 for dp, _, fs in os.walk(split_dir) for f in fs if not is_image_file(f))
+    chunk = 256
+    chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as ex:
+            reasons = [r for rs in ex.map(_check_chunk, chunks) for r in rs]
+    else:
+        reasons = [r for c in chunks for r in _check_chunk(c)]
+    good, good_labels, bad = [], [], []
+    for p, lab, why in zip(paths, labels, reasons):
+        if why:
+            bad.append((p, why))
+        else:
+            good.append(os.path.relpath(p, split_dir))
+            good_labels.append(lab)
+    return good, good_labels, bad, skipped
+
+
+def _splits(root: str) -> list[str]:
+    """[root] when root is a split (its sub-folders hold images), else its sub-folders."""
+    subs = [os.path.join(root, c) for c in class_folders(root)]
+    for s in subs:
+        if any(is_image_file(e.name) and e.is_file() for e in os.scandir(s)):
+            return [root]
+    return subs
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipelines.scan", description=__doc__.split("\n\n")[0])
+    ap.add_argument("root", help="split folder (ROOT/CLASS/IMG) or dataset root (ROOT/SPLIT/CLASS/IMG)")
+    ap.add_argument("--out", default="file_lists/{split}.txt", help="file list to write; {split} -> split name")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args(argv)
+    any_bad = False
+    for split_dir in _splits(os.path.abspath(args.root)):
+        name = os.path.basename(split_dir)
+        good, labels, bad, skipped = scan_split(split_dir, args.workers)
+        for p, why in bad:
+            print(f"BAD {p}: {why}")
+        out = args.out.replace("{split}", name)
+        write_file_list(out, good, labels)
+        print(f"{name}: {len(good)} good, {len(bad)} bad, {skipped} non-image files skipped -> {out}")
+        any_bad |= bool(bad)
+    return 1 if any_bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
