@@ -1,0 +1,285 @@
+#!/usr/bin/env python
+"""Figures of a RotNet run (PNG, matplotlib Agg): attention maps, first-layer filters,
+training curves, per-layer probe accuracy (pretrained vs random init).
+
+    python visualize.py --run runs/cifar10_nin --out docs/figures/cifar10_nin
+    python visualize.py --run runs/x --checkpoint runs/x/checkpoint.pt \
+        --eval-json runs/x/eval/eval.json --out docs/figures/x --data-root ../shared/datasets/cifar10-jpeg
+
+Writes, for --out PREFIX:
+    PREFIX_attention.png  per conv block, as in the paper's Fig. 3: for every spatial cell the
+                          sum over channels of |activation|^p (p = --power, 2 by default),
+                          normalised per map, upsampled and laid over the image.
+    PREFIX_filters.png    the first conv layer's filters as an RGB grid (each filter min-max scaled)
+    PREFIX_curves.png     loss, train rotation accuracy and held-out rotation accuracy per epoch
+                          from RUN/log.jsonl
+    PREFIX_layers.png     top-1 per layer from each --eval-json (pretrained vs random init bars)
+Figures whose inputs are missing (no log, no checkpoint, no eval.json) are skipped with a note.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on clusters or CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import torchvision.transforms.v2.functional as TF  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch import nn  # noqa: E402
+
+from models.rotnet import build_rotnet  # noqa: E402
+from rotnet.checkpoint import find_checkpoint, load_checkpoint  # noqa: E402
+from rotnet.config import Config, config_from_dict, load_config  # noqa: E402
+
+IMG_EXTS = (".jpg", ".jpeg", ".png")
+DPI = 100   # small PNGs: docs/figures keeps every file well under 200 KB
+
+
+# ---------------------------------------------------------------------------- loading
+
+def load_run(run_dir: Path | None, checkpoint: str | None, config: str | None) -> tuple[Config, nn.Module, str]:
+    """(config, trunk in eval mode, description). checkpoint 'random' or no checkpoint: random init.
+
+    The config comes from, in order: the checkpoint, --config, RUN/config.yaml.
+    """
+    ckpt = None
+    if checkpoint and checkpoint != "random":
+        ckpt = load_checkpoint(checkpoint)
+    elif checkpoint is None and run_dir is not None and find_checkpoint(run_dir):
+        checkpoint = str(find_checkpoint(run_dir))
+        ckpt = load_checkpoint(checkpoint)
+    if ckpt is not None:
+        cfg = config_from_dict(ckpt["config"], checkpoint)
+    elif config:
+        cfg = load_config(config)
+    elif run_dir is not None and (run_dir / "config.yaml").is_file():
+        cfg = load_config(run_dir / "config.yaml")
+    else:
+        raise SystemExit("error: no checkpoint and no config: pass --checkpoint, --config or a --run with config.yaml")
+    torch.manual_seed(cfg.train.seed)
+    net = build_rotnet(cfg.model, num_rotations=len(cfg.data.rotations), input_size=cfg.data.crop_size)
+    if ckpt is not None:
+        net.load_state_dict(ckpt["model"])
+        what = f"{checkpoint} (epoch {ckpt.get('epoch')})"
+    else:
+        what = f"random init (seed {cfg.train.seed})"
+    return cfg, net.trunk.eval(), what
+
+
+def pick_images(root: Path, n: int) -> list[Path]:
+    """First image of each of the first classes (sorted), then second images, ...: n images spread over classes."""
+    classes = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    files = [sorted(p for p in c.iterdir() if p.suffix.lower() in IMG_EXTS) for c in classes]
+    if not classes or not any(files):
+        raise SystemExit(f"error: no images in {root} (expected CLASS/IMAGE layout)")
+    out: list[Path] = []
+    for j in range(max(len(f) for f in files)):
+        for f in files:
+            if j < len(f) and len(out) < n:
+                out.append(f[j])
+    return out
+
+
+def load_images(paths: list[Path], cfg: Config) -> torch.Tensor:
+    """Eval recipe: resize shorter side to data.resize_size, center-crop data.crop_size -> uint8 (B, 3, S, S)."""
+    out = []
+    for p in paths:
+        with Image.open(p) as im:   # PIL: greyscale/CMYK/PNG-named-JPEG all become RGB
+            img = torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1)
+        img = TF.resize(img, [cfg.data.resize_size], antialias=True)
+        out.append(TF.center_crop(img, [cfg.data.crop_size, cfg.data.crop_size]))
+    return torch.stack(out)
+
+
+def normalize(images: torch.Tensor, cfg: Config) -> torch.Tensor:
+    mean = torch.tensor(cfg.data.mean).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.data.std).view(1, 3, 1, 1)
+    return (images.float() / 255 - mean) / std
+
+
+# ---------------------------------------------------------------------------- figures
+
+def attention_maps(trunk: nn.Module, x: torch.Tensor, power: float) -> dict[str, torch.Tensor]:
+    """x (B, 3, S, S) -> {layer: (B, S, S) in [0, 1]}: sum_c |a_c|^p per cell, min-max per map, upsampled."""
+    with torch.no_grad():
+        feats = trunk.features(x, trunk.layer_names)
+    out = {}
+    for name, a in feats.items():
+        att = a.float().abs().pow(power).sum(1, keepdim=True)                       # (B, 1, h, w)
+        att = F.interpolate(att, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        lo = att.flatten(1).min(1).values.view(-1, 1, 1)
+        hi = att.flatten(1).max(1).values.view(-1, 1, 1)
+        out[name] = (att - lo) / (hi - lo).clamp_min(1e-12)
+    return out
+
+
+def plot_attention(images: torch.Tensor, maps: dict[str, torch.Tensor], power: float, title: str, path: Path) -> None:
+    n, cols = images.shape[0], 1 + len(maps)
+    fig, axes = plt.subplots(n, cols, figsize=(1.6 * cols, 1.6 * n), squeeze=False)
+    for i in range(n):
+        img = images[i].permute(1, 2, 0).numpy()
+        axes[i, 0].imshow(img)
+        for j, (name, m) in enumerate(maps.items(), start=1):
+            axes[i, j].imshow(img)
+            axes[i, j].imshow(m[i].numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            if i == 0:
+                axes[i, j].set_title(name, fontsize=8)
+        if i == 0:
+            axes[i, 0].set_title("image", fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle(f"attention sum_c |a|^{power:g}: {title}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def first_conv(trunk: nn.Module) -> nn.Conv2d:
+    for m in trunk.modules():
+        if isinstance(m, nn.Conv2d) and m.in_channels == 3:
+            return m
+    raise ValueError("trunk has no conv layer with 3 input channels")
+
+
+def plot_filters(conv: nn.Conv2d, title: str, path: Path, max_filters: int = 96) -> None:
+    w = conv.weight.detach().float()[:max_filters]                                  # (C, 3, k, k)
+    lo = w.flatten(1).min(1).values.view(-1, 1, 1, 1)
+    hi = w.flatten(1).max(1).values.view(-1, 1, 1, 1)
+    w = ((w - lo) / (hi - lo).clamp_min(1e-12)).permute(0, 2, 3, 1).numpy()
+    cols = min(16, len(w))
+    rows = math.ceil(len(w) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(0.5 * cols, 0.5 * rows + 0.3), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, f in zip(axes.flat, w):
+        ax.imshow(f, interpolation="nearest")
+    fig.suptitle(f"first conv filters {tuple(conv.weight.shape)}: {title}", fontsize=7)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def read_log(path: Path) -> list[dict]:
+    """log.jsonl -> per-epoch records; a resumed run's repeated epoch keeps its last record."""
+    by_epoch: dict[int, dict] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            by_epoch[rec["epoch"]] = rec
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def plot_curves(records: list[dict], title: str, path: Path) -> None:
+    ep = [r["epoch"] + 1 for r in records]   # epoch e is logged after it completes: x = epochs done
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3))
+    a1.plot(ep, [r["loss"] for r in records], "o-", ms=3)
+    a1.set(xlabel="epochs", ylabel="rotation loss (train)", title="loss")
+    a2.plot(ep, [100 * r["rot_acc"] for r in records], "o-", ms=3, label="train")
+    held = [(e, 100 * r["heldout_rot_acc"]) for e, r in zip(ep, records) if r.get("heldout_rot_acc") is not None]
+    if held:
+        a2.plot(*zip(*held), "s-", ms=3, label="held-out")
+    a2.set(xlabel="epochs", ylabel="rotation accuracy (%)", title="rotation accuracy")
+    a2.legend(fontsize=8)
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def plot_layers(evals: list[tuple[str, dict]], path: Path) -> None:
+    """One panel per eval.json: grouped top-1 bars per layer for each model in it (pretrained, random)."""
+    fig, axes = plt.subplots(1, len(evals), figsize=(4.2 * len(evals), 3.2), squeeze=False)
+    for ax, (label, ev) in zip(axes[0], evals):
+        models = [m for m in ("pretrained", "random") if m in ev] or \
+                 [k for k, v in ev.items() if k not in ("meta", "difference_top1") and isinstance(v, dict)]
+        layers = list(ev[models[0]])
+        width = 0.8 / len(models)
+        for i, m in enumerate(models):
+            vals = [ev[m][layer]["top1"] for layer in layers]
+            xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(layers))]
+            bars = ax.bar(xs, vals, width, label={"pretrained": "RotNet", "random": "random init"}.get(m, m))
+            ax.bar_label(bars, fmt="%.1f", fontsize=6)
+        ax.set_xticks(range(len(layers)), layers)
+        ax.set(ylabel="top-1 (%)", title=label)
+        ax.title.set_fontsize(8)
+        ax.legend(fontsize=7)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def eval_label(path: Path, ev: dict) -> str:
+    meta = ev.get("meta", {})
+    k = meta.get("labels_per_class")
+    return (f"{meta.get('arch', '')} {meta.get('head', '?')} probes, {meta.get('epochs', '?')} ep"
+            + (f", {k} labels/class" if k else "") + f"\n{path.parent.name}")
+
+
+# ---------------------------------------------------------------------------- main
+
+def get_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, help="run folder (log.jsonl, config.yaml, checkpoint.pt)")
+    p.add_argument("--checkpoint", help="checkpoint for attention/filters (default RUN/checkpoint.pt); "
+                                        "'random' = random init of the run's config")
+    p.add_argument("--config", help="config when there is no checkpoint (default RUN/config.yaml)")
+    p.add_argument("--eval-json", type=Path, nargs="*", default=[], help="eval.json files (one panel each)")
+    p.add_argument("--data-root", help="image folder root (default: the config's data.root)")
+    p.add_argument("--split", help="split folder for the attention images (default: data.val_dir)")
+    p.add_argument("--images", type=int, default=6, help="attention-map images (spread over classes)")
+    p.add_argument("--power", type=float, default=2.0, help="p in sum_c |a|^p (paper Fig. 3)")
+    p.add_argument("--title", default="", help="extra text for the figure titles")
+    p.add_argument("--out", required=True, help="output prefix, e.g. docs/figures/cifar10")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> list[Path]:
+    args = get_args(argv)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+
+    log_path = args.run / "log.jsonl" if args.run else None
+    if log_path is not None and log_path.is_file() and (records := read_log(log_path)):
+        plot_curves(records, f"{args.run} {args.title}".strip(), path := Path(f"{out}_curves.png"))
+        written.append(path)
+    else:
+        print(f"visualize: no training log ({log_path}); curves skipped", file=sys.stderr)
+
+    if args.checkpoint or args.run:
+        cfg, trunk, what = load_run(args.run, args.checkpoint, args.config)
+        what = f"{what} {args.title}".strip()
+        plot_filters(first_conv(trunk), what, path := Path(f"{out}_filters.png"))
+        written.append(path)
+        root = args.data_root or cfg.data.root
+        split = Path(root) / (args.split or cfg.data.val_dir) if root else None
+        if split is not None and split.is_dir():
+            images = load_images(pick_images(split, args.images), cfg)
+            maps = attention_maps(trunk, normalize(images, cfg), args.power)
+            plot_attention(images, maps, args.power, what, path := Path(f"{out}_attention.png"))
+            written.append(path)
+        else:
+            print(f"visualize: image folder {split} not found (--data-root); attention maps skipped",
+                  file=sys.stderr)
+
+    evals = [(eval_label(p, ev), ev) for p in args.eval_json for ev in [json.loads(p.read_text())]]
+    if evals:
+        plot_layers(evals, path := Path(f"{out}_layers.png"))
+        written.append(path)
+    for p in written:
+        print(f"wrote {p} ({p.stat().st_size / 1024:.0f} KB)")
+    return written
+
+
+if __name__ == "__main__":
+    main()
