@@ -1,0 +1,299 @@
+"""Built-in sample data: a small procedurally drawn image set in ImageNet folder layout.
+
+    root = ensure_sample_data(seed=0)   # ~/.cache/rotnet/sample-v1-seed0/{train,val}/n00000_house/*.JPEG
+    python -m rotnet.sample_data [--seed N] [--out CACHE_DIR]
+
+Why procedural: the demo runs offline, and rotation prediction only teaches something if every
+image has an unambiguous upright orientation. Each image is an outdoor scene: sky gradient on top
+(usually brighter; 20% dark "night" skies), ground below a horizon at a random height in the lower
+half, sun/moon, clouds and birds in the sky, bushes and a random texture on the ground, and 1-3
+class objects standing ON the ground, scaled by depth (lower base = closer = bigger).
+
+The class is carried by SHAPE only: every colour is drawn per image independently of the class,
+clutter is class-independent, and noise plus a contrast/brightness jitter are added, so global
+colour statistics do not separate classes (a linear probe on colour means/histograms is at chance)
+and a random-init trunk is not already perfect. Drawn at 2x then box-downsampled; short side
+72..160, aspect 0.6..1.7, JPEG quality 90, 1 in 20 greyscale ('L'). Each image has its own RNG
+seeded by (seed, split, class, index): bit-exact per seed for a given Pillow/libjpeg.
+
+Caching and races: the set is built in a `.tmp-` folder next to the target, a marker file
+(COMPLETE.json) is written last, and the folder is moved into place by one atomic os.rename. A
+process losing the race (e.g. two DDP ranks) finds the target complete and drops its copy; a killed
+build leaves only a `.tmp-` folder (removed once stale), never a half set under the final name.
+Bump FORMAT_VERSION whenever the drawing changes.
+"""
+from __future__ import annotations
+
+import argparse, colorsys, contextlib, json, os, shutil, tempfile, time  # noqa: E401
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+FORMAT_VERSION = 1
+CLASSES = ("house", "tree", "car", "person", "lamppost", "mountain", "tower", "boat", "fence", "table")
+CLASS_DIRS = tuple(f"n{i:05d}_{c}" for i, c in enumerate(CLASSES))
+PER_CLASS_TRAIN = 120
+PER_CLASS_VAL = 40
+GREY_EVERY = 20          # 1 in GREY_EVERY images is saved as a greyscale JPEG
+MARKER = "COMPLETE.json"
+SS = 2                   # supersampling factor of the drawing canvas
+STALE_TMP_S = 3600       # temp folders older than this are leftovers of killed builds
+
+
+def _col(r, lo=0.0, hi=1.0, sat=(0.0, 1.0)):
+    h, s, v = r.random(), r.uniform(*sat), r.uniform(lo, hi)
+    return tuple(int(255 * c) for c in colorsys.hsv_to_rgb(h, s, v))
+
+
+# --- class objects: (x, y) = bottom centre on the ground, s = height, c = main colour ---
+
+def _house(d, r, x, y, s, c):
+    w, bh = s * r.uniform(0.7, 1.2), s * r.uniform(0.5, 0.65)
+    d.rectangle([x - w / 2, y - bh, x + w / 2, y], fill=c)
+    o = w * r.uniform(0.05, 0.2)
+    d.polygon([(x - w / 2 - o, y - bh), (x + w / 2 + o, y - bh), (x, y - s)], fill=_col(r))
+    d.rectangle([x - w * 0.1, y - bh * 0.55, x + w * 0.1, y], fill=_col(r))
+    ww, wc = w * 0.15, _col(r)
+    for cx in (x - w * 0.3, x + w * 0.3):
+        d.rectangle([cx - ww / 2, y - bh * 0.8, cx + ww / 2, y - bh * 0.8 + ww], fill=wc)
+
+
+def _tree(d, r, x, y, s, c):
+    tw, th = s * r.uniform(0.08, 0.15), s * r.uniform(0.3, 0.5)
+    d.rectangle([x - tw / 2, y - th, x + tw / 2, y], fill=_col(r))
+    cw = s * r.uniform(0.5, 0.8)
+    if r.random() < 0.5:
+        d.ellipse([x - cw / 2, y - s, x + cw / 2, y - th + (s - th) * 0.15], fill=c)
+    else:                                   # pine: stacked triangles
+        n = int(r.integers(2, 4))
+        for k in range(n):
+            lo = y - th - k * (s - th) / (n + 1) * 0.9
+            d.polygon([(x - cw / 2 * (1 - 0.2 * k), lo), (x + cw / 2 * (1 - 0.2 * k), lo),
+                       (x, lo - (s - th) * 0.55)], fill=c)
+
+
+def _car(d, r, x, y, s, c):
+    s *= r.uniform(0.55, 0.8)
+    w, wr = s * r.uniform(1.8, 2.6), s * r.uniform(0.17, 0.23)
+    bt, bb = y - wr - s * 0.35, y - wr * 0.6
+    d.rectangle([x - w / 2, bt, x + w / 2, bb], fill=c)
+    cw, off = w * r.uniform(0.45, 0.6), w * r.uniform(-0.1, 0.1)
+    d.polygon([(x + off - cw / 2, bt), (x + off + cw / 2, bt), (x + off + cw * 0.35, y - s),
+               (x + off - cw * 0.35, y - s)], fill=c)
+    d.rectangle([x + off - cw * 0.28, y - s * 0.93, x + off + cw * 0.28, bt - s * 0.05], fill=_col(r))
+    wc = _col(r, 0.0, 0.3)
+    for cx in (x - w * 0.3, x + w * 0.3):
+        d.ellipse([cx - wr, y - 2 * wr, cx + wr, y], fill=wc)
+
+
+def _person(d, r, x, y, s, c):
+    lw, hr = max(2, int(s * r.uniform(0.05, 0.08))), s * 0.1
+    d.ellipse([x - hr, y - s, x + hr, y - s + 2 * hr], fill=c)
+    hip, sh = y - s * 0.45, y - s + 2.6 * hr
+    d.line([(x, y - s + 2 * hr), (x, hip)], fill=c, width=lw)
+    for sx in (-1, 1):
+        d.line([(x, hip), (x + sx * s * r.uniform(0.08, 0.2), y)], fill=c, width=lw)
+        d.line([(x, sh), (x + sx * s * r.uniform(0.15, 0.3), sh + s * r.uniform(-0.15, 0.25))], fill=c, width=lw)
+
+
+def _lamppost(d, r, x, y, s, c):
+    pw, sx = max(2.0, s * r.uniform(0.03, 0.05)), r.choice([-1, 1])
+    d.rectangle([x - pw / 2, y - s, x + pw / 2, y], fill=c)
+    d.polygon([(x - pw * 2, y), (x + pw * 2, y), (x + pw, y - s * 0.08), (x - pw, y - s * 0.08)], fill=c)
+    a = s * r.uniform(0.18, 0.3)
+    d.rectangle([min(x, x + sx * a), y - s, max(x, x + sx * a), y - s + pw], fill=c)
+    lx, lh = x + sx * a, s * 0.1
+    d.ellipse([lx - lh * 0.5, y - s + pw + lh * 0.4, lx + lh * 0.5, y - s + pw + lh * 1.1], fill=_col(r, 0.7, 1.0))
+    d.polygon([(lx - lh * 0.25, y - s + pw), (lx + lh * 0.25, y - s + pw), (lx + lh * 0.6, y - s + pw + lh * 0.8),
+               (lx - lh * 0.6, y - s + pw + lh * 0.8)], fill=c)
+
+
+def _mountain(d, r, x, y, s, c):
+    snow = _col(r, 0.8, 1.0, (0.0, 0.2))
+    for k in range(int(r.integers(1, 3))):
+        w, h, px = s * r.uniform(1.4, 2.4), s * r.uniform(0.6, 1.0), x + k * s * r.uniform(-0.8, 0.8)
+        d.polygon([(px - w / 2, y), (px + w / 2, y), (px, y - h)], fill=c)
+        f = r.uniform(0.2, 0.35)
+        d.polygon([(px - w / 2 * f, y - h * (1 - f)), (px + w / 2 * f, y - h * (1 - f)), (px, y - h)], fill=snow)
+        c = _col(r)
+
+
+def _tower(d, r, x, y, s, c):
+    w, cb = s * r.uniform(0.25, 0.4), s * 0.88
+    d.rectangle([x - w / 2, y - cb, x + w / 2, y], fill=c)
+    n = int(r.integers(3, 5))               # crenellations
+    bw = w / (2 * n - 1)
+    for k in range(n):
+        d.rectangle([x - w / 2 + 2 * k * bw, y - s, x - w / 2 + (2 * k + 1) * bw, y - cb], fill=c)
+    wc = _col(r)
+    for k in range(int(r.integers(1, 4))):
+        wy = y - cb * (0.45 + 0.2 * k)
+        d.rectangle([x - w * 0.12, wy - w * 0.25, x + w * 0.12, wy], fill=wc)
+    d.chord([x - w * 0.2, y - s * 0.22, x + w * 0.2, y - s * 0.04], 180, 360, fill=wc)
+    d.rectangle([x - w * 0.2, y - s * 0.13, x + w * 0.2, y], fill=wc)
+
+
+def _boat(d, r, x, y, s, c):
+    w, hh = s * r.uniform(1.0, 1.6), s * r.uniform(0.2, 0.3)
+    d.polygon([(x - w / 2, y - hh), (x + w / 2, y - hh), (x + w * 0.35, y), (x - w * 0.35, y)], fill=c)
+    mw = max(2.0, s * 0.03)
+    d.rectangle([x - mw / 2, y - s, x + mw / 2, y - hh], fill=_col(r))
+    sx, sy, sc, wc = r.choice([-1, 1]), y - hh * 1.3, _col(r), _col(r)   # sail side, sail foot, colours
+    d.polygon([(x + sx * mw, y - s), (x + sx * mw, sy), (x + sx * w * r.uniform(0.3, 0.45), sy)], fill=sc)
+    for a in x - w * 0.6 + w * 0.4 * np.arange(3):   # water line over the hull bottom
+        d.arc([a, y - hh * 0.4, a + w * 0.4, y + hh * 0.2], 0, 180, fill=wc, width=max(1, int(s * 0.02)))
+
+
+def _fence(d, r, x, y, s, c):
+    s *= r.uniform(0.4, 0.6)
+    n, pw = int(r.integers(5, 11)), s * r.uniform(0.15, 0.25)
+    gap = pw * r.uniform(0.4, 1.0)
+    x0 = x - n * (pw + gap) / 2             # pickets with pointed tops on two rails
+    for yy in (0.3, 0.7):
+        d.rectangle([x0, y - s * yy - pw * 0.25, x0 + n * (pw + gap) - gap, y - s * yy + pw * 0.25], fill=c)
+    for k in range(n):
+        a = x0 + k * (pw + gap)
+        d.polygon([(a, y), (a + pw, y), (a + pw, y - s + pw * 0.6), (a + pw / 2, y - s), (a, y - s + pw * 0.6)], fill=c)
+
+
+def _table(d, r, x, y, s, c):
+    s *= r.uniform(0.5, 0.8)
+    w, t, lw = s * r.uniform(1.2, 2.0), s * r.uniform(0.08, 0.14), s * r.uniform(0.06, 0.1)
+    d.rectangle([x - w / 2, y - s, x + w / 2, y - s + t], fill=c)
+    ins = w * r.uniform(0.03, 0.12)
+    for a in (x - w / 2 + ins, x + w / 2 - ins - lw):
+        d.rectangle([a, y - s + t, a + lw, y], fill=c)
+    if r.random() < 0.5:                    # something standing on the table
+        bw = w * r.uniform(0.1, 0.2)
+        d.rectangle([x - bw / 2, y - s - bw * 1.5, x + bw / 2, y - s], fill=_col(r))
+
+
+DRAW = (_house, _tree, _car, _person, _lamppost, _mountain, _tower, _boat, _fence, _table)
+
+
+def _gradient(h, w, top, bot):
+    t = np.linspace(0.0, 1.0, h, dtype=np.float32)[:, None, None]
+    return np.broadcast_to((1 - t) * np.array(top, np.float32) + t * np.array(bot, np.float32), (h, w, 3))
+
+
+def make_image(rng: np.random.Generator, cls: int) -> Image.Image:
+    """Draw one RGB scene of class `cls` (index into CLASSES)."""
+    short, ar = int(rng.integers(72, 161)), float(np.exp(rng.uniform(np.log(0.6), np.log(1.7))))
+    W, H = (round(short * ar), short) if ar >= 1 else (short, round(short / ar))
+    w, h = W * SS, H * SS
+    hz = int(h * rng.uniform(0.5, 0.8))     # horizon in the lower half; 20% dark "night" skies
+    lo, hi = (0.05, 0.4) if rng.random() < 0.2 else (0.5, 1.0)
+    sky = (_col(rng, lo, hi), _col(rng, lo, hi))
+    ground = (_col(rng, 0.15, 0.7), _col(rng, 0.1, 0.6))
+    arr = np.concatenate([_gradient(hz, w, *sky), _gradient(h - hz, w, *ground)])
+    d = ImageDraw.Draw(img := Image.fromarray(arr.astype(np.uint8)))
+    # sky clutter: sun/moon, clouds, birds
+    if rng.random() < 0.7:
+        sr, sx, sy = h * rng.uniform(0.04, 0.1), w * rng.uniform(0.05, 0.95), hz * rng.uniform(0.1, 0.6)
+        d.ellipse([sx - sr, sy - sr, sx + sr, sy + sr], fill=_col(rng, 0.7, 1.0))
+    for _ in range(int(rng.integers(0, 4))):
+        cx, cy, cs = w * rng.random(), hz * rng.uniform(0.05, 0.5), h * rng.uniform(0.03, 0.07)
+        cc = _col(rng, 0.6, 1.0, (0, 0.3))
+        for _ in range(int(rng.integers(3, 6))):
+            ox, oy = cx + rng.normal(0, 1.5 * cs), cy + rng.normal(0, 0.3 * cs)
+            d.ellipse([ox - cs * 1.4, oy - cs, ox + cs * 1.4, oy + cs * 0.7], fill=cc)
+    for _ in range(int(rng.integers(0, 4))):
+        bx, by, bs = w * rng.random(), hz * rng.uniform(0.05, 0.7), h * rng.uniform(0.01, 0.03)
+        d.line([(bx - bs, by - bs * 0.6), (bx, by), (bx + bs, by - bs * 0.6)], fill=_col(rng, 0, 0.4), width=SS)
+    # ground texture and horizon line
+    tc, kind = _col(rng, 0.1, 0.9), int(rng.integers(0, 4))
+    if kind == 1:
+        for yy in np.arange(hz, h, h * rng.uniform(0.03, 0.08)):
+            d.line([(0, yy), (w, yy)], fill=tc, width=SS)
+    elif kind == 2:
+        for _ in range(int((h - hz) * w / 400)):
+            px, py = w * rng.random(), rng.uniform(hz, h)
+            d.ellipse([px - SS, py - SS, px + SS, py + SS], fill=tc)
+    elif kind == 3:
+        step = h * rng.uniform(0.04, 0.08)
+        for yy in np.arange(hz + step / 2, h, step):
+            for xx in np.arange(-step, w, step * 2):
+                d.arc([xx, yy - step / 3, xx + step * 2, yy + step / 3], 200, 340, fill=tc, width=SS)
+    d.line([(0, hz), (w, hz)], fill=_col(rng), width=int(SS * rng.integers(0, 3)) or 1)
+    # class objects and bushes standing on the ground
+    items = [("obj", rng.uniform(hz, hz + 0.6 * (h - hz))) for _ in range(int(rng.integers(1, 4)))]
+    items += [("bush", rng.uniform(hz, h)) for _ in range(int(rng.integers(0, 4)))]
+    for kind, y in sorted(items, key=lambda t: t[1]):  # far to near
+        depth = 1.0 + 0.6 * (y - hz) / max(1, h - hz)
+        if kind == "bush":
+            bs, bx = h * rng.uniform(0.03, 0.07) * depth, w * rng.random()
+            d.chord([bx - bs * 1.5, y - bs, bx + bs * 1.5, y + bs], 180, 360, fill=_col(rng))
+        else:
+            s = min(h * rng.uniform(0.25, 0.5) * depth, 0.95 * y)
+            DRAW[cls](d, rng, w * rng.uniform(0.15, 0.85), y, s, _col(rng))
+    img = img.reduce(SS)
+    a = np.asarray(img, np.float32) * rng.uniform(0.75, 1.15) + rng.uniform(-20, 20)
+    a += rng.normal(0, rng.uniform(2, 9), a.shape).astype(np.float32)   # sensor-like noise
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+
+
+def generate(out: Path, seed: int = 0, per_class_train: int = PER_CLASS_TRAIN, per_class_val: int = PER_CLASS_VAL):
+    """Write the full set under `out` (no caching, no atomicity; see ensure_sample_data)."""
+    for si, (split, n) in enumerate((("train", per_class_train), ("val", per_class_val))):
+        for ci, cdir in enumerate(CLASS_DIRS):
+            folder = Path(out) / split / cdir
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = make_image(np.random.default_rng([seed, si, ci, i]), ci)
+                if (i + 7 * ci) % GREY_EVERY == GREY_EVERY // 2:
+                    img = img.convert("L")
+                img.save(folder / f"{cdir[:6]}_{i:05d}.JPEG", "JPEG", quality=90)
+
+
+def ensure_sample_data(seed: int = 0, cache_dir: str | Path | None = None, *,
+                       per_class_train: int = PER_CLASS_TRAIN, per_class_val: int = PER_CLASS_VAL) -> Path:
+    """Root of the sample set (ROOT/{train,val}/CLASS/*.JPEG), generating it on first use."""
+    if cache_dir is None:                   # cache_dir, else $ROTNET_CACHE, else ~/.cache/rotnet
+        cache_dir = os.environ.get("ROTNET_CACHE") or Path.home() / ".cache" / "rotnet"
+    base = Path(cache_dir).expanduser()
+    base.mkdir(parents=True, exist_ok=True)
+    name = f"sample-v{FORMAT_VERSION}-seed{seed}"
+    if (per_class_train, per_class_val) != (PER_CLASS_TRAIN, PER_CLASS_VAL):
+        name += f"-{per_class_train}x{per_class_val}"
+    root = base / name
+    if (root / MARKER).is_file():
+        return root
+    for old in base.glob(f".{name}.*"):     # leftovers of killed builds / discarded junk
+        with contextlib.suppress(OSError):
+            if time.time() - old.stat().st_mtime > STALE_TMP_S:
+                shutil.rmtree(old, ignore_errors=True)
+    if root.exists() and not (root / MARKER).is_file():   # not made by us (our renames are complete)
+        junk = base / f".{name}.junk-{os.getpid()}-{time.time_ns()}"
+        with contextlib.suppress(OSError):
+            os.rename(root, junk)
+        shutil.rmtree(junk, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=base))
+    try:
+        generate(tmp, seed, per_class_train, per_class_val)
+        meta = {"version": FORMAT_VERSION, "seed": seed, "classes": list(CLASS_DIRS),
+                "per_class_train": per_class_train, "per_class_val": per_class_val}
+        (tmp / MARKER).write_text(json.dumps(meta, indent=1))
+        try:
+            os.rename(tmp, root)
+        except OSError:                     # another process won the race
+            if not (root / MARKER).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Create (or find) the built-in sample data set.")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="cache dir (default $ROTNET_CACHE or ~/.cache/rotnet)")
+    a, t0 = p.parse_args(argv), time.time()
+    root = ensure_sample_data(a.seed, a.out)
+    n = {sp: sum(1 for _ in (root / sp).glob("*/*.JPEG")) for sp in ("train", "val")}
+    print(root)
+    print(f"classes={len(CLASS_DIRS)} train={n['train']} val={n['val']} ({time.time() - t0:.1f}s)")
+
+
+if __name__ == "__main__":
+    main()
