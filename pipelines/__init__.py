@@ -100,6 +100,10 @@ def _build_dali(data, split_dir, paths, labels, rotations, normalize, rank, worl
 
     device = common["device"]
     gpu = device.type == "cuda"
+    # CPU: the graph stops after decode + crop and torch finishes the batch (faster on CPU,
+    # see pipelines/host_post.py); GPU: everything in the graph. The config attribute
+    # dali_rotate_in_graph (not a DataConfig field; tests set it) forces the full graph on CPU.
+    full = gpu or bool(getattr(data, "dali_rotate_in_graph", False))
     root = os.path.abspath(split_dir)
     rel = [os.path.relpath(p, root) for p in paths]  # shorter strings in the serialised graph
     mixed_args = dict(hw_decoder_load=data.hw_decoder_load, device_memory_padding=data.device_memory_padding,
@@ -110,7 +114,8 @@ def _build_dali(data, split_dir, paths, labels, rotations, normalize, rank, worl
         train=common["train"], reader_seed=_seed_for(seed, 1),  # same on all ranks: one global shuffle
         recipe=data.recipe, crop=data.crop_size, resize=data.resize_size, min_scale=data.min_scale,
         rotations=rotations, mode=common["mode"], decoder_device="mixed" if gpu else "cpu",
-        mixed_args=mixed_args, normalize=normalize, mean=list(data.mean), std=list(data.std))
+        mixed_args=mixed_args, normalize=normalize and full, mean=list(data.mean), std=list(data.std),
+        stage="full" if full else "host")
 
     def make_pipe(checkpoint):
         pipe = rotation_graph(
@@ -127,7 +132,15 @@ def _build_dali(data, split_dir, paths, labels, rotations, normalize, rank, worl
     # Files this rank may read (to name a bad one DALI does not name): training reshuffles
     # globally every epoch, so any file.
     mine = paths if common["train"] else paths[lo:hi]
-    return DaliLoader(make_pipe=make_pipe, shard_sizes=shard_sizes, rank=rank, paths=mine, **common)
+    finisher = normalize_host = None
+    if not full:
+        from pipelines.host_post import HostFinisher
+
+        finisher = HostFinisher(data.crop_size, rotations, common["mode"], threads=data.num_threads)
+        if normalize:  # data.normalize == "graph" on CPU: same float16 CHW output contract
+            normalize_host = lambda x: prepare_batch(x, data, channels_last=False).half()  # noqa: E731
+    return DaliLoader(make_pipe=make_pipe, shard_sizes=shard_sizes, rank=rank, paths=mine,
+                      finisher=finisher, normalize_host=normalize_host, **common)
 
 
 def build_rotation_loader(data, split_dir: str, *, batch_size: int, rank: int, world_size: int,

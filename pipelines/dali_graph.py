@@ -28,14 +28,20 @@ def _flip(x, h, v):
     return fn.flip(x, horizontal=h, vertical=v)
 
 
-def _decode_crop(jpegs, *, recipe, train, crop, resize, min_scale, dec, mixed_args):
-    """Encoded bytes -> uint8 (crop, crop, 3) RGB crop per the recipe (no flip yet)."""
+def _decode_crop(jpegs, *, recipe, train, crop, resize, min_scale, dec, mixed_args, final_resize=True):
+    """Encoded bytes -> uint8 (crop, crop, 3) RGB crop per the recipe (no flip yet).
+
+    final_resize=False (CPU "host" stage) leaves the imagenet-train random crop at its own
+    size (ragged); the torch finisher resizes it.
+    """
     if recipe == "imagenet" and train:
         # Fused decode + random-resized-crop: only the crop window's DCT blocks are decoded,
         # several times cheaper on CPU than decoding the full image and cropping after.
         img = fn.decoders.image_random_crop(
             jpegs, device=dec, output_type=types.RGB, random_area=[min_scale, 1.0],
             random_aspect_ratio=[3.0 / 4.0, 4.0 / 3.0], num_attempts=10, **mixed_args)
+        if not final_resize:
+            return img
         return fn.resize(img, resize_x=crop, resize_y=crop, interp_type=types.INTERP_LINEAR,
                          antialias=True)
     img = fn.decoders.image(jpegs, device=dec, output_type=types.RGB, **mixed_args)
@@ -86,8 +92,11 @@ def _normalise(x, mean, std):
 @pipeline_def(enable_checkpointing=True)
 def rotation_graph(*, files, labels, file_root, shard_id, num_shards, train, reader_seed,
                    recipe, crop, resize, min_scale, rotations, mode, decoder_device,
-                   mixed_args, normalize, mean, std):
+                   mixed_args, normalize, mean, std, stage="full"):
     """Returns (images, labels); see the module docstring for the per-mode shapes.
+
+    stage="host" (CPU): returns (crops, labels, flip coins, rotation choices) instead and
+    leaves resize/flip/rotations to pipelines.host_post (faster on CPU; see there).
 
     The reader: fixed shard per rank (stick_to_shard) of a list reshuffled globally after
     every epoch with the same `reader_seed` on all ranks (shuffle_after_epoch), padded to
@@ -99,8 +108,14 @@ def rotation_graph(*, files, labels, file_root, shard_id, num_shards, train, rea
     jpegs, label = fn.readers.file(
         file_root=file_root, files=files, labels=labels, shard_id=shard_id, num_shards=num_shards,
         pad_last_batch=True, name="Reader", seed=reader_seed, **reader_args)
-    x = _decode_crop(jpegs, recipe=recipe, train=train, crop=crop, resize=resize,
-                     min_scale=min_scale, dec=decoder_device, mixed_args=mixed_args)
+    x = _decode_crop(jpegs, recipe=recipe, train=train, crop=crop, resize=resize, min_scale=min_scale,
+                     dec=decoder_device, mixed_args=mixed_args, final_resize=stage == "full")
+    if stage == "host":
+        never = dict(probability=0.0, dtype=types.INT32)  # a per-sample 0 output
+        c = fn.random.coin_flip(probability=0.5 if train else 0.0, dtype=types.INT32)
+        r = fn.random.uniform(values=list(range(len(rotations))), dtype=types.INT32) \
+            if mode == "one_random" else fn.random.coin_flip(**never)
+        return x, label, c, r
     c = fn.random.coin_flip(probability=0.5, dtype=types.INT32) if train else 0
     if mode == "all":
         outs = _rotations_all(x, c, rotations)

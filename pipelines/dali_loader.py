@@ -50,8 +50,10 @@ class DaliLoader:
     def __init__(self, *, make_pipe, kind: str, mode: str, k: int, batch_size: int,
                  pipe_batch: int, shard_sizes: list[int], rank: int, train: bool,
                  device: torch.device, classes: list[str], num_samples: int, paths: list[str],
-                 seed: int):
+                 seed: int, finisher=None, normalize_host=None):
         self._make_pipe = make_pipe          # checkpoint(str|None) -> built Pipeline
+        self._finisher = finisher            # HostFinisher: CPU "host" stage graphs only
+        self._normalize_host = normalize_host  # uint8 batch -> float16 (B, C, H, W), or None
         self.kind, self.mode, self.k = kind, mode, k
         self.batch_size = batch_size         # originals per step (N)
         self._p = pipe_batch                 # samples per pipeline batch (N, or K*N for one_random)
@@ -128,11 +130,11 @@ class DaliLoader:
         if self._batch >= self._steps:       # previous epoch done: move on
             self._finish_epoch()
         while self._batch < self._steps:
-            images, labels = self._run()
+            outs = self._run()
             b = self._batch
             self._batch += 1
             valid = min(self._p, self._shard - b * self._p)
-            yield self._convert(images, labels, valid)
+            yield self._convert(*outs, valid=valid)
         self._finish_epoch_rest()
 
     def _finish_epoch_rest(self) -> None:
@@ -142,7 +144,10 @@ class DaliLoader:
             self._run()
             self._batch += 1
 
-    def _convert(self, images, labels, valid: int):
+    def _convert(self, *outs, valid: int):
+        if self._finisher is not None:
+            return self._convert_host(*outs, valid=valid)
+        images, labels = outs
         x = _to_torch(images, self.device)[:valid]
         if self.mode == "all":
             x = x.reshape((valid * self.k,) + tuple(x.shape[2:]))  # (N, K, ...) -> (K*N, ...)
@@ -150,6 +155,26 @@ class DaliLoader:
         else:
             y = _to_torch(labels, self.device)[:valid].reshape(-1).long()
         return x, y
+
+    def _convert_host(self, crops, labels, flips, rot, valid: int):
+        """CPU stage "host": finish DALI's crops with torch ops (see pipelines.host_post)."""
+        import numpy as np
+
+        # Zero-copy views of DALI's buffers: valid until the next run(), and used up before it.
+        views = [torch.from_numpy(np.asarray(crops[i])) for i in range(valid)]
+        f = np.asarray(flips.as_tensor()).reshape(-1)[:valid].tolist()
+        r = np.asarray(rot.as_tensor()).reshape(-1)[:valid].tolist()
+        x = self._finisher(views, f, r)
+        if self.mode == "all":
+            x = x.reshape((valid * self.k,) + tuple(x.shape[2:]))  # (N, K, ...) -> (K*N, ...)
+            y = rotation_labels(self.k, valid)
+        elif self.mode == "one_random":
+            y = torch.tensor(r, dtype=torch.int64)
+        else:
+            y = torch.from_numpy(np.asarray(labels.as_tensor()).reshape(-1)[:valid].astype(np.int64))
+        if self._normalize_host is not None:
+            x = self._normalize_host(x)
+        return x.to(self.device), y.to(self.device)
 
 
 _PATH_RE = re.compile(r"(/[^\n\r]*?\.(?:jpe?g|png|ppm|bmp|pgm|tiff?|webp))", re.IGNORECASE)
