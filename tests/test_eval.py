@@ -1,0 +1,184 @@
+"""eval.py end to end on a tiny random-init "checkpoint" and a PIL-made image folder.
+
+Every run is 1-2 epochs over 24 images of 3 classes, so the whole file takes seconds.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import eval as eval_cli
+from models.rotnet import build_rotnet
+from rotnet.checkpoint import atomic_save, load_checkpoint
+from rotnet.config import config_to_dict, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 3, 8, 4
+NIN_LAYERS = ["block1", "block2", "block3"]
+
+
+def _images(root: Path) -> None:
+    """root/{train,val}/cNN/*.jpg: flat colour + a class-dependent bar, 40x48 px."""
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
+        for c in range(CLASSES):
+            d = root / split / f"c{c:02d}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                px = torch.randint(0, 256, (40, 48, 3), dtype=torch.uint8, generator=g)
+                px[:, 10 * c: 10 * c + 8] = 255
+                Image.fromarray(px.numpy()).save(d / f"{i}.jpg")
+
+
+def _config(tmp: Path, arch: str = "nin", crop: int = 32) -> Path:
+    raw = {"data": {"root": str(tmp / "data"), "crop_size": crop, "resize_size": crop + 4, "min_scale": 0.5,
+                    "backend": "torch", "num_threads": 0},
+           "model": {"arch": arch, "width": 0.125, "num_blocks": 3},
+           "train": {"output_dir": str(tmp / f"run_{arch}"), "channels_last": False},
+           "probe": {"epochs": 2, "batch_size_per_gpu": 8, "schedule": [[0, 0.01], [1, 0.002]]}}
+    path = tmp / f"{arch}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _checkpoint(cfg_path: Path) -> Path:
+    """A random-init RotNet saved like train.py saves it: 'model', 'config', 'epoch', 'commit'."""
+    cfg = load_config(cfg_path)
+    torch.manual_seed(123)
+    model = build_rotnet(cfg.model, num_rotations=len(cfg.data.rotations), input_size=cfg.data.crop_size)
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True)
+    atomic_save({"model": model.state_dict(), "config": config_to_dict(cfg), "epoch": 1, "commit": "test"},
+                out / "checkpoint.pt")
+    return out / "checkpoint.pt"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    _images(tmp / "data")
+    cfg = _config(tmp)
+    return {"tmp": tmp, "cfg": cfg, "ckpt": _checkpoint(cfg)}
+
+
+def _run(setup, *args, out=None):
+    out = out or setup["tmp"] / f"out_{abs(hash(args))}"
+    eval_cli.main(["--config", str(setup["cfg"]), "--output-dir", str(out), *args])
+    return out
+
+
+def test_default_checkpoint_outputs_and_val_counting(setup):
+    eval_cli.main(["--config", str(setup["cfg"]), "--epochs", "1"])      # no --checkpoint: the run's latest
+    out = setup["ckpt"].parent / "eval_linear"
+    data = json.loads((out / "eval.json").read_text())
+    assert list(data["pretrained"]) == NIN_LAYERS and "random" not in data
+    for rec in data["pretrained"].values():
+        assert rec["num_val"] == CLASSES * VAL_PER_CLASS                  # every val image counted once
+        assert rec["checkpoint"] == str(setup["ckpt"]) and rec["epochs"] == 1 and rec["head"] == "linear"
+    assert "| block2 |" in (out / "eval.md").read_text()
+    assert (out / "eval.png").read_bytes()[:4] == b"\x89PNG"
+    lines = (out / "eval_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1]
+
+
+def test_frozen_trunk_is_untouched_end_to_end(setup, monkeypatch):
+    built = []
+    real = eval_cli.build_trunk_from
+    monkeypatch.setattr(eval_cli, "build_trunk_from", lambda *a: built.append(real(*a)) or built[-1])
+    out = _run(setup, "--checkpoint", str(setup["ckpt"]), "--epochs", "1")
+    saved = {k[len("trunk."):]: v for k, v in load_checkpoint(setup["ckpt"])["model"].items()
+             if k.startswith("trunk.")}
+    after = built[0].state_dict()                                         # params AND BN running stats
+    assert set(after) == set(saved) and all(torch.equal(after[k].cpu(), saved[k]) for k in saved)
+    assert load_checkpoint(out / "probe_state_pretrained.pt")["trunk"] is None
+
+
+def test_finetune_changes_trunk(setup):
+    out = _run(setup, "--checkpoint", str(setup["ckpt"]), "--epochs", "1", "--finetune", "--layer", "block3")
+    trunk = load_checkpoint(out / "probe_state_pretrained.pt")["trunk"]
+    saved = load_checkpoint(setup["ckpt"])["model"]
+    assert any(not torch.equal(v, saved["trunk." + k]) for k, v in trunk.items())
+
+
+def test_resume_continues_at_next_epoch_and_refuses_changes(setup, monkeypatch):
+    out = setup["tmp"] / "resume"
+    real = eval_cli.train_one_epoch
+    seen = []
+
+    def dies_in_epoch_2(*a, **kw):
+        if a[4] == 1:                                                     # epoch index 1 = second epoch
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(eval_cli, "train_one_epoch", dies_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        _run(setup, "--checkpoint", str(setup["ckpt"]), out=out)
+    assert load_checkpoint(out / "probe_state_pretrained.pt")["epoch"] == 1
+    assert not (out / "eval.json").exists()
+
+    monkeypatch.setattr(eval_cli, "train_one_epoch", lambda *a, **kw: seen.append(a[4]) or real(*a, **kw))
+    _run(setup, "--checkpoint", str(setup["ckpt"]), out=out)
+    assert seen == [1]                                                    # only the missing epoch ran
+    assert [json.loads(x)["epoch"] for x in (out / "eval_log.jsonl").read_text().splitlines()] == [1, 2]
+    assert json.loads((out / "eval.json").read_text())["pretrained"]["block1"]["epochs"] == 2
+
+    with pytest.raises(SystemExit, match="schedule"):
+        _run(setup, "--checkpoint", str(setup["ckpt"]), "--lr", "0.5", out=out)
+
+
+def test_with_random_side_by_side_and_labels_per_class(setup):
+    out = _run(setup, "--checkpoint", str(setup["ckpt"]), "--epochs", "1", "--with-random", "--layer",
+               "block2,block1", "--labels-per-class", "3")
+    data = json.loads((out / "eval.json").read_text())
+    assert list(data["pretrained"]) == ["block1", "block2"] == list(data["random"])
+    assert data["random"]["block1"]["checkpoint"].startswith("random init")
+    assert data["pretrained"]["block1"]["labels_per_class"] == 3
+    assert set(data["difference_top1"]) == {"block1", "block2"}
+    table = (out / "eval.md").read_text()
+    assert "random-init top-1" in table and "difference" in table
+    history = load_checkpoint(out / "probe_state_random.pt")["history"]
+    assert history[0]["block1"]["train_top1"] >= 0
+
+
+def test_alexnet_mlp_head(tmp_path):
+    _images(tmp_path / "data")
+    cfg = _config(tmp_path, arch="alexnet", crop=64)
+    ckpt = _checkpoint(cfg)
+    eval_cli.main(["--config", str(cfg), "--checkpoint", str(ckpt), "--head", "mlp", "--epochs", "1"])
+    data = json.loads((ckpt.parent / "eval_mlp" / "eval.json").read_text())
+    assert list(data["pretrained"]) == ["conv4", "conv5"]               # paper Table 4 heads
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--layer", "conv4"], "valid choices: block1, block2, block3"),
+    (["--layer", "block1,block7"], "block7"),
+    (["--checkpoint", "/nonexistent/ck.pt"], "checkpoint not found"),
+])
+def test_bad_input_names_it(setup, args, message):
+    with pytest.raises(SystemExit, match=message):
+        eval_cli.main(["--config", str(setup["cfg"]), *([] if "--checkpoint" in args else
+                                                        ["--checkpoint", str(setup["ckpt"])]), *args])
+
+
+def test_missing_default_checkpoint_says_run_train_first(setup, tmp_path):
+    with pytest.raises(SystemExit, match="train.py"):
+        eval_cli.main(["--config", str(setup["cfg"]), f"train.output_dir={tmp_path / 'empty'}"])
+
+
+def test_cli_subprocess_all_layers(setup):
+    out = setup["tmp"] / "cli"
+    env = {**os.environ, "ROTNET_PROGRESS": "0"}
+    proc = subprocess.run([sys.executable, "eval.py", "--config", str(setup["cfg"]), "--checkpoint",
+                           str(setup["ckpt"]), "--layer", "all", "--epochs", "1", "--output-dir", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| block3 |" in proc.stdout
+    assert sorted(json.loads((out / "eval.json").read_text())["pretrained"]) == NIN_LAYERS
