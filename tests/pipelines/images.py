@@ -1,0 +1,59 @@
+"""Test image folders written with PIL into tmp dirs (no binaries in git), and small configs."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+from rotnet.config import DataConfig
+
+BACKENDS = ["dali", "torch"]
+
+
+def cfg(**kw) -> DataConfig:
+    """A small, fast DataConfig for tests (1 thread/worker, 32 px crops)."""
+    base = dict(crop_size=32, resize_size=32, num_threads=1, prefetch=1, min_scale=0.25)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def save_jpeg(path, arr, **kw):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(arr).save(path, format="JPEG", quality=95, **kw)
+
+
+def textured(rng, h, w):
+    """Smooth random texture (survives JPEG well, and is not rotation symmetric)."""
+    small = rng.integers(0, 256, (h // 4 + 1, w // 4 + 1, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(small).resize((w, h), Image.BILINEAR))
+
+
+def make_folder(root, counts, size=(40, 40), seed=0, name="img {i} é.JPEG"):
+    """ROOT/c{k}/<name> with counts[k] textured JPEGs per class (spaces + unicode in names)."""
+    rng = np.random.default_rng(seed)
+    for k, n in enumerate(counts):
+        for i in range(n):
+            save_jpeg(os.path.join(root, f"c{k}", name.format(i=i)), textured(rng, *size))
+    return str(root)
+
+
+def colour_of(i: int) -> tuple[int, int, int]:
+    return (40 + 9 * (i % 20), 40 + 9 * (i // 20), 200 - 5 * (i % 7))
+
+
+def make_colour_folder(root, n, classes=3, size=(36, 44)):
+    """n solid-colour JPEGs; image i's colour identifies it after any crop/flip/rotation."""
+    for i in range(n):
+        arr = np.empty(size + (3,), dtype=np.uint8)
+        arr[...] = colour_of(i)
+        save_jpeg(os.path.join(root, f"c{i % classes}", f"{i:03d}.jpg"), arr)
+    return str(root)
+
+
+def identify(images: torch.Tensor, n: int) -> list[int]:
+    """Indices of solid-colour images from uint8 (B, H, W, C) crops (nearest colour)."""
+    table = torch.tensor([colour_of(i) for i in range(n)], dtype=torch.float32)
+    means = images.float().mean(dim=(1, 2))
+    return torch.cdist(means, table).argmin(dim=1).tolist()
