@@ -4,12 +4,13 @@ DALI's own DALIGenericIterator is not used: its step count follows each rank's s
 (ranks can differ by one step -> DDP hang) and it cannot drop the duplicated padding of a
 validation shard. This wrapper runs the pipeline itself:
 
-  reader epoch on rank r = ceil(S_r / P) pipeline batches (S_r = shard size, P = pipeline
-  batch); DALI pads the last one by repeating the last sample.
+  reader epoch = R = ceil(max_r S_r / P) pipeline batches on EVERY rank (S_r = shard size,
+  P = pipeline batch): DALI pads each shard to the largest one (and to whole batches) by
+  repeating its last sample, so a smaller shard can end with a batch of padding only.
   training:   yields T = floor(floor(M / W) / P) full batches on every rank, then runs (and
               discards) the rest of the reader epoch, so every rank takes the same number
               of steps and the next epoch starts at the reader's epoch boundary.
-  validation: yields all ceil(S_r / P) batches, the last one trimmed to its real samples:
+  validation: yields the ceil(S_r / P) batches holding real samples, the last one trimmed:
               every image once over all ranks, no padding, no drops. Step counts can differ
               by one between ranks, so do collectives after the loop (sum, then all_reduce).
 """
@@ -58,7 +59,7 @@ class DaliLoader:
         self.batch_size = batch_size         # originals per step (N)
         self._p = pipe_batch                 # samples per pipeline batch (N, or K*N for one_random)
         self._shard = shard_sizes[rank]
-        self._reader_batches = math.ceil(self._shard / self._p)
+        self._reader_batches = math.ceil(max(shard_sizes) / self._p)
         self.train = train
         self.device = torch.device(device)
         self.classes = classes
@@ -71,7 +72,7 @@ class DaliLoader:
                 raise ValueError(f"{min(shard_sizes)} images per rank < one batch of {self._p}: "
                                  "lower the batch size or use more data")
         else:
-            self._steps = self._reader_batches
+            self._steps = math.ceil(self._shard / self._p)
         self._pipe = None
         self._checkpoint = None              # restored checkpoint, used when the pipe is built
         self._epoch = 0                      # epoch the current/next iteration belongs to
