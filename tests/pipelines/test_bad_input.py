@@ -1,0 +1,105 @@
+"""ImageNet's odd files: greyscale, CMYK, PNG named .JPEG, non-square decode to RGB; bad files are named."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines import BadImageError, build_class_loader, build_rotation_loader
+from pipelines.scan import main as scan_main
+from tests.pipelines.images import cfg, make_folder, save_jpeg, textured
+
+CPU = torch.device("cpu")
+KINDS = [("dali", {}), ("torch", {}), ("resident", {"resident": True})]
+
+
+def odd_split(root):
+    """c0: greyscale, CMYK, PNG-as-.JPEG, non-square (tall + wide); c1: plain; + a non-image file."""
+    rng = np.random.default_rng(0)
+    c0 = os.path.join(root, "c0")
+    save_jpeg(os.path.join(c0, "grey.JPEG"), textured(rng, 40, 40)[..., 0])
+    os.makedirs(c0, exist_ok=True)
+    Image.fromarray(textured(rng, 40, 40)).convert("CMYK").save(os.path.join(c0, "cmyk.JPEG"), "JPEG")
+    Image.fromarray(textured(rng, 40, 40)).save(os.path.join(c0, "png named.JPEG"), "PNG")
+    save_jpeg(os.path.join(c0, "tall.JPEG"), textured(rng, 64, 33))
+    save_jpeg(os.path.join(c0, "wide.jpg"), textured(rng, 30, 70))
+    save_jpeg(os.path.join(root, "c1", "plain.jpeg"), textured(rng, 40, 40))
+    with open(os.path.join(c0, "notes.txt"), "w") as f:
+        f.write("not an image; skipped by the listing")
+    return str(root)
+
+
+def add_bad(root):
+    """A truncated JPEG and a non-image with an image extension."""
+    good = os.path.join(root, "c1", "plain.jpeg")
+    data = open(good, "rb").read()
+    with open(os.path.join(root, "c1", "truncated.JPEG"), "wb") as f:
+        f.write(data[: len(data) // 2])
+    with open(os.path.join(root, "c0", "garbage.JPEG"), "wb") as f:
+        f.write(b"<html>this is not a JPEG</html>" * 10)
+
+
+def make_cfg(kind, **kw):
+    name, over = kind
+    return cfg(backend="dali" if name == "dali" else "torch", resize_size=36, **over, **kw)
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=[k[0] for k in KINDS])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_odd_files_decode_to_rgb(tmp_path, kind, train):
+    root = odd_split(tmp_path / "train")
+    lo = build_class_loader(make_cfg(kind), root, batch_size=6, rank=0, world_size=1, local_rank=0,
+                            device=CPU, train=train, seed=0)
+    assert lo.num_samples == 6  # notes.txt skipped
+    x, y = next(iter(lo))
+    assert x.shape == (6, 32, 32, 3) and x.dtype == torch.uint8
+    assert sorted(y.tolist()) == [0, 0, 0, 0, 0, 1]
+    rot = build_rotation_loader(make_cfg(kind), root, batch_size=6, rank=0, world_size=1, local_rank=0,
+                                device=CPU, train=train, seed=0)
+    assert next(iter(rot))[0].shape == (24, 32, 32, 3)
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=[k[0] for k in KINDS])
+def test_non_image_file_is_named(tmp_path, kind):
+    root = odd_split(tmp_path / "train")
+    with open(os.path.join(root, "c0", "garbage.JPEG"), "wb") as f:
+        f.write(b"<html>this is not a JPEG</html>" * 10)
+    with pytest.raises(BadImageError, match=r"garbage\.JPEG(.|\n)*pipelines\.scan"):
+        lo = build_class_loader(make_cfg(kind), root, batch_size=7, rank=0, world_size=1, local_rank=0,
+                                device=CPU, train=False, seed=0)
+        list(lo)
+
+
+def test_dali_truncated_file_is_named(tmp_path):
+    root = odd_split(tmp_path / "train")
+    add_bad(root)
+    os.remove(os.path.join(root, "c0", "garbage.JPEG"))
+    with pytest.raises(BadImageError, match=r"truncated\.JPEG"):
+        list(build_class_loader(make_cfg(("dali", {})), root, batch_size=7, rank=0, world_size=1,
+                                local_rank=0, device=CPU, train=False, seed=0))
+
+
+def test_scan_finds_bad_files_and_loader_uses_its_list(tmp_path, capsys):
+    root = odd_split(tmp_path / "data" / "train")
+    make_folder(tmp_path / "data" / "val", [1, 1])
+    add_bad(root)
+    out = str(tmp_path / "lists" / "{split}.txt")
+    assert scan_main([str(tmp_path / "data"), "--out", out, "--workers", "2"]) == 1  # dataset root: both splits
+    printed = capsys.readouterr().out
+    assert "truncated.JPEG" in printed and "garbage.JPEG" in printed and "cmyk.JPEG" not in printed
+    lines = open(out.format(split="train"), encoding="utf-8").read().splitlines()
+    assert len(lines) == 6 and "c0/png named.JPEG 0" in lines
+    assert len(open(out.format(split="val")).read().splitlines()) == 2
+    for kind in KINDS:  # the loaders read the list: no bad file, no error
+        d = make_cfg(kind, file_list=out)
+        lo = build_class_loader(d, root, batch_size=3, rank=0, world_size=1, local_rank=0, device=CPU,
+                                train=False, seed=0)
+        assert lo.num_samples == 6 and sum(len(y) for _, y in lo) == 6
+
+
+def test_scan_single_split_clean(tmp_path, capsys):
+    root = make_folder(tmp_path / "train", [2, 2])
+    out = str(tmp_path / "list.txt")
+    assert scan_main([root, "--out", out, "--workers", "1"]) == 0
+    assert len(open(out).read().splitlines()) == 4

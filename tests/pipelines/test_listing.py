@@ -1,0 +1,101 @@
+"""list_images, file lists, subsets, backend choice and prepare_batch."""
+import os
+
+import pytest
+import torch
+
+import pipelines
+from pipelines import list_images, prepare_batch, resolve_backend
+from pipelines.listing import read_file_list, resolve_file_list, subset_per_class, write_file_list
+from tests.pipelines.images import cfg, make_folder
+
+
+def test_list_images_layout(tmp_path):
+    root = make_folder(tmp_path / "train", [2, 0, 3])
+    os.makedirs(os.path.join(root, "c1"))  # an empty class folder
+    open(os.path.join(root, "c0", "readme.txt"), "w").close()
+    open(os.path.join(root, "c0", ".hidden.jpg"), "w").close()
+    with pytest.warns(UserWarning, match="c1"):
+        paths, labels, classes = list_images(root)
+    assert classes == ["c0", "c1", "c2"]           # empty class keeps its index
+    assert labels == [0, 0, 2, 2, 2]
+    assert all(os.path.isabs(p) and p.endswith(".JPEG") for p in paths)
+    assert "img 0 é.JPEG" in os.path.basename(paths[0])
+
+
+def test_list_images_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        list_images(str(tmp_path / "nowhere"))
+    (tmp_path / "flat").mkdir()
+    with pytest.raises(pipelines.BadImageError, match="no class folders"):
+        list_images(str(tmp_path / "flat"))
+
+
+def test_file_list_roundtrip_with_spaces(tmp_path):
+    path = str(tmp_path / "l.txt")
+    write_file_list(path, ["a b/c d.JPEG", "x/ü.jpg"], [3, 0])
+    assert read_file_list(path) == (["a b/c d.JPEG", "x/ü.jpg"], [3, 0])
+    root = make_folder(tmp_path / "train", [1, 1])
+    paths, labels, classes = list_images(root, path)
+    assert paths[0] == os.path.join(root, "a b/c d.JPEG") and labels == [3, 0] and classes == ["c0", "c1"]
+
+
+def test_resolve_file_list():
+    assert resolve_file_list("lists/{split}.txt", "/d/val", "train") == "lists/val.txt"
+    assert resolve_file_list("lists/all.txt", "/d/train/", "train") == "lists/all.txt"
+    assert resolve_file_list("lists/all.txt", "/d/val", "train") == ""  # train-only list
+    assert resolve_file_list("", "/d/train", "train") == ""
+
+
+def test_subset_per_class():
+    labels = [0] * 10 + [1] * 4 + [2] * 7
+    a = subset_per_class(labels, 5, seed=0)
+    assert a == subset_per_class(labels, 5, seed=0) and a != subset_per_class(labels, 5, seed=1)
+    picked = [labels[i] for i in a]
+    assert picked.count(0) == 5 and picked.count(2) == 5 and picked.count(1) == 4  # class 1 has only 4
+
+
+def test_resolve_backend(monkeypatch):
+    assert resolve_backend("torch") == "torch"
+    assert resolve_backend("auto") in ("dali", "torch")
+    monkeypatch.setattr(pipelines, "dali_available", lambda: False)
+    assert resolve_backend("auto") == "torch"
+    with pytest.raises(RuntimeError, match="nvidia.dali"):
+        resolve_backend("dali")
+    with pytest.raises(ValueError):
+        resolve_backend("tf")
+
+
+def test_prepare_batch_uint8():
+    d = cfg()
+    x = torch.randint(0, 256, (2, 5, 6, 3), dtype=torch.uint8)
+    y = prepare_batch(x, d, channels_last=True)
+    mean = torch.tensor(d.mean).view(1, 3, 1, 1)
+    std = torch.tensor(d.std).view(1, 3, 1, 1)
+    ref = (x.permute(0, 3, 1, 2).float() / 255 - mean) / std
+    assert y.shape == (2, 3, 5, 6) and y.dtype == torch.float32
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    assert prepare_batch(x, d, channels_last=False).is_contiguous()
+
+
+def test_prepare_batch_float_passthrough():
+    z = torch.randn(2, 3, 4, 4).half()
+    out = prepare_batch(z, cfg(), channels_last=True)
+    assert out.dtype == torch.float16 and torch.equal(out, z)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_graph_normalisation_on_cpu(square_split, backend):
+    """data.normalize=graph: float16 (B, C, H, W) normalised by the loader, same values as prepare_batch."""
+    kw = dict(backend=backend, rotations=[0, 180])
+    lo_u8 = pipelines.build_rotation_loader(cfg(**kw), square_split, batch_size=2, rank=0, world_size=1,
+                                            local_rank=0, device=torch.device("cpu"), train=False, seed=0)
+    lo_f16 = pipelines.build_rotation_loader(cfg(normalize="graph", **kw), square_split, batch_size=2, rank=0,
+                                             world_size=1, local_rank=0, device=torch.device("cpu"),
+                                             train=False, seed=0)
+    x8, y8 = next(iter(lo_u8))
+    x16, y16 = next(iter(lo_f16))
+    assert x16.dtype == torch.float16 and x16.shape == (4, 3, 32, 32) and torch.equal(y8, y16)
+    torch.testing.assert_close(x16.float(), prepare_batch(x8, cfg(), False), atol=2e-2, rtol=1e-2)
