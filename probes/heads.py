@@ -71,15 +71,18 @@ def _init_like_original(module: nn.Module, classifier: nn.Linear) -> None:
 class LinearProbe(nn.Module):
     """(B, C, h, w) -> max-pool (B, C, gh, gw) -> BN (no affine) -> (B, C*gh*gw) -> (B, K).
 
+    map_hw: the (h, w) the probe will see, if known; a grid equal to it skips the pool.
+
     The affine-free BN only standardises each channel (a fixed linear map at test
     time), so the classifier stays linear in the pooled features.
     """
 
-    def __init__(self, channels: int, grid: tuple[int, int], num_classes: int):
+    def __init__(self, channels: int, grid: tuple[int, int], num_classes: int, map_hw: tuple[int, int] | None = None):
         super().__init__()
         self.grid = grid
         self.in_dim = channels * grid[0] * grid[1]
-        self.pool = nn.AdaptiveMaxPool2d(grid)
+        # A grid as large as the map is the identity: skip the (slow on CPU) adaptive pool.
+        self.pool = nn.Identity() if tuple(grid) == tuple(map_hw or ()) else nn.AdaptiveMaxPool2d(grid)
         self.bn = nn.BatchNorm2d(channels, affine=False)
         self.fc = nn.Linear(self.in_dim, num_classes)
         _init_like_original(self, self.fc)
@@ -174,7 +177,7 @@ def build_probe(head: str, trunk: nn.Module, layer: str, feat_shape: tuple[int, 
         raise ValueError(f"--head {head} on {trunk.arch} is defined for layers {layers}, not {layer!r}")
     c, h, w = feat_shape
     if head == "linear":
-        return LinearProbe(c, pool_grid(c, h, w), num_classes)
+        return LinearProbe(c, pool_grid(c, h, w), num_classes, (h, w))
     if head == "conv":
         return ConvProbe(c, num_classes)
     if trunk.arch == "alexnet":
