@@ -4,12 +4,19 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
+from pipelines import dali_available
 from rotnet.config import DataConfig
 
-BACKENDS = ["dali", "torch"]
+HAVE_DALI = dali_available()
+needs_dali = pytest.mark.skipif(not HAVE_DALI, reason="nvidia.dali not installed")
+# Loader kinds every behaviour test runs on: (name, DataConfig overrides).
+KINDS = [pytest.param(("dali", {"backend": "dali"}), id="dali", marks=needs_dali),
+         pytest.param(("torch", {"backend": "torch"}), id="torch"),
+         pytest.param(("resident", {"backend": "torch", "resident": True}), id="resident")]
 
 
 def cfg(**kw) -> DataConfig:

@@ -7,7 +7,7 @@ import torch
 import pipelines
 from pipelines import list_images, prepare_batch, resolve_backend
 from pipelines.listing import read_file_list, resolve_file_list, subset_per_class, write_file_list
-from tests.pipelines.images import cfg, make_folder
+from tests.pipelines.images import cfg, make_folder, needs_dali
 
 
 def test_list_images_layout(tmp_path):
@@ -86,7 +86,7 @@ def test_prepare_batch_float_passthrough():
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("backend", ["dali", "torch"])
+@pytest.mark.parametrize("backend", [pytest.param("dali", marks=needs_dali), "torch"])
 def test_graph_normalisation_on_cpu(square_split, backend):
     """data.normalize=graph: float16 (B, C, H, W) normalised by the loader, same values as prepare_batch."""
     kw = dict(backend=backend, rotations=[0, 180])

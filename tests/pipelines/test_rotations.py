@@ -4,12 +4,14 @@ import torch
 
 from pipelines import build_class_loader, build_rotation_loader
 from pipelines.rotations import rotate_hwc
-from tests.pipelines.images import cfg
+from tests.pipelines.images import cfg, needs_dali
 
 CPU = torch.device("cpu")
 # (name, config overrides): dali_rotate_in_graph exercises the GPU graph's rotations on CPU.
-VARIANTS = [("dali", dict(backend="dali")), ("dali-graph", dict(backend="dali")),
-            ("torch", dict(backend="torch")), ("resident", dict(backend="torch", resident=True))]
+VARIANTS = [pytest.param(("dali", dict(backend="dali")), id="dali", marks=needs_dali),
+            pytest.param(("dali-graph", dict(backend="dali")), id="dali-graph", marks=needs_dali),
+            pytest.param(("torch", dict(backend="torch")), id="torch"),
+            pytest.param(("resident", dict(backend="torch", resident=True)), id="resident")]
 SETS = [[0, 90, 180, 270], [0, 180], [90, 270], [0, 45, 90, 135, 180, 225, 270, 315]]
 
 
@@ -25,7 +27,7 @@ def first_batch(loader):
     return next(iter(loader))
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=[v[0] for v in VARIANTS])
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("rotations", SETS, ids=["4", "0-180", "90-270", "8"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_rotations_are_rot90_of_own_crop(square_split, variant, rotations, train):
@@ -52,7 +54,7 @@ def test_rotations_are_rot90_of_own_crop(square_split, variant, rotations, train
                 assert diff < 12, (variant[0], a, float(diff))
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=[v[0] for v in VARIANTS])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_one_random_matches_class_crop(square_split, variant):
     """one_random: K*N originals per step; each output = its own crop rotated by rotations[label]."""
     rotations = [0, 90, 180, 270]

@@ -5,15 +5,14 @@ import pytest
 import torch
 
 from pipelines import build_class_loader, build_rotation_loader
-from tests.pipelines.images import cfg, identify, make_colour_folder, make_folder
+from tests.pipelines.images import KINDS, cfg, identify, make_colour_folder, make_folder
 
 CPU = torch.device("cpu")
-KINDS = [("dali", {}), ("torch", {}), ("resident", {"resident": True})]
 
 
 def backend_cfg(kind, **kw):
     name, over = kind
-    return cfg(backend="dali" if name == "dali" else "torch", **over, **kw)
+    return cfg(**over, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +20,7 @@ def colour_split(tmp_path_factory):
     return make_colour_folder(tmp_path_factory.mktemp("colour") / "train", 24)
 
 
-@pytest.mark.parametrize("kind", KINDS, ids=[k[0] for k in KINDS])
+@pytest.mark.parametrize("kind", KINDS)
 def test_train_rotation_loader_two_ranks_cover_all_once(colour_split, kind):
     """24 files, 2 ranks, 4 originals per step: each epoch = a permutation of all files."""
     d = backend_cfg(kind)
@@ -45,7 +44,7 @@ def test_train_rotation_loader_two_ranks_cover_all_once(colour_split, kind):
     assert orders[0] != orders[1]  # reshuffled every epoch
 
 
-@pytest.mark.parametrize("kind", KINDS, ids=[k[0] for k in KINDS])
+@pytest.mark.parametrize("kind", KINDS)
 def test_train_step_counts_equal_with_uneven_shards(tmp_path, kind):
     """9 files, 2 ranks (shards 4 and 5), batch 2: both ranks take 2 steps, no file twice."""
     root = make_colour_folder(tmp_path / "train", 9)
@@ -63,7 +62,7 @@ def test_train_step_counts_equal_with_uneven_shards(tmp_path, kind):
         assert len(seen) == len(set(seen)) == 8
 
 
-@pytest.mark.parametrize("kind", KINDS, ids=[k[0] for k in KINDS])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("n,batch", [(23, 4), (9, 2)])
 def test_validation_class_loader_counts_each_image_once(tmp_path, kind, n, batch):
     """Odd image counts, 2 ranks: every image exactly once per epoch, none padded or dropped.
