@@ -107,7 +107,8 @@ def append_results(path: str, args, device, results: dict) -> None:
     header = "# Benchmarks\n\nAppend-only results of the scripts in benchmarks/.\n"
     lines = [
         "", f"## Input pipeline (benchmarks/pipeline.py), {datetime.date.today().isoformat()}", "",
-        f"- machine: {machine(device)}; device: {device.type}; commit: {commit()}",
+        f"- machine: {machine(device)}; device: {device.type}; commit: {commit()}; "
+        f"load average before the run: {args.load:.1f} (other jobs share the cores: compare rows of one block)",
         f"- data: {args.data} ({args.num_files} images); recipe: imagenet train RRC {args.crop} + flip, "
         f"4 rotations; batch {args.batch_size} originals; {args.steps} timed steps after {args.warmup}; "
         f"rotnet loaders num_threads={args.threads}, prefetch={args.prefetch}"
@@ -150,6 +151,7 @@ def main(argv=None) -> int:
         return 0
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     args.num_files = sum(len(fs) for _, _, fs in os.walk(args.data))
+    args.load = os.getloadavg()[0]
     results = {}
     for name in args.backends.split(","):
         t0 = time.perf_counter()
