@@ -27,13 +27,15 @@ from pipelines.rotations import rotation_labels
 
 def _to_torch(tl, device: torch.device) -> torch.Tensor:
     """DALI TensorList (uniform shape) -> new torch tensor on `device` (a copy: DALI reuses buffers)."""
+    from nvidia.dali.backend import TensorListGPU
     from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
     t = tl.as_tensor()  # dense (B, ...) view; shapes are uniform (square crops)
     shape = tuple(t.shape())
     dtype = to_torch_type[t.dtype]
-    if hasattr(tl, "as_cpu") and device.type == "cuda":  # GPU TensorList
+    if isinstance(tl, TensorListGPU):  # labels stay CPU TensorLists even in a GPU pipeline
         out = torch.empty(shape, dtype=dtype, device=device)
+        # the copy is ordered on torch's current stream, so later torch work sees the data
         feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(device))
     else:
         out = torch.empty(shape, dtype=dtype)
