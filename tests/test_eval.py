@@ -182,3 +182,17 @@ def test_cli_subprocess_all_layers(setup):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| block3 |" in proc.stdout
     assert sorted(json.loads((out / "eval.json").read_text())["pretrained"]) == NIN_LAYERS
+
+
+def test_two_ranks_count_every_val_image_once(setup):
+    """gloo, 2 CPU processes; 12 val images at 5 per batch per rank means padded val batches."""
+    out = setup["tmp"] / "ddp"
+    env = {**os.environ, "ROTNET_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "eval.py", "--config", str(setup["cfg"]), "--checkpoint", str(setup["ckpt"]),
+                           "--epochs", "1", "--batch-size", "5", "--output-dir", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((out / "eval.json").read_text())
+    assert data["meta"]["world_size"] == 2
+    assert all(rec["num_val"] == CLASSES * VAL_PER_CLASS for rec in data["pretrained"].values())
