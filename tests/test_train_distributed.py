@@ -105,7 +105,7 @@ def write_png(path: Path, hwc: np.ndarray) -> None:
 
 def smooth_noise(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """uint8 (h, w, 3): 8x8-pixel blocks of random colour, so conv features are not just noise."""
-    small = rng.integers(0, 256, (max(1, h // 8), max(1, w // 8), 3), dtype=np.uint8)
+    small = rng.integers(0, 256, (-(-h // 8), -(-w // 8), 3), dtype=np.uint8)   # ceil: then crop
     return np.kron(small, np.ones((8, 8, 1), np.uint8))[:h, :w]
 
 
