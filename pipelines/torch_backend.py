@@ -106,8 +106,15 @@ class EpochSampler(torch.utils.data.Sampler):
     def __init__(self, n: int, batch: int, rank: int, world: int, train: bool, seed: int):
         self.n, self.batch, self.rank, self.world, self.train, self.seed = n, batch, rank, world, train, seed
         self.epoch, self.start = 0, 0
+        self._cache: tuple[int, list[int]] | None = None
 
     def indices(self) -> list[int]:
+        """This rank's file indices for the current epoch (cached: len() asks often)."""
+        if self._cache is None or self._cache[0] != self.epoch:
+            self._cache = (self.epoch, self._indices())
+        return self._cache[1]
+
+    def _indices(self) -> list[int]:
         if self.train:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             per_rank = self.n // self.world
