@@ -142,8 +142,3 @@ def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
     """[start, end) of shard `rank` of `n` items: DALI's formula (floor(n*r/W)), sizes differ by <= 1."""
     return n * rank // world_size, n * (rank + 1) // world_size
 
-
-def seeded_permutation(n: int, seed: int) -> list[int]:
-    """Same permutation on every rank: shards of the permuted list mix all classes."""
-    g = torch.Generator().manual_seed(int(seed) * 7919 + 1)
-    return torch.randperm(n, generator=g).tolist()
