@@ -131,8 +131,12 @@ def build_loaders(p: Protocol):
     root, d = Path(p.cfg.data.root), p.cfg.data
     common = dict(batch_size=p.batch_size, rank=p.info.rank, world_size=p.info.world_size,
                   local_rank=p.info.local_rank, device=p.info.device, seed=p.seed)
-    train = build_class_loader(d, str(root / d.train_dir), train=True, labels_per_class=p.labels_per_class, **common)
-    val = build_class_loader(d, str(root / d.val_dir), train=False, **common)
+    try:
+        train = build_class_loader(d, str(root / d.train_dir), train=True, labels_per_class=p.labels_per_class,
+                                   **common)
+        val = build_class_loader(d, str(root / d.val_dir), train=False, **common)
+    except (ValueError, FileNotFoundError) as e:  # empty/missing split, fewer images than one batch, ...
+        raise UsageError(f"cannot load the data under {root}: {e}") from e
     if list(train.classes) != list(val.classes):
         raise UsageError(f"class folders of {root / d.train_dir} and {root / d.val_dir} differ "
                          f"({len(train.classes)} vs {len(val.classes)} classes)")

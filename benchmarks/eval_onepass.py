@@ -96,7 +96,9 @@ def machine() -> str:
     except OSError:
         pass
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return f"{cpu} ({os.cpu_count()} cores){gpu}, torch {torch.__version__}"
+    load = f", load average {os.getloadavg()[0]:.1f} at the end (shared cores: compare rows of one block)" \
+        if hasattr(os, "getloadavg") else ""
+    return f"{cpu} ({os.cpu_count()} cores){gpu}, torch {torch.__version__}{load}"
 
 
 def main() -> None:
@@ -131,11 +133,12 @@ def main() -> None:
         rows.append(f"| eval.py whole run, wall (startup + val included) | {a['wall_s']:.1f} s | {b['wall_s']:.1f} s "
                     f"| **{b['wall_s'] / a['wall_s']:.2f}x** | |")
 
+    # A copy of the tree without .git (e.g. a rented GPU box) cannot tell its commit: ROTNET_COMMIT can.
+    commit = git_commit() if git_commit() != "unknown" else os.environ.get("ROTNET_COMMIT", "unknown")
     block = "\n".join([
-        f"### {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} | commit {git_commit()} | {machine()}",
+        f"### {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} | commit {commit} | {machine()}",
         "",
-        f"`python benchmarks/eval_onepass.py --config {args.config} --epochs {args.epochs} --single {args.single} "
-        f"--head {args.head}{' ' + ' '.join(args.overrides) if args.overrides else ''}`: {cfg.model.arch} width "
+        f"`python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}`: {cfg.model.arch} width "
         f"{cfg.model.width}, {cfg.data.crop_size} px, data {cfg.data.root or 'built-in sample set'}, "
         f"{args.head} probes, bf16 autocast, device {device.type}.",
         "",
