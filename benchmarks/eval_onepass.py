@@ -109,8 +109,15 @@ def main() -> None:
     ap.add_argument("--head", default="linear")
     ap.add_argument("--steps", type=int, default=10, help="timed compute steps per case")
     ap.add_argument("--no-e2e", action="store_true", help="compute measurement only")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch intra-op threads here and in the eval.py runs (0: torch's default). On a "
+                         "CPU shared with other jobs use 1: every multi-threaded op otherwise waits for a "
+                         "descheduled thread (~10 ms), and the op count, not the work, sets the time.")
     ap.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the eval.py subprocesses
     cfg = load_config(REPO / args.config, args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     trunk = build_rotnet(cfg.model, len(cfg.data.rotations), cfg.data.crop_size).trunk
