@@ -61,6 +61,15 @@ def _checkpoint(cfg_path: Path) -> Path:
     return out / "checkpoint.pt"
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster, and immune to other jobs on shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval")
@@ -148,6 +157,12 @@ def test_with_random_side_by_side_and_labels_per_class(setup):
     assert history[0]["block1"]["train_top1"] >= 0
 
 
+def test_random_checkpoint_alone(setup):
+    eval_cli.main(["--config", str(setup["cfg"]), "--checkpoint", "random", "--epochs", "1", "--layer", "block1"])
+    data = json.loads((setup["ckpt"].parent / "eval_linear_random" / "eval.json").read_text())
+    assert list(data) == ["meta", "random"] and data["meta"]["checkpoint"] is None
+
+
 def test_alexnet_mlp_head(tmp_path):
     _images(tmp_path / "data")
     cfg = _config(tmp_path, arch="alexnet", crop=64)
@@ -175,7 +190,7 @@ def test_missing_default_checkpoint_says_run_train_first(setup, tmp_path):
 
 def test_cli_subprocess_all_layers(setup):
     out = setup["tmp"] / "cli"
-    env = {**os.environ, "ROTNET_PROGRESS": "0"}
+    env = {**os.environ, "ROTNET_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "eval.py", "--config", str(setup["cfg"]), "--checkpoint",
                            str(setup["ckpt"]), "--layer", "all", "--epochs", "1", "--output-dir", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
