@@ -57,6 +57,8 @@ def plot_semisup(semisup: Path, out: Path, budget: str) -> Path | None:
         if pts:
             ax.plot(*zip(*pts), style, label=label)
     ax.set_xscale("log")
+    ax.set_xticks(list(rows), [str(k) for k in rows])   # label the K values only (no log minor labels)
+    ax.minorticks_off()
     ax.set(xlabel="labelled images per class (K)", ylabel="CIFAR-10 (JPEG) test top-1 (%)",
            title=f"semi-supervised, budget {budget}")
     ax.title.set_fontsize(9)
