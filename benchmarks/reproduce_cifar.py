@@ -174,7 +174,9 @@ def main(argv=None) -> None:
         return out / "pretrain"
 
     def evaluate(ckpt_dir: Path, head: str, epochs: int, dest: Path, extra: list[str]) -> None:
-        sched = [MLP_SCHEDULE] if head == "mlp" else []   # eval.py stretches it to --epochs
+        # eval.py stretches probe.schedule from probe.epochs to --epochs, so the 50-epoch MLP table
+        # must come with probe.epochs=50 (else its milestones would not move: constant lr).
+        sched = [MLP_SCHEDULE, f"probe.epochs={MLP_EPOCHS}"] if head == "mlp" else []
         step(dest, [py, "eval.py", "--checkpoint", str(ckpt_dir / "checkpoint.pt"), "--layer", "all",
                     "--head", head, "--epochs", str(epochs), "--output-dir", str(dest), *extra,
                     *common, *sched], args.dry_run)
