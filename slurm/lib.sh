@@ -20,23 +20,30 @@
 #   checkpoints, every rank exits 3 (rotnet.preemption.REQUEUE_EXIT_CODE). Exit code 3, or a
 #   stop that this shell forwarded followed by a non-zero exit (torchrun reports a signal as 1),
 #   becomes `scontrol requeue`; the requeued job resumes from train.output_dir by itself.
+#   SIGTERM to this shell without a USR1 before it (plain `scancel`, the hard time limit,
+#   preemption) is forwarded the same way, so the run still checkpoints, but the job is not
+#   requeued: a cancelled job must stay cancelled (SLURM requeues preempted jobs itself).
+#   Exit code 3 without any signal here (steps signalled directly) is requeued too.
 # Why not deliver USR1 to the steps directly: torchrun has no USR1 handler, so USR1 would kill
 # the launcher (default action) while its workers are still writing the checkpoint.
 
 REQUEUE_EXIT_CODE=3
-_rotnet_stop=0
+_rotnet_stop=0        # USR1 came: checkpoint, then requeue
+_rotnet_cancel=0      # TERM came to this shell (scancel, time limit, preemption): checkpoint, no requeue
 _rotnet_pid=
 
 _rotnet_log() { echo "[$(date +%H:%M:%S) ${SLURM_JOB_ID:-nojob}] $*" >&2; }
 
 _rotnet_forward() {   # $1: signal this shell got
-    _rotnet_stop=1
+    if [ "$1" = USR1 ]; then _rotnet_stop=1; else _rotnet_cancel=1; fi
     _rotnet_log "got SIG$1: asking the job's steps to checkpoint and stop (SIGTERM)"
     scancel --signal=TERM "$SLURM_JOB_ID" 2>/dev/null || { [ -n "$_rotnet_pid" ] && kill -TERM "$_rotnet_pid"; }
 }
 
 rotnet_run() {
     local script=$1; shift
+    # Convenience: a bare YAML path as the first argument means --config PATH.
+    case "${1:-}" in *.yaml|*.yml) [ "${1#*=}" = "$1" ] && set -- --config "$@" ;; esac
     cd "${ROTNET_DIR:-${SLURM_SUBMIT_DIR:-.}}" || exit 1
     local py=${PYTHON:-python3} mode=${MODE:-srun}
     local nodes=${SLURM_JOB_NUM_NODES:-1} tpn=${SLURM_NTASKS_PER_NODE:-1} cpt=${SLURM_CPUS_PER_TASK:-1}
@@ -75,6 +82,12 @@ rotnet_run() {
     wait "$_rotnet_pid"; local rc=$?
     trap - USR1 TERM
     _rotnet_log "step exited with code $rc"
+    if [ "$_rotnet_cancel" = 1 ] && [ "$_rotnet_stop" = 0 ]; then
+        # `scancel JOBID` also sends SIGTERM here, and a job requeued now would come back:
+        # a TERM without a USR1 first means "stop", not "continue later".
+        _rotnet_log "job cancelled or out of time: not requeueing; submit again to resume"
+        exit "$rc"
+    fi
     if [ "$rc" -eq "$REQUEUE_EXIT_CODE" ] || { [ "$_rotnet_stop" = 1 ] && [ "$rc" -ne 0 ]; }; then
         if [ "${SLURM_RESTART_COUNT:-0}" -ge "${MAX_REQUEUES:-50}" ]; then
             _rotnet_log "not requeueing: already restarted ${SLURM_RESTART_COUNT} times (MAX_REQUEUES)"

@@ -1,4 +1,5 @@
-"""slurm/train.sbatch on a real SLURM cluster: a job completes; USR1 -> checkpoint -> requeue -> resume.
+"""slurm/train.sbatch on a real SLURM cluster: a job completes; USR1 -> checkpoint -> requeue -> resume;
+scancel -> checkpoint, no requeue.
 
 Needs a running cluster with one node of >= 2 CPUs (CI: `bash .ci/slurm-setup.sh`, then
 `pytest -m slurm`); skipped with the reason otherwise. Jobs run train.py on CPU with 2 tasks
@@ -99,7 +100,10 @@ def test_usr1_checkpoints_requeues_and_resumes(tmp_path, mode):
     wait_for(jid, training, 180, "training under way", log)
     subprocess.run(["scancel", "--signal=USR1", "--batch", jid], check=True, timeout=15)
     wait_for(jid, lambda j: j.get("Restarts") == "1" and j.get("JobState") == "PENDING", 120, "requeue", log)
-    # A requeued job is held back (BeginTime = now + 2 min by default); let it start now.
+    # A requeued job is held back (BeginTime = now + 2 min by default); let it start sooner, but
+    # not within the same few seconds: slurmd still lists the old run's credential as revoked
+    # and kills the relaunch ("Job credential revoked", job FAILED 1:0).
+    time.sleep(5)
     subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], check=True, timeout=15)
     info = wait_for(jid, lambda j: j.get("JobState") in DONE_STATES, 240, "end of requeued job", log)
 
@@ -113,3 +117,19 @@ def test_usr1_checkpoints_requeues_and_resumes(tmp_path, mode):
         f"{step}" in text, tail(text)
     ckpt = load_ckpt(out)
     assert (ckpt["epoch"], ckpt["epoch_step"], ckpt["step"]) == (epochs, 0, 50 * epochs)
+
+
+def test_scancel_checkpoints_and_is_not_requeued(tmp_path):
+    """A plain scancel TERMs the shell too: the run checkpoints, the job stays cancelled."""
+    data = make_random_dataset(tmp_path / "data", n=400)
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    jid = submit(out, data, log, "srun", "optim.batch_size_per_gpu=4", "optim.epochs=3")
+    wait_for(jid, lambda _: log.exists() and re.search(r"epoch 0:.*\|\s*[3-9]\d*/", log.read_text()), 180,
+             "training under way", log)
+    subprocess.run(["scancel", jid], check=True, timeout=15)
+    info = wait_for(jid, lambda j: j.get("JobState") in DONE_STATES, 120, "end of job", log)
+    time.sleep(3)   # a wrongly requeued job would show up as PENDING again
+    text = log.read_text()
+    assert job(jid).get("JobState") == "CANCELLED" and info.get("Restarts") == "0", tail(text)
+    assert "not requeueing" in text and "stop signal received" in text, tail(text)
+    assert load_ckpt(out)["epoch_step"] > 0
