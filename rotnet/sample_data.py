@@ -4,10 +4,9 @@
     python -m rotnet.sample_data [--seed N] [--out CACHE_DIR]
 
 Why procedural: the demo runs offline, and rotation prediction only teaches something if every
-image has an unambiguous upright orientation. Each image is an outdoor scene: sky gradient on top
-(usually brighter; 20% dark "night" skies), ground below a horizon at a random height in the lower
-half, sun/moon, clouds and birds in the sky, bushes and a random texture on the ground, and 1-3
-class objects standing ON the ground, scaled by depth (lower base = closer = bigger).
+image has an unambiguous upright orientation. Each image shows 1-2 class objects standing upright
+on their shadows, over a background with no "up" (colour ramp in a random direction, isotropic
+clutter): the objects alone tell the orientation (see make_image for why this matters).
 
 The class is carried by SHAPE only: every colour is drawn per image independently of the class,
 clutter is class-independent, and noise plus a contrast/brightness jitter are added, so global
@@ -30,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CLASSES = ("house", "tree", "car", "person", "lamppost", "mountain", "tower", "boat", "fence", "table")
 CLASS_DIRS = tuple(f"n{i:05d}_{c}" for i, c in enumerate(CLASSES))
 PER_CLASS_TRAIN = 120
@@ -172,61 +171,51 @@ def _table(d, r, x, y, s, c):
 DRAW = (_house, _tree, _car, _person, _lamppost, _mountain, _tower, _boat, _fence, _table)
 
 
-def _gradient(h, w, top, bot):
-    t = np.linspace(0.0, 1.0, h, dtype=np.float32)[:, None, None]
-    return np.broadcast_to((1 - t) * np.array(top, np.float32) + t * np.array(bot, np.float32), (h, w, 3))
+def _clutter(d, rng, w, h, n):
+    """Isotropic distractors (blobs, rings, squiggles): they carry no "up", so neither the
+    rotation nor the class can be read off them."""
+    for _ in range(n):
+        x, y, r = w * rng.random(), h * rng.random(), h * rng.uniform(0.02, 0.08)
+        kind = int(rng.integers(0, 3))
+        if kind == 0:
+            d.ellipse([x - r, y - r, x + r, y + r], fill=_col(rng))
+        elif kind == 1:
+            d.ellipse([x - r, y - r, x + r, y + r], outline=_col(rng), width=SS * int(rng.integers(1, 3)))
+        else:
+            pts = [(x + rng.normal(0, 2 * r), y + rng.normal(0, 2 * r)) for _ in range(4)]
+            d.line(pts, fill=_col(rng), width=SS)
 
 
 def make_image(rng: np.random.Generator, cls: int) -> Image.Image:
-    """Draw one RGB scene of class `cls` (index into CLASSES)."""
+    """Draw one RGB image of class `cls` (index into CLASSES).
+
+    The background has no vertical structure (a random-direction colour ramp plus isotropic
+    clutter), so the only cues to "up" are the objects themselves: roofs, crowns, heads and
+    lamps on top, wheels, legs and trunks at the bottom, each standing on its own shadow.
+    Predicting the rotation therefore needs the same shape features that tell the classes
+    apart, which is the premise of RotNet; with a sky/ground scene the network learns the
+    horizon instead and its features say little about the objects.
+    """
     short, ar = int(rng.integers(72, 161)), float(np.exp(rng.uniform(np.log(0.6), np.log(1.7))))
     W, H = (round(short * ar), short) if ar >= 1 else (short, round(short / ar))
     w, h = W * SS, H * SS
-    hz = int(h * rng.uniform(0.5, 0.8))     # horizon in the lower half; 20% dark "night" skies
-    lo, hi = (0.05, 0.4) if rng.random() < 0.2 else (0.5, 1.0)
-    sky = (_col(rng, lo, hi), _col(rng, lo, hi))
-    ground = (_col(rng, 0.15, 0.7), _col(rng, 0.1, 0.6))
-    arr = np.concatenate([_gradient(hz, w, *sky), _gradient(h - hz, w, *ground)])
-    d = ImageDraw.Draw(img := Image.fromarray(arr.astype(np.uint8)))
-    # sky clutter: sun/moon, clouds, birds
-    if rng.random() < 0.7:
-        sr, sx, sy = h * rng.uniform(0.04, 0.1), w * rng.uniform(0.05, 0.95), hz * rng.uniform(0.1, 0.6)
-        d.ellipse([sx - sr, sy - sr, sx + sr, sy + sr], fill=_col(rng, 0.7, 1.0))
-    for _ in range(int(rng.integers(0, 4))):
-        cx, cy, cs = w * rng.random(), hz * rng.uniform(0.05, 0.5), h * rng.uniform(0.03, 0.07)
-        cc = _col(rng, 0.6, 1.0, (0, 0.3))
-        for _ in range(int(rng.integers(3, 6))):
-            ox, oy = cx + rng.normal(0, 1.5 * cs), cy + rng.normal(0, 0.3 * cs)
-            d.ellipse([ox - cs * 1.4, oy - cs, ox + cs * 1.4, oy + cs * 0.7], fill=cc)
-    for _ in range(int(rng.integers(0, 4))):
-        bx, by, bs = w * rng.random(), hz * rng.uniform(0.05, 0.7), h * rng.uniform(0.01, 0.03)
-        d.line([(bx - bs, by - bs * 0.6), (bx, by), (bx + bs, by - bs * 0.6)], fill=_col(rng, 0, 0.4), width=SS)
-    # ground texture and horizon line
-    tc, kind = _col(rng, 0.1, 0.9), int(rng.integers(0, 4))
-    if kind == 1:
-        for yy in np.arange(hz, h, h * rng.uniform(0.03, 0.08)):
-            d.line([(0, yy), (w, yy)], fill=tc, width=SS)
-    elif kind == 2:
-        for _ in range(int((h - hz) * w / 400)):
-            px, py = w * rng.random(), rng.uniform(hz, h)
-            d.ellipse([px - SS, py - SS, px + SS, py + SS], fill=tc)
-    elif kind == 3:
-        step = h * rng.uniform(0.04, 0.08)
-        for yy in np.arange(hz + step / 2, h, step):
-            for xx in np.arange(-step, w, step * 2):
-                d.arc([xx, yy - step / 3, xx + step * 2, yy + step / 3], 200, 340, fill=tc, width=SS)
-    d.line([(0, hz), (w, hz)], fill=_col(rng), width=int(SS * rng.integers(0, 3)) or 1)
-    # class objects and bushes standing on the ground
-    items = [("obj", rng.uniform(hz, hz + 0.6 * (h - hz))) for _ in range(int(rng.integers(1, 4)))]
-    items += [("bush", rng.uniform(hz, h)) for _ in range(int(rng.integers(0, 4)))]
-    for kind, y in sorted(items, key=lambda t: t[1]):  # far to near
-        depth = 1.0 + 0.6 * (y - hz) / max(1, h - hz)
-        if kind == "bush":
-            bs, bx = h * rng.uniform(0.03, 0.07) * depth, w * rng.random()
-            d.chord([bx - bs * 1.5, y - bs, bx + bs * 1.5, y + bs], 180, 360, fill=_col(rng))
-        else:
-            s = min(h * rng.uniform(0.25, 0.5) * depth, 0.95 * y)
-            DRAW[cls](d, rng, w * rng.uniform(0.15, 0.85), y, s, _col(rng))
+    # colour ramp in a random direction: a gradient, but not a "sky above ground" one
+    ang = rng.uniform(0, 2 * np.pi)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    t = (np.cos(ang) * xx / w + np.sin(ang) * yy / h)
+    t = ((t - t.min()) / max(1e-6, float(t.max() - t.min())))[..., None]
+    c0, c1 = np.array(_col(rng, 0.2, 0.9), np.float32), np.array(_col(rng, 0.2, 0.9), np.float32)
+    img = Image.fromarray(((1 - t) * c0 + t * c1).astype(np.uint8))
+    d = ImageDraw.Draw(img)
+    _clutter(d, rng, w, h, int(rng.integers(2, 9)))
+    n_obj = int(rng.integers(1, 3))
+    for j in range(n_obj):
+        s = h * rng.uniform(0.45, 0.8) / (1 + 0.3 * j)
+        x = w * (rng.uniform(0.25, 0.75) if n_obj == 1 else rng.uniform(0.1 + 0.45 * j, 0.45 + 0.45 * j))
+        y = min(h * 0.97, s + h * rng.uniform(0.1, 0.3))          # base of the object
+        sw = s * rng.uniform(0.35, 0.6)                            # its shadow / patch of ground
+        d.ellipse([x - sw, y - s * 0.04, x + sw, y + s * 0.05], fill=_col(rng, 0.0, 0.35))
+        DRAW[cls](d, rng, x, y, s, _col(rng))
     img = img.reduce(SS)
     a = np.asarray(img, np.float32) * rng.uniform(0.75, 1.15) + rng.uniform(-20, 20)
     a += rng.normal(0, rng.uniform(2, 9), a.shape).astype(np.float32)   # sensor-like noise

@@ -1,0 +1,63 @@
+"""Smoke test of the main job: train.py for a few steps, then eval.py on its checkpoint, on CPU.
+
+The README's main command does the same at full length; this keeps the wiring honest in
+about half a minute (tiny sample set, tiny AlexNet, a handful of steps).
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(args, env, timeout=240):
+    r = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, f"{args[0]} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+def test_train_then_eval_end_to_end(tmp_path):
+    from rotnet.sample_data import ensure_sample_data
+
+    data = ensure_sample_data(seed=0, cache_dir=tmp_path / "cache", per_class_train=6, per_class_val=3)
+    env = {**os.environ, "ROTNET_PROGRESS": "0"}
+    out = tmp_path / "run"
+    common = [f"data.root={data}", "data.crop_size=64", "data.resize_size=72", "model.width=0.25",
+              "optim.batch_size_per_gpu=8", f"train.output_dir={out}", "train.log_every=2"]
+    r = _run(["train.py", "--config", "configs/sample.yaml", *common, "optim.epochs=2"], env)
+    assert "resolved config" in r.stderr and "rotated samples/GPU" in r.stderr
+
+    # what the run folder holds: resolved config, per-epoch JSON lines, checkpoints
+    lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [0, 1]
+    assert all(0 <= x["rot_acc"] <= 1 and x["loss"] > 0 and "heldout_rot_acc" in x for x in lines)
+    assert (out / "config.yaml").is_file() and (out / "tensorboard").is_dir()
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["epoch_step"] == 0 and ckpt["config"]["model"]["width"] == 0.25
+    assert {"head.fc.weight", "trunk.conv1.0.weight"} <= set(ckpt["model"])   # unwrapped: no "module."
+
+    # a second start with the same folder resumes and has nothing left to do
+    r = _run(["train.py", "--config", "configs/sample.yaml", *common, "optim.epochs=2"], env)
+    assert "resumed from" in r.stderr
+    assert len((out / "log.jsonl").read_text().splitlines()) == 2
+
+    # eval.py on that checkpoint, two layers in one pass, beside a random-init trunk
+    ev = tmp_path / "eval"
+    r = _run(["eval.py", "--config", "configs/sample.yaml", "--checkpoint", str(out), "--layer", "conv2,conv5",
+              "--epochs", "1", "--batch-size", "16", "--with-random", "--output-dir", str(ev), *common[:3]], env)
+    assert "conv2" in r.stdout + r.stderr and "random" in (r.stdout + r.stderr).lower()
+    result = json.loads((ev / "eval.json").read_text())
+    assert (ev / "eval.md").is_file() and (ev / "eval.png").is_file()
+    assert "conv5" in json.dumps(result)
+
+
+def test_bad_config_key_fails_fast_naming_it(tmp_path):
+    r = subprocess.run([sys.executable, "train.py", "optim.lrr=0.1", f"train.output_dir={tmp_path}/x"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "lrr" in r.stderr
+    assert not (tmp_path / "x").exists()
