@@ -1,0 +1,289 @@
+"""Training throughput: steps/s and original images/s, real input pipeline vs synthetic input.
+
+    python benchmarks/train_throughput.py                                  # CPU: sample (+ cifar with data)
+    python benchmarks/train_throughput.py --cifar-data ../shared/datasets/cifar10-jpeg
+    python benchmarks/train_throughput.py --device cuda --cifar-data DIR --imagenet-data DIR
+    python benchmarks/train_throughput.py --case cifar=configs/cifar10_nin_cpu.yaml optim.batch_size_per_gpu=64
+
+Each case is a config trained for --warmup + --steps steps with train.py's own step
+(`train.train_one_epoch`: prepare_batch, autocast, SGD, the per-window device sync), twice:
+  real       batches from pipelines.build_rotation_loader (decode, crop, rotations: the pipeline)
+  synthetic  one batch of the pipeline's output kept on the device and replayed (no input cost)
+so `1 - real/synthetic` is what the input pipeline costs the trainer. Without data for a case
+only the synthetic row is measured (random tensors of the pipeline's output format).
+
+Cases: sample (configs/sample.yaml, built-in data) and cifar (configs/cifar10_nin.yaml; on CPU
+configs/cifar10_nin_cpu.yaml; needs --cifar-data) everywhere; with --device cuda also alexnet224 (configs/imagenet_alexnet.yaml)
+and resnet50_224 (configs/imagenet_resnet50.yaml), real input with --imagenet-data (an
+ImageNet-layout folder with train/, e.g. Imagenette). --case NAME=CONFIG replaces or adds one;
+--only picks some. Trailing key=value overrides apply to every case.
+The table is printed and appended to docs/benchmarks.md under this script's heading.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import train  # noqa: E402  (train.py: the step being measured)
+from models.rotnet import build_rotnet  # noqa: E402
+from pipelines import build_rotation_loader  # noqa: E402
+from pipelines.normalize import normalize_in_graph  # noqa: E402
+from pipelines.rotations import rotation_labels  # noqa: E402
+from rotnet.config import load_config  # noqa: E402
+from rotnet.distributed import DistInfo  # noqa: E402
+from rotnet.preemption import StopFlag  # noqa: E402
+from rotnet.sample_data import ensure_sample_data  # noqa: E402
+from rotnet.schedule import StepSchedule  # noqa: E402
+
+HEADING = "## Training throughput (benchmarks/train_throughput.py)"
+CASES = {  # name: (config, which --*-data flag gives its root; None = built-in sample data)
+    "sample": ("configs/sample.yaml", None),
+    "cifar": ("configs/cifar10_nin.yaml", "cifar_data"),
+    "alexnet224": ("configs/imagenet_alexnet.yaml", "imagenet_data"),
+    "resnet50_224": ("configs/imagenet_resnet50.yaml", "imagenet_data"),
+}
+CUDA_ONLY = ("alexnet224", "resnet50_224")
+# On CPU the paper's CIFAR NIN (width 1, batch 128) takes ~20 s a step on 2 shared cores: use the
+# CPU-budget variant of the same protocol there (width 0.5, batch 64).
+CPU_CONFIG = {"cifar": "configs/cifar10_nin_cpu.yaml"}
+
+
+class TimingLogger:
+    """Stands in for rotnet.progress.RunLogger: train_one_epoch calls step() right after its
+    once-per-window device sync, so the timestamps are exact step boundaries."""
+
+    def __init__(self):
+        self.marks: list[tuple[int, float, float]] = []   # (global step, time, data_wait share)
+
+    def start_epoch(self, epoch, total, initial=0):
+        pass
+
+    def step(self, global_step, n_steps, scalars):
+        self.marks.append((global_step, time.perf_counter(), scalars.get("data_wait", float("nan"))))
+
+    def close(self):
+        pass
+
+
+class ReplayLoader:
+    """The synthetic input: one batch already on the device, yielded `length` times."""
+
+    backend = "synthetic"
+
+    def __init__(self, batch, length: int):
+        self.batch, self.length = batch, length
+
+    def __len__(self):
+        return self.length
+
+    def __iter__(self):
+        for _ in range(self.length):
+            yield self.batch
+
+    def set_epoch(self, epoch):
+        pass
+
+    def state_dict(self):
+        return {}
+
+
+def synthetic_batch(cfg, device: torch.device):
+    """Random tensors in the loader's output format (see pipelines/__init__.py's contract)."""
+    n, k, s = cfg.optim.batch_size_per_gpu, len(cfg.data.rotations), cfg.data.crop_size
+    labels = rotation_labels(k, n, device=device)
+    if normalize_in_graph(cfg.data.normalize, device):
+        return torch.randn(k * n, 3, s, s, device=device).half(), labels
+    return torch.randint(0, 256, (k * n, s, s, 3), dtype=torch.uint8, device=device), labels
+
+
+def make_run(cfg, device: torch.device) -> train.Run:
+    """Model, optimizer and scaler as train.main builds them for one process."""
+    info = DistInfo(device=device)
+    torch.manual_seed(cfg.train.seed)
+    raw = build_rotnet(cfg.model, num_rotations=len(cfg.data.rotations), input_size=cfg.data.crop_size).to(device)
+    if cfg.train.channels_last:
+        raw = raw.to(memory_format=torch.channels_last)
+    model = torch.compile(raw) if cfg.train.compile else raw
+    schedule = StepSchedule(cfg.optim.schedule, 1.0, cfg.optim.warmup_epochs)
+    sgd = dict(lr=schedule(0), momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
+               weight_decay=cfg.optim.weight_decay)
+    try:
+        optimizer = torch.optim.SGD(raw.parameters(), fused=True, **sgd)
+    except (RuntimeError, TypeError):
+        optimizer = torch.optim.SGD(raw.parameters(), foreach=True, **sgd)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+    return train.Run(cfg, info, model, raw, optimizer, scaler, schedule, TimingLogger(),
+                     StopFlag(info, every=cfg.train.log_every))
+
+
+def measure(run: train.Run, loader, warmup: int, steps: int) -> dict:
+    """Steps/s over `steps` steps after `warmup`, through train.train_one_epoch."""
+    if len(loader) < warmup + steps:
+        raise SystemExit(f"{len(loader)} steps per epoch < --warmup + --steps = {warmup + steps}")
+    run.cfg.train.max_steps, run.cfg.train.log_every = warmup + steps, warmup
+    run.step, run.logger = 0, TimingLogger()
+    train.train_one_epoch(run, loader, epoch=0, start_step=0)
+    marks = run.logger.marks
+    (s0, t0, _), (s1, t1, _) = next(m for m in marks if m[0] == warmup), marks[-1]
+    waits = [w for s, _, w in marks if s > warmup and not math.isnan(w)]
+    return {"steps_per_s": (s1 - s0) / (t1 - t0), "data_wait": sum(waits) / len(waits) if waits else float("nan")}
+
+
+def run_case(name: str, config: str, root: str | None, args) -> list[dict]:
+    cfg = load_config(REPO / config, args.overrides)
+    device = torch.device(args.device)
+    if root is None and cfg.data.root not in ("", "REQUIRED"):
+        root = cfg.data.root
+    if root is None and cfg.data.root == "":       # "" = the built-in sample data
+        root = str(ensure_sample_data(seed=cfg.data.sample_seed))
+    run = make_run(cfg, device)
+    n, k = cfg.optim.batch_size_per_gpu, len(cfg.data.rotations)
+    base = {"case": name, "config": config, "model": f"{cfg.model.arch} x{cfg.model.width:g}",
+            "crop": cfg.data.crop_size, "batch": n, "k": k, "precision": cfg.train.precision}
+    loader, batch, build_s = None, None, float("nan")
+    if root and (Path(root) / cfg.data.train_dir).is_dir():
+        t = time.perf_counter()
+        loader = build_rotation_loader(cfg.data, str(Path(root) / cfg.data.train_dir), batch_size=n, rank=0,
+                                       world_size=1, local_rank=0, device=device, train=True, seed=0)
+        build_s = time.perf_counter() - t
+        images, labels = next(iter(loader))
+        batch = (images.clone(), labels.clone())   # loader buffers may be reused
+    replay = ReplayLoader(batch or synthetic_batch(cfg, device), args.warmup + args.steps)
+    # Real and synthetic alternate (ABAB...) and each keeps its best repeat: on shared cores the
+    # load changes within a minute, and the fastest repeat is the one least disturbed.
+    real, synth = [], []
+    for rep in range(args.repeats):
+        if loader is not None:
+            loader.set_epoch(1 + rep)               # a fresh epoch (and iterator) per repeat
+            real.append(measure(run, loader, args.warmup, args.steps))
+        synth.append(measure(run, replay, args.warmup, args.steps))
+    best = lambda rs: max(rs, key=lambda r: r["steps_per_s"])  # noqa: E731
+    if loader is not None:
+        row = {**base, "input": f"real ({loader.backend}, {cfg.data.num_threads} threads)", "data": root,
+               "build_s": build_s, **best(real)}
+    else:
+        row = {**base, "input": "real: no data", "data": root or "-", "steps_per_s": float("nan"),
+               "data_wait": float("nan"), "build_s": build_s}
+    return [row, {**base, "input": "synthetic (in memory)", "data": "-", "build_s": float("nan"), **best(synth)}]
+
+
+# ---------------------------------------------------------------------------- report
+
+def machine(device: torch.device) -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    text = f"{cpu} ({os.cpu_count()} cores)"
+    if device.type == "cuda":
+        text += f", GPU {torch.cuda.get_device_name(device)}"
+    return f"{text}, torch {torch.__version__}"
+
+
+def commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True,
+                             text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git)"
+
+
+def table(rows: list[dict]) -> str:
+    def f(v, fmt):
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+    out = ["| case | model | crop | batch (orig) | precision | input | steps/s | orig img/s | rotated img/s "
+           "| data wait | input cost | loader build s |",
+           "|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    synth = {r["case"]: r["steps_per_s"] for r in rows if r["input"].startswith("synthetic")}
+    for r in rows:
+        sps = r["steps_per_s"]
+        cost = 1 - sps / synth[r["case"]] if r["input"].startswith("real (") else float("nan")
+        out.append(f"| {r['case']} | {r['model']} | {r['crop']} | {r['batch']} | {r['precision']} | {r['input']} "
+                   f"| {f(sps, '.2f')} | {f(sps * r['batch'], '.0f')} | {f(sps * r['batch'] * r['k'], '.0f')} "
+                   f"| {f(r['data_wait'], '.0%')} | {f(cost, '.0%')} | {f(r['build_s'], '.1f')} |")
+    return "\n".join(out)
+
+
+def append_results(path: Path, block: str) -> None:
+    """Append under HEADING: at the end of this script's section (created at the end of the file
+    the first time), never rewriting anything already there."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n\nAppend-only results of the scripts in benchmarks/.\n"
+    if HEADING not in text:
+        text = text.rstrip("\n") + f"\n\n{HEADING}\n"
+    start = text.index(HEADING) + len(HEADING)
+    nxt = text.find("\n## ", start)
+    end = len(text) if nxt < 0 else nxt + 1
+    text = text[:end].rstrip("\n") + "\n\n" + block.strip("\n") + "\n" + ("\n" + text[end:] if nxt >= 0 else "")
+    path.write_text(text)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per row (default 10 cpu, 50 cuda)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 cpu, 10 cuda)")
+    ap.add_argument("--cifar-data", default=None, help="CIFAR-10 in ImageNet layout (train/CLASS/*.jpg)")
+    ap.add_argument("--imagenet-data", default=None, help="ImageNet-layout folder for the 224-px cases")
+    ap.add_argument("--case", action="append", default=[], metavar="NAME=CONFIG", help="add or replace a case")
+    ap.add_argument("--only", default="", help="comma-separated case names to run")
+    ap.add_argument("--repeats", type=int, default=2, help="alternating real/synthetic repeats, best kept")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"), help="'' to skip appending")
+    ap.add_argument("overrides", nargs="*", metavar="key.sub=value", help="applied to every case")
+    args = ap.parse_args(argv)
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but torch.cuda.is_available() is False")
+    args.steps = args.steps or (50 if cuda else 10)
+    args.warmup = args.warmup or (10 if cuda else 3)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cases = {name: (cfg if cuda else CPU_CONFIG.get(name, cfg), getattr(args, flag) if flag else None)
+             for name, (cfg, flag) in CASES.items() if cuda or name not in CUDA_ONLY}
+    for spec in args.case:
+        name, _, config = spec.partition("=")
+        flag = CASES.get(name, (None, None))[1]
+        cases[name] = (config, getattr(args, flag) if flag else None)
+    if args.only:
+        cases = {n: c for n, c in cases.items() if n in args.only.split(",")}
+
+    rows = []
+    for name, (config, root) in cases.items():
+        print(f"[{name}] {config} data={root or 'config/built-in'}", file=sys.stderr, flush=True)
+        rows += run_case(name, config, root, args)
+    load = os.getloadavg()[0]
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    cmd = "python benchmarks/train_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    datas = sorted({r["data"] for r in rows if r["data"] != "-"})
+    block = (f"### {now} | commit {commit()} | {machine(torch.device(args.device))} | load average {load:.1f} "
+             f"at the end (shared cores: compare rows of one block)\n\n`{cmd.strip()}`: {args.warmup} warm-up + "
+             f"{args.steps} timed steps, best of {args.repeats} alternating repeats per row, train.py's step (`train_one_epoch`), device {args.device}, "
+             f"{torch.get_num_threads()} intra-op threads; data: {', '.join(datas) or 'synthetic only'}.\n"
+             "input cost = 1 - real/synthetic steps/s; data wait = the trainer's own share of time "
+             "spent waiting for the loader.\n\n" + table(rows))
+    print("\n" + block)
+    if args.out:
+        append_results(Path(args.out), block)
+        print(f"\nappended to {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
