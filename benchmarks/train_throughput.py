@@ -128,17 +128,22 @@ def make_run(cfg, device: torch.device) -> train.Run:
                      StopFlag(info, every=cfg.train.log_every))
 
 
-def measure(run: train.Run, loader, warmup: int, steps: int) -> dict:
-    """Steps/s over `steps` steps after `warmup`, through train.train_one_epoch."""
-    if len(loader) < warmup + steps:
-        raise SystemExit(f"{len(loader)} steps per epoch < --warmup + --steps = {warmup + steps}")
-    run.cfg.train.max_steps, run.cfg.train.log_every = warmup + steps, warmup
+def measure(run: train.Run, loader, warmup: int, steps: int, first_epoch: int = 0) -> dict:
+    """Steps/s over `steps` steps after `warmup`, through train.train_one_epoch; epochs follow one
+    another (set_epoch, a new iterator: a real cost of small data sets) until enough steps ran."""
+    total = warmup + steps
+    run.cfg.train.max_steps, run.cfg.train.log_every = total, max(1, min(warmup, len(loader)))
     run.step, run.logger = 0, TimingLogger()
-    train.train_one_epoch(run, loader, epoch=0, start_step=0)
+    epoch = first_epoch
+    while run.step < total:
+        loader.set_epoch(epoch)
+        train.train_one_epoch(run, loader, epoch=epoch, start_step=0)
+        epoch += 1
     marks = run.logger.marks
-    (s0, t0, _), (s1, t1, _) = next(m for m in marks if m[0] == warmup), marks[-1]
-    waits = [w for s, _, w in marks if s > warmup and not math.isnan(w)]
-    return {"steps_per_s": (s1 - s0) / (t1 - t0), "data_wait": sum(waits) / len(waits) if waits else float("nan")}
+    (s0, t0, _), (s1, t1, _) = next(m for m in marks if m[0] >= warmup), marks[-1]
+    waits = [w for s, _, w in marks if s > s0 and not math.isnan(w)]
+    return {"steps_per_s": (s1 - s0) / (t1 - t0), "data_wait": sum(waits) / len(waits) if waits else float("nan"),
+            "next_epoch": epoch}
 
 
 def run_case(name: str, config: str, root: str | None, args) -> list[dict]:
@@ -164,10 +169,11 @@ def run_case(name: str, config: str, root: str | None, args) -> list[dict]:
     # Real and synthetic alternate (ABAB...) and each keeps its best repeat: on shared cores the
     # load changes within a minute, and the fastest repeat is the one least disturbed.
     real, synth = [], []
+    epoch = 1                                       # epoch 0 gave the replayed batch
     for rep in range(args.repeats):
         if loader is not None:
-            loader.set_epoch(1 + rep)               # a fresh epoch (and iterator) per repeat
-            real.append(measure(run, loader, args.warmup, args.steps))
+            real.append(measure(run, loader, args.warmup, args.steps, first_epoch=epoch))
+            epoch = real[-1]["next_epoch"]
         synth.append(measure(run, replay, args.warmup, args.steps))
     best = lambda rs: max(rs, key=lambda r: r["steps_per_s"])  # noqa: E731
     if loader is not None:

@@ -52,8 +52,10 @@ WHOLE = ["data.min_scale=1.0"]
 # ---------------------------------------------------------------------------- helpers
 
 def run_env(**extra) -> dict:
-    """One intra-op thread per process: 2 ranks on 2 shared cores must not oversubscribe."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", ROTNET_PROGRESS="0", PYTHONUNBUFFERED="1")
+    """CPU and gloo even on a GPU machine (these tests pin down CPU semantics: bit-exact fp32);
+    one intra-op thread per process: 2 ranks on 2 shared cores must not oversubscribe."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", ROTNET_PROGRESS="0", PYTHONUNBUFFERED="1",
+               CUDA_VISIBLE_DEVICES="")
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
