@@ -101,9 +101,9 @@ def _build_dali(data, split_dir, paths, labels, rotations, normalize, rank, worl
     device = common["device"]
     gpu = device.type == "cuda"
     # CPU: the graph stops after decode + crop and torch finishes the batch (faster on CPU,
-    # see pipelines/host_post.py); GPU: everything in the graph. The config attribute
-    # dali_rotate_in_graph (not a DataConfig field; tests set it) forces the full graph on CPU.
-    full = gpu or bool(getattr(data, "dali_rotate_in_graph", False))
+    # see pipelines/host_post.py); GPU: everything in the graph. data.dali_rotate_in_graph
+    # forces the full graph on CPU too.
+    full = gpu or data.dali_rotate_in_graph
     root = os.path.abspath(split_dir)
     rel = [os.path.relpath(p, root) for p in paths]  # shorter strings in the serialised graph
     mixed_args = dict(hw_decoder_load=data.hw_decoder_load, device_memory_padding=data.device_memory_padding,

@@ -19,7 +19,7 @@ def data_for(variant, **kw):
     name, over = variant
     d = cfg(**over, **kw)
     if name == "dali-graph":
-        d.dali_rotate_in_graph = True  # not a DataConfig field: read with getattr by the builder
+        d.dali_rotate_in_graph = True
     return d
 
 
