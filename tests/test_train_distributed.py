@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import os
-import re
 import signal
 import socket
 import subprocess
