@@ -142,7 +142,8 @@ def train_one_epoch(run: Run, loader, epoch: int, start_step: int) -> dict:
             t_window = time.perf_counter()
 
         if run.stop.should_stop(run.step):
-            save(run, loader, epoch, epoch_step=i + 1)
+            end = i + 1 == steps   # stopped on an epoch's last step: the resume point is the next epoch
+            save(run, loader, epoch + 1 if end else epoch, epoch_step=0 if end else i + 1)
             log.info(f"stop signal received: checkpoint written at epoch {epoch} step {i + 1}; "
                      f"exiting with code {REQUEUE_EXIT_CODE} (requeue)")
             run.logger.close()
@@ -218,6 +219,8 @@ def resume(run: Run, loader) -> tuple[int, int]:
     epoch, epoch_step = ckpt["epoch"], ckpt["epoch_step"]
     if ckpt["world_size"] == run.info.world_size:
         loader.load_state_dict(ckpt["loader"][run.info.rank])
+        if epoch_step >= len(loader):   # older checkpoints saved "epoch e, step = len" at the end
+            epoch, epoch_step = epoch + 1, 0
     elif epoch_step:
         log.warning(f"world size changed ({ckpt['world_size']} -> {run.info.world_size}): "
                     f"epoch {epoch} restarts from its first step with a fresh data order")
@@ -259,6 +262,9 @@ def main(argv=None) -> None:
     # ------------------------------------------------------------ model and optimizer
     torch.manual_seed(cfg.train.seed)   # same initial weights on every rank
     raw = build_rotnet(cfg.model, num_rotations=k, input_size=cfg.data.crop_size).to(info.device)
+    if cfg.train.sync_bn and info.device.type != "cuda":
+        sys.exit("error: train.sync_bn=true needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); "
+                 "set train.sync_bn=false")
     if cfg.train.sync_bn and info.distributed:
         raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
     if cfg.train.channels_last:

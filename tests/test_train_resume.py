@@ -115,9 +115,6 @@ def test_checkpoint_of_another_architecture_is_refused(bf16_run, tmp_path):
     assert "model.arch: checkpoint has 'alexnet', this run has 'nin'" in p.stderr, tail(p.stderr)
 
 
-@pytest.mark.xfail(strict=True, reason="train.py: a stop on the LAST step of an epoch saves epoch_step="
-                   "len(loader) for that epoch; on resume the loader rolls over into the next epoch's data "
-                   "and the run trains one epoch of data too many (fix proposed in the SLURM/tests report)")
 def test_stop_on_the_last_step_of_an_epoch_resumes_exactly(tmp_path):
     """With one step per epoch every stop falls on an epoch's last step."""
     data = make_random_dataset(tmp_path / "data", n=4)      # batch 4: 1 step/epoch
