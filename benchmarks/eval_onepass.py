@@ -19,7 +19,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from benchmarks.report import append_block, machine  # noqa: E402
 from models.rotnet import build_rotnet  # noqa: E402
 from probes.engine import ProbeSet  # noqa: E402
 from probes.heads import build_probe, valid_layers  # noqa: E402
@@ -39,6 +39,7 @@ from rotnet.checkpoint import git_commit  # noqa: E402
 from rotnet.config import load_config  # noqa: E402
 
 HEADING = "## eval.py: one frozen pass for all probe layers (benchmarks/eval_onepass.py)"
+INTRO = "Target: `--layer all` costs at most 1.5x `--layer conv4`."
 
 
 def end_to_end(args, layer: str, out: Path) -> dict:
@@ -86,21 +87,6 @@ def compute_step(cfg, head: str, layers: list[str], batch: int, steps: int, devi
     return statistics.median(times)
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    load = f", load average {os.getloadavg()[0]:.1f} at the end (shared cores: compare rows of one block)" \
-        if hasattr(os, "getloadavg") else ""
-    return f"{cpu} ({os.cpu_count()} cores){gpu}, torch {torch.__version__}{load}"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/sample.yaml")
@@ -142,8 +128,10 @@ def main() -> None:
 
     # A copy of the tree without .git (e.g. a rented GPU box) cannot tell its commit: ROTNET_COMMIT can.
     commit = git_commit() if git_commit() != "unknown" else os.environ.get("ROTNET_COMMIT", "unknown")
+    load = f", load average {os.getloadavg()[0]:.1f} at the end (shared cores: compare rows of one block)" \
+        if hasattr(os, "getloadavg") else ""
     block = "\n".join([
-        f"### {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} | commit {commit} | {machine()}",
+        f"### {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} | commit {commit} | {machine()}{load}",
         "",
         f"`python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}`: {cfg.model.arch} width "
         f"{cfg.model.width}, {cfg.data.crop_size} px, data {cfg.data.root or 'built-in sample set'}, "
@@ -153,21 +141,8 @@ def main() -> None:
         "|---|---:|---:|---:|---|",
         *rows, ""])
     print(block)
-    append_block(REPO / "docs" / "benchmarks.md", block)
-
-
-def append_block(path: Path, block: str) -> None:
-    """Add `block` at the end of this benchmark's own section (created if missing); other
-    sections and earlier entries are left byte-for-byte as they are."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nMeasured figures; each section is append-only.\n"
-    if HEADING not in text:
-        text = text.rstrip("\n") + f"\n\n{HEADING}\n\nTarget: `--layer all` costs at most 1.5x `--layer conv4`.\n"
-    start = text.index(HEADING) + len(HEADING)
-    nxt = text.find("\n## ", start)
-    end = len(text) if nxt < 0 else nxt
-    text = text[:end].rstrip("\n") + "\n\n" + block.rstrip("\n") + "\n" + ("\n" + text[end:].lstrip("\n")
-                                                                           if nxt >= 0 else "")
-    path.write_text(text)
+    path = REPO / "docs" / "benchmarks.md"
+    append_block(path, block, heading=HEADING, intro=INTRO)
     print(f"appended to {path}")
 
 

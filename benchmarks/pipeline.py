@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
-import subprocess
 import sys
 import time
 
@@ -31,7 +29,9 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from benchmarks.report import append_block, machine  # noqa: E402
 from pipelines import build_rotation_loader, prepare_batch  # noqa: E402
+from rotnet.checkpoint import git_commit  # noqa: E402
 from rotnet.config import DataConfig  # noqa: E402
 
 
@@ -83,31 +83,11 @@ def bench_reference(args, device: torch.device, sync) -> float:
     return time_loop(batches(), args.steps, args.warmup, args.batch_size, sync)
 
 
-def machine(device: torch.device) -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
-    return f"{cpu}, {os.cpu_count()} cores{gpu}"
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def append_results(path: str, args, device, results: dict) -> None:
     """Append one self-contained block (heading + table); never edits what is there."""
-    header = "# Benchmarks\n\nAppend-only results of the scripts in benchmarks/.\n"
     lines = [
         "", f"## Input pipeline (benchmarks/pipeline.py), {datetime.date.today().isoformat()}", "",
-        f"- machine: {machine(device)}; device: {device.type}; commit: {commit()}; "
+        f"- machine: {machine(device)}; device: {device.type}; commit: {git_commit()}; "
         f"load average before the run: {args.load:.1f} (other jobs share the cores: compare rows of one block)",
         f"- data: {args.data} ({args.num_files} images); recipe: imagenet train RRC {args.crop} + flip, "
         f"4 rotations; batch {args.batch_size} originals; {args.steps} timed steps after {args.warmup}; "
@@ -119,11 +99,7 @@ def append_results(path: str, args, device, results: dict) -> None:
     for name, v in results.items():
         rel = f"{v / ref:.1f}x" if ref else "-"
         lines.append(f"| {name} | {v:,.0f} | {rel} |")
-    new = not os.path.exists(path)
-    with open(path, "a", encoding="utf-8") as f:
-        if new:
-            f.write(header)
-        f.write("\n".join(lines) + "\n")
+    append_block(path, "\n".join(lines) + "\n")
 
 
 def main(argv=None) -> int:

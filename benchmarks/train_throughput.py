@@ -25,8 +25,6 @@ import argparse
 import datetime
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,10 +35,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import train  # noqa: E402  (train.py: the step being measured)
+from benchmarks.report import append_block, machine  # noqa: E402
 from models.rotnet import build_rotnet  # noqa: E402
 from pipelines import build_rotation_loader  # noqa: E402
 from pipelines.normalize import normalize_in_graph  # noqa: E402
 from pipelines.rotations import rotation_labels  # noqa: E402
+from rotnet.checkpoint import git_commit  # noqa: E402
 from rotnet.config import load_config  # noqa: E402
 from rotnet.distributed import DistInfo  # noqa: E402
 from rotnet.preemption import StopFlag  # noqa: E402
@@ -187,30 +187,6 @@ def run_case(name: str, config: str, root: str | None, args) -> list[dict]:
 
 # ---------------------------------------------------------------------------- report
 
-def machine(device: torch.device) -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    text = f"{cpu} ({os.cpu_count()} cores)"
-    if device.type == "cuda":
-        text += f", GPU {torch.cuda.get_device_name(device)}"
-    return f"{text}, torch {torch.__version__}"
-
-
-def commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True,
-                             text=True, timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (no git)"
-
-
 def table(rows: list[dict]) -> str:
     def f(v, fmt):
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
@@ -226,19 +202,6 @@ def table(rows: list[dict]) -> str:
                    f"| {f(sps, '.2f')} | {f(sps * r['batch'], '.0f')} | {f(sps * r['batch'] * r['k'], '.0f')} "
                    f"| {f(r['data_wait'], '.0%')} | {f(cost, '.0%')} | {f(r['build_s'], '.1f')} |")
     return "\n".join(out)
-
-
-def append_results(path: Path, block: str) -> None:
-    """Append under HEADING: at the end of this script's section (created at the end of the file
-    the first time), never rewriting anything already there."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nAppend-only results of the scripts in benchmarks/.\n"
-    if HEADING not in text:
-        text = text.rstrip("\n") + f"\n\n{HEADING}\n"
-    start = text.index(HEADING) + len(HEADING)
-    nxt = text.find("\n## ", start)
-    end = len(text) if nxt < 0 else nxt + 1
-    text = text[:end].rstrip("\n") + "\n\n" + block.strip("\n") + "\n" + ("\n" + text[end:] if nxt >= 0 else "")
-    path.write_text(text)
 
 
 def main(argv=None) -> None:
@@ -279,7 +242,7 @@ def main(argv=None) -> None:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cmd = "python benchmarks/train_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
     datas = sorted({r["data"] for r in rows if r["data"] != "-"})
-    block = (f"### {now} | commit {commit()} | {machine(torch.device(args.device))} | load average {load:.1f} "
+    block = (f"### {now} | commit {git_commit()} | {machine(torch.device(args.device))} | load average {load:.1f} "
              f"at the end (shared cores: compare rows of one block)\n\n`{cmd.strip()}`: {args.warmup} warm-up + "
              f"{args.steps} timed steps, best of {args.repeats} alternating repeats per row, train.py's step (`train_one_epoch`), device {args.device}, "
              f"{torch.get_num_threads()} intra-op threads; data: {', '.join(datas) or 'synthetic only'}.\n"
@@ -287,7 +250,7 @@ def main(argv=None) -> None:
              "spent waiting for the loader.\n\n" + table(rows))
     print("\n" + block)
     if args.out:
-        append_results(Path(args.out), block)
+        append_block(args.out, block, heading=HEADING)
         print(f"\nappended to {args.out}", file=sys.stderr)
 
 

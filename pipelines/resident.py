@@ -13,7 +13,6 @@ on the CPU from (seed, epoch, step, rank), so resumed runs replay the same batch
 """
 from __future__ import annotations
 
-import math
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -22,7 +21,7 @@ import torchvision.transforms.v2.functional as TF
 
 from pipelines.normalize import prepare_batch
 from pipelines.rotations import rotate_hwc, rotation_labels, stack_rotations
-from pipelines.torch_backend import EpochSampler, decode_rgb, rrc_params
+from pipelines.torch_backend import EpochLoader, EpochSampler, decode_rgb, rrc_params
 
 
 def _load_one(path: str, data, train: bool) -> torch.Tensor:
@@ -36,11 +35,12 @@ def _load_one(path: str, data, train: bool) -> torch.Tensor:
     return img.permute(1, 2, 0).contiguous()
 
 
-class ResidentLoader:
+class ResidentLoader(EpochLoader):
     """Same contract as the DALI/torch loaders; `backend` is 'torch' (torch ops), `resident` True."""
 
     backend = "torch"
     resident = True
+    _state_tag = {"resident": True}
 
     def __init__(self, *, paths, labels, data, rank, world, rotations, normalize, kind, mode, k,
                  batch_size, pipe_batch, train, device, classes, num_samples, seed):
@@ -66,28 +66,8 @@ class ResidentLoader:
         self._helper = None if self.device.type == "cuda" else ThreadPoolExecutor(
             1, initializer=torch.set_num_threads, initargs=(1,))
 
-    def __len__(self):
-        return math.ceil(len(self.sampler.indices()) / self._p)
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.sampler.epoch:
-            self.sampler.epoch, self._step = epoch, 0
-
-    def state_dict(self) -> dict:
-        return {"backend": "torch", "resident": True, "kind": self.kind, "epoch": self.sampler.epoch,
-                "batch": self._step, "seed": self._seed, "world_size": self._world,
-                "num_samples": self.num_samples}
-
-    def load_state_dict(self, state: dict) -> None:
-        mine = {"backend": "torch", "world_size": self._world, "num_samples": self.num_samples, "kind": self.kind}
-        for key, value in mine.items():
-            if state.get(key) != value:
-                raise ValueError(f"loader state {key}={state.get(key)!r} does not match this run ({value!r})")
-        self.sampler.epoch, self._step = int(state["epoch"]), int(state["batch"])
-
     def __iter__(self):
-        if self._step >= len(self):
-            self.sampler.epoch, self._step = self.sampler.epoch + 1, 0
+        self._roll_epoch()
         order, steps = self.sampler.indices(), len(self)
 
         def make(step):

@@ -133,10 +133,43 @@ class EpochSampler(torch.utils.data.Sampler):
         return len(self.indices()) - self.start
 
 
-class TorchLoader:
-    """DataLoader-based loader with the same contract as DaliLoader."""
+class EpochLoader:
+    """Step/epoch bookkeeping shared by the torch-op loaders (TorchLoader, ResidentLoader) over
+    an EpochSampler. Subclasses set: sampler, _step (steps of the current epoch already
+    yielded), _p (batch per pipeline step), _seed, _world, kind, num_samples; `_state_tag`
+    adds keys to state_dict right after 'backend'."""
 
     backend = "torch"
+    _state_tag: dict = {}
+
+    def __len__(self):
+        return math.ceil(len(self.sampler.indices()) / self._p)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.sampler.epoch:
+            self.sampler.epoch, self._step = epoch, 0
+
+    def state_dict(self) -> dict:
+        return {"backend": "torch", **self._state_tag, "kind": self.kind, "epoch": self.sampler.epoch,
+                "batch": self._step, "seed": self._seed, "world_size": self._world,
+                "num_samples": self.num_samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("backend") != "torch":
+            raise ValueError(f"loader state is from backend {state.get('backend')!r}, not 'torch'")
+        for key, value in {"world_size": self._world, "num_samples": self.num_samples, "kind": self.kind}.items():
+            if state.get(key) != value:
+                raise ValueError(f"loader state {key}={state.get(key)!r} does not match this run ({value!r})")
+        self.sampler.epoch, self._step = int(state["epoch"]), int(state["batch"])
+
+    def _roll_epoch(self) -> None:
+        """At iter(): if the previous epoch finished without set_epoch, start the next one."""
+        if self._step >= len(self):
+            self.sampler.epoch, self._step = self.sampler.epoch + 1, 0
+
+
+class TorchLoader(EpochLoader):
+    """DataLoader-based loader with the same contract as DaliLoader."""
 
     def __init__(self, *, dataset, kind, mode, k, batch_size, pipe_batch, rank, world, train,
                  device, classes, num_samples, seed, num_workers, prefetch, normalize, data):
@@ -152,28 +185,8 @@ class TorchLoader:
             persistent_workers=num_workers > 0, pin_memory=self.device.type == "cuda")
         self._step = 0          # steps of the current epoch already yielded
 
-    def __len__(self):
-        return math.ceil(len(self.sampler.indices()) / self._p)
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.sampler.epoch:
-            self.sampler.epoch, self._step = epoch, 0
-
-    def state_dict(self) -> dict:
-        return {"backend": "torch", "kind": self.kind, "epoch": self.sampler.epoch, "batch": self._step,
-                "seed": self._seed, "world_size": self._world, "num_samples": self.num_samples}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("backend") != "torch":
-            raise ValueError(f"loader state is from backend {state.get('backend')!r}, not 'torch'")
-        for key, value in {"world_size": self._world, "num_samples": self.num_samples, "kind": self.kind}.items():
-            if state.get(key) != value:
-                raise ValueError(f"loader state {key}={state.get(key)!r} does not match this run ({value!r})")
-        self.sampler.epoch, self._step = int(state["epoch"]), int(state["batch"])
-
     def __iter__(self):
-        if self._step >= len(self):  # previous epoch finished without set_epoch: next one
-            self.sampler.epoch, self._step = self.sampler.epoch + 1, 0
+        self._roll_epoch()
         self.sampler.start = self._step * self._p
         for images, labels in self._loader:
             self._step += 1

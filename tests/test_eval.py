@@ -23,6 +23,8 @@ from rotnet.config import config_to_dict, load_config
 REPO = Path(__file__).resolve().parents[1]
 CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 3, 8, 4
 NIN_LAYERS = ["block1", "block2", "block3"]
+# Tiny tensors: one intra-op thread is faster, and immune to other jobs on shared cores.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images(root: Path) -> None:
@@ -59,15 +61,6 @@ def _checkpoint(cfg_path: Path) -> Path:
     atomic_save({"model": model.state_dict(), "config": config_to_dict(cfg), "epoch": 1, "commit": "test"},
                 out / "checkpoint.pt")
     return out / "checkpoint.pt"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to other jobs on shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,7 @@
-"""One intra-op thread for the probe tests: the tensors are tiny, and on a CPU shared with
-other jobs every multi-threaded op would wait for a descheduled thread."""
+"""One intra-op thread for the probe tests (the `one_thread` fixture of tests/conftest.py)."""
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)

@@ -1,0 +1,56 @@
+"""What the benchmark scripts share for their reports in docs/benchmarks.md: a one-line machine
+description and an append-only writer. The commit comes from rotnet.checkpoint.git_commit().
+
+    from benchmarks.report import append_block, machine
+"""
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+TITLE = "# Benchmarks\n\nAppend-only results of the scripts in benchmarks/.\n"
+
+
+def machine(device: torch.device | str | None = None) -> str:
+    """'CPU model (N cores)[, GPU name], torch X'. The GPU is named when `device` is a cuda
+    device, or, with no device given, when CUDA is available (then device 0)."""
+    cpu = platform.processor() or platform.machine() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    text = f"{cpu} ({os.cpu_count()} cores)"
+    if device is None:
+        if torch.cuda.is_available():
+            text += f", GPU {torch.cuda.get_device_name(0)}"
+    elif torch.device(device).type == "cuda":
+        text += f", GPU {torch.cuda.get_device_name(torch.device(device))}"
+    return f"{text}, torch {torch.__version__}"
+
+
+def append_block(path: str | Path, text: str, heading: str | None = None, intro: str = "") -> None:
+    """Add `text` to the report at `path`, creating it (title + one-line description) if missing.
+
+    Without `heading`, `text` is written verbatim at the end of the file. With `heading` (a
+    '## ...' line), it goes at the end of that section, which is created at the end of the file
+    (followed by `intro`, if any) the first time. Nothing already there is changed."""
+    path = Path(path)
+    if heading is None:
+        new = not path.exists()
+        with open(path, "a", encoding="utf-8") as f:
+            if new:
+                f.write(TITLE)
+            f.write(text)
+        return
+    doc = path.read_text(encoding="utf-8") if path.exists() else TITLE
+    if heading not in doc:
+        doc = doc.rstrip("\n") + f"\n\n{heading}\n" + (f"\n{intro.strip(chr(10))}\n" if intro else "")
+    start = doc.index(heading) + len(heading)
+    nxt = doc.find("\n## ", start)
+    end = len(doc) if nxt < 0 else nxt + 1
+    doc = doc[:end].rstrip("\n") + "\n\n" + text.strip("\n") + "\n" + ("\n" + doc[end:] if nxt >= 0 else "")
+    path.write_text(doc, encoding="utf-8")
