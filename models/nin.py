@@ -3,12 +3,10 @@
 Blocks (all Conv-BN-ReLU, conv bias off, 'same' padding), as in the RotNet code:
     block1: 5x5->192, 1x1->160, 1x1->96, max-pool 3x3/2 pad 1
     block2: 5x5->192, 1x1->192, 1x1->192, avg-pool 3x3/2 pad 1
-    block3+: 3x3->192, 1x1->192, 1x1->192
-    and, when num_blocks > 3, block3 also ends with an avg-pool 3x3/2 pad 1
-    (the original's `use_avg_on_conv3`).
+    block3+: 3x3->192, 1x1->192, 1x1->192 (no further pooling: the authors' CIFAR configs set
+    `use_avg_on_conv3: False` for 4 and 5 blocks, so blocks 3+ stay at 8x8 on 32 px inputs)
 Probe `blockK` = output of block K, including its pool. Shapes at 32 px, width 1:
-    block1 (B, 96, 16, 16), block2 (B, 192, 8, 8),
-    block3 (B, 192, 8, 8) if num_blocks == 3 else (B, 192, 4, 4), block4/5 (B, 192, 4, 4).
+    block1 (B, 96, 16, 16), block2 (B, 192, 8, 8), block3/4/5 (B, 192, 8, 8).
 forward: global average pool of the last block -> (B, 192*width).
 """
 from __future__ import annotations
@@ -52,12 +50,8 @@ class NINTrunk(ProbeTrunk):
             ),
         ]
         for k in range(3, num_blocks + 1):
-            block = nn.Sequential(_conv_bn_relu(wide, wide, 3), _conv_bn_relu(wide, wide, 1),
-                                  _conv_bn_relu(wide, wide, 1))
-            if k == 3 and num_blocks > 3:
-                # Deeper NINs downsample once more after block3, as the original does.
-                block.append(nn.AvgPool2d(3, stride=2, padding=1))
-            blocks.append(block)
+            blocks.append(nn.Sequential(_conv_bn_relu(wide, wide, 3), _conv_bn_relu(wide, wide, 1),
+                                        _conv_bn_relu(wide, wide, 1)))
         for k, block in enumerate(blocks, start=1):
             setattr(self, f"block{k}", block)
 

@@ -81,9 +81,9 @@ def test_resnet_width1_matches_torchvision(arch, tv):
 @pytest.mark.parametrize("num_blocks", [3, 4, 5])
 def test_nin_shapes_at_32(num_blocks):
     trunk = build_trunk("nin", num_blocks=num_blocks)
-    deep = 8 if num_blocks == 3 else 4
-    expected = {"block1": (2, 96, 16, 16), "block2": (2, 192, 8, 8), "block3": (2, 192, deep, deep)}
-    expected.update({f"block{k}": (2, 192, 4, 4) for k in range(4, num_blocks + 1)})
+    # blocks 3+ keep the 8x8 map (the authors' CIFAR configs: use_avg_on_conv3 False)
+    expected = {"block1": (2, 96, 16, 16), "block2": (2, 192, 8, 8)}
+    expected.update({f"block{k}": (2, 192, 8, 8) for k in range(3, num_blocks + 1)})
     assert trunk.layer_names == list(expected)
     _check_features(trunk, _x(32), expected)
     assert build_rotation_head(trunk, 4)(trunk(_x(32))).shape == (2, 4)
