@@ -248,6 +248,9 @@ def main(argv=None) -> None:
     if not cfg.data.root:
         cfg.data.root = str(ensure_sample_data(seed=cfg.data.sample_seed))
     root = Path(cfg.data.root)
+    if not (root / cfg.data.train_dir).is_dir():
+        sys.exit(f"error: data.root={cfg.data.root!r} has no {cfg.data.train_dir}/ folder; "
+                 f"set data.root=/path/to/dataset (ImageNet layout: SPLIT/CLASS/IMAGE.JPEG)")
     n, k = cfg.optim.batch_size_per_gpu, len(cfg.data.rotations)
     loader = build_rotation_loader(cfg.data, str(root / cfg.data.train_dir), batch_size=n, rank=info.rank,
                                    world_size=info.world_size, local_rank=info.local_rank,
