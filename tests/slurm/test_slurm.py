@@ -26,6 +26,12 @@ DONE_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_
                "DEADLINE", "PREEMPTED"}
 
 
+
+def read_log(path) -> str:
+    """The job's log as text. It is read while the job writes it, so a read can end inside a
+    multi-byte character of the progress bar: replace it rather than fail."""
+    return path.read_text(errors="replace")
+
 def _cluster_problem() -> str | None:
     if shutil.which("sbatch") is None:
         return "sbatch is not on PATH (start a test cluster: bash .ci/slurm-setup.sh)"
@@ -60,7 +66,7 @@ def wait_for(jid: str, pred, timeout: float, what: str, log=None) -> dict[str, s
         time.sleep(0.5)
     subprocess.run(["scancel", jid], timeout=15)
     pytest.fail(f"job {jid}: {what} not seen in {timeout}s (last: {info.get('JobState')})\n"
-                + (tail(log.read_text()) if log is not None and log.exists() else ""))
+                + (tail(read_log(log)) if log is not None and log.exists() else ""))
 
 
 def submit(out, data, log, mode: str, *overrides: str) -> str:
@@ -79,7 +85,7 @@ def test_train_job_completes_and_writes_checkpoint(tmp_path, mode):
     out, log = tmp_path / "run", tmp_path / "job.out"
     jid = submit(out, data, log, mode, "optim.batch_size_per_gpu=4", "optim.epochs=1")
     info = wait_for(jid, lambda j: j.get("JobState") in DONE_STATES, 180, "end of job", log)
-    text = log.read_text()
+    text = read_log(log)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), tail(text)
     assert f"launcher {'slurm' if mode == 'srun' else 'torchrun'} | world size {TASKS}" in text
     ckpt = load_ckpt(out)
@@ -94,7 +100,7 @@ def test_usr1_checkpoints_requeues_and_resumes(tmp_path, mode):
     jid = submit(out, data, log, mode, "optim.batch_size_per_gpu=4", f"optim.epochs={epochs}")
 
     def training(_):   # the progress bar (ROTNET_PROGRESS=1) shows >= 3 steps of epoch 0
-        steps = re.findall(r"epoch 0:[^\r\n|]*\|[^|]*\|\s*(\d+)/", log.read_text() if log.exists() else "")
+        steps = re.findall(r"epoch 0:[^\r\n|]*\|[^|]*\|\s*(\d+)/", read_log(log) if log.exists() else "")
         return bool(steps) and max(map(int, steps)) >= 3
 
     wait_for(jid, training, 180, "training under way", log)
@@ -107,7 +113,7 @@ def test_usr1_checkpoints_requeues_and_resumes(tmp_path, mode):
     subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], check=True, timeout=15)
     info = wait_for(jid, lambda j: j.get("JobState") in DONE_STATES, 240, "end of requeued job", log)
 
-    text = log.read_text()
+    text = read_log(log)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), tail(text)
     stop = re.search(r"checkpoint written at epoch (\d+) step (\d+); exiting with code 3", text)
     assert stop, tail(text)
@@ -124,12 +130,12 @@ def test_scancel_checkpoints_and_is_not_requeued(tmp_path):
     data = make_random_dataset(tmp_path / "data", n=400)
     out, log = tmp_path / "run", tmp_path / "job.out"
     jid = submit(out, data, log, "srun", "optim.batch_size_per_gpu=4", "optim.epochs=3")
-    wait_for(jid, lambda _: log.exists() and re.search(r"epoch 0:.*\|\s*[3-9]\d*/", log.read_text()), 180,
+    wait_for(jid, lambda _: log.exists() and re.search(r"epoch 0:.*\|\s*[3-9]\d*/", read_log(log)), 180,
              "training under way", log)
     subprocess.run(["scancel", jid], check=True, timeout=15)
     info = wait_for(jid, lambda j: j.get("JobState") in DONE_STATES, 120, "end of job", log)
     time.sleep(3)   # a wrongly requeued job would show up as PENDING again
-    text = log.read_text()
+    text = read_log(log)
     assert job(jid).get("JobState") == "CANCELLED" and info.get("Restarts") == "0", tail(text)
     assert "not requeueing" in text and "stop signal received" in text, tail(text)
     assert load_ckpt(out)["epoch_step"] > 0
