@@ -31,10 +31,9 @@ from probes.engine import ProbeSet, evaluate, train_one_epoch
 from probes.heads import HEADS, build_probe, probe_input_dims
 from probes.report import write_reports
 from probes.resume import ResumeMismatch, load_state, save_state
-from probes.settings import UsageError, parse_layers, resolve_checkpoint, run_signature, stretch_schedule, \
-    with_overrides
+from probes.settings import UsageError, parse_layers, resolve_checkpoint, run_signature, stretch_schedule
 from rotnet.checkpoint import git_commit, load_checkpoint
-from rotnet.config import Config, ConfigError, config_from_dict, config_to_dict, load_config
+from rotnet.config import Config, ConfigError, apply_overrides, config_from_dict, config_to_dict, load_config
 from rotnet.distributed import DistInfo, barrier, cleanup, init_distributed
 from rotnet.progress import RunLogger, log, setup_logging
 from rotnet.sample_data import ensure_sample_data
@@ -258,7 +257,7 @@ def run(args: argparse.Namespace, info: DistInfo) -> None:
     # the config stored in the checkpoint (the data it was trained on), overrides on top.
     model_src = config_from_dict(ckpt["config"], str(ckpt_path)) if ckpt else cfg
     if ckpt and args.config is None:
-        cfg = config_from_dict(with_overrides(ckpt["config"], args.overrides), f"{ckpt_path} config + overrides")
+        cfg = config_from_dict(apply_overrides(ckpt["config"], args.overrides), f"{ckpt_path} config + overrides")
     cfg.model = model_src.model
     head = args.head or cfg.probe.head
     if head not in HEADS:

@@ -6,14 +6,10 @@ choices are; eval.py prints them and exits.
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
-
-import yaml
 
 from probes.heads import valid_layers
 from rotnet.checkpoint import find_checkpoint
-from rotnet.config import ConfigError
 
 # Data keys that change speed, not results: left out of the resume signature.
 DATA_SPEED_KEYS = ("backend", "num_threads", "prefetch", "hw_decoder_load", "device_memory_padding",
@@ -48,24 +44,6 @@ def resolve_checkpoint(arg: str | None, output_dir: str, config_name: str) -> Pa
     if not p.is_file():
         raise UsageError(f"checkpoint not found: {p} (pass a checkpoint file, a run folder, or 'random')")
     return p
-
-
-def with_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Copy of a config dict with `key.sub=value` overrides applied, values parsed as YAML
-    (as rotnet.config.load_config does for a file); config_from_dict checks the result."""
-    raw = copy.deepcopy(raw)
-    for ov in overrides:
-        if "=" not in ov:
-            raise ConfigError(f"override {ov!r}: expected key.sub=value")
-        key, text = ov.split("=", 1)
-        *sections, leaf = key.strip().split(".")
-        node = raw
-        for k in sections:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {ov}: {k} is not a section")
-        node[leaf] = yaml.safe_load(text)
-    return raw
 
 
 def parse_layers(text: str, trunk, head: str) -> list[str]:

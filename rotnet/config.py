@@ -8,6 +8,7 @@ fall back to a default.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -168,6 +169,21 @@ def config_from_dict(raw: dict, source: str = "<dict>") -> Config:
         raise ConfigError(f"{source}: {e}") from None
 
 
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Copy of a raw config dict with `key.sub=value` overrides applied, values parsed as YAML.
+
+    Used by load_config for files and by eval.py for the config stored in a checkpoint;
+    `config_from_dict` then checks keys and types.
+    """
+    raw = copy.deepcopy(raw)
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r}: expected key.sub=value")
+        key, text = ov.split("=", 1)
+        _set_dotted(raw, key.strip(), yaml.safe_load(text))
+    return raw
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read YAML at `path` (None: all defaults), apply `key.sub=value` overrides, check types.
 
@@ -182,12 +198,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"config file not found: {path}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    for ov in overrides:
-        if "=" not in ov:
-            raise ConfigError(f"override {ov!r}: expected key.sub=value")
-        key, text = ov.split("=", 1)
-        _set_dotted(raw, key.strip(), yaml.safe_load(text))
-    return config_from_dict(raw, str(path) if path else "<defaults>")
+    return config_from_dict(apply_overrides(raw, overrides), str(path) if path else "<defaults>")
 
 
 def config_to_dict(cfg: Config) -> dict:

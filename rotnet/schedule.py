@@ -30,8 +30,3 @@ class StepSchedule:
             lr *= (epoch + 1e-3) / self.warmup_epochs
         return lr
 
-
-def scaled_schedule(table: list[list[float]], epochs_from: int, epochs_to: int) -> list[list[float]]:
-    """Stretch a schedule written for `epochs_from` epochs to `epochs_to` (milestones scale, lrs stay)."""
-    f = epochs_to / epochs_from
-    return [[round(e * f) if i else 0, lr] for i, (e, lr) in enumerate(table)]

@@ -1,6 +1,6 @@
 import pytest
 
-from rotnet.schedule import StepSchedule, scaled_schedule
+from rotnet.schedule import StepSchedule
 
 
 def test_step_table():
@@ -19,6 +19,3 @@ def test_bad_tables_are_named():
     with pytest.raises(ValueError, match="pairs"):
         StepSchedule([[0, 0.1, 3]])
 
-
-def test_scaled_schedule():
-    assert scaled_schedule([[0, 0.01], [5, 0.002], [15, 0.0004]], 35, 7) == [[0, 0.01], [1, 0.002], [3, 0.0004]]
