@@ -91,7 +91,8 @@ def train_one_epoch(run: Run, loader, epoch: int, start_step: int) -> dict:
     sums = torch.zeros(3, device=dev, dtype=torch.float64)   # loss*n, correct, n (rotated samples)
     window = torch.zeros(3, device=dev, dtype=torch.float64)
     data_time = window_data = 0.0
-    n_done = 0
+    n_done = window_steps = 0
+    i = start_step - 1          # last step index done (stays so if nothing is left of the epoch)
     t_epoch = t_window = t_end = time.perf_counter()
     run.logger.start_epoch(epoch, total=steps, initial=start_step)
 
@@ -113,6 +114,7 @@ def train_one_epoch(run: Run, loader, epoch: int, start_step: int) -> dict:
         run.scaler.update()
         run.step += 1
         n_done += 1
+        window_steps += 1
 
         with torch.no_grad():  # accumulate on the device: no host sync per step
             n = labels.numel()
@@ -128,17 +130,16 @@ def train_one_epoch(run: Run, loader, epoch: int, start_step: int) -> dict:
                 raise FloatingPointError(f"loss is {w[0] / w[2]} at epoch {epoch} step {i}: lower the lr "
                                          "or use train.precision=fp32 to debug")
             dt = time.perf_counter() - t_window
-            n_steps = (i + 1) % cfg.train.log_every or cfg.train.log_every
             originals = w[2] / len(cfg.data.rotations) * info.world_size
             if cfg.data.rotation_mode == "one_random":
                 originals = w[2] * info.world_size
-            run.logger.step(run.step, n_steps, {
+            run.logger.step(run.step, window_steps, {
                 "loss": w[0] / w[2], "rot_acc": w[1] / w[2], "lr": lr,
                 "img/s": originals / dt, "rot_img/s": w[2] * info.world_size / dt,
                 "data_wait": window_data / dt,
-                "eta_min": (steps - i - 1) * dt / n_steps / 60})
+                "eta_min": (steps - i - 1) * dt / window_steps / 60})
             window.zero_()
-            window_data = 0.0
+            window_data, window_steps = 0.0, 0
             t_window = time.perf_counter()
 
         if run.stop.should_stop(run.step):
@@ -157,7 +158,7 @@ def train_one_epoch(run: Run, loader, epoch: int, start_step: int) -> dict:
     loss_sum, correct, count = sums.tolist()
     elapsed = time.perf_counter() - t_epoch
     return {"epoch": epoch, "step": run.step, "loss": loss_sum / max(count, 1),
-            "rot_acc": correct / max(count, 1), "lr": lr if n_done else float("nan"),
+            "rot_acc": correct / max(count, 1), "lr": run.schedule(epoch + i / max(steps, 1)),
             "rotated_images": int(count), "steps": n_done, "time_s": round(elapsed, 2),
             "data_wait": round(data_time / max(elapsed, 1e-9), 4), "complete": not (
                 cfg.train.max_steps and run.step >= cfg.train.max_steps and i + 1 < steps)}
