@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from models.rotnet import build_rotnet
-from pipelines import build_rotation_loader, prepare_batch
+from pipelines import BadImageError, build_rotation_loader, prepare_batch
 from rotnet.checkpoint import check_compatible, find_checkpoint, git_commit, load_checkpoint, save_checkpoint
 from rotnet.config import Config, ConfigError, config_to_dict, load_config, save_config
 from rotnet.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
@@ -230,6 +230,26 @@ def resume(run: Run, loader) -> tuple[int, int]:
     return epoch, epoch_step
 
 
+def train_loop(run: Run, loader, val_loader, start_epoch: int, start_step: int) -> None:
+    """Epochs from `start_epoch` (at `start_step` inside it) to the end; checkpoint after each."""
+    cfg, logger = run.cfg, run.logger
+    global_batch = cfg.optim.batch_size_per_gpu * run.info.world_size
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        if cfg.train.max_steps and run.step >= cfg.train.max_steps:
+            break
+        loader.set_epoch(epoch)
+        stats = train_one_epoch(run, loader, epoch, start_step if epoch == start_epoch else 0)
+        if val_loader is not None and stats["complete"]:
+            stats["heldout_rot_acc"] = evaluate_rotation(run, val_loader)
+        stats["global_batch"] = global_batch
+        logger.end_epoch(stats)
+        log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()))
+        if stats["complete"]:
+            save(run, loader, epoch + 1, epoch_step=0)
+        else:
+            save(run, loader, epoch, epoch_step=stats["steps"] + (start_step if epoch == start_epoch else 0))
+
+
 # ---------------------------------------------------------------------------- main
 
 def main(argv=None) -> None:
@@ -304,20 +324,11 @@ def main(argv=None) -> None:
                  f"{len(loader)} steps/epoch; {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params")
 
     # ------------------------------------------------------------ training loop
-    for epoch in range(start_epoch, cfg.optim.epochs):
-        if cfg.train.max_steps and run.step >= cfg.train.max_steps:
-            break
-        loader.set_epoch(epoch)
-        stats = train_one_epoch(run, loader, epoch, start_step if epoch == start_epoch else 0)
-        if val_loader is not None and stats["complete"]:
-            stats["heldout_rot_acc"] = evaluate_rotation(run, val_loader)
-        stats["global_batch"] = global_batch
-        logger.end_epoch(stats)
-        log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()))
-        if stats["complete"]:
-            save(run, loader, epoch + 1, epoch_step=0)
-        else:
-            save(run, loader, epoch, epoch_step=stats["steps"] + (start_step if epoch == start_epoch else 0))
+    try:
+        train_loop(run, loader, val_loader, start_epoch, start_step)
+    except BadImageError as e:   # DALI cannot skip a corrupt file; the last checkpoint is untouched
+        log.error(f"error: {e}")
+        sys.exit(2)
     logger.close()
     log.info(f"done: {cfg.train.output_dir}")
     cleanup(info)

@@ -180,14 +180,20 @@ class DaliLoader:
         return x.to(self.device), y.to(self.device)
 
 
-_PATH_RE = re.compile(r"(/[^\n\r]*?\.(?:jpe?g|png|ppm|bmp|pgm|tiff?|webp))", re.IGNORECASE)
+# DALI names the file as the reader knows it: "Failed to decode sample #6 : CLASS/IMG.JPEG",
+# relative to file_root (this loader passes relative paths), so it is matched back to our list.
+_PATH_RE = re.compile(r"sample #\d+\s*:\s*([^\n\r]+?\.(?:jpe?g|png|ppm|bmp|pgm|tiff?|webp))\s*$",
+                      re.IGNORECASE | re.MULTILINE)
 
 
 def _explain(message: str, paths: list[str]) -> str:
     """A clear message naming the bad file: from DALI's error when it names one, else by a
     header check of this loader's files."""
     hit = _PATH_RE.search(message)
-    bad = [hit.group(1)] if hit else []
+    bad = []
+    if hit:
+        rel = hit.group(1).strip()
+        bad = [p for p in paths if p.endswith("/" + rel) or p == rel] or [rel]
     if not bad:
         from pipelines.scan import bad_headers
 

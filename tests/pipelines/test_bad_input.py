@@ -1,5 +1,6 @@
 """ImageNet's odd files: greyscale, CMYK, PNG named .JPEG, non-square decode to RGB; bad files are named."""
 import os
+import re
 
 import numpy as np
 import pytest
@@ -75,9 +76,12 @@ def test_dali_truncated_file_is_named(tmp_path):
     root = odd_split(tmp_path / "train")
     add_bad(root)
     os.remove(os.path.join(root, "c0", "garbage.JPEG"))
-    with pytest.raises(BadImageError, match=r"truncated\.JPEG"):
-        list(build_class_loader(make_cfg(("dali", {"backend": "dali"})), root, batch_size=7, rank=0, world_size=1,
-                                local_rank=0, device=CPU, train=False, seed=0))
+    # the full path, class folder included (DALI itself reports it relative to the reader's root)
+    full = re.escape(os.path.join(root, "c1", "truncated.JPEG"))
+    for train in (False, True):   # plain decode (val) and fused decode + random crop (train)
+        with pytest.raises(BadImageError, match=f"'{full}'"):
+            list(build_rotation_loader(make_cfg(("dali", {"backend": "dali"})), root, batch_size=7, rank=0,
+                                       world_size=1, local_rank=0, device=CPU, train=train, seed=0))
 
 
 def test_scan_finds_bad_files_and_loader_uses_its_list(tmp_path, capsys):
