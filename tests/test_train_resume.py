@@ -58,20 +58,26 @@ def _wait_for_steps(p: subprocess.Popen, min_step: int, timeout: float) -> str:
     pytest.fail(f"training did not reach step {min_step} in {timeout}s\n{tail(text)}")
 
 
-def test_sigterm_mid_epoch_checkpoints_exits_3_and_resumes(tmp_path):
-    data = make_random_dataset(tmp_path / "data", n=400)    # batch 4: 100 steps in the epoch
-    out = tmp_path / "run"
-    args = train_args(out, data, "optim.batch_size_per_gpu=4", "optim.epochs=1")
-    # The progress bar (forced on, updated every step) tells us that training is under way.
+def _sigterm_after(args: list[str], min_step: int) -> tuple[int, str]:
+    """Start train.py, SIGTERM it once its progress bar (forced on, updated every step) shows
+    `min_step` steps, and return (exit code, stderr)."""
     p = subprocess.Popen([PY, *args], cwd=REPO, env=run_env(ROTNET_PROGRESS=1), stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE)
     try:
-        _wait_for_steps(p, min_step=3, timeout=120)
+        _wait_for_steps(p, min_step=min_step, timeout=120)
         p.send_signal(signal.SIGTERM)
         rest = p.communicate(timeout=60)[1].decode(errors="replace")
     finally:
         p.kill()
-    assert p.returncode == 3, tail(rest)             # rotnet.preemption.REQUEUE_EXIT_CODE
+    return p.returncode, rest
+
+
+def test_sigterm_mid_epoch_checkpoints_exits_3_and_resumes(tmp_path):
+    data = make_random_dataset(tmp_path / "data", n=400)    # batch 4: 100 steps in the epoch
+    out = tmp_path / "run"
+    args = train_args(out, data, "optim.batch_size_per_gpu=4", "optim.epochs=1")
+    returncode, rest = _sigterm_after(args, min_step=3)
+    assert returncode == 3, tail(rest)               # rotnet.preemption.REQUEUE_EXIT_CODE
     assert "stop signal received" in rest
 
     ckpt = load_ckpt(out)                            # weights_only=True load
@@ -120,15 +126,8 @@ def test_stop_on_the_last_step_of_an_epoch_resumes_exactly(tmp_path):
     data = make_random_dataset(tmp_path / "data", n=4)      # batch 4: 1 step/epoch
     out, epochs = tmp_path / "run", 40
     args = train_args(out, data, "optim.batch_size_per_gpu=4", f"optim.epochs={epochs}")
-    p = subprocess.Popen([PY, *args], cwd=REPO, env=run_env(ROTNET_PROGRESS=1), stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE)
-    try:
-        _wait_for_steps(p, min_step=1, timeout=120)
-        p.send_signal(signal.SIGTERM)
-        rest = p.communicate(timeout=60)[1].decode(errors="replace")
-    finally:
-        p.kill()
-    assert p.returncode == 3, tail(rest)
+    returncode, rest = _sigterm_after(args, min_step=1)
+    assert returncode == 3, tail(rest)
     run([PY, *args])
     ckpt = load_ckpt(out)
     assert (ckpt["epoch"], ckpt["epoch_step"], ckpt["step"]) == (epochs, 0, epochs)
