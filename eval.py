@@ -288,8 +288,10 @@ def run(args: argparse.Namespace, info: DistInfo) -> None:
     # ------------------------------------------------------------ data
     if not cfg.data.root:
         cfg.data.root = str(ensure_sample_data(seed=cfg.data.sample_seed))
-    p = Protocol(info, cfg, head, layers, epochs, schedule, args.batch_size or cfg.probe.batch_size_per_gpu,
-                 args.precision, args.finetune, seed, args.labels_per_class, args.val_every, out)
+    p = Protocol(info=info, cfg=cfg, head=head, layers=layers, epochs=epochs, schedule=schedule,
+                 batch_size=args.batch_size or cfg.probe.batch_size_per_gpu, precision=args.precision,
+                 finetune=args.finetune, seed=seed, labels_per_class=args.labels_per_class,
+                 val_every=args.val_every, out=out)
     log.info(f"commit {git_commit()} | world size {info.world_size} | device {info.device} | precision "
              f"{p.precision} | {model_src.model.arch} width {model_src.model.width}")
     log.info(f"checkpoint: {ckpt_path or 'none (random init)'}"
