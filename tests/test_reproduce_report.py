@@ -52,6 +52,9 @@ def test_dry_run_prints_every_stage(tmp_path, capsys):
     reproduce_main(["--data", str(data), "--budget", "cpu-30min", "--runs", str(tmp_path / "r"), "--dry-run"])
     out = capsys.readouterr().out
     assert out.count("train.py") == 5          # main + 4 ablations
-    assert "data.rotation_mode=one_random" in out and "optim.epochs=8" in out
+    # one_random: K=4 times the config's epochs, so steps and samples per step stay equal
+    from rotnet.config import load_config
+    epochs = load_config("configs/cifar10_nin_cpu.yaml").optim.epochs
+    assert "data.rotation_mode=one_random" in out and f"optim.epochs={4 * epochs}" in out
     assert "--finetune" in out and "--labels-per-class 1000" in out
     assert "probe.epochs=50" in out
