@@ -14,7 +14,6 @@ all of it, the last batch smaller -- every image exactly once.
 from __future__ import annotations
 
 import math
-import signal
 
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -169,14 +168,6 @@ class EpochLoader:
             self.sampler.epoch, self._step = self.sampler.epoch + 1, 0
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers leave SIGTERM/SIGUSR1 to the trainer: SLURM signals every process of
-    a step, and a worker killed by it would abort the very step that the trainer is finishing
-    before its preemption checkpoint. The trainer's exit shuts the workers down."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-
-
 class TorchLoader(EpochLoader):
     """DataLoader-based loader with the same contract as DaliLoader."""
 
@@ -191,8 +182,7 @@ class TorchLoader(EpochLoader):
         self._loader = torch.utils.data.DataLoader(
             dataset, batch_size=pipe_batch, sampler=self.sampler, num_workers=num_workers,
             prefetch_factor=max(1, prefetch) if num_workers else None, drop_last=False,
-            persistent_workers=num_workers > 0, pin_memory=self.device.type == "cuda",
-            worker_init_fn=_ignore_stop_signals if num_workers else None)
+            persistent_workers=num_workers > 0, pin_memory=self.device.type == "cuda")
         self._step = 0          # steps of the current epoch already yielded
 
     def __iter__(self):
