@@ -23,7 +23,14 @@ Bump FORMAT_VERSION whenever the drawing changes.
 """
 from __future__ import annotations
 
-import argparse, colorsys, contextlib, json, os, shutil, tempfile, time  # noqa: E401
+import argparse
+import colorsys
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
