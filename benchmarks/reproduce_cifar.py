@@ -11,7 +11,9 @@ resumes, and --stages picks what to run):
     pretrain   RotNet NIN-4 on data/train (configs/cifar10_nin*.yaml)
     eval       frozen-block probes on every block, RotNet vs random init (paper Table 1)
     ablations  rotation sets {0,180}, {90,270}, 8 x 45 degrees (Table 2) and one_random
-               (one random rotation per image instead of all four, same steps and samples per step)
+               (one random rotation per image instead of all four, same steps and samples per step),
+               each against the default 4 rotations pretrained at the same ablation budget
+               (cpu-30min: a quarter of the main run, so five runs fit an afternoon)
     semisup    K labels/class: RotNet block2 frozen + conv head vs the same network (blocks 1-2 +
                conv head, the paper's 3-block NIN) trained from scratch on the K labels (Fig. 5b)
     figures    visualize.py (attention, filters, curves, per-block bars) + the semi-sup curve
@@ -36,6 +38,7 @@ from benchmarks.reproduce_report import write_results  # noqa: E402
 
 STAGES = ("pretrain", "eval", "ablations", "semisup", "figures")
 ABLATIONS = {  # name -> train.py overrides (paper Table 2, plus one_random)
+    "rot_4": [],  # the default {0,90,180,270}, at the ablation budget: the row the others face
     "rot_0_180": ["data.rotations=[0,180]"],
     "rot_90_270": ["data.rotations=[90,270]"],
     "rot_8x45": ["data.rotations=[0,45,90,135,180,225,270,315]"],
@@ -49,15 +52,18 @@ BUDGETS = {
                   train=["model.width=0.25", "optim.epochs=1", "optim.batch_size_per_gpu=32",
                          "optim.schedule=[[0,0.05]]"],
                   subset=(60, 20), eval={"mlp": 1}, ablations=["one_random"],
-                  semisup_ks=[20, 50], semisup_samples=2000),
-    # cpu-30min on the quiet 2-core Xeon: 3 pretraining epochs (the config) ~23 min; 3 MLP probe
+                  ablation_train=[], semisup_ks=[20, 50], semisup_samples=2000),
+    # cpu-30min on the quiet 2-core Xeon: 4 pretraining epochs (the config) ~23 min; 3 MLP probe
     # epochs (RotNet + random init, paper's milestones stretched) to keep eval near 10 min.
     # (The earlier H100 run of this budget used 2 pretraining epochs and 8 probe epochs.)
+    # Ablations here get 1 of the main run's 4 epochs each (the main schedule's shape; ~6 min
+    # per run): five 30-minute runs would not fit a working session on two cores.
     "cpu-30min": dict(config="configs/cifar10_nin_cpu.yaml", train=[], subset=None,
                       eval={"mlp": 3}, ablations=list(ABLATIONS),
+                      ablation_train=["optim.epochs=1", "optim.schedule=[[0,0.05],[0.6,0.01],[0.85,0.002]]"],
                       semisup_ks=[20, 100, 400, 1000], semisup_samples=200_000),
     "paper": dict(config="configs/cifar10_nin.yaml", train=[], subset=None,
-                  eval={"mlp": 50, "conv": 100}, ablations=list(ABLATIONS),
+                  eval={"mlp": 50, "conv": 100}, ablations=list(ABLATIONS), ablation_train=[],
                   semisup_ks=[20, 100, 400, 1000, 5000], semisup_samples=100 * 50_000),
 }
 MLP_SCHEDULE = "probe.schedule=[[0,0.1],[20,0.02],[40,0.004],[45,0.0008]]"  # paper's 50-epoch FC probe
@@ -168,7 +174,7 @@ def main(argv=None) -> None:
             # one_random feeds K*N originals (one rotation each) per step: K times fewer steps per
             # epoch, so K times the epochs (and milestones) keeps steps and samples per step equal.
             from rotnet.config import load_config
-            cfg = load_config(ROOT / b["config"], b["train"] + args.overrides)
+            cfg = load_config(ROOT / b["config"], [*b["train"], *args.overrides, *extra])
             k = len(cfg.data.rotations)
             sched = [[e * k, lr] for e, lr in cfg.optim.schedule]
             epochs_override = [f"optim.epochs={cfg.optim.epochs * k}", f"optim.schedule={json.dumps(sched)}"]
@@ -192,8 +198,13 @@ def main(argv=None) -> None:
             evaluate(main_dir, head, epochs, base / "main" / f"eval_{head}", ["--with-random"])
     if "ablations" in stages:
         names = args.ablations.split(",") if args.ablations else b["ablations"]
+        if not b["ablation_train"]:   # same budget as the main run: the main run is the rot_4 row
+            names = [n for n in names if n != "rot_4"]
+        unknown = sorted(set(names) - set(ABLATIONS))
+        if unknown:
+            p.error(f"unknown ablation(s) {unknown}; valid: {list(ABLATIONS)}")
         for name in names:
-            d = pretrain(f"ablation_{name}", ABLATIONS[name])
+            d = pretrain(f"ablation_{name}", [*b["ablation_train"], *ABLATIONS[name]])
             head, epochs = next(iter(b["eval"].items()))
             evaluate(d, head, epochs, base / f"ablation_{name}" / f"eval_{head}", [])
     if "semisup" in stages:

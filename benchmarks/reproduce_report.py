@@ -154,16 +154,22 @@ def _budget_section(base: Path, budget: str, figures: Path, root: Path) -> list[
     abl = sorted(base.glob("ablation_*/eval_*/eval.json"))
     main_ev = next(iter(sorted(main.glob("eval_*/eval.json"))), None)
     if abl:
-        L += ["### Ablations (same budget and probe as the main run)", "",
+        rows = [(p.parents[1].name.removeprefix("ablation_"), p) for p in abl]
+        own_default = any(name == "rot_4" for name, _ in rows)   # ablations ran at their own budget
+        if not own_default and main_ev:
+            rows.insert(0, ("rot_4", main_ev))
+        rows.sort(key=lambda r: r[0] != "rot_4")
+        ep = len(_log(rows[0][1].parents[1]))
+        budget_txt = (f"each pretrained {ep} epoch(s), a smaller budget than the main run; same probe"
+                      if own_default else "same budget and probe as the main run")
+        L += [f"### Ablations ({budget_txt})", "",
               "| rotations | held-out rot. acc | block1 | block2 | block3 | block4 | paper block2 (Table 2) |",
               "|---|---:|---:|---:|---:|---:|---:|"]
-        rows = ([("rot_4", main_ev)] if main_ev else []) + [(p.parents[1].name.removeprefix("ablation_"), p)
-                                                            for p in abl]
         for name, p in rows:
             ev = json.loads(p.read_text())["pretrained"]
             lg = _log(p.parents[1])
             h = lg[-1].get("heldout_rot_acc") if lg else None
-            label = {"rot_4": "0/90/180/270 (main)", "one_random": "0/90/180/270, one random per image"}.get(name, name)
+            label = {"rot_4": "0/90/180/270 (default" + (")" if own_default else ", main run)"), "one_random": "0/90/180/270, one random per image"}.get(name, name)
             L.append(f"| {label} | {_pct(100 * h if h is not None else None)} | "
                      + " | ".join(_pct(ev.get(f"block{i}", {}).get("top1")) for i in range(1, 5))
                      + f" | {PAPER_TABLE2.get(name, '–')} |")

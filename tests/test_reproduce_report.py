@@ -44,6 +44,27 @@ def test_results_md_tables_bars_and_notes_kept(tmp_path):
     assert "best block2, worst block4" in text
     assert "| 20 | 40.00 | 30.00 | 10.00 |" in text
     assert plot_semisup(base / "semisup", tmp_path / "s.png", "x").stat().st_size > 0
+    assert "same budget and probe as the main run" in text
+    assert "| 0/90/180/270 (default, main run) | 85.00 | 70.00 |" in text
+
+
+def test_ablations_at_their_own_budget_face_their_own_default(tmp_path):
+    base = tmp_path / "runs" / "cpu-30min"
+    _stage(base / "main")
+    _eval(base / "main" / "eval_mlp", [70, 75, 65, 50], [50, 50, 45, 40])
+    for name, accs in {"rot_4": [60, 66, 60, 45], "rot_0_180": [58, 61, 55, 44]}.items():
+        (base / f"ablation_{name}" / "pretrain").mkdir(parents=True)
+        (base / f"ablation_{name}" / "pretrain" / "log.jsonl").write_text(
+            json.dumps({"epoch": 0, "step": 5, "loss": 1.0, "rot_acc": 0.7, "heldout_rot_acc": 0.7}) + "\n")
+        _stage(base / f"ablation_{name}")
+        _eval(base / f"ablation_{name}" / "eval_mlp", accs)
+    results = tmp_path / "results.md"
+    write_results(tmp_path / "runs", results, tmp_path / "figs", tmp_path)
+    text = results.read_text()
+    assert "each pretrained 1 epoch(s), a smaller budget than the main run" in text
+    rows = [l for l in text.splitlines() if l.startswith("| 0/90/180/270") or l.startswith("| rot_0_180")]
+    assert rows[0].startswith("| 0/90/180/270 (default) | 70.00 | 60.00 | 66.00 |")
+    assert rows[1].startswith("| rot_0_180 | 70.00 | 58.00 | 61.00 |") and len(rows) == 2
 
 
 def test_dry_run_prints_every_stage(tmp_path, capsys):
@@ -51,10 +72,12 @@ def test_dry_run_prints_every_stage(tmp_path, capsys):
     (data / "train").mkdir(parents=True)
     reproduce_main(["--data", str(data), "--budget", "cpu-30min", "--runs", str(tmp_path / "r"), "--dry-run"])
     out = capsys.readouterr().out
-    assert out.count("train.py") == 5          # main + 4 ablations
-    # one_random: K=4 times the config's epochs, so steps and samples per step stay equal
-    from rotnet.config import load_config
-    epochs = load_config("configs/cifar10_nin_cpu.yaml").optim.epochs
-    assert "data.rotation_mode=one_random" in out and f"optim.epochs={4 * epochs}" in out
+    assert out.count("train.py") == 6          # main + the default and 4 ablations at their budget
+    # one_random: K=4 times the ablation budget's epochs, so steps and samples per step stay equal
+    one_random = next(l for l in out.splitlines() if "data.rotation_mode=one_random" in l)
+    assert one_random.endswith("optim.epochs=4 optim.schedule=[[0.0, 0.05], [2.4, 0.01], [3.4, 0.002]] "
+                               f"train.output_dir={tmp_path}/r/cpu-30min/ablation_one_random/pretrain")
+    rot4 = next(l for l in out.splitlines() if "ablation_rot_4" in l and "train.py" in l)
+    assert "optim.epochs=1 " in rot4 and "data.rotations" not in rot4
     assert "--finetune" in out and "--labels-per-class 1000" in out
     assert "probe.epochs=50" in out
