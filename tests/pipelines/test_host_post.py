@@ -36,3 +36,16 @@ def test_finisher_batch_shapes_and_ragged_crops():
     assert torch.equal(out[1, 1], torch.rot90(crops[1].flip(1), 1, (0, 1)))
     one = HostFinisher(crop=20, rotations=[0, 90, 180, 270], mode="one_random", threads=1)(crops, [0, 0, 0], [2, 1, 3])
     assert one.shape == (3, 20, 20, 3) and torch.equal(one[1], torch.rot90(crops[1], 1, (0, 1)))
+
+
+@pytest.mark.parametrize("hw", [(10, 14), (20, 9), (31, 40), (25, 12)])
+def test_resize_hwc_close_to_torch_bilinear(hw):
+    """OpenCV (enlarging) and torch (shrinking) paths both equal torch's antialiased bilinear to +-1."""
+    from pipelines.host_post import resize_hwc
+
+    x = torch.randint(0, 256, (*hw, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(hw[0]))
+    out = resize_hwc(x, 20)
+    ref = torch.nn.functional.interpolate(x.permute(2, 0, 1)[None].float(), size=(20, 20), mode="bilinear",
+                                          antialias=True, align_corners=False)[0].permute(1, 2, 0)
+    assert out.shape == (20, 20, 3) and out.dtype == torch.uint8
+    assert (out.float() - ref).abs().max() <= 1.0
