@@ -94,10 +94,9 @@ class HostFinisher:
             x = resize_hwc(crops[i], self.crop)
             if self.mode == "all":
                 rotations_into(out[i], x, bool(flips[i]), self.rotations)
-            elif self.mode == "one_random":
-                rotations_into(out[i:i + 1], x, bool(flips[i]), [self.rotations[rot_idx[i]]])
-            else:
-                out[i].copy_(x.flip(1) if flips[i] else x)
+            else:   # one slot: its rotation (one_random) or the flipped crop alone (none)
+                angle = self.rotations[rot_idx[i]] if self.mode == "one_random" else 0
+                rotations_into(out[i:i + 1], x, bool(flips[i]), [angle])
 
     def __call__(self, crops: list[torch.Tensor], flips: list[int], rot_idx: list[int]) -> torch.Tensor:
         n, s = len(crops), self.crop
