@@ -13,7 +13,7 @@ resumes, and --stages picks what to run):
     ablations  rotation sets {0,180}, {90,270}, 8 x 45 degrees (Table 2) and one_random
                (one random rotation per image instead of all four, same steps and samples per step),
                each against the default 4 rotations pretrained at the same ablation budget
-               (cpu-30min: a quarter of the main run, so five runs fit an afternoon)
+               (cpu-30min: 1 of the main run's 5 epochs, so five runs fit a working session)
     semisup    K labels/class: RotNet block2 frozen + conv head vs the same network (blocks 1-2 +
                conv head, the paper's 3-block NIN) trained from scratch on the K labels (Fig. 5b)
     figures    visualize.py (attention, filters, curves, per-block bars) + the semi-sup curve
@@ -53,7 +53,7 @@ BUDGETS = {
                          "optim.schedule=[[0,0.05]]"],
                   subset=(60, 20), eval={"mlp": 1}, ablations=["one_random"],
                   ablation_train=[], semisup_ks=[20, 50], semisup_samples=2000),
-    # cpu-30min on the quiet 2-core Xeon: 5 compiled pretraining epochs (the config) ~27 min; 3 MLP probe
+    # cpu-30min on the quiet 2-core Xeon: 5 compiled pretraining epochs (the config), 28.6 min; 3 MLP probe
     # epochs (RotNet + random init, paper's milestones stretched) to keep eval near 10 min.
     # (The earlier H100 run of this budget used 2 pretraining epochs and 8 probe epochs.)
     # Ablations here get 1 of the main run's 5 epochs each (the main schedule's shape; ~6 min

@@ -169,7 +169,8 @@ def _budget_section(base: Path, budget: str, figures: Path, root: Path) -> list[
             ev = json.loads(p.read_text())["pretrained"]
             lg = _log(p.parents[1])
             h = lg[-1].get("heldout_rot_acc") if lg else None
-            label = {"rot_4": "0/90/180/270 (default" + (")" if own_default else ", main run)"), "one_random": "0/90/180/270, one random per image"}.get(name, name)
+            label = {"rot_4": "0/90/180/270 (default)" if own_default else "0/90/180/270 (default, main run)",
+                     "one_random": "0/90/180/270, one random per image"}.get(name, name)
             L.append(f"| {label} | {_pct(100 * h if h is not None else None)} | "
                      + " | ".join(_pct(ev.get(f"block{i}", {}).get("top1")) for i in range(1, 5))
                      + f" | {PAPER_TABLE2.get(name, '–')} |")
