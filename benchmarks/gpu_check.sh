@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# The project's GPU check: one call on a lent GPU machine, every figure into one summary.
+#
+# On the GPU machine (torch, no DALI, no network), after the parts of
+# `DATA=../shared/datasets/imagenette-224 bash ../shared/tools/gpu-stage.sh` were sent:
+#   command: . .gpu-stage/unpack.sh && bash benchmarks/gpu_check.sh      (timeout_s 560)
+# Here, the same steps at toy sizes on the CPU (what tests/benchmarks/test_gpu_check.py runs,
+# so the flags of every command below cannot rot unnoticed):
+#   GPU_CHECK_DEVICE=cpu DATA=DIR OUT=/tmp/gc bash benchmarks/gpu_check.sh
+#
+# Steps run in priority order, each under its own time limit; a step that no longer fits the
+# overall budget (GPU_CHECK_BUDGET s, default 480) is skipped and says so. A failing step does
+# not stop the rest. Outputs: $OUT/summary.txt (every step's rc and time, and the figure lines),
+# $OUT/check.log (everything). Exit status: 0 when no step failed.
+#
+# Environment: GPU_CHECK_DEVICE cuda|cpu (default: cuda when torch sees one), DATA (ImageNet
+# layout, train/ and val/; default $GPU_STAGE_DEST/data, where gpu-stage.sh unpacks its subset),
+# OUT (default /tmp/gpu-check), GPU_CHECK_BUDGET, GPU_CHECK_WORK (scratch, default /tmp/gpu-check-work).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 ROTNET_PROGRESS=0
+PY=${PYTHON:-python3}
+DEV=${GPU_CHECK_DEVICE:-$($PY -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}
+DATA=${DATA:-${GPU_STAGE_DEST:-/tmp/dali}/data}
+OUT=${OUT:-/tmp/gpu-check}; W=${GPU_CHECK_WORK:-/tmp/gpu-check-work}
+BUDGET=${GPU_CHECK_BUDGET:-480}
+mkdir -p "$OUT"; LOG=$OUT/check.log; SUM=$OUT/summary.txt; : > "$LOG"; : > "$SUM"
+rm -rf "$W"; mkdir -p "$W"
+T0=$SECONDS; FAILED=""; SKIPPED=""
+
+# ---------------------------------------------------------------------------- sizes
+# GPU: the real protocol sizes. CPU: toy sizes, fp32 (bf16 is emulated on CPUs without
+# AVX512-BF16/AMX and is ~30x slower there), a 1-process data loader.
+if [ "$DEV" = cuda ]; then
+  THREADS=$(nproc); BS=64; STEPS=40; WARM=5; SHORT=""
+  TT_ARGS="--only alexnet224,resnet50_224 --steps 20 --warmup 5 --repeats 1"
+  RUN_OVR="train.log_every=5"; TT_OVR=""
+else
+  THREADS=2; BS=4; STEPS=2; WARM=1
+  SHORT="model.width=0.25 data.crop_size=64 data.resize_size=72 train.precision=fp32"
+  TT_ARGS="--case alexnet224=configs/imagenet_alexnet.yaml --case resnet50_224=configs/imagenet_resnet50.yaml"
+  TT_ARGS="$TT_ARGS --only alexnet224,resnet50_224 --steps 2 --warmup 1 --repeats 1"
+  RUN_OVR="train.log_every=1 optim.batch_size_per_gpu=4 data.num_threads=1"
+  TT_OVR="optim.batch_size_per_gpu=4 data.num_threads=1"
+fi
+
+say() { echo "$*" | tee -a "$LOG" >> "$SUM"; }
+step() {  # step NAME LIMIT_S CMD...: run under a time limit, log all, record rc; never stops the script
+  local name=$1 limit=$2; shift 2
+  if [ $((SECONDS - T0 + limit)) -gt "$BUDGET" ]; then
+    SKIPPED="$SKIPPED $name"; say "=== $name: SKIPPED (budget: $((SECONDS - T0)) s used of $BUDGET)"; return
+  fi
+  echo "=== $name (limit ${limit}s, t=$((SECONDS - T0))s): $*" >> "$LOG"
+  local t=$SECONDS; timeout -k 10 "$limit" "$@" > "$W/$name.out" 2>&1; local rc=$?
+  cat "$W/$name.out" >> "$LOG"
+  # the figure lines of each step go to the summary too
+  grep -E "^(torch |DALI |decode |dali |reference |torch  |\| (alexnet|resnet|case)|images:|[0-9]+ passed|.*resumed from|.*top1|\| conv)" \
+    "$W/$name.out" >> "$SUM" 2>/dev/null
+  say "=== $name: rc=$rc in $((SECONDS - t)) s"
+  [ $rc -eq 0 ] || FAILED="$FAILED $name"
+}
+gpu_only() { if [ "$DEV" = cuda ]; then step "$@"; else say "=== $1: not run (needs CUDA; device $DEV)"; fi; }
+
+say "gpu_check: device $DEV, data $DATA, budget $BUDGET s, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+[ "$DEV" = cuda ] && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >> "$SUM" 2>&1
+if [ ! -d "$DATA/train" ]; then say "error: $DATA/train not found: set DATA (ImageNet layout)"; exit 2; fi
+
+# ---------------------------------------------------------------------------- 1. DALI beside torch
+# Versions, and DALI's decode against torchvision's on the same files (cuda: DALI mixed = nvJPEG;
+# cpu: DALI's CPU decoder): within 3 grey levels on average per image.
+step sanity 90 $PY - "$DATA/train" "$DEV" <<'EOF'
+import sys, numpy as np, torch, torchvision
+from torchvision.io import decode_jpeg, read_file
+root, dev = sys.argv[1], sys.argv[2]
+if dev == "cuda":
+    torch.zeros(1, device="cuda")            # torch owns the context first, as in train.py
+import nvidia.dali as dali, nvidia.dali.fn as fn, nvidia.dali.types as types
+from nvidia.dali import backend as b, pipeline_def
+from nvidia.dali.plugin.pytorch import feed_ndarray
+print("torch", torch.__version__, "cuda", torch.version.cuda, torchvision.__version__)
+print("DALI", dali.__version__, "| its CUDA", b.GetCudaVersion() if dev == "cuda" else "-")
+@pipeline_def(batch_size=16, num_threads=2, device_id=0 if dev == "cuda" else None, seed=1)
+def dec():
+    jpegs, _ = fn.readers.file(file_root=root, random_shuffle=False, name="r")
+    return fn.decoders.image(jpegs, device="mixed" if dev == "cuda" else "cpu", output_type=types.RGB), jpegs
+pipe = dec(); pipe.build()
+images, raw = pipe.run()
+diffs = []
+for i in range(len(images)):
+    if dev == "cuda":
+        got = torch.empty(images[i].shape(), dtype=torch.uint8, device="cuda")
+        feed_ndarray(images[i], got, cuda_stream=torch.cuda.current_stream())
+        got = got.cpu()
+    else:
+        got = torch.from_numpy(np.asarray(images[i]))
+    ref = decode_jpeg(torch.from_numpy(np.asarray(raw[i]).copy())).permute(1, 2, 0)
+    if ref.shape[-1] == 1:
+        ref = ref.expand(-1, -1, 3)
+    diffs.append((got.float() - ref.float()).abs().mean().item())
+print(f"decode DALI {'mixed' if dev == 'cuda' else 'cpu'} vs torchvision: mean |diff| {np.mean(diffs):.3f} "
+      f"grey levels, worst image {max(diffs):.3f} ({len(diffs)} images)")
+assert max(diffs) < 3.0, "DALI decode differs from torchvision's by 3+ grey levels"
+EOF
+
+# ---------------------------------------------------------------------------- 2. the CUDA tests
+# A skipped test counts as a failure here: on this machine DALI and CUDA must both be there.
+gpu_only cuda_tests 150 bash -c "$PY -m pytest -p no:cacheprovider -q -rs tests/pipelines/test_cuda.py \
+  > $W/pytest.txt 2>&1; rc=\$?; cat $W/pytest.txt; grep -q SKIPPED $W/pytest.txt && { echo 'tests skipped'; exit 1; }; exit \$rc"
+
+# ---------------------------------------------------------------------------- 3. input pipeline
+# Original images/s with the four rotations emitted and normalised (--prepare), DALI vs the
+# torchvision reference; then the DALI graph with hw_decoder_load 0.9 instead of 0.65.
+NTRAIN=$(find "$DATA/train" -type f | wc -l)
+ST=$(( NTRAIN / BS - WARM - 1 )); [ $ST -gt $STEPS ] && ST=$STEPS
+PIPE="$PY benchmarks/pipeline.py --device $DEV --batch-size $BS --warmup $WARM --steps $ST --threads $THREADS"
+PIPE="$PIPE --prepare --no-write"
+[ "$DEV" = cpu ] && PIPE="$PIPE --crop 32"
+step pipeline 150 bash -c "set -o pipefail; $PY benchmarks/image_set.py stats $DATA/train | sed 's/^/images: /' &&
+  $PIPE --data $DATA/train --backends dali,reference &&
+  $PIPE --data $DATA/train --backends dali data.hw_decoder_load=0.9 | sed 's/^dali /dali hw0.9/'"
+
+# ---------------------------------------------------------------------------- 4. ImageNet-sized photos
+# The same images upscaled to 500x375 and re-encoded at quality 90: decode-bound like ImageNet.
+BIG=$W/imagenet-sized
+step pipeline_imagenet_sized 150 bash -c "set -o pipefail; $PY benchmarks/image_set.py upscale $DATA/train $BIG/train \
+  --workers $THREADS > /dev/null && $PY benchmarks/image_set.py stats $BIG/train | sed 's/^/images: /' &&
+  $PIPE --data $BIG/train --backends dali"
+
+# ---------------------------------------------------------------------------- 5. training throughput
+# train.py's own step with real DALI input vs the same batch replayed: AlexNet 224 (batch 192)
+# and ResNet-50 224; targets >= 90% and >= 95% of synthetic.
+step train_throughput 200 $PY benchmarks/train_throughput.py --device $DEV --imagenet-data "$DATA" \
+  $TT_ARGS --out "" data.backend=dali $TT_OVR $SHORT
+
+# ---------------------------------------------------------------------------- 6. a short real run
+# Stopped mid-epoch (train.max_steps), resumed from its checkpoint (the DALI reader state goes back
+# into a new pipeline), then linear probes on two layers beside random init.
+RUN="$PY train.py --config configs/imagenette_alexnet.yaml data.root=$DATA data.backend=dali"
+RUN="$RUN train.output_dir=$W/run $RUN_OVR $SHORT"
+step train_resume 180 bash -c "set -eo pipefail; $RUN optim.epochs=1 train.max_steps=3
+  $RUN optim.epochs=1 2>&1 | tee $W/resume.txt; grep 'resumed from' $W/resume.txt"
+step eval 150 $PY eval.py --checkpoint "$W/run" --layer conv2,conv5 --epochs 1 --batch-size "$BS" \
+  --with-random --output-dir "$W/eval" $([ "$DEV" = cpu ] && echo --precision fp32) \
+  data.root="$DATA" data.backend=dali
+
+# ---------------------------------------------------------------------------- 7. review findings
+# fp32 with the graph's own normalisation (the model must receive float32).
+step fp32_graph_input 90 $PY train.py --config configs/imagenette_alexnet.yaml data.root="$DATA" \
+  data.backend=dali data.normalize=graph train.output_dir="$W/fp32" train.precision=fp32 train.max_steps=2 \
+  train.eval_rotation=false $RUN_OVR $SHORT
+
+# ---------------------------------------------------------------------------- 8. end-to-end smoke test
+gpu_only smoke_test 150 $PY -m pytest -p no:cacheprovider -q -rs tests/test_train_smoke.py
+
+[ -f "$W/eval/eval.md" ] && cp "$W/eval/eval.md" "$OUT/"
+say "=== done in $((SECONDS - T0)) s; failed:${FAILED:- none}; skipped:${SKIPPED:- none}"
+[ -z "$FAILED" ]
