@@ -13,20 +13,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rotnet.checkpoint import atomic_save, load_checkpoint
+from rotnet.checkpoint import atomic_save, differences, load_checkpoint
 
 STATE_VERSION = 1
 
 
 class ResumeMismatch(RuntimeError):
     """The output folder holds a run made with different arguments."""
-
-
-def signature_diff(saved: dict, current: dict) -> list[str]:
-    """Human-readable differences between two flat signatures."""
-    keys = sorted(set(saved) | set(current))
-    return [f"{k}: saved run has {saved.get(k)!r}, this run has {current.get(k)!r}"
-            for k in keys if saved.get(k) != current.get(k)]
 
 
 def load_state(path: Path, signature: dict) -> dict | None:
@@ -37,7 +30,8 @@ def load_state(path: Path, signature: dict) -> dict | None:
     if not path.is_file():
         return None
     state = load_checkpoint(path)
-    diffs = signature_diff(state.get("signature", {}), signature)
+    saved = state.get("signature", {})
+    diffs = differences(saved, signature, sorted(set(saved) | set(signature)), saved_as="saved run")
     if diffs:
         raise ResumeMismatch(
             f"{path} is from an eval run with different arguments:\n  " + "\n  ".join(diffs)
