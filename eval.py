@@ -118,18 +118,15 @@ def run(args: argparse.Namespace, info: DistInfo) -> None:
     layers = parse_layers(args.layer, next(iter(trunks.values())), head)
 
     suffix = ("_finetune" if args.finetune else "") + (f"_k{args.labels_per_class}" if args.labels_per_class else "")
-    if args.output_dir:
-        out = Path(args.output_dir)
-    elif ckpt_path is not None:
-        out = ckpt_path.parent / f"eval_{head}{suffix}"
-    else:
-        out = Path(cfg.train.output_dir) / f"eval_{head}_random{suffix}"
+    default = (ckpt_path.parent / f"eval_{head}{suffix}" if ckpt_path
+               else Path(cfg.train.output_dir) / f"eval_{head}_random{suffix}")
+    out = Path(args.output_dir) if args.output_dir else default
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
     barrier(info)
 
     # ------------------------------------------------------------ data
-    data_root(cfg)
+    data_root(cfg)   # an empty data.root becomes the built-in sample data
     p = Protocol(head=head, layers=layers, epochs=epochs, schedule=schedule,
                  batch_size=args.batch_size or cfg.probe.batch_size_per_gpu, precision=args.precision,
                  finetune=args.finetune, seed=seed, labels_per_class=args.labels_per_class, info=info, cfg=cfg,

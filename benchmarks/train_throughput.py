@@ -76,12 +76,9 @@ class TimingLogger:
 
 
 class ReplayLoader(list):
-    """The synthetic input: one batch already on the device, yielded `length` times."""
+    """The synthetic input: a list of one batch already on the device, repeated."""
 
     backend = "synthetic"
-
-    def __init__(self, batch, length: int):
-        super().__init__([batch] * length)
 
     def set_epoch(self, epoch):
         pass
@@ -134,7 +131,7 @@ def run_case(name: str, config: str, root: str | None, args) -> list[dict]:
         build_s = time.perf_counter() - t
         images, labels = next(iter(loader))
         batch = (images.clone(), labels.clone())   # loader buffers may be reused
-    replay = ReplayLoader(batch or synthetic_batch(cfg, device), args.warmup + args.steps)
+    replay = ReplayLoader([batch or synthetic_batch(cfg, device)] * (args.warmup + args.steps))
     # Real and synthetic alternate (ABAB...) and each keeps its best repeat: on shared cores the
     # load changes within a minute, and the fastest repeat is the one least disturbed.
     real, synth = [], []
