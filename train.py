@@ -19,25 +19,19 @@ import argparse
 import math
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-from models.rotnet import build_rotnet
 from pipelines import BadImageError, build_rotation_loader, prepare_batch
 from rotnet.checkpoint import check_compatible, find_checkpoint, git_commit, load_checkpoint, save_checkpoint
-from rotnet.config import Config, ConfigError, config_to_dict, load_config, save_config
-from rotnet.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
-from rotnet.preemption import REQUEUE_EXIT_CODE, StopFlag
+from rotnet.config import ConfigError, config_to_dict, load_config, save_config
+from rotnet.distributed import all_reduce_sum, barrier, cleanup, init_distributed
+from rotnet.preemption import REQUEUE_EXIT_CODE
 from rotnet.progress import RunLogger, log, setup_logging
-from rotnet.sample_data import ensure_sample_data
-from rotnet.schedule import StepSchedule
+from rotnet.run import Run, autocast, build_run, data_root
 
 # A checkpoint is refused (with the differences listed) when these differ from the run's config.
 ARCH_KEYS = ("model.arch", "model.width", "model.num_blocks", "data.rotations", "data.crop_size")
@@ -52,28 +46,6 @@ def get_args(argv=None) -> argparse.Namespace:
                    help="dotted overrides parsed as YAML, e.g. optim.epochs=5 data.root=/data/imagenet "
                         "train.output_dir=runs/x. Unknown keys and wrong types are errors.")
     return p.parse_args(argv)
-
-
-@dataclass
-class Run:
-    """What every step needs and that outlives an epoch (a plain record, not a trainer class)."""
-    cfg: Config
-    info: DistInfo
-    model: nn.Module            # DDP-wrapped (and compiled) when asked; `raw` is the unwrapped one
-    raw: nn.Module
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    schedule: StepSchedule
-    logger: RunLogger
-    stop: StopFlag
-    step: int = 0               # optimizer steps taken in total
-
-
-def autocast(cfg: Config, device: torch.device):
-    if cfg.train.precision == "fp32":
-        return nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
-    return torch.autocast(device.type, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------- one epoch
@@ -105,7 +77,7 @@ def train_one_epoch(run: Run, loader, epoch: int, start_step: int) -> dict:
             g["lr"] = lr
 
         x = prepare_batch(images, cfg.data, cfg.train.channels_last)   # (K*N, 3, H, W) normalised
-        with autocast(cfg, dev):
+        with autocast(cfg.train.precision, dev):
             logits = model(x)                                          # (K*N, K)
         loss = F.cross_entropy(logits.float(), labels)
         run.optimizer.zero_grad(set_to_none=True)
@@ -169,12 +141,11 @@ def evaluate_rotation(run: Run, loader) -> float:
     """Rotation accuracy on held-out images (data.val_dir, eval recipe), over all ranks."""
     run.raw.eval()
     counts = torch.zeros(2, device=run.info.device, dtype=torch.float64)
-    for images, labels in loader:
-        keep = labels >= 0                      # -1 marks padding that keeps ranks in step
-        with autocast(run.cfg, run.info.device):
+    for images, labels in loader:           # validation batches hold real images only (trimmed)
+        with autocast(run.cfg.train.precision, run.info.device):
             logits = run.raw(prepare_batch(images, run.cfg.data, run.cfg.train.channels_last))
-        counts[0] += (logits.argmax(1) == labels)[keep].sum()
-        counts[1] += keep.sum()
+        counts[0] += (logits.argmax(1) == labels).sum()
+        counts[1] += labels.numel()
     all_reduce_sum(counts, run.info)
     return counts[0].item() / max(counts[1].item(), 1)
 
@@ -266,51 +237,23 @@ def main(argv=None) -> None:
     setup_logging(info.is_main, out)
 
     # ------------------------------------------------------------ data
-    if not cfg.data.root:
-        cfg.data.root = str(ensure_sample_data(seed=cfg.data.sample_seed))
-    root = Path(cfg.data.root)
+    root = data_root(cfg)
     if not (root / cfg.data.train_dir).is_dir():
         sys.exit(f"error: data.root={cfg.data.root!r} has no {cfg.data.train_dir}/ folder; "
                  f"set data.root=/path/to/dataset (ImageNet layout: SPLIT/CLASS/IMAGE.JPEG)")
     n, k = cfg.optim.batch_size_per_gpu, len(cfg.data.rotations)
-    loader = build_rotation_loader(cfg.data, str(root / cfg.data.train_dir), batch_size=n, rank=info.rank,
-                                   world_size=info.world_size, local_rank=info.local_rank,
-                                   device=info.device, train=True, seed=cfg.train.seed)
+    common = dict(batch_size=n, rank=info.rank, world_size=info.world_size, local_rank=info.local_rank,
+                  device=info.device, seed=cfg.train.seed)
+    loader = build_rotation_loader(cfg.data, str(root / cfg.data.train_dir), train=True, **common)
     val_loader = None
     if cfg.train.eval_rotation and (root / cfg.data.val_dir).is_dir():
-        val_loader = build_rotation_loader(cfg.data, str(root / cfg.data.val_dir), batch_size=n,
-                                           rank=info.rank, world_size=info.world_size,
-                                           local_rank=info.local_rank, device=info.device, train=False,
-                                           seed=cfg.train.seed)
+        val_loader = build_rotation_loader(cfg.data, str(root / cfg.data.val_dir), train=False, **common)
 
     # ------------------------------------------------------------ model and optimizer
-    torch.manual_seed(cfg.train.seed)   # same initial weights on every rank
-    raw = build_rotnet(cfg.model, num_rotations=k, input_size=cfg.data.crop_size).to(info.device)
-    if cfg.train.sync_bn and info.device.type != "cuda":
-        sys.exit("error: train.sync_bn=true needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); "
-                 "set train.sync_bn=false")
-    if cfg.train.sync_bn and info.distributed:
-        raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
-    if cfg.train.channels_last:
-        raw = raw.to(memory_format=torch.channels_last)
-    model = raw
-    if info.distributed:
-        model = DistributedDataParallel(raw, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-    if cfg.train.compile:
-        model = torch.compile(model)
-    global_batch = n * info.world_size
-    scale = global_batch / cfg.optim.ref_batch if cfg.optim.scale_lr else 1.0
-    schedule = StepSchedule(cfg.optim.schedule, scale, cfg.optim.warmup_epochs)
-    sgd = dict(lr=schedule(0), momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
-               weight_decay=cfg.optim.weight_decay)
-    try:   # fused SGD: one kernel for the whole update (CUDA, and CPU in recent torch)
-        optimizer = torch.optim.SGD(raw.parameters(), fused=True, **sgd)
-    except (RuntimeError, TypeError):
-        optimizer = torch.optim.SGD(raw.parameters(), foreach=True, **sgd)
-    scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.train.precision == "fp16")
-    logger = RunLogger(out, info.is_main)
-    run = Run(cfg, info, model, raw, optimizer, scaler, schedule, logger,
-              StopFlag(info, every=cfg.train.log_every))
+    try:
+        run = build_run(cfg, info, RunLogger(out, info.is_main))
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
     start_epoch, start_step = resume(run, loader)
 
     if info.is_main:
@@ -320,8 +263,9 @@ def main(argv=None) -> None:
                  f"device {torch.cuda.get_device_name(info.device) if info.device.type == 'cuda' else 'cpu'} | "
                  f"precision {cfg.train.precision} | data backend {loader.backend}")
         log.info(f"batch: {n} original images/GPU x {k} rotations = {n * k} rotated samples/GPU; global "
-                 f"{global_batch} originals = {global_batch * k} rotated; lr scale {scale:.3g}; "
-                 f"{len(loader)} steps/epoch; {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params")
+                 f"{n * info.world_size} originals = {n * info.world_size * k} rotated; lr scale "
+                 f"{run.schedule.scale:.3g}; {len(loader)} steps/epoch; "
+                 f"{sum(p.numel() for p in run.raw.parameters()) / 1e6:.2f}M params")
 
     # ------------------------------------------------------------ training loop
     try:
@@ -329,7 +273,7 @@ def main(argv=None) -> None:
     except BadImageError as e:   # DALI cannot skip a corrupt file; the last checkpoint is untouched
         log.error(f"error: {e}")
         sys.exit(2)
-    logger.close()
+    run.logger.close()
     log.info(f"done: {cfg.train.output_dir}")
     cleanup(info)
 

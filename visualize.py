@@ -35,7 +35,8 @@ import torchvision.transforms.v2.functional as TF  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 
-from models.rotnet import build_rotnet  # noqa: E402
+from models.rotnet import seeded_rotnet  # noqa: E402
+from probes.report import draw_top1_bars  # noqa: E402
 from rotnet.checkpoint import find_checkpoint, load_checkpoint  # noqa: E402
 from rotnet.config import Config, config_from_dict, load_config  # noqa: E402
 
@@ -50,27 +51,17 @@ def load_run(run_dir: Path | None, checkpoint: str | None, config: str | None) -
 
     The config comes from, in order: the checkpoint, --config, RUN/config.yaml.
     """
-    ckpt = None
-    if checkpoint and checkpoint != "random":
-        ckpt = load_checkpoint(checkpoint)
-    elif checkpoint is None and run_dir is not None and find_checkpoint(run_dir):
+    if checkpoint is None and run_dir is not None and find_checkpoint(run_dir):
         checkpoint = str(find_checkpoint(run_dir))
-        ckpt = load_checkpoint(checkpoint)
+    ckpt = load_checkpoint(checkpoint) if checkpoint and checkpoint != "random" else None
     if ckpt is not None:
         cfg = config_from_dict(ckpt["config"], checkpoint)
-    elif config:
-        cfg = load_config(config)
-    elif run_dir is not None and (run_dir / "config.yaml").is_file():
-        cfg = load_config(run_dir / "config.yaml")
+    elif config or (run_dir is not None and (run_dir / "config.yaml").is_file()):
+        cfg = load_config(config or run_dir / "config.yaml")
     else:
         raise SystemExit("error: no checkpoint and no config: pass --checkpoint, --config or a --run with config.yaml")
-    torch.manual_seed(cfg.train.seed)
-    net = build_rotnet(cfg.model, num_rotations=len(cfg.data.rotations), input_size=cfg.data.crop_size)
-    if ckpt is not None:
-        net.load_state_dict(ckpt["model"])
-        what = f"{checkpoint} (epoch {ckpt.get('epoch')})"
-    else:
-        what = f"random init (seed {cfg.train.seed})"
+    net = seeded_rotnet(cfg, cfg.train.seed, ckpt["model"] if ckpt else None)
+    what = f"{checkpoint} (epoch {ckpt.get('epoch')})" if ckpt else f"random init (seed {cfg.train.seed})"
     return cfg, net.trunk.eval(), what
 
 
@@ -201,17 +192,8 @@ def plot_layers(evals: list[tuple[str, dict]], path: Path) -> None:
     for ax, (label, ev) in zip(axes[0], evals):
         models = [m for m in ("pretrained", "random") if m in ev] or \
                  [k for k, v in ev.items() if k not in ("meta", "difference_top1") and isinstance(v, dict)]
-        layers = list(ev[models[0]])
-        width = 0.8 / len(models)
-        for i, m in enumerate(models):
-            vals = [ev[m][layer]["top1"] for layer in layers]
-            xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(layers))]
-            bars = ax.bar(xs, vals, width, label={"pretrained": "RotNet", "random": "random init"}.get(m, m))
-            ax.bar_label(bars, fmt="%.1f", fontsize=6)
-        ax.set_xticks(range(len(layers)), layers)
-        ax.set(ylabel="top-1 (%)", title=label)
-        ax.title.set_fontsize(8)
-        ax.legend(fontsize=7)
+        draw_top1_bars(ax, {m: ev[m] for m in models}, fontsize=6)
+        ax.set_title(label, fontsize=8)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)

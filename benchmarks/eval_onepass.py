@@ -32,11 +32,14 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from benchmarks.report import append_block, machine  # noqa: E402
-from models.rotnet import build_rotnet  # noqa: E402
-from probes.engine import ProbeSet  # noqa: E402
-from probes.heads import build_probe, valid_layers  # noqa: E402
+from models.rotnet import seeded_rotnet  # noqa: E402
+from probes.engine import build_probe_set  # noqa: E402
+from probes.heads import valid_layers  # noqa: E402
+from probes.settings import Protocol  # noqa: E402
 from rotnet.checkpoint import git_commit  # noqa: E402
 from rotnet.config import load_config  # noqa: E402
+from rotnet.distributed import DistInfo  # noqa: E402
+from rotnet.run import build_optimizer, place  # noqa: E402
 
 HEADING = "## eval.py: one frozen pass for all probe layers (benchmarks/eval_onepass.py)"
 INTRO = "Target: `--layer all` costs at most 1.5x `--layer conv4`."
@@ -57,19 +60,18 @@ def end_to_end(args, layer: str, out: Path) -> dict:
 
 
 def compute_step(cfg, head: str, layers: list[str], batch: int, steps: int, device: torch.device) -> float:
-    """Median seconds of one training step of probes on `layers` (one trunk pass), synthetic input."""
-    torch.manual_seed(0)
-    trunk = build_rotnet(cfg.model, len(cfg.data.rotations), cfg.data.crop_size).trunk.to(device)
-    size = cfg.data.crop_size
-    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format  # as eval.py
-    trunk = trunk.to(memory_format=fmt)
-    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
+    """Median seconds of one training step of probes on `layers` (one trunk pass), synthetic input.
+
+    Probes, memory format and optimizer come from eval.py's own builders (probes.engine)."""
+    p = Protocol(head=head, layers=layers, epochs=1, schedule=cfg.probe.schedule, batch_size=batch,
+                 precision="bf16", finetune=False, seed=0, labels_per_class=0, info=DistInfo(device=device),
+                 cfg=cfg, val_every=0, out=REPO)
+    raw = build_probe_set(p, seeded_rotnet(cfg, 0).trunk, "benchmark", 10)
+    model = place(raw, p.info, cfg.train.channels_last)
+    opt = build_optimizer(raw.trainable_parameters(), cfg.probe.schedule[0][1], cfg.probe)
+    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    x = torch.randn(batch, 3, cfg.data.crop_size, cfg.data.crop_size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch,), device=device)
-    with torch.no_grad():
-        feats = trunk.eval().features(x[:2], layers)
-    heads = {k: build_probe(head, trunk, k, tuple(v.shape[1:]), 10) for k, v in feats.items()}
-    model = ProbeSet(trunk, heads, precision="bf16").to(device).to(memory_format=fmt)
-    opt = torch.optim.SGD(model.trainable_parameters(), lr=0.01, momentum=0.9, nesterov=True)
     times = []
     for i in range(steps + 2):  # two warm-up steps
         if device.type == "cuda":
@@ -106,8 +108,7 @@ def main() -> None:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the eval.py subprocesses
     cfg = load_config(REPO / args.config, args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    trunk = build_rotnet(cfg.model, len(cfg.data.rotations), cfg.data.crop_size).trunk
-    all_layers = valid_layers(args.head, trunk)
+    all_layers = valid_layers(args.head, seeded_rotnet(cfg, 0).trunk)
     batch = cfg.probe.batch_size_per_gpu
 
     rows = []

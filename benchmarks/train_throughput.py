@@ -5,8 +5,9 @@
     python benchmarks/train_throughput.py --device cuda --cifar-data DIR --imagenet-data DIR
     python benchmarks/train_throughput.py --case cifar=configs/cifar10_nin_cpu.yaml optim.batch_size_per_gpu=64
 
-Each case is a config trained for --warmup + --steps steps with train.py's own step
-(`train.train_one_epoch`: prepare_batch, autocast, SGD, the per-window device sync), twice:
+Each case is a config trained for --warmup + --steps steps with train.py's own run and step
+(`rotnet.run.build_run`: model, channels_last, compile, fused SGD, scaled lr; then
+`train.train_one_epoch`: prepare_batch, autocast, SGD, the per-window device sync), twice:
   real       batches from pipelines.build_rotation_loader (decode, crop, rotations: the pipeline)
   synthetic  one batch of the pipeline's output kept on the device and replayed (no input cost)
 so `1 - real/synthetic` is what the input pipeline costs the trainer. Without data for a case
@@ -36,16 +37,13 @@ sys.path.insert(0, str(REPO))
 
 import train  # noqa: E402  (train.py: the step being measured)
 from benchmarks.report import append_block, machine  # noqa: E402
-from models.rotnet import build_rotnet  # noqa: E402
 from pipelines import build_rotation_loader  # noqa: E402
 from pipelines.normalize import normalize_in_graph  # noqa: E402
 from pipelines.rotations import rotation_labels  # noqa: E402
 from rotnet.checkpoint import git_commit  # noqa: E402
 from rotnet.config import load_config  # noqa: E402
 from rotnet.distributed import DistInfo  # noqa: E402
-from rotnet.preemption import StopFlag  # noqa: E402
-from rotnet.sample_data import ensure_sample_data  # noqa: E402
-from rotnet.schedule import StepSchedule  # noqa: E402
+from rotnet.run import Run, build_run, data_root  # noqa: E402
 
 HEADING = "## Training throughput (benchmarks/train_throughput.py)"
 CASES = {  # name: (config, which --*-data flag gives its root; None = built-in sample data)
@@ -77,20 +75,10 @@ class TimingLogger:
         pass
 
 
-class ReplayLoader:
-    """The synthetic input: one batch already on the device, yielded `length` times."""
+class ReplayLoader(list):
+    """The synthetic input: a list of one batch already on the device, repeated."""
 
     backend = "synthetic"
-
-    def __init__(self, batch, length: int):
-        self.batch, self.length = batch, length
-
-    def __len__(self):
-        return self.length
-
-    def __iter__(self):
-        for _ in range(self.length):
-            yield self.batch
 
     def set_epoch(self, epoch):
         pass
@@ -108,27 +96,7 @@ def synthetic_batch(cfg, device: torch.device):
     return torch.randint(0, 256, (k * n, s, s, 3), dtype=torch.uint8, device=device), labels
 
 
-def make_run(cfg, device: torch.device) -> train.Run:
-    """Model, optimizer and scaler as train.main builds them for one process."""
-    info = DistInfo(device=device)
-    torch.manual_seed(cfg.train.seed)
-    raw = build_rotnet(cfg.model, num_rotations=len(cfg.data.rotations), input_size=cfg.data.crop_size).to(device)
-    if cfg.train.channels_last:
-        raw = raw.to(memory_format=torch.channels_last)
-    model = torch.compile(raw) if cfg.train.compile else raw
-    schedule = StepSchedule(cfg.optim.schedule, 1.0, cfg.optim.warmup_epochs)
-    sgd = dict(lr=schedule(0), momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
-               weight_decay=cfg.optim.weight_decay)
-    try:
-        optimizer = torch.optim.SGD(raw.parameters(), fused=True, **sgd)
-    except (RuntimeError, TypeError):
-        optimizer = torch.optim.SGD(raw.parameters(), foreach=True, **sgd)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
-    return train.Run(cfg, info, model, raw, optimizer, scaler, schedule, TimingLogger(),
-                     StopFlag(info, every=cfg.train.log_every))
-
-
-def measure(run: train.Run, loader, warmup: int, steps: int, first_epoch: int = 0) -> dict:
+def measure(run: Run, loader, warmup: int, steps: int, first_epoch: int = 0) -> dict:
     """Steps/s over `steps` steps after `warmup`, through train.train_one_epoch; epochs follow one
     another (set_epoch, a new iterator: a real cost of small data sets) until enough steps ran."""
     total = warmup + steps
@@ -149,11 +117,9 @@ def measure(run: train.Run, loader, warmup: int, steps: int, first_epoch: int = 
 def run_case(name: str, config: str, root: str | None, args) -> list[dict]:
     cfg = load_config(REPO / config, args.overrides)
     device = torch.device(args.device)
-    if root is None and cfg.data.root not in ("", "REQUIRED"):
-        root = cfg.data.root
-    if root is None and cfg.data.root == "":       # "" = the built-in sample data
-        root = str(ensure_sample_data(seed=cfg.data.sample_seed))
-    run = make_run(cfg, device)
+    if root is None and cfg.data.root != "REQUIRED":   # "" = the built-in sample data
+        root = str(data_root(cfg))
+    run = build_run(cfg, DistInfo(device=device), TimingLogger())   # exactly what train.py builds
     n, k = cfg.optim.batch_size_per_gpu, len(cfg.data.rotations)
     base = {"case": name, "config": config, "model": f"{cfg.model.arch} x{cfg.model.width:g}",
             "crop": cfg.data.crop_size, "batch": n, "k": k, "precision": cfg.train.precision}
@@ -165,7 +131,7 @@ def run_case(name: str, config: str, root: str | None, args) -> list[dict]:
         build_s = time.perf_counter() - t
         images, labels = next(iter(loader))
         batch = (images.clone(), labels.clone())   # loader buffers may be reused
-    replay = ReplayLoader(batch or synthetic_batch(cfg, device), args.warmup + args.steps)
+    replay = ReplayLoader([batch or synthetic_batch(cfg, device)] * (args.warmup + args.steps))
     # Real and synthetic alternate (ABAB...) and each keeps its best repeat: on shared cores the
     # load changes within a minute, and the fastest repeat is the one least disturbed.
     real, synth = [], []

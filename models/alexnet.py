@@ -91,10 +91,6 @@ class AlexNetTrunk(ProbeTrunk):
         }
         init_weights(self)
 
-    def new_fc_block(self) -> nn.Sequential:
-        """Freshly initialised copy of `fc_block`: (B, C5, h, w) pool5 -> (B, out_dim)."""
-        return alexnet_fc_block(self.fc_in_features, self.width)
-
     def _tail(self, x: Tensor) -> Tensor:
         """conv5 (B, C5, h, w) -> pool5 -> fc_block -> (B, out_dim)."""
         x = self.pool5(x)

@@ -3,6 +3,7 @@
     model = ProbeSet(trunk, {"conv4": head4, "conv5": head5}, finetune=False, precision="bf16")
     stats = train_one_epoch(model, loader, optimizer, lr_at, epoch, ...)
     metrics = evaluate(model, val_loader, ...)   # {"conv4": {"top1": .., "top5": .., "count": ..}}
+    result = fit_probes(protocol, trunk, "pretrained", checkpoint)   # the whole run, resumable
 
 Why one pass: the trunk forward is the expensive part, so evaluating five layers
 costs little more than one (benchmarks/eval_onepass.py measures it).
@@ -11,12 +12,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rotnet.distributed import DistInfo, all_reduce_sum
+from pipelines import build_class_loader, prepare_batch
+from probes.heads import build_probe
+from probes.resume import load_state, restore_state, save_state
+from probes.settings import Protocol, UsageError
+from rotnet.distributed import DistInfo, all_reduce_sum, barrier
+from rotnet.progress import RunLogger, log
+from rotnet.run import autocast, build_optimizer, place
+from rotnet.schedule import StepSchedule
 
 
 def freeze(trunk: nn.Module) -> None:
@@ -53,16 +62,12 @@ class ProbeSet(nn.Module):
             self.trunk.eval()
         return self
 
-    def probe_parameters(self) -> list[nn.Parameter]:
-        return list(self.heads.parameters())
-
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What the optimizer sees: head params, plus trunk params only when fine-tuning."""
-        return self.probe_parameters() + (list(self.trunk.parameters()) if self.finetune else [])
+        return list(self.heads.parameters()) + (list(self.trunk.parameters()) if self.finetune else [])
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
-        with torch.autocast(device_type=x.device.type, dtype=dtype, enabled=self.precision != "fp32"):
+        with autocast(self.precision, x.device):
             with torch.set_grad_enabled(self.finetune and torch.is_grad_enabled()):
                 feats = self.trunk.features(x, self.layers)  # ONE forward for all layers
             # fp32 logits: the loss and top-k should not see bf16 rounding
@@ -70,17 +75,15 @@ class ProbeSet(nn.Module):
 
 
 def topk_correct(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> Tensor:
-    """Correct counts for each k, then the number of real samples: (len(ks) + 1,) float64.
+    """Correct counts for each k, then the number of samples: (len(ks) + 1,) float64.
 
-    logits (B, K), labels (B,); label -1 (padding) is ignored. k larger than K counts
-    as K. Stays on the logits' device (no host sync per batch).
+    logits (B, K), labels (B,). k larger than K counts as K. Stays on the logits' device
+    (no host sync per batch).
     """
-    keep = labels >= 0
     kmax = min(max(ks), logits.shape[1])
-    pred = logits.topk(kmax, dim=1).indices                  # (B, kmax)
-    hit = pred.eq(labels[:, None]) & keep[:, None]           # (B, kmax); padding never hits
-    counts = [hit[:, : min(k, kmax)].any(dim=1).sum() for k in ks] + [keep.sum()]
-    return torch.stack(counts).to(torch.float64)
+    hit = logits.topk(kmax, dim=1).indices.eq(labels[:, None])     # (B, kmax)
+    counts = [hit[:, : min(k, kmax)].any(dim=1).sum() for k in ks]
+    return torch.stack(counts + [torch.full_like(counts[0], labels.numel())]).to(torch.float64)
 
 
 def _to_device(images: Tensor, labels: Tensor, device: torch.device, prepare: Callable[[Tensor], Tensor]):
@@ -104,7 +107,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
             group["lr"] = lr
         x, y = _to_device(images, labels, info.device, prepare)
         logits = model(x)
-        losses = [F.cross_entropy(logits[name], y, ignore_index=-1) for name in layers]
+        losses = [F.cross_entropy(logits[name], y) for name in layers]
         loss = torch.stack(losses).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -132,8 +135,9 @@ def evaluate(model: nn.Module, loader: Iterable, layers: list[str], info: DistIn
              prepare: Callable[[Tensor], Tensor], bar=None) -> dict[str, dict]:
     """Top-1/top-5 (%) per layer over the whole val split.
 
-    Counts, not per-rank means, are summed across ranks and padding (label -1) is
-    skipped, so every val image counts exactly once whatever the world size.
+    Counts, not per-rank means, are summed across ranks, and the class loader's val
+    batches hold each image once over all ranks (the last one trimmed, never padded),
+    so every val image counts exactly once whatever the world size.
     Returns {layer: {"top1", "top5", "count"}}.
     """
     model.eval()
@@ -152,3 +156,82 @@ def evaluate(model: nn.Module, loader: Iterable, layers: list[str], info: DistIn
         out[name] = {"top1": 100.0 * sums[i, 0].item() / max(1, n),
                      "top5": 100.0 * sums[i, 1].item() / max(1, n), "count": n}
     return out
+
+
+# ---------------------------------------------------------------------------- one probe run
+
+def build_loaders(p: Protocol):
+    """(train, val) class loaders. Built afresh for each trunk so both see identical data."""
+    root, d = Path(p.cfg.data.root), p.cfg.data
+    common = dict(batch_size=p.batch_size, rank=p.info.rank, world_size=p.info.world_size,
+                  local_rank=p.info.local_rank, device=p.info.device, seed=p.seed)
+    try:
+        train = build_class_loader(d, str(root / d.train_dir), train=True, labels_per_class=p.labels_per_class,
+                                   **common)
+        val = build_class_loader(d, str(root / d.val_dir), train=False, **common)
+    except (ValueError, FileNotFoundError) as e:  # empty/missing split, fewer images than one batch, ...
+        raise UsageError(f"cannot load the data under {root}: {e}") from e
+    if list(train.classes) != list(val.classes):
+        raise UsageError(f"class folders of {root / d.train_dir} and {root / d.val_dir} differ "
+                         f"({len(train.classes)} vs {len(val.classes)} classes)")
+    return train, val
+
+
+def build_probe_set(p: Protocol, trunk: nn.Module, kind: str, num_classes: int) -> ProbeSet:
+    """`trunk` plus a fresh probe per layer, on the device. Each probe is sized from one dry
+    forward, (2, 3, S, S) -> {layer: (2, C, h, w)}, in eval mode so BN stats stay untouched."""
+    size, dev, was_training = p.cfg.data.crop_size, p.info.device, trunk.training
+    with torch.no_grad():
+        feats = trunk.to(dev).eval().features(torch.zeros(2, 3, size, size, device=dev), p.layers)
+    trunk.train(was_training)
+    torch.manual_seed(p.seed + 1)  # probe init: same on every rank, whichever trunk came first
+    heads = {name: build_probe(p.head, trunk, name, tuple(f.shape[1:]), num_classes) for name, f in feats.items()}
+    for name, head in heads.items():
+        dims = getattr(head, "in_dim", None)  # the classifier's input size; conv heads have none
+        log.info(f"[{kind}] {name}: features {tuple(feats[name].shape[1:])} -> {p.head} probe"
+                 + (f" on {dims} dims" if dims else "")
+                 + f" ({sum(x.numel() for x in head.parameters()) / 1e6:.2f}M params)")
+    return ProbeSet(trunk, heads, finetune=p.finetune, precision=p.precision).to(dev)
+
+
+def fit_probes(p: Protocol, trunk: nn.Module, kind: str, checkpoint: str) -> dict[str, dict]:
+    """Train one probe per layer on `trunk` (frozen unless finetune); return {layer: val metrics}.
+
+    Resumes from <out>/probe_state_<kind>.pt, which is rewritten after every epoch.
+    """
+    state_path, sig = p.out / f"probe_state_{kind}.pt", p.signature(kind, checkpoint)
+    state = load_state(state_path, sig)
+    if state is not None and state["result"] is not None:
+        log.info(f"[{kind}] already complete in {state_path}; reusing its result")
+        return state["result"]
+    train_loader, val_loader = build_loaders(p)
+    raw = build_probe_set(p, trunk, kind, len(train_loader.classes))
+    model = place(raw, p.info, p.cfg.train.channels_last)
+    optimizer = build_optimizer(raw.trainable_parameters(), p.schedule[0][1], p.cfg.probe)
+    start, history = (restore_state(state, raw, optimizer), state["history"]) if state else (0, [])
+    if state:
+        log.info(f"[{kind}] resuming from {state_path}: epoch {start + 1} of {p.epochs}")
+
+    lr_at = StepSchedule(p.schedule, name="probe schedule")
+    logger = RunLogger(p.out, p.info.is_main, jsonl_name="eval_log.jsonl", tensorboard=False)
+    prepare = lambda images: prepare_batch(images, p.cfg.data, p.cfg.train.channels_last)  # noqa: E731
+    result = None
+    for epoch in range(start, p.epochs):
+        train_loader.set_epoch(epoch)
+        logger.start_epoch(epoch + 1, len(train_loader))
+        stats = {"model": kind, "epoch": epoch + 1, **train_one_epoch(
+            model, train_loader, optimizer, lr_at, epoch, len(train_loader), p.layers, p.info, prepare, bar=logger.bar)}
+        last = epoch + 1 == p.epochs
+        if last or (p.val_every and (epoch + 1) % p.val_every == 0):
+            stats["val"] = evaluate(model, val_loader, p.layers, p.info, prepare)
+        result = stats["val"] if last else None
+        logger.end_epoch(stats)
+        history.append(stats)
+        log.info(f"[{kind}] epoch {epoch + 1}/{p.epochs} lr {stats['lr']:.3g} | " + " | ".join(
+            f"{n} loss {stats[n]['train_loss']:.3f}" + (f" val@1 {stats['val'][n]['top1']:.2f}" if "val" in stats
+                                                        else "") for n in p.layers))
+        if p.info.is_main:
+            save_state(state_path, raw, optimizer, signature=sig, epoch=epoch + 1, result=result, history=history)
+        barrier(p.info)
+    logger.close()
+    return result

@@ -183,8 +183,3 @@ def build_probe(head: str, trunk: nn.Module, layer: str, feat_shape: tuple[int, 
     if trunk.arch == "alexnet":
         return AlexNetNonLinearProbe(layer, c, trunk.layer_channels["conv5"], (h, w), trunk.width, num_classes)
     return MLPProbe(c, None if c * h * w <= MLP_FLATTEN_MAX else pool_grid(c, h, w), num_classes, (h, w))
-
-
-def probe_input_dims(probe: nn.Module) -> int | None:
-    """Number of features the (first) classifier layer sees, for reports; None for conv heads."""
-    return getattr(probe, "in_dim", None)

@@ -68,26 +68,31 @@ def markdown_table(results: dict[str, dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def bar_chart(results: dict[str, dict], meta: dict, path: Path) -> None:
-    """Top-1 per layer as bars; random init beside pretrained when both ran."""
-    import matplotlib
-    matplotlib.use("Agg")  # no display on cluster nodes
-    import matplotlib.pyplot as plt
-
+def draw_top1_bars(ax, results: dict[str, dict], fontsize: int = 7) -> None:
+    """Top-1 per layer as grouped bars on `ax`, random init beside pretrained (also visualize.py's)."""
     models = list(results)
     layers = list(results[models[0]])
     width = 0.8 / len(models)
     colors = {"pretrained": "tab:blue", "random": "tab:gray"}
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(layers), 3.6))
     for i, model in enumerate(models):
         xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(layers))]
         ys = [results[model][layer]["top1"] for layer in layers]
         bars = ax.bar(xs, ys, width, label=_title(model), color=colors.get(model))
-        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        ax.bar_label(bars, fmt="%.1f", fontsize=fontsize)
     ax.set_xticks(range(len(layers)), layers)
     ax.set_ylabel("top-1 (%)")
+    ax.legend(fontsize=fontsize + 1)
+
+
+def bar_chart(results: dict[str, dict], meta: dict, path: Path) -> None:
+    """eval.png: `draw_top1_bars` titled with the protocol."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display on cluster nodes
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(next(iter(results.values()))), 3.6))
+    draw_top1_bars(ax, results)
     ax.set_title(f"{meta['arch']}: frozen-layer {meta['head']} probes ({meta['epochs']} epochs)", fontsize=9)
-    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,7 +1,8 @@
 """Per-epoch probe state in the eval output folder, and resuming from it.
 
     state = load_state(out / "probe_state_pretrained.pt", signature)   # None: start fresh
-    save_state(path, signature=..., epoch=..., probes=..., optimizer=..., trunk=None, result=None)
+    epochs_done = restore_state(state, probe_set, optimizer)
+    save_state(path, probe_set, optimizer, signature=..., epoch=..., result=None, history=[...])
 
 The signature is everything that changes the numbers (checkpoint, head, layers,
 epochs, schedule, batch, data settings, ...). A rerun with the same arguments picks
@@ -12,20 +13,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rotnet.checkpoint import atomic_save, load_checkpoint
+from rotnet.checkpoint import atomic_save, differences, load_checkpoint
 
 STATE_VERSION = 1
 
 
 class ResumeMismatch(RuntimeError):
     """The output folder holds a run made with different arguments."""
-
-
-def signature_diff(saved: dict, current: dict) -> list[str]:
-    """Human-readable differences between two flat signatures."""
-    keys = sorted(set(saved) | set(current))
-    return [f"{k}: saved run has {saved.get(k)!r}, this run has {current.get(k)!r}"
-            for k in keys if saved.get(k) != current.get(k)]
 
 
 def load_state(path: Path, signature: dict) -> dict | None:
@@ -36,7 +30,8 @@ def load_state(path: Path, signature: dict) -> dict | None:
     if not path.is_file():
         return None
     state = load_checkpoint(path)
-    diffs = signature_diff(state.get("signature", {}), signature)
+    saved = state.get("signature", {})
+    diffs = differences(saved, signature, sorted(set(saved) | set(signature)), saved_as="saved run")
     if diffs:
         raise ResumeMismatch(
             f"{path} is from an eval run with different arguments:\n  " + "\n  ".join(diffs)
@@ -45,13 +40,24 @@ def load_state(path: Path, signature: dict) -> dict | None:
     return state
 
 
-def save_state(path: Path, *, signature: dict, epoch: int, probes: dict, optimizer: dict,
-               trunk: dict | None = None, result: dict | None = None, history: list | None = None) -> None:
+def restore_state(state: dict, probe_set, optimizer) -> int:
+    """Load a saved state into the probes, a fine-tuned trunk and the optimizer; returns epochs done."""
+    probe_set.heads.load_state_dict(state["probes"])
+    if probe_set.finetune:
+        probe_set.trunk.load_state_dict(state["trunk"])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["epoch"]
+
+
+def save_state(path: Path, probe_set, optimizer, *, signature: dict, epoch: int, result: dict | None,
+               history: list) -> None:
     """Atomically write the resume point (rank 0 only): `epoch` = epochs completed.
 
-    `trunk` is stored only when fine-tuning (a frozen trunk is the checkpoint's);
+    The trunk is stored only when fine-tuning (a frozen trunk is the checkpoint's);
     `result` holds the final val metrics once the run is complete, so a rerun
     just rewrites the reports.
     """
-    atomic_save({"version": STATE_VERSION, "signature": signature, "epoch": epoch, "probes": probes,
-                 "optimizer": optimizer, "trunk": trunk, "result": result, "history": history or []}, path)
+    trunk = probe_set.trunk.state_dict() if probe_set.finetune else None
+    atomic_save({"version": STATE_VERSION, "signature": signature, "epoch": epoch,
+                 "probes": probe_set.heads.state_dict(), "optimizer": optimizer.state_dict(), "trunk": trunk,
+                 "result": result, "history": history}, path)

@@ -1,23 +1,50 @@
 """How eval.py's arguments become one evaluation run: checkpoint lookup, config layering,
-layer selection, schedule stretching and the resume signature.
+layer selection, schedule stretching, and the `Protocol` whose fields sign the resume state.
 
 Errors are `UsageError`s whose message says what was wrong and what the valid
 choices are; eval.py prints them and exits.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from probes.heads import valid_layers
-from rotnet.checkpoint import find_checkpoint
+from rotnet.checkpoint import find_checkpoint, load_checkpoint
+from rotnet.config import Config, apply_overrides, config_from_dict, config_to_dict, load_config
+from rotnet.distributed import DistInfo
+
+DEFAULT_CONFIG = "configs/sample.yaml"
 
 # Data keys that change speed, not results: left out of the resume signature.
 DATA_SPEED_KEYS = ("backend", "num_threads", "prefetch", "hw_decoder_load", "device_memory_padding",
                    "host_memory_padding", "normalize", "resident")
+UNSIGNED = {"signed": False}   # field metadata: a Protocol field that does not change the numbers
 
 
 class UsageError(ValueError):
     """Bad command-line input; the message names it and lists valid choices."""
+
+
+def resolve_config(config: str | None, checkpoint: str | None,
+                   overrides: list[str]) -> tuple[Config, Config, Path | None, dict | None]:
+    """(cfg, trained, checkpoint path, checkpoint) of one evaluation, each resolved once.
+
+    cfg: data and probe settings from `config` if given, else from the config stored in the
+    checkpoint (the data it was trained on), overrides applied on top; its model is always the
+    checkpoint's. trained: the config of the run that made the trunk (model, rotations, crop
+    size): the checkpoint's, or cfg itself for --checkpoint random. Without --checkpoint the
+    checkpoint is the latest of `config`'s train.output_dir (default DEFAULT_CONFIG).
+    """
+    name = config or DEFAULT_CONFIG
+    cfg = load_config(name, overrides)
+    path = resolve_checkpoint(checkpoint, cfg.train.output_dir, name)
+    if path is None:
+        return cfg, cfg, None, None
+    ckpt = load_checkpoint(path)
+    raw = config_to_dict(cfg) if config else apply_overrides(ckpt["config"], overrides)
+    cfg = config_from_dict({**raw, "model": ckpt["config"]["model"]}, f"{path} config + overrides")
+    return cfg, config_from_dict(ckpt["config"], str(path)), path, ckpt
 
 
 def resolve_checkpoint(arg: str | None, output_dir: str, config_name: str) -> Path | None:
@@ -75,13 +102,33 @@ def stretch_schedule(table: list[list[float]], from_epochs: int, to_epochs: int,
     return [[round(e * f, 4), float(f"{v * g:.6g}")] for e, v in table]
 
 
-def run_signature(*, kind: str, checkpoint: str, head: str, layers: list[str], epochs: int,
-                  schedule: list[list[float]], batch_size: int, world_size: int, precision: str,
-                  finetune: bool, seed: int, labels_per_class: int, cfg_dict: dict) -> dict:
-    """Everything that changes the numbers of one probe run (resume refuses a mismatch)."""
-    data = {k: v for k, v in cfg_dict["data"].items() if k not in DATA_SPEED_KEYS}
-    probe = {k: cfg_dict["probe"][k] for k in ("momentum", "nesterov", "weight_decay")}
-    return {"model": kind, "checkpoint": checkpoint, "head": head, "layers": list(layers), "epochs": epochs,
-            "schedule": schedule, "batch_size": batch_size, "world_size": world_size, "precision": precision,
-            "finetune": finetune, "seed": seed, "labels_per_class": labels_per_class, "data": data,
-            "probe": probe}
+@dataclass
+class Protocol:
+    """What defines one probe run, shared by the pretrained and the random trunk.
+
+    Every field without UNSIGNED metadata changes the numbers, so it is part of the resume
+    signature (`signature`) and of eval.json's meta (`signed`).
+    """
+    head: str
+    layers: list[str]
+    epochs: int
+    schedule: list[list[float]]
+    batch_size: int
+    precision: str
+    finetune: bool
+    seed: int
+    labels_per_class: int
+    info: DistInfo = field(metadata=UNSIGNED)   # its world_size is signed
+    cfg: Config = field(metadata=UNSIGNED)      # its data (less DATA_SPEED_KEYS) and probe SGD are signed
+    val_every: int = field(metadata=UNSIGNED)   # extra val scores for the log only
+    out: Path = field(metadata=UNSIGNED)
+
+    def signed(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("signed", True)}
+
+    def signature(self, kind: str, checkpoint: str) -> dict:
+        """Everything that changes the numbers of the `kind` run (resume refuses a mismatch)."""
+        raw = config_to_dict(self.cfg)
+        return {"model": kind, "checkpoint": checkpoint, **self.signed(), "world_size": self.info.world_size,
+                "data": {k: v for k, v in raw["data"].items() if k not in DATA_SPEED_KEYS},
+                "probe": {k: raw["probe"][k] for k in ("momentum", "nesterov", "weight_decay")}}

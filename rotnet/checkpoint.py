@@ -108,15 +108,20 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         raise RuntimeError(f"cannot load checkpoint {path}: {e}") from e
 
 
+def differences(saved: dict, current: dict, keys, saved_as: str = "checkpoint") -> list[str]:
+    """'key: <saved_as> has A, this run has B' for each key (dotted: a path into nested dicts)
+    whose values differ: how a refused resume names what changed."""
+    def get(d, dotted: str):
+        for k in dotted.split("."):
+            d = d.get(k) if isinstance(d, dict) else None
+        return d
+
+    return [f"{k}: {saved_as} has {get(saved, k)!r}, this run has {get(current, k)!r}"
+            for k in keys if get(saved, k) != get(current, k)]
+
+
 def check_compatible(saved: dict, current: dict, keys: tuple[str, ...]) -> None:
     """Refuse a checkpoint whose config differs in `keys` (dotted), saying what differs."""
-    diffs = []
-    for dotted in keys:
-        a, b = saved, current
-        for k in dotted.split("."):
-            a = a.get(k) if isinstance(a, dict) else None
-            b = b.get(k) if isinstance(b, dict) else None
-        if a != b:
-            diffs.append(f"{dotted}: checkpoint has {a!r}, this run has {b!r}")
+    diffs = differences(saved, current, keys)
     if diffs:
         raise RuntimeError("checkpoint is from a different model/config:\n  " + "\n  ".join(diffs))

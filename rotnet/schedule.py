@@ -21,6 +21,7 @@ class StepSchedule:
         epochs = [row[0] for row in table]
         if epochs[0] != 0 or epochs != sorted(epochs):
             raise ValueError(f"{name}: epochs must start at 0 and increase, got {epochs}")
+        self.scale = scale
         self.table = [(float(e), float(lr) * scale) for e, lr in table]
         self.warmup_epochs = warmup_epochs
 

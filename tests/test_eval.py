@@ -16,6 +16,7 @@ import yaml
 from PIL import Image
 
 import eval as eval_cli
+import probes.engine
 from models.rotnet import build_rotnet
 from rotnet.checkpoint import atomic_save, load_checkpoint
 from rotnet.config import config_to_dict, load_config
@@ -93,12 +94,12 @@ def test_default_checkpoint_outputs_and_val_counting(setup):
 
 def test_frozen_trunk_is_untouched_end_to_end(setup, monkeypatch):
     built = []
-    real = eval_cli.build_trunk_from
-    monkeypatch.setattr(eval_cli, "build_trunk_from", lambda *a: built.append(real(*a)) or built[-1])
+    real = eval_cli.seeded_rotnet
+    monkeypatch.setattr(eval_cli, "seeded_rotnet", lambda *a: built.append(real(*a)) or built[-1])
     out = _run(setup, "--checkpoint", str(setup["ckpt"]), "--epochs", "1")
     saved = {k[len("trunk."):]: v for k, v in load_checkpoint(setup["ckpt"])["model"].items()
              if k.startswith("trunk.")}
-    after = built[0].state_dict()                                         # params AND BN running stats
+    after = built[0].trunk.state_dict()                                   # params AND BN running stats
     assert set(after) == set(saved) and all(torch.equal(after[k].cpu(), saved[k]) for k in saved)
     assert load_checkpoint(out / "probe_state_pretrained.pt")["trunk"] is None
 
@@ -112,7 +113,7 @@ def test_finetune_changes_trunk(setup):
 
 def test_resume_continues_at_next_epoch_and_refuses_changes(setup, monkeypatch):
     out = setup["tmp"] / "resume"
-    real = eval_cli.train_one_epoch
+    real = probes.engine.train_one_epoch
     seen = []
 
     def dies_in_epoch_2(*a, **kw):
@@ -120,13 +121,13 @@ def test_resume_continues_at_next_epoch_and_refuses_changes(setup, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(eval_cli, "train_one_epoch", dies_in_epoch_2)
+    monkeypatch.setattr(probes.engine, "train_one_epoch", dies_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         _run(setup, "--checkpoint", str(setup["ckpt"]), out=out)
     assert load_checkpoint(out / "probe_state_pretrained.pt")["epoch"] == 1
     assert not (out / "eval.json").exists()
 
-    monkeypatch.setattr(eval_cli, "train_one_epoch", lambda *a, **kw: seen.append(a[4]) or real(*a, **kw))
+    monkeypatch.setattr(probes.engine, "train_one_epoch", lambda *a, **kw: seen.append(a[4]) or real(*a, **kw))
     _run(setup, "--checkpoint", str(setup["ckpt"]), out=out)
     assert seen == [1]                                                    # only the missing epoch ran
     assert [json.loads(x)["epoch"] for x in (out / "eval_log.jsonl").read_text().splitlines()] == [1, 2]

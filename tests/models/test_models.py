@@ -44,7 +44,7 @@ def test_alexnet_small_inputs_and_fc_block(size):
     trunk = build_trunk("alexnet", width=0.25, input_size=size)
     head = build_rotation_head(trunk, 4)
     assert head(trunk(_x(size))).shape == (2, 4)
-    fresh = trunk.new_fc_block()
+    fresh = alexnet_fc_block(trunk.fc_in_features, trunk.width)   # what the conv4/conv5 mlp probes retrain
     assert fresh is not trunk.fc_block
     assert [p.shape for p in fresh.parameters()] == [p.shape for p in trunk.fc_block.parameters()]
     assert isinstance(alexnet_fc_block(trunk.fc_in_features, 0.25), torch.nn.Sequential)

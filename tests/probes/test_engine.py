@@ -19,14 +19,14 @@ class ListLoader(list):
         pass
 
 
-def _loader(n_batches=3, batch=6, pad=0, seed=0):
+def _loader(n_batches=3, batch=6, seed=0, last=None):
+    """`last`: size of the final batch (a trimmed val batch), default `batch`."""
     g = torch.Generator().manual_seed(seed)
     out = ListLoader()
-    for _ in range(n_batches):
-        x = torch.randint(0, 256, (batch, SIZE, SIZE, 3), dtype=torch.uint8, generator=g)
-        y = torch.randint(0, CLASSES, (batch,), generator=g)
-        if pad:
-            y[-pad:] = -1
+    for i in range(n_batches):
+        b = last if last is not None and i == n_batches - 1 else batch
+        x = torch.randint(0, 256, (b, SIZE, SIZE, 3), dtype=torch.uint8, generator=g)
+        y = torch.randint(0, CLASSES, (b,), generator=g)
         out.append((x, y))
     return out
 
@@ -96,16 +96,16 @@ def test_one_trunk_forward_per_batch_for_all_layers():
     assert all(c == ["block1", "block2", "block3"] for c in calls)
 
 
-def test_topk_ignores_padding():
+def test_topk_counts():
     logits = torch.tensor([[5.0, 1, 0], [0, 5, 1], [0, 1, 5], [9, 0, 0]])
-    labels = torch.tensor([0, 2, 2, -1])
+    labels = torch.tensor([0, 2, 2, 1])
     c1, c5, n = topk_correct(logits, labels).tolist()
-    assert (c1, c5, n) == (2, 3, 3)          # k=5 > 3 classes counts as k=3; the -1 row is skipped
+    assert (c1, c5, n) == (2, 4, 4)          # k=5 > 3 classes counts as k=3: every row hits
 
 
-def test_val_denominator_is_number_of_real_images():
+def test_val_denominator_is_number_of_images():
     model = _model()
-    loader = _loader(n_batches=3, batch=5, pad=2)      # 3 real + 2 padding per batch
+    loader = _loader(n_batches=3, batch=5, last=2)     # 5 + 5 + a trimmed last batch of 2
     metrics = evaluate(model, loader, model.layers, INFO, _prepare)
-    assert all(m["count"] == 9 for m in metrics.values())
+    assert all(m["count"] == 12 for m in metrics.values())
     assert all(0 <= m["top1"] <= m["top5"] <= 100 for m in metrics.values())

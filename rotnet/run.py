@@ -1,0 +1,107 @@
+"""Building a run: model, DDP, optimizer, scaler, schedule, in one place for every entry point.
+
+    run = build_run(cfg, info, RunLogger(out, info.is_main))   # train.py and the benchmarks
+    optimizer = build_optimizer(params, lr, cfg.probe)          # eval.py's probes
+    model = place(raw, info, channels_last=True)               # channels_last, cuDNN autotune, DDP
+
+benchmarks/train_throughput.py times `train.train_one_epoch` on a `build_run` result, so it
+measures exactly the model, optimizer and lr that train.py runs.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from models.rotnet import seeded_rotnet
+from rotnet.config import Config, ConfigError
+from rotnet.distributed import DistInfo
+from rotnet.preemption import StopFlag
+from rotnet.sample_data import ensure_sample_data
+from rotnet.schedule import StepSchedule
+
+
+@dataclass
+class Run:
+    """What every step needs and that outlives an epoch (a plain record, not a trainer class)."""
+    cfg: Config
+    info: DistInfo
+    model: nn.Module            # DDP-wrapped (and compiled) when asked; `raw` is the unwrapped one
+    raw: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    schedule: StepSchedule
+    logger: object              # rotnet.progress.RunLogger, or a stand-in with its methods
+    stop: StopFlag
+    step: int = 0               # optimizer steps taken in total
+
+
+def autocast(precision: str, device: torch.device):
+    """Mixed-precision context for train.precision / eval --precision: bf16 | fp16 | fp32 (none)."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
+
+
+def build_optimizer(params, lr: float, hp) -> torch.optim.SGD:
+    """SGD with hp's momentum, nesterov and weight_decay (cfg.optim or cfg.probe).
+
+    Fused (one kernel for the whole update) where this torch build has it for the device,
+    else foreach: the same update, a few kernels per parameter group.
+    """
+    params = list(params)   # may be a generator: the fallback needs it again
+    sgd = dict(lr=lr, momentum=hp.momentum, nesterov=hp.nesterov, weight_decay=hp.weight_decay)
+    try:
+        return torch.optim.SGD(params, fused=True, **sgd)
+    except (RuntimeError, TypeError):
+        return torch.optim.SGD(params, foreach=True, **sgd)
+
+
+def place(raw: nn.Module, info: DistInfo, channels_last: bool) -> nn.Module:
+    """Put `raw` (already on info.device) in its memory format and wrap it in DDP when several
+    ranks run; returns the module to call (`raw` itself in a single process).
+
+    DDP syncs only the parameters that require grad: for probes, the heads (and the trunk
+    when fine-tuning).
+    """
+    if info.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True   # input shapes are fixed: autotune each conv once
+    if channels_last:
+        raw.to(memory_format=torch.channels_last)
+    if not info.distributed:
+        return raw
+    return DistributedDataParallel(raw, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+
+
+def data_root(cfg: Config) -> Path:
+    """cfg.data.root, an empty one first set to the built-in sample data (made once, cached)."""
+    if not cfg.data.root:
+        cfg.data.root = str(ensure_sample_data(seed=cfg.data.sample_seed))
+    return Path(cfg.data.root)
+
+
+def build_run(cfg: Config, info: DistInfo, logger) -> Run:
+    """The RotNet, wrapped as asked, with its optimizer, scaler and lr schedule, at step 0.
+
+    Same initial weights on every rank (seeded by train.seed). The lr table is scaled by
+    global batch / optim.ref_batch when optim.scale_lr is set.
+    """
+    if cfg.train.sync_bn and info.device.type != "cuda":
+        raise ConfigError("train.sync_bn=true needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); "
+                          "set train.sync_bn=false")
+    raw = seeded_rotnet(cfg, cfg.train.seed).to(info.device)
+    if cfg.train.sync_bn and info.distributed:
+        raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
+    model = place(raw, info, cfg.train.channels_last)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    global_batch = cfg.optim.batch_size_per_gpu * info.world_size
+    scale = global_batch / cfg.optim.ref_batch if cfg.optim.scale_lr else 1.0
+    schedule = StepSchedule(cfg.optim.schedule, scale, cfg.optim.warmup_epochs)
+    return Run(cfg, info, model, raw, build_optimizer(raw.parameters(), schedule(0), cfg.optim),
+               torch.amp.GradScaler(info.device.type, enabled=cfg.train.precision == "fp16"), schedule,
+               logger, StopFlag(info, every=cfg.train.log_every))
