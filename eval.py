@@ -31,7 +31,7 @@ from rotnet.checkpoint import git_commit
 from rotnet.config import ConfigError
 from rotnet.distributed import DistInfo, barrier, cleanup, init_distributed
 from rotnet.progress import log, setup_logging
-from rotnet.run import data_root
+from rotnet.run import data_root, resolve_precision
 
 
 def get_args(argv=None) -> argparse.Namespace:
@@ -72,8 +72,9 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output-dir", default=None,
                    help="results and resume state. Default <checkpoint folder>/eval_<head> (random: "
                         "<train.output_dir>/eval_<head>_random), plus _finetune / _k<K> suffixes.")
-    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
-                   help="autocast dtype of trunk and probes, CPU and GPU (default bf16); fp32 to debug.")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="autocast dtype of trunk and probes. auto (default): bf16 where the device has it "
+                        "natively (CUDA Ampere+, CPUs with AVX512-BF16/AMX), else fp32; fp32 to debug.")
     p.add_argument("--val-every", type=int, default=0, metavar="N",
                    help="also score val every N epochs, for the log only: the reported number is the last "
                         "epoch's (no model selection on val). 0 = only at the end.")
@@ -128,7 +129,8 @@ def run(args: argparse.Namespace, info: DistInfo) -> None:
     # ------------------------------------------------------------ data
     data_root(cfg)   # an empty data.root becomes the built-in sample data
     p = Protocol(head=head, layers=layers, epochs=epochs, schedule=schedule,
-                 batch_size=args.batch_size or cfg.probe.batch_size_per_gpu, precision=args.precision,
+                 batch_size=args.batch_size or cfg.probe.batch_size_per_gpu,
+                 precision=resolve_precision(args.precision, info.device),
                  finetune=args.finetune, seed=seed, labels_per_class=args.labels_per_class, info=info, cfg=cfg,
                  val_every=args.val_every, out=out)
     log.info(f"commit {git_commit()} | world size {info.world_size} | device {info.device} | precision "

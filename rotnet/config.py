@@ -13,6 +13,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -75,7 +76,9 @@ class OptimConfig:
 class TrainConfig:
     output_dir: str = "runs/sample"  # checkpoints, config.yaml, log.jsonl, tensorboard; resumes from here
     seed: int = 0
-    precision: str = "bf16"        # bf16 | fp16 (with GradScaler) | fp32 (debugging)
+    # auto: bf16 where the hardware has it (CUDA with bf16; CPUs with AVX512-BF16/AMX), else fp16 on
+    # older GPUs and fp32 on other CPUs, where bf16 is emulated (~30x slower measured on a Zen 3 EPYC).
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"   # fp16 adds a GradScaler
     channels_last: bool = True
     compile: bool = False          # torch.compile the model
     sync_bn: bool = False          # SyncBatchNorm across ranks
@@ -119,6 +122,11 @@ def _check(value, tp, where: str):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return [_check(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}={value!r}: expected one of {', '.join(map(str, choices))}")
+        return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):  # YAML reads "5e-4" as a string

@@ -21,6 +21,7 @@ from models.rotnet import seeded_rotnet
 from rotnet.config import Config, ConfigError
 from rotnet.distributed import DistInfo
 from rotnet.preemption import StopFlag
+from rotnet.progress import log
 from rotnet.sample_data import ensure_sample_data
 from rotnet.schedule import StepSchedule
 
@@ -38,6 +39,30 @@ class Run:
     logger: object              # rotnet.progress.RunLogger, or a stand-in with its methods
     stop: StopFlag
     step: int = 0               # optimizer steps taken in total
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 in hardware (not emulated)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> what this device computes fast: bf16 on CUDA with bf16 (Ampere and newer) and on
+    CPUs with native bf16 (AVX512-BF16 / AMX), fp16 on older GPUs, fp32 on other CPUs.
+
+    Why not bf16 everywhere: without native support oneDNN emulates it, and a RotNet AlexNet
+    step measured ~30x slower than fp32 on a 2-core Zen 3 EPYC (docs/benchmarks.md).
+    """
+    native = native_bf16(device)
+    if precision == "auto":
+        return "bf16" if native else ("fp16" if device.type == "cuda" else "fp32")
+    if precision == "bf16" and not native:
+        log.warning(f"precision bf16 on a {device.type} without native bf16: it is emulated and can be "
+                    "tens of times slower than fp32; use precision auto (train.precision=auto, "
+                    "eval.py --precision auto)")
+    return precision
 
 
 def autocast(precision: str, device: torch.device):
@@ -88,11 +113,13 @@ def build_run(cfg: Config, info: DistInfo, logger) -> Run:
     """The RotNet, wrapped as asked, with its optimizer, scaler and lr schedule, at step 0.
 
     Same initial weights on every rank (seeded by train.seed). The lr table is scaled by
-    global batch / optim.ref_batch when optim.scale_lr is set.
+    global batch / optim.ref_batch when optim.scale_lr is set. train.precision 'auto' is
+    resolved here, in cfg itself, so config.yaml and checkpoints record what ran.
     """
     if cfg.train.sync_bn and info.device.type != "cuda":
         raise ConfigError("train.sync_bn=true needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); "
                           "set train.sync_bn=false")
+    cfg.train.precision = resolve_precision(cfg.train.precision, info.device)   # the resolved config says what ran
     raw = seeded_rotnet(cfg, cfg.train.seed).to(info.device)
     if cfg.train.sync_bn and info.distributed:
         raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
