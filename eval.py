@@ -36,7 +36,7 @@ from rotnet.checkpoint import git_commit, load_checkpoint
 from rotnet.config import Config, ConfigError, apply_overrides, config_from_dict, config_to_dict, load_config
 from rotnet.distributed import DistInfo, barrier, cleanup, init_distributed
 from rotnet.progress import RunLogger, log, setup_logging
-from rotnet.sample_data import ensure_sample_data
+from pipelines.sample_data import ensure_sample_data
 from rotnet.schedule import StepSchedule
 
 DEFAULT_CONFIG = "configs/sample.yaml"

@@ -36,7 +36,7 @@ from rotnet.config import Config, ConfigError, config_to_dict, load_config, save
 from rotnet.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from rotnet.preemption import REQUEUE_EXIT_CODE, StopFlag
 from rotnet.progress import RunLogger, log, setup_logging
-from rotnet.sample_data import ensure_sample_data
+from pipelines.sample_data import ensure_sample_data
 from rotnet.schedule import StepSchedule
 
 # A checkpoint is refused (with the differences listed) when these differ from the run's config.

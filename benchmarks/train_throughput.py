@@ -44,7 +44,7 @@ from rotnet.checkpoint import git_commit  # noqa: E402
 from rotnet.config import load_config  # noqa: E402
 from rotnet.distributed import DistInfo  # noqa: E402
 from rotnet.preemption import StopFlag  # noqa: E402
-from rotnet.sample_data import ensure_sample_data  # noqa: E402
+from pipelines.sample_data import ensure_sample_data  # noqa: E402
 from rotnet.schedule import StepSchedule  # noqa: E402
 
 HEADING = "## Training throughput (benchmarks/train_throughput.py)"
