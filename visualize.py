@@ -28,15 +28,14 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on clusters or CI
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-import torchvision.transforms.v2.functional as TF  # noqa: E402
-from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 
 from models.rotnet import seeded_rotnet  # noqa: E402
 from probes.report import draw_top1_bars  # noqa: E402
+from pipelines import prepare_batch  # noqa: E402
+from pipelines.recipe import crop_batch, decode_rgb  # noqa: E402
 from rotnet.checkpoint import find_checkpoint, load_checkpoint  # noqa: E402
 from rotnet.config import Config, config_from_dict, load_config  # noqa: E402
 
@@ -80,20 +79,13 @@ def pick_images(root: Path, n: int) -> list[Path]:
 
 
 def load_images(paths: list[Path], cfg: Config) -> torch.Tensor:
-    """Eval recipe: resize shorter side to data.resize_size, center-crop data.crop_size -> uint8 (B, 3, S, S)."""
-    out = []
-    for p in paths:
-        with Image.open(p) as im:   # PIL: greyscale/CMYK/PNG-named-JPEG all become RGB
-            img = torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1)
-        img = TF.resize(img, [cfg.data.resize_size], antialias=True)
-        out.append(TF.center_crop(img, [cfg.data.crop_size, cfg.data.crop_size]))
-    return torch.stack(out)
+    """The loaders' eval recipe (pipelines.recipe) -> uint8 (B, 3, S, S)."""
+    crops = crop_batch([decode_rgb(str(p)).permute(1, 2, 0) for p in paths], cfg.data, train=False)
+    return crops.permute(0, 3, 1, 2)
 
 
 def normalize(images: torch.Tensor, cfg: Config) -> torch.Tensor:
-    mean = torch.tensor(cfg.data.mean).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.data.std).view(1, 3, 1, 1)
-    return (images.float() / 255 - mean) / std
+    return prepare_batch(images.permute(0, 2, 3, 1), cfg.data, channels_last=False)
 
 
 # ---------------------------------------------------------------------------- figures

@@ -22,7 +22,7 @@ from rotnet.config import Config, ConfigError
 from rotnet.distributed import DistInfo
 from rotnet.preemption import StopFlag
 from rotnet.progress import log
-from rotnet.sample_data import ensure_sample_data
+from pipelines.sample_data import ensure_sample_data
 from rotnet.schedule import StepSchedule
 
 
