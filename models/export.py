@@ -35,7 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from models import build_trunk
-from models.rotnet import build_rotnet
+from models.rotnet import seeded_rotnet
 from models.trunk import ProbeTrunk
 from rotnet.checkpoint import load_checkpoint
 from rotnet.config import Config, ConfigError, config_from_dict
@@ -54,8 +54,8 @@ class ExportError(ValueError):
 def trunk_from_checkpoint(path: str | Path) -> tuple[ProbeTrunk, Config, dict]:
     """(trunk with the checkpoint's weights in eval mode, its config, the raw checkpoint dict).
 
-    The one place this module reads a checkpoint: swap it for the shared checkpoint -> trunk loader
-    once there is one. Refuses, naming why, anything that is not a pretraining checkpoint.
+    The one place this module reads a checkpoint (models.rotnet.seeded_rotnet builds and loads the
+    net, as for eval.py and visualize.py). Refuses, naming why, anything that is not a pretraining checkpoint.
     """
     if str(path).endswith(".safetensors"):
         raise ExportError(f"{path} is already an export (.safetensors); pass the train.py checkpoint (.pt)")
@@ -75,9 +75,8 @@ def trunk_from_checkpoint(path: str | Path) -> tuple[ProbeTrunk, Config, dict]:
         raise ExportError(f"{path} is not a train.py checkpoint: no {' or '.join(repr(k) for k in missing)} key "
                           f"(keys: {sorted(ckpt)[:8]})")
     cfg = config_from_dict(ckpt["config"], str(path))
-    rotnet = build_rotnet(cfg.model, num_rotations=len(cfg.data.rotations), input_size=cfg.data.crop_size)
     try:
-        rotnet.load_state_dict(ckpt["model"], strict=True)
+        rotnet = seeded_rotnet(cfg, cfg.train.seed, ckpt["model"])   # the shared checkpoint -> RotNet loader
     except RuntimeError as e:   # torch lists every key over several lines: keep the start of the first list
         detail = (str(e).splitlines()[1:] or [str(e)])[0].strip()
         raise ExportError(f"{path}: weights do not match its config (model.arch={cfg.model.arch}, "
