@@ -37,7 +37,8 @@ from probes.report import draw_top1_bars  # noqa: E402
 from pipelines import prepare_batch  # noqa: E402
 from pipelines.recipe import crop_batch, decode_rgb  # noqa: E402
 from rotnet.checkpoint import find_checkpoint, load_checkpoint  # noqa: E402
-from rotnet.config import Config, config_from_dict, load_config  # noqa: E402
+from rotnet.cli import ArgumentParser, fail, one_line_errors  # noqa: E402
+from rotnet.config import Config, ConfigError, config_from_dict, load_config  # noqa: E402
 
 IMG_EXTS = (".jpg", ".jpeg", ".png")
 DPI = 100   # small PNGs: docs/figures keeps every file well under 200 KB
@@ -58,7 +59,7 @@ def load_run(run_dir: Path | None, checkpoint: str | None, config: str | None) -
     elif config or (run_dir is not None and (run_dir / "config.yaml").is_file()):
         cfg = load_config(config or run_dir / "config.yaml")
     else:
-        raise SystemExit("error: no checkpoint and no config: pass --checkpoint, --config or a --run with config.yaml")
+        fail("no checkpoint and no config: pass --checkpoint, --config or a --run with config.yaml")
     net = seeded_rotnet(cfg, cfg.train.seed, ckpt["model"] if ckpt else None)
     what = f"{checkpoint} (epoch {ckpt.get('epoch')})" if ckpt else f"random init (seed {cfg.train.seed})"
     return cfg, net.trunk.eval(), what
@@ -69,7 +70,7 @@ def pick_images(root: Path, n: int) -> list[Path]:
     classes = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     files = [sorted(p for p in c.iterdir() if p.suffix.lower() in IMG_EXTS) for c in classes]
     if not classes or not any(files):
-        raise SystemExit(f"error: no images in {root} (expected CLASS/IMAGE layout)")
+        fail(f"no images in {root} (expected CLASS/IMAGE layout)")
     out: list[Path] = []
     for j in range(max(len(f) for f in files)):
         for f in files:
@@ -202,7 +203,7 @@ def eval_label(path: Path, ev: dict) -> str:
 # ---------------------------------------------------------------------------- main
 
 def get_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--run", type=Path, help="run folder (log.jsonl, config.yaml, checkpoint.pt)")
     p.add_argument("--checkpoint", help="checkpoint for attention/filters (default RUN/checkpoint.pt); "
                                         "'random' = random init of the run's config")
@@ -214,11 +215,18 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--power", type=float, default=2.0, help="p in sum_c |a|^p (paper Fig. 3)")
     p.add_argument("--title", default="", help="extra text for the figure titles")
     p.add_argument("--out", required=True, help="output prefix, e.g. docs/figures/cifar10")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> list[Path]:
     args = get_args(argv)
+    # A missing or unreadable file (checkpoint, config, eval.json) or a bad config: one line, exit 2.
+    with one_line_errors(ConfigError, OSError, RuntimeError, json.JSONDecodeError):
+        return draw(args)
+
+
+def draw(args: argparse.Namespace) -> list[Path]:
+    """Every figure whose inputs exist; returns the files written."""
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []

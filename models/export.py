@@ -24,7 +24,6 @@ it carries no metadata.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -38,6 +37,7 @@ from models import build_trunk
 from models.rotnet import seeded_rotnet
 from models.trunk import ProbeTrunk
 from rotnet.checkpoint import load_checkpoint
+from rotnet.cli import ArgumentParser, fail
 from rotnet.config import Config, ConfigError, config_from_dict
 
 FORMATS = ("torchvision", "timm", "native")
@@ -187,8 +187,7 @@ def default_out(checkpoint: str | Path, fmt: str) -> Path:
 
 
 def main(argv=None) -> Path:
-    ap = argparse.ArgumentParser(prog="python -m models.export", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="python -m models.export", description=__doc__)
     ap.add_argument("checkpoint", help="a train.py checkpoint (runs/NAME/checkpoint.pt or epoch_NNNN.pt)")
     ap.add_argument("--format", default="torchvision", choices=FORMATS,
                     help="torchvision/timm: resnet18/50 at width 1, loads into torchvision's or timm's "
@@ -198,12 +197,12 @@ def main(argv=None) -> Path:
                                   "checkpoint), or .pth/.pt for a plain torch state_dict (torchvision/timm only; "
                                   "for detectron2's converter; no metadata)")
     ap.add_argument("--force", action="store_true", help="overwrite --out if it exists (default: refuse)")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     out = args.out or default_out(args.checkpoint, args.format)
     try:
         written = export(args.checkpoint, args.format, out, force=args.force)
     except (ExportError, ConfigError, OSError, RuntimeError) as e:   # one line, no traceback
-        ap.exit(2, f"error: {str(e).splitlines()[0]}\n")
+        fail(str(e).splitlines()[0])
     print(f"wrote {written} ({args.format})")
     return written
 
