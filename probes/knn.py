@@ -187,3 +187,49 @@ def knn_probe(p: Protocol, trunk: nn.Module, k: int = KNN_K, t: float = KNN_T, p
              f"{query_loader.num_samples} of {p.cfg.data.val_dir}; k={k}, T={t}, {pool} pooling")
     return knn_evaluate(trunk, bank_loader, query_loader, p.layers, p.info, prepare, p.precision,
                         len(bank_loader.classes), k, t, pool)
+
+
+# ---------------------------------------------------------------------------- train.monitor_every
+
+class KnnMonitor:
+    """kNN top-1 of a fixed labelled subset during pretraining (train.monitor_every epochs).
+
+    Bank: train.monitor_bank_per_class images per class of data.train_dir, queries:
+    train.monitor_query_per_class of data.val_dir (0: all), both seeded subsets picked once,
+    eval recipe, sharded over ranks like eval.py's kNN. It leaves the training alone: no
+    grads, BN in eval mode (mode restored), its own loaders, and the global RNG state forked
+    (an iterated DataLoader draws its base seed from it; dropout would then see other masks).
+    """
+
+    def __init__(self, cfg, info: DistInfo, trunk: nn.Module):
+        t = cfg.train
+        self.cfg, self.info, self.every = cfg, info, t.monitor_every
+        self.layers = list(t.monitor_layers) or [trunk.layer_names[(len(trunk.layer_names) - 1) // 2]]
+        bad = [name for name in self.layers if name not in trunk.layer_names]
+        if bad:
+            raise ValueError(f"train.monitor_layers: unknown layer(s) {', '.join(bad)} for {trunk.arch}; "
+                             f"valid: {', '.join(trunk.layer_names)}")
+        with self._own_rng():
+            self.bank, self.queries = class_loaders(cfg.data, info, cfg.optim.batch_size_per_gpu, t.seed,
+                                                    augment=False, train_per_class=t.monitor_bank_per_class,
+                                                    val_per_class=t.monitor_query_per_class)
+        log.info(f"kNN monitor every {self.every} epochs on {', '.join(self.layers)}: bank "
+                 f"{self.bank.num_samples} images of {cfg.data.train_dir}, {self.queries.num_samples} queries "
+                 f"of {cfg.data.val_dir}")
+
+    def _own_rng(self):
+        cuda = [self.info.device] if self.info.device.type == "cuda" else []
+        return torch.random.fork_rng(devices=cuda)
+
+    def due(self, epoch: int) -> bool:
+        """After epoch index `epoch` (0-based): every `every` epochs and after the last one."""
+        done = epoch + 1
+        return self.every > 0 and (done % self.every == 0 or done == self.cfg.optim.epochs)
+
+    def __call__(self, trunk: nn.Module) -> dict[str, float]:
+        """{layer: kNN top-1 (%)} of `trunk` as it is now. Collective: every rank calls it."""
+        prepare = lambda images: prepare_batch(images, self.cfg.data, self.cfg.train.channels_last)  # noqa: E731
+        with self._own_rng():
+            res = knn_evaluate(trunk, self.bank, self.queries, self.layers, self.info, prepare,
+                               self.cfg.train.precision, len(self.bank.classes))
+        return {name: round(m["top1"], 2) for name, m in res.items()}

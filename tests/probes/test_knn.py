@@ -94,3 +94,29 @@ def test_frozen_trunk_is_untouched_and_batches_agree():
     assert all(torch.equal(before[k], after[k]) for k in before)   # incl. BN running stats
     del trunk.features
     assert seen and all(not training and not grad for training, grad in seen)
+
+
+def test_monitor_leaves_the_global_rng_alone(tmp_path):
+    """An iterated DataLoader draws its base seed from the global RNG: the monitor forks it, so
+    the training's random stream (dropout, its own loader seeds) is the same with and without it."""
+    from probes.knn import KnnMonitor
+    from tests.test_eval import _images
+
+    _images(tmp_path)
+    cfg = config_from_dict({"data": {"root": str(tmp_path), "crop_size": 32, "resize_size": 36, "backend": "torch",
+                                     "num_threads": 0},
+                            "model": {"arch": "nin", "width": 0.125, "num_blocks": 3},
+                            "optim": {"epochs": 4, "batch_size_per_gpu": 4},
+                            "train": {"precision": "fp32", "channels_last": False, "monitor_every": 2,
+                                      "monitor_bank_per_class": 3, "monitor_query_per_class": 2}})
+    trunk = build_rotnet(cfg.model, num_rotations=4, input_size=32).trunk
+    monitor = KnnMonitor(cfg, DistInfo(), trunk)
+    assert monitor.layers == ["block2"]                                  # the middle of block1..block3
+    assert [monitor.due(e) for e in range(4)] == [False, True, False, True]
+    assert (monitor.bank.num_samples, monitor.queries.num_samples) == (9, 6)
+    state = torch.get_rng_state()
+    top1 = monitor(trunk)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert list(top1) == ["block2"] and 0 <= top1["block2"] <= 100
+    with pytest.raises(ValueError, match="train.monitor_layers: unknown layer.*valid: block1"):
+        KnnMonitor(config_from_dict({**{"train": {"monitor_layers": ["conv9"]}}}), DistInfo(), trunk)
