@@ -11,17 +11,20 @@ pass per batch, so `--layer all` costs about as much as one layer.
     torchrun --nproc_per_node=8 eval.py --checkpoint runs/in data.root=/data/imagenet
 
 Protocols (--head): linear (paper Table 5), mlp (Table 4 / CIFAR), conv (Table 3); see
-docs/eval.md. Results go to --output-dir: eval.json, eval.md, eval.png, eval_log.jsonl.
+docs/eval.md. knn: weighted k-NN on the frozen features (DINO's protocol), no training:
+minutes instead of hours, every layer from one pass (probes/knn.py). Results go to --output-dir: eval.json, eval.md, eval.png, eval_log.jsonl.
 A rerun with the same arguments resumes after the last finished epoch.
 """
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 from models.rotnet import seeded_rotnet
 from probes.engine import fit_probes
 from probes.heads import HEADS
+from probes.knn import KNN_HEAD, KNN_K, KNN_T, POOLS, knn_probe
 from probes.report import write_reports
 from probes.resume import ResumeMismatch, load_state
 from probes.settings import (DEFAULT_CONFIG, Protocol, UsageError, parse_layers, resolve_config,
@@ -48,10 +51,12 @@ def get_args(argv=None) -> argparse.Namespace:
                    help="one layer (conv4), a comma list (conv2,conv4) or 'all' (default). alexnet: "
                         "conv1..conv5; resnet: conv1, layer1..layer4; nin: block1..blockN. One forward "
                         "pass feeds every probe, so 'all' costs little more than one layer.")
-    p.add_argument("--head", choices=HEADS, default=None,
+    p.add_argument("--head", choices=(*HEADS, KNN_HEAD), default=None,
                    help="linear: ~9k-dim max-pooled linear probe (paper Table 5; the standard, compare "
                         "with it). mlp: non-linear head (alexnet: Table 4 conv4/conv5 heads; others: FC "
-                        "x2). conv: one more NIN block + linear (Table 3, CIFAR). Default probe.head.")
+                        "x2). conv: one more NIN block + linear (Table 3, CIFAR). knn: weighted k-NN, no training "
+                        "(--knn-k, --knn-t, --knn-pool); a quick ranking of layers and checkpoints. "
+                        "Default probe.head.")
     p.add_argument("--epochs", type=int, default=None,
                    help="probe epochs (default probe.epochs). The schedule's milestones stretch with it: "
                         "7 instead of 35 epochs moves a drop at epoch 5 to epoch 1.")
@@ -80,6 +85,17 @@ def get_args(argv=None) -> argparse.Namespace:
                         "epoch's (no model selection on val). 0 = only at the end.")
     p.add_argument("--seed", type=int, default=None,
                    help="probe init, data order, label subset and random trunk (default train.seed).")
+    # ------------------------------------------------------------ --head knn
+    p.add_argument("--knn-k", type=int, default=KNN_K,
+                   help=f"neighbours that vote (default {KNN_K}, DINO's). 10-200 changes top-1 by a point or "
+                        "two; with --labels-per-class K keep it <= the bank's K per class.")
+    p.add_argument("--knn-t", type=float, default=KNN_T,
+                   help=f"vote temperature: weight exp(cosine / T) (default {KNN_T}, DINO's). Larger T "
+                        "weighs the k neighbours more equally.")
+    p.add_argument("--knn-pool", choices=POOLS, default="avg",
+                   help="avg (default): global average pool, C dims per layer, the usual kNN protocol and "
+                        "small enough for ImageNet banks. grid: the linear probe's ~9k-dim max-pool, to "
+                        "compare with --head linear on the same vectors (ImageNet: ~23 GB fp16 per layer).")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="dotted config overrides parsed as YAML, e.g. data.root=/data/imagenet "
                         "probe.batch_size_per_gpu=256, before, after or between the flags. Unknown keys "
@@ -106,11 +122,14 @@ def run(args: argparse.Namespace, info: DistInfo) -> None:
     with one_line_errors(RuntimeError):   # a file that is not a readable checkpoint
         cfg, trained, ckpt_path, ckpt = resolve_config(args.config, args.checkpoint, args.overrides)
     head = args.head or cfg.probe.head
-    if head not in HEADS:
-        raise UsageError(f"probe.head={head!r}; valid heads: {', '.join(HEADS)}")
+    if head not in (*HEADS, KNN_HEAD):
+        raise UsageError(f"probe.head={head!r}; valid heads: {', '.join((*HEADS, KNN_HEAD))}")
+    knn = head == KNN_HEAD
+    if knn and args.finetune:
+        raise UsageError("--head knn scores frozen features and trains nothing; drop --finetune")
     seed = cfg.train.seed if args.seed is None else args.seed
-    epochs = cfg.probe.epochs if args.epochs is None else args.epochs
-    schedule = stretch_schedule(cfg.probe.schedule, cfg.probe.epochs, epochs, args.lr)
+    epochs = 0 if knn else cfg.probe.epochs if args.epochs is None else args.epochs
+    schedule = [] if knn else stretch_schedule(cfg.probe.schedule, cfg.probe.epochs, epochs, args.lr)
 
     # ------------------------------------------------------------ trunks and layers
     trunks = {}
@@ -140,15 +159,23 @@ def run(args: argparse.Namespace, info: DistInfo) -> None:
     log.info(f"checkpoint: {ckpt_path or 'none (random init)'}"
              + (f" (epoch {ckpt.get('epoch')}, commit {ckpt.get('commit')})" if ckpt else ""))
     log.info(f"{head} probes on {', '.join(layers)} | data {cfg.data.root} | batch {p.batch_size}/process x "
-             f"{info.world_size} | {epochs} epochs, (epoch, lr) schedule {schedule}"
-             + (f", milestones stretched from probe.epochs={cfg.probe.epochs}" if epochs != cfg.probe.epochs else "")
+             f"{info.world_size} | "
+             + (f"k={args.knn_k}, T={args.knn_t}, {args.knn_pool} pooling, no training" if knn else
+                f"{epochs} epochs, (epoch, lr) schedule {schedule}"
+                + (f", milestones stretched from probe.epochs={cfg.probe.epochs}" if epochs != cfg.probe.epochs else ""))
              + f" | output {out}")
 
     # ------------------------------------------------------------ train and evaluate the probes
     sources = {kind: str(ckpt_path) if kind == "pretrained" else f"random:{seed}" for kind in trunks}
     for kind in trunks:  # refuse a mismatching resume state now, not after hours of the first run
         load_state(out / f"probe_state_{kind}.pt", p.signature(kind, sources[kind]))
-    results = {kind: fit_probes(p, trunk, kind, sources[kind]) for kind, trunk in trunks.items()}
+    results, wall = {}, {}
+    for kind, trunk in trunks.items():
+        t0 = time.perf_counter()   # a resumed probe run times only what it ran now
+        results[kind] = (knn_probe(p, trunk, args.knn_k, args.knn_t, args.knn_pool) if knn
+                         else fit_probes(p, trunk, kind, sources[kind]))
+        wall[kind] = round(time.perf_counter() - t0, 1)
+        log.info(f"[{kind}] {head} evaluation took {wall[kind]:.1f} s")
 
     # ------------------------------------------------------------ report
     if info.is_main:
@@ -156,7 +183,11 @@ def run(args: argparse.Namespace, info: DistInfo) -> None:
                 "checkpoint": str(ckpt_path) if ckpt_path else None,
                 "checkpoint_epoch": ckpt.get("epoch") if ckpt else None,
                 "checkpoint_commit": ckpt.get("commit") if ckpt else None, "commit": git_commit(),
-                "data_root": cfg.data.root, "model_selection": "none (last epoch)"}
+                "data_root": cfg.data.root, "wall_time_s": wall,
+                "model_selection": "none (no training)" if knn else "none (last epoch)"}
+        if knn:
+            meta["knn"] = {"k": args.knn_k, "T": args.knn_t, "pool": args.knn_pool, "similarity": "cosine",
+                           "bank": f"{cfg.data.train_dir} (eval recipe)", "queries": cfg.data.val_dir}
         table = write_reports(results, meta, out)
         print("\n" + table, flush=True)
         log.info(f"wrote {out}/eval.json, eval.md, eval.png, eval_log.jsonl")

@@ -26,6 +26,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pipelines import BadImageError, build_rotation_loader, prepare_batch
+from probes.knn import KnnMonitor
+from probes.settings import UsageError
 from rotnet.checkpoint import check_compatible, find_checkpoint, git_commit, load_checkpoint, save_checkpoint
 from rotnet.cli import ArgumentParser, one_line_errors
 from rotnet.config import ConfigError, config_to_dict, load_config, resolve_batch, save_config
@@ -203,8 +205,13 @@ def resume(run: Run, loader) -> tuple[int, int]:
     return epoch, epoch_step
 
 
-def train_loop(run: Run, loader, val_loader, start_epoch: int, start_step: int) -> None:
-    """Epochs from `start_epoch` (at `start_step` inside it) to the end; checkpoint after each."""
+def train_loop(run: Run, loader, val_loader, start_epoch: int, start_step: int,
+               monitor: KnnMonitor | None = None) -> None:
+    """Epochs from `start_epoch` (at `start_step` inside it) to the end; checkpoint after each.
+
+    monitor: the kNN monitor (train.monitor_every), run after complete epochs when due; its time
+    is logged as knn_time_s, apart from the epoch's time_s.
+    """
     cfg, logger = run.cfg, run.logger
     for epoch in range(start_epoch, cfg.optim.epochs):
         if cfg.train.max_steps and run.step >= cfg.train.max_steps:
@@ -213,13 +220,24 @@ def train_loop(run: Run, loader, val_loader, start_epoch: int, start_step: int) 
         stats = train_one_epoch(run, loader, epoch, start_step if epoch == start_epoch else 0)
         if val_loader is not None and stats["complete"]:
             stats["heldout_rot_acc"] = evaluate_rotation(run, val_loader)
+        if monitor is not None and stats["complete"] and monitor.due(epoch):
+            t0 = time.perf_counter()
+            stats["knn_top1"] = monitor(run.raw.trunk)   # {layer: top-1 %}
+            stats["knn_time_s"] = round(time.perf_counter() - t0, 2)
         stats["global_batch"] = cfg.optim.global_batch_size
         logger.end_epoch(stats)
-        log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()))
+        log.info(" ".join(_show(k, v) for k, v in stats.items()))
         if stats["complete"]:
             save(run, loader, epoch + 1, epoch_step=0)
         else:
             save(run, loader, epoch, epoch_step=stats["steps"] + (start_step if epoch == start_epoch else 0))
+
+
+def _show(key: str, value) -> str:
+    """One stat of the epoch's log line: 'loss=0.1234', 'knn_top1[conv3]=41.2'."""
+    if isinstance(value, dict):
+        return " ".join(_show(f"{key}[{k}]", v) for k, v in value.items())
+    return f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
 
 
 # ---------------------------------------------------------------------------- main
@@ -254,6 +272,8 @@ def main(argv=None) -> None:
 
     with one_line_errors(RuntimeError):   # an unreadable or incompatible checkpoint is left untouched
         start_epoch, start_step = resume(run, loader)
+    with one_line_errors(UsageError, ValueError):   # e.g. a val folder without class folders
+        monitor = KnnMonitor(cfg, info, run.raw.trunk) if cfg.train.monitor_every else None
 
     if info.is_main:
         save_config(cfg, out / "config.yaml")
@@ -269,7 +289,7 @@ def main(argv=None) -> None:
 
     # ------------------------------------------------------------ training loop
     try:
-        train_loop(run, loader, val_loader, start_epoch, start_step)
+        train_loop(run, loader, val_loader, start_epoch, start_step, monitor)
     except BadImageError as e:   # DALI cannot skip a corrupt file; the last checkpoint is untouched
         log.error(f"error: {e}")
         sys.exit(2)

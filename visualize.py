@@ -12,7 +12,8 @@ Writes, for --out PREFIX:
                           normalised per map, upsampled and laid over the image.
     PREFIX_filters.png    the first conv layer's filters as an RGB grid (each filter min-max scaled)
     PREFIX_curves.png     loss, train rotation accuracy and held-out rotation accuracy per epoch
-                          from RUN/log.jsonl
+                          from RUN/log.jsonl, and the kNN monitor's top-1 when the run logged it
+                          (train.monitor_every)
     PREFIX_layers.png     top-1 per layer from each --eval-json (pretrained vs random init bars)
 Figures whose inputs are missing (no log, no checkpoint, no eval.json) are skipped with a note.
 """
@@ -162,7 +163,9 @@ def read_log(path: Path) -> list[dict]:
 
 def plot_curves(records: list[dict], title: str, path: Path) -> None:
     ep = [r["epoch"] + 1 for r in records]   # epoch e is logged after it completes: x = epochs done
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3))
+    knn = [(e, r["knn_top1"]) for e, r in zip(ep, records) if r.get("knn_top1")]   # train.monitor_every
+    fig, axes = plt.subplots(1, 3 if knn else 2, figsize=(12 if knn else 8, 3))
+    a1, a2 = axes[:2]
     a1.plot(ep, [r["loss"] for r in records], "o-", ms=3)
     a1.set(xlabel="epochs", ylabel="rotation loss (train)", title="loss")
     a2.plot(ep, [100 * r["rot_acc"] for r in records], "o-", ms=3, label="train")
@@ -171,7 +174,13 @@ def plot_curves(records: list[dict], title: str, path: Path) -> None:
         a2.plot(*zip(*held), "s-", ms=3, label="held-out")
     a2.set(xlabel="epochs", ylabel="rotation accuracy (%)", title="rotation accuracy")
     a2.legend(fontsize=8)
-    for a in (a1, a2):
+    if knn:   # the representation, which can stall while rotation accuracy still rises (paper Sec. 3)
+        for layer in dict.fromkeys(name for _, v in knn for name in v):
+            pts = [(e, v[layer]) for e, v in knn if layer in v]
+            axes[2].plot(*zip(*pts), "^-", ms=3, label=layer)
+        axes[2].set(xlabel="epochs", ylabel="kNN top-1 (%)", title="kNN top-1 (labelled subset)")
+        axes[2].legend(fontsize=8)
+    for a in axes:
         a.grid(alpha=0.3)
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()

@@ -149,7 +149,12 @@ def evaluate(model: nn.Module, loader: Iterable, layers: list[str], info: DistIn
             sums[i] += topk_correct(logits[name], y)
         if bar is not None:
             bar.update(1)
-    sums = all_reduce_sum(sums, info).cpu()
+    return percentages(all_reduce_sum(sums, info), layers)
+
+
+def percentages(sums: Tensor, layers: list[str]) -> dict[str, dict]:
+    """Rank-summed counts (len(layers), 3) = correct@1, correct@5, n -> {layer: {"top1", "top5", "count"}}."""
+    sums = sums.cpu()
     out = {}
     for i, name in enumerate(layers):
         n = int(sums[i, 2].item())
@@ -162,13 +167,23 @@ def evaluate(model: nn.Module, loader: Iterable, layers: list[str], info: DistIn
 
 def build_loaders(p: Protocol):
     """(train, val) class loaders. Built afresh for each trunk so both see identical data."""
-    root, d = Path(p.cfg.data.root), p.cfg.data
-    common = dict(batch_size=p.batch_size, rank=p.info.rank, world_size=p.info.world_size,
-                  local_rank=p.info.local_rank, device=p.info.device, seed=p.seed)
+    return class_loaders(p.cfg.data, p.info, p.batch_size, p.seed, train_per_class=p.labels_per_class)
+
+
+def class_loaders(d, info: DistInfo, batch_size: int, seed: int, *, augment: bool = True,
+                  train_per_class: int = 0, val_per_class: int = 0):
+    """(train, val) class loaders of d.root's d.train_dir and d.val_dir, with the same classes.
+
+    augment=False: the train split with the eval recipe, each image once over all ranks (a kNN
+    bank). *_per_class = K > 0: the seeded K-per-class subset (`labels_per_class` of the pipelines).
+    """
+    root = Path(d.root)
+    common = dict(batch_size=batch_size, rank=info.rank, world_size=info.world_size,
+                  local_rank=info.local_rank, device=info.device, seed=seed)
     try:
-        train = build_class_loader(d, str(root / d.train_dir), train=True, labels_per_class=p.labels_per_class,
+        train = build_class_loader(d, str(root / d.train_dir), train=augment, labels_per_class=train_per_class,
                                    **common)
-        val = build_class_loader(d, str(root / d.val_dir), train=False, **common)
+        val = build_class_loader(d, str(root / d.val_dir), train=False, labels_per_class=val_per_class, **common)
     except (ValueError, FileNotFoundError) as e:  # empty/missing split, fewer images than one batch, ...
         raise UsageError(f"cannot load the data under {root}: {e}") from e
     if list(train.classes) != list(val.classes):

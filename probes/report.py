@@ -40,9 +40,11 @@ def markdown_table(results: dict[str, dict], meta: dict) -> str:
     layers = list(results[models[0]])
     n_val = results[models[0]][layers[0]]["count"]
     labels = "all labels" if not meta["labels_per_class"] else f"{meta['labels_per_class']} labels/class"
+    knn = meta.get("knn")
+    how = (f"weighted k-NN (k={knn['k']}, T={knn['T']}, {knn['similarity']} on {knn['pool']}-pooled features), "
+           f"no training, bank {knn['bank']} with {labels}" if knn else f"{meta['epochs']} epochs, {labels}")
     lines = [f"Frozen-layer **{meta['head']}** probes on {meta['arch']}: top-1 / top-5 (%) on "
-             f"{n_val} val images; {meta['epochs']} epochs, {labels}"
-             + (", trunk fine-tuned" if meta.get("finetune") else "") + ".", ""]
+             f"{n_val} val images; {how}" + (", trunk fine-tuned" if meta.get("finetune") else "") + ".", ""]
     both = "pretrained" in results and "random" in results
     if both:
         head = ["layer", "pretrained top-1", "random-init top-1", "difference (pretrained - random)",
@@ -64,6 +66,8 @@ def markdown_table(results: dict[str, dict], meta: dict) -> str:
         lines.append(f"pretrained = {meta['checkpoint']}")
     if "random" in results:
         lines.append(f"random init = same architecture ({meta['arch']}), random weights, seed {meta['seed']}")
+    if meta.get("wall_time_s"):
+        lines.append("wall time: " + ", ".join(f"{_title(m)} {s:.1f} s" for m, s in meta["wall_time_s"].items()))
     lines.append(f"code commit {meta['commit']}")
     return "\n".join(lines) + "\n"
 
@@ -92,7 +96,8 @@ def bar_chart(results: dict[str, dict], meta: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(next(iter(results.values()))), 3.6))
     draw_top1_bars(ax, results)
-    ax.set_title(f"{meta['arch']}: frozen-layer {meta['head']} probes ({meta['epochs']} epochs)", fontsize=9)
+    how = f"k={meta['knn']['k']}, no training" if meta.get("knn") else f"{meta['epochs']} epochs"
+    ax.set_title(f"{meta['arch']}: frozen-layer {meta['head']} probes ({how})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

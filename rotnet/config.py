@@ -93,6 +93,13 @@ class TrainConfig:
     log_every: int = 10            # steps between progress-bar / TensorBoard updates
     max_steps: int = 0             # stop after this many steps in total (0: no limit); for smoke tests
     eval_rotation: bool = True     # held-out rotation accuracy on data.val_dir each epoch
+    # kNN monitor (probes/knn.py, KnnMonitor): every N epochs (and after the last), the weighted kNN
+    # top-1 of a fixed labelled subset, logged as knn_top1 beside the rotation accuracy, which keeps
+    # rising after the features stop improving (paper Sec. 3). 0 = off. Needs class folders.
+    monitor_every: int = 0
+    monitor_layers: list[str] = field(default_factory=list)  # [] = the trunk's middle probe layer
+    monitor_bank_per_class: int = 20    # bank: seeded K-per-class subset of data.train_dir (eval recipe)
+    monitor_query_per_class: int = 10   # queries: seeded subset of data.val_dir; 0 = the whole split
 
 
 @dataclass

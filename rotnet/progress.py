@@ -82,6 +82,10 @@ class RunLogger:
             for k, v in stats.items():
                 if isinstance(v, (int, float)) and k != "epoch":
                     self.tb.add_scalar(f"epoch/{k}", v, stats["epoch"])
+                elif isinstance(v, dict):   # per-layer values, e.g. knn_top1: epoch/knn_top1/conv3
+                    for sub, x in v.items():
+                        if isinstance(x, (int, float)):
+                            self.tb.add_scalar(f"epoch/{k}/{sub}", x, stats["epoch"])
             self.tb.flush()
 
     def close(self) -> None:

@@ -205,3 +205,23 @@ def test_two_ranks_count_every_val_image_once(setup):
     data = json.loads((out / "eval.json").read_text())
     assert data["meta"]["world_size"] == 2
     assert all(rec["num_val"] == CLASSES * VAL_PER_CLASS for rec in data["pretrained"].values())
+
+
+def test_knn_head_all_layers_with_random(setup):
+    """--head knn: no training, every layer, beside random init; counts, meta and wall time reported."""
+    out = _run(setup, "--checkpoint", str(setup["ckpt"]), "--head", "knn", "--layer", "all", "--with-random",
+               "--knn-k", "5", "--precision", "fp32")
+    data = json.loads((out / "eval.json").read_text())
+    assert list(data["pretrained"]) == NIN_LAYERS == list(data["random"])
+    assert all(rec["num_val"] == CLASSES * VAL_PER_CLASS and 0 <= rec["top1"] <= rec["top5"] <= 100
+               for rec in data["pretrained"].values())
+    assert data["meta"]["knn"]["k"] == 5 and data["meta"]["epochs"] == 0
+    assert set(data["meta"]["wall_time_s"]) == {"pretrained", "random"}
+    table = (out / "eval.md").read_text()
+    assert "k-NN (k=5" in table and "wall time: RotNet pretrained" in table
+    assert not list(out.glob("probe_state_*"))                            # nothing trained, nothing to resume
+
+
+def test_knn_refuses_finetune(setup):
+    with pytest.raises(SystemExit, match="drop --finetune"):
+        _run(setup, "--checkpoint", str(setup["ckpt"]), "--head", "knn", "--finetune")

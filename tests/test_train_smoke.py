@@ -61,3 +61,27 @@ def test_bad_config_key_fails_fast_naming_it(tmp_path):
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "lrr" in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_knn_monitor_logs_every_epoch_and_leaves_training_unchanged(tmp_path):
+    """train.monitor_every=1: knn_top1 in every log.jsonl line, in [0, 100]; the losses are the
+    same as those of the run without the monitor (it takes nothing from the training's RNG or loader)."""
+    from rotnet.sample_data import ensure_sample_data
+
+    data = ensure_sample_data(seed=0, cache_dir=tmp_path / "cache", per_class_train=6, per_class_val=3)
+    env = {**os.environ, "ROTNET_PROGRESS": "0"}
+    common = [f"data.root={data}", "data.crop_size=64", "data.resize_size=72", "model.width=0.25",
+              "optim.batch_size_per_gpu=8", "optim.epochs=2", "train.precision=fp32", "train.log_every=2",
+              "train.monitor_bank_per_class=4", "train.monitor_query_per_class=2", "data.backend=torch",
+              "data.num_threads=0"]   # no worker processes: each run is mostly interpreter start-up
+    logs, stderr = {}, {}
+    for every in (1, 0):
+        out = tmp_path / f"run{every}"
+        stderr[every] = _run(["train.py", "--config", "configs/sample.yaml", *common, f"train.monitor_every={every}",
+                              f"train.output_dir={out}"], env, timeout=600).stderr
+        logs[every] = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert "knn_top1[conv3]=" in stderr[1] and "kNN monitor every 1 epochs on conv3" in stderr[1]
+    assert all(set(x["knn_top1"]) == {"conv3"} and 0 <= x["knn_top1"]["conv3"] <= 100 for x in logs[1])
+    assert not any("knn_top1" in x for x in logs[0])
+    assert [(x["loss"], x["rot_acc"], x["heldout_rot_acc"]) for x in logs[1]] == \
+           [(x["loss"], x["rot_acc"], x["heldout_rot_acc"]) for x in logs[0]]

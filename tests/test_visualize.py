@@ -23,7 +23,8 @@ def _tiny_run(tmp_path):
     with open(run / "log.jsonl", "w") as f:
         for e in range(3):
             f.write(json.dumps({"epoch": e, "loss": 1.2 - 0.3 * e, "rot_acc": 0.4 + 0.1 * e,
-                                "heldout_rot_acc": 0.38 + 0.1 * e, "lr": 0.1}) + "\n")
+                                "heldout_rot_acc": 0.38 + 0.1 * e, "lr": 0.1,
+                                **({"knn_top1": {"block2": 30.0 + e}} if e % 2 else {})}) + "\n")
     for c in ("cat", "dog"):
         d = tmp_path / "data" / "test" / c
         d.mkdir(parents=True)
@@ -72,3 +73,15 @@ def test_random_init_from_config(tmp_path):
     written = visualize.main(["--run", str(run), "--checkpoint", "random", "--data-root", str(tmp_path / "data"),
                               "--split", "test", "--images", "2", "--out", str(tmp_path / "q")])
     assert sorted(p.name for p in written) == ["q_attention.png", "q_curves.png", "q_filters.png"]
+
+
+def test_curves_gain_a_knn_panel_when_the_log_has_it(tmp_path, monkeypatch):
+    run = _tiny_run(tmp_path)
+    panels = []
+    real = visualize.plt.subplots
+    monkeypatch.setattr(visualize.plt, "subplots", lambda *a, **kw: panels.append(a[:2]) or real(*a, **kw))
+    visualize.plot_curves(visualize.read_log(run / "log.jsonl"), "t", tmp_path / "c.png")
+    lines = [x for x in (run / "log.jsonl").read_text().splitlines() if "knn_top1" not in x]
+    (run / "log.jsonl").write_text("\n".join(lines) + "\n")
+    visualize.plot_curves(visualize.read_log(run / "log.jsonl"), "t", tmp_path / "d.png")
+    assert panels == [(1, 3), (1, 2)]
