@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.reproduce_cifar import make_subset, step  # noqa: E402
 from benchmarks.reproduce_report import _json, _log, _machine, _pct, _short  # noqa: E402
+from rotnet.config import load_config  # noqa: E402
 
 STAGES = ("pretrain", "eval", "figures")
 MODELS = {"alexnet": "configs/imagenette_alexnet_cpu.yaml", "resnet18": "configs/imagenette_resnet18_cpu.yaml"}
@@ -178,10 +179,13 @@ def main(argv=None) -> None:
                              *args.overrides, f"train.output_dir={run / 'pretrain'}"], args.dry_run)
         if "eval" in stages:
             epochs = ["--epochs", str(b["eval_epochs"])] if b["eval_epochs"] else []
+            # eval.py defaults to bf16; probe in the precision the config pretrains in (fp32 here:
+            # bf16 is emulated, hence slow, on CPUs without AVX512-BF16/AMX)
+            precision = load_config(ROOT / MODELS[arch], [*b["train"], *args.overrides]).train.precision
             timed_step(run / "eval_linear",
                        [py, "eval.py", "--checkpoint", str(ckpt), "--layer", "all", "--head", "linear",
-                        *epochs, "--with-random", "--output-dir", str(run / "eval_linear"), f"data.root={data}"],
-                       args.dry_run)
+                        *epochs, "--with-random", "--precision", precision, "--output-dir",
+                        str(run / "eval_linear"), f"data.root={data}"], args.dry_run)
         if "figures" in stages:
             (run / "figures" / "step.json").unlink(missing_ok=True)   # figures always redrawn
             step(run / "figures", [py, "visualize.py", "--run", str(run / "pretrain"), "--data-root", str(data),

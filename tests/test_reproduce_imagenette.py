@@ -91,7 +91,7 @@ def test_dry_run_prints_the_pipeline_per_model(tmp_path, capsys):
     assert sum("train.py --config configs/imagenette_alexnet_cpu.yaml" in l for l in out) == 1
     assert sum("train.py --config configs/imagenette_resnet18_cpu.yaml" in l for l in out) == 1
     evals = [l for l in out if "eval.py" in l]
-    assert len(evals) == 2 and all("--layer all --head linear --with-random" in l for l in evals)
+    assert len(evals) == 2 and all("--layer all --head linear --with-random --precision fp32" in l for l in evals)
     assert not any("--epochs" in l for l in evals)            # the config's probe.epochs
     assert sum("visualize.py" in l for l in out) == 2
     assert not (tmp_path / "r").exists()
