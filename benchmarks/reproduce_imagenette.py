@@ -136,6 +136,13 @@ def write_section(runs: Path, results: Path, figures: Path, root: Path) -> None:
 
 # ---------------------------------------------------------------- stages
 
+def shrink_png(path: Path) -> None:
+    """Photos under heat maps make ~1 MB PNGs: a 256-colour palette keeps docs/figures small (~4x)."""
+    if path.is_file():
+        from PIL import Image
+        Image.open(path).convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+
+
 def timed_step(out: Path, cmd: list[str], dry: bool) -> None:
     """benchmarks.reproduce_cifar.step, with the load average before and after recorded in step.json."""
     before = os.getloadavg()
@@ -188,10 +195,12 @@ def main(argv=None) -> None:
                         str(run / "eval_linear"), f"data.root={data}"], args.dry_run)
         if "figures" in stages:
             (run / "figures" / "step.json").unlink(missing_ok=True)   # figures always redrawn
+            prefix = args.figures / f"imagenette_{arch}_{args.budget}"
             step(run / "figures", [py, "visualize.py", "--run", str(run / "pretrain"), "--data-root", str(data),
-                                   "--eval-json", str(run / "eval_linear" / "eval.json"),
-                                   "--out", str(args.figures / f"imagenette_{arch}_{args.budget}"),
-                                   "--title", f"(Imagenette, {args.budget})"], args.dry_run)
+                                   "--eval-json", str(run / "eval_linear" / "eval.json"), "--images", "4",
+                                   "--out", str(prefix), "--title", f"(Imagenette, {args.budget})"], args.dry_run)
+            if not args.dry_run:
+                shrink_png(Path(f"{prefix}_attention.png"))
     if not args.dry_run:
         write_section(args.runs, args.results, args.figures, ROOT)
         print(f"wrote the Imagenette section of {args.results}")
