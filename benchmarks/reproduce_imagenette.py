@@ -37,9 +37,10 @@ MODELS = {"alexnet": "configs/imagenette_alexnet_cpu.yaml", "resnet18": "configs
 # Budgets. train/eval: extra train.py / eval.py arguments; subset: (train, val) images per class
 # symlinked for the smoke budget; eval_epochs None = the config's probe.epochs.
 BUDGETS = {
-    "smoke": dict(train=["optim.epochs=1", "optim.schedule=[[0,0.05]]", "model.width=0.25"],
-                  subset=(8, 4), eval_epochs=1),
-    "cpu-30min": dict(train=[], subset=None, eval_epochs=None),
+    "smoke": dict(train=["optim.epochs=1", "optim.schedule=[[0,0.05]]", "model.width=0.25",
+                         "optim.batch_size_per_gpu=4"],
+                  eval=["--batch-size", "4"], subset=(8, 4), eval_epochs=1),
+    "cpu-30min": dict(train=[], eval=[], subset=None, eval_epochs=None),
 }
 WALL_CAP_MIN = 30          # issue 13: pretraining <= 30 min of train.py wall time on the 2-core CPU
 BLOCK_RE = re.compile(r"<!-- imagenette -->.*?<!-- /imagenette -->", re.S)
@@ -191,7 +192,7 @@ def main(argv=None) -> None:
             precision = load_config(ROOT / MODELS[arch], [*b["train"], *args.overrides]).train.precision
             timed_step(run / "eval_linear",
                        [py, "eval.py", "--checkpoint", str(ckpt), "--layer", "all", "--head", "linear",
-                        *epochs, "--with-random", "--precision", precision, "--output-dir",
+                        *epochs, *b["eval"], "--with-random", "--precision", precision, "--output-dir",
                         str(run / "eval_linear"), f"data.root={data}"], args.dry_run)
         if "figures" in stages:
             (run / "figures" / "step.json").unlink(missing_ok=True)   # figures always redrawn
