@@ -122,7 +122,8 @@ def step(out: Path, cmd: list[str], dry: bool) -> dict | None:
     return rec
 
 
-def make_subset(data: Path, dest: Path, per_class: tuple[int, int], splits: tuple[str, str] = ("train", "test")) -> Path:
+def make_subset(data: Path, dest: Path, per_class: tuple[int, int],
+                splits: tuple[str, str] = ("train", "test")) -> Path:
     """Smoke data: a folder of symlinks to the first n images per class of each split (no copies)."""
     for split, n in zip(splits, per_class):
         for cls in sorted(p for p in (data / split).iterdir() if p.is_dir()):

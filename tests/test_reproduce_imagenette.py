@@ -62,7 +62,8 @@ def test_section_written_beside_cifar_and_kept_by_the_cifar_report(tmp_path):
     text = results.read_text()
     assert text.startswith("# CIFAR\n<!-- notes -->\ncifar notes")
     assert "| conv3 | 72.00 | 55.00 | 17.00 |" in text
-    assert "| best layer ≥ 15 points above random init's best layer | yes | conv3 72.00 vs random conv2 56.00: +16.00 |" in text
+    assert ("| best layer ≥ 15 points above random init's best layer | yes | "
+            "conv3 72.00 vs random conv2 56.00: +16.00 |") in text
     assert "| pretraining ≤ 30 min (train.py wall time) | NO | 31.7 min |" in text     # resnet18: 1900 s
     assert "| layer4 ≥ 10 points above random-init layer4 | NO | +9.00 |" in text
     assert "load average 1 min before → after: 0.10 → 2.00" in text
