@@ -122,9 +122,10 @@ def step(out: Path, cmd: list[str], dry: bool) -> dict | None:
     return rec
 
 
-def make_subset(data: Path, dest: Path, per_class: tuple[int, int]) -> Path:
-    """Smoke data: a folder of symlinks to the first n images per class of train/test (no copies)."""
-    for split, n in zip(("train", "test"), per_class):
+def make_subset(data: Path, dest: Path, per_class: tuple[int, int],
+                splits: tuple[str, str] = ("train", "test")) -> Path:
+    """Smoke data: a folder of symlinks to the first n images per class of each split (no copies)."""
+    for split, n in zip(splits, per_class):
         for cls in sorted(p for p in (data / split).iterdir() if p.is_dir()):
             d = dest / split / cls.name
             d.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,8 @@ PAPER_TABLE2 = {"rot_4": 89.06, "rot_8x45": 88.51, "rot_0_180": 87.46, "rot_90_2
 PAPER_TABLE3 = {"RotNet + conv": 91.16, "Random init + conv": 72.50, "Supervised NIN": 92.80}
 BUDGET_ORDER = ("paper", "cpu-30min", "smoke")
 NOTES_RE = re.compile(r"<!-- notes -->.*?<!-- /notes -->", re.S)
+# The Imagenette section belongs to benchmarks/reproduce_imagenette.py: kept verbatim here.
+IMAGENETTE_RE = re.compile(r"<!-- imagenette -->.*?<!-- /imagenette -->", re.S)
 
 
 def _json(path: Path) -> dict | None:
@@ -218,5 +220,8 @@ def write_results(runs: Path, results: Path, figures: Path, root: Path) -> None:
         L += _budget_section(runs / b, b, figures, root)
     if not budgets:
         L += ["No budget has been run yet.", ""]
+    imagenette = IMAGENETTE_RE.search(old)
+    if imagenette:
+        L += [imagenette.group(0), ""]
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text("\n".join(L))
