@@ -18,7 +18,6 @@ A rerun with the same arguments resumes after the last finished epoch.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from probes.resume import ResumeMismatch, load_state
 from probes.settings import (DEFAULT_CONFIG, Protocol, UsageError, parse_layers, resolve_config,
                              stretch_schedule)
 from rotnet.checkpoint import git_commit
+from rotnet.cli import ArgumentParser, fail, one_line_errors
 from rotnet.config import ConfigError
 from rotnet.distributed import DistInfo, barrier, cleanup, init_distributed
 from rotnet.progress import log, setup_logging
@@ -38,7 +38,7 @@ from rotnet.run import data_root, resolve_precision
 
 
 def get_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--config", default=None,
                    help="YAML with the DATA and PROBE settings (the model always comes from the checkpoint). "
                         "Default: the config stored in the checkpoint, i.e. the data it was trained on; "
@@ -98,8 +98,9 @@ def get_args(argv=None) -> argparse.Namespace:
                         "compare with --head linear on the same vectors (ImageNet: ~23 GB fp16 per layer).")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="dotted config overrides parsed as YAML, e.g. data.root=/data/imagenet "
-                        "probe.batch_size_per_gpu=256. Unknown keys and wrong types are errors.")
-    return p.parse_args(argv)
+                        "probe.batch_size_per_gpu=256, before, after or between the flags. Unknown keys "
+                        "and wrong types are errors.")
+    return p.parse_intermixed_args(argv)
 
 
 # ---------------------------------------------------------------------------- main
@@ -110,15 +111,16 @@ def main(argv=None) -> None:
     setup_logging(info.is_main, None)
     try:
         run(args, info)
-    except (UsageError, ConfigError, ResumeMismatch) as e:
-        sys.exit(f"error: {e}")
+    except (UsageError, ConfigError, ResumeMismatch) as e:   # one line, exit 2
+        fail(e)
     finally:
         cleanup(info)
 
 
 def run(args: argparse.Namespace, info: DistInfo) -> None:
     # ------------------------------------------------------------ checkpoint and config
-    cfg, trained, ckpt_path, ckpt = resolve_config(args.config, args.checkpoint, args.overrides)
+    with one_line_errors(RuntimeError):   # a file that is not a readable checkpoint
+        cfg, trained, ckpt_path, ckpt = resolve_config(args.config, args.checkpoint, args.overrides)
     head = args.head or cfg.probe.head
     if head not in (*HEADS, KNN_HEAD):
         raise UsageError(f"probe.head={head!r}; valid heads: {', '.join((*HEADS, KNN_HEAD))}")
@@ -141,12 +143,12 @@ def run(args: argparse.Namespace, info: DistInfo) -> None:
     default = (ckpt_path.parent / f"eval_{head}{suffix}" if ckpt_path
                else Path(cfg.train.output_dir) / f"eval_{head}_random{suffix}")
     out = Path(args.output_dir) if args.output_dir else default
+    data_root(cfg, require=(cfg.data.train_dir, cfg.data.val_dir))   # "" = the sample data; before writing
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
     barrier(info)
 
     # ------------------------------------------------------------ data
-    data_root(cfg)   # an empty data.root becomes the built-in sample data
     p = Protocol(head=head, layers=layers, epochs=epochs, schedule=schedule,
                  batch_size=args.batch_size or cfg.probe.batch_size_per_gpu,
                  precision=resolve_precision(args.precision, info.device),

@@ -29,7 +29,8 @@ from pipelines import BadImageError, build_rotation_loader, prepare_batch
 from probes.knn import KnnMonitor
 from probes.settings import UsageError
 from rotnet.checkpoint import check_compatible, find_checkpoint, git_commit, load_checkpoint, save_checkpoint
-from rotnet.config import ConfigError, config_to_dict, load_config, save_config
+from rotnet.cli import ArgumentParser, one_line_errors
+from rotnet.config import ConfigError, config_to_dict, load_config, resolve_batch, save_config
 from rotnet.distributed import all_reduce_sum, barrier, cleanup, init_distributed
 from rotnet.preemption import REQUEUE_EXIT_CODE
 from rotnet.progress import RunLogger, log, setup_logging
@@ -40,14 +41,15 @@ ARCH_KEYS = ("model.arch", "model.width", "model.num_blocks", "data.rotations", 
 
 
 def get_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--config", default="configs/sample.yaml",
                    help="YAML config (default: configs/sample.yaml, the built-in sample data). "
                         "Start from configs/imagenet_alexnet.yaml for the paper's ImageNet run.")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="dotted overrides parsed as YAML, e.g. optim.epochs=5 data.root=/data/imagenet "
-                        "train.output_dir=runs/x. Unknown keys and wrong types are errors.")
-    return p.parse_args(argv)
+                        "train.output_dir=runs/x, before or after the flags. Unknown keys and wrong "
+                        "types are errors.")
+    return p.parse_intermixed_args(argv)
 
 
 # ---------------------------------------------------------------------------- one epoch
@@ -211,7 +213,6 @@ def train_loop(run: Run, loader, val_loader, start_epoch: int, start_step: int,
     is logged as knn_time_s, apart from the epoch's time_s.
     """
     cfg, logger = run.cfg, run.logger
-    global_batch = cfg.optim.batch_size_per_gpu * run.info.world_size
     for epoch in range(start_epoch, cfg.optim.epochs):
         if cfg.train.max_steps and run.step >= cfg.train.max_steps:
             break
@@ -223,7 +224,7 @@ def train_loop(run: Run, loader, val_loader, start_epoch: int, start_step: int,
             t0 = time.perf_counter()
             stats["knn_top1"] = monitor(run.raw.trunk)   # {layer: top-1 %}
             stats["knn_time_s"] = round(time.perf_counter() - t0, 2)
-        stats["global_batch"] = global_batch
+        stats["global_batch"] = cfg.optim.global_batch_size
         logger.end_epoch(stats)
         log.info(" ".join(_show(k, v) for k, v in stats.items()))
         if stats["complete"]:
@@ -243,22 +244,24 @@ def _show(key: str, value) -> str:
 
 def main(argv=None) -> None:
     args = get_args(argv)
-    try:
+    # Bad input fails here, before the output folder is touched: one line, exit 2.
+    with one_line_errors(ConfigError):
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
     info = init_distributed()
+    with one_line_errors(ConfigError):
+        resolve_batch(cfg, info.world_size)   # build_run repeats it (idempotent) for the benchmarks
+        root = data_root(cfg, require=(cfg.data.train_dir,))
     out = Path(cfg.train.output_dir)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
     barrier(info)
     setup_logging(info.is_main, out)
 
+    # ------------------------------------------------------------ model and optimizer
+    with one_line_errors(ValueError):   # a ConfigError, or a bad optim.schedule table
+        run = build_run(cfg, info, RunLogger(out, info.is_main))
+
     # ------------------------------------------------------------ data
-    root = data_root(cfg)
-    if not (root / cfg.data.train_dir).is_dir():
-        sys.exit(f"error: data.root={cfg.data.root!r} has no {cfg.data.train_dir}/ folder; "
-                 f"set data.root=/path/to/dataset (ImageNet layout: SPLIT/CLASS/IMAGE.JPEG)")
     n, k = cfg.optim.batch_size_per_gpu, len(cfg.data.rotations)
     common = dict(batch_size=n, rank=info.rank, world_size=info.world_size, local_rank=info.local_rank,
                   device=info.device, seed=cfg.train.seed)
@@ -267,17 +270,10 @@ def main(argv=None) -> None:
     if cfg.train.eval_rotation and (root / cfg.data.val_dir).is_dir():
         val_loader = build_rotation_loader(cfg.data, str(root / cfg.data.val_dir), train=False, **common)
 
-    # ------------------------------------------------------------ model and optimizer
-    try:
-        run = build_run(cfg, info, RunLogger(out, info.is_main))
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
-    start_epoch, start_step = resume(run, loader)
-    try:
+    with one_line_errors(RuntimeError):   # an unreadable or incompatible checkpoint is left untouched
+        start_epoch, start_step = resume(run, loader)
+    with one_line_errors(UsageError, ValueError):   # e.g. a val folder without class folders
         monitor = KnnMonitor(cfg, info, run.raw.trunk) if cfg.train.monitor_every else None
-    except (UsageError, ValueError) as e:
-        sys.exit(f"error: train.monitor_every={cfg.train.monitor_every}: {e} (set train.monitor_every=0 for "
-                 "data without class folders)")
 
     if info.is_main:
         save_config(cfg, out / "config.yaml")
@@ -285,10 +281,11 @@ def main(argv=None) -> None:
         log.info(f"commit {git_commit()} | launcher {info.launcher} | world size {info.world_size} | "
                  f"device {torch.cuda.get_device_name(info.device) if info.device.type == 'cuda' else 'cpu'} | "
                  f"precision {cfg.train.precision} | data backend {loader.backend}")
-        log.info(f"batch: {n} original images/GPU x {k} rotations = {n * k} rotated samples/GPU; global "
-                 f"{n * info.world_size} originals = {n * info.world_size * k} rotated; lr scale "
-                 f"{run.schedule.scale:.3g}; {len(loader)} steps/epoch; "
-                 f"{sum(p.numel() for p in run.raw.parameters()) / 1e6:.2f}M params")
+        lrs = ", ".join(f"{lr:.4g} from epoch {e:g}" for e, lr in run.schedule.table)
+        log.info(f"batch: global {cfg.optim.global_batch_size} original images = {n}/GPU x {info.world_size} "
+                 f"GPU(s); x {k} rotations = {n * k} rotated samples/GPU; lr {lrs}"
+                 + (f" (optim.schedule x {run.schedule.scale:.3g}, optim.scale_lr)" if cfg.optim.scale_lr else "")
+                 + f"; {len(loader)} steps/epoch; {sum(p.numel() for p in run.raw.parameters()) / 1e6:.2f}M params")
 
     # ------------------------------------------------------------ training loop
     try:

@@ -29,17 +29,17 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on clusters or CI
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-import torchvision.transforms.v2.functional as TF  # noqa: E402
-from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 
 from models.rotnet import seeded_rotnet  # noqa: E402
 from probes.report import draw_top1_bars  # noqa: E402
+from pipelines import prepare_batch  # noqa: E402
+from pipelines.recipe import crop_batch, decode_rgb  # noqa: E402
 from rotnet.checkpoint import find_checkpoint, load_checkpoint  # noqa: E402
-from rotnet.config import Config, config_from_dict, load_config  # noqa: E402
+from rotnet.cli import ArgumentParser, fail, one_line_errors  # noqa: E402
+from rotnet.config import Config, ConfigError, config_from_dict, load_config  # noqa: E402
 
 IMG_EXTS = (".jpg", ".jpeg", ".png")
 DPI = 100   # small PNGs: docs/figures keeps every file well under 200 KB
@@ -60,7 +60,7 @@ def load_run(run_dir: Path | None, checkpoint: str | None, config: str | None) -
     elif config or (run_dir is not None and (run_dir / "config.yaml").is_file()):
         cfg = load_config(config or run_dir / "config.yaml")
     else:
-        raise SystemExit("error: no checkpoint and no config: pass --checkpoint, --config or a --run with config.yaml")
+        fail("no checkpoint and no config: pass --checkpoint, --config or a --run with config.yaml")
     net = seeded_rotnet(cfg, cfg.train.seed, ckpt["model"] if ckpt else None)
     what = f"{checkpoint} (epoch {ckpt.get('epoch')})" if ckpt else f"random init (seed {cfg.train.seed})"
     return cfg, net.trunk.eval(), what
@@ -71,7 +71,7 @@ def pick_images(root: Path, n: int) -> list[Path]:
     classes = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     files = [sorted(p for p in c.iterdir() if p.suffix.lower() in IMG_EXTS) for c in classes]
     if not classes or not any(files):
-        raise SystemExit(f"error: no images in {root} (expected CLASS/IMAGE layout)")
+        fail(f"no images in {root} (expected CLASS/IMAGE layout)")
     out: list[Path] = []
     for j in range(max(len(f) for f in files)):
         for f in files:
@@ -81,20 +81,13 @@ def pick_images(root: Path, n: int) -> list[Path]:
 
 
 def load_images(paths: list[Path], cfg: Config) -> torch.Tensor:
-    """Eval recipe: resize shorter side to data.resize_size, center-crop data.crop_size -> uint8 (B, 3, S, S)."""
-    out = []
-    for p in paths:
-        with Image.open(p) as im:   # PIL: greyscale/CMYK/PNG-named-JPEG all become RGB
-            img = torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1)
-        img = TF.resize(img, [cfg.data.resize_size], antialias=True)
-        out.append(TF.center_crop(img, [cfg.data.crop_size, cfg.data.crop_size]))
-    return torch.stack(out)
+    """The loaders' eval recipe (pipelines.recipe) -> uint8 (B, 3, S, S)."""
+    crops = crop_batch([decode_rgb(str(p)).permute(1, 2, 0) for p in paths], cfg.data, train=False)
+    return crops.permute(0, 3, 1, 2)
 
 
 def normalize(images: torch.Tensor, cfg: Config) -> torch.Tensor:
-    mean = torch.tensor(cfg.data.mean).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.data.std).view(1, 3, 1, 1)
-    return (images.float() / 255 - mean) / std
+    return prepare_batch(images.permute(0, 2, 3, 1), cfg.data, channels_last=False)
 
 
 # ---------------------------------------------------------------------------- figures
@@ -219,7 +212,7 @@ def eval_label(path: Path, ev: dict) -> str:
 # ---------------------------------------------------------------------------- main
 
 def get_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--run", type=Path, help="run folder (log.jsonl, config.yaml, checkpoint.pt)")
     p.add_argument("--checkpoint", help="checkpoint for attention/filters (default RUN/checkpoint.pt); "
                                         "'random' = random init of the run's config")
@@ -231,11 +224,18 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--power", type=float, default=2.0, help="p in sum_c |a|^p (paper Fig. 3)")
     p.add_argument("--title", default="", help="extra text for the figure titles")
     p.add_argument("--out", required=True, help="output prefix, e.g. docs/figures/cifar10")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> list[Path]:
     args = get_args(argv)
+    # A missing or unreadable file (checkpoint, config, eval.json) or a bad config: one line, exit 2.
+    with one_line_errors(ConfigError, OSError, RuntimeError, json.JSONDecodeError):
+        return draw(args)
+
+
+def draw(args: argparse.Namespace) -> list[Path]:
+    """Every figure whose inputs exist; returns the files written."""
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []

@@ -1,7 +1,7 @@
 """Input-pipeline throughput: original images/second with K=4 rotations emitted, ready for the model.
 
     python benchmarks/pipeline.py --data ROOT/train [--batch-size 64] [--steps 40] [--crop 224]
-                                  [--device cpu|cuda] [--backends dali,torch,reference]
+                                  [--device cpu|cuda] [--backends dali,torch,reference] [data.key=value ...]
 
 --data may also come from $ROTNET_BENCH_DATA; without either (or if the folder is missing)
 the benchmark prints why and exits 0 (skipped). Same data and recipe for all rows
@@ -32,7 +32,7 @@ sys.path.insert(0, REPO)
 from benchmarks.report import append_block, machine  # noqa: E402
 from pipelines import build_rotation_loader, prepare_batch  # noqa: E402
 from rotnet.checkpoint import git_commit  # noqa: E402
-from rotnet.config import DataConfig  # noqa: E402
+from rotnet.config import ConfigError, load_config  # noqa: E402
 
 
 def time_loop(batches, steps: int, warmup: int, n: int, sync, step_fn=None) -> float:
@@ -51,8 +51,9 @@ def time_loop(batches, steps: int, warmup: int, n: int, sync, step_fn=None) -> f
 
 
 def bench_rotnet(args, backend: str, device: torch.device, sync) -> float:
-    data = DataConfig(backend=backend, recipe="imagenet", crop_size=args.crop, num_threads=args.threads,
-                      prefetch=args.prefetch)
+    data = load_config(None, [f"data.backend={backend}", "data.recipe=imagenet", f"data.crop_size={args.crop}",
+                              f"data.num_threads={args.threads}", f"data.prefetch={args.prefetch}",
+                              *args.overrides]).data
     loader = build_rotation_loader(data, args.data, batch_size=args.batch_size, rank=0, world_size=1,
                                    local_rank=0, device=device, train=True, seed=0)
     need = args.steps + args.warmup
@@ -117,6 +118,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prepare", action="store_true", help="time prepare_batch (normalise) too")
     ap.add_argument("--out", default=os.path.join(REPO, "docs", "benchmarks.md"))
     ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument("overrides", nargs="*", metavar="data.key=value",
+                    help="data settings for the rotnet rows, e.g. data.hw_decoder_load=0.9 or "
+                         "data.normalize=graph; they apply after the flags above")
     args = ap.parse_args(argv)
     if not args.data or not os.path.isdir(args.data):
         print(f"skipped: data folder {args.data!r} not found (pass --data or set ROTNET_BENCH_DATA)")
@@ -128,6 +132,10 @@ def main(argv=None) -> int:
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     args.num_files = sum(len(fs) for _, _, fs in os.walk(args.data))
     args.load = os.getloadavg()[0]
+    try:   # bad overrides: one line, before any work
+        load_config(None, args.overrides)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
     results = {}
     for name in args.backends.split(","):
         t0 = time.perf_counter()

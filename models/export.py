@@ -24,7 +24,6 @@ it carries no metadata.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -35,9 +34,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from models import build_trunk
-from models.rotnet import build_rotnet
+from models.rotnet import seeded_rotnet
 from models.trunk import ProbeTrunk
 from rotnet.checkpoint import load_checkpoint
+from rotnet.cli import ArgumentParser, fail
 from rotnet.config import Config, ConfigError, config_from_dict
 
 FORMATS = ("torchvision", "timm", "native")
@@ -54,8 +54,8 @@ class ExportError(ValueError):
 def trunk_from_checkpoint(path: str | Path) -> tuple[ProbeTrunk, Config, dict]:
     """(trunk with the checkpoint's weights in eval mode, its config, the raw checkpoint dict).
 
-    The one place this module reads a checkpoint: swap it for the shared checkpoint -> trunk loader
-    once there is one. Refuses, naming why, anything that is not a pretraining checkpoint.
+    The one place this module reads a checkpoint (models.rotnet.seeded_rotnet builds and loads the
+    net, as for eval.py and visualize.py). Refuses, naming why, anything that is not a pretraining checkpoint.
     """
     if str(path).endswith(".safetensors"):
         raise ExportError(f"{path} is already an export (.safetensors); pass the train.py checkpoint (.pt)")
@@ -75,9 +75,8 @@ def trunk_from_checkpoint(path: str | Path) -> tuple[ProbeTrunk, Config, dict]:
         raise ExportError(f"{path} is not a train.py checkpoint: no {' or '.join(repr(k) for k in missing)} key "
                           f"(keys: {sorted(ckpt)[:8]})")
     cfg = config_from_dict(ckpt["config"], str(path))
-    rotnet = build_rotnet(cfg.model, num_rotations=len(cfg.data.rotations), input_size=cfg.data.crop_size)
     try:
-        rotnet.load_state_dict(ckpt["model"], strict=True)
+        rotnet = seeded_rotnet(cfg, cfg.train.seed, ckpt["model"])   # the shared checkpoint -> RotNet loader
     except RuntimeError as e:   # torch lists every key over several lines: keep the start of the first list
         detail = (str(e).splitlines()[1:] or [str(e)])[0].strip()
         raise ExportError(f"{path}: weights do not match its config (model.arch={cfg.model.arch}, "
@@ -188,8 +187,7 @@ def default_out(checkpoint: str | Path, fmt: str) -> Path:
 
 
 def main(argv=None) -> Path:
-    ap = argparse.ArgumentParser(prog="python -m models.export", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="python -m models.export", description=__doc__)
     ap.add_argument("checkpoint", help="a train.py checkpoint (runs/NAME/checkpoint.pt or epoch_NNNN.pt)")
     ap.add_argument("--format", default="torchvision", choices=FORMATS,
                     help="torchvision/timm: resnet18/50 at width 1, loads into torchvision's or timm's "
@@ -199,12 +197,12 @@ def main(argv=None) -> Path:
                                   "checkpoint), or .pth/.pt for a plain torch state_dict (torchvision/timm only; "
                                   "for detectron2's converter; no metadata)")
     ap.add_argument("--force", action="store_true", help="overwrite --out if it exists (default: refuse)")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     out = args.out or default_out(args.checkpoint, args.format)
     try:
         written = export(args.checkpoint, args.format, out, force=args.force)
     except (ExportError, ConfigError, OSError, RuntimeError) as e:   # one line, no traceback
-        ap.exit(2, f"error: {str(e).splitlines()[0]}\n")
+        fail(str(e).splitlines()[0])
     print(f"wrote {written} ({args.format})")
     return written
 

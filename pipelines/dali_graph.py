@@ -4,7 +4,7 @@ One `@pipeline_def` serves every loader; `mode` picks the output per sample:
   "all"        uint8 (K, H, W, C) -- the K rotations of one crop stacked (or float16 (K, C, H, W)
                when normalising in the graph); the loader reshapes (N, K, ...) -> (K*N, ...).
   "one_random" one rotation per sample, (H, W, C), plus its label (index into `rotations`).
-  "none"       the unrotated crop, (H, W, C), plus the class label (class loader).
+  "class"      the unrotated crop, (H, W, C), plus the class label (class loader).
 Crops are always square (crop x crop), so rotations of one crop stack.
 
 Rotations by multiples of 90 are exact pixel permutations built from one transpose and flips,
@@ -46,7 +46,8 @@ def _decode_crop(jpegs, *, recipe, train, crop, resize, min_scale, dec, mixed_ar
                          antialias=True)
     img = fn.decoders.image(jpegs, device=dec, output_type=types.RGB, **mixed_args)
     if recipe == "imagenet":  # eval: shorter side -> resize, centre crop
-        img = fn.resize(img, resize_shorter=resize, interp_type=types.INTERP_LINEAR, antialias=True)
+        img = fn.resize(img, resize_shorter=resize, interp_type=types.INTERP_LINEAR, antialias=True,
+                        subpixel_scale=False)
         return fn.crop(img, crop=(crop, crop), out_of_bounds_policy="pad", fill_values=0)
     if recipe == "cifar":
         if not train:  # no augmentation; the crop only guarantees a square crop x crop output
@@ -129,7 +130,7 @@ def rotation_graph(*, files, labels, file_root, shard_id, num_shards, train, rea
         y = fn.rotate(_flip(x, c, 0), angle=fn.cast(angle, dtype=types.FLOAT), keep_size=True,
                       fill_value=0, interp_type=types.INTERP_LINEAR)
         return (_normalise(y, mean, std) if normalize else y), r
-    if mode == "none":
+    if mode == "class":
         y = _flip(x, c, 0)
         return (_normalise(y, mean, std) if normalize else y), label
     raise ValueError(f"unknown graph mode {mode!r}")

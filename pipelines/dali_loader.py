@@ -17,167 +17,122 @@ validation shard. This wrapper runs the pipeline itself:
 from __future__ import annotations
 
 import math
+import os
 import re
 
 import torch
 
+from pipelines.contract import Loader, LoaderSpec
+from pipelines.dali_graph import rotation_graph
+from pipelines.host_post import HostFinisher
 from pipelines.listing import BadImageError
-from pipelines.rotations import rotation_labels
 
 
 def _to_torch(tl, device: torch.device) -> torch.Tensor:
-    """DALI TensorList (uniform shape) -> new torch tensor on `device` (a copy: DALI reuses buffers)."""
+    """DALI TensorList (uniform shape) -> a new torch tensor (a copy: DALI reuses its buffers), on
+    `device` for GPU TensorLists, on the CPU for CPU ones (labels, even in a GPU pipeline)."""
     from nvidia.dali.backend import TensorListGPU
     from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
     t = tl.as_tensor()  # dense (B, ...) view; shapes are uniform (square crops)
-    shape = tuple(t.shape())
-    dtype = to_torch_type[t.dtype]
-    if isinstance(tl, TensorListGPU):  # labels stay CPU TensorLists even in a GPU pipeline
-        out = torch.empty(shape, dtype=dtype, device=device)
-        # the copy is ordered on torch's current stream, so later torch work sees the data
-        feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(device))
-    else:
-        out = torch.empty(shape, dtype=dtype)
-        feed_ndarray(t, out)
-        if device.type != "cpu":
-            out = out.to(device, non_blocking=True)
+    gpu = isinstance(tl, TensorListGPU)
+    out = torch.empty(tuple(t.shape()), dtype=to_torch_type[t.dtype], device=device if gpu else "cpu")
+    # GPU: the copy is ordered on torch's current stream, so later torch work sees the data
+    feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(device) if gpu else None)
     return out
 
 
-class DaliLoader:
-    """Iterable of (images, labels); see pipelines/__init__.py for the contract."""
+class DaliLoader(Loader):
+    """Iterable of (images, labels); see pipelines/__init__.py for the contract.
+
+    `self.step` counts pipeline runs of the reader epoch, the discarded tail included.
+    """
 
     backend = "dali"
 
-    def __init__(self, *, make_pipe, kind: str, mode: str, k: int, batch_size: int,
-                 pipe_batch: int, shard_sizes: list[int], rank: int, train: bool,
-                 device: torch.device, classes: list[str], num_samples: int, paths: list[str],
-                 seed: int, finisher=None, normalize_host=None):
-        self._make_pipe = make_pipe          # checkpoint(str|None) -> built Pipeline
-        self._finisher = finisher            # HostFinisher: CPU "host" stage graphs only
-        self._normalize_host = normalize_host  # uint8 batch -> float16 (B, C, H, W), or None
-        self.kind, self.mode, self.k = kind, mode, k
-        self.batch_size = batch_size         # originals per step (N)
-        self._p = pipe_batch                 # samples per pipeline batch (N, or K*N for one_random)
-        self._shard = shard_sizes[rank]
-        self._reader_batches = math.ceil(max(shard_sizes) / self._p)
-        self.train = train
-        self.device = torch.device(device)
-        self.classes = classes
-        self.num_samples = num_samples       # original images per epoch, all ranks
-        self._paths = paths                  # this loader's files (for naming bad ones)
-        self._seed, self._rank, self._world = seed, rank, len(shard_sizes)
-        if train:
-            self._steps = min(shard_sizes) // self._p
-            if self._steps == 0:
-                raise ValueError(f"{min(shard_sizes)} images per rank < one batch of {self._p}: "
-                                 "lower the batch size or use more data")
-        else:
-            self._steps = math.ceil(self._shard / self._p)
+    def __init__(self, spec: LoaderSpec):
+        super().__init__(spec)
+        self._gpu = spec.device.type == "cuda"
+        # CPU: the graph stops after decode + crop and torch/OpenCV finish the batch (faster on
+        # CPU, see pipelines/host_post.py); GPU: everything in the graph. data.dali_rotate_in_graph
+        # forces the full graph on CPU too.
+        full = self._gpu or spec.data.dali_rotate_in_graph
+        self._finisher = None if full else HostFinisher(spec.data.crop_size, list(spec.rotations), spec.mode,
+                                                        threads=spec.data.num_threads)
+        n, w = len(spec.paths), spec.world_size
+        self._reader_batches = math.ceil(-(-n // w) / spec.pipe_batch)  # the largest shard, ceil(n / w)
+        # Files this rank may read (to name a bad one DALI does not name): training reshuffles
+        # globally every epoch, so any file.
+        self._paths = spec.paths if spec.train else spec.paths[slice(*self._shard)]
         self._pipe = None
         self._checkpoint = None              # restored checkpoint, used when the pipe is built
-        self._epoch = 0                      # epoch the current/next iteration belongs to
-        self._batch = 0                      # pipeline batches of _epoch already run
 
-    def __len__(self) -> int:
-        return self._steps
+    def _build_pipe(self):
+        s, d = self.spec, self.spec.data
+        root = os.path.abspath(s.split_dir)
+        mixed = dict(hw_decoder_load=d.hw_decoder_load, device_memory_padding=d.device_memory_padding,
+                     host_memory_padding=d.host_memory_padding) if self._gpu else {}
+        pipe = rotation_graph(
+            files=[os.path.relpath(p, root) for p in s.paths],  # shorter strings in the serialised graph
+            labels=list(s.labels), file_root=root, shard_id=s.rank, num_shards=s.world_size, train=s.train,
+            reader_seed=s.seed_for("reader"),  # same on all ranks: one global shuffle
+            recipe=d.recipe, crop=d.crop_size, resize=d.resize_size, min_scale=d.min_scale,
+            rotations=list(s.rotations), mode=s.mode, decoder_device="mixed" if self._gpu else "cpu",
+            mixed_args=mixed, normalize=s.normalize, mean=list(d.mean), std=list(d.std),
+            stage="host" if self._finisher else "full",
+            batch_size=s.pipe_batch, num_threads=max(1, d.num_threads),
+            device_id=(s.device.index if s.device.index is not None else s.local_rank) if self._gpu else None,
+            seed=s.seed_for("augment", s.rank),  # augmentation randomness: per global rank
+            prefetch_queue_depth=max(1, d.prefetch), checkpoint=self._checkpoint)
+        pipe.build()
+        return pipe
 
-    # ------------------------------------------------------------ epochs and state
-    def _pipeline(self):
-        if self._pipe is None:
-            self._pipe = self._make_pipe(self._checkpoint)
-        return self._pipe
-
-    def _finish_epoch(self) -> None:
-        """Run the rest of the current reader epoch (discarded) so the next starts aligned."""
-        while 0 < self._batch < self._reader_batches:
+    # ------------------------------------------------------------ state hooks
+    def _end_epoch(self) -> None:
+        """Run the rest of a started reader epoch (discarded), so the next epoch starts on its
+        boundary. Also right after the loop, so that a checkpoint taken then points there."""
+        while 0 < self.step < self._reader_batches:
             self._run()
-            self._batch += 1
-        if self._batch:
-            self._epoch += 1
-            self._batch = 0
+            self.step += 1
 
-    def set_epoch(self, epoch: int) -> None:
-        """Start `epoch` (no-op when it is the current, e.g. resumed mid-epoch, one)."""
-        if epoch != self._epoch:
-            self._finish_epoch()
-            self._epoch = epoch
-
-    def state_dict(self) -> dict:
+    def _extra_state(self) -> dict:
         ckpt = self._pipe.checkpoint() if self._pipe is not None else self._checkpoint
-        return {"backend": "dali", "kind": self.kind, "epoch": self._epoch, "batch": self._batch,
-                "dali_checkpoint": ckpt or "", "seed": self._seed, "world_size": self._world,
-                "rank": self._rank, "num_samples": self.num_samples}
+        return {"dali_checkpoint": ckpt or "", "rank": self.spec.rank}
 
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("backend") != "dali":
-            raise ValueError(f"loader state is from backend {state.get('backend')!r}, not 'dali'")
-        mine = {"world_size": self._world, "num_samples": self.num_samples, "kind": self.kind}
-        for key, value in mine.items():
-            if state.get(key) != value:
-                raise ValueError(f"loader state {key}={state.get(key)!r} does not match this run ({value!r})")
+    def _restore(self, state: dict) -> None:
         self._checkpoint = state["dali_checkpoint"] or None
         self._pipe = None                    # rebuilt from the checkpoint on next use
-        self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
 
     # ------------------------------------------------------------ iteration
     def _run(self):
+        if self._pipe is None:
+            self._pipe = self._build_pipe()
         try:
-            return self._pipeline().run()
+            return self._pipe.run()
         except RuntimeError as e:
             self._pipe = None                # DALI: "pipeline object is no longer valid"
             raise BadImageError(_explain(str(e), self._paths)) from e
 
-    def __iter__(self):
-        if self._batch >= self._steps:       # previous epoch done: move on
-            self._finish_epoch()
-        while self._batch < self._steps:
-            outs = self._run()
-            b = self._batch
-            self._batch += 1
-            valid = min(self._p, self._shard - b * self._p)
-            yield self._convert(*outs, valid=valid)
-        self._finish_epoch_rest()
+    def _batches(self):
+        p, shard = self.spec.pipe_batch, self._shard[1] - self._shard[0]
+        while self.step < self._steps:
+            yield self._convert(self._run(), valid=min(p, shard - self.step * p))
 
-    def _finish_epoch_rest(self) -> None:
-        # Drain the training epoch's tail now (not at the next __iter__), so a checkpoint
-        # taken after the loop points at the next epoch's start.
-        while self._batch < self._reader_batches:
-            self._run()
-            self._batch += 1
-
-    def _convert(self, *outs, valid: int):
-        if self._finisher is not None:
-            return self._convert_host(*outs, valid=valid)
-        images, labels = outs
-        x = _to_torch(images, self.device)[:valid]
-        if self.mode == "all":
-            x = x.reshape((valid * self.k,) + tuple(x.shape[2:]))  # (N, K, ...) -> (K*N, ...)
-            y = rotation_labels(self.k, valid, device=self.device)
-        else:
-            y = _to_torch(labels, self.device)[:valid].reshape(-1).long()
-        return x, y
-
-    def _convert_host(self, crops, labels, flips, rot, valid: int):
-        """CPU stage "host": finish DALI's crops with torch ops (see pipelines.host_post)."""
+    def _convert(self, outs, valid: int):
+        """Pipeline outputs -> `assemble`'s input, trimmed to the `valid` (non-padding) samples."""
+        if self._finisher is None:
+            images, labels = outs
+            y = None if self.spec.mode == "all" else _to_torch(labels, self.spec.device)[:valid]
+            return _to_torch(images, self.spec.device)[:valid], y
         import numpy as np
 
+        crops, labels, flips, rot = outs
         # Zero-copy views of DALI's buffers: valid until the next run(), and used up before it.
         views = [torch.from_numpy(np.asarray(crops[i])) for i in range(valid)]
         f = np.asarray(flips.as_tensor()).reshape(-1)[:valid].tolist()
         r = np.asarray(rot.as_tensor()).reshape(-1)[:valid].tolist()
-        x = self._finisher(views, f, r)
-        if self.mode == "all":
-            x = x.reshape((valid * self.k,) + tuple(x.shape[2:]))  # (N, K, ...) -> (K*N, ...)
-            y = rotation_labels(self.k, valid)
-        elif self.mode == "one_random":
-            y = torch.tensor(r, dtype=torch.int64)
-        else:
-            y = torch.from_numpy(np.asarray(labels.as_tensor()).reshape(-1)[:valid].astype(np.int64))
-        if self._normalize_host is not None:
-            x = self._normalize_host(x)
-        return x.to(self.device), y.to(self.device)
+        y = r if self.spec.mode == "one_random" else np.asarray(labels.as_tensor()).reshape(-1)[:valid]
+        return self._finisher(views, f, r), torch.as_tensor(y)
 
 
 # DALI names the file as the reader knows it: "Failed to decode sample #6 : CLASS/IMG.JPEG",

@@ -1,20 +1,12 @@
-"""CPU finishing stage of the DALI CPU loader: resize (torch), flip and rotations (OpenCV).
+"""CPU finishing stage of the DALI CPU loader: resize, flip and rotations of DALI's crops.
 
-Why not in the DALI graph on CPU: measured per image (224 px, this repo's 2-core dev box),
-DALI's CPU resize costs ~0.6 ms, transpose ~0.55 ms and stack ~0.6 ms. DALI's fused decode +
-random crop alone runs ~6,500 img/s on the two cores (0.3 ms/img): the finish is the cost.
-So the CPU graph stops after decode + crop and this module finishes the batch, in a small
-thread pool (torch and OpenCV release the GIL) while DALI prefetches the next batch:
-  resize   bilinear as the GPU graph's fn.resize(antialias=True): OpenCV INTER_LINEAR when
-           enlarging (0.11 ms), torch's antialiased uint8 kernel when shrinking (~0.15-0.3 ms;
-           OpenCV's INTER_LINEAR does not antialias)
-  rotations OpenCV flip/rotate, 0.07 ms for all four: a 3-byte-pixel transpose is a strided
-           copy with an inner loop of 3 in torch/numpy (0.28 ms for one transpose, 0.48 ms for
-           the four rotations), where OpenCV runs a blocked SIMD transpose.
-On GPU everything stays in the graph.
-
-All randomness (crop window, flip coin, one_random choice) comes from the DALI graph, so
-DALI checkpoints still cover it.
+On CPU, DALI's resize, transpose and stack each cost about twice its fused decode + random crop
+(measured per 224-px image; the figures are in docs/pipelines.md, "DALI on CPU"). So the CPU
+graph stops after decode + crop and this module finishes the batch with the fastest uint8
+kernels at hand (resize: OpenCV when enlarging, torch when shrinking; flips and rotations:
+OpenCV's blocked SIMD transposes), per image in a small thread pool (both release the GIL)
+while DALI prefetches the next batch. All randomness (crop window, flip coin, one_random
+choice) comes from the graph, so DALI checkpoints still cover it.
 """
 from __future__ import annotations
 
@@ -77,7 +69,7 @@ class HostFinisher:
     """Finishes a batch of DALI crops: (crops, flips, rot_idx) -> uint8 tensor on CPU.
 
     mode "all": (N, K, S, S, C); "one_random": (N, S, S, C) rotated by rotations[rot_idx[i]];
-    "none": (N, S, S, C). S = crop size. Crops may be ragged (imagenet train recipe).
+    "class": (N, S, S, C). S = crop size. Crops may be ragged (imagenet train recipe).
     """
 
     def __init__(self, crop: int, rotations: list[int], mode: str, threads: int):
@@ -94,7 +86,7 @@ class HostFinisher:
             x = resize_hwc(crops[i], self.crop)
             if self.mode == "all":
                 rotations_into(out[i], x, bool(flips[i]), self.rotations)
-            else:   # one slot: its rotation (one_random) or the flipped crop alone (none)
+            else:   # one slot: its rotation (one_random) or the flipped crop alone (class)
                 angle = self.rotations[rot_idx[i]] if self.mode == "one_random" else 0
                 rotations_into(out[i:i + 1], x, bool(flips[i]), [angle])
 

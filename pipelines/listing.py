@@ -122,7 +122,7 @@ def subset_per_class(labels: list[int], per_class: int, seed: int) -> list[int]:
     Deterministic in (labels, per_class, seed) only, so every rank picks the same subset.
     A class with fewer images contributes all of them (with a warning).
     """
-    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + 17)
+    g = torch.Generator().manual_seed(seed)
     by_class: dict[int, list[int]] = {}
     for i, lab in enumerate(labels):
         by_class.setdefault(lab, []).append(i)

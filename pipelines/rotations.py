@@ -48,6 +48,20 @@ def stack_rotations(img: torch.Tensor, rotations: list[int]) -> torch.Tensor:
     return torch.stack([rotate_hwc(img, a) for a in rotations], dim=-4)
 
 
+def rotate_batch(x: torch.Tensor, rotations: list[int], mode: str, g: torch.Generator):
+    """uint8 (P, S, S, C) crops -> mode "all": ((P, K, S, S, C), None); "one_random": ((P, S, S, C)
+    each rotated by rotations[r_i], r (P,) int64), r drawn from `g`."""
+    if mode == "all":
+        return stack_rotations(x, rotations), None
+    r = torch.randint(0, len(rotations), (x.shape[0],), generator=g)
+    out = torch.empty_like(x)
+    for j, a in enumerate(rotations):  # one batched op per angle
+        sel = (r == j).nonzero().flatten().to(x.device)
+        if len(sel):
+            out[sel] = rotate_hwc(x[sel], a)
+    return out, r
+
+
 def rotation_labels(k: int, n: int, device=None) -> torch.Tensor:
     """int64 (K*N,) labels of a sample-major batch: [0, 1, .., K-1] repeated N times."""
     return torch.arange(k, device=device, dtype=torch.int64).repeat(n)

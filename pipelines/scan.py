@@ -57,21 +57,15 @@ def check_image(path: str) -> str:
         return f"{type(e).__name__}: {e}"
 
 
-def _check_chunk(paths: list[str]) -> list[str]:
-    return [check_image(p) for p in paths]
-
-
 def scan_split(split_dir: str, workers: int) -> tuple[list[str], list[int], list[tuple[str, str]], int]:
     """(good relative paths, their labels, [(bad path, reason)], non-image files skipped)."""
     paths, labels, _ = list_images(split_dir)
     skipped = sum(1 for dp, _, fs in os.walk(split_dir) for f in fs if not is_image_file(f))
-    chunk = 256
-    chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
     if workers > 1:
         with ProcessPoolExecutor(workers) as ex:
-            reasons = [r for rs in ex.map(_check_chunk, chunks) for r in rs]
+            reasons = list(ex.map(check_image, paths, chunksize=256))
     else:
-        reasons = [r for c in chunks for r in _check_chunk(c)]
+        reasons = [check_image(p) for p in paths]
     good, good_labels, bad = [], [], []
     for p, lab, why in zip(paths, labels, reasons):
         if why:

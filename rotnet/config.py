@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,20 +29,20 @@ class DataConfig:
     train_dir: str = "train"       # sub-folder of root used for pretraining / probe training
     val_dir: str = "val"           # sub-folder of root used for held-out rotation accuracy / probe val
     file_list: str = ""            # optional list written by `python -m pipelines.scan` (bad files removed)
-    backend: str = "auto"          # auto | dali | torch  (auto: dali when importable)
-    recipe: str = "imagenet"       # imagenet: random-resized-crop + flip; cifar: pad-4 random crop + flip
+    backend: Literal["auto", "dali", "torch"] = "auto"   # auto: dali when importable
+    recipe: Literal["imagenet", "cifar"] = "imagenet"  # imagenet: random-resized-crop + flip; cifar: pad-4 random crop + flip
     crop_size: int = 224           # square output side; rotations of a square crop stack exactly
     resize_size: int = 256         # val recipe: resize shorter side, then center-crop crop_size
     min_scale: float = 0.08        # random-resized-crop lower area bound
     rotations: list[int] = field(default_factory=lambda: [0, 90, 180, 270])  # paper Table 2 sets
-    rotation_mode: str = "all"     # all: every rotation of each crop in the batch; one_random: one each
+    rotation_mode: Literal["all", "one_random"] = "all"  # all: every rotation of each crop in the batch; one_random: one each
     resident: bool = False         # decode once, keep uint8 images in (GPU) memory; for CIFAR-sized sets
     num_threads: int = 4           # DALI CPU threads / DataLoader workers per process
     prefetch: int = 2              # batches queued ahead
     hw_decoder_load: float = 0.65  # DALI mixed decoder: share of images sent to the A100/H100 HW decoder
     device_memory_padding: int = 211025920  # DALI nvJPEG preallocation hints (bytes)
     host_memory_padding: int = 140544512
-    normalize: str = "auto"        # graph | trainer | auto (graph on GPU, trainer on CPU)
+    normalize: Literal["auto", "graph", "trainer"] = "auto"  # auto: graph on GPU, trainer on CPU
     # CPU only: the DALI graph stops after decode+crop and torch does resize/flip/rotations,
     # which is ~2x faster on CPU (docs/pipelines.md). true keeps the whole GPU graph on CPU.
     dali_rotate_in_graph: bool = False
@@ -52,7 +53,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "alexnet"          # key of models.MODELS: alexnet | resnet18 | resnet50 | nin
+    arch: Literal["alexnet", "resnet18", "resnet50", "nin"] = "alexnet"   # the keys of models.MODELS
     width: float = 1.0             # channel multiplier; <1 gives CPU-sized variants
     num_blocks: int = 4            # nin only: 3, 4 or 5
 
@@ -60,7 +61,12 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     epochs: int = 30
-    batch_size_per_gpu: int = 192  # ORIGINAL images per GPU per step; the step sees 4x as many rotated
+    # ORIGINAL images per step (each step sees 4x as many rotated), set by ONE of these two:
+    # global_batch_size over all ranks (per GPU = global / world size, which must divide it), or
+    # batch_size_per_gpu (global = per GPU x world size). The other is 0, or agrees; train.py
+    # records both in the resolved config (`resolve_batch`). The paper: global 192 (one GPU).
+    global_batch_size: int = 0
+    batch_size_per_gpu: int = 192
     # Step schedule as an (epoch, lr) table: lr = the last entry whose epoch <= current epoch.
     # Paper ImageNet: 0.01, /10 after epochs 10 and 20.
     schedule: list[list[float]] = field(default_factory=lambda: [[0, 0.01], [10, 0.001], [20, 0.0001]])
@@ -99,7 +105,7 @@ class TrainConfig:
 @dataclass
 class ProbeConfig:
     """Frozen-layer evaluation defaults (eval.py); CLI flags override them."""
-    head: str = "linear"           # linear | mlp | conv
+    head: Literal["linear", "mlp", "conv"] = "linear"   # probes.heads.HEADS
     epochs: int = 35
     batch_size_per_gpu: int = 192
     # (epoch, lr) table; the original linear-probe schedule: 0.01, /5 at epochs 5, 15, 25.
@@ -146,14 +152,45 @@ def _check(value, tp, where: str):
     return value
 
 
+# Unknown keys people type for a setting that lives elsewhere: the hint names where.
+PITFALLS = {
+    "optim.lr": "the lr lives in optim.schedule, an (epoch, lr) table, e.g. optim.schedule=[[0,0.1],[10,0.01]]",
+    "optim.learning_rate": "the lr lives in optim.schedule, an (epoch, lr) table, e.g. optim.schedule=[[0,0.1]]",
+    "probe.lr": "the probe lr lives in probe.schedule, an (epoch, lr) table (or eval.py --lr)",
+    "optim.batch_size": "set optim.global_batch_size (all GPUs) or optim.batch_size_per_gpu",
+    "train.epochs": "the number of epochs is optim.epochs (probes: probe.epochs)",
+    "train.batch_size_per_gpu": "the batch is optim.global_batch_size or optim.batch_size_per_gpu",
+    "data.batch_size": "the batch is optim.global_batch_size or optim.batch_size_per_gpu",
+    "model.name": "the architecture is model.arch",
+}
+
+
+def _unknown_key(name: str, value, where: str, known: list[str]) -> ConfigError:
+    """The error for key `name` (value `value`) not among `known` (section `where`, '' = top level):
+    the dotted key and value, then a pitfall hint, close spellings, or the valid names."""
+    key = f"{where}.{name}" if where else name
+    shown = f"{key}={value!r}"
+    if isinstance(value, dict) and len(value) == 1:   # `no.such=1` reads {'no': {'such': 1}}
+        (sub, v), = value.items()
+        shown = f"{key}.{sub}={v!r}"
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    if key in PITFALLS:
+        hint = PITFALLS[key]
+    elif close:
+        hint = "did you mean " + " or ".join(f"{where}.{c}" if where else c for c in close) + "?"
+    else:
+        hint = f"{'keys of ' + where if where else 'sections'}: {', '.join(known)}"
+    return ConfigError(f"unknown key {shown}{'' if where else f' (no section {name})'}; {hint}")
+
+
 def _from_dict(cls, raw: dict, where: str):
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {raw!r}")
+        raise ConfigError(f"{where or 'top level'}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - known)
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in raw if k not in known]
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise _unknown_key(str(unknown[0]), raw[unknown[0]], where, known)
     kwargs = {}
     for name, value in raw.items():
         tp = hints[name]
@@ -195,7 +232,12 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if "=" not in ov:
             raise ConfigError(f"override {ov!r}: expected key.sub=value")
         key, text = ov.split("=", 1)
-        _set_dotted(raw, key.strip(), yaml.safe_load(text))
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConfigError(f"override {ov!r}: the value is not valid YAML (quote strings with "
+                              "YAML special characters, close brackets: data.rotations=[0,180])") from None
+        _set_dotted(raw, key.strip(), value)
     return raw
 
 
@@ -211,9 +253,38 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raw = yaml.safe_load(Path(path).read_text()) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
+        except OSError as e:   # a folder, no permission
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return config_from_dict(apply_overrides(raw, overrides), str(path) if path else "<defaults>")
+    source = (str(path) if path else "<defaults>") + (" + overrides" if overrides else "")
+    return config_from_dict(apply_overrides(raw, overrides), source)
+
+
+def resolve_batch(cfg: Config, world_size: int) -> None:
+    """Derive the per-GPU batch from optim.global_batch_size, or the global batch from
+    optim.batch_size_per_gpu, for `world_size` ranks, in cfg itself (so config.yaml and checkpoints
+    record both). Idempotent. Raises ConfigError naming both numbers when they cannot both hold.
+    """
+    o = cfg.optim
+    if o.global_batch_size < 0 or o.batch_size_per_gpu < 0:
+        raise ConfigError(f"optim.global_batch_size={o.global_batch_size}, optim.batch_size_per_gpu="
+                          f"{o.batch_size_per_gpu}: batch sizes cannot be negative")
+    if o.global_batch_size == 0:
+        if o.batch_size_per_gpu == 0:
+            raise ConfigError("optim.global_batch_size=0 and optim.batch_size_per_gpu=0: set one of them, "
+                              "e.g. optim.global_batch_size=192 (the paper's AlexNet batch)")
+        o.global_batch_size = o.batch_size_per_gpu * world_size
+    elif o.batch_size_per_gpu == 0:
+        if o.global_batch_size % world_size:
+            raise ConfigError(f"optim.global_batch_size={o.global_batch_size} does not divide over {world_size} "
+                              f"GPUs (ranks); use a multiple of {world_size}, or another number of GPUs")
+        o.batch_size_per_gpu = o.global_batch_size // world_size
+    elif o.batch_size_per_gpu * world_size != o.global_batch_size:
+        raise ConfigError(f"optim.global_batch_size={o.global_batch_size} but optim.batch_size_per_gpu="
+                          f"{o.batch_size_per_gpu} x {world_size} GPUs = {o.batch_size_per_gpu * world_size}: "
+                          "set one of them and the other to 0 (optim.batch_size_per_gpu=0 derives it "
+                          "from the global batch)")
 
 
 def config_to_dict(cfg: Config) -> dict:

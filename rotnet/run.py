@@ -18,11 +18,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from models.rotnet import seeded_rotnet
-from rotnet.config import Config, ConfigError
+from rotnet.config import Config, ConfigError, resolve_batch
 from rotnet.distributed import DistInfo
 from rotnet.preemption import StopFlag
 from rotnet.progress import log
-from rotnet.sample_data import ensure_sample_data
+from pipelines.sample_data import ensure_sample_data
 from rotnet.schedule import StepSchedule
 
 
@@ -102,20 +102,31 @@ def place(raw: nn.Module, info: DistInfo, channels_last: bool) -> nn.Module:
     return DistributedDataParallel(raw, device_ids=[info.device.index] if info.device.type == "cuda" else None)
 
 
-def data_root(cfg: Config) -> Path:
-    """cfg.data.root, an empty one first set to the built-in sample data (made once, cached)."""
+def data_root(cfg: Config, require: tuple[str, ...] = ()) -> Path:
+    """cfg.data.root, an empty one first set to the built-in sample data (made once, cached).
+
+    require: sub-folders (splits, e.g. cfg.data.train_dir) that must exist; a ConfigError naming
+    data.root and the first missing one otherwise, so a wrong root fails before anything is written.
+    """
     if not cfg.data.root:
         cfg.data.root = str(ensure_sample_data(seed=cfg.data.sample_seed))
-    return Path(cfg.data.root)
+    root = Path(cfg.data.root)
+    for split in require:
+        if not (root / split).is_dir():
+            raise ConfigError(f"data.root={cfg.data.root!r} has no {split}/ folder; set data.root=/path/to/dataset "
+                              "(ImageNet layout: SPLIT/CLASS/IMAGE.JPEG)")
+    return root
 
 
 def build_run(cfg: Config, info: DistInfo, logger) -> Run:
     """The RotNet, wrapped as asked, with its optimizer, scaler and lr schedule, at step 0.
 
     Same initial weights on every rank (seeded by train.seed). The lr table is scaled by
-    global batch / optim.ref_batch when optim.scale_lr is set. train.precision 'auto' is
-    resolved here, in cfg itself, so config.yaml and checkpoints record what ran.
+    global batch / optim.ref_batch when optim.scale_lr is set. train.precision 'auto' and the
+    per-GPU (or global) batch are resolved here, in cfg itself, so config.yaml and checkpoints
+    record what ran; ConfigError when the batch does not divide over info.world_size.
     """
+    resolve_batch(cfg, info.world_size)
     if cfg.train.sync_bn and info.device.type != "cuda":
         raise ConfigError("train.sync_bn=true needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); "
                           "set train.sync_bn=false")
@@ -126,8 +137,7 @@ def build_run(cfg: Config, info: DistInfo, logger) -> Run:
     model = place(raw, info, cfg.train.channels_last)
     if cfg.train.compile:
         model = torch.compile(model)
-    global_batch = cfg.optim.batch_size_per_gpu * info.world_size
-    scale = global_batch / cfg.optim.ref_batch if cfg.optim.scale_lr else 1.0
+    scale = cfg.optim.global_batch_size / cfg.optim.ref_batch if cfg.optim.scale_lr else 1.0
     schedule = StepSchedule(cfg.optim.schedule, scale, cfg.optim.warmup_epochs)
     return Run(cfg, info, model, raw, build_optimizer(raw.parameters(), schedule(0), cfg.optim),
                torch.amp.GradScaler(info.device.type, enabled=cfg.train.precision == "fp16"), schedule,

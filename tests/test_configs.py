@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from rotnet.config import load_config
+from rotnet.config import load_config, resolve_batch
 from rotnet.schedule import StepSchedule
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
@@ -37,8 +37,14 @@ def test_cifar_paper_protocol():
 
 
 def test_imagenet_alexnet_paper_protocol():
-    cfg = load_config(Path(CONFIGS[0]).parent / "imagenet_alexnet.yaml")
+    path = Path(CONFIGS[0]).parent / "imagenet_alexnet.yaml"
+    cfg = load_config(path)
+    resolve_batch(cfg, world_size=1)              # the paper: one GPU, 192 originals per step
     assert cfg.optim.batch_size_per_gpu == 192 and cfg.optim.epochs == 30
+    eight = load_config(path)
+    resolve_batch(eight, world_size=8)            # README's 8-GPU command: the same 192 per step
+    assert (eight.optim.global_batch_size, eight.optim.batch_size_per_gpu) == (192, 24)
+    assert eight.optim.schedule == cfg.optim.schedule and not eight.optim.scale_lr
     lr = StepSchedule(cfg.optim.schedule)
     assert [lr(e) for e in (0, 10, 20)] == pytest.approx([0.01, 0.001, 0.0001])
     assert cfg.probe.head == "linear" and cfg.probe.epochs == 35

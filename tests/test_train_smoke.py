@@ -22,7 +22,7 @@ def _run(args, env, timeout=240):
 
 
 def test_train_then_eval_end_to_end(tmp_path):
-    from rotnet.sample_data import ensure_sample_data
+    from pipelines.sample_data import ensure_sample_data
 
     data = ensure_sample_data(seed=0, cache_dir=tmp_path / "cache", per_class_train=6, per_class_val=3)
     env = {**os.environ, "ROTNET_PROGRESS": "0"}

@@ -1,7 +1,7 @@
 """Config loading: YAML into dataclasses, dotted overrides, strict keys and types."""
 import pytest
 
-from rotnet.config import ConfigError, Config, load_config, save_config
+from rotnet.config import ConfigError, Config, load_config, resolve_batch, save_config
 
 
 def test_defaults_and_sample_config_load():
@@ -61,3 +61,94 @@ def test_round_trip(tmp_path):
 @pytest.mark.parametrize("path", sorted(__import__("glob").glob("configs/*.yaml")))
 def test_every_shipped_config_loads(path):
     load_config(path)
+
+
+# ------------------------------------------------------------------ enums, hints, global batch
+
+def test_enum_fields_name_key_value_and_choices():
+    for override, choices in [("data.backend=foo", "auto, dali, torch"), ("train.precision=fp8", "auto, bf16"),
+                              ("data.recipe=coco", "imagenet, cifar"), ("data.normalize=x", "auto, graph, trainer"),
+                              ("data.rotation_mode=two", "all, one_random"), ("model.arch=vgg", "alexnet, resnet18"),
+                              ("probe.head=svm", "linear, mlp, conv")]:
+        key, value = override.split("=")
+        with pytest.raises(ConfigError, match=rf"{key}='{value}': expected one of {choices}"):
+            load_config(None, [override])
+
+
+def test_literal_choices_match_what_the_code_accepts():
+    import typing
+
+    from models import MODELS
+    from pipelines.normalize import NORMALIZE_MODES
+    from pipelines.rotations import ROTATION_MODES
+    from probes.heads import HEADS
+    from rotnet.config import DataConfig, ModelConfig, ProbeConfig
+
+    def choices(cls, name):
+        return set(typing.get_args(typing.get_type_hints(cls)[name]))
+    assert choices(ModelConfig, "arch") == set(MODELS)
+    assert choices(ProbeConfig, "head") == set(HEADS)
+    assert choices(DataConfig, "normalize") == set(NORMALIZE_MODES)
+    assert choices(DataConfig, "rotation_mode") == set(ROTATION_MODES)
+
+
+def test_unknown_keys_get_hints():
+    with pytest.raises(ConfigError, match=r"unknown key optim\.lr=0\.1; the lr lives in optim\.schedule"):
+        load_config(None, ["optim.lr=0.1"])
+    with pytest.raises(ConfigError, match=r"unknown key optim\.epoch=3; did you mean optim\.epochs\?"):
+        load_config(None, ["optim.epoch=3"])
+    with pytest.raises(ConfigError, match=r"unknown key no\.such=1 \(no section no\); sections: data, model"):
+        load_config(None, ["no.such=1"])
+    with pytest.raises(ConfigError, match=r"data\.rotations=\[0,.*not valid YAML"):
+        load_config(None, ["data.rotations=[0,"])
+
+
+def _cfg(**optim):
+    return load_config(None, [f"optim.{k}={v}" for k, v in optim.items()])
+
+
+@pytest.mark.parametrize("optim,world,expected", [
+    ({}, 1, (192, 192)),                                                  # defaults: per GPU 192
+    ({"batch_size_per_gpu": 32}, 2, (64, 32)),                            # per GPU set: global derived
+    ({"global_batch_size": 192, "batch_size_per_gpu": 0}, 1, (192, 192)),  # the paper, one GPU
+    ({"global_batch_size": 192, "batch_size_per_gpu": 0}, 8, (192, 24)),   # the paper, 8 GPUs
+    ({"global_batch_size": 192, "batch_size_per_gpu": 24}, 8, (192, 24)),  # both, agreeing (a resolved config)
+])
+def test_resolve_batch(optim, world, expected):
+    cfg = _cfg(**optim)
+    resolve_batch(cfg, world)
+    assert (cfg.optim.global_batch_size, cfg.optim.batch_size_per_gpu) == expected
+    resolve_batch(cfg, world)                                             # idempotent
+    assert (cfg.optim.global_batch_size, cfg.optim.batch_size_per_gpu) == expected
+
+
+@pytest.mark.parametrize("optim,world,message", [
+    ({"global_batch_size": 192, "batch_size_per_gpu": 0}, 5,
+     r"optim\.global_batch_size=192 does not divide over 5 GPUs"),
+    ({"global_batch_size": 192}, 8,                                       # per GPU left at its default 192
+     r"optim\.global_batch_size=192 but optim\.batch_size_per_gpu=192 x 8 GPUs = 1536: set one"),
+    ({"global_batch_size": 0, "batch_size_per_gpu": 0}, 1, r"set one of them"),
+    ({"global_batch_size": -8}, 1, r"cannot be negative"),
+])
+def test_resolve_batch_refuses(optim, world, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_batch(_cfg(**optim), world)
+
+
+def test_build_run_derives_the_per_gpu_batch_and_keeps_the_lr(monkeypatch):
+    """build_run (train.py and the benchmarks) on 2 ranks: global 192 -> 96 per GPU, the paper's lr
+    unscaled; with optim.scale_lr the scale follows the global batch."""
+    import torch
+
+    import rotnet.run
+    from rotnet.distributed import DistInfo
+
+    monkeypatch.setattr(rotnet.run, "place", lambda raw, info, channels_last: raw)   # DDP needs a process group
+    two = DistInfo(rank=0, world_size=2, device=torch.device("cpu"))
+    cfg = load_config("configs/imagenet_alexnet.yaml", ["model.width=0.25", "data.crop_size=64"])
+    run = rotnet.run.build_run(cfg, two, logger=None)
+    assert (cfg.optim.global_batch_size, cfg.optim.batch_size_per_gpu) == (192, 96)
+    assert run.schedule(0) == pytest.approx(0.01) and run.schedule.scale == 1.0
+    scaled = load_config(None, ["optim.batch_size_per_gpu=64", "optim.scale_lr=true", "optim.ref_batch=256",
+                                "model.width=0.25", "data.crop_size=64"])
+    assert rotnet.run.build_run(scaled, two, logger=None).schedule.scale == 0.5   # 128 / 256

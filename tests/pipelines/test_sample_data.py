@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from rotnet import sample_data as sd
+from pipelines import sample_data as sd
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = dict(per_class_train=6, per_class_val=3)
@@ -95,7 +95,7 @@ def test_interrupted_build_leaves_no_complete_looking_set(tmp_path, monkeypatch)
 
 
 def test_concurrent_creation_two_processes(tmp_path):
-    code = ("import sys; from rotnet.sample_data import ensure_sample_data as e; "
+    code = ("import sys; from pipelines.sample_data import ensure_sample_data as e; "
             "print(e(0, sys.argv[1], per_class_train=8, per_class_val=4))")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, env=env,

@@ -1,7 +1,7 @@
 """Built-in sample data: a small procedurally drawn image set in ImageNet folder layout.
 
     root = ensure_sample_data(seed=0)   # ~/.cache/rotnet/sample-v1-seed0/{train,val}/n00000_house/*.JPEG
-    python -m rotnet.sample_data [--seed N] [--out CACHE_DIR]
+    python -m pipelines.sample_data [--seed N] [--out CACHE_DIR]
 
 Why procedural: the demo runs offline, and rotation prediction only teaches something if every
 image has an unambiguous upright orientation. Each image shows 1-2 class objects standing upright

@@ -1,0 +1,124 @@
+"""The crop recipe in torch ops: the torch backend, resident images and visualize.py all use this.
+
+  imagenet  train: random-resized-crop (area [min_scale, 1], ratio [3/4, 4/3]) + flip;
+            eval: resize the shorter side to resize_size, centre crop crop_size.
+  cifar     train: zero-pad 4, random crop_size crop (9 x 9 positions) + flip; eval: centre crop.
+Outputs are square crop_size crops, so rotations of one crop stack. The DALI graph
+(pipelines/dali_graph.py) is the graph form of the same recipe.
+
+A batch draws its randomness in a fixed order from one generator: the flips, then the crop
+windows; `make_batch` then draws one_random's rotations (pipelines.rotations.rotate_batch).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+from torchvision.io import ImageReadMode, decode_image, read_file
+
+from pipelines.listing import BadImageError
+from pipelines.rotations import rotate_batch
+
+RECIPES = ("imagenet", "cifar")
+
+
+def check_recipe(data) -> None:
+    if data.recipe not in RECIPES:
+        raise ValueError(f"data.recipe={data.recipe!r}; expected one of {RECIPES}")
+
+
+def decode_rgb(path: str) -> torch.Tensor:
+    """File -> uint8 (3, H, W) RGB (greyscale, CMYK, PNG named .JPEG too); BadImageError naming it."""
+    try:
+        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+    except Exception as e:  # torchvision raises RuntimeError / ValueError for bad data
+        raise BadImageError(f"bad image file {path!r}: {e}. Run `python -m pipelines.scan SPLIT_DIR "
+                            "--out LIST` and set data.file_list to the list it writes.") from e
+
+
+def rrc_window(h: int, w: int, min_scale: float, g: torch.Generator) -> tuple[int, int, int, int]:
+    """RandomResizedCrop window (top, left, height, width), area in [min_scale, 1], ratio [3/4, 4/3]."""
+    log_r = (math.log(3 / 4), math.log(4 / 3))
+    for _ in range(10):
+        u = torch.rand(3, generator=g).tolist()
+        target = h * w * (min_scale + (1.0 - min_scale) * u[0])
+        ratio = math.exp(log_r[0] + (log_r[1] - log_r[0]) * u[1])
+        cw, ch = int(round(math.sqrt(target * ratio))), int(round(math.sqrt(target / ratio)))
+        if 0 < cw <= w and 0 < ch <= h:
+            top = int(torch.randint(0, h - ch + 1, (1,), generator=g))
+            left = int(torch.randint(0, w - cw + 1, (1,), generator=g))
+            return top, left, ch, cw
+    side = min(h, w)  # fallback: centre square (as torchvision does for extreme ratios)
+    return (h - side) // 2, (w - side) // 2, side, side
+
+
+def _resize(img: torch.Tensor, size: list[int]) -> torch.Tensor:
+    """uint8 (C, H, W), antialiased bilinear; on GPU in float (the uint8 antialiased kernel is CPU-only)."""
+    if img.is_cuda:
+        return TF.resize(img.float(), size, antialias=True).round_().clamp_(0, 255).byte()
+    return TF.resize(img, size, antialias=True)
+
+
+def eval_crop(img: torch.Tensor, data) -> torch.Tensor:
+    """uint8 (C, H, W) -> (C, S, S), the deterministic eval recipe, rounded as the DALI graph rounds:
+    the resized longer side to nearest, the crop offset half up (torchvision: down, half to even)."""
+    s = data.crop_size
+    if data.recipe == "imagenet":  # shorter side -> resize_size
+        h, w = img.shape[-2:]
+        r = data.resize_size / min(h, w)
+        img = _resize(img, [round(h * r), round(w * r)])
+    h, w = img.shape[-2:]
+    if h < s or w < s:  # zero padding around a smaller image
+        img = TF.center_crop(img, [max(h, s), max(w, s)])
+        h, w = img.shape[-2:]
+    top, left = (h - s + 1) // 2, (w - s + 1) // 2
+    return img[:, top:top + s, left:left + s]
+
+
+def crop_batch(images, data, train: bool, g: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 (P, H, W, C) tensor or list of (H, W, C) images -> uint8 (P, S, S, C) crops, flips included."""
+    check_recipe(data)
+    chw = [im.permute(2, 0, 1) for im in images]  # views: torchvision works on (C, H, W)
+    if not train:
+        return torch.stack([eval_crop(im, data).permute(1, 2, 0) for im in chw])
+    s, n = data.crop_size, len(chw)
+    flip = torch.rand(n, generator=g) < 0.5
+    if data.recipe == "cifar":
+        off = torch.randint(0, 9, (n, 2), generator=g)  # top-left of the crop in the 4-padded image
+        if torch.is_tensor(images) and tuple(images.shape[1:3]) == (s, s):
+            return _cifar_gather(images, off, flip)
+        crops = [TF.center_crop(im, [s + 8, s + 8])[:, dy:dy + s, dx:dx + s]
+                 for im, (dy, dx) in zip(chw, off.tolist())]
+    else:
+        crops = []
+        for im in chw:
+            top, left, ch, cw = rrc_window(im.shape[1], im.shape[2], data.min_scale, g)
+            crops.append(_resize(im[:, top:top + ch, left:left + cw], [s, s]))
+    return torch.stack([(c.flip(-1) if f else c).permute(1, 2, 0) for c, f in zip(crops, flip.tolist())])
+
+
+def _cifar_gather(x: torch.Tensor, off: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """The cifar train recipe for crop-sized images (P, S, S, C) as ONE gather: pad, crop, flip
+    (folded into the column index). Equal to crop_batch's per-image path for the same draws."""
+    n, s, dev = x.shape[0], x.shape[1], x.device
+    pad = F.pad(x, (0, 0, 4, 4, 4, 4))                    # (P, S+8, S+8, C), zeros
+    ar = torch.arange(s)
+    rows = off[:, :1] + ar                                  # (P, S)
+    cols = torch.where(flip[:, None], off[:, 1:] + s - 1 - ar, off[:, 1:] + ar)
+    return pad[torch.arange(n, device=dev)[:, None, None], rows.to(dev)[:, :, None], cols.to(dev)[:, None, :]]
+
+
+def make_batch(spec, key: tuple[int, int], images, labels: torch.Tensor, cropped: bool = False):
+    """One step's batch for `assemble`: crops (unless `cropped`), then rotations.
+
+    Randomness comes from key = (epoch, step) and the rank only, so a resumed run replays it.
+    Returns (uint8 (P, K, S, S, C), None) in mode "all", ((P, S, S, C), rotation index) in
+    one_random, ((P, S, S, C), labels) in class mode.
+    """
+    g = torch.Generator().manual_seed(spec.seed_for("batch", *key, spec.rank))
+    x = images if cropped else crop_batch(images, spec.data, spec.train, g)
+    if spec.mode == "class":
+        return x, labels
+    return rotate_batch(x, spec.rotations, spec.mode, g)

@@ -1,0 +1,65 @@
+"""Command-line plumbing shared by train.py, eval.py, visualize.py and `python -m models.export`.
+
+Two rules for every entry point:
+  - flags and `key.sub=value` overrides may come in any order (`parse_intermixed_args`);
+  - bad input ends in ONE line on stderr, `error: ...`, and exit code 2 (argparse's own
+    convention for usage errors), never a traceback: a typo in a 300-GPU-hour job should be
+    read in the first second, not dug out of a stack.
+
+    p = ArgumentParser(description=__doc__)
+    args = p.parse_intermixed_args(argv)
+    with one_line_errors(ConfigError, UsageError):
+        run(args)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import contextmanager
+
+USAGE_EXIT_CODE = 2
+
+
+class UsageExit(SystemExit):
+    """SystemExit(2) after the one-line message went to stderr; str() is the message, so callers
+    (and tests) that catch it can still read what was wrong."""
+
+    def __init__(self, message: str):
+        super().__init__(USAGE_EXIT_CODE)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def fail(message) -> None:
+    """Print `error: MESSAGE` as one line on stderr and exit 2 (raises UsageExit).
+
+    A multi-line message (e.g. several differing config keys) is joined with '; ' rather than
+    cut, so nothing it says is lost.
+    """
+    text = "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    text = text if text.startswith("error: ") else f"error: {text}"
+    print(text, file=sys.stderr, flush=True)
+    raise UsageExit(text)
+
+
+@contextmanager
+def one_line_errors(*types: type[BaseException]):
+    """Turn the listed exception types raised inside the block into `fail(message)`."""
+    try:
+        yield
+    except types as e:
+        fail(e)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line too (`error: MSG (see PROG --help)`, exit 2)
+    instead of the usage block plus `PROG: error: MSG`."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(**kwargs)
+
+    def error(self, message: str) -> None:
+        fail(f"{message} (see {self.prog} --help)")
