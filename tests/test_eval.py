@@ -225,3 +225,22 @@ def test_knn_head_all_layers_with_random(setup):
 def test_knn_refuses_finetune(setup):
     with pytest.raises(SystemExit, match="drop --finetune"):
         _run(setup, "--checkpoint", str(setup["ckpt"]), "--head", "knn", "--finetune")
+
+
+def test_knn_two_ranks_equal_one_rank(setup):
+    """gloo, 2 processes, 5 images per batch: shards of unequal size, bank all-gathered, counts
+    summed; the numbers are those of one process."""
+    one = _run(setup, "--checkpoint", str(setup["ckpt"]), "--head", "knn", "--batch-size", "5", "--precision", "fp32")
+    out = setup["tmp"] / "knn_ddp"
+    env = {**os.environ, "ROTNET_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "eval.py", "--config", str(setup["cfg"]), "--checkpoint", str(setup["ckpt"]),
+                           "--head", "knn", "--batch-size", "5", "--precision", "fp32", "--output-dir", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two, single = (json.loads((d / "eval.json").read_text()) for d in (out, one))
+    assert two["meta"]["world_size"] == 2
+    for layer in NIN_LAYERS:
+        assert two["pretrained"][layer]["num_val"] == CLASSES * VAL_PER_CLASS
+        assert (two["pretrained"][layer]["top1"], two["pretrained"][layer]["top5"]) == \
+               (single["pretrained"][layer]["top1"], single["pretrained"][layer]["top5"])
