@@ -30,12 +30,12 @@ class DataConfig:
     val_dir: str = "val"           # sub-folder of root used for held-out rotation accuracy / probe val
     file_list: str = ""            # optional list written by `python -m pipelines.scan` (bad files removed)
     backend: Literal["auto", "dali", "torch"] = "auto"   # auto: dali when importable
-    recipe: Literal["imagenet", "cifar"] = "imagenet"  # imagenet: random-resized-crop + flip; cifar: pad-4 random crop + flip
+    recipe: Literal["imagenet", "cifar"] = "imagenet"  # imagenet: random-resized-crop + flip; cifar: pad-4 crop + flip
     crop_size: int = 224           # square output side; rotations of a square crop stack exactly
     resize_size: int = 256         # val recipe: resize shorter side, then center-crop crop_size
     min_scale: float = 0.08        # random-resized-crop lower area bound
     rotations: list[int] = field(default_factory=lambda: [0, 90, 180, 270])  # paper Table 2 sets
-    rotation_mode: Literal["all", "one_random"] = "all"  # all: every rotation of each crop in the batch; one_random: one each
+    rotation_mode: Literal["all", "one_random"] = "all"  # all: every rotation of each crop; one_random: one rotation each
     resident: bool = False         # decode once, keep uint8 images in (GPU) memory; for CIFAR-sized sets
     num_threads: int = 4           # DALI CPU threads / DataLoader workers per process
     prefetch: int = 2              # batches queued ahead
@@ -153,14 +153,13 @@ def _check(value, tp, where: str):
 
 
 # Unknown keys people type for a setting that lives elsewhere: the hint names where.
+_LR = "the lr lives in optim.schedule, an (epoch, lr) table, e.g. optim.schedule=[[0,0.1],[10,0.01]]"
+_BATCH = "the batch is optim.global_batch_size (all GPUs) or optim.batch_size_per_gpu"
 PITFALLS = {
-    "optim.lr": "the lr lives in optim.schedule, an (epoch, lr) table, e.g. optim.schedule=[[0,0.1],[10,0.01]]",
-    "optim.learning_rate": "the lr lives in optim.schedule, an (epoch, lr) table, e.g. optim.schedule=[[0,0.1]]",
+    "optim.lr": _LR, "optim.learning_rate": _LR,
     "probe.lr": "the probe lr lives in probe.schedule, an (epoch, lr) table (or eval.py --lr)",
-    "optim.batch_size": "set optim.global_batch_size (all GPUs) or optim.batch_size_per_gpu",
+    "optim.batch_size": _BATCH, "train.batch_size_per_gpu": _BATCH, "data.batch_size": _BATCH,
     "train.epochs": "the number of epochs is optim.epochs (probes: probe.epochs)",
-    "train.batch_size_per_gpu": "the batch is optim.global_batch_size or optim.batch_size_per_gpu",
-    "data.batch_size": "the batch is optim.global_batch_size or optim.batch_size_per_gpu",
     "model.name": "the architecture is model.arch",
 }
 
