@@ -42,6 +42,13 @@ def _to_torch(tl, device: torch.device) -> torch.Tensor:
     return out
 
 
+def mixed_decoder_args(data, train: bool) -> dict:
+    """Arguments of the GPU ("mixed") decoder: the nvJPEG paddings only when set (> 0) and only
+    for training pipelines, else DALI's defaults (see DataConfig)."""
+    pads = dict(device_memory_padding=data.device_memory_padding, host_memory_padding=data.host_memory_padding)
+    return dict(hw_decoder_load=data.hw_decoder_load, **{k: v for k, v in pads.items() if v > 0 and train})
+
+
 class DaliLoader(Loader):
     """Iterable of (images, labels); see pipelines/__init__.py for the contract.
 
@@ -70,15 +77,14 @@ class DaliLoader(Loader):
     def _build_pipe(self):
         s, d = self.spec, self.spec.data
         root = os.path.abspath(s.split_dir)
-        mixed = dict(hw_decoder_load=d.hw_decoder_load, device_memory_padding=d.device_memory_padding,
-                     host_memory_padding=d.host_memory_padding) if self._gpu else {}
         pipe = rotation_graph(
             files=[os.path.relpath(p, root) for p in s.paths],  # shorter strings in the serialised graph
             labels=list(s.labels), file_root=root, shard_id=s.rank, num_shards=s.world_size, train=s.train,
             reader_seed=s.seed_for("reader"),  # same on all ranks: one global shuffle
             recipe=d.recipe, crop=d.crop_size, resize=d.resize_size, min_scale=d.min_scale,
             rotations=list(s.rotations), mode=s.mode, decoder_device="mixed" if self._gpu else "cpu",
-            mixed_args=mixed, normalize=s.normalize, mean=list(d.mean), std=list(d.std),
+            mixed_args=mixed_decoder_args(d, s.train) if self._gpu else {},
+            normalize=s.normalize, mean=list(d.mean), std=list(d.std),
             stage="host" if self._finisher else "full",
             batch_size=s.pipe_batch, num_threads=max(1, d.num_threads),
             device_id=(s.device.index if s.device.index is not None else s.local_rank) if self._gpu else None,
