@@ -114,9 +114,13 @@ class DaliLoader(Loader):
         if self._pipe is None:
             self._pipe = self._build_pipe()
         try:
+            if self._gpu:  # outputs bound to torch's stream, where the copies out are queued: without
+                return self._pipe.run(torch.cuda.current_stream(self.spec.device))  # it, run() syncs the host
             return self._pipe.run()
         except RuntimeError as e:
             self._pipe = None                # DALI: "pipeline object is no longer valid"
+            if not is_decode_failure(str(e)):
+                raise                        # out of memory, a missing CUDA library, ...: as it is
             raise BadImageError(_explain(str(e), self._paths)) from e
 
     def _batches(self):
@@ -139,6 +143,17 @@ class DaliLoader(Loader):
         r = np.asarray(rot.as_tensor()).reshape(-1)[:valid].tolist()
         y = r if self.spec.mode == "one_random" else np.asarray(labels.as_tensor()).reshape(-1)[:valid]
         return self._finisher(views, f, r), torch.as_tensor(y)
+
+
+# Only these DALI errors mean "a file is not a decodable image": a decoder naming the sample it
+# could not decode, or nvImageCodec's code-stream statuses (3 bad, 4 unsupported, 13/14 the same
+# from an extension, 19 incomplete). Memory and CUDA errors are never the file's fault.
+_DECODE_FAILURE = re.compile(r"Failed to decode sample #|nvImageCodec failure: '#(?:3|4|13|14|19)'")
+_NOT_THE_FILE = re.compile(r"out of memory|CUDA error|cudaError|CUDA_ERROR", re.IGNORECASE)
+
+
+def is_decode_failure(message: str) -> bool:
+    return bool(_DECODE_FAILURE.search(message)) and not _NOT_THE_FILE.search(message)
 
 
 # DALI names the file as the reader knows it: "Failed to decode sample #6 : CLASS/IMG.JPEG",
