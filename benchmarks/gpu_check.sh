@@ -41,7 +41,7 @@ else
   TT_ARGS="--case alexnet224=configs/imagenet_alexnet.yaml --case resnet50_224=configs/imagenet_resnet50.yaml"
   TT_ARGS="$TT_ARGS --only alexnet224,resnet50_224 --steps 2 --warmup 1 --repeats 1"
   RUN_OVR="train.log_every=1 optim.batch_size_per_gpu=4 data.num_threads=1"
-  TT_OVR="optim.global_batch_size=4 optim.batch_size_per_gpu=0 data.num_threads=1"
+  TT_OVR="optim.global_batch_size=4 optim.batch_size_per_gpu=0 data.num_threads=1 train.sync_bn=false"
 fi
 
 say() { echo "$*" | tee -a "$LOG" >> "$SUM"; }

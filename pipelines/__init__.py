@@ -7,8 +7,9 @@
 
 Contract (every backend, every loader):
   images  uint8 (B, H, W, C) on `device` -- normalise in the trainer with `prepare_batch`;
-          or float16 (B, C, H, W) already normalised, when the loader normalises itself
-          (device cuda and data.normalize "auto"/"graph", or "graph" anywhere).
+          or float16 (B, C, H, W) already normalised, in channels-last memory, when the loader
+          normalises itself (device cuda and data.normalize "auto"/"graph", or "graph"
+          anywhere); `prepare_batch(.., dtype=)` casts it to the model's input dtype.
   labels  int64 (B,) on `device`.
   rotation loader, mode "all": B = K*N (K = len(data.rotations), N = batch_size), sample-major:
           row K*i + r is original i rotated by data.rotations[r], label r.

@@ -135,10 +135,10 @@ def assemble(spec: LoaderSpec, x: torch.Tensor, y=None) -> tuple[torch.Tensor, t
     """A backend's batch -> the contract's (images, labels) on spec.device.
 
     x  mode "all": uint8 (N, K, H, W, C), the K rotations of each crop; else (P, H, W, C).
-       Or float16 of those shapes with C first, (.., C, H, W), when the DALI graph normalised.
+       Or float16 of those shapes when the DALI graph normalised.
     y  int (P,): rotation index (one_random) or class label (class); ignored in mode "all".
-    Returns images (K*N | P, H, W, C) uint8, or normalised float16 (B, C, H, W) when
-    spec.normalize; labels int64 (B,).
+    Returns images (K*N | P, H, W, C) uint8, or normalised float16 (B, C, H, W) in channels-last
+    memory when spec.normalize; labels int64 (B,).
     """
     dev = spec.device
     x = x.to(dev, non_blocking=True)
@@ -148,6 +148,7 @@ def assemble(spec: LoaderSpec, x: torch.Tensor, y=None) -> tuple[torch.Tensor, t
         y = rotation_labels(spec.k, n, device=dev)
     else:
         y = torch.as_tensor(y).reshape(-1).to(dev, torch.int64, non_blocking=True)
-    if spec.normalize and x.dtype == torch.uint8:
-        x = prepare_batch(x, spec.data, channels_last=False).half()
+    if spec.normalize:  # float16 (B, C, H, W) on NHWC memory: the model's channels_last, no copy
+        x = (x.permute(0, 3, 1, 2) if x.is_floating_point()
+             else prepare_batch(x, spec.data, channels_last=True, dtype=torch.float16))
     return x, y

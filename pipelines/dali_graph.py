@@ -1,8 +1,8 @@
 """The DALI graph (fn API): read -> decode+crop (recipe) -> flip -> rotations -> [normalise].
 
 One `@pipeline_def` serves every loader; `mode` picks the output per sample:
-  "all"        uint8 (K, H, W, C) -- the K rotations of one crop stacked (or float16 (K, C, H, W)
-               when normalising in the graph); the loader reshapes (N, K, ...) -> (K*N, ...).
+  "all"        uint8 (K, H, W, C) -- the K rotations of one crop stacked (float16 when normalising
+               in the graph); the loader reshapes (N, K, ...) -> (K*N, ...).
   "one_random" one rotation per sample, (H, W, C), plus its label (index into `rotations`).
   "class"      the unrotated crop, (H, W, C), plus the class label (class loader).
 Crops are always square (crop x crop), so rotations of one crop stack.
@@ -85,8 +85,9 @@ def _rotations_all(x, c, rotations):
 
 
 def _normalise(x, mean, std):
-    """uint8 HWC -> float16 CHW, (x/255 - mean)/std (mean/std in 0..1 units)."""
-    return fn.crop_mirror_normalize(x, dtype=types.FLOAT16, output_layout="CHW",
+    """uint8 HWC -> float16 HWC, (x/255 - mean)/std (mean/std in 0..1 units). HWC, not CHW: the
+    loader's (B, C, H, W) view of it is channels-last, what the model takes, with no copy."""
+    return fn.crop_mirror_normalize(x, dtype=types.FLOAT16, output_layout="HWC",
                                     mean=[255.0 * m for m in mean], std=[255.0 * s for s in std])
 
 

@@ -42,6 +42,13 @@ def _to_torch(tl, device: torch.device) -> torch.Tensor:
     return out
 
 
+def mixed_decoder_args(data, train: bool) -> dict:
+    """Arguments of the GPU ("mixed") decoder: the nvJPEG paddings only when set (> 0) and only
+    for training pipelines, else DALI's defaults (see DataConfig)."""
+    pads = dict(device_memory_padding=data.device_memory_padding, host_memory_padding=data.host_memory_padding)
+    return dict(hw_decoder_load=data.hw_decoder_load, **{k: v for k, v in pads.items() if v > 0 and train})
+
+
 class DaliLoader(Loader):
     """Iterable of (images, labels); see pipelines/__init__.py for the contract.
 
@@ -70,15 +77,14 @@ class DaliLoader(Loader):
     def _build_pipe(self):
         s, d = self.spec, self.spec.data
         root = os.path.abspath(s.split_dir)
-        mixed = dict(hw_decoder_load=d.hw_decoder_load, device_memory_padding=d.device_memory_padding,
-                     host_memory_padding=d.host_memory_padding) if self._gpu else {}
         pipe = rotation_graph(
             files=[os.path.relpath(p, root) for p in s.paths],  # shorter strings in the serialised graph
             labels=list(s.labels), file_root=root, shard_id=s.rank, num_shards=s.world_size, train=s.train,
             reader_seed=s.seed_for("reader"),  # same on all ranks: one global shuffle
             recipe=d.recipe, crop=d.crop_size, resize=d.resize_size, min_scale=d.min_scale,
             rotations=list(s.rotations), mode=s.mode, decoder_device="mixed" if self._gpu else "cpu",
-            mixed_args=mixed, normalize=s.normalize, mean=list(d.mean), std=list(d.std),
+            mixed_args=mixed_decoder_args(d, s.train) if self._gpu else {},
+            normalize=s.normalize, mean=list(d.mean), std=list(d.std),
             stage="host" if self._finisher else "full",
             batch_size=s.pipe_batch, num_threads=max(1, d.num_threads),
             device_id=(s.device.index if s.device.index is not None else s.local_rank) if self._gpu else None,
@@ -108,9 +114,13 @@ class DaliLoader(Loader):
         if self._pipe is None:
             self._pipe = self._build_pipe()
         try:
+            if self._gpu:  # outputs bound to torch's stream, where the copies out are queued: without
+                return self._pipe.run(torch.cuda.current_stream(self.spec.device))  # it, run() syncs the host
             return self._pipe.run()
         except RuntimeError as e:
             self._pipe = None                # DALI: "pipeline object is no longer valid"
+            if not is_decode_failure(str(e)):
+                raise                        # out of memory, a missing CUDA library, ...: as it is
             raise BadImageError(_explain(str(e), self._paths)) from e
 
     def _batches(self):
@@ -133,6 +143,17 @@ class DaliLoader(Loader):
         r = np.asarray(rot.as_tensor()).reshape(-1)[:valid].tolist()
         y = r if self.spec.mode == "one_random" else np.asarray(labels.as_tensor()).reshape(-1)[:valid]
         return self._finisher(views, f, r), torch.as_tensor(y)
+
+
+# Only these DALI errors mean "a file is not a decodable image": a decoder naming the sample it
+# could not decode, or nvImageCodec's code-stream statuses (3 bad, 4 unsupported, 13/14 the same
+# from an extension, 19 incomplete). Memory and CUDA errors are never the file's fault.
+_DECODE_FAILURE = re.compile(r"Failed to decode sample #|nvImageCodec failure: '#(?:3|4|13|14|19)'")
+_NOT_THE_FILE = re.compile(r"out of memory|CUDA error|cudaError|CUDA_ERROR", re.IGNORECASE)
+
+
+def is_decode_failure(message: str) -> bool:
+    return bool(_DECODE_FAILURE.search(message)) and not _NOT_THE_FILE.search(message)
 
 
 # DALI names the file as the reader knows it: "Failed to decode sample #6 : CLASS/IMG.JPEG",

@@ -4,8 +4,10 @@ Loaders emit either
   - uint8 (B, H, W, C) (CPU pipelines, or data.normalize == "trainer"): the trainer calls
     `prepare_batch` in its first step. On CPU this is the faster choice: moving 1 byte per
     pixel out of the pipeline and converting once in torch beats a float16 CPU graph (~2x).
-  - float16 (B, C, H, W) already normalised in the graph (GPU DALI / GPU resident with
-    data.normalize "graph" or "auto"): `prepare_batch` only fixes the memory format.
+  - float16 (B, C, H, W) already normalised by the loader (GPU DALI / GPU resident with
+    data.normalize "graph" or "auto"), stored channels-last (NHWC in memory, the layout the
+    graph writes): `prepare_batch(.., channels_last=True)` then copies nothing unless the
+    model needs another dtype (fp32: one cast; under autocast pass dtype=None: no copy).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ NORMALIZE_MODES = ("auto", "graph", "trainer")
 
 
 def normalize_in_graph(mode: str, device: torch.device) -> bool:
-    """True when the loader itself should emit normalised float16 (B, C, H, W)."""
+    """True when the loader itself should emit normalised float16 (B, C, H, W), channels-last."""
     if mode not in NORMALIZE_MODES:
         raise ValueError(f"data.normalize={mode!r}; expected one of {NORMALIZE_MODES}")
     if mode == "auto":
@@ -38,22 +40,25 @@ def _stats(data, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return _STATS_CACHE[key]
 
 
-def prepare_batch(images: torch.Tensor, data, channels_last: bool) -> torch.Tensor:
-    """Loader images -> model input float (B, C, H, W), on the images' device.
+def prepare_batch(images: torch.Tensor, data, channels_last: bool,
+                  dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+    """Loader images -> model input (B, C, H, W) in `dtype`, on the images' device.
 
-    uint8 (B, H, W, C) -> float32 (B, C, H, W), (x/255 - mean)/std with data.mean/std in
-    0..1 units. A floating (B, C, H, W) batch (normalised in the graph) passes through.
-    channels_last=True returns torch.channels_last memory format (free for uint8 input:
-    the HWC buffer permuted to NCHW already has channels-last strides).
+    uint8 (B, H, W, C) -> (x/255 - mean)/std, data.mean/std in 0..1 units, computed in float32.
+    A float (B, C, H, W) batch (normalised by the loader) is only cast. dtype: what the model's
+    first layer takes: float32 for an fp32 model; None keeps a float batch as it is (for a
+    model under autocast, whose first op casts anyway) and gives float32 from uint8.
+    channels_last=True returns torch.channels_last memory format: free for uint8 input (the
+    HWC buffer permuted to NCHW has channels-last strides) and for the loaders' float output.
     """
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     if images.is_floating_point():
-        if images.dim() != 4:
+        if images.dim() != 4 or images.shape[1] != len(data.mean):
             raise ValueError(f"expected float (B, C, H, W), got shape {tuple(images.shape)}")
-        return images.contiguous(memory_format=fmt)
+        return images.to(dtype or images.dtype).contiguous(memory_format=fmt)
     if images.dtype != torch.uint8 or images.dim() != 4:
         raise ValueError(f"expected uint8 (B, H, W, C), got {images.dtype} {tuple(images.shape)}")
     scale, shift = _stats(data, images.device)
     x = images.permute(0, 3, 1, 2).float()  # keeps the NHWC strides, i.e. channels_last
     x = torch.addcmul(shift, x, scale)       # one fused pass: x*scale + shift
-    return x.contiguous(memory_format=fmt)
+    return x.to(dtype or torch.float32).contiguous(memory_format=fmt)

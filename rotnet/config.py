@@ -40,8 +40,12 @@ class DataConfig:
     num_threads: int = 4           # DALI CPU threads / DataLoader workers per process
     prefetch: int = 2              # batches queued ahead
     hw_decoder_load: float = 0.65  # DALI mixed decoder: share of images sent to the A100/H100 HW decoder
-    device_memory_padding: int = 211025920  # DALI nvJPEG preallocation hints (bytes)
-    host_memory_padding: int = 140544512
+    # DALI mixed decoder: nvJPEG buffers preallocated per decoder thread of a TRAINING pipeline
+    # (bytes; 0 = DALI's defaults, 16 MiB device + 2 x 8 MiB pinned host). They grow when an image
+    # needs more, so raise them only if a profile shows reallocations: every thread of every rank
+    # pins them (8 threads x 8 ranks x 2 x 134 MiB = 17 GiB). Validation keeps the defaults.
+    device_memory_padding: int = 0
+    host_memory_padding: int = 0
     normalize: Literal["auto", "graph", "trainer"] = "auto"  # auto: graph on GPU, trainer on CPU
     # CPU only: the DALI graph stops after decode+crop and torch does resize/flip/rotations,
     # which is ~2x faster on CPU (docs/pipelines.md). true keeps the whole GPU graph on CPU.

@@ -81,7 +81,7 @@ def test_prepare_batch_uint8():
 
 def test_prepare_batch_float_passthrough():
     z = torch.randn(2, 3, 4, 4).half()
-    out = prepare_batch(z, cfg(), channels_last=True)
+    out = prepare_batch(z, cfg(), channels_last=True, dtype=None)  # None: keep the loader's dtype
     assert out.dtype == torch.float16 and torch.equal(out, z)
     assert out.is_contiguous(memory_format=torch.channels_last)
 
