@@ -272,8 +272,14 @@ def main(argv=None) -> None:
 
     with one_line_errors(RuntimeError):   # an unreadable or incompatible checkpoint is left untouched
         start_epoch, start_step = resume(run, loader)
-    with one_line_errors(UsageError, ValueError):   # e.g. a val folder without class folders
-        monitor = KnnMonitor(cfg, info, run.raw.trunk) if cfg.train.monitor_every else None
+    monitor = None
+    if cfg.train.monitor_every and not (root / cfg.data.val_dir).is_dir():
+        # The monitor is a convenience: pretraining needs no labelled val split, so run without it.
+        log.warning(f"train.monitor_every={cfg.train.monitor_every} but {root / cfg.data.val_dir} does not "
+                    "exist: the kNN monitor is off for this run")
+    elif cfg.train.monitor_every:
+        with one_line_errors(UsageError, ValueError):   # e.g. a val folder without class folders
+            monitor = KnnMonitor(cfg, info, run.raw.trunk)
 
     if info.is_main:
         save_config(cfg, out / "config.yaml")

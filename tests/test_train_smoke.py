@@ -66,7 +66,7 @@ def test_bad_config_key_fails_fast_naming_it(tmp_path):
 def test_knn_monitor_logs_every_epoch_and_leaves_training_unchanged(tmp_path):
     """train.monitor_every=1: knn_top1 in every log.jsonl line, in [0, 100]; the losses are the
     same as those of the run without the monitor (it takes nothing from the training's RNG or loader)."""
-    from rotnet.sample_data import ensure_sample_data
+    from pipelines.sample_data import ensure_sample_data
 
     data = ensure_sample_data(seed=0, cache_dir=tmp_path / "cache", per_class_train=6, per_class_val=3)
     env = {**os.environ, "ROTNET_PROGRESS": "0"}
