@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipelines import BadImageError, build_rotation_loader, prepare_batch
+from pipelines import BadImageError, build_rotation_loader
 from probes.knn import KnnMonitor
 from probes.settings import UsageError
 from rotnet.checkpoint import check_compatible, find_checkpoint, git_commit, load_checkpoint, save_checkpoint
@@ -67,7 +67,7 @@ def train_one_epoch(run: Run, loader, epoch: int, start_step: int) -> dict:
     sums = torch.zeros(3, device=dev, dtype=torch.float64)   # loss*n, correct, n (rotated samples)
     window = torch.zeros(3, device=dev, dtype=torch.float64)
     data_time = window_data = 0.0
-    n_done = window_steps = 0
+    window_steps = 0
     i = start_step - 1          # last step index done (stays so if nothing is left of the epoch)
     t_epoch = t_window = t_end = time.perf_counter()
     run.logger.start_epoch(epoch, total=steps, initial=start_step)
@@ -80,7 +80,7 @@ def train_one_epoch(run: Run, loader, epoch: int, start_step: int) -> dict:
         for g in run.optimizer.param_groups:
             g["lr"] = lr
 
-        x = prepare_batch(images, cfg.data, cfg.train.channels_last)   # (K*N, 3, H, W) normalised
+        x = run.prepare(images)                                        # (K*N, 3, H, W) normalised
         with autocast(cfg.train.precision, dev):
             logits = model(x)                                          # (K*N, K)
         loss = F.cross_entropy(logits.float(), labels)
@@ -89,7 +89,6 @@ def train_one_epoch(run: Run, loader, epoch: int, start_step: int) -> dict:
         run.scaler.step(run.optimizer)
         run.scaler.update()
         run.step += 1
-        n_done += 1
         window_steps += 1
 
         with torch.no_grad():  # accumulate on the device: no host sync per step
@@ -106,12 +105,10 @@ def train_one_epoch(run: Run, loader, epoch: int, start_step: int) -> dict:
                 raise FloatingPointError(f"loss is {w[0] / w[2]} at epoch {epoch} step {i}: lower the lr "
                                          "or use train.precision=fp32 to debug")
             dt = time.perf_counter() - t_window
-            originals = w[2] / len(cfg.data.rotations) * info.world_size
-            if cfg.data.rotation_mode == "one_random":
-                originals = w[2] * info.world_size
+            rotated_per_image = 1 if cfg.data.rotation_mode == "one_random" else len(cfg.data.rotations)
             run.logger.step(run.step, window_steps, {
                 "loss": w[0] / w[2], "rot_acc": w[1] / w[2], "lr": lr,
-                "img/s": originals / dt, "rot_img/s": w[2] * info.world_size / dt,
+                "img/s": w[2] * info.world_size / rotated_per_image / dt, "rot_img/s": w[2] * info.world_size / dt,
                 "data_wait": window_data / dt,
                 "eta_min": (steps - i - 1) * dt / window_steps / 60})
             window.zero_()
@@ -135,7 +132,7 @@ def train_one_epoch(run: Run, loader, epoch: int, start_step: int) -> dict:
     elapsed = time.perf_counter() - t_epoch
     return {"epoch": epoch, "step": run.step, "loss": loss_sum / max(count, 1),
             "rot_acc": correct / max(count, 1), "lr": run.schedule(epoch + i / max(steps, 1)),
-            "rotated_images": int(count), "steps": n_done, "time_s": round(elapsed, 2),
+            "rotated_images": int(count), "steps": i + 1 - start_step, "time_s": round(elapsed, 2),
             "data_wait": round(data_time / max(elapsed, 1e-9), 4), "complete": not (
                 cfg.train.max_steps and run.step >= cfg.train.max_steps and i + 1 < steps)}
 
@@ -147,7 +144,7 @@ def evaluate_rotation(run: Run, loader) -> float:
     counts = torch.zeros(2, device=run.info.device, dtype=torch.float64)
     for images, labels in loader:           # validation batches hold real images only (trimmed)
         with autocast(run.cfg.train.precision, run.info.device):
-            logits = run.raw(prepare_batch(images, run.cfg.data, run.cfg.train.channels_last))
+            logits = run.raw(run.prepare(images))
         counts[0] += (logits.argmax(1) == labels).sum()
         counts[1] += labels.numel()
     all_reduce_sum(counts, run.info)
@@ -224,6 +221,9 @@ def train_loop(run: Run, loader, val_loader, start_epoch: int, start_step: int,
             t0 = time.perf_counter()
             stats["knn_top1"] = monitor(run.raw.trunk)   # {layer: top-1 %}
             stats["knn_time_s"] = round(time.perf_counter() - t0, 2)
+            if logger.bar is not None:   # the epoch's bar is still open: its last word is the kNN top-1
+                shown = [logger.bar.postfix, _show("knn_top1", stats["knn_top1"])]
+                logger.bar.set_postfix_str(", ".join(filter(None, shown)))
         stats["global_batch"] = cfg.optim.global_batch_size
         logger.end_epoch(stats)
         log.info(" ".join(_show(k, v) for k, v in stats.items()))

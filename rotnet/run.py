@@ -3,14 +3,17 @@
     run = build_run(cfg, info, RunLogger(out, info.is_main))   # train.py and the benchmarks
     optimizer = build_optimizer(params, lr, cfg.probe)          # eval.py's probes
     model = place(raw, info, channels_last=True)               # channels_last, cuDNN autotune, DDP
+    prepare = batch_preparer(cfg, precision)                   # loader images -> model input
 
 benchmarks/train_throughput.py times `train.train_one_epoch` on a `build_run` result, so it
 measures exactly the model, optimizer and lr that train.py runs.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -18,11 +21,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from models.rotnet import seeded_rotnet
+from pipelines import prepare_batch
+from pipelines.sample_data import ensure_sample_data
 from rotnet.config import Config, ConfigError, resolve_batch
 from rotnet.distributed import DistInfo
 from rotnet.preemption import StopFlag
 from rotnet.progress import log
-from pipelines.sample_data import ensure_sample_data
 from rotnet.schedule import StepSchedule
 
 
@@ -36,6 +40,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     schedule: StepSchedule
+    prepare: Callable[[torch.Tensor], torch.Tensor]   # `batch_preparer` at train.precision
     logger: object              # rotnet.progress.RunLogger, or a stand-in with its methods
     stop: StopFlag
     step: int = 0               # optimizer steps taken in total
@@ -70,6 +75,14 @@ def autocast(precision: str, device: torch.device):
     if precision == "fp32":
         return nullcontext()
     return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
+
+
+def batch_preparer(cfg: Config, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """images -> prepare_batch(images, cfg.data, cfg.train.channels_last, dtype) for a model run at
+    `precision`: float32 for fp32; under autocast (bf16, fp16) dtype=None, so the loader's float16
+    batch is not cast to float32 only for autocast's first op to cast it back."""
+    dtype = torch.float32 if precision == "fp32" else None
+    return partial(prepare_batch, data=cfg.data, channels_last=cfg.train.channels_last, dtype=dtype)
 
 
 def build_optimizer(params, lr: float, hp) -> torch.optim.SGD:
@@ -141,4 +154,4 @@ def build_run(cfg: Config, info: DistInfo, logger) -> Run:
     schedule = StepSchedule(cfg.optim.schedule, scale, cfg.optim.warmup_epochs)
     return Run(cfg, info, model, raw, build_optimizer(raw.parameters(), schedule(0), cfg.optim),
                torch.amp.GradScaler(info.device.type, enabled=cfg.train.precision == "fp16"), schedule,
-               logger, StopFlag(info, every=cfg.train.log_every))
+               batch_preparer(cfg, cfg.train.precision), logger, StopFlag(info, every=cfg.train.log_every))

@@ -5,6 +5,7 @@ about half a minute (tiny sample set, tiny AlexNet, a handful of steps).
 """
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,11 +66,12 @@ def test_bad_config_key_fails_fast_naming_it(tmp_path):
 
 def test_knn_monitor_logs_every_epoch_and_leaves_training_unchanged(tmp_path):
     """train.monitor_every=1: knn_top1 in every log.jsonl line, in [0, 100]; the losses are the
-    same as those of the run without the monitor (it takes nothing from the training's RNG or loader)."""
+    same as those of the run without the monitor (it takes nothing from the training's RNG or loader).
+    The progress bar of a monitored epoch ends with the kNN top-1 too."""
     from pipelines.sample_data import ensure_sample_data
 
     data = ensure_sample_data(seed=0, cache_dir=tmp_path / "cache", per_class_train=6, per_class_val=3)
-    env = {**os.environ, "ROTNET_PROGRESS": "0"}
+    env = {**os.environ, "ROTNET_PROGRESS": "1"}
     common = [f"data.root={data}", "data.crop_size=64", "data.resize_size=72", "model.width=0.25",
               "optim.batch_size_per_gpu=8", "optim.epochs=2", "train.precision=fp32", "train.log_every=2",
               "train.monitor_bank_per_class=4", "train.monitor_query_per_class=2", "data.backend=torch",
@@ -81,6 +83,7 @@ def test_knn_monitor_logs_every_epoch_and_leaves_training_unchanged(tmp_path):
                               f"train.output_dir={out}"], env, timeout=600).stderr
         logs[every] = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert "knn_top1[conv3]=" in stderr[1] and "kNN monitor every 1 epochs on conv3" in stderr[1]
+    assert re.search(r"epoch 1: [^\r\n]*knn_top1\[conv3\]=", stderr[1])   # the bar, not the log line
     assert all(set(x["knn_top1"]) == {"conv3"} and 0 <= x["knn_top1"]["conv3"] <= 100 for x in logs[1])
     assert not any("knn_top1" in x for x in logs[0])
     assert [(x["loss"], x["rot_acc"], x["heldout_rot_acc"]) for x in logs[1]] == \
