@@ -12,19 +12,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipelines import build_class_loader, prepare_batch
+from pipelines import build_class_loader
 from probes.heads import build_probe
 from probes.resume import load_state, restore_state, save_state
 from probes.settings import Protocol, UsageError
 from rotnet.distributed import DistInfo, all_reduce_sum, barrier
 from rotnet.progress import RunLogger, log
-from rotnet.run import autocast, build_optimizer, place
+from rotnet.run import autocast, batch_preparer, build_optimizer, place
 from rotnet.schedule import StepSchedule
 
 
@@ -33,6 +34,18 @@ def freeze(trunk: nn.Module) -> None:
     trunk.eval()
     for p in trunk.parameters():
         p.requires_grad_(False)
+
+
+@contextmanager
+def eval_mode(trunk: nn.Module):
+    """The trunk in eval mode inside the block (BN uses, never updates, its running stats), its
+    mode restored afterwards: the training monitor hands back a trunk that is still training."""
+    was_training = trunk.training
+    trunk.eval()
+    try:
+        yield trunk
+    finally:
+        trunk.train(was_training)
 
 
 class ProbeSet(nn.Module):
@@ -86,51 +99,54 @@ def topk_correct(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -
     return torch.stack(counts + [torch.full_like(counts[0], labels.numel())]).to(torch.float64)
 
 
-def _to_device(images: Tensor, labels: Tensor, device: torch.device, prepare: Callable[[Tensor], Tensor]):
-    return prepare(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True).long()
+def run_pass(model: nn.Module, loader: Iterable, layers: list[str], info: DistInfo,
+             prepare: Callable[[Tensor], Tensor], optimizer: torch.optim.Optimizer | None = None,
+             lr_at: Callable[[int], float] | None = None, bar=None) -> Tensor:
+    """One pass over `loader`, training when `optimizer` is given (lr_at(step) set before each
+    step), else evaluating. Returns rank-summed counts (len(layers), 4) float64 on the CPU:
+    loss*n, correct@1, correct@5, n per layer.
+
+    loss = sum of the per-layer cross-entropies: heads share no parameters, so each
+    head gets exactly its own gradient, and one optimizer step updates them all.
+    """
+    training = optimizer is not None
+    model.train(training)
+    sums = torch.zeros(len(layers), 4, dtype=torch.float64, device=info.device)
+    for step, (images, labels) in enumerate(loader):
+        with torch.set_grad_enabled(training):
+            logits = model(prepare(images))
+            losses = torch.stack([F.cross_entropy(logits[name], labels) for name in layers])
+        if training:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step)
+            optimizer.zero_grad(set_to_none=True)
+            losses.sum().backward()
+            optimizer.step()
+        with torch.no_grad():
+            for i, name in enumerate(layers):
+                sums[i] += torch.cat([losses[i, None].double() * labels.numel(), topk_correct(logits[name], labels)])
+        if bar is not None:
+            bar.update(1)
+            if training and step % 10 == 0:  # .item() waits for the GPU: only now and then
+                bar.set_postfix(loss=f"{losses.sum().item():.3g}", lr=f"{lr_at(step):.2g}", refresh=False)
+    return all_reduce_sum(sums, info).cpu()
 
 
 def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
                     lr_at: Callable[[float], float], epoch: int, steps_per_epoch: int, layers: list[str],
                     info: DistInfo, prepare: Callable[[Tensor], Tensor], bar=None) -> dict:
-    """One epoch over `loader`; lr set per step from the float epoch. Returns rank-summed stats.
-
-    loss = sum of the per-layer cross-entropies: heads share no parameters, so each
-    head gets exactly its own gradient, and one optimizer step updates them all.
-    """
-    model.train()
-    sums = torch.zeros(len(layers), 3, dtype=torch.float64, device=info.device)  # loss*n, correct@1, n
-    t0, lr = time.time(), float("nan")
-    for step, (images, labels) in enumerate(loader):
-        lr = lr_at(epoch + step / max(1, steps_per_epoch))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x, y = _to_device(images, labels, info.device, prepare)
-        logits = model(x)
-        losses = [F.cross_entropy(logits[name], y) for name in layers]
-        loss = torch.stack(losses).sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            for i, name in enumerate(layers):
-                c1, n = topk_correct(logits[name], y, ks=(1,))
-                sums[i] += torch.stack([losses[i].detach().double() * n, c1, n])
-        if bar is not None:
-            bar.update(1)
-            if step % 10 == 0:  # .item() waits for the GPU: only now and then
-                bar.set_postfix(loss=f"{loss.item():.3g}", lr=f"{lr:.2g}", refresh=False)
-    sums = all_reduce_sum(sums, info).cpu()
+    """One epoch over `loader`; lr set per step from the float epoch. Returns rank-summed stats."""
+    t0, steps = time.time(), max(1, steps_per_epoch)
+    lr = lambda step: lr_at(epoch + step / steps)  # noqa: E731
+    sums = run_pass(model, loader, layers, info, prepare, optimizer, lr, bar)
     if not torch.isfinite(sums).all():
         raise FloatingPointError(f"probe loss became non-finite in epoch {epoch}; lower --lr")
-    stats = {"lr": lr, "time_s": round(time.time() - t0, 2)}
-    for i, name in enumerate(layers):
-        n = max(1.0, sums[i, 2].item())
-        stats[name] = {"train_loss": sums[i, 0].item() / n, "train_top1": 100.0 * sums[i, 1].item() / n}
+    stats = {"lr": lr(steps - 1), "time_s": round(time.time() - t0, 2)}
+    for name, (loss, c1, _, n) in zip(layers, sums.tolist()):
+        stats[name] = {"train_loss": loss / max(1.0, n), "train_top1": 100.0 * c1 / max(1.0, n)}
     return stats
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, layers: list[str], info: DistInfo,
              prepare: Callable[[Tensor], Tensor], bar=None) -> dict[str, dict]:
     """Top-1/top-5 (%) per layer over the whole val split.
@@ -140,35 +156,16 @@ def evaluate(model: nn.Module, loader: Iterable, layers: list[str], info: DistIn
     so every val image counts exactly once whatever the world size.
     Returns {layer: {"top1", "top5", "count"}}.
     """
-    model.eval()
-    sums = torch.zeros(len(layers), 3, dtype=torch.float64, device=info.device)  # correct@1, correct@5, n
-    for images, labels in loader:
-        x, y = _to_device(images, labels, info.device, prepare)
-        logits = model(x)
-        for i, name in enumerate(layers):
-            sums[i] += topk_correct(logits[name], y)
-        if bar is not None:
-            bar.update(1)
-    return percentages(all_reduce_sum(sums, info), layers)
+    return percentages(run_pass(model, loader, layers, info, prepare, bar=bar)[:, 1:], layers)
 
 
 def percentages(sums: Tensor, layers: list[str]) -> dict[str, dict]:
     """Rank-summed counts (len(layers), 3) = correct@1, correct@5, n -> {layer: {"top1", "top5", "count"}}."""
-    sums = sums.cpu()
-    out = {}
-    for i, name in enumerate(layers):
-        n = int(sums[i, 2].item())
-        out[name] = {"top1": 100.0 * sums[i, 0].item() / max(1, n),
-                     "top5": 100.0 * sums[i, 1].item() / max(1, n), "count": n}
-    return out
+    return {name: {"top1": 100.0 * c1 / max(1, n), "top5": 100.0 * c5 / max(1, n), "count": int(n)}
+            for name, (c1, c5, n) in zip(layers, sums.tolist())}
 
 
 # ---------------------------------------------------------------------------- one probe run
-
-def build_loaders(p: Protocol):
-    """(train, val) class loaders. Built afresh for each trunk so both see identical data."""
-    return class_loaders(p.cfg.data, p.info, p.batch_size, p.seed, train_per_class=p.labels_per_class)
-
 
 def class_loaders(d, info: DistInfo, batch_size: int, seed: int, *, augment: bool = True,
                   train_per_class: int = 0, val_per_class: int = 0):
@@ -195,10 +192,9 @@ def class_loaders(d, info: DistInfo, batch_size: int, seed: int, *, augment: boo
 def build_probe_set(p: Protocol, trunk: nn.Module, kind: str, num_classes: int) -> ProbeSet:
     """`trunk` plus a fresh probe per layer, on the device. Each probe is sized from one dry
     forward, (2, 3, S, S) -> {layer: (2, C, h, w)}, in eval mode so BN stats stay untouched."""
-    size, dev, was_training = p.cfg.data.crop_size, p.info.device, trunk.training
-    with torch.no_grad():
-        feats = trunk.to(dev).eval().features(torch.zeros(2, 3, size, size, device=dev), p.layers)
-    trunk.train(was_training)
+    size, dev = p.cfg.data.crop_size, p.info.device
+    with torch.no_grad(), eval_mode(trunk.to(dev)):
+        feats = trunk.features(torch.zeros(2, 3, size, size, device=dev), p.layers)
     torch.manual_seed(p.seed + 1)  # probe init: same on every rank, whichever trunk came first
     heads = {name: build_probe(p.head, trunk, name, tuple(f.shape[1:]), num_classes) for name, f in feats.items()}
     for name, head in heads.items():
@@ -219,7 +215,9 @@ def fit_probes(p: Protocol, trunk: nn.Module, kind: str, checkpoint: str) -> dic
     if state is not None and state["result"] is not None:
         log.info(f"[{kind}] already complete in {state_path}; reusing its result")
         return state["result"]
-    train_loader, val_loader = build_loaders(p)
+    # built afresh for each trunk, so the pretrained and the random trunk see identical data
+    train_loader, val_loader = class_loaders(p.cfg.data, p.info, p.batch_size, p.seed,
+                                             train_per_class=p.labels_per_class)
     raw = build_probe_set(p, trunk, kind, len(train_loader.classes))
     model = place(raw, p.info, p.cfg.train.channels_last)
     optimizer = build_optimizer(raw.trainable_parameters(), p.schedule[0][1], p.cfg.probe)
@@ -229,7 +227,7 @@ def fit_probes(p: Protocol, trunk: nn.Module, kind: str, checkpoint: str) -> dic
 
     lr_at = StepSchedule(p.schedule, name="probe schedule")
     logger = RunLogger(p.out, p.info.is_main, jsonl_name="eval_log.jsonl", tensorboard=False)
-    prepare = lambda images: prepare_batch(images, p.cfg.data, p.cfg.train.channels_last)  # noqa: E731
+    prepare = batch_preparer(p.cfg, p.precision)
     result = None
     for epoch in range(start, p.epochs):
         train_loader.set_epoch(epoch)
@@ -242,9 +240,9 @@ def fit_probes(p: Protocol, trunk: nn.Module, kind: str, checkpoint: str) -> dic
         result = stats["val"] if last else None
         logger.end_epoch(stats)
         history.append(stats)
-        log.info(f"[{kind}] epoch {epoch + 1}/{p.epochs} lr {stats['lr']:.3g} | " + " | ".join(
-            f"{n} loss {stats[n]['train_loss']:.3f}" + (f" val@1 {stats['val'][n]['top1']:.2f}" if "val" in stats
-                                                        else "") for n in p.layers))
+        val = {n: f" val@1 {stats['val'][n]['top1']:.2f}" if "val" in stats else "" for n in p.layers}
+        log.info(f"[{kind}] epoch {epoch + 1}/{p.epochs} lr {stats['lr']:.3g} | "
+                 + " | ".join(f"{n} loss {stats[n]['train_loss']:.3f}{val[n]}" for n in p.layers))
         if p.info.is_main:
             save_state(state_path, raw, optimizer, signature=sig, epoch=epoch + 1, result=result, history=history)
         barrier(p.info)

@@ -20,9 +20,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models import alexnet_fc_block
+from models.nin import _conv_bn_relu
 
 HEADS = ("linear", "mlp", "conv")
 TARGET_DIMS = 9000          # linear-probe input size of the paper (Table 5: ~9k dims per layer)
@@ -43,6 +45,12 @@ def pool_grid(channels: int, height: int, width: int, target: int = TARGET_DIMS)
     return min(g, height), min(g, width)
 
 
+def grid_pool(x: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Adaptive max-pool (B, C, h, w) -> (B, C, gh, gw): the linear probe's (and kNN --knn-pool
+    grid's) input. A grid as large as the map is the identity: the (slow on CPU) pool is skipped."""
+    return x if tuple(grid) == tuple(x.shape[2:]) else F.adaptive_max_pool2d(x, grid)
+
+
 def _init_like_original(module: nn.Module, classifier: nn.Linear) -> None:
     """Initialisation of the original probe code, except for the final classifier.
 
@@ -53,14 +61,9 @@ def _init_like_original(module: nn.Module, classifier: nn.Linear) -> None:
     wasted first epoch. For 1000 classes the two inits differ little (0.045 vs 0.01).
     """
     for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / n))
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            std = 0.01 if m is classifier else math.sqrt(2.0 / m.out_features)
-            nn.init.normal_(m.weight, 0.0, std)
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            fan = m.out_channels * math.prod(m.kernel_size) if isinstance(m, nn.Conv2d) else m.out_features
+            nn.init.normal_(m.weight, 0.0, 0.01 if m is classifier else math.sqrt(2.0 / fan))
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.affine:
@@ -71,36 +74,31 @@ def _init_like_original(module: nn.Module, classifier: nn.Linear) -> None:
 class LinearProbe(nn.Module):
     """(B, C, h, w) -> max-pool (B, C, gh, gw) -> BN (no affine) -> (B, C*gh*gw) -> (B, K).
 
-    map_hw: the (h, w) the probe will see, if known; a grid equal to it skips the pool.
-
     The affine-free BN only standardises each channel (a fixed linear map at test
     time), so the classifier stays linear in the pooled features.
     """
 
-    def __init__(self, channels: int, grid: tuple[int, int], num_classes: int, map_hw: tuple[int, int] | None = None):
+    def __init__(self, channels: int, grid: tuple[int, int], num_classes: int):
         super().__init__()
         self.grid = grid
         self.in_dim = channels * grid[0] * grid[1]
-        # A grid as large as the map is the identity: skip the (slow on CPU) adaptive pool.
-        self.pool = nn.Identity() if tuple(grid) == tuple(map_hw or ()) else nn.AdaptiveMaxPool2d(grid)
         self.bn = nn.BatchNorm2d(channels, affine=False)
         self.fc = nn.Linear(self.in_dim, num_classes)
         _init_like_original(self, self.fc)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc(torch.flatten(self.bn(self.pool(x)), 1))  # flatten: input may be channels_last
+        return self.fc(torch.flatten(self.bn(grid_pool(x, self.grid)), 1))  # flatten: input may be channels_last
 
 
 class MLPProbe(nn.Module):
-    """CIFAR non-linear head: (B, C, h, w) [-> max-pool to `grid`] -> flatten (B, D)
-    -> FC-BN-ReLU (B, hidden) -> FC-BN-ReLU (B, hidden) -> Linear (B, K)."""
+    """CIFAR non-linear head: (B, C, h, w) -> max-pool to `grid` (the map's (h, w): none)
+    -> flatten (B, D) -> FC-BN-ReLU (B, hidden) -> FC-BN-ReLU (B, hidden) -> Linear (B, K)."""
 
-    def __init__(self, channels: int, grid: tuple[int, int] | None, num_classes: int, map_hw: tuple[int, int]):
+    def __init__(self, channels: int, grid: tuple[int, int], num_classes: int):
         super().__init__()
         self.hidden = min(20 * num_classes, 2048)  # original code; 200 for CIFAR-10 as in the paper
-        self.pool = nn.AdaptiveMaxPool2d(grid) if grid is not None else nn.Identity()
-        gh, gw = grid if grid is not None else map_hw
-        self.in_dim = channels * gh * gw
+        self.grid = grid
+        self.in_dim = channels * grid[0] * grid[1]
         self.mlp = nn.Sequential(
             nn.Flatten(1),
             nn.Linear(self.in_dim, self.hidden, bias=False), nn.BatchNorm1d(self.hidden), nn.ReLU(inplace=True),
@@ -110,7 +108,7 @@ class MLPProbe(nn.Module):
         _init_like_original(self, self.mlp[-1])
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.mlp(self.pool(x))
+        return self.mlp(grid_pool(x, self.grid))
 
 
 class AlexNetNonLinearProbe(nn.Module):
@@ -147,12 +145,9 @@ class ConvProbe(nn.Module):
 
     def __init__(self, channels: int, num_classes: int, width: int = NIN_BLOCK_WIDTH):
         super().__init__()
-
-        def cbr(cin: int, cout: int, k: int) -> list[nn.Module]:
-            return [nn.Conv2d(cin, cout, k, padding=(k - 1) // 2, bias=False), nn.BatchNorm2d(cout),
-                    nn.ReLU(inplace=True)]
-
-        self.block = nn.Sequential(*cbr(channels, width, 3), *cbr(width, width, 1), *cbr(width, width, 1))
+        # The trunk's own NIN Conv-BN-ReLU, unpacked: flat keys (block.0 .. block.8) in probe states.
+        self.block = nn.Sequential(*_conv_bn_relu(channels, width, 3), *_conv_bn_relu(width, width, 1),
+                                   *_conv_bn_relu(width, width, 1))
         self.fc = nn.Linear(width, num_classes)
         _init_like_original(self, self.fc)
 
@@ -177,9 +172,9 @@ def build_probe(head: str, trunk: nn.Module, layer: str, feat_shape: tuple[int, 
         raise ValueError(f"--head {head} on {trunk.arch} is defined for layers {layers}, not {layer!r}")
     c, h, w = feat_shape
     if head == "linear":
-        return LinearProbe(c, pool_grid(c, h, w), num_classes, (h, w))
+        return LinearProbe(c, pool_grid(c, h, w), num_classes)
     if head == "conv":
         return ConvProbe(c, num_classes)
     if trunk.arch == "alexnet":
         return AlexNetNonLinearProbe(layer, c, trunk.layer_channels["conv5"], (h, w), trunk.width, num_classes)
-    return MLPProbe(c, None if c * h * w <= MLP_FLATTEN_MAX else pool_grid(c, h, w), num_classes, (h, w))
+    return MLPProbe(c, (h, w) if c * h * w <= MLP_FLATTEN_MAX else pool_grid(c, h, w), num_classes)

@@ -28,20 +28,19 @@ scores its shard of the queries, and the correct counts are all-reduced (as
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipelines import prepare_batch
-from probes.engine import class_loaders, freeze, percentages, topk_correct
-from probes.heads import pool_grid
+from probes.engine import class_loaders, eval_mode, freeze, percentages, topk_correct
+from probes.heads import grid_pool, pool_grid
 from probes.settings import Protocol
 from rotnet.distributed import DistInfo, all_reduce_sum
 from rotnet.progress import log
-from rotnet.run import autocast
+from rotnet.run import autocast, batch_preparer
 
 KNN_HEAD = "knn"        # eval.py --head knn
 KNN_K = 20              # DINO's defaults
@@ -57,11 +56,7 @@ def pool_features(feat: Tensor, pool: str) -> Tensor:
     if pool not in POOLS:
         raise ValueError(f"kNN pooling {pool!r}; valid: {', '.join(POOLS)}")
     feat = feat.float()
-    if pool == "avg":
-        v = feat.mean(dim=(2, 3))
-    else:
-        grid = pool_grid(*feat.shape[1:])
-        v = (feat if grid == tuple(feat.shape[2:]) else F.adaptive_max_pool2d(feat, grid)).flatten(1)
+    v = feat.mean(dim=(2, 3)) if pool == "avg" else grid_pool(feat, pool_grid(*feat.shape[1:])).flatten(1)
     return F.normalize(v, dim=1)
 
 
@@ -71,25 +66,15 @@ def bank_dtype(device: torch.device) -> torch.dtype:
 
 
 @torch.no_grad()
-def layer_features(trunk: nn.Module, x: Tensor, layers: list[str], precision: str, pool: str) -> dict[str, Tensor]:
-    """x (B, 3, H, W) -> {layer: (B, D) pooled, normalised fp32}: ONE trunk forward for all layers."""
-    with autocast(precision, x.device):
-        feats = trunk.features(x, layers)
-    return {name: pool_features(f, pool) for name, f in feats.items()}
-
-
-class eval_mode:
-    """Context: the trunk in eval mode (BN uses, never updates, its running stats), its mode
-    restored afterwards: the training monitor hands back a trunk that is still training."""
-
-    def __init__(self, trunk: nn.Module):
-        self.trunk, self.was_training = trunk, trunk.training
-
-    def __enter__(self):
-        self.trunk.eval()
-
-    def __exit__(self, *exc):
-        self.trunk.train(self.was_training)
+def layer_features(trunk: nn.Module, loader: Iterable, layers: list[str], prepare: Callable[[Tensor], Tensor],
+                   precision: str, pool: str) -> Iterator[tuple[dict[str, Tensor], Tensor]]:
+    """Per batch of `loader`: ({layer: (B, D) pooled, normalised fp32}, labels (B,)), ONE trunk
+    forward for all layers. The trunk runs in whatever mode it is in (callers use eval_mode)."""
+    for images, labels in loader:
+        x = prepare(images)                                                   # (B, 3, H, W)
+        with autocast(precision, x.device):
+            feats = trunk.features(x, layers)
+        yield {name: pool_features(f, pool) for name, f in feats.items()}, labels
 
 
 def extract(trunk: nn.Module, loader: Iterable, layers: list[str], info: DistInfo,
@@ -101,12 +86,10 @@ def extract(trunk: nn.Module, loader: Iterable, layers: list[str], info: DistInf
     dtype = bank_dtype(info.device)
     rows: dict[str, list[Tensor]] = {name: [] for name in layers}
     labels: list[Tensor] = []
-    with eval_mode(trunk):
-        for images, y in loader:
-            feats = layer_features(trunk, prepare(images.to(info.device, non_blocking=True)), layers, precision, pool)
-            for name in layers:
-                rows[name].append(feats[name].to(dtype))
-            labels.append(y.to(info.device).long())
+    for feats, y in layer_features(trunk, loader, layers, prepare, precision, pool):
+        for name in layers:
+            rows[name].append(feats[name].to(dtype))
+        labels.append(y)
     if not labels:
         raise ValueError("kNN bank: the loader yielded no images on this rank")
     bank = {name: gather_rows(torch.cat(r), info) for name, r in rows.items()}
@@ -160,12 +143,10 @@ def knn_evaluate(trunk: nn.Module, bank_loader: Iterable, query_loader: Iterable
     The trunk is used as is, in eval mode and without grads; its mode is restored afterwards
     and nothing of it changes (safe to call in the middle of pretraining).
     """
-    bank, bank_labels = extract(trunk, bank_loader, layers, info, prepare, precision, pool)
     sums = torch.zeros(len(layers), 3, dtype=torch.float64, device=info.device)  # correct@1, correct@5, n
     with eval_mode(trunk):
-        for images, y in query_loader:
-            y = y.to(info.device).long()
-            feats = layer_features(trunk, prepare(images.to(info.device, non_blocking=True)), layers, precision, pool)
+        bank, bank_labels = extract(trunk, bank_loader, layers, info, prepare, precision, pool)
+        for feats, y in layer_features(trunk, query_loader, layers, prepare, precision, pool):
             for i, name in enumerate(layers):
                 sums[i] += topk_correct(knn_scores(feats[name], bank[name], bank_labels, num_classes, k, t, chunk), y)
     return percentages(all_reduce_sum(sums, info), layers)
@@ -182,7 +163,7 @@ def knn_probe(p: Protocol, trunk: nn.Module, k: int = KNN_K, t: float = KNN_T, p
     if p.cfg.train.channels_last:
         trunk.to(memory_format=torch.channels_last)
     freeze(trunk)
-    prepare = lambda images: prepare_batch(images, p.cfg.data, p.cfg.train.channels_last)  # noqa: E731
+    prepare = batch_preparer(p.cfg, p.precision)
     log.info(f"kNN bank: {bank_loader.num_samples} images of {p.cfg.data.train_dir}, queries: "
              f"{query_loader.num_samples} of {p.cfg.data.val_dir}; k={k}, T={t}, {pool} pooling")
     return knn_evaluate(trunk, bank_loader, query_loader, p.layers, p.info, prepare, p.precision,
@@ -228,8 +209,8 @@ class KnnMonitor:
 
     def __call__(self, trunk: nn.Module) -> dict[str, float]:
         """{layer: kNN top-1 (%)} of `trunk` as it is now. Collective: every rank calls it."""
-        prepare = lambda images: prepare_batch(images, self.cfg.data, self.cfg.train.channels_last)  # noqa: E731
         with self._own_rng():
-            res = knn_evaluate(trunk, self.bank, self.queries, self.layers, self.info, prepare,
-                               self.cfg.train.precision, len(self.bank.classes))
+            res = knn_evaluate(trunk, self.bank, self.queries, self.layers, self.info,
+                               batch_preparer(self.cfg, self.cfg.train.precision), self.cfg.train.precision,
+                               len(self.bank.classes))
         return {name: round(m["top1"], 2) for name, m in res.items()}
