@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import sys
+from itertools import zip_longest
 from pathlib import Path
 
 import matplotlib
@@ -34,14 +35,13 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from models.rotnet import seeded_rotnet  # noqa: E402
-from probes.report import draw_top1_bars  # noqa: E402
-from pipelines import prepare_batch  # noqa: E402
+from pipelines import list_images, prepare_batch  # noqa: E402
 from pipelines.recipe import crop_batch, decode_rgb  # noqa: E402
+from probes.report import draw_top1_bars  # noqa: E402
 from rotnet.checkpoint import find_checkpoint, load_checkpoint  # noqa: E402
 from rotnet.cli import ArgumentParser, fail, one_line_errors  # noqa: E402
 from rotnet.config import Config, ConfigError, config_from_dict, load_config  # noqa: E402
 
-IMG_EXTS = (".jpg", ".jpeg", ".png")
 DPI = 100   # small PNGs: docs/figures keeps every file well under 200 KB
 
 
@@ -66,28 +66,17 @@ def load_run(run_dir: Path | None, checkpoint: str | None, config: str | None) -
     return cfg, net.trunk.eval(), what
 
 
-def pick_images(root: Path, n: int) -> list[Path]:
-    """First image of each of the first classes (sorted), then second images, ...: n images spread over classes."""
-    classes = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    files = [sorted(p for p in c.iterdir() if p.suffix.lower() in IMG_EXTS) for c in classes]
-    if not classes or not any(files):
-        fail(f"no images in {root} (expected CLASS/IMAGE layout)")
-    out: list[Path] = []
-    for j in range(max(len(f) for f in files)):
-        for f in files:
-            if j < len(f) and len(out) < n:
-                out.append(f[j])
-    return out
+def pick_images(root: Path, n: int) -> list[str]:
+    """First image of each class (pipelines.listing order), then second images, ...: n images spread over classes."""
+    by_class: dict[int, list[str]] = {}
+    for path, label in zip(*list_images(str(root))[:2]):
+        by_class.setdefault(label, []).append(path)
+    return [p for row in zip_longest(*by_class.values()) for p in row if p][:n]
 
 
-def load_images(paths: list[Path], cfg: Config) -> torch.Tensor:
-    """The loaders' eval recipe (pipelines.recipe) -> uint8 (B, 3, S, S)."""
-    crops = crop_batch([decode_rgb(str(p)).permute(1, 2, 0) for p in paths], cfg.data, train=False)
-    return crops.permute(0, 3, 1, 2)
-
-
-def normalize(images: torch.Tensor, cfg: Config) -> torch.Tensor:
-    return prepare_batch(images.permute(0, 2, 3, 1), cfg.data, channels_last=False)
+def load_images(paths: list[str], cfg: Config) -> torch.Tensor:
+    """The loaders' eval recipe (pipelines.recipe) -> uint8 (B, S, S, 3), the loaders' output format."""
+    return crop_batch([decode_rgb(p).permute(1, 2, 0) for p in paths], cfg.data, train=False)
 
 
 # ---------------------------------------------------------------------------- figures
@@ -100,31 +89,39 @@ def attention_maps(trunk: nn.Module, x: torch.Tensor, power: float) -> dict[str,
     for name, a in feats.items():
         att = a.float().abs().pow(power).sum(1, keepdim=True)                       # (B, 1, h, w)
         att = F.interpolate(att, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-        lo = att.flatten(1).min(1).values.view(-1, 1, 1)
-        hi = att.flatten(1).max(1).values.view(-1, 1, 1)
-        out[name] = (att - lo) / (hi - lo).clamp_min(1e-12)
+        out[name] = unit_range(att)
     return out
 
 
-def plot_attention(images: torch.Tensor, maps: dict[str, torch.Tensor], power: float, title: str, path: Path) -> None:
-    n, cols = images.shape[0], 1 + len(maps)
-    fig, axes = plt.subplots(n, cols, figsize=(1.6 * cols, 1.6 * n), squeeze=False)
-    for i in range(n):
-        img = images[i].permute(1, 2, 0).numpy()
-        axes[i, 0].imshow(img)
-        for j, (name, m) in enumerate(maps.items(), start=1):
-            axes[i, j].imshow(img)
-            axes[i, j].imshow(m[i].numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
-            if i == 0:
-                axes[i, j].set_title(name, fontsize=8)
-        if i == 0:
-            axes[i, 0].set_title("image", fontsize=8)
-    for ax in axes.flat:
-        ax.axis("off")
-    fig.suptitle(f"attention sum_c |a|^{power:g}: {title}", fontsize=8)
+def unit_range(t: torch.Tensor) -> torch.Tensor:
+    """(B, ...) -> each t[b] min-max scaled to [0, 1]."""
+    lo, hi = t.flatten(1).aminmax(dim=1)
+    shape = (-1,) + (1,) * (t.dim() - 1)
+    return (t - lo.view(shape)) / (hi - lo).clamp_min(1e-12).view(shape)
+
+
+def save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
+    return path
+
+
+def plot_attention(images: torch.Tensor, maps: dict[str, torch.Tensor], power: float, title: str, path: Path) -> Path:
+    n, cols = images.shape[0], 1 + len(maps)
+    fig, axes = plt.subplots(n, cols, figsize=(1.6 * cols, 1.6 * n), squeeze=False)
+    for i in range(n):
+        img = images[i].numpy()                                                     # (S, S, 3)
+        axes[i, 0].imshow(img)
+        for j, m in enumerate(maps.values(), start=1):
+            axes[i, j].imshow(img)
+            axes[i, j].imshow(m[i].numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+    for ax, name in zip(axes[0], ["image", *maps]):
+        ax.set_title(name, fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle(f"attention sum_c |a|^{power:g}: {title}", fontsize=8)
+    return save(fig, path)
 
 
 def first_conv(trunk: nn.Module) -> nn.Conv2d:
@@ -134,11 +131,8 @@ def first_conv(trunk: nn.Module) -> nn.Conv2d:
     raise ValueError("trunk has no conv layer with 3 input channels")
 
 
-def plot_filters(conv: nn.Conv2d, title: str, path: Path, max_filters: int = 96) -> None:
-    w = conv.weight.detach().float()[:max_filters]                                  # (C, 3, k, k)
-    lo = w.flatten(1).min(1).values.view(-1, 1, 1, 1)
-    hi = w.flatten(1).max(1).values.view(-1, 1, 1, 1)
-    w = ((w - lo) / (hi - lo).clamp_min(1e-12)).permute(0, 2, 3, 1).numpy()
+def plot_filters(conv: nn.Conv2d, title: str, path: Path, max_filters: int = 96) -> Path:
+    w = unit_range(conv.weight.detach().float()[:max_filters]).permute(0, 2, 3, 1).numpy()   # (C, k, k, 3)
     cols = min(16, len(w))
     rows = math.ceil(len(w) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(0.5 * cols, 0.5 * rows + 0.3), squeeze=False)
@@ -147,8 +141,7 @@ def plot_filters(conv: nn.Conv2d, title: str, path: Path, max_filters: int = 96)
     for ax, f in zip(axes.flat, w):
         ax.imshow(f, interpolation="nearest")
     fig.suptitle(f"first conv filters {tuple(conv.weight.shape)}: {title}", fontsize=7)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    return save(fig, path)
 
 
 def read_log(path: Path) -> list[dict]:
@@ -161,7 +154,7 @@ def read_log(path: Path) -> list[dict]:
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
-def plot_curves(records: list[dict], title: str, path: Path) -> None:
+def plot_curves(records: list[dict], title: str, path: Path) -> Path:
     ep = [r["epoch"] + 1 for r in records]   # epoch e is logged after it completes: x = epochs done
     knn = [(e, r["knn_top1"]) for e, r in zip(ep, records) if r.get("knn_top1")]   # train.monitor_every
     fig, axes = plt.subplots(1, 3 if knn else 2, figsize=(12 if knn else 8, 3))
@@ -183,12 +176,10 @@ def plot_curves(records: list[dict], title: str, path: Path) -> None:
     for a in axes:
         a.grid(alpha=0.3)
     fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    return save(fig, path)
 
 
-def plot_layers(evals: list[tuple[str, dict]], path: Path) -> None:
+def plot_layers(evals: list[tuple[str, dict]], path: Path) -> Path:
     """One panel per eval.json: grouped top-1 bars per layer for each model in it (pretrained, random)."""
     fig, axes = plt.subplots(1, len(evals), figsize=(4.2 * len(evals), 3.2), squeeze=False)
     for ax, (label, ev) in zip(axes[0], evals):
@@ -197,9 +188,7 @@ def plot_layers(evals: list[tuple[str, dict]], path: Path) -> None:
         draw_top1_bars(ax, {m: ev[m] for m in models}, fontsize=6)
         ax.set_title(label, fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    return save(fig, path)
 
 
 def eval_label(path: Path, ev: dict) -> str:
@@ -242,31 +231,27 @@ def draw(args: argparse.Namespace) -> list[Path]:
 
     log_path = args.run / "log.jsonl" if args.run else None
     if log_path is not None and log_path.is_file() and (records := read_log(log_path)):
-        plot_curves(records, f"{args.run} {args.title}".strip(), path := Path(f"{out}_curves.png"))
-        written.append(path)
+        written.append(plot_curves(records, f"{args.run} {args.title}".strip(), Path(f"{out}_curves.png")))
     else:
         print(f"visualize: no training log ({log_path}); curves skipped", file=sys.stderr)
 
     if args.checkpoint or args.run:
         cfg, trunk, what = load_run(args.run, args.checkpoint, args.config)
         what = f"{what} {args.title}".strip()
-        plot_filters(first_conv(trunk), what, path := Path(f"{out}_filters.png"))
-        written.append(path)
+        written.append(plot_filters(first_conv(trunk), what, Path(f"{out}_filters.png")))
         root = args.data_root or cfg.data.root
         split = Path(root) / (args.split or cfg.data.val_dir) if root else None
         if split is not None and split.is_dir():
             images = load_images(pick_images(split, args.images), cfg)
-            maps = attention_maps(trunk, normalize(images, cfg), args.power)
-            plot_attention(images, maps, args.power, what, path := Path(f"{out}_attention.png"))
-            written.append(path)
+            maps = attention_maps(trunk, prepare_batch(images, cfg.data, channels_last=False), args.power)
+            written.append(plot_attention(images, maps, args.power, what, Path(f"{out}_attention.png")))
         else:
             print(f"visualize: image folder {split} not found (--data-root); attention maps skipped",
                   file=sys.stderr)
 
     evals = [(eval_label(p, ev), ev) for p in args.eval_json for ev in [json.loads(p.read_text())]]
     if evals:
-        plot_layers(evals, path := Path(f"{out}_layers.png"))
-        written.append(path)
+        written.append(plot_layers(evals, Path(f"{out}_layers.png")))
     for p in written:
         print(f"wrote {p} ({p.stat().st_size / 1024:.0f} KB)")
     return written
