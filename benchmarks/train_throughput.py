@@ -13,11 +13,10 @@ Each case is a config trained for --warmup + --steps steps with train.py's own r
 so `1 - real/synthetic` is what the input pipeline costs the trainer. Without data for a case
 only the synthetic row is measured (random tensors of the pipeline's output format).
 
-Cases: sample (configs/sample.yaml, built-in data) and cifar (configs/cifar10_nin.yaml; on CPU
-configs/cifar10_nin_cpu.yaml; needs --cifar-data) everywhere; with --device cuda also alexnet224 (configs/imagenet_alexnet.yaml)
-and resnet50_224 (configs/imagenet_resnet50.yaml), real input with --imagenet-data (an
-ImageNet-layout folder with train/, e.g. Imagenette). --case NAME=CONFIG replaces or adds one;
---only picks some. Trailing key=value overrides apply to every case.
+Cases (`CASES`): sample (built-in data) and cifar (real input with --cifar-data) everywhere; with
+--device cuda also alexnet224 and resnet50_224 (real input with --imagenet-data, an ImageNet-layout
+folder with train/, e.g. Imagenette). --case NAME=CONFIG replaces or adds one; --only picks some.
+Trailing key=value overrides apply to every case.
 The table is printed and appended to docs/benchmarks.md under this script's heading.
 """
 from __future__ import annotations
@@ -46,16 +45,15 @@ from rotnet.distributed import DistInfo  # noqa: E402
 from rotnet.run import Run, build_run, data_root  # noqa: E402
 
 HEADING = "## Training throughput (benchmarks/train_throughput.py)"
-CASES = {  # name: (config, which --*-data flag gives its root; None = built-in sample data)
-    "sample": ("configs/sample.yaml", None),
-    "cifar": ("configs/cifar10_nin.yaml", "cifar_data"),
-    "alexnet224": ("configs/imagenet_alexnet.yaml", "imagenet_data"),
-    "resnet50_224": ("configs/imagenet_resnet50.yaml", "imagenet_data"),
+# name: (config on cuda, config on cpu (None: cuda only), the --*-data flag that gives its root (None:
+# built-in sample data)). On CPU the paper's CIFAR NIN (width 1, batch 128) takes ~20 s a step on 2
+# shared cores: the CPU-budget variant of the same protocol runs there (width 0.5, batch 64).
+CASES = {
+    "sample": ("configs/sample.yaml", "configs/sample.yaml", None),
+    "cifar": ("configs/cifar10_nin.yaml", "configs/cifar10_nin_cpu.yaml", "cifar_data"),
+    "alexnet224": ("configs/imagenet_alexnet.yaml", None, "imagenet_data"),
+    "resnet50_224": ("configs/imagenet_resnet50.yaml", None, "imagenet_data"),
 }
-CUDA_ONLY = ("alexnet224", "resnet50_224")
-# On CPU the paper's CIFAR NIN (width 1, batch 128) takes ~20 s a step on 2 shared cores: use the
-# CPU-budget variant of the same protocol there (width 0.5, batch 64).
-CPU_CONFIG = {"cifar": "configs/cifar10_nin_cpu.yaml"}
 
 
 class TimingLogger:
@@ -71,14 +69,12 @@ class TimingLogger:
     def step(self, global_step, n_steps, scalars):
         self.marks.append((global_step, time.perf_counter(), scalars.get("data_wait", float("nan"))))
 
-    def close(self):
+    def close(self):   # after a stop signal: train_one_epoch checkpoints, closes its logger and exits
         pass
 
 
 class ReplayLoader(list):
     """The synthetic input: a list of one batch already on the device, repeated."""
-
-    backend = "synthetic"
 
     def set_epoch(self, epoch):
         pass
@@ -88,11 +84,13 @@ class ReplayLoader(list):
 
 
 def synthetic_batch(cfg, device: torch.device):
-    """Random tensors in the loader's output format (see pipelines/__init__.py's contract)."""
+    """Random tensors in the loader's output format (see pipelines/__init__.py's contract): a graph
+    that normalises emits float16 (K*N, 3, S, S) in channels-last memory, so the same input path
+    (prepare_batch, autocast's first cast) is timed; else uint8 (K*N, S, S, 3)."""
     n, k, s = cfg.optim.batch_size_per_gpu, len(cfg.data.rotations), cfg.data.crop_size
     labels = rotation_labels(k, n, device=device)
     if normalize_in_graph(cfg.data.normalize, device):
-        return torch.randn(k * n, 3, s, s, device=device).half(), labels
+        return torch.randn(k * n, s, s, 3, dtype=torch.float16, device=device).permute(0, 3, 1, 2), labels
     return torch.randint(0, 256, (k * n, s, s, 3), dtype=torch.uint8, device=device), labels
 
 
@@ -191,12 +189,11 @@ def main(argv=None) -> None:
     args.warmup = args.warmup or (10 if cuda else 3)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cases = {name: (cfg if cuda else CPU_CONFIG.get(name, cfg), getattr(args, flag) if flag else None)
-             for name, (cfg, flag) in CASES.items() if cuda or name not in CUDA_ONLY}
+    root = lambda flag: getattr(args, flag) if flag else None  # noqa: E731
+    cases = {name: (gpu if cuda else cpu, root(flag)) for name, (gpu, cpu, flag) in CASES.items() if cuda or cpu}
     for spec in args.case:
         name, _, config = spec.partition("=")
-        flag = CASES.get(name, (None, None))[1]
-        cases[name] = (config, getattr(args, flag) if flag else None)
+        cases[name] = (config, root(CASES.get(name, (None, None, None))[2]))
     if args.only:
         cases = {n: c for n, c in cases.items() if n in args.only.split(",")}
 
