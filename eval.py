@@ -12,8 +12,9 @@ pass per batch, so `--layer all` costs about as much as one layer.
 
 Protocols (--head): linear (paper Table 5), mlp (Table 4 / CIFAR), conv (Table 3); see
 docs/eval.md. knn: weighted k-NN on the frozen features (DINO's protocol), no training:
-minutes instead of hours, every layer from one pass (probes/knn.py). Results go to --output-dir: eval.json, eval.md, eval.png, eval_log.jsonl.
-A rerun with the same arguments resumes after the last finished epoch.
+minutes instead of hours, every layer from one pass (probes/knn.py). Results go to --output-dir:
+eval.json, eval.md, eval.png, eval_log.jsonl. A rerun with the same arguments resumes after the
+last finished epoch.
 """
 from __future__ import annotations
 
@@ -121,9 +122,7 @@ def run(args: argparse.Namespace, info: DistInfo) -> None:
     # ------------------------------------------------------------ checkpoint and config
     with one_line_errors(RuntimeError):   # a file that is not a readable checkpoint
         cfg, trained, ckpt_path, ckpt = resolve_config(args.config, args.checkpoint, args.overrides)
-    head = args.head or cfg.probe.head
-    if head not in (*HEADS, KNN_HEAD):
-        raise UsageError(f"probe.head={head!r}; valid heads: {', '.join((*HEADS, KNN_HEAD))}")
+    head = args.head or cfg.probe.head   # the config's value is checked when it is loaded
     knn = head == KNN_HEAD
     if knn and args.finetune:
         raise UsageError("--head knn scores frozen features and trains nothing; drop --finetune")

@@ -65,7 +65,7 @@ def train_one_epoch(run: Run, loader, epoch: int, start_step: int) -> dict:
     steps = len(loader)
     dev = info.device
     sums = torch.zeros(3, device=dev, dtype=torch.float64)   # loss*n, correct, n (rotated samples)
-    window = torch.zeros(3, device=dev, dtype=torch.float64)
+    window = torch.zeros(3, device=dev, dtype=torch.float64)  # the same since the last logged step
     data_time = window_data = 0.0
     window_steps = 0
     i = start_step - 1          # last step index done (stays so if nothing is left of the epoch)
@@ -73,9 +73,7 @@ def train_one_epoch(run: Run, loader, epoch: int, start_step: int) -> dict:
     run.logger.start_epoch(epoch, total=steps, initial=start_step)
 
     for i, (images, labels) in enumerate(loader, start=start_step):
-        t_data = time.perf_counter() - t_end
-        data_time += t_data
-        window_data += t_data
+        window_data += time.perf_counter() - t_end
         lr = run.schedule(epoch + i / steps)
         for g in run.optimizer.param_groups:
             g["lr"] = lr
@@ -93,13 +91,13 @@ def train_one_epoch(run: Run, loader, epoch: int, start_step: int) -> dict:
 
         with torch.no_grad():  # accumulate on the device: no host sync per step
             n = labels.numel()
-            batch = torch.stack([loss.detach().double() * n, (logits.argmax(1) == labels).sum().double(),
-                                 torch.tensor(n, device=dev, dtype=torch.float64)])
-            sums += batch
-            window += batch
+            window += torch.stack([loss.detach().double() * n, (logits.argmax(1) == labels).sum().double(),
+                                   torch.tensor(n, device=dev, dtype=torch.float64)])
 
         last = i + 1 == steps or (cfg.train.max_steps and run.step >= cfg.train.max_steps)
-        if (i + 1) % cfg.train.log_every == 0 or last:
+        if (i + 1) % cfg.train.log_every == 0 or last:   # the epoch's last step always logs
+            sums += window
+            data_time += window_data
             w = window.tolist()   # syncs the device once per window
             if not math.isfinite(w[0]):
                 raise FloatingPointError(f"loss is {w[0] / w[2]} at epoch {epoch} step {i}: lower the lr "
@@ -155,10 +153,9 @@ def evaluate_rotation(run: Run, loader) -> float:
 
 def save(run: Run, loader, epoch: int, epoch_step: int) -> None:
     """Collective: gathers every rank's reader state; rank 0 writes atomically."""
-    loader_states = [loader.state_dict()]
+    loader_states = [loader.state_dict()] * run.info.world_size
     if run.info.distributed:
-        loader_states = [None] * run.info.world_size
-        dist.all_gather_object(loader_states, loader.state_dict())
+        dist.all_gather_object(loader_states, loader_states[0])
     if run.info.is_main:
         state = {
             "model": run.raw.state_dict(), "optimizer": run.optimizer.state_dict(),
@@ -214,7 +211,8 @@ def train_loop(run: Run, loader, val_loader, start_epoch: int, start_step: int,
         if cfg.train.max_steps and run.step >= cfg.train.max_steps:
             break
         loader.set_epoch(epoch)
-        stats = train_one_epoch(run, loader, epoch, start_step if epoch == start_epoch else 0)
+        first = start_step if epoch == start_epoch else 0
+        stats = train_one_epoch(run, loader, epoch, first)
         if val_loader is not None and stats["complete"]:
             stats["heldout_rot_acc"] = evaluate_rotation(run, val_loader)
         if monitor is not None and stats["complete"] and monitor.due(epoch):
@@ -227,10 +225,8 @@ def train_loop(run: Run, loader, val_loader, start_epoch: int, start_step: int,
         stats["global_batch"] = cfg.optim.global_batch_size
         logger.end_epoch(stats)
         log.info(" ".join(_show(k, v) for k, v in stats.items()))
-        if stats["complete"]:
-            save(run, loader, epoch + 1, epoch_step=0)
-        else:
-            save(run, loader, epoch, epoch_step=stats["steps"] + (start_step if epoch == start_epoch else 0))
+        done = stats["complete"]
+        save(run, loader, epoch + 1 if done else epoch, epoch_step=0 if done else first + stats["steps"])
 
 
 def _show(key: str, value) -> str:

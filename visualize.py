@@ -34,13 +34,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from models.export import trunk_from_checkpoint  # noqa: E402
 from models.rotnet import seeded_rotnet  # noqa: E402
 from pipelines import list_images, prepare_batch  # noqa: E402
 from pipelines.recipe import crop_batch, decode_rgb  # noqa: E402
 from probes.report import draw_top1_bars  # noqa: E402
-from rotnet.checkpoint import find_checkpoint, load_checkpoint  # noqa: E402
+from rotnet.checkpoint import find_checkpoint  # noqa: E402
 from rotnet.cli import ArgumentParser, fail, one_line_errors  # noqa: E402
-from rotnet.config import Config, ConfigError, config_from_dict, load_config  # noqa: E402
+from rotnet.config import Config, load_config  # noqa: E402
 
 DPI = 100   # small PNGs: docs/figures keeps every file well under 200 KB
 
@@ -54,16 +55,13 @@ def load_run(run_dir: Path | None, checkpoint: str | None, config: str | None) -
     """
     if checkpoint is None and run_dir is not None and find_checkpoint(run_dir):
         checkpoint = str(find_checkpoint(run_dir))
-    ckpt = load_checkpoint(checkpoint) if checkpoint and checkpoint != "random" else None
-    if ckpt is not None:
-        cfg = config_from_dict(ckpt["config"], checkpoint)
-    elif config or (run_dir is not None and (run_dir / "config.yaml").is_file()):
-        cfg = load_config(config or run_dir / "config.yaml")
-    else:
+    if checkpoint and checkpoint != "random":
+        trunk, cfg, ckpt = trunk_from_checkpoint(checkpoint)
+        return cfg, trunk, f"{checkpoint} (epoch {ckpt.get('epoch')})"
+    if not (config or (run_dir is not None and (run_dir / "config.yaml").is_file())):
         fail("no checkpoint and no config: pass --checkpoint, --config or a --run with config.yaml")
-    net = seeded_rotnet(cfg, cfg.train.seed, ckpt["model"] if ckpt else None)
-    what = f"{checkpoint} (epoch {ckpt.get('epoch')})" if ckpt else f"random init (seed {cfg.train.seed})"
-    return cfg, net.trunk.eval(), what
+    cfg = load_config(config or run_dir / "config.yaml")
+    return cfg, seeded_rotnet(cfg, cfg.train.seed).trunk.eval(), f"random init (seed {cfg.train.seed})"
 
 
 def pick_images(root: Path, n: int) -> list[str]:
@@ -218,8 +216,9 @@ def get_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> list[Path]:
     args = get_args(argv)
-    # A missing or unreadable file (checkpoint, config, eval.json) or a bad config: one line, exit 2.
-    with one_line_errors(ConfigError, OSError, RuntimeError, json.JSONDecodeError):
+    # A missing or unreadable file (checkpoint, config, eval.json), a bad config or a file that is
+    # not a pretraining checkpoint (ConfigError, ExportError: ValueErrors): one line, exit 2.
+    with one_line_errors(ValueError, OSError, RuntimeError):
         return draw(args)
 
 

@@ -87,16 +87,12 @@ class ProbeSet(nn.Module):
             return {name: self.heads[name](feats[name]).float() for name in self.layers}
 
 
-def topk_correct(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> Tensor:
-    """Correct counts for each k, then the number of samples: (len(ks) + 1,) float64.
-
-    logits (B, K), labels (B,). k larger than K counts as K. Stays on the logits' device
-    (no host sync per batch).
-    """
-    kmax = min(max(ks), logits.shape[1])
-    hit = logits.topk(kmax, dim=1).indices.eq(labels[:, None])     # (B, kmax)
-    counts = [hit[:, : min(k, kmax)].any(dim=1).sum() for k in ks]
-    return torch.stack(counts + [torch.full_like(counts[0], labels.numel())]).to(torch.float64)
+def topk_correct(logits: Tensor, labels: Tensor) -> Tensor:
+    """logits (B, K), labels (B,) -> (correct@1, correct@5, B) float64; with K < 5 top-5 is top-K.
+    Stays on the logits' device (no host sync per batch)."""
+    hit = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(labels[:, None])   # (B, min(5, K))
+    counts = [hit[:, 0].sum(), hit.any(dim=1).sum()]
+    return torch.stack(counts + [torch.full_like(counts[0], labels.numel())]).double()
 
 
 def run_pass(model: nn.Module, loader: Iterable, layers: list[str], info: DistInfo,

@@ -1,17 +1,10 @@
 """Probe heads trained on top of one frozen trunk layer (Gidaris et al., ICLR 2018).
 
-Three protocols, chosen with `eval.py --head`:
-
-    linear  paper Table 5 / original `LinearClassifier.py`:
-            adaptive max-pool to a g x g grid -> BatchNorm2d(affine=False) -> flatten -> Linear.
-            The grid keeps C*g*g close to 9,000 (`pool_grid`); for AlexNet at 224 px this
-            gives exactly the original config's 12, 7, 5, 6, 6 cells for conv1..conv5.
-    mlp     non-linear heads. AlexNet conv4/conv5: the paper's Table 4 heads (conv4 gets one
-            more Conv-BN-ReLU, then pool5 and a fresh FC-4096 x2 block, then Linear).
-            Other archs: the CIFAR "MultLayer" head, FC-BN-ReLU x2 (hidden = min(20*K, 2048),
-            i.e. 200 units for 10 classes) on the flattened map, pooled first if it is large.
-    conv    paper Table 3 (CIFAR): one more NIN block (3x3, 1x1, 1x1 Conv-BN-ReLU, 192
-            channels) -> global average pool -> Linear.
+Three protocols, chosen with `eval.py --head` (docs/eval.md describes each): linear (paper
+Table 5, `LinearProbe`), mlp (Table 4 for AlexNet conv4/conv5, `AlexNetNonLinearProbe`; the
+CIFAR "MultLayer" head elsewhere, `MLPProbe`) and conv (Table 3, `ConvProbe`). The linear grid
+keeps C*g*g close to 9,000 (`pool_grid`); for AlexNet at 224 px this gives exactly the original
+config's 12, 7, 5, 6, 6 cells for conv1..conv5.
 
 Every head maps a feature map (B, C, h, w) to logits (B, num_classes).
 """
@@ -121,9 +114,7 @@ class AlexNetNonLinearProbe(nn.Module):
 
     def __init__(self, layer: str, in_channels: int, conv5_channels: int, map_hw: tuple[int, int],
                  width: float, num_classes: int):
-        super().__init__()
-        if layer not in ALEXNET_NONLINEAR_LAYERS:
-            raise ValueError(f"alexnet mlp head exists for {ALEXNET_NONLINEAR_LAYERS}, not {layer!r}")
+        super().__init__()   # layer: conv4 or conv5 (build_probe refuses others)
         self.conv = (nn.Sequential(nn.Conv2d(in_channels, conv5_channels, 3, padding=1, bias=False),
                                    nn.BatchNorm2d(conv5_channels), nn.ReLU(inplace=True))
                      if layer == "conv4" else nn.Identity())

@@ -6,19 +6,10 @@
 
 Protocol (Caron et al. 2021, DINO, `eval_knn.py`; also solo-learn, MMSelfSup): every feature is
 pooled and L2-normalised; a query's k most cosine-similar bank features vote for their class
-with weight exp(sim / T); the class with the largest summed vote is the prediction. k = 20,
-T = 0.07 by default. No training: one forward pass over the bank (train split, eval recipe)
-and one over the queries (val split), every requested layer from the same pass.
-
-Pooling (`POOLS`), chosen with `eval.py --knn-pool`:
-    avg   global average pool, (B, C, h, w) -> (B, C). Default: what the kNN protocols of
-          DINO / solo-learn / MMSelfSup score (the backbone's pooled output), and small enough
-          for an ImageNet bank of every layer on one GPU (AlexNet conv1..conv5: 1,216 dims
-          per image in all, ~3 GB fp16 for 1.28M images).
-    grid  the linear probe's input: adaptive max-pool to the ~9k-dim grid of
-          `probes.heads.pool_grid` (paper Table 5), so kNN and linear probe see the same
-          vectors. ~9k dims per layer and image: 23 GB fp16 per layer for ImageNet;
-          fine for CIFAR / Imagenette sized banks.
+with weight exp(sim / T); the class with the largest summed vote is the prediction. No training:
+one forward pass over the bank and one over the queries, every requested layer from the same
+pass. Pooling `avg` (default, C dims: small enough for an ImageNet bank) or `grid` (the linear
+probe's ~9k dims); the why and the memory of each: docs/eval.md.
 
 Distributed: each rank extracts its shard of the bank (eval loaders hold each image once
 over all ranks), the shards are all-gathered so every rank holds the whole bank, each rank
@@ -60,11 +51,6 @@ def pool_features(feat: Tensor, pool: str) -> Tensor:
     return F.normalize(v, dim=1)
 
 
-def bank_dtype(device: torch.device) -> torch.dtype:
-    """fp16 on GPU (half the memory, tensor-core matmul), fp32 on CPU (fp16 matmul is slow there)."""
-    return torch.float16 if device.type == "cuda" else torch.float32
-
-
 @torch.no_grad()
 def layer_features(trunk: nn.Module, loader: Iterable, layers: list[str], prepare: Callable[[Tensor], Tensor],
                    precision: str, pool: str) -> Iterator[tuple[dict[str, Tensor], Tensor]]:
@@ -81,9 +67,10 @@ def extract(trunk: nn.Module, loader: Iterable, layers: list[str], info: DistInf
             prepare: Callable[[Tensor], Tensor], precision: str, pool: str = "avg") -> tuple[dict[str, Tensor], Tensor]:
     """Bank of this rank's shard of `loader`, gathered over ranks: ({layer: (N, D)}, labels (N,)).
 
-    N is the whole split (all ranks' shards, rank order); rows in `bank_dtype` on info.device.
+    N is the whole split (all ranks' shards, rank order); rows on info.device.
     """
-    dtype = bank_dtype(info.device)
+    # fp16 on GPU (half the memory, tensor-core matmul), fp32 on CPU (fp16 matmul is slow there)
+    dtype = torch.float16 if info.device.type == "cuda" else torch.float32
     rows: dict[str, list[Tensor]] = {name: [] for name in layers}
     labels: list[Tensor] = []
     for feats, y in layer_features(trunk, loader, layers, prepare, precision, pool):
@@ -101,10 +88,8 @@ def gather_rows(t: Tensor, info: DistInfo) -> Tensor:
     in size (eval loaders trim, never pad), so each is padded to the largest for all_gather."""
     if not info.distributed:
         return t
-    sizes = torch.tensor([t.shape[0]], device=t.device)
-    all_sizes = [torch.zeros_like(sizes) for _ in range(info.world_size)]
-    dist.all_gather(all_sizes, sizes)
-    n = [int(s.item()) for s in all_sizes]
+    n = [0] * info.world_size
+    dist.all_gather_object(n, t.shape[0])
     padded = t.new_zeros((max(n), *t.shape[1:]))
     padded[: t.shape[0]] = t
     parts = [torch.empty_like(padded) for _ in n]

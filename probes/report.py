@@ -46,20 +46,17 @@ def markdown_table(results: dict[str, dict], meta: dict) -> str:
     lines = [f"Frozen-layer **{meta['head']}** probes on {meta['arch']}: top-1 / top-5 (%) on "
              f"{n_val} val images; {how}" + (", trunk fine-tuned" if meta.get("finetune") else "") + ".", ""]
     both = "pretrained" in results and "random" in results
-    if both:
-        head = ["layer", "pretrained top-1", "random-init top-1", "difference (pretrained - random)",
-                "pretrained top-5", "random-init top-5"]
+    if both:   # side by side, with their difference
+        models, names = ["pretrained", "random"], {"pretrained": "pretrained", "random": "random-init"}
     else:
-        head = ["layer"] + [f"{_title(m)} top-1" for m in models] + [f"{_title(m)} top-5" for m in models]
+        names = {m: _title(m) for m in models}
+    head = ["layer", *(f"{names[m]} top-1" for m in models), *(["difference (pretrained - random)"] if both else []),
+            *(f"{names[m]} top-5" for m in models)]
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for layer in layers:
-        if both:
-            p, r = results["pretrained"][layer], results["random"][layer]
-            cells = [f"{p['top1']:.2f}", f"{r['top1']:.2f}", f"{p['top1'] - r['top1']:+.2f}",
-                     f"{p['top5']:.2f}", f"{r['top5']:.2f}"]
-        else:
-            cells = [f"{results[m][layer]['top1']:.2f}" for m in models] + \
-                    [f"{results[m][layer]['top5']:.2f}" for m in models]
+        r = {m: results[m][layer] for m in models}
+        diff = [f"{r['pretrained']['top1'] - r['random']['top1']:+.2f}"] if both else []
+        cells = [f"{r[m]['top1']:.2f}" for m in models] + diff + [f"{r[m]['top5']:.2f}" for m in models]
         lines.append("| " + " | ".join([layer] + cells) + " |")
     lines.append("")
     if "pretrained" in results:

@@ -55,22 +55,18 @@ def resolve_checkpoint(arg: str | None, output_dir: str, config_name: str) -> Pa
     """
     if arg == "random":
         return None
-    if arg is None:
-        path = find_checkpoint(output_dir)
-        if path is None:
-            raise UsageError(f"no checkpoint in {output_dir}/ (train.output_dir of {config_name}). Run "
-                             f"`python train.py --config {config_name}` first, or pass --checkpoint PATH, "
-                             "or --checkpoint random for the random-init baseline.")
-        return path
-    p = Path(arg)
-    if p.is_dir():
-        found = find_checkpoint(p)
-        if found is None:
-            raise UsageError(f"no checkpoint.pt in folder {p}; pass the checkpoint file itself")
-        return found
-    if not p.is_file():
-        raise UsageError(f"checkpoint not found: {p} (pass a checkpoint file, a run folder, or 'random')")
-    return p
+    p = Path(output_dir if arg is None else arg)
+    if arg is not None and p.is_file():
+        return p
+    found = find_checkpoint(p)
+    if found is None and arg is None:
+        raise UsageError(f"no checkpoint in {output_dir}/ (train.output_dir of {config_name}). Run "
+                         f"`python train.py --config {config_name}` first, or pass --checkpoint PATH, "
+                         "or --checkpoint random for the random-init baseline.")
+    if found is None:
+        raise UsageError(f"no checkpoint.pt in folder {p}; pass the checkpoint file itself" if p.is_dir() else
+                         f"checkpoint not found: {p} (pass a checkpoint file, a run folder, or 'random')")
+    return found
 
 
 def parse_layers(text: str, trunk, head: str) -> list[str]:
