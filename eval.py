@@ -97,10 +97,7 @@ def get_args(argv=None) -> argparse.Namespace:
                    help="avg (default): global average pool, C dims per layer, the usual kNN protocol and "
                         "small enough for ImageNet banks. grid: the linear probe's ~9k-dim max-pool, to "
                         "compare with --head linear on the same vectors (ImageNet: ~23 GB fp16 per layer).")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                   help="dotted config overrides parsed as YAML, e.g. data.root=/data/imagenet "
-                        "probe.batch_size_per_gpu=256, before, after or between the flags. Unknown keys "
-                        "and wrong types are errors.")
+    p.add_overrides("data.root=/data/imagenet probe.batch_size_per_gpu=256")
     return p.parse_intermixed_args(argv)
 
 

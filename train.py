@@ -45,10 +45,7 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default="configs/sample.yaml",
                    help="YAML config (default: configs/sample.yaml, the built-in sample data). "
                         "Start from configs/imagenet_alexnet.yaml for the paper's ImageNet run.")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                   help="dotted overrides parsed as YAML, e.g. optim.epochs=5 data.root=/data/imagenet "
-                        "train.output_dir=runs/x, before or after the flags. Unknown keys and wrong "
-                        "types are errors.")
+    p.add_overrides("optim.epochs=5 data.root=/data/imagenet train.output_dir=runs/x")
     return p.parse_intermixed_args(argv)
 
 

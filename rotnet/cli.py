@@ -63,3 +63,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:
         fail(f"{message} (see {self.prog} --help)")
+
+    def add_overrides(self, examples: str) -> None:
+        """The `key.sub=value ...` positional of the entry points that read a config."""
+        self.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                          help=f"dotted config overrides parsed as YAML, e.g. {examples}, before, after or "
+                               "between the flags. Unknown keys and wrong types are errors.")
