@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from models.rotnet import seeded_rotnet
+from pipelines import class_labels_missing
 from probes.engine import fit_probes
 from probes.heads import HEADS
 from probes.knn import KNN_HEAD, KNN_K, KNN_T, POOLS, knn_probe
@@ -139,7 +140,9 @@ def run(args: argparse.Namespace, info: DistInfo) -> None:
     default = (ckpt_path.parent / f"eval_{head}{suffix}" if ckpt_path
                else Path(cfg.train.output_dir) / f"eval_{head}_random{suffix}")
     out = Path(args.output_dir) if args.output_dir else default
-    data_root(cfg, require=(cfg.data.train_dir, cfg.data.val_dir))   # "" = the sample data; before writing
+    root = data_root(cfg, require=(cfg.data.train_dir, cfg.data.val_dir))   # "" = the sample data; before writing
+    if unlabelled := class_labels_missing(cfg.data, str(root / cfg.data.val_dir)):   # e.g. ImageNet's flat val/
+        raise UsageError(unlabelled)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
     barrier(info)

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipelines import BadImageError, build_rotation_loader
+from pipelines import BadImageError, build_rotation_loader, class_labels_missing
 from probes.knn import KnnMonitor
 from probes.settings import UsageError
 from rotnet.checkpoint import check_compatible, find_checkpoint, git_commit, load_checkpoint, save_checkpoint
@@ -258,18 +258,20 @@ def main(argv=None) -> None:
     n, k = cfg.optim.batch_size_per_gpu, len(cfg.data.rotations)
     common = dict(batch_size=n, rank=info.rank, world_size=info.world_size, local_rank=info.local_rank,
                   device=info.device, seed=cfg.train.seed)
-    loader = build_rotation_loader(cfg.data, str(root / cfg.data.train_dir), train=True, **common)
-    val_loader = None
-    if cfg.train.eval_rotation and (root / cfg.data.val_dir).is_dir():
-        val_loader = build_rotation_loader(cfg.data, str(root / cfg.data.val_dir), train=False, **common)
+    with one_line_errors(ValueError, BadImageError):   # a split without images, or loose ones beside folders
+        loader = build_rotation_loader(cfg.data, str(root / cfg.data.train_dir), train=True, **common)
+        val_loader = None
+        if cfg.train.eval_rotation and (root / cfg.data.val_dir).is_dir():   # a flat val/ will do: no labels
+            val_loader = build_rotation_loader(cfg.data, str(root / cfg.data.val_dir), train=False, **common)
 
     with one_line_errors(RuntimeError):   # an unreadable or incompatible checkpoint is left untouched
         start_epoch, start_step = resume(run, loader)
     monitor = None
-    if cfg.train.monitor_every and not (root / cfg.data.val_dir).is_dir():
+    unlabelled = cfg.train.monitor_every and class_labels_missing(cfg.data, str(root / cfg.data.val_dir))
+    if unlabelled:
         # The monitor is a convenience: pretraining needs no labelled val split, so run without it.
-        log.warning(f"train.monitor_every={cfg.train.monitor_every} but {root / cfg.data.val_dir} does not "
-                    "exist: the kNN monitor is off for this run")
+        log.warning(f"the kNN monitor is off for this run (train.monitor_every={cfg.train.monitor_every}): "
+                    f"{unlabelled}")
     elif cfg.train.monitor_every:
         with one_line_errors(UsageError, ValueError):   # e.g. a val folder without class folders
             monitor = KnnMonitor(cfg, info, run.raw.trunk)

@@ -22,17 +22,19 @@ Details (ordering, sharding, validation coverage, bad files): docs/pipelines.md.
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 
 from pipelines.contract import LoaderSpec, derive_seed
-from pipelines.listing import BadImageError, list_images, resolve_file_list, subset_per_class
+from pipelines.listing import (CLASSES, BadImageError, SplitLayoutError, layout_error, list_images, resolve_file_list,
+                               split_layout, subset_per_class)
 from pipelines.normalize import normalize_in_graph, prepare_batch
 from pipelines.recipe import check_recipe
 from pipelines.rotations import check_rotations
 
 __all__ = ["build_rotation_loader", "build_class_loader", "prepare_batch", "list_images",
-           "BadImageError", "resolve_backend"]
+           "BadImageError", "SplitLayoutError", "resolve_backend", "class_labels_missing"]
 
 
 def dali_available() -> bool:
@@ -64,7 +66,8 @@ def _build(data, split_dir, mode, *, batch_size, rank, world_size, local_rank, d
         raise ValueError(f"data.crop_size={data.crop_size}")
     check_recipe(data)
     rotations = check_rotations(data.rotations, data.rotation_mode)
-    paths, labels, classes = list_images(split_dir, resolve_file_list(data.file_list, split_dir, data.train_dir))
+    paths, labels, classes = list_images(split_dir, resolve_file_list(data.file_list, split_dir, data.train_dir),
+                                         labelled=mode == "class", class_dir=_train_split(data))
     if labels_per_class > 0:
         keep = subset_per_class(labels, labels_per_class, derive_seed(seed, "subset"))
         paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
@@ -84,6 +87,25 @@ def _build(data, split_dir, mode, *, batch_size, rank, world_size, local_rank, d
     from pipelines.dali_loader import DaliLoader
 
     return DaliLoader(spec)
+
+
+def _train_split(data) -> str:
+    """data.root's train split ('' before data.root is set): a flat split's file list indexes its classes."""
+    return os.path.join(data.root, data.train_dir) if data.root else ""
+
+
+def class_labels_missing(data, split_dir: str) -> str:
+    """'' when a class loader can read `split_dir`, else why not, in one line naming the fix.
+
+    A class loader needs a file list (data.file_list) or class folders; a flat split (ImageNet's
+    val as extracted) has neither until `python -m pipelines.imagenet_val` converts it.
+    """
+    if not os.path.isdir(split_dir):
+        return f"{split_dir} does not exist"
+    if resolve_file_list(data.file_list, split_dir, data.train_dir):
+        return ""
+    layout = split_layout(split_dir)
+    return "" if layout == CLASSES else str(layout_error(split_dir, layout))
 
 
 def build_rotation_loader(data, split_dir: str, *, batch_size: int, rank: int, world_size: int,

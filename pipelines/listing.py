@@ -2,6 +2,8 @@
 
 ImageNet layout: SPLIT/CLASS/IMAGE. Class index = position of CLASS in sorted folder order
 (what torchvision's ImageFolder does), so indices agree between the train and val splits.
+A flat split (SPLIT/IMAGE, as ImageNet's val extracts) has no labels: rotation loaders read it,
+class loaders refuse it naming `python -m pipelines.imagenet_val`, which gives it class folders.
 
 File lists (written by `python -m pipelines.scan`, read here) have one `relative/path label`
 line per image, the path relative to the split folder; the label is the last whitespace
@@ -24,18 +26,64 @@ class BadImageError(RuntimeError):
     """An image file cannot be decoded (or a split cannot be listed); the message names it."""
 
 
+class SplitLayoutError(BadImageError, ValueError):
+    """A split folder's layout does not fit its use (empty; loose images beside sub-folders; flat
+    where class labels are needed). A ValueError too: bad input that entry points end in one line."""
+
+
 def is_image_file(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
 
 
+# ---------------------------------------------------------------------------- split layouts
+
+# What a folder holds, by its direct entries (hidden ones ignored). The one place that decides
+# whether a split is flat: every loader, the scan and the converter ask `split_layout`.
+CLASSES = "classes"   # sub-folders only: SPLIT/CLASS/IMAGE
+FLAT = "flat"         # images only: SPLIT/IMAGE, e.g. ImageNet's val as extracted (no labels)
+MIXED = "mixed"       # loose images beside sub-folders
+EMPTY = "empty"       # neither
+
+CONVERT_HINT = ("for ImageNet's official val, give it class folders with `python -m pipelines.imagenet_val "
+                "VAL_DIR --labels LABELS --train-dir TRAIN_DIR --out OUT` and set data.val_dir=OUT")
+
+
+def split_layout(folder: str) -> str:
+    """CLASSES, FLAT, MIXED or EMPTY (see above); FileNotFoundError if `folder` is not a folder."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"image folder not found: {folder!r}")
+    dirs = images = False
+    with os.scandir(folder) as it:
+        for e in it:
+            if e.name.startswith("."):
+                continue
+            if e.is_dir():
+                dirs = True
+            elif is_image_file(e.name) and e.is_file():
+                images = True
+            if dirs and images:
+                return MIXED
+    return CLASSES if dirs else FLAT if images else EMPTY
+
+
+def layout_error(folder: str, layout: str) -> SplitLayoutError:
+    """The error for a split of `layout` where SPLIT/CLASS/IMAGE is needed, naming the fix."""
+    if layout == FLAT:
+        return SplitLayoutError(f"{folder!r} holds images without class folders, so it has no class labels; "
+                                + CONVERT_HINT)
+    if layout == MIXED:
+        return SplitLayoutError(f"{folder!r} holds both loose images and sub-folders: put every image in a "
+                                "class folder (SPLIT/CLASS/IMAGE), or move the sub-folders out to keep a flat "
+                                "split of unlabelled images (SPLIT/IMAGE)")
+    return SplitLayoutError(f"{folder!r} has no class folders and no images (expected SPLIT/CLASS/IMAGE layout)")
+
+
 def class_folders(root_split: str) -> list[str]:
-    """Sorted class folder names of a split; a clear error if the split is missing or empty."""
-    if not os.path.isdir(root_split):
-        raise FileNotFoundError(f"image folder not found: {root_split!r}")
-    names = sorted(e.name for e in os.scandir(root_split) if e.is_dir() and not e.name.startswith("."))
-    if not names:
-        raise BadImageError(f"{root_split!r} has no class folders (expected SPLIT/CLASS/IMAGE layout)")
-    return names
+    """Sorted class folder names of a split; a clear error if it is missing, empty, flat or mixed."""
+    layout = split_layout(root_split)
+    if layout != CLASSES:
+        raise layout_error(root_split, layout)
+    return sorted(e.name for e in os.scandir(root_split) if e.is_dir() and not e.name.startswith("."))
 
 
 def read_file_list(path: str) -> tuple[list[str], list[int]]:
@@ -55,32 +103,52 @@ def read_file_list(path: str) -> tuple[list[str], list[int]]:
 
 
 def write_file_list(path: str, rel_paths: list[str], labels: list[int]) -> None:
-    """Write the format `read_file_list` (and DALI's readers.file file_list) reads."""
+    """Write the format `read_file_list` (and DALI's readers.file file_list) reads.
+
+    Atomically (a temporary file renamed over `path`): an error leaves an earlier list whole.
+    """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for p, lab in zip(rel_paths, labels):
-            if "\n" in p:
-                raise ValueError(f"newline in file name cannot go in a file list: {p!r}")
-            f.write(f"{p} {lab}\n")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for p, lab in zip(rel_paths, labels):
+                if "\n" in p:
+                    raise ValueError(f"newline in file name cannot go in a file list: {p!r}")
+                f.write(f"{p} {lab}\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
-def list_images(root_split: str, file_list: str = "") -> tuple[list[str], list[int], list[str]]:
+def list_images(root_split: str, file_list: str = "", *, labelled: bool = True,
+                class_dir: str = "") -> tuple[list[str], list[int], list[str]]:
     """(paths, labels, class_names) of a split, paths absolute, in sorted (class, name) order.
 
     Non-image files (by extension) and hidden files are skipped. An empty class folder is
     skipped with a warning naming it but keeps its class index, so labels still agree with
-    the other split. With `file_list`, the images are that list's lines (paths relative to
-    `root_split`); class names still come from the split's folders when it has them.
+    the other split. labelled=False (rotation loaders, the scan: class labels unused) also
+    lists a flat split (SPLIT/IMAGE): its images in name order, every label 0, no class names;
+    labelled=True refuses it with the conversion to run.
+
+    With `file_list`, the images are that list's lines (paths relative to `root_split`); class
+    names come from the split's folders when it has them, else (a flat split, whose list's
+    labels index the train split's classes) from `class_dir`'s, else '0', '1', ...
     """
     root_split = os.path.abspath(root_split)
     if file_list:
         rel, labels = read_file_list(file_list)
         if not rel:
             raise BadImageError(f"file list {file_list!r} has no entries")
-        classes = class_folders(root_split) if os.path.isdir(root_split) else []
-        if not classes:
-            classes = [str(i) for i in range(max(labels) + 1)]
+        named = root_split if os.path.isdir(root_split) else ""
+        if named and split_layout(named) == FLAT:
+            named = class_dir if class_dir and os.path.isdir(class_dir) else ""
+        classes = class_folders(named) if named else [str(i) for i in range(max(labels) + 1)]
         return [os.path.join(root_split, p) for p in rel], labels, classes
+    if not labelled and split_layout(root_split) == FLAT:
+        with os.scandir(root_split) as it:
+            paths = sorted(e.path for e in it if is_image_file(e.name) and e.is_file())
+        return paths, [0] * len(paths), []
     classes = class_folders(root_split)
     paths, labels, empty = [], [], []
     for idx, name in enumerate(classes):

@@ -10,17 +10,24 @@ in N worker processes. Bad files are printed by path; the list of good ones goes
 is replaced by the split name, default `file_lists/{split}.txt`). Point `data.file_list`
 at it (keep `{split}` to cover train and val). Exit status 1 when bad files were found.
 
+The scan never guesses a layout: a root whose sub-folders are partly splits (class folders
+inside) and partly folders of loose images (ImageNet's val as extracted beside train/) is
+refused, as is a folder holding both loose images and sub-folders. A flat split given alone
+(ROOT/IMAGE) is checked too, but no list is written for it: a file list carries class labels,
+which a flat split does not have, and a list of zeros would read as real labels later.
+
 Greyscale, CMYK, palette and PNG-named-.JPEG files are fine (the loaders convert them to RGB);
 only files that cannot be decoded are dropped.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
-from pipelines.listing import class_folders, is_image_file, list_images, write_file_list
+from pipelines.listing import (CLASSES, EMPTY, FLAT, CONVERT_HINT, SplitLayoutError, class_folders, is_image_file,
+                               list_images, split_layout, write_file_list)
+from rotnet.cli import ArgumentParser, one_line_errors
 
 # Leading bytes of formats the decoders read; anything else is certainly not an image.
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*",
@@ -59,7 +66,7 @@ def check_image(path: str) -> str:
 
 def scan_split(split_dir: str, workers: int) -> tuple[list[str], list[int], list[tuple[str, str]], int]:
     """(good relative paths, their labels, [(bad path, reason)], non-image files skipped)."""
-    paths, labels, _ = list_images(split_dir)
+    paths, labels, _ = list_images(split_dir, labelled=False)
     skipped = sum(1 for dp, _, fs in os.walk(split_dir) for f in fs if not is_image_file(f))
     if workers > 1:
         with ProcessPoolExecutor(workers) as ex:
@@ -76,31 +83,56 @@ def scan_split(split_dir: str, workers: int) -> tuple[list[str], list[int], list
     return good, good_labels, bad, skipped
 
 
-def _splits(root: str) -> list[str]:
-    """[root] when root is a split (its sub-folders hold images), else its sub-folders."""
-    subs = [os.path.join(root, c) for c in class_folders(root)]
-    for s in subs:
-        if any(is_image_file(e.name) and e.is_file() for e in os.scandir(s)):
-            return [root]
-    return subs
+# Sub-folder names that say "split", not "class": ROOT/train/IMG + ROOT/val/IMG is two flat splits.
+SPLIT_NAMES = {"train", "val", "valid", "validation", "test"}
+
+
+def splits(root: str) -> list[str]:
+    """The split folders under `root`: [root] when it is a split (of class folders, or flat), else
+    its sub-folders; SplitLayoutError naming the folder and the fix when the layout is ambiguous."""
+    if split_layout(root) != CLASSES:      # flat: scanned unlabelled; mixed, empty: list_images says why
+        return [root]
+    layouts = {os.path.join(root, c): split_layout(os.path.join(root, c)) for c in class_folders(root)}
+    nested = [s for s, lay in layouts.items() if lay == CLASSES]
+    loose = [s for s, lay in layouts.items() if lay not in (CLASSES, EMPTY)]   # images directly inside
+    if nested and loose:
+        raise SplitLayoutError(
+            f"{root!r} mixes splits of class folders ({', '.join(map(os.path.basename, nested[:3]))}) and folders "
+            f"of loose images ({', '.join(map(os.path.basename, loose[:3]))}): scan each split on its own "
+            f"(python -m pipelines.scan {loose[0]}); {CONVERT_HINT}")
+    if nested:
+        return nested                       # a dataset root; an empty sub-folder is no split
+    if {os.path.basename(s) for s in layouts} <= SPLIT_NAMES:
+        raise SplitLayoutError(f"the sub-folders of {root!r} ({', '.join(sorted(map(os.path.basename, layouts)))}) "
+                               "are named like splits but hold images directly, like classes: scan each split on "
+                               f"its own (python -m pipelines.scan {next(iter(layouts))})")
+    return [root]                           # a split: its sub-folders are classes
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipelines.scan", description=__doc__.split("\n\n")[0])
-    ap.add_argument("root", help="split folder (ROOT/CLASS/IMG) or dataset root (ROOT/SPLIT/CLASS/IMG)")
-    ap.add_argument("--out", default="file_lists/{split}.txt", help="file list to write; {split} -> split name")
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    args = ap.parse_args(argv)
+    ap = ArgumentParser(prog="python -m pipelines.scan", description=__doc__)
+    ap.add_argument("root", help="split folder (ROOT/CLASS/IMG, or flat ROOT/IMG) or dataset root "
+                                 "(ROOT/SPLIT/CLASS/IMG)")
+    ap.add_argument("--out", default="file_lists/{split}.txt",
+                    help="file list to write; {split} -> split name (default: file_lists/{split}.txt). Then set "
+                         "data.file_list to this value.")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                    help="decoding processes (default: every CPU core)")
+    args = ap.parse_intermixed_args(argv)
     any_bad = False
-    for split_dir in _splits(os.path.abspath(args.root)):
-        name = os.path.basename(split_dir)
-        good, labels, bad, skipped = scan_split(split_dir, args.workers)
-        for p, why in bad:
-            print(f"BAD {p}: {why}")
-        out = args.out.replace("{split}", name)
-        write_file_list(out, good, labels)
-        print(f"{name}: {len(good)} good, {len(bad)} bad, {skipped} non-image files skipped -> {out}")
-        any_bad |= bool(bad)
+    with one_line_errors(SplitLayoutError, OSError):   # OSError: a missing ROOT, an unwritable --out
+        todo = splits(os.path.abspath(args.root))   # every layout check before anything is written
+        for split_dir in todo:
+            name = os.path.basename(split_dir)
+            flat = split_layout(split_dir) == FLAT
+            good, labels, bad, skipped = scan_split(split_dir, args.workers)
+            for p, why in bad:
+                print(f"BAD {p}: {why}")
+            out = "no file list for a flat split (no labels)" if flat else args.out.replace("{split}", name)
+            if not flat:
+                write_file_list(out, good, labels)
+            print(f"{name}: {len(good)} good, {len(bad)} bad, {skipped} non-image files skipped -> {out}")
+            any_bad |= bool(bad)
     return 1 if any_bad else 0
 
 

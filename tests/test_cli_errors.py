@@ -4,8 +4,7 @@ and nothing already written is changed (issue 11, part 4).
 Each case runs the real command as a subprocess (a traceback would only show there) and fails
 before any training step; each costs a Python start with torch (~5-10 s on 2 busy cores), so the
 checks of every value, key and type live in tests/rotnet/test_config.py and this sweep keeps one
-case per kind of input per CLI. Not covered here: `python -m pipelines.scan` (pipelines/ is being
-redesigned on another branch).
+case per kind of input per CLI.
 """
 from __future__ import annotations
 
@@ -147,3 +146,41 @@ def test_visualize_bad_input(tmp_path, args, expected):
 def test_export_bad_input(tmp_path, args, expected):
     assert_one_line_error(run_cli(["-m", "models.export", *args], tmp_path), *expected)
     assert not (tmp_path / "x.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------- python -m pipelines.scan
+
+def flat_beside_classes(tmp_path: Path) -> None:
+    """TMP/data: train/ with a class folder, val/ flat (ImageNet's val as extracted)."""
+    from PIL import Image
+
+    for path in (tmp_path / "data" / "train" / "n01440764" / "a.JPEG", tmp_path / "data" / "val" / "b.JPEG"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(path, format="JPEG")
+
+
+@pytest.mark.parametrize("args,expected", cases(
+    (["/nonexistent"], ["image folder not found", "/nonexistent"]),
+    (["TMP/data"], ["mixes splits of class folders (train) and folders of loose images (val)",
+                    "pipelines.imagenet_val"]),
+))
+def test_scan_bad_input(tmp_path, args, expected):
+    flat_beside_classes(tmp_path)
+    assert_one_line_error(run_cli(["-m", "pipelines.scan", "--out", "TMP/lists/{split}.txt", *args], tmp_path),
+                          *expected)
+    assert not (tmp_path / "lists").exists()
+
+
+# ---------------------------------------------------------------------------- python -m pipelines.imagenet_val
+
+@pytest.mark.parametrize("args,expected", cases(
+    (["--labels", "TMP/missing.csv"], ["missing.csv"]),
+    (["--labels", "TMP/labels.csv"], ["labels.csv:2: a label for ILSVRC2012_val_00000001, but"]),
+))
+def test_imagenet_val_bad_input(tmp_path, args, expected):
+    flat_beside_classes(tmp_path)
+    (tmp_path / "labels.csv").write_text("ImageId,PredictionString\nILSVRC2012_val_00000001,n01440764 1 2 3 4\n")
+    p = run_cli(["-m", "pipelines.imagenet_val", "TMP/data/val", "--train-dir", "TMP/data/train",
+                 "--out", "TMP/data/val_classes", *args], tmp_path)
+    assert_one_line_error(p, *expected)
+    assert sorted(os.listdir(tmp_path / "data")) == ["train", "val"]

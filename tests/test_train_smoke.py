@@ -88,3 +88,34 @@ def test_knn_monitor_logs_every_epoch_and_leaves_training_unchanged(tmp_path):
     assert not any("knn_top1" in x for x in logs[0])
     assert [(x["loss"], x["rot_acc"], x["heldout_rot_acc"]) for x in logs[1]] == \
            [(x["loss"], x["rot_acc"], x["heldout_rot_acc"]) for x in logs[0]]
+
+
+def test_pretraining_with_imagenets_flat_val(tmp_path):
+    """ImageNet's val as extracted (one flat folder, no labels): train.py pretrains and reports held-out
+    rotation accuracy on it, with the kNN monitor off and a warning naming the conversion; eval.py,
+    which needs the labels, stops in one line before writing anything."""
+    from pipelines.sample_data import ensure_sample_data
+
+    data = ensure_sample_data(seed=0, cache_dir=tmp_path / "cache", per_class_train=2, per_class_val=2)
+    root = tmp_path / "imagenet"
+    (root / "val").mkdir(parents=True)
+    (root / "train").symlink_to(data / "train")
+    for i, image in enumerate(sorted((data / "val").rglob("*.JPEG"))):
+        (root / "val" / f"ILSVRC2012_val_{i + 1:08d}.JPEG").symlink_to(image)
+    env = {**os.environ, "ROTNET_PROGRESS": "0"}
+    out = tmp_path / "run"
+    common = [f"data.root={root}", "data.crop_size=64", "data.resize_size=72", "model.width=0.25",
+              "train.precision=fp32", "data.backend=torch", "data.num_threads=0"]
+    r = _run(["train.py", "--config", "configs/sample.yaml", *common, "optim.batch_size_per_gpu=8", "optim.epochs=1",
+              "train.monitor_every=1", f"train.output_dir={out}"], env)
+    assert "the kNN monitor is off" in r.stderr and "python -m pipelines.imagenet_val" in r.stderr
+    (line,) = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert line["steps"] == 2 and 0 <= line["heldout_rot_acc"] <= 1 and "knn_top1" not in line
+
+    ev = subprocess.run([sys.executable, "eval.py", "--config", "configs/sample.yaml", "--checkpoint", str(out),
+                         "--output-dir", str(tmp_path / "eval"), f"data.root={root}"], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=240)
+    last = ev.stderr.strip().splitlines()[-1]
+    assert ev.returncode == 2 and "Traceback" not in ev.stderr, ev.stderr[-3000:]
+    assert last.startswith("error: ") and f"'{root / 'val'}' holds images without class folders" in last
+    assert "python -m pipelines.imagenet_val" in last and not (tmp_path / "eval").exists()
