@@ -55,6 +55,20 @@ def resolve_backend(name: str) -> str:
     return name
 
 
+def _list(data, split_dir):
+    """(paths, labels, classes, ShardSet or None) of a split, per data.format."""
+    if data.format == "shards":
+        if data.file_list:
+            raise ValueError(f"data.file_list={data.file_list!r} applies to image folders; with data.format=shards "
+                             "pack the list instead: python -m pipelines.shards SPLIT_DIR --file-list LIST --out DIR")
+        from pipelines.shardset import list_shards
+
+        return list_shards(split_dir)
+    if data.format != "folder":
+        raise ValueError(f"data.format={data.format!r}; expected folder or shards")
+    return (*list_images(split_dir, resolve_file_list(data.file_list, split_dir, data.train_dir)), None)
+
+
 def _build(data, split_dir, mode, *, batch_size, rank, world_size, local_rank, device, train, seed,
            labels_per_class=0):
     """The loader's LoaderSpec, built once, handed to the backend that `data` selects."""
@@ -64,15 +78,16 @@ def _build(data, split_dir, mode, *, batch_size, rank, world_size, local_rank, d
         raise ValueError(f"data.crop_size={data.crop_size}")
     check_recipe(data)
     rotations = check_rotations(data.rotations, data.rotation_mode)
-    paths, labels, classes = list_images(split_dir, resolve_file_list(data.file_list, split_dir, data.train_dir))
+    paths, labels, classes, shards = _list(data, split_dir)
     if labels_per_class > 0:
         keep = subset_per_class(labels, labels_per_class, derive_seed(seed, "subset"))
         paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
+        shards = shards.subset(keep) if shards is not None else None
     device = torch.device(device)
     spec = LoaderSpec(data=copy.deepcopy(data), mode=mode, rotations=tuple(rotations), batch_size=batch_size,
                       rank=rank, world_size=world_size, local_rank=local_rank, device=device, train=train,
                       seed=seed, normalize=normalize_in_graph(data.normalize, device), split_dir=split_dir,
-                      paths=tuple(paths), labels=tuple(labels), classes=tuple(classes))
+                      paths=tuple(paths), labels=tuple(labels), classes=tuple(classes), shards=shards)
     if data.resident:
         from pipelines.resident import ResidentLoader
 
