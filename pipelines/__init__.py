@@ -17,6 +17,8 @@ Contract (every backend, every loader):
   class loader: B = N original crops with class labels.
   len(loader) steps per epoch on this rank (equal on all ranks when train=True);
   .num_samples, .classes, .set_epoch(e), .state_dict(), .load_state_dict(s), .backend.
+data.format "folder" (SPLIT/CLASS/IMAGE) or "shards" (tar shards of `python -m pipelines.shards`):
+the same contract either way.
 Details (ordering, sharding, validation coverage, bad files): docs/pipelines.md.
 """
 from __future__ import annotations

@@ -36,6 +36,7 @@ from pipelines.contract import derive_seed
 from pipelines.listing import BadImageError, list_images
 from pipelines.shardset import (FORMAT, FORMAT_VERSION, IMAGE_EXT, LABEL_EXT, MANIFEST, index_text, member_key,
                                 read_index, shard_files)
+from rotnet.checkpoint import git_commit
 from rotnet.cli import ArgumentParser, fail
 
 PLAN = ".plan.json"
@@ -174,15 +175,19 @@ def pack(split_dir: str, out: str, shard_size: int, workers: int, seed: int = 0,
         if name.startswith(TMP):
             os.remove(os.path.join(out, name))
     todo = [i for i, m in enumerate(shards) if not shard_complete(out, i, len(m))]
+
+    def done(n: int, i: int, size: int) -> None:
+        print(f"{shard_files(i)[0]}: {len(shards[i])} images, {size / 2**20:.1f} MiB ({n}/{len(todo)})", flush=True)
+
     if workers == 1 or len(todo) <= 1:
-        for i in todo:
-            write_shard(out, i, shards[i])
+        for n, i in enumerate(todo, 1):
+            done(n, *write_shard(out, i, shards[i]))
     else:
         with ProcessPoolExecutor(min(workers, len(todo))) as ex:
             futures = [ex.submit(write_shard, out, i, shards[i]) for i in todo]
             try:
-                for fut in as_completed(futures):
-                    fut.result()
+                for n, fut in enumerate(as_completed(futures), 1):
+                    done(n, *fut.result())
             except BaseException:
                 for fut in futures:
                     fut.cancel()          # the running ones finish (or clean up after themselves)
@@ -193,6 +198,7 @@ def pack(split_dir: str, out: str, shard_size: int, workers: int, seed: int = 0,
         entries.append({"tar": tar, "index": idx, "count": len(members),
                         "bytes": os.path.getsize(os.path.join(out, tar)), "labels": [lab for _, lab, _ in members]})
     manifest = {"format": FORMAT, "version": FORMAT_VERSION, "tool": "python -m pipelines.shards",
+                "tool_commit": git_commit(),
                 **{k: record[k] for k in ("count", "classes", "source", "file_list", "seed", "shard_size")},
                 "shards": entries}
     write_atomic(os.path.join(out, MANIFEST), json.dumps(manifest, separators=(",", ":")))

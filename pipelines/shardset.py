@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import threading
 from collections import deque
 
@@ -125,6 +124,10 @@ class ShardSet:
 def _fd_budget() -> int:
     """Tars one process keeps open: half its descriptor limit (512 of the usual 1,024; ImageNet in
     the packer's default 5,000-image shards is 257 tars), the rest left to the program."""
+    try:
+        import resource   # POSIX only
+    except ImportError:
+        return 256
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     return max(16, min(soft, 1 << 20) // 2)
 

@@ -69,6 +69,7 @@ def test_shards_hold_the_source_bytes_and_labels(sample):
     classes = sorted(os.listdir(root / "train"))
     assert manifest["count"] == 80 and manifest["classes"] == classes and manifest["shard_size"] == 30
     assert manifest["source"] == str(root / "train") and manifest["tool"] == "python -m pipelines.shards"
+    assert manifest["version"] == 1 and manifest["tool_commit"]
     assert [e["count"] for e in manifest["shards"]] == [30, 30, 20]
     source = collections.Counter((sha((root / "train" / c / f).read_bytes()), k)
                                  for k, c in enumerate(classes) for f in os.listdir(root / "train" / c))

@@ -77,11 +77,12 @@ def test_state_rejects_other_backend(split):
         torch_loader.load_state_dict(dali.state_dict())
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_labels_per_class_subset_deterministic_and_balanced(tmp_path, kind):
-    root = make_folder(tmp_path / "train", [6, 5, 7], size=(34, 34))
+def test_labels_per_class_subset_deterministic_and_balanced(tmp_path, kind, fmt):
+    root = in_format(make_folder(tmp_path / "train", [6, 5, 7], size=(34, 34)), fmt)
     name, over = kind
-    d = cfg(**over)
+    d = cfg(format=fmt, **over)
 
     def labels(seed, rank):
         lo = build_class_loader(d, root, batch_size=2, rank=rank, world_size=2, local_rank=0, device=CPU,
