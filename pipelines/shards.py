@@ -122,10 +122,11 @@ def shard_complete(out: str, i: int, count: int) -> bool:
 
 
 def write_shard(out: str, i: int, members: list[tuple]) -> tuple[int, int]:
-    """Write shard i (tar, then index) under temporary names and rename them, the tar last.
-    Returns (i, tar bytes). OSError names the unreadable source file."""
+    """Write shard i: the tar under a temporary name, then its index (atomically), then rename the
+    tar, so a tar under its final name has its index. Returns (i, tar bytes). OSError names an
+    unreadable source file."""
     tar_name, idx_name = shard_files(i)
-    tmp_tar, tmp_idx = (os.path.join(out, TMP + n) for n in (tar_name, idx_name))
+    tmp_tar = os.path.join(out, TMP + tar_name)
     index = []
     try:
         with open(tmp_tar, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
@@ -147,14 +148,12 @@ def write_shard(out: str, i: int, members: list[tuple]) -> tuple[int, int]:
             tf.close()
             f.flush()
             os.fsync(f.fileno())
-        write_atomic(tmp_idx, index_text(index))   # fsynced, then renamed below
-        os.replace(tmp_idx, os.path.join(out, idx_name))
+        write_atomic(os.path.join(out, idx_name), index_text(index))
         os.replace(tmp_tar, os.path.join(out, tar_name))
         return i, os.path.getsize(os.path.join(out, tar_name))
     finally:
-        for tmp in (tmp_tar, tmp_idx):
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        if os.path.exists(tmp_tar):
+            os.remove(tmp_tar)
 
 
 # ------------------------------------------------------------------ the command
