@@ -17,6 +17,8 @@ Contract (every backend, every loader):
   class loader: B = N original crops with class labels.
   len(loader) steps per epoch on this rank (equal on all ranks when train=True);
   .num_samples, .classes, .set_epoch(e), .state_dict(), .load_state_dict(s), .backend.
+data.format "folder" (SPLIT/CLASS/IMAGE) or "shards" (tar shards of `python -m pipelines.shards`):
+the same contract either way.
 Details (ordering, sharding, validation coverage, bad files): docs/pipelines.md.
 """
 from __future__ import annotations
@@ -57,6 +59,22 @@ def resolve_backend(name: str) -> str:
     return name
 
 
+def _list(data, split_dir, mode):
+    """(paths, labels, classes, ShardSet or None) of a split, per data.format; a flat folder only for
+    rotation loaders (class labels unused)."""
+    if data.format == "shards":
+        if data.file_list:
+            raise ValueError(f"data.file_list={data.file_list!r} applies to image folders; with data.format=shards "
+                             "pack the list instead: python -m pipelines.shards SPLIT_DIR --file-list LIST --out DIR")
+        from pipelines.shardset import list_shards
+
+        return list_shards(split_dir)
+    if data.format != "folder":
+        raise ValueError(f"data.format={data.format!r}; expected folder or shards")
+    file_list = resolve_file_list(data.file_list, split_dir, data.train_dir)
+    return (*list_images(split_dir, file_list, labelled=mode == "class", class_dir=_train_split(data)), None)
+
+
 def _build(data, split_dir, mode, *, batch_size, rank, world_size, local_rank, device, train, seed,
            labels_per_class=0):
     """The loader's LoaderSpec, built once, handed to the backend that `data` selects."""
@@ -66,16 +84,16 @@ def _build(data, split_dir, mode, *, batch_size, rank, world_size, local_rank, d
         raise ValueError(f"data.crop_size={data.crop_size}")
     check_recipe(data)
     rotations = check_rotations(data.rotations, data.rotation_mode)
-    paths, labels, classes = list_images(split_dir, resolve_file_list(data.file_list, split_dir, data.train_dir),
-                                         labelled=mode == "class", class_dir=_train_split(data))
+    paths, labels, classes, shards = _list(data, split_dir, mode)
     if labels_per_class > 0:
         keep = subset_per_class(labels, labels_per_class, derive_seed(seed, "subset"))
         paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
+        shards = shards.subset(keep) if shards is not None else None
     device = torch.device(device)
     spec = LoaderSpec(data=copy.deepcopy(data), mode=mode, rotations=tuple(rotations), batch_size=batch_size,
                       rank=rank, world_size=world_size, local_rank=local_rank, device=device, train=train,
                       seed=seed, normalize=normalize_in_graph(data.normalize, device), split_dir=split_dir,
-                      paths=tuple(paths), labels=tuple(labels), classes=tuple(classes))
+                      paths=tuple(paths), labels=tuple(labels), classes=tuple(classes), shards=shards)
     if data.resident:
         from pipelines.resident import ResidentLoader
 
@@ -102,6 +120,8 @@ def class_labels_missing(data, split_dir: str) -> str:
     """
     if not os.path.isdir(split_dir):
         return f"{split_dir} does not exist"
+    if data.format == "shards":     # the packer stores each image's class; list_shards checks the folder
+        return ""
     if resolve_file_list(data.file_list, split_dir, data.train_dir):
         return ""
     layout = split_layout(split_dir)

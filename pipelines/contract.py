@@ -43,9 +43,10 @@ class LoaderSpec:
     seed: int
     normalize: bool              # emit normalised float16 (pipelines.normalize.normalize_in_graph)
     split_dir: str
-    paths: tuple[str, ...]       # every file of the split (all ranks), its label, the class names
-    labels: tuple[int, ...]
+    paths: tuple[str, ...]       # every file of the split (all ranks), its label, the class names;
+    labels: tuple[int, ...]      # with tar shards, paths name the members ("DIR/shard-000000.tar:KEY.jpg")
     classes: tuple[str, ...]
+    shards: object = None        # data.format "shards": the pipelines.shardset.ShardSet holding the bytes
 
     @property
     def k(self) -> int:
@@ -58,6 +59,23 @@ class LoaderSpec:
 
     def seed_for(self, *parts) -> int:
         return derive_seed(self.seed, *parts)
+
+
+def rank_indices(n: int, batch: int, rank: int, world: int, train: bool, seed: int, epoch: int) -> list[int]:
+    """Indices of the n samples that rank `rank` reads in `epoch`, in order, for loaders that pick
+    their own samples (torch backend, resident images, tar shards in DALI).
+
+    Training (as DistributedSampler): a permutation of all n seeded by (seed, epoch), the tail
+    dropped so every rank gets floor(n / W), rank r takes every W-th, full batches only (equal
+    step counts). Validation: rank r's contiguous shard (DALI's split), all of it.
+    """
+    if train:
+        g = torch.Generator().manual_seed(derive_seed(seed, "shuffle", epoch))
+        per_rank = n // world
+        perm = torch.randperm(n, generator=g)[: per_rank * world]
+        idx = perm[rank::world].tolist()
+        return idx[: (len(idx) // batch) * batch]
+    return list(range(*shard_range(n, rank, world)))
 
 
 class Loader:
@@ -108,6 +126,7 @@ class Loader:
         """Continue where `state` was saved; refuses a state of another backend or run shape."""
         if state.get("backend") != self.backend:
             raise ValueError(f"loader state is from backend {state.get('backend')!r}, not {self.backend!r}")
+        state = {"format": "folder", **state}    # states saved before tar shards existed read folders
         for key, value in self._identity().items():
             if state.get(key) != value:
                 raise ValueError(f"loader state {key}={state.get(key)!r} does not match this run ({value!r})")
@@ -116,7 +135,8 @@ class Loader:
 
     def _identity(self) -> dict:
         s = self.spec
-        return {"backend": self.backend, "mode": s.mode, "world_size": s.world_size, "num_samples": self.num_samples}
+        return {"backend": self.backend, "format": s.data.format, "mode": s.mode, "world_size": s.world_size,
+                "num_samples": self.num_samples}
 
     def _batches(self):
         raise NotImplementedError

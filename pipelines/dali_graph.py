@@ -1,4 +1,4 @@
-"""The DALI graph (fn API): read -> decode+crop (recipe) -> flip -> rotations -> [normalise].
+"""The DALI graph (fn API): read (folder or tar shards) -> decode+crop (recipe) -> flip -> rotations -> [normalise].
 
 One `@pipeline_def` serves every loader; `mode` picks the output per sample:
   "all"        uint8 (K, H, W, C) -- the K rotations of one crop stacked (float16 when normalising
@@ -91,25 +91,41 @@ def _normalise(x, mean, std):
                                     mean=[255.0 * m for m in mean], std=[255.0 * s for s in std])
 
 
-@pipeline_def(enable_checkpointing=True)
-def rotation_graph(*, files, labels, file_root, shard_id, num_shards, train, reader_seed,
-                   recipe, crop, resize, min_scale, rotations, mode, decoder_device,
-                   mixed_args, normalize, mean, std, stage="full"):
-    """Returns (images, labels); see the module docstring for the per-mode shapes.
+def file_reader(*, files, labels, file_root, shard_id, num_shards, train, reader_seed):
+    """The folder reader: (encoded images, int32 labels) of `files` (relative to `file_root`).
 
-    stage="host" (CPU): returns (crops, labels, flip coins, rotation choices) instead and
-    leaves resize/flip/rotations to pipelines.host_post (faster on CPU; see there).
-
-    The reader: fixed shard per rank (stick_to_shard) of a list reshuffled globally after
-    every epoch with the same `reader_seed` on all ranks (shuffle_after_epoch), padded to
-    whole batches (pad_last_batch) -- so ranks together read every file exactly once per
-    epoch. (random_shuffle's buffer mixes samples across shard boundaries: not exact.)
+    A fixed shard per rank (stick_to_shard) of a list reshuffled globally after every epoch
+    with the same `reader_seed` on all ranks (shuffle_after_epoch), padded to whole batches
+    (pad_last_batch) -- so ranks together read every file exactly once per epoch.
+    (random_shuffle's buffer mixes samples across shard boundaries: not exact.)
     """
     reader_args = dict(shuffle_after_epoch=True, shuffle_after_epoch_seed=reader_seed) if train \
         else dict(stick_to_shard=True)
-    jpegs, label = fn.readers.file(
+    return fn.readers.file(
         file_root=file_root, files=files, labels=labels, shard_id=shard_id, num_shards=num_shards,
         pad_last_batch=True, name="Reader", seed=reader_seed, **reader_args)
+
+
+def external_reader(source):
+    """(encoded images, int32 labels) from `source(iteration)` -> (list of uint8 arrays, (B, 1) int32):
+    the tar-shard reader (pipelines.shardset.ShardFeed). A one-argument callable, so DALI's
+    checkpoint records the iteration and a restored pipeline asks `source` from there on."""
+    return fn.external_source(source=source, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT32])
+
+
+@pipeline_def(enable_checkpointing=True)
+def rotation_graph(*, reader, train, recipe, crop, resize, min_scale, rotations, mode, decoder_device,
+                   mixed_args, normalize, mean, std, stage="full"):
+    """Returns (images, labels); see the module docstring for the per-mode shapes.
+
+    reader: a no-argument callable returning (encoded images, labels), called inside the graph:
+    `functools.partial(file_reader, ...)` for folders, of `external_reader` for tar shards.
+    The recipe below is the same whatever reads the bytes.
+
+    stage="host" (CPU): returns (crops, labels, flip coins, rotation choices) instead and
+    leaves resize/flip/rotations to pipelines.host_post (faster on CPU; see there).
+    """
+    jpegs, label = reader()
     x = _decode_crop(jpegs, recipe=recipe, train=train, crop=crop, resize=resize, min_scale=min_scale,
                      dec=decoder_device, mixed_args=mixed_args, final_resize=stage == "full")
     if stage == "host":

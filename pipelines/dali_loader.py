@@ -13,9 +13,14 @@ validation shard. This wrapper runs the pipeline itself:
   validation: yields the ceil(S_r / P) batches holding real samples, the last one trimmed:
               every image once over all ranks, no padding, no drops. Step counts can differ
               by one between ranks, so do collectives after the loop (sum, then all_reduce).
+Tar shards (spec.shards): no DALI reader; `ShardFeed` hands the graph each step's samples in
+the order `rank_indices` gives (the torch backend's), so a reader epoch is exactly the steps
+(no padding) and the last validation batch is simply smaller.
 """
 from __future__ import annotations
 
+import functools
+import io
 import math
 import os
 import re
@@ -23,9 +28,11 @@ import re
 import torch
 
 from pipelines.contract import Loader, LoaderSpec
-from pipelines.dali_graph import rotation_graph
+from pipelines.dali_graph import external_reader, file_reader, rotation_graph
 from pipelines.host_post import HostFinisher
 from pipelines.listing import BadImageError
+from pipelines.recipe import repair_advice
+from pipelines.shardset import ShardFeed
 
 
 def _to_torch(tl, device: torch.device) -> torch.Tensor:
@@ -67,7 +74,9 @@ class DaliLoader(Loader):
         self._finisher = None if full else HostFinisher(spec.data.crop_size, list(spec.rotations), spec.mode,
                                                         threads=spec.data.num_threads)
         n, w = len(spec.paths), spec.world_size
-        self._reader_batches = math.ceil(-(-n // w) / spec.pipe_batch)  # the largest shard, ceil(n / w)
+        self._reader_batches = self._steps if spec.shards is not None \
+            else math.ceil(-(-n // w) / spec.pipe_batch)  # folders: the largest shard, ceil(n / w)
+        self._feed = None                    # tar shards: the ShardFeed of the current pipe
         # Files this rank may read (to name a bad one DALI does not name): training reshuffles
         # globally every epoch, so any file.
         self._paths = spec.paths if spec.train else spec.paths[slice(*self._shard)]
@@ -76,12 +85,17 @@ class DaliLoader(Loader):
 
     def _build_pipe(self):
         s, d = self.spec, self.spec.data
-        root = os.path.abspath(s.split_dir)
+        if s.shards is not None:
+            self._feed = ShardFeed(s, self._steps, depth=max(1, d.prefetch))
+            reader = functools.partial(external_reader, self._feed)
+        else:
+            root = os.path.abspath(s.split_dir)
+            reader = functools.partial(
+                file_reader, files=[os.path.relpath(p, root) for p in s.paths],  # shorter serialised graph
+                labels=list(s.labels), file_root=root, shard_id=s.rank, num_shards=s.world_size, train=s.train,
+                reader_seed=s.seed_for("reader"))  # same on all ranks: one global shuffle
         pipe = rotation_graph(
-            files=[os.path.relpath(p, root) for p in s.paths],  # shorter strings in the serialised graph
-            labels=list(s.labels), file_root=root, shard_id=s.rank, num_shards=s.world_size, train=s.train,
-            reader_seed=s.seed_for("reader"),  # same on all ranks: one global shuffle
-            recipe=d.recipe, crop=d.crop_size, resize=d.resize_size, min_scale=d.min_scale,
+            reader=reader, train=s.train, recipe=d.recipe, crop=d.crop_size, resize=d.resize_size, min_scale=d.min_scale,
             rotations=list(s.rotations), mode=s.mode, decoder_device="mixed" if self._gpu else "cpu",
             mixed_args=mixed_decoder_args(d, s.train) if self._gpu else {},
             normalize=s.normalize, mean=list(d.mean), std=list(d.std),
@@ -121,7 +135,22 @@ class DaliLoader(Loader):
             self._pipe = None                # DALI: "pipeline object is no longer valid"
             if not is_decode_failure(str(e)):
                 raise                        # out of memory, a missing CUDA library, ...: as it is
-            raise BadImageError(_explain(str(e), self._paths)) from e
+            raise BadImageError(self._explain(str(e))) from e
+
+    def _explain(self, message: str) -> str:
+        """A clear message naming the bad file: from DALI's error when it names one, else by checking
+        this loader's files' headers (folders) or fully decoding the batches in flight (shards)."""
+        if self._feed is not None:
+            from pipelines.scan import check_image
+
+            names = self.spec.paths
+            bad = [names[j] for j in self._feed.in_flight() if check_image(io.BytesIO(self.spec.shards.read(j)))]
+        else:
+            bad = _named_or_bad_headers(message, self._paths)
+        first = message.strip().splitlines()[-1] if message.strip() else ""
+        where = ("bad image file(s): " + ", ".join(repr(p) for p in bad[:10])) if bad \
+            else "a file could not be decoded (DALI did not name it)"
+        return f"{where}. {repair_advice(self._feed is not None)} DALI said: {first}"
 
     def _batches(self):
         p, shard = self.spec.pipe_batch, self._shard[1] - self._shard[0]
@@ -162,20 +191,12 @@ _PATH_RE = re.compile(r"sample #\d+\s*:\s*([^\n\r]+?\.(?:jpe?g|png|ppm|bmp|pgm|t
                       re.IGNORECASE | re.MULTILINE)
 
 
-def _explain(message: str, paths: list[str]) -> str:
-    """A clear message naming the bad file: from DALI's error when it names one, else by a
-    header check of this loader's files."""
+def _named_or_bad_headers(message: str, paths: list[str]) -> list[str]:
+    """The file DALI's error names, matched back to our list, else the files with a non-image header."""
     hit = _PATH_RE.search(message)
-    bad = []
     if hit:
         rel = hit.group(1).strip()
-        bad = [p for p in paths if p.endswith("/" + rel) or p == rel] or [rel]
-    if not bad:
-        from pipelines.scan import bad_headers
+        return [p for p in paths if p.endswith("/" + rel) or p == rel] or [rel]
+    from pipelines.scan import bad_headers
 
-        bad = bad_headers(paths)[:10]
-    first = message.strip().splitlines()[-1] if message.strip() else ""
-    where = ("bad image file(s): " + ", ".join(repr(p) for p in bad)) if bad \
-        else "a file could not be decoded (DALI did not name it)"
-    return (f"{where}. Run `python -m pipelines.scan SPLIT_DIR --out LIST` and set data.file_list "
-            f"to the list it writes. DALI said: {first}")
+    return bad_headers(paths)[:10]

@@ -29,13 +29,23 @@ def check_recipe(data) -> None:
         raise ValueError(f"data.recipe={data.recipe!r}; expected one of {RECIPES}")
 
 
-def decode_rgb(path: str) -> torch.Tensor:
-    """File -> uint8 (3, H, W) RGB (greyscale, CMYK, PNG named .JPEG too); BadImageError naming it."""
+def decode_rgb(path: str, data: bytes | None = None) -> torch.Tensor:
+    """File (or its `data`, e.g. a tar shard member named `path`) -> uint8 (3, H, W) RGB (greyscale,
+    CMYK, PNG named .JPEG too); BadImageError naming it."""
     try:
-        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+        raw = read_file(path) if data is None else torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        return decode_image(raw, mode=ImageReadMode.RGB)
     except Exception as e:  # torchvision raises RuntimeError / ValueError for bad data
-        raise BadImageError(f"bad image file {path!r}: {e}. Run `python -m pipelines.scan SPLIT_DIR "
-                            "--out LIST` and set data.file_list to the list it writes.") from e
+        raise BadImageError(f"bad image file {path!r}: {e}. {repair_advice(data is not None)}") from e
+
+
+def repair_advice(shards: bool) -> str:
+    """What to do about an undecodable image, for a folder or for tar shards."""
+    scan = "Run `python -m pipelines.scan SPLIT_DIR --out LIST`"
+    if shards:
+        return (f"{scan} on the folder the shards were packed from, then repack it: `python -m "
+                "pipelines.shards SPLIT_DIR --file-list LIST --out NEW_DIR`.")
+    return f"{scan} and set data.file_list to the list it writes."
 
 
 def rrc_window(h: int, w: int, min_scale: float, g: torch.Generator) -> tuple[int, int, int, int]:

@@ -14,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from pipelines.contract import LoaderSpec
-from pipelines.recipe import crop_batch, decode_rgb, make_batch
-from pipelines.torch_backend import SampledLoader
+from pipelines.recipe import crop_batch, make_batch
+from pipelines.torch_backend import SampledLoader, decode_sample
 
 
 class ResidentLoader(SampledLoader):
@@ -25,12 +25,12 @@ class ResidentLoader(SampledLoader):
         super().__init__(spec)
         data, dev = spec.data, spec.device
 
-        def load(path):  # uint8 (H, W, C); eval crops now
-            img = decode_rgb(path).permute(1, 2, 0)
+        def load(i):  # uint8 (H, W, C); eval crops now
+            img = decode_sample(spec, i)
             return img if spec.train else crop_batch([img], data, False)[0]
 
         with ThreadPoolExecutor(max(1, data.num_threads)) as ex:  # decode ops release the GIL
-            imgs = list(ex.map(load, spec.paths))
+            imgs = list(ex.map(load, range(len(spec.paths))))
         self.labels = torch.tensor(spec.labels, dtype=torch.int64, device=dev)
         if all(im.shape == imgs[0].shape for im in imgs):
             self.images = torch.stack(imgs).to(dev)  # (M, H, W, C)

@@ -5,10 +5,9 @@ Same outputs and interface as the DALI loader. Images stay uint8 until the train
 a function of (seed, epoch, step, rank), never of worker state, so a resumed run
 (`load_state_dict`) replays exactly the same batches.
 
-Sharding (like DistributedSampler): training permutes all M files with (seed, epoch), drops
-the tail so every rank gets floor(M / W), rank r takes every W-th, and only full batches are
-used (equal step counts). Validation: rank r reads its contiguous shard (DALI's split),
-all of it, the last batch smaller -- every image exactly once.
+Sharding: pipelines.contract.rank_indices (as DistributedSampler for training; DALI's
+contiguous split for validation, the last batch smaller) -- every image once per epoch.
+Files or tar shards: `decode_sample` reads a sample's bytes from either (spec.shards).
 """
 from __future__ import annotations
 
@@ -16,8 +15,7 @@ import math
 
 import torch
 
-from pipelines.contract import Loader, LoaderSpec, derive_seed
-from pipelines.listing import shard_range
+from pipelines.contract import Loader, LoaderSpec, rank_indices
 from pipelines.recipe import decode_rgb, make_batch
 
 
@@ -31,13 +29,7 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def indices(self) -> list[int]:
         """This rank's file indices for the current epoch."""
-        if self.train:
-            g = torch.Generator().manual_seed(derive_seed(self.seed, "shuffle", self.epoch))
-            per_rank = self.n // self.world
-            perm = torch.randperm(self.n, generator=g)[: per_rank * self.world]
-            idx = perm[self.rank::self.world].tolist()
-            return idx[: (len(idx) // self.batch) * self.batch]  # full batches only
-        return list(range(*shard_range(self.n, self.rank, self.world)))
+        return rank_indices(self.n, self.batch, self.rank, self.world, self.train, self.seed, self.epoch)
 
     def __iter__(self):
         idx, b = self.indices(), self.batch
@@ -61,6 +53,11 @@ class SampledLoader(Loader):
         return self._run()
 
 
+def decode_sample(spec: LoaderSpec, i: int) -> torch.Tensor:
+    """Sample i of the split -> uint8 (H, W, C) RGB, from its file or its tar shard member."""
+    return decode_rgb(spec.paths[i], spec.shards.read(i) if spec.shards is not None else None).permute(1, 2, 0)
+
+
 class StepDataset(torch.utils.data.Dataset):
     """Item = one whole step (an EpochSampler item): decoded, cropped and rotated in a worker."""
 
@@ -69,7 +66,7 @@ class StepDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         key, idx = item
-        images = [decode_rgb(self.spec.paths[i]).permute(1, 2, 0) for i in idx]
+        images = [decode_sample(self.spec, i) for i in idx]
         return make_batch(self.spec, key, images, torch.tensor([self.spec.labels[i] for i in idx]))
 
 

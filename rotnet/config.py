@@ -29,6 +29,10 @@ class DataConfig:
     train_dir: str = "train"       # sub-folder of root used for pretraining / probe training
     val_dir: str = "val"           # sub-folder of root used for held-out rotation accuracy / probe val
     file_list: str = ""            # optional list written by `python -m pipelines.scan` (bad files removed)
+    # folder: train_dir/val_dir hold CLASS/IMAGE files. shards: they hold tar shards and manifest.json,
+    # written by `python -m pipelines.shards SPLIT_DIR --out DIR` (for Lustre/NFS/GPFS: a few big files
+    # instead of a million small ones; same loaders, order and checkpoints; docs/pipelines.md)
+    format: Literal["folder", "shards"] = "folder"
     backend: Literal["auto", "dali", "torch"] = "auto"   # auto: dali when importable
     recipe: Literal["imagenet", "cifar"] = "imagenet"  # imagenet: random-resized-crop + flip; cifar: pad-4 crop + flip
     crop_size: int = 224           # square output side; rotations of a square crop stack exactly

@@ -19,6 +19,22 @@ KINDS = [pytest.param(("dali", {"backend": "dali"}), id="dali", marks=needs_dali
          pytest.param(("resident", {"backend": "torch", "resident": True}), id="resident")]
 
 
+# Formats a split can be read in: as the image folder, or packed into tar shards (data.format).
+FORMATS = ["folder", "shards"]
+
+
+def in_format(folder, fmt: str, shard_size: int = 5) -> str:
+    """`folder` itself, or (fmt "shards") the shard folder it packs to (beside it, made once)."""
+    if fmt == "folder":
+        return str(folder)
+    from pipelines.shards import pack
+
+    out = f"{folder}-shards"
+    if not os.path.isfile(os.path.join(out, "manifest.json")):
+        pack(str(folder), out, shard_size=shard_size, workers=1)
+    return out
+
+
 def cfg(**kw) -> DataConfig:
     """A small, fast DataConfig for tests (1 thread/worker, 32 px crops)."""
     base = dict(crop_size=32, resize_size=32, num_threads=1, prefetch=1, min_scale=0.25)

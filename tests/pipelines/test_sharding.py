@@ -1,11 +1,12 @@
-"""Two ranks together see every file exactly once per epoch; equal training step counts."""
+"""Two ranks together see every file exactly once per epoch; equal training step counts. Image folders
+and the tar shards they pack to (data.format) alike."""
 import collections
 
 import pytest
 import torch
 
 from pipelines import build_class_loader, build_rotation_loader
-from tests.pipelines.images import KINDS, cfg, identify, make_colour_folder, make_folder
+from tests.pipelines.images import FORMATS, KINDS, cfg, identify, in_format, make_colour_folder, make_folder
 
 CPU = torch.device("cpu")
 
@@ -20,11 +21,12 @@ def colour_split(tmp_path_factory):
     return make_colour_folder(tmp_path_factory.mktemp("colour") / "train", 24)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_train_rotation_loader_two_ranks_cover_all_once(colour_split, kind):
+def test_train_rotation_loader_two_ranks_cover_all_once(colour_split, kind, fmt):
     """24 files, 2 ranks, 4 originals per step: each epoch = a permutation of all files."""
-    d = backend_cfg(kind)
-    loaders = [build_rotation_loader(d, colour_split, batch_size=4, rank=r, world_size=2, local_rank=0,
+    d = backend_cfg(kind, format=fmt)
+    loaders = [build_rotation_loader(d, in_format(colour_split, fmt), batch_size=4, rank=r, world_size=2, local_rank=0,
                                      device=CPU, train=True, seed=7) for r in range(2)]
     assert [len(lo) for lo in loaders] == [3, 3]
     assert all(lo.num_samples == 24 for lo in loaders)
@@ -44,11 +46,12 @@ def test_train_rotation_loader_two_ranks_cover_all_once(colour_split, kind):
     assert orders[0] != orders[1]  # reshuffled every epoch
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_train_step_counts_equal_with_uneven_shards(tmp_path, kind):
+def test_train_step_counts_equal_with_uneven_shards(tmp_path, kind, fmt):
     """9 files, 2 ranks (shards 4 and 5), batch 2: both ranks take 2 steps, no file twice."""
-    root = make_colour_folder(tmp_path / "train", 9)
-    d = backend_cfg(kind)
+    root = in_format(make_colour_folder(tmp_path / "train", 9), fmt)
+    d = backend_cfg(kind, format=fmt)
     loaders = [build_rotation_loader(d, root, batch_size=2, rank=r, world_size=2, local_rank=0,
                                      device=CPU, train=True, seed=0) for r in range(2)]
     assert [len(lo) for lo in loaders] == [2, 2]
@@ -62,15 +65,16 @@ def test_train_step_counts_equal_with_uneven_shards(tmp_path, kind):
         assert len(seen) == len(set(seen)) == 8
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("n,batch", [(23, 4), (9, 2)])
-def test_validation_class_loader_counts_each_image_once(tmp_path, kind, n, batch):
+def test_validation_class_loader_counts_each_image_once(tmp_path, kind, n, batch, fmt):
     """Odd image counts, 2 ranks: every image exactly once per epoch, none padded or dropped.
 
     (9, 2): shards of 4 and 5 -- DALI pads rank 0's shard to 5, i.e. a third, padding-only batch.
     """
-    root = make_folder(tmp_path / "val", [1] * n)  # one image per class: label = image id
-    d = backend_cfg(kind)
+    root = in_format(make_folder(tmp_path / "val", [1] * n), fmt)  # one image per class: label = image id
+    d = backend_cfg(kind, format=fmt)
     seen = []
     for r in range(2):
         lo = build_class_loader(d, root, batch_size=batch, rank=r, world_size=2, local_rank=0, device=CPU,

@@ -1,11 +1,12 @@
-"""state_dict / load_state_dict: a resumed loader continues with exactly the same batches."""
+"""state_dict / load_state_dict: a resumed loader continues with exactly the same batches (image folders
+and tar shards)."""
 import io
 
 import pytest
 import torch
 
 from pipelines import build_class_loader, build_rotation_loader
-from tests.pipelines.images import KINDS, cfg, make_folder, needs_dali
+from tests.pipelines.images import FORMATS, KINDS, cfg, in_format, make_folder, needs_dali
 
 CPU = torch.device("cpu")
 
@@ -36,24 +37,25 @@ def take(loader, epoch, n):
     return out, epoch
 
 
-def build(kind, split, seed=5):
+def build(kind, split, seed=5, fmt="folder"):
     name, over = kind  # prefetch 2: the DALI checkpoint must follow what was consumed, not prefetched
-    d = cfg(prefetch=2, num_threads=2, **over)
-    return build_rotation_loader(d, split, batch_size=2, rank=1, world_size=2, local_rank=0, device=CPU,
+    d = cfg(prefetch=2, num_threads=2, format=fmt, **over)
+    return build_rotation_loader(d, in_format(split, fmt), batch_size=2, rank=1, world_size=2, local_rank=0, device=CPU,
                                  train=True, seed=seed)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("skip", [1, 2, 3])  # mid-epoch, at the epoch's end, into the next epoch
-def test_resume_continues_same_batches(split, kind, skip):
-    a = build(kind, split)
+def test_resume_continues_same_batches(split, kind, skip, fmt):
+    a = build(kind, split, fmt=fmt)
     assert a.backend == ("dali" if kind[0] == "dali" else "torch")
     assert len(a) == 2  # 11 images, 2 ranks (5 each after the drop), 2 originals per step
     _, epoch = take(a, 0, skip)
     state = roundtrip(a.state_dict())
     expected, _ = take(a, epoch, 3)
 
-    b = build(kind, split)
+    b = build(kind, split, fmt=fmt)
     b.load_state_dict(state)
     got, _ = take(b, epoch, 3)
     for (xa, ya), (xb, yb) in zip(expected, got):
@@ -75,11 +77,12 @@ def test_state_rejects_other_backend(split):
         torch_loader.load_state_dict(dali.state_dict())
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_labels_per_class_subset_deterministic_and_balanced(tmp_path, kind):
-    root = make_folder(tmp_path / "train", [6, 5, 7], size=(34, 34))
+def test_labels_per_class_subset_deterministic_and_balanced(tmp_path, kind, fmt):
+    root = in_format(make_folder(tmp_path / "train", [6, 5, 7], size=(34, 34)), fmt)
     name, over = kind
-    d = cfg(**over)
+    d = cfg(format=fmt, **over)
 
     def labels(seed, rank):
         lo = build_class_loader(d, root, batch_size=2, rank=rank, world_size=2, local_rank=0, device=CPU,
