@@ -19,6 +19,7 @@ folders (`pipelines.contract.rank_indices`, DALI through `ShardFeed`); see docs/
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import threading
@@ -153,6 +154,19 @@ def list_shards(shard_dir: str) -> tuple[list[str], list[int], list[str], ShardS
     """
     shard_dir = os.path.abspath(shard_dir)
     manifest = read_manifest(shard_dir)
+    # The parse allocates a few small containers per sample, which triggers full collections; with
+    # torch and DALI imported one walks ~300k objects (0.3 s of a 0.37 s listing of 9,469 samples,
+    # measured) and finds no garbage here. So the collector pauses for the parse.
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        return _list_shards(shard_dir, manifest)
+    finally:
+        if paused:
+            gc.enable()
+
+
+def _list_shards(shard_dir: str, manifest: dict) -> tuple[list[str], list[int], list[str], ShardSet]:
     names, labels, tars, tar_of, offset, size = [], [], [], [], [], []
     for t, entry in enumerate(manifest["shards"]):
         tar, idx = (os.path.join(shard_dir, entry[k]) for k in ("tar", "index"))
