@@ -37,6 +37,7 @@ from torch import nn  # noqa: E402
 from models.export import trunk_from_checkpoint  # noqa: E402
 from models.rotnet import seeded_rotnet  # noqa: E402
 from pipelines import list_images, prepare_batch  # noqa: E402
+from pipelines.shardset import list_shards  # noqa: E402
 from pipelines.recipe import crop_batch, decode_rgb  # noqa: E402
 from probes.report import draw_top1_bars  # noqa: E402
 from rotnet.checkpoint import find_checkpoint  # noqa: E402
@@ -64,17 +65,23 @@ def load_run(run_dir: Path | None, checkpoint: str | None, config: str | None) -
     return cfg, seeded_rotnet(cfg, cfg.train.seed).trunk.eval(), f"random init (seed {cfg.train.seed})"
 
 
-def pick_images(root: Path, n: int) -> list[str]:
-    """First image of each class (pipelines.listing order), then second images, ...: n images spread over classes."""
-    by_class: dict[int, list[str]] = {}
-    for path, label in zip(*list_images(str(root))[:2]):
-        by_class.setdefault(label, []).append(path)
-    return [p for row in zip_longest(*by_class.values()) for p in row if p][:n]
+def pick_images(root: Path, n: int, fmt: str) -> list[tuple[str, bytes | None]]:
+    """n (name, bytes or None) of `root` (an image folder, flat or by class, or tar shards: data.format),
+    spread over classes: first image of each class in listing order, then second images, ..."""
+    if fmt == "shards":
+        names, labels, _, shards = list_shards(str(root))
+    else:   # a flat split (ImageNet's val as extracted) is fine: labels only spread the picks
+        names, labels = list_images(str(root), labelled=False)[:2]
+    by_class: dict[int, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(label, []).append(i)
+    picked = [i for row in zip_longest(*by_class.values()) for i in row if i is not None][:n]
+    return [(names[i], shards.read(i) if fmt == "shards" else None) for i in picked]
 
 
-def load_images(paths: list[str], cfg: Config) -> torch.Tensor:
+def load_images(items: list[tuple[str, bytes | None]], cfg: Config) -> torch.Tensor:
     """The loaders' eval recipe (pipelines.recipe) -> uint8 (B, S, S, 3), the loaders' output format."""
-    return crop_batch([decode_rgb(p).permute(1, 2, 0) for p in paths], cfg.data, train=False)
+    return crop_batch([decode_rgb(name, data).permute(1, 2, 0) for name, data in items], cfg.data, train=False)
 
 
 # ---------------------------------------------------------------------------- figures
@@ -241,7 +248,7 @@ def draw(args: argparse.Namespace) -> list[Path]:
         root = args.data_root or cfg.data.root
         split = Path(root) / (args.split or cfg.data.val_dir) if root else None
         if split is not None and split.is_dir():
-            images = load_images(pick_images(split, args.images), cfg)
+            images = load_images(pick_images(split, args.images, cfg.data.format), cfg)
             maps = attention_maps(trunk, prepare_batch(images, cfg.data, channels_last=False), args.power)
             written.append(plot_attention(images, maps, args.power, what, Path(f"{out}_attention.png")))
         else:

@@ -264,6 +264,10 @@ def test_train_smoke_on_shards(sample, tmp_path):
     assert set(line["knn_top1"]) and "monitor is off" not in r.stderr    # the kNN monitor reads labelled shards
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["config"]["data"]["format"] == "shards"
+    # visualize.py takes its attention images from the run's val shards
+    r = subprocess.run([sys.executable, "visualize.py", "--run", str(out), "--images", "2", "--out", str(tmp_path / "fig")],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and (tmp_path / "fig_attention.png").stat().st_size > 0, r.stderr[-3000:]
 
 
 @pytest.mark.skipif(not (HAVE_DALI and torch.cuda.is_available()), reason="needs DALI and CUDA")
