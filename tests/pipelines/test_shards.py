@@ -7,7 +7,6 @@ packer's resume, atomicity and bad input, bad members named, and train.py on sha
 """
 import collections
 import hashlib
-import io
 import json
 import os
 import re
