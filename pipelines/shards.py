@@ -33,14 +33,13 @@ import tarfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
 from pipelines.contract import derive_seed
-from pipelines.listing import BadImageError, list_images
+from pipelines.listing import TMP, BadImageError, list_images, write_atomic
 from pipelines.shardset import (FORMAT, FORMAT_VERSION, IMAGE_EXT, LABEL_EXT, MANIFEST, index_text, member_key,
                                 read_index, shard_files)
 from rotnet.checkpoint import git_commit
 from rotnet.cli import ArgumentParser, fail
 
 PLAN = ".plan.json"
-TMP = ".tmp-"                # prefix of files being written (hidden: never read as shards)
 
 
 class UsageError(ValueError):
@@ -88,15 +87,6 @@ def check_plan(out: str, record: dict) -> None:
     if os.path.exists(os.path.join(out, MANIFEST)) or any(n.endswith(".tar") for n in os.listdir(out)):
         raise UsageError(f"--out {out!r} holds tar shards without {PLAN} (not written by this packer?); use another folder")
     write_atomic(path, json.dumps(record, indent=1))
-
-
-def write_atomic(path: str, text: str) -> None:
-    tmp = os.path.join(os.path.dirname(path), TMP + os.path.basename(path))
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------ one shard
