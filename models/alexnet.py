@@ -3,16 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from models.trunk import ProbeTrunk, init_weights, scale_channels
-
-
-def _conv_bn_relu(cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0) -> nn.Sequential:
-    """Conv (no bias; BN follows) -> BN -> ReLU. (B, cin, H, W) -> (B, cout, H', W')."""
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=False),
-        nn.BatchNorm2d(cout),
-        nn.ReLU(inplace=True),
-    )
+from models.trunk import ProbeTrunk, conv_bn_relu, init_weights, scale_channels
 
 
 def alexnet_fc_block(in_features: int, width: float = 1.0) -> nn.Sequential:
@@ -64,13 +55,13 @@ class AlexNetTrunk(ProbeTrunk):
     def __init__(self, width: float = 1.0, input_size: int = 224) -> None:
         super().__init__()
         c1, c2, c3, c4, c5 = (scale_channels(c, width) for c in (64, 192, 384, 256, 256))
-        self.conv1 = _conv_bn_relu(3, c1, 11, stride=4, padding=2)
+        self.conv1 = conv_bn_relu(3, c1, 11, stride=4, padding=2)
         self.pool1 = nn.MaxPool2d(3, stride=2)
-        self.conv2 = _conv_bn_relu(c1, c2, 5, padding=2)
+        self.conv2 = conv_bn_relu(c1, c2, 5, padding=2)
         self.pool2 = nn.MaxPool2d(3, stride=2)
-        self.conv3 = _conv_bn_relu(c2, c3, 3, padding=1)
-        self.conv4 = _conv_bn_relu(c3, c4, 3, padding=1)
-        self.conv5 = _conv_bn_relu(c4, c5, 3, padding=1)
+        self.conv3 = conv_bn_relu(c2, c3, 3, padding=1)
+        self.conv4 = conv_bn_relu(c3, c4, 3, padding=1)
+        self.conv5 = conv_bn_relu(c4, c5, 3, padding=1)
         self.pool5 = nn.MaxPool2d(3, stride=2)
         self.width = width
         self.input_size = input_size

@@ -14,16 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from models.trunk import ProbeTrunk, init_weights, scale_channels
-
-
-def _conv_bn_relu(cin: int, cout: int, kernel: int) -> nn.Sequential:
-    """Stride-1 'same' Conv(no bias)-BN-ReLU: (B, cin, H, W) -> (B, cout, H, W)."""
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, kernel, padding=(kernel - 1) // 2, bias=False),
-        nn.BatchNorm2d(cout),
-        nn.ReLU(inplace=True),
-    )
+from models.trunk import ProbeTrunk, conv_bn_relu, init_weights, scale_channels
 
 
 class NINTrunk(ProbeTrunk):
@@ -41,17 +32,17 @@ class NINTrunk(ProbeTrunk):
         wide, mid, narrow = (scale_channels(c, width) for c in (192, 160, 96))
         blocks = [
             nn.Sequential(
-                _conv_bn_relu(3, wide, 5), _conv_bn_relu(wide, mid, 1), _conv_bn_relu(mid, narrow, 1),
+                conv_bn_relu(3, wide, 5), conv_bn_relu(wide, mid, 1), conv_bn_relu(mid, narrow, 1),
                 nn.MaxPool2d(3, stride=2, padding=1),
             ),
             nn.Sequential(
-                _conv_bn_relu(narrow, wide, 5), _conv_bn_relu(wide, wide, 1), _conv_bn_relu(wide, wide, 1),
+                conv_bn_relu(narrow, wide, 5), conv_bn_relu(wide, wide, 1), conv_bn_relu(wide, wide, 1),
                 nn.AvgPool2d(3, stride=2, padding=1),
             ),
         ]
         for k in range(3, num_blocks + 1):
-            blocks.append(nn.Sequential(_conv_bn_relu(wide, wide, 3), _conv_bn_relu(wide, wide, 1),
-                                        _conv_bn_relu(wide, wide, 1)))
+            blocks.append(nn.Sequential(conv_bn_relu(wide, wide, 3), conv_bn_relu(wide, wide, 1),
+                                        conv_bn_relu(wide, wide, 1)))
         for k, block in enumerate(blocks, start=1):
             setattr(self, f"block{k}", block)
 

@@ -21,6 +21,13 @@ def scale_channels(channels: int, width: float) -> int:
     return max(1, round(channels * width))
 
 
+def conv_bn_relu(cin: int, cout: int, kernel: int, stride: int = 1, padding: int | None = None) -> nn.Sequential:
+    """Conv (no bias: BN follows) -> BN -> ReLU, 'same' padding unless given: (B, cin, H, W) -> (B, cout, H', W')."""
+    pad = (kernel - 1) // 2 if padding is None else padding
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride=stride, padding=pad, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
 def init_weights(module: nn.Module) -> None:
     """torchvision's ResNet init, applied in place to every submodule.
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models import alexnet_fc_block
-from models.nin import _conv_bn_relu
+from models.trunk import conv_bn_relu
 
 HEADS = ("linear", "mlp", "conv")
 TARGET_DIMS = 9000          # linear-probe input size of the paper (Table 5: ~9k dims per layer)
@@ -137,8 +137,8 @@ class ConvProbe(nn.Module):
     def __init__(self, channels: int, num_classes: int, width: int = NIN_BLOCK_WIDTH):
         super().__init__()
         # The trunk's own NIN Conv-BN-ReLU, unpacked: flat keys (block.0 .. block.8) in probe states.
-        self.block = nn.Sequential(*_conv_bn_relu(channels, width, 3), *_conv_bn_relu(width, width, 1),
-                                   *_conv_bn_relu(width, width, 1))
+        self.block = nn.Sequential(*conv_bn_relu(channels, width, 3), *conv_bn_relu(width, width, 1),
+                                   *conv_bn_relu(width, width, 1))
         self.fc = nn.Linear(width, num_classes)
         _init_like_original(self, self.fc)
 
