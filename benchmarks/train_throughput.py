@@ -25,6 +25,7 @@ import argparse
 import datetime
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -118,6 +119,12 @@ def run_case(name: str, config: str, root: str | None, args) -> list[dict]:
     if root is None and cfg.data.root != "REQUIRED":   # "" = the built-in sample data
         root = str(data_root(cfg))
     run = build_run(cfg, DistInfo(device=device), TimingLogger())   # exactly what train.py builds
+    # build_run arms train.py's graceful stop (SIGTERM/SIGUSR1 -> checkpoint into train.output_dir).
+    # A benchmark has nothing to save and must not write into a real run's folder: die at once.
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_DFL)
+    print(f"[{name}] built: {cfg.model.arch} x{cfg.model.width:g}, timing {args.warmup}+{args.steps} steps per row",
+          file=sys.stderr, flush=True)
     n, k = cfg.optim.batch_size_per_gpu, len(cfg.data.rotations)
     base = {"case": name, "config": config, "model": f"{cfg.model.arch} x{cfg.model.width:g}",
             "crop": cfg.data.crop_size, "batch": n, "k": k, "precision": cfg.train.precision}
