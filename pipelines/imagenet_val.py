@@ -1,7 +1,7 @@
 """Give ImageNet's official val (50,000 JPEGs in one folder, labels apart) the labels it lacks.
 
     python -m pipelines.imagenet_val VAL_DIR --labels LABELS --train-dir TRAIN_DIR --out OUT
-                                     [--synsets MAP] [--mode symlink|list] [--force]
+                                     [--synsets MAP] [--mode symlink|list] [--subset] [--force]
 
 ILSVRC2012_img_val.tar extracts to VAL_DIR/ILSVRC2012_val_00000001.JPEG ... _00050000.JPEG,
 one flat folder. Class loaders need class folders (or a file list) whose class index is the
@@ -33,7 +33,9 @@ Output (OUT is built beside itself, then renamed into place):
       undecodable files), so data.file_list=OUT/{split}.txt serves both splits.
 
 Every image needs exactly one label, every label an image, every wnid a TRAIN_DIR class: else
-one line naming the file and line, and nothing is written. A non-empty OUT is replaced only
+one line naming the file and line, and nothing is written. --subset is for a TRAIN_DIR that holds
+a class subset (ImageNet-100 and the like): the val images of other classes are skipped instead,
+and every TRAIN_DIR class must have some. A non-empty OUT is replaced only
 with --force, and only when this command wrote it (its .imagenet_val.json says so).
 """
 from __future__ import annotations
@@ -164,16 +166,25 @@ def _refuse(problems: list[str]) -> None:
 
 
 def match(images: dict[str, str], labels: dict[str, tuple[str, str]], classes: list[str], *, val_dir: str,
-          labels_path: str, train_dir: str) -> list[tuple[str, int]]:
-    """[(image file name, class index)] in name order; ConversionError at the first mismatch."""
+          labels_path: str, train_dir: str, subset: bool = False) -> list[tuple[str, int]]:
+    """[(image file name, class index)] in name order; ConversionError at the first mismatch.
+    subset: images of classes that TRAIN_DIR lacks are skipped (ImageNet-100 style), not refused;
+    every class of TRAIN_DIR must still have val images, so a wrong TRAIN_DIR is not silently empty."""
     counts = f"{len(labels)} labels, {len(images)} images"
     _refuse([f"{where}: a label for {stem}, but {val_dir} has no such image ({counts})"
              for stem, (_, where) in labels.items() if stem not in images])
     _refuse([f"{os.path.join(val_dir, name)} has no label in {labels_path} ({counts})"
              for stem, name in images.items() if stem not in labels])
     index = {c: i for i, c in enumerate(classes)}
-    _refuse([f"{where}: {wnid} (label of {stem}) is not a class folder of {train_dir} ({len(classes)} classes, "
-             f"{classes[0]} ... {classes[-1]})" for stem, (wnid, where) in labels.items() if wnid not in index])
+    if subset:
+        seen = {wnid for wnid, _ in labels.values()}
+        _refuse([f"--subset: class folder {c} of {train_dir} has no image in {labels_path} (is TRAIN_DIR "
+                 f"a subset of these labels' {len(seen)} classes?)" for c in classes if c not in seen])
+        images = {stem: name for stem, name in images.items() if labels[stem][0] in index}
+    else:
+        _refuse([f"{where}: {wnid} (label of {stem}) is not a class folder of {train_dir} ({len(classes)} classes, "
+                 f"{classes[0]} ... {classes[-1]}; --subset keeps only its classes)"
+                 for stem, (wnid, where) in labels.items() if wnid not in index])
     return [(name, index[labels[stem][0]]) for stem, name in images.items()]
 
 
@@ -260,6 +271,9 @@ def main(argv=None) -> int:
                     help="symlink (default): a class-folder tree of links, read by every backend with no "
                          "config change but data.val_dir. list: file lists, for filesystems without symlinks")
     ap.add_argument("--force", action="store_true", help="replace an earlier output of this command at --out")
+    ap.add_argument("--subset", action="store_true",
+                    help="TRAIN_DIR holds a class subset (ImageNet-100 and the like): keep the val images of "
+                         "its classes, skip the rest (without it, a label outside TRAIN_DIR is an error)")
     args = ap.parse_intermixed_args(argv)
     val_dir, train_dir, out = (os.path.abspath(p) for p in (args.val_dir, args.train_dir, args.out))
     with one_line_errors(ConversionError, SplitLayoutError, OSError):
@@ -267,17 +281,19 @@ def main(argv=None) -> int:
         if args.mode == "list" and os.path.basename(val_dir) == os.path.basename(train_dir):
             raise ConversionError(f"{val_dir} and {train_dir} have the same name: their lists would collide")
         classes = class_folders(train_dir)
-        pairs = match(val_images(val_dir), read_labels(args.labels, args.synsets), classes, val_dir=val_dir,
-                      labels_path=args.labels, train_dir=train_dir)
+        images = val_images(val_dir)
+        pairs = match(images, read_labels(args.labels, args.synsets), classes, val_dir=val_dir,
+                      labels_path=args.labels, train_dir=train_dir, subset=args.subset)
         manifest = {"val_dir": val_dir, "labels": os.path.abspath(args.labels), "train_dir": train_dir,
                     "synsets": os.path.abspath(args.synsets) if args.synsets else "", "mode": args.mode,
-                    "images": len(pairs), "classes": len(classes)}
+                    "subset": args.subset, "images": len(pairs), "classes": len(classes)}
         if args.mode == "symlink":
             write_out(out, lambda f: symlink_tree(f, out, val_dir, classes, pairs), manifest)
         else:
             write_out(out, lambda f: file_lists(f, val_dir, train_dir, pairs), manifest)
     used = len({idx for _, idx in pairs})
-    print(f"{len(pairs)} images of {used}/{len(classes)} classes -> {out}")
+    skipped = f" ({len(images) - len(pairs)} images of other classes skipped: --subset)" if args.subset else ""
+    print(f"{len(pairs)} images of {used}/{len(classes)} classes -> {out}{skipped}")
     root = os.path.dirname(train_dir)
     where = os.path.relpath(out, root) if _inside(out, root) else out
     print("next: set " + (f"data.val_dir={where}" if args.mode == "symlink" else f"data.file_list={out}/{{split}}.txt"))

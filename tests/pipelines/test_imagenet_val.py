@@ -2,6 +2,7 @@
 list_images and a class loader, the true label of every image; every mismatch is one line and
 writes nothing; an earlier output is never lost."""
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -151,3 +152,28 @@ def test_earlier_output_is_never_lost(tmp_path, imagenet, capsys):
                                                            out="mine")
     assert (imagenet / "mine" / "notes.txt").read_text() == "keep me"
     assert "overlaps" in one_line_error(capsys, tmp_path, imagenet, "csv", "--force", out="val/x")
+
+
+@pytest.mark.parametrize("labels,synsets", [("csv", None), ("gt", "map_clsloc")])
+def test_subset_train_keeps_its_classes_only(tmp_path, imagenet, capsys, labels, synsets):
+    """ImageNet-100 style: train/ holds 2 of the 3 classes; --subset keeps their val images, with
+    class indices of the subset's own sorted folders; without it, one line pointing at --subset."""
+    gone = "n02100735"
+    shutil.rmtree(imagenet / "train" / gone)
+    kept = [w for w in TRAIN if w != gone]
+    assert "--subset keeps only its classes" in one_line_error(capsys, tmp_path, imagenet, labels, synsets=synsets)
+    assert sorted(os.listdir(imagenet)) == ["train", "val"]
+    assert run(tmp_path, imagenet, labels, "--subset", synsets=synsets) == 0
+    printed = capsys.readouterr().out
+    assert "4 images of 2/2 classes" in printed and "2 images of other classes skipped" in printed, printed
+    paths, got, classes = list_images(str(imagenet / "val_classes"))
+    truth = {f"ILSVRC2012_val_{k + 1:08d}.JPEG": kept.index(w) for k, w in enumerate(TRUTH) if w != gone}
+    assert classes == kept and {os.path.basename(p): lab for p, lab in zip(paths, got)} == truth
+
+
+def test_subset_refuses_a_train_class_without_val_images(tmp_path, imagenet, capsys):
+    (imagenet / "train" / "n09999999").mkdir()
+    save_jpeg(str(imagenet / "train" / "n09999999" / "x.JPEG"), np.full((40, 40, 3), 128, np.uint8))
+    err = one_line_error(capsys, tmp_path, imagenet, "csv", "--subset")
+    assert "--subset: class folder n09999999 of" in err and "has no image in" in err, err
+    assert sorted(os.listdir(imagenet)) == ["train", "val"]
