@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from rotnet.atomic import write_text
+
 TITLE = "# Benchmarks\n\nAppend-only results of the scripts in benchmarks/.\n"
 
 
@@ -53,4 +55,4 @@ def append_block(path: str | Path, text: str, heading: str | None = None, intro:
     nxt = doc.find("\n## ", start)
     end = len(doc) if nxt < 0 else nxt + 1
     doc = doc[:end].rstrip("\n") + "\n\n" + text.strip("\n") + "\n" + ("\n" + doc[end:] if nxt >= 0 else "")
-    path.write_text(doc, encoding="utf-8")
+    write_text(path, doc)   # a kill mid-write must not cost the file its earlier blocks

@@ -25,7 +25,6 @@ it carries no metadata.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -36,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from models import build_trunk
 from models.rotnet import seeded_rotnet
 from models.trunk import ProbeTrunk
+from rotnet.atomic import atomic_path
 from rotnet.checkpoint import load_checkpoint
 from rotnet.cli import ArgumentParser, fail
 from rotnet.config import Config, ConfigError, config_from_dict
@@ -136,16 +136,11 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path, force: bool = Fals
     if fmt != "native":
         check_torchvision_layout(trunk, state)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside `out`, then rename: an interrupted export never leaves a truncated file under its name.
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(out) as tmp:   # an interrupted export never leaves a truncated file under its name
         if as_torch:
             torch.save(state, tmp)   # tensors only: loads with torch.load(weights_only=True)
         else:
             save_file(state, tmp, metadata=metadata(cfg, ckpt, fmt, checkpoint))
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 

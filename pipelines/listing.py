@@ -17,6 +17,8 @@ import warnings
 
 import torch
 
+from rotnet.atomic import write_text
+
 # Same set as torchvision.datasets.folder.IMG_EXTENSIONS; compared case-insensitively,
 # so ImageNet's upper-case ".JPEG" is found.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -102,32 +104,14 @@ def read_file_list(path: str) -> tuple[list[str], list[int]]:
     return rel, labels
 
 
-TMP = ".tmp-"   # prefix of a file being written: hidden, so never listed as an image or read as a shard
-
-
-def write_atomic(path: str, text: str) -> None:
-    """Write `text` to `path` through `TMP + name` beside it (fsync, then rename over `path`): an error
-    or a kill mid-write leaves an earlier file at `path` whole."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), TMP + os.path.basename(path))
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_file_list(path: str, rel_paths: list[str], labels: list[int]) -> None:
     """Write the format `read_file_list` (and DALI's readers.file file_list) reads, atomically
-    (`write_atomic`): an error leaves an earlier list whole."""
+    (rotnet.atomic): an error leaves an earlier list whole."""
     bad = next((p for p in rel_paths if "\n" in p), None)
     if bad is not None:
         raise ValueError(f"newline in file name cannot go in a file list: {bad!r}")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_atomic(path, "".join(f"{p} {lab}\n" for p, lab in zip(rel_paths, labels)))
+    write_text(path, "".join(f"{p} {lab}\n" for p, lab in zip(rel_paths, labels)))
 
 
 def list_images(root_split: str, file_list: str = "", *, labelled: bool = True,

@@ -33,9 +33,10 @@ import tarfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
 from pipelines.contract import derive_seed
-from pipelines.listing import TMP, BadImageError, list_images, write_atomic
+from pipelines.listing import BadImageError, list_images
 from pipelines.shardset import (FORMAT, FORMAT_VERSION, IMAGE_EXT, LABEL_EXT, MANIFEST, index_text, member_key,
                                 read_index, shard_files)
+from rotnet.atomic import TMP, atomic_path, write_text
 from rotnet.checkpoint import git_commit
 from rotnet.cli import ArgumentParser, fail
 
@@ -86,7 +87,7 @@ def check_plan(out: str, record: dict) -> None:
         return
     if os.path.exists(os.path.join(out, MANIFEST)) or any(n.endswith(".tar") for n in os.listdir(out)):
         raise UsageError(f"--out {out!r} holds tar shards without {PLAN} (not written by this packer?); use another folder")
-    write_atomic(path, json.dumps(record, indent=1))
+    write_text(path, json.dumps(record, indent=1))
 
 
 # ------------------------------------------------------------------ one shard
@@ -116,9 +117,8 @@ def write_shard(out: str, i: int, members: list[tuple]) -> tuple[int, int]:
     tar, so a tar under its final name has its index. Returns (i, tar bytes). OSError names an
     unreadable source file."""
     tar_name, idx_name = shard_files(i)
-    tmp_tar = os.path.join(out, TMP + tar_name)
     index = []
-    try:
+    with atomic_path(os.path.join(out, tar_name)) as tmp_tar:
         with open(tmp_tar, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
             for path, label, pos in members:
                 key = member_key(pos)
@@ -135,15 +135,8 @@ def write_shard(out: str, i: int, members: list[tuple]) -> tuple[int, int]:
                     sample.append((name.split(".", 1)[1], tf.offset + tarfile.BLOCKSIZE, len(data), name))
                     tf.addfile(info, io.BytesIO(data))
                 index.append(sample)
-            tf.close()
-            f.flush()
-            os.fsync(f.fileno())
-        write_atomic(os.path.join(out, idx_name), index_text(index))
-        os.replace(tmp_tar, os.path.join(out, tar_name))
-        return i, os.path.getsize(os.path.join(out, tar_name))
-    finally:
-        if os.path.exists(tmp_tar):
-            os.remove(tmp_tar)
+        write_text(os.path.join(out, idx_name), index_text(index))   # before the tar's rename
+    return i, os.path.getsize(os.path.join(out, tar_name))
 
 
 # ------------------------------------------------------------------ the command
@@ -190,7 +183,7 @@ def pack(split_dir: str, out: str, shard_size: int, workers: int, seed: int = 0,
                 "tool_commit": git_commit(),
                 **{k: record[k] for k in ("count", "classes", "source", "file_list", "seed", "shard_size")},
                 "shards": entries}
-    write_atomic(os.path.join(out, MANIFEST), json.dumps(manifest, separators=(",", ":")))
+    write_text(os.path.join(out, MANIFEST), json.dumps(manifest, separators=(",", ":")))
     print(f"{out}: {len(shards)} shards, {record['count']} images ({len(shards) - len(todo)} shards were "
           f"already complete), {sum(e['bytes'] for e in entries) / 2**20:.1f} MiB")
     return manifest

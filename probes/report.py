@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rotnet.atomic import write_text
+
 MODEL_TITLES = {"pretrained": "RotNet pretrained", "random": "random init"}
 
 
@@ -102,8 +104,8 @@ def bar_chart(results: dict[str, dict], meta: dict, path: Path) -> None:
 
 def write_reports(results: dict[str, dict], meta: dict, out_dir: Path) -> str:
     """Write eval.json, eval.md, eval.png into out_dir; return the Markdown table."""
-    (out_dir / "eval.json").write_text(json.dumps(to_json(results, meta), indent=2) + "\n")
+    write_text(out_dir / "eval.json", json.dumps(to_json(results, meta), indent=2) + "\n")
     table = markdown_table(results, meta)
-    (out_dir / "eval.md").write_text(table)
+    write_text(out_dir / "eval.md", table)
     bar_chart(results, meta, out_dir / "eval.png")
     return table

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from rotnet.atomic import atomic_path
+
 LATEST = "checkpoint.pt"
 _NUMBERED = re.compile(r"checkpoint_(\d+)\.pt$")
 
@@ -37,23 +39,10 @@ def git_commit() -> str:
 
 
 def atomic_save(obj, path: str | Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then rename over `path`.
-
-    A crash or preemption mid-write leaves the previous checkpoint intact: rename is
-    atomic on POSIX filesystems (including Lustre/GPFS within one directory).
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    """torch.save through rotnet.atomic: a crash or preemption mid-write leaves the previous
+    checkpoint intact."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _snapshot(src: Path, dst: Path) -> None:
@@ -66,9 +55,8 @@ def _snapshot(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
     except OSError:
-        tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(src, tmp)
 
 
 def save_checkpoint(state: dict, output_dir: str | Path, keep_last: int, numbered: bool) -> Path:

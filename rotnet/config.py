@@ -18,6 +18,8 @@ from typing import Literal
 
 import yaml
 
+from rotnet.atomic import write_text
+
 
 class ConfigError(ValueError):
     """A config file or override is wrong; the message names the file and key."""
@@ -299,4 +301,4 @@ def config_to_dict(cfg: Config) -> dict:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -1,0 +1,47 @@
+"""Atomic file writes: the one rule for every file rotnet writes over an earlier one.
+
+Checkpoints, probe states, exports, file lists, shard tars and indices, configs and reports are
+written under a hidden temporary name beside the target, fsynced, then renamed over it (atomic
+on POSIX filesystems, Lustre/GPFS included, within one folder). A crash, a full disk or a SLURM
+kill mid-write leaves the earlier file whole and, at worst, a `.tmp-` file that no reader takes
+for data: the prefix is hidden, so it is never listed as an image, read as a shard or found as
+a checkpoint.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+TMP = ".tmp-"   # prefix of a file being written
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)   # a folder too: makes the rename itself durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """Yield the temporary path to write `path` through. On a clean exit of the block it is
+    fsynced and renamed over `path`; on an exception it is removed and `path` is untouched.
+    Work done inside the block after the write (a shard's index) lands before the rename."""
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, TMP + name)
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, os.path.join(folder, name))
+        _fsync(folder)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """`path` holds `text` (UTF-8) afterwards, or its earlier content if anything failed."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
