@@ -97,7 +97,9 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--knn-pool", choices=POOLS, default="avg",
                    help="avg (default): global average pool, C dims per layer, the usual kNN protocol and "
                         "small enough for ImageNet banks. grid: the linear probe's ~9k-dim max-pool, to "
-                        "compare with --head linear on the same vectors (ImageNet: ~23 GB fp16 per layer).")
+                        "compare with --head linear on the same vectors (ImageNet: ~23 GB fp16 per layer). "
+                        "To rank conv layers as the probes do, use grid: on CIFAR NIN avg put block3 ahead "
+                        "of block2, grid matched the MLP probes' order (docs/results.md).")
     p.add_overrides("data.root=/data/imagenet probe.batch_size_per_gpu=256")
     return p.parse_intermixed_args(argv)
 
