@@ -35,6 +35,7 @@ from rotnet.distributed import all_reduce_sum, barrier, cleanup, init_distribute
 from rotnet.preemption import REQUEUE_EXIT_CODE
 from rotnet.progress import RunLogger, log, setup_logging
 from rotnet.run import Run, autocast, build_run, data_root
+from rotnet.schedule import due_after
 
 # A checkpoint is refused (with the differences listed) when these differ from the run's config.
 ARCH_KEYS = ("model.arch", "model.width", "model.num_blocks", "data.rotations", "data.crop_size")
@@ -210,7 +211,8 @@ def train_loop(run: Run, loader, val_loader, start_epoch: int, start_step: int,
         loader.set_epoch(epoch)
         first = start_step if epoch == start_epoch else 0
         stats = train_one_epoch(run, loader, epoch, first)
-        if val_loader is not None and stats["complete"]:
+        if val_loader is not None and stats["complete"] and due_after(epoch, cfg.train.eval_rotation_every,
+                                                                      cfg.optim.epochs):
             stats["heldout_rot_acc"] = evaluate_rotation(run, val_loader)
         if monitor is not None and stats["complete"] and monitor.due(epoch):
             t0 = time.perf_counter()

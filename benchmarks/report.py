@@ -16,16 +16,29 @@ from rotnet.atomic import write_text
 TITLE = "# Benchmarks\n\nAppend-only results of the scripts in benchmarks/.\n"
 
 
-def machine(device: torch.device | str | None = None) -> str:
-    """'CPU model (N cores)[, GPU name], torch X'. The GPU is named when `device` is a cuda
-    device, or, with no device given, when CUDA is available (then device 0)."""
+def cpu_name(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """'AMD EPYC (family 25 model 1; AVX2, no native bf16)': the model name alone does not tell a
+    Zen 3 from a Zen 4 EPYC, whose speeds differ ~2x here (bf16 is native on one only), so the
+    family/model and the vector features that decide train.precision=auto come with it."""
     cpu = platform.processor() or platform.machine() or "cpu"
     try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    text = f"{cpu} ({os.cpu_count()} cores)"
+        with open(cpuinfo) as f:
+            head = f.read().split("\n\n", 1)[0]   # the first processor's block
+    except OSError:
+        return cpu
+    fields = dict(line.split(":", 1) for line in head.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    bf16 = "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "no native bf16"
+    where = f"family {fields['cpu family']} model {fields['model']}; " if "cpu family" in fields else ""
+    return f"{fields.get('model name', cpu)} ({where}{isa}, {bf16})"
+
+
+def machine(device: torch.device | str | None = None) -> str:
+    """'CPU model (details), N cores[, GPU name], torch X'. The GPU is named when `device` is a cuda
+    device, or, with no device given, when CUDA is available (then device 0)."""
+    text = f"{cpu_name()}, {os.cpu_count()} cores"
     if device is None:
         if torch.cuda.is_available():
             text += f", GPU {torch.cuda.get_device_name(0)}"

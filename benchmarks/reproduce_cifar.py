@@ -34,6 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.report import cpu_name  # noqa: E402
 from benchmarks.reproduce_report import write_results  # noqa: E402
 
 STAGES = ("pretrain", "eval", "ablations", "semisup", "figures")
@@ -71,12 +72,7 @@ MLP_EPOCHS = 50
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "gpu": None}
+    info = {"host": platform.node(), "cpu": cpu_name(), "cores": os.cpu_count(), "gpu": None}
     try:
         import torch
         if torch.cuda.is_available():

@@ -30,6 +30,7 @@ from probes.engine import class_loaders, eval_mode, freeze, percentages, topk_co
 from probes.heads import grid_pool, pool_grid
 from probes.settings import Protocol
 from rotnet.distributed import DistInfo, all_reduce_sum
+from rotnet.schedule import due_after
 from rotnet.progress import log
 from rotnet.run import autocast, batch_preparer
 
@@ -189,8 +190,7 @@ class KnnMonitor:
 
     def due(self, epoch: int) -> bool:
         """After epoch index `epoch` (0-based): every `every` epochs and after the last one."""
-        done = epoch + 1
-        return self.every > 0 and (done % self.every == 0 or done == self.cfg.optim.epochs)
+        return due_after(epoch, self.every, self.cfg.optim.epochs)
 
     def __call__(self, trunk: nn.Module) -> dict[str, float]:
         """{layer: kNN top-1 (%)} of `trunk` as it is now. Collective: every rank calls it."""

@@ -31,3 +31,10 @@ class StepSchedule:
             lr *= (epoch + 1e-3) / self.warmup_epochs
         return lr
 
+
+
+def due_after(epoch: int, every: int, epochs: int) -> bool:
+    """Whether a periodic pass (held-out rotation, kNN monitor) runs after 0-based epoch `epoch`:
+    every `every` epochs and always after the last one, so a run ends with a measurement; 0 = never."""
+    done = epoch + 1
+    return every > 0 and (done % every == 0 or done == epochs)

@@ -47,6 +47,12 @@ def test_train_then_eval_end_to_end(tmp_path):
     assert "resumed from" in r.stderr
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
 
+    # longer, resumed: the held-out rotation pass runs every 2nd epoch and after the last one
+    _run(["train.py", "--config", "configs/sample.yaml", *common, "optim.epochs=5", "train.eval_rotation_every=2"],
+         env)
+    lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [(x["epoch"], "heldout_rot_acc" in x) for x in lines[2:]] == [(2, False), (3, True), (4, True)]
+
     # eval.py on that checkpoint, two layers in one pass, beside a random-init trunk
     ev = tmp_path / "eval"
     r = _run(["eval.py", "--config", "configs/sample.yaml", "--checkpoint", str(out), "--layer", "conv2,conv5",

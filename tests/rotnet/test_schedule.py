@@ -1,6 +1,6 @@
 import pytest
 
-from rotnet.schedule import StepSchedule
+from rotnet.schedule import StepSchedule, due_after
 
 
 def test_step_table():
@@ -19,3 +19,9 @@ def test_bad_tables_are_named():
     with pytest.raises(ValueError, match="pairs"):
         StepSchedule([[0, 0.1, 3]])
 
+
+
+def test_due_after_every_n_and_the_last_epoch():
+    assert [e for e in range(10) if due_after(e, 4, 10)] == [3, 7, 9]   # the last epoch always
+    assert [e for e in range(3) if due_after(e, 1, 3)] == [0, 1, 2]
+    assert not any(due_after(e, 0, 5) for e in range(5))                # 0 = never
