@@ -166,33 +166,34 @@ def run(args: argparse.Namespace, info: DistInfo) -> None:
                 + (f", milestones stretched from probe.epochs={cfg.probe.epochs}" if epochs != cfg.probe.epochs else ""))
              + f" | output {out}")
 
-    # ------------------------------------------------------------ train and evaluate the probes
+    # ------------------------------------------------------------ train and evaluate the probes, report
     sources = {kind: str(ckpt_path) if kind == "pretrained" else f"random:{seed}" for kind in trunks}
     for kind in trunks:  # refuse a mismatching resume state now, not after hours of the first run
         load_state(out / f"probe_state_{kind}.pt", p.signature(kind, sources[kind]))
-    results, wall = {}, {}
+    meta = {"arch": cfg.model.arch, "width": cfg.model.width, **p.signed(), "world_size": info.world_size,
+            "checkpoint": str(ckpt_path) if ckpt_path else None,
+            "checkpoint_epoch": ckpt.get("epoch") if ckpt else None,
+            "checkpoint_commit": ckpt.get("commit") if ckpt else None, "commit": git_commit(),
+            "data_root": cfg.data.root, "wall_time_s": {},
+            "model_selection": "none (no training)" if knn else "none (last epoch)"}
+    if knn:
+        meta["knn"] = {"k": args.knn_k, "T": args.knn_t, "pool": args.knn_pool, "similarity": "cosine",
+                       "bank": f"{cfg.data.train_dir} (eval recipe)", "queries": cfg.data.val_dir}
+    results = {}
     for kind, trunk in trunks.items():
         t0 = time.perf_counter()   # a resumed probe run times only what it ran now
         results[kind] = (knn_probe(p, trunk, args.knn_k, args.knn_t, args.knn_pool) if knn
                          else fit_probes(p, trunk, kind, sources[kind]))
-        wall[kind] = round(time.perf_counter() - t0, 1)
-        log.info(f"[{kind}] {head} evaluation took {wall[kind]:.1f} s")
-
-    # ------------------------------------------------------------ report
+        meta["wall_time_s"][kind] = round(time.perf_counter() - t0, 1)
+        log.info(f"[{kind}] {head} evaluation took {meta['wall_time_s'][kind]:.1f} s: "
+                 + ", ".join(f"{layer} {r['top1']:.2f}" for layer, r in results[kind].items()))
+        # Reports after every trunk, not only the last: a run killed during the random-init trunk
+        # keeps the pretrained numbers (kNN has no resumable state; probes resume from probe_state_*).
+        if info.is_main:
+            table = write_reports(results, meta, out)
     if info.is_main:
-        meta = {"arch": cfg.model.arch, "width": cfg.model.width, **p.signed(), "world_size": info.world_size,
-                "checkpoint": str(ckpt_path) if ckpt_path else None,
-                "checkpoint_epoch": ckpt.get("epoch") if ckpt else None,
-                "checkpoint_commit": ckpt.get("commit") if ckpt else None, "commit": git_commit(),
-                "data_root": cfg.data.root, "wall_time_s": wall,
-                "model_selection": "none (no training)" if knn else "none (last epoch)"}
-        if knn:
-            meta["knn"] = {"k": args.knn_k, "T": args.knn_t, "pool": args.knn_pool, "similarity": "cosine",
-                           "bank": f"{cfg.data.train_dir} (eval recipe)", "queries": cfg.data.val_dir}
-        table = write_reports(results, meta, out)
         print("\n" + table, flush=True)
         log.info(f"wrote {out}/eval.json, eval.md, eval.png, eval_log.jsonl")
-
 
 if __name__ == "__main__":
     main()

@@ -222,6 +222,27 @@ def test_knn_head_all_layers_with_random(setup):
     assert not list(out.glob("probe_state_*"))                            # nothing trained, nothing to resume
 
 
+def test_a_run_killed_in_the_random_trunk_keeps_the_pretrained_report(setup, monkeypatch):
+    """kNN has no resumable state: eval.json/md must hold the pretrained numbers before the random
+    trunk starts, so a kill (here: an error) during it loses nothing already measured."""
+    real, calls = eval_cli.knn_probe, []
+
+    def dies_on_random(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed during the random-init trunk")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(eval_cli, "knn_probe", dies_on_random)
+    out = setup["tmp"] / "out_killed"
+    with pytest.raises(KeyboardInterrupt):
+        _run(setup, "--checkpoint", str(setup["ckpt"]), "--head", "knn", "--layer", "all", "--with-random",
+             "--knn-k", "5", "--precision", "fp32", out=out)
+    data = json.loads((out / "eval.json").read_text())
+    assert list(data["pretrained"]) == NIN_LAYERS and "random" not in data
+    assert set(data["meta"]["wall_time_s"]) == {"pretrained"} and "block1" in (out / "eval.md").read_text()
+
+
 def test_knn_refuses_finetune(setup):
     with pytest.raises(SystemExit, match="drop --finetune"):
         _run(setup, "--checkpoint", str(setup["ckpt"]), "--head", "knn", "--finetune")
