@@ -195,5 +195,6 @@ def run(args: argparse.Namespace, info: DistInfo) -> None:
         print("\n" + table, flush=True)
         log.info(f"wrote {out}/eval.json, eval.md, eval.png, eval_log.jsonl")
 
+
 if __name__ == "__main__":
     main()

@@ -30,9 +30,9 @@ from probes.engine import class_loaders, eval_mode, freeze, percentages, topk_co
 from probes.heads import grid_pool, pool_grid
 from probes.settings import Protocol
 from rotnet.distributed import DistInfo, all_reduce_sum
-from rotnet.schedule import due_after
 from rotnet.progress import log
 from rotnet.run import autocast, batch_preparer
+from rotnet.schedule import due_after
 
 KNN_HEAD = "knn"        # eval.py --head knn
 KNN_K = 20              # DINO's defaults

@@ -102,8 +102,8 @@ class TrainConfig:
     save_every: int = 0            # also keep a numbered copy every N epochs (0: never)
     log_every: int = 10            # steps between progress-bar / TensorBoard updates
     max_steps: int = 0             # stop after this many steps in total (0: no limit); for smoke tests
-    eval_rotation: bool = True     # held-out rotation accuracy on data.val_dir after epochs:
-    # every N epochs and after the last. On a small CPU budget a pass costs ~1/7 of an epoch
+    eval_rotation: bool = True     # held-out rotation accuracy on data.val_dir
+    # ... every N epochs and after the last. On a small CPU budget a pass costs ~1/7 of an epoch
     # (Imagenette AlexNet, 96 px); a larger N buys more epochs for the same wall time.
     eval_rotation_every: int = 1
     # kNN monitor (probes/knn.py, KnnMonitor): every N epochs (and after the last), the weighted kNN

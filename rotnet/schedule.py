@@ -32,7 +32,6 @@ class StepSchedule:
         return lr
 
 
-
 def due_after(epoch: int, every: int, epochs: int) -> bool:
     """Whether a periodic pass (held-out rotation, kNN monitor) runs after 0-based epoch `epoch`:
     every `every` epochs and always after the last one, so a run ends with a measurement; 0 = never."""

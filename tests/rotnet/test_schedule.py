@@ -20,7 +20,6 @@ def test_bad_tables_are_named():
         StepSchedule([[0, 0.1, 3]])
 
 
-
 def test_due_after_every_n_and_the_last_epoch():
     assert [e for e in range(10) if due_after(e, 4, 10)] == [3, 7, 9]   # the last epoch always
     assert [e for e in range(3) if due_after(e, 1, 3)] == [0, 1, 2]
