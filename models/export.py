@@ -37,7 +37,7 @@ from models.rotnet import seeded_rotnet
 from models.trunk import ProbeTrunk
 from rotnet.atomic import atomic_path
 from rotnet.checkpoint import load_checkpoint
-from rotnet.cli import ArgumentParser, fail
+from rotnet.cli import ArgumentParser, InputError, fail
 from rotnet.config import Config, ConfigError, config_from_dict
 
 FORMATS = ("torchvision", "timm", "native")
@@ -45,7 +45,7 @@ TORCHVISION_ARCHS = ("resnet18", "resnet50")
 _TORCHVISION_CLASSIFIER = ("fc.weight", "fc.bias")
 
 
-class ExportError(ValueError):
+class ExportError(InputError):
     """A checkpoint or request that cannot be exported; the message names the file and the reason."""
 
 

@@ -48,13 +48,13 @@ import tempfile
 
 from pipelines.listing import (CLASSES, FLAT, SplitLayoutError, class_folders, is_image_file, layout_error,
                                list_images, split_layout, write_file_list)
-from rotnet.cli import ArgumentParser, one_line_errors
+from rotnet.cli import ArgumentParser, InputError, one_line_errors
 
 MANIFEST = ".imagenet_val.json"   # hidden: the loaders skip it
 CSV_HEADER = "imageid,predictionstring"
 
 
-class ConversionError(ValueError):
+class ConversionError(InputError):
     """Labels and images do not match; the message names the file and line."""
 
 

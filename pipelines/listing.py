@@ -18,19 +18,20 @@ import warnings
 import torch
 
 from rotnet.atomic import write_text
+from rotnet.cli import InputError
 
 # Same set as torchvision.datasets.folder.IMG_EXTENSIONS; compared case-insensitively,
 # so ImageNet's upper-case ".JPEG" is found.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-class BadImageError(RuntimeError):
+class BadImageError(InputError):
     """An image file cannot be decoded (or a split cannot be listed); the message names it."""
 
 
-class SplitLayoutError(BadImageError, ValueError):
+class SplitLayoutError(BadImageError):
     """A split folder's layout does not fit its use (empty; loose images beside sub-folders; flat
-    where class labels are needed). A ValueError too: bad input that entry points end in one line."""
+    where class labels are needed)."""
 
 
 def is_image_file(name: str) -> bool:

@@ -38,13 +38,10 @@ from pipelines.shardset import (FORMAT, FORMAT_VERSION, IMAGE_EXT, LABEL_EXT, MA
                                 read_index, shard_files)
 from rotnet.atomic import TMP, atomic_path, write_text
 from rotnet.checkpoint import git_commit
-from rotnet.cli import ArgumentParser, fail
+from rotnet.cli import ArgumentParser, UsageError, fail
 
 PLAN = ".plan.json"
 
-
-class UsageError(ValueError):
-    """Bad input of the packer: one line, exit 2."""
 
 
 # ------------------------------------------------------------------ the plan

@@ -14,11 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from rotnet.checkpoint import atomic_save, differences, load_checkpoint
+from rotnet.cli import InputError
 
 STATE_VERSION = 1
 
 
-class ResumeMismatch(RuntimeError):
+class ResumeMismatch(InputError):
     """The output folder holds a run made with different arguments."""
 
 

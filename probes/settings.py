@@ -11,6 +11,7 @@ from pathlib import Path
 
 from probes.heads import valid_layers
 from rotnet.checkpoint import find_checkpoint, load_checkpoint
+from rotnet.cli import UsageError
 from rotnet.config import Config, apply_overrides, config_from_dict, config_to_dict, load_config
 from rotnet.distributed import DistInfo
 
@@ -21,9 +22,6 @@ DATA_SPEED_KEYS = ("backend", "num_threads", "prefetch", "hw_decoder_load", "dev
                    "host_memory_padding", "normalize", "resident")
 UNSIGNED = {"signed": False}   # field metadata: a Protocol field that does not change the numbers
 
-
-class UsageError(ValueError):
-    """Bad command-line input; the message names it and lists valid choices."""
 
 
 def resolve_config(config: str | None, checkpoint: str | None,

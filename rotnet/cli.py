@@ -20,6 +20,15 @@ from contextlib import contextmanager
 USAGE_EXIT_CODE = 2
 
 
+class InputError(Exception):
+    """Bad input (config, files, data layout, command line): the one exception class that entry
+    points print as one line and exit 2. Every other exception is a bug and keeps its traceback."""
+
+
+class UsageError(InputError):
+    """A command-line request that cannot be done; the message names the flag and the fix."""
+
+
 class UsageExit(SystemExit):
     """SystemExit(2) after the one-line message went to stderr; str() is the message, so callers
     (and tests) that catch it can still read what was wrong."""

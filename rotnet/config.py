@@ -19,9 +19,10 @@ from typing import Literal
 import yaml
 
 from rotnet.atomic import write_text
+from rotnet.cli import InputError
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config file or override is wrong; the message names the file and key."""
 
 
