@@ -14,7 +14,7 @@ RUNS/BUDGET/MODEL/; a step whose `step.json` says it finished is skipped, so a r
 Every run ends by rewriting the Imagenette section of docs/results.md (between
 <!-- imagenette --> and <!-- /imagenette -->; the hand-written block between
 <!-- imagenette notes --> and <!-- /imagenette notes --> is kept; the CIFAR part of the
-file is left alone). The bars are issue 13's: see BARS.
+file is left alone). The bars: see BARS.
 """
 from __future__ import annotations
 
@@ -42,12 +42,12 @@ BUDGETS = {
                   eval=["--batch-size", "4"], subset=(8, 4), eval_epochs=1),
     "cpu-30min": dict(train=[], eval=[], subset=None, eval_epochs=None),
 }
-WALL_CAP_MIN = 30          # issue 13: pretraining <= 30 min of train.py wall time on the 2-core CPU
+WALL_CAP_MIN = 30          # pretraining <= 30 min of train.py wall time on the 2-core CPU
 BLOCK_RE = re.compile(r"<!-- imagenette -->.*?<!-- /imagenette -->", re.S)
 NOTES_RE = re.compile(r"<!-- imagenette notes -->.*?<!-- /imagenette notes -->", re.S)
 
 
-# ---------------------------------------------------------------- bars (issue 13, never lowered)
+# ---------------------------------------------------------------- bars (never lowered)
 
 def bars(arch: str, pre: dict[str, float], rnd: dict[str, float]) -> list[tuple[str, bool, str]]:
     """(bar, met, measured) for one model's linear probes: pre/rnd map layer -> top-1 (%)."""
