@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 import visualize
-from models.rotnet import build_rotnet
+from models import build_model
 from rotnet.config import config_from_dict, config_to_dict
 
 
@@ -16,7 +16,7 @@ def _tiny_run(tmp_path):
                                      "val_dir": "test"},
                             "model": {"arch": "nin", "width": 0.125, "num_blocks": 4},
                             "train": {"output_dir": str(tmp_path / "run")}})
-    net = build_rotnet(cfg.model, num_rotations=4, input_size=32)
+    net = build_model(cfg, 0)
     run = tmp_path / "run"
     run.mkdir()
     torch.save({"model": net.state_dict(), "config": config_to_dict(cfg), "epoch": 2}, run / "checkpoint.pt")
@@ -51,7 +51,8 @@ def test_visualize_writes_all_figures(tmp_path):
 
 
 def test_attention_maps_shape_and_range():
-    net = build_rotnet(config_from_dict({"model": {"arch": "nin", "width": 0.125}}).model, 4, 32)
+    cfg = config_from_dict({"data": {"crop_size": 32}, "model": {"arch": "nin", "width": 0.125}})
+    net = build_model(cfg, 0)
     maps = visualize.attention_maps(net.trunk.eval(), torch.randn(2, 3, 32, 32), power=2)
     assert list(maps) == net.trunk.layer_names
     for m in maps.values():
