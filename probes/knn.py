@@ -114,7 +114,7 @@ def extract(p: KnnProtocol, trunk: nn.Module, loader: Iterable,
     if not labels:   # a split with fewer images than ranks
         raise UsageError(f"kNN {what}: rank {p.info.rank} of {p.info.world_size} got no images; "
                          "use fewer ranks")
-    # one layer's batches at a time, freed as they are joined: the peak stays near the bank's size, not twice it
+    # one layer's batches at a time, freed as they are joined: the peak stays near the bank, not twice it
     return {name: torch.cat(rows.pop(name)) for name in p.layers}, torch.cat(labels)
 
 

@@ -176,6 +176,21 @@ def test_bad_input_names_it(setup, args, message):
                                                         ["--checkpoint", str(setup["ckpt"])]), *args])
 
 
+def test_bad_checkpoint_is_one_line_and_a_bug_keeps_its_traceback(setup, tmp_path, monkeypatch, capsys):
+    garbage = tmp_path / "notes.pt"
+    garbage.write_text("not a checkpoint\n")
+    with pytest.raises(SystemExit, match=f"cannot load checkpoint {garbage}"):
+        _run(setup, "--checkpoint", str(garbage))
+    assert capsys.readouterr().err.count("\n") == 1
+
+    def broken(*a):
+        raise RuntimeError("a bug in building the trunk")
+
+    monkeypatch.setattr(eval_cli, "build_model", broken)
+    with pytest.raises(RuntimeError, match="a bug in building the trunk"):   # not turned into one line
+        _run(setup, "--checkpoint", str(setup["ckpt"]))
+
+
 def test_missing_default_checkpoint_says_run_train_first(setup, tmp_path):
     with pytest.raises(SystemExit, match="train.py"):
         eval_cli.main(["--config", str(setup["cfg"]), f"train.output_dir={tmp_path / 'empty'}"])

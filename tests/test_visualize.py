@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from PIL import Image
 
@@ -86,3 +87,13 @@ def test_curves_gain_a_knn_panel_when_the_log_has_it(tmp_path, monkeypatch):
     (run / "log.jsonl").write_text("\n".join(lines) + "\n")
     visualize.plot_curves(visualize.read_log(run / "log.jsonl"), "t", tmp_path / "d.png")
     assert panels == [(1, 3), (1, 2)]
+
+
+def test_a_bad_eval_json_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "eval.json"
+    bad.write_text("{not json")
+    missing = tmp_path / "none.json"
+    for path, message in ((bad, "eval.json: not JSON"), (missing, "none.json: file not found")):
+        with pytest.raises(SystemExit, match=message):
+            visualize.main(["--eval-json", str(path), "--out", str(tmp_path / "f" / "x")])
+        assert capsys.readouterr().err.endswith("\n") and not list(tmp_path.glob("f/*.png"))

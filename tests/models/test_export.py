@@ -189,6 +189,19 @@ def test_refuses_what_torchvision_cannot_hold(runs, capsys, tmp_path):
     assert "use a .safetensors name" in _refused(capsys, runs["nin"][0], "--out", tmp_path / "n.bin")
 
 
+def test_a_bug_keeps_its_traceback_and_an_unwritable_out_is_one_line(runs, capsys, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("a file where --out's folder should be")
+    out = tmp_path / "file" / "nin.safetensors"
+    assert f"cannot write {out}" in _refused(capsys, runs["nin"][0], "--format", "native", "--out", out)
+
+    def broken(*a, **kw):
+        raise RuntimeError("a bug in building the trunk")
+
+    monkeypatch.setattr("models.export.build_model", broken)
+    with pytest.raises(RuntimeError, match="a bug in building the trunk"):   # not turned into one line
+        main([str(runs["nin"][0]), "--format", "native", "--out", str(tmp_path / "n.safetensors")])
+
+
 def test_existing_out_needs_force(runs, capsys, tmp_path):
     ckpt, net = runs["nin"]
     out = tmp_path / "nin.safetensors"

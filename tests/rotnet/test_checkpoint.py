@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from rotnet.checkpoint import (CheckpointError, atomic_save, check_compatible, find_checkpoint, load_checkpoint,
-                               save_checkpoint)
+from rotnet.checkpoint import (CheckpointError, atomic_save, check_compatible, find_checkpoint,
+                               load_checkpoint, save_checkpoint)
 
 
 def test_atomic_save_keeps_old_file_when_write_fails(tmp_path, monkeypatch):
