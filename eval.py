@@ -22,18 +22,18 @@ import argparse
 import time
 from pathlib import Path
 
-from models.rotnet import seeded_rotnet
+from models import build_model
 from pipelines import class_labels_missing
 from probes.engine import fit_probes
 from probes.heads import HEADS
 from probes.knn import KNN_HEAD, KNN_K, KNN_T, POOLS, knn_probe
 from probes.report import write_reports
-from probes.resume import ResumeMismatch, load_state
-from probes.settings import (DEFAULT_CONFIG, Protocol, UsageError, parse_layers, resolve_config,
+from probes.resume import load_state
+from probes.settings import (DEFAULT_CONFIG, KnnProtocol, ProbeProtocol, parse_layers, resolve_config,
                              stretch_schedule)
 from rotnet.checkpoint import git_commit
-from rotnet.cli import ArgumentParser, fail, one_line_errors
-from rotnet.config import ConfigError
+from rotnet.cli import ArgumentParser, InputError, UsageError, fail
+from rotnet.config import Config
 from rotnet.distributed import DistInfo, barrier, cleanup, init_distributed
 from rotnet.progress import log, setup_logging
 from rotnet.run import data_root, resolve_precision
@@ -104,6 +104,38 @@ def get_args(argv=None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
+# ---------------------------------------------------------------------------- the two protocols
+
+def probe_protocol(args: argparse.Namespace, shared: dict, out: Path,
+                   sources: dict[str, str]) -> ProbeProtocol:
+    """Trained probes; a mismatching resume state of any trunk is refused now, not after the first's hours."""
+    cfg = shared["cfg"]
+    epochs = cfg.probe.epochs if args.epochs is None else args.epochs
+    p = ProbeProtocol(**shared, epochs=epochs, schedule=stretch_schedule(cfg.probe.schedule, cfg.probe.epochs,
+                                                                          epochs, args.lr),
+                      finetune=args.finetune, val_every=args.val_every, out=out)
+    for kind, source in sources.items():
+        load_state(out / f"probe_state_{kind}.pt", p.signature(kind, source))
+    return p
+
+
+def knn_protocol(args: argparse.Namespace, shared: dict) -> KnnProtocol:
+    if args.finetune:
+        raise UsageError("--head knn scores frozen features and trains nothing; drop --finetune")
+    return KnnProtocol(**shared, k=args.knn_k, t=args.knn_t, pool=args.knn_pool)
+
+
+def output_dir(args: argparse.Namespace, head: str, cfg: Config, ckpt_path: Path | None) -> Path:
+    """--output-dir, else eval_<head>[_finetune][_k<K>] beside the checkpoint (random: train.output_dir)."""
+    if args.output_dir:
+        return Path(args.output_dir)
+    suffix = (("_finetune" if args.finetune else "")
+              + (f"_k{args.labels_per_class}" if args.labels_per_class else ""))
+    if ckpt_path:
+        return ckpt_path.parent / f"eval_{head}{suffix}"
+    return Path(cfg.train.output_dir) / f"eval_{head}_random{suffix}"
+
+
 # ---------------------------------------------------------------------------- main
 
 def main(argv=None) -> None:
@@ -112,78 +144,56 @@ def main(argv=None) -> None:
     setup_logging(info.is_main, None)
     try:
         run(args, info)
-    except (UsageError, ConfigError, ResumeMismatch) as e:   # one line, exit 2
+    except InputError as e:   # bad config, checkpoint, data or flags: one line, exit 2
         fail(e)
     finally:
         cleanup(info)
 
 
 def run(args: argparse.Namespace, info: DistInfo) -> None:
-    # ------------------------------------------------------------ checkpoint and config
-    with one_line_errors(RuntimeError):   # a file that is not a readable checkpoint
-        cfg, trained, ckpt_path, ckpt = resolve_config(args.config, args.checkpoint, args.overrides)
+    # ------------------------------------------------------------ checkpoint, trunks, protocol
+    cfg, trained, ckpt_path, ckpt = resolve_config(args.config, args.checkpoint, args.overrides)
     head = args.head or cfg.probe.head   # the config's value is checked when it is loaded
-    knn = head == KNN_HEAD
-    if knn and args.finetune:
-        raise UsageError("--head knn scores frozen features and trains nothing; drop --finetune")
     seed = cfg.train.seed if args.seed is None else args.seed
-    epochs = 0 if knn else cfg.probe.epochs if args.epochs is None else args.epochs
-    schedule = [] if knn else stretch_schedule(cfg.probe.schedule, cfg.probe.epochs, epochs, args.lr)
-
-    # ------------------------------------------------------------ trunks and layers
     trunks = {}
     if ckpt is not None:
-        trunks["pretrained"] = seeded_rotnet(trained, seed, ckpt["model"]).trunk
+        trunks["pretrained"] = build_model(trained, seed, ckpt["model"], str(ckpt_path)).trunk
     if ckpt is None or args.with_random:
-        trunks["random"] = seeded_rotnet(trained, seed).trunk
-    layers = parse_layers(args.layer, next(iter(trunks.values())), head)
-
-    suffix = ("_finetune" if args.finetune else "") + (f"_k{args.labels_per_class}" if args.labels_per_class else "")
-    default = (ckpt_path.parent / f"eval_{head}{suffix}" if ckpt_path
-               else Path(cfg.train.output_dir) / f"eval_{head}_random{suffix}")
-    out = Path(args.output_dir) if args.output_dir else default
-    root = data_root(cfg, require=(cfg.data.train_dir, cfg.data.val_dir))   # "" = the sample data; before writing
+        trunks["random"] = build_model(trained, seed).trunk
+    sources = {kind: str(ckpt_path) if kind == "pretrained" else f"random:{seed}" for kind in trunks}
+    out = output_dir(args, head, cfg, ckpt_path)
+    shared = dict(head=head, layers=parse_layers(args.layer, next(iter(trunks.values())), head),
+                  batch_size=args.batch_size or cfg.probe.batch_size_per_gpu,
+                  precision=resolve_precision(args.precision, info.device), seed=seed,
+                  labels_per_class=args.labels_per_class, info=info, cfg=cfg)
+    # data.root "" becomes the sample data here, before the resume signature reads it and anything is written
+    root = data_root(cfg, require=(cfg.data.train_dir, cfg.data.val_dir))
     if unlabelled := class_labels_missing(cfg.data, str(root / cfg.data.val_dir)):   # e.g. ImageNet's flat val/
         raise UsageError(unlabelled)
+    if head == KNN_HEAD:
+        p, evaluate = knn_protocol(args, shared), knn_probe
+    else:
+        p, evaluate = probe_protocol(args, shared, out, sources), fit_probes
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
     barrier(info)
-
-    # ------------------------------------------------------------ data
-    p = Protocol(head=head, layers=layers, epochs=epochs, schedule=schedule,
-                 batch_size=args.batch_size or cfg.probe.batch_size_per_gpu,
-                 precision=resolve_precision(args.precision, info.device),
-                 finetune=args.finetune, seed=seed, labels_per_class=args.labels_per_class, info=info, cfg=cfg,
-                 val_every=args.val_every, out=out)
     log.info(f"commit {git_commit()} | world size {info.world_size} | device {info.device} | precision "
              f"{p.precision} | {cfg.model.arch} width {cfg.model.width}")
     log.info(f"checkpoint: {ckpt_path or 'none (random init)'}"
              + (f" (epoch {ckpt.get('epoch')}, commit {ckpt.get('commit')})" if ckpt else ""))
-    log.info(f"{head} probes on {', '.join(layers)} | data {cfg.data.root} | batch {p.batch_size}/process x "
-             f"{info.world_size} | "
-             + (f"k={args.knn_k}, T={args.knn_t}, {args.knn_pool} pooling, no training" if knn else
-                f"{epochs} epochs, (epoch, lr) schedule {schedule}"
-                + (f", milestones stretched from probe.epochs={cfg.probe.epochs}" if epochs != cfg.probe.epochs else ""))
-             + f" | output {out}")
+    log.info(f"{head} probes on {', '.join(p.layers)} | data {cfg.data.root} | batch {p.batch_size}/process "
+             f"x {info.world_size} | {p.summary()} | output {out}")
 
-    # ------------------------------------------------------------ train and evaluate the probes, report
-    sources = {kind: str(ckpt_path) if kind == "pretrained" else f"random:{seed}" for kind in trunks}
-    for kind in trunks:  # refuse a mismatching resume state now, not after hours of the first run
-        load_state(out / f"probe_state_{kind}.pt", p.signature(kind, sources[kind]))
-    meta = {"arch": cfg.model.arch, "width": cfg.model.width, **p.signed(), "world_size": info.world_size,
+    # ------------------------------------------------------------ evaluate each trunk, report after each
+    meta = {"arch": cfg.model.arch, "width": cfg.model.width, **p.meta(), "world_size": info.world_size,
             "checkpoint": str(ckpt_path) if ckpt_path else None,
             "checkpoint_epoch": ckpt.get("epoch") if ckpt else None,
             "checkpoint_commit": ckpt.get("commit") if ckpt else None, "commit": git_commit(),
-            "data_root": cfg.data.root, "wall_time_s": {},
-            "model_selection": "none (no training)" if knn else "none (last epoch)"}
-    if knn:
-        meta["knn"] = {"k": args.knn_k, "T": args.knn_t, "pool": args.knn_pool, "similarity": "cosine",
-                       "bank": f"{cfg.data.train_dir} (eval recipe)", "queries": cfg.data.val_dir}
+            "data_root": cfg.data.root, "wall_time_s": {}}
     results = {}
     for kind, trunk in trunks.items():
         t0 = time.perf_counter()   # a resumed probe run times only what it ran now
-        results[kind] = (knn_probe(p, trunk, args.knn_k, args.knn_t, args.knn_pool) if knn
-                         else fit_probes(p, trunk, kind, sources[kind]))
+        results[kind] = evaluate(p, trunk, kind, sources[kind])
         meta["wall_time_s"][kind] = round(time.perf_counter() - t0, 1)
         log.info(f"[{kind}] {head} evaluation took {meta['wall_time_s'][kind]:.1f} s: "
                  + ", ".join(f"{layer} {r['top1']:.2f}" for layer, r in results[kind].items()))

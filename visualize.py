@@ -34,14 +34,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from models import build_model  # noqa: E402
 from models.export import trunk_from_checkpoint  # noqa: E402
-from models.rotnet import seeded_rotnet  # noqa: E402
 from pipelines import list_images, prepare_batch  # noqa: E402
 from pipelines.shardset import list_shards  # noqa: E402
 from pipelines.recipe import crop_batch, decode_rgb  # noqa: E402
 from probes.report import draw_top1_bars  # noqa: E402
 from rotnet.checkpoint import find_checkpoint  # noqa: E402
-from rotnet.cli import ArgumentParser, fail, one_line_errors  # noqa: E402
+from rotnet.cli import ArgumentParser, InputError, UsageError, fail  # noqa: E402
 from rotnet.config import Config, load_config  # noqa: E402
 
 DPI = 100   # small PNGs: docs/figures keeps every file well under 200 KB
@@ -60,9 +60,10 @@ def load_run(run_dir: Path | None, checkpoint: str | None, config: str | None) -
         trunk, cfg, ckpt = trunk_from_checkpoint(checkpoint)
         return cfg, trunk, f"{checkpoint} (epoch {ckpt.get('epoch')})"
     if not (config or (run_dir is not None and (run_dir / "config.yaml").is_file())):
-        fail("no checkpoint and no config: pass --checkpoint, --config or a --run with config.yaml")
+        raise UsageError("no checkpoint and no config: pass --checkpoint, --config or a --run with "
+                         "config.yaml")
     cfg = load_config(config or run_dir / "config.yaml")
-    return cfg, seeded_rotnet(cfg, cfg.train.seed).trunk.eval(), f"random init (seed {cfg.train.seed})"
+    return cfg, build_model(cfg, cfg.train.seed).trunk.eval(), f"random init (seed {cfg.train.seed})"
 
 
 def pick_images(root: Path, n: int, fmt: str) -> list[tuple[str, bytes | None]]:
@@ -149,12 +150,23 @@ def plot_filters(conv: nn.Conv2d, title: str, path: Path, max_filters: int = 96)
     return save(fig, path)
 
 
+def read_json(path: Path, text: str | None = None, where: str = ""):
+    """json.loads(text, default: the file's), a UsageError naming path (and `where` in it) if it is
+    missing or not JSON."""
+    if text is None and not path.is_file():
+        raise UsageError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text() if text is None else text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}{where}: not JSON ({e})") from e
+
+
 def read_log(path: Path) -> list[dict]:
     """log.jsonl -> per-epoch records; a resumed run's repeated epoch keeps its last record."""
     by_epoch: dict[int, dict] = {}
-    for line in path.read_text().splitlines():
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
         if line.strip():
-            rec = json.loads(line)
+            rec = read_json(path, line, f":{n}")
             by_epoch[rec["epoch"]] = rec
     return [by_epoch[e] for e in sorted(by_epoch)]
 
@@ -223,16 +235,19 @@ def get_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> list[Path]:
     args = get_args(argv)
-    # A missing or unreadable file (checkpoint, config, eval.json), a bad config or a file that is
-    # not a pretraining checkpoint (ConfigError, ExportError: ValueErrors): one line, exit 2.
-    with one_line_errors(ValueError, OSError, RuntimeError):
+    try:
         return draw(args)
+    except InputError as e:   # a missing or bad checkpoint, config, eval.json or --out: one line, exit 2
+        fail(e)
 
 
 def draw(args: argparse.Namespace) -> list[Path]:
     """Every figure whose inputs exist; returns the files written."""
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:   # a file where the folder should be, no permission
+        raise UsageError(f"--out {out}: cannot create {out.parent} ({e.strerror or e})") from e
     written: list[Path] = []
 
     log_path = args.run / "log.jsonl" if args.run else None
@@ -255,7 +270,7 @@ def draw(args: argparse.Namespace) -> list[Path]:
             print(f"visualize: image folder {split} not found (--data-root); attention maps skipped",
                   file=sys.stderr)
 
-    evals = [(eval_label(p, ev), ev) for p in args.eval_json for ev in [json.loads(p.read_text())]]
+    evals = [(eval_label(p, ev), ev) for p in args.eval_json for ev in [read_json(p)]]
     if evals:
         written.append(plot_layers(evals, Path(f"{out}_layers.png")))
     for p in written:

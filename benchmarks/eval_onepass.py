@@ -32,10 +32,10 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from benchmarks.report import append_block, machine  # noqa: E402
-from models.rotnet import seeded_rotnet  # noqa: E402
+from models import build_model  # noqa: E402
 from probes.engine import build_probe_set  # noqa: E402
 from probes.heads import valid_layers  # noqa: E402
-from probes.settings import Protocol  # noqa: E402
+from probes.settings import ProbeProtocol  # noqa: E402
 from rotnet.checkpoint import git_commit  # noqa: E402
 from rotnet.config import load_config  # noqa: E402
 from rotnet.distributed import DistInfo  # noqa: E402
@@ -63,10 +63,10 @@ def compute_step(cfg, head: str, layers: list[str], batch: int, steps: int, devi
     """Median seconds of one training step of probes on `layers` (one trunk pass), synthetic input.
 
     Probes, memory format and optimizer come from eval.py's own builders (probes.engine)."""
-    p = Protocol(head=head, layers=layers, epochs=1, schedule=cfg.probe.schedule, batch_size=batch,
+    p = ProbeProtocol(head=head, layers=layers, epochs=1, schedule=cfg.probe.schedule, batch_size=batch,
                  precision="bf16", finetune=False, seed=0, labels_per_class=0, info=DistInfo(device=device),
                  cfg=cfg, val_every=0, out=REPO)
-    raw = build_probe_set(p, seeded_rotnet(cfg, 0).trunk, "benchmark", 10)
+    raw = build_probe_set(p, build_model(cfg, 0).trunk, "benchmark", 10)
     model = place(raw, p.info, cfg.train.channels_last)
     opt = build_optimizer(raw.trainable_parameters(), cfg.probe.schedule[0][1], cfg.probe)
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
@@ -108,7 +108,7 @@ def main() -> None:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the eval.py subprocesses
     cfg = load_config(REPO / args.config, args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    all_layers = valid_layers(args.head, seeded_rotnet(cfg, 0).trunk)
+    all_layers = valid_layers(args.head, build_model(cfg, 0).trunk)
     batch = cfg.probe.batch_size_per_gpu
 
     rows = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from models.trunk import ProbeTrunk, conv_bn_relu, init_weights, scale_channels
+from rotnet.config import ConfigError, ModelConfig
 
 
 def alexnet_fc_block(in_features: int, width: float = 1.0) -> nn.Sequential:
@@ -36,7 +37,8 @@ def _pool5_size(input_size: int) -> int:
     side = out(side, 3, 2, 0)         # pool2
     side = out(side, 3, 2, 0)         # pool5
     if side < 1:
-        raise ValueError(f"alexnet: input_size {input_size} is too small (pool5 would be empty); use >= 63")
+        raise ConfigError(f"data.crop_size={input_size} is too small for alexnet (pool5 would be empty); "
+                          "use >= 63")
     return side
 
 
@@ -47,13 +49,12 @@ class AlexNetTrunk(ProbeTrunk):
         conv1 (B, 64, 55, 55), conv2 (B, 192, 27, 27), conv3 (B, 384, 13, 13),
         conv4 (B, 256, 13, 13), conv5 (B, 256, 13, 13).
     forward: x (B, 3, input_size, input_size) -> pool5 (B, 256, 6, 6) -> fc_block
-    -> (B, 4096); channels and FC sizes scale with `width`.
+    -> (B, 4096); channels and FC sizes scale with `model.width`.
     """
 
-    arch = "alexnet"
-
-    def __init__(self, width: float = 1.0, input_size: int = 224) -> None:
-        super().__init__()
+    def __init__(self, model: ModelConfig, input_size: int = 224) -> None:
+        super().__init__(model, input_size)
+        width = model.width
         c1, c2, c3, c4, c5 = (scale_channels(c, width) for c in (64, 192, 384, 256, 256))
         self.conv1 = conv_bn_relu(3, c1, 11, stride=4, padding=2)
         self.pool1 = nn.MaxPool2d(3, stride=2)
@@ -63,8 +64,6 @@ class AlexNetTrunk(ProbeTrunk):
         self.conv4 = conv_bn_relu(c3, c4, 3, padding=1)
         self.conv5 = conv_bn_relu(c4, c5, 3, padding=1)
         self.pool5 = nn.MaxPool2d(3, stride=2)
-        self.width = width
-        self.input_size = input_size
         # The FC input size is fixed by the resolution the trunk is built for (no
         # adaptive pool), which keeps the paper's 6x6x256 pool5 at 224 px.
         self.fc_in_features = c5 * _pool5_size(input_size) ** 2
@@ -93,10 +92,3 @@ class AlexNetTrunk(ProbeTrunk):
             )
         return self.fc_block(x)
 
-
-def alexnet(width: float = 1.0, input_size: int = 224) -> AlexNetTrunk:
-    """RotNet AlexNet trunk for square (B, 3, input_size, input_size) inputs -> (B, 4096*width)."""
-    return AlexNetTrunk(width=width, input_size=input_size)
-
-
-__all__ = ["ProbeTrunk", "AlexNetTrunk", "alexnet", "alexnet_fc_block", "init_weights", "scale_channels"]

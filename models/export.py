@@ -28,17 +28,15 @@ import json
 from pathlib import Path
 
 import torch
-import torchvision
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from models import build_trunk
-from models.rotnet import seeded_rotnet
+from models.rotnet import MODELS, build_model
 from models.trunk import ProbeTrunk
 from rotnet.atomic import atomic_path
 from rotnet.checkpoint import load_checkpoint
 from rotnet.cli import ArgumentParser, InputError, fail
-from rotnet.config import Config, ConfigError, config_from_dict
+from rotnet.config import Config, ModelConfig, config_from_dict
 
 FORMATS = ("torchvision", "timm", "native")
 TORCHVISION_ARCHS = ("resnet18", "resnet50")
@@ -54,17 +52,12 @@ class ExportError(InputError):
 def trunk_from_checkpoint(path: str | Path) -> tuple[ProbeTrunk, Config, dict]:
     """(trunk with the checkpoint's weights in eval mode, its config, the raw checkpoint dict).
 
-    The one place this module reads a checkpoint (models.rotnet.seeded_rotnet builds and loads the
-    net, as for eval.py and visualize.py). Refuses, naming why, anything that is not a pretraining checkpoint.
+    The one place this module and visualize.py read a checkpoint (models.build_model builds and
+    loads the net). Refuses, naming why, anything that is not a pretraining checkpoint.
     """
     if str(path).endswith(".safetensors"):
         raise ExportError(f"{path} is already an export (.safetensors); pass the train.py checkpoint (.pt)")
-    try:
-        ckpt = load_checkpoint(path)   # weights_only: no code runs from the pickle
-    except RuntimeError as e:   # torch's own reason is often bare ("KeyError: 101" for a text file)
-        cause = e.__cause__ or e
-        raise ExportError(f"{path} is not a train.py checkpoint: torch.load fails "
-                          f"({type(cause).__name__}: {(str(cause).splitlines() or [''])[0]})") from None
+    ckpt = load_checkpoint(path)   # weights_only: no code runs from the pickle; CheckpointError names it
     if not isinstance(ckpt, dict):
         raise ExportError(f"{path} is not a rotnet checkpoint (a {type(ckpt).__name__}, not a dict)")
     if "probes" in ckpt and "signature" in ckpt:
@@ -75,13 +68,7 @@ def trunk_from_checkpoint(path: str | Path) -> tuple[ProbeTrunk, Config, dict]:
         raise ExportError(f"{path} is not a train.py checkpoint: no {' or '.join(repr(k) for k in missing)} key "
                           f"(keys: {sorted(ckpt)[:8]})")
     cfg = config_from_dict(ckpt["config"], str(path))
-    try:
-        rotnet = seeded_rotnet(cfg, cfg.train.seed, ckpt["model"])   # the shared checkpoint -> RotNet loader
-    except RuntimeError as e:   # torch lists every key over several lines: keep the start of the first list
-        detail = (str(e).splitlines()[1:] or [str(e)])[0].strip()
-        raise ExportError(f"{path}: weights do not match its config (model.arch={cfg.model.arch}, "
-                          f"width={cfg.model.width}): {detail[:200]}") from None
-    return rotnet.trunk.eval(), cfg, ckpt
+    return build_model(cfg, cfg.train.seed, ckpt["model"], source=str(path)).trunk.eval(), cfg, ckpt
 
 
 # ---------------------------------------------------------------------------- trunk -> tensors + metadata
@@ -108,6 +95,8 @@ def check_torchvision_layout(trunk: ProbeTrunk, state: dict[str, torch.Tensor]) 
     if trunk.width != 1.0:
         raise ExportError(f"{trunk.arch} at width {trunk.width} has no torchvision counterpart (torchvision's "
                           "ResNet is width 1); use --format native and models.export.load_exported")
+    import torchvision   # seconds of start-up, needed by this check only
+
     with torch.device("meta"):   # names and shapes only: no memory, no init
         reference = getattr(torchvision.models, trunk.arch)().state_dict()
     for key in _TORCHVISION_CLASSIFIER:
@@ -135,12 +124,15 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path, force: bool = Fals
     state = {k: v.detach().contiguous() for k, v in trunk.state_dict().items()}   # safetensors wants contiguous
     if fmt != "native":
         check_torchvision_layout(trunk, state)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:   # an interrupted export never leaves a truncated file under its name
-        if as_torch:
-            torch.save(state, tmp)   # tensors only: loads with torch.load(weights_only=True)
-        else:
-            save_file(state, tmp, metadata=metadata(cfg, ckpt, fmt, checkpoint))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out) as tmp:   # an interrupted export never leaves a truncated file under its name
+            if as_torch:
+                torch.save(state, tmp)   # tensors only: loads with torch.load(weights_only=True)
+            else:
+                save_file(state, tmp, metadata=metadata(cfg, ckpt, fmt, checkpoint))
+    except OSError as e:   # read-only or full disk, a file where a folder should be: the --out path is bad
+        raise ExportError(f"cannot write {out}: {e.strerror or e}") from e
     return out
 
 
@@ -160,15 +152,16 @@ def load_exported(path: str | Path) -> ProbeTrunk:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"export not found: {path}")
+        raise ExportError(f"export not found: {path}")
     if path.suffix != ".safetensors":   # .pth exports carry no metadata to rebuild the trunk from
         raise ExportError(f"{path}: load_exported reads the .safetensors exports only")
     meta = read_metadata(path)
     need = [k for k in ("arch", "width", "num_blocks", "input_size") if k not in meta]
-    if need:
-        raise ExportError(f"{path} is not a rotnet export: its metadata lacks {need}")
-    trunk = build_trunk(meta["arch"], width=float(meta["width"]), num_blocks=int(meta["num_blocks"]),
-                        input_size=int(meta["input_size"]))
+    if need or meta.get("arch") not in MODELS:
+        raise ExportError(f"{path} is not a rotnet export: its metadata lacks {need} or names an unknown "
+                          f"arch {meta.get('arch')!r}")
+    model = ModelConfig(arch=meta["arch"], width=float(meta["width"]), num_blocks=int(meta["num_blocks"]))
+    trunk = MODELS[model.arch](model, int(meta["input_size"]))
     trunk.load_state_dict(load_file(str(path)), strict=True)
     return trunk.eval()
 
@@ -196,8 +189,8 @@ def main(argv=None) -> Path:
     out = args.out or default_out(args.checkpoint, args.format)
     try:
         written = export(args.checkpoint, args.format, out, force=args.force)
-    except (ExportError, ConfigError, OSError, RuntimeError) as e:   # one line, no traceback
-        fail(str(e).splitlines()[0])
+    except InputError as e:   # bad checkpoint, config or --out: one line; anything else keeps its traceback
+        fail(e)
     print(f"wrote {written} ({args.format})")
     return written
 

@@ -15,21 +15,22 @@ import torch
 from torch import Tensor, nn
 
 from models.trunk import ProbeTrunk, conv_bn_relu, init_weights, scale_channels
+from rotnet.config import ConfigError, ModelConfig
 
 
 class NINTrunk(ProbeTrunk):
-    """RotNet NIN with `num_blocks` in {3, 4, 5}; see the module docstring for shapes.
+    """RotNet NIN with `model.num_blocks` in {3, 4, 5}; see the module docstring for shapes.
 
-    x: (B, 3, H, W) -> forward (B, out_dim), out_dim = round(192*width).
+    x: (B, 3, H, W) -> forward (B, out_dim), out_dim = round(192*width). Any input size works
+    (global average pool); `input_size` is recorded only.
     """
 
-    arch = "nin"
-
-    def __init__(self, width: float = 1.0, num_blocks: int = 4) -> None:
-        super().__init__()
+    def __init__(self, model: ModelConfig, input_size: int = 32) -> None:
+        super().__init__(model, input_size)
+        num_blocks = model.num_blocks
         if num_blocks not in (3, 4, 5):
-            raise ValueError(f"nin: num_blocks must be 3, 4 or 5, got {num_blocks}")
-        wide, mid, narrow = (scale_channels(c, width) for c in (192, 160, 96))
+            raise ConfigError(f"model.num_blocks={num_blocks}: nin has 3, 4 or 5 blocks")
+        wide, mid, narrow = (scale_channels(c, model.width) for c in (192, 160, 96))
         blocks = [
             nn.Sequential(
                 conv_bn_relu(3, wide, 5), conv_bn_relu(wide, mid, 1), conv_bn_relu(mid, narrow, 1),
@@ -46,7 +47,6 @@ class NINTrunk(ProbeTrunk):
         for k, block in enumerate(blocks, start=1):
             setattr(self, f"block{k}", block)
 
-        self.width = width
         self.num_blocks = num_blocks
         self.layer_names = [f"block{k}" for k in range(1, num_blocks + 1)]
         self.layer_channels = {name: (narrow if name == "block1" else wide) for name in self.layer_names}
@@ -58,7 +58,3 @@ class NINTrunk(ProbeTrunk):
         """Last block (B, C, h, w) -> global average pool -> (B, C)."""
         return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
 
-
-def nin(width: float = 1.0, num_blocks: int = 4) -> NINTrunk:
-    """RotNet NIN trunk: (B, 3, H, W) -> (B, 192*width); `num_blocks` in {3, 4, 5}."""
-    return NINTrunk(width=width, num_blocks=num_blocks)

@@ -16,34 +16,46 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
 from models.trunk import ProbeTrunk, init_weights, scale_channels
+from rotnet.config import ModelConfig
 
-Block = type[BasicBlock] | type[Bottleneck]
+# arch -> torchvision residual block (by name: torchvision is imported when a ResNet is built) and
+# blocks per stage
+DEPTHS: dict[str, tuple[str, list[int]]] = {
+    "resnet18": ("BasicBlock", [2, 2, 2, 2]),
+    "resnet50": ("Bottleneck", [3, 4, 6, 3]),
+}
 
 
-def _make_layer(block: Block, inplanes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
+def _make_layer(block: type[nn.Module], inplanes: int, planes: int, blocks: int,
+                stride: int) -> nn.Sequential:
     """One ResNet stage, as torchvision builds it: (B, inplanes, H, W) -> (B, planes*exp, H/s, W/s)."""
     out = planes * block.expansion
     downsample = None
     if stride != 1 or inplanes != out:
-        downsample = nn.Sequential(conv1x1(inplanes, out, stride), nn.BatchNorm2d(out))
+        # torchvision's conv1x1, spelt out: torchvision is imported only when a ResNet is built
+        downsample = nn.Sequential(nn.Conv2d(inplanes, out, 1, stride=stride, bias=False),
+                                   nn.BatchNorm2d(out))
     layers = [block(inplanes, planes, stride, downsample)]
     layers += [block(out, planes) for _ in range(1, blocks)]
     return nn.Sequential(*layers)
 
 
 class ResNetTrunk(ProbeTrunk):
-    """torchvision ResNet without `fc`; see the module docstring for probe shapes.
-
-    x: (B, 3, H, W) -> forward (B, out_dim), out_dim = round(512*width)*expansion.
+    """torchvision ResNet without `fc` (`model.arch`: a key of DEPTHS); see the module docstring for
+    probe shapes. x: (B, 3, H, W) -> forward (B, out_dim), out_dim = round(512*width)*expansion.
+    Any input size works (global average pool); `input_size` is recorded only.
     """
 
-    def __init__(self, arch: str, block: Block, depths: list[int], width: float = 1.0) -> None:
-        super().__init__()
-        self.arch = arch
-        self.width = width
+    def __init__(self, model: ModelConfig, input_size: int = 224) -> None:
+        super().__init__(model, input_size)
+        # torchvision costs seconds of start-up: every entry point imports models, few build a ResNet
+        from torchvision.models import resnet as torchvision_resnet
+
+        name, depths = DEPTHS[model.arch]
+        block = getattr(torchvision_resnet, name)
+        width = model.width
         stem = scale_channels(64, width)
         planes = [scale_channels(p, width) for p in (64, 128, 256, 512)]
         # Attribute names match torchvision so state_dict keys line up.
@@ -72,12 +84,3 @@ class ResNetTrunk(ProbeTrunk):
         """layer4 (B, C, h, w) -> global average pool -> (B, C)."""
         return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
 
-
-def resnet18(width: float = 1.0) -> ResNetTrunk:
-    """ResNet-18 trunk: (B, 3, H, W) -> (B, 512*width); torchvision's architecture at width 1."""
-    return ResNetTrunk("resnet18", BasicBlock, [2, 2, 2, 2], width)
-
-
-def resnet50(width: float = 1.0) -> ResNetTrunk:
-    """ResNet-50 trunk: (B, 3, H, W) -> (B, 2048*width); torchvision's architecture at width 1."""
-    return ResNetTrunk("resnet50", Bottleneck, [3, 4, 6, 3], width)

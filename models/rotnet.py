@@ -1,18 +1,36 @@
-"""The RotNet network: a trunk from the registry plus a separate rotation head.
+"""The RotNet network: a trunk from the `MODELS` registry plus a separate rotation head.
 
-Checkpoints store this module's state dict, so keys are `trunk.*` and `head.*`;
-eval.py and visualize.py use only the trunk of `seeded_rotnet(ckpt config, seed, ckpt["model"])`.
+    net = build_model(cfg, seed=cfg.train.seed)                 # x (B, 3, S, S) -> (B, len(rotations))
+    trunk = build_model(ckpt_cfg, seed, ckpt["model"]).trunk    # a checkpoint's trunk (eval, export)
+
+Checkpoints store this module's state dict, so keys are `trunk.*` and `head.*`.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from models.alexnet import AlexNetTrunk
+from models.heads import RotationHead
+from models.nin import NINTrunk
+from models.resnet import ResNetTrunk
+from models.trunk import ProbeTrunk
+from rotnet.checkpoint import CheckpointError
+from rotnet.config import Config
+
+# arch (model.arch) -> trunk class, each built as cls(cfg.model, input_size): x (B, 3, S, S) -> (B, out_dim)
+MODELS: dict[str, type[ProbeTrunk]] = {
+    "alexnet": AlexNetTrunk,
+    "resnet18": ResNetTrunk,
+    "resnet50": ResNetTrunk,
+    "nin": NINTrunk,
+}
+
 
 class RotNet(nn.Module):
     """x: (B, 3, H, W) -> rotation logits (B, K), K = number of rotations in the set."""
 
-    def __init__(self, trunk: nn.Module, head: nn.Module):
+    def __init__(self, trunk: ProbeTrunk, head: nn.Module):
         super().__init__()
         self.trunk = trunk
         self.head = head
@@ -21,23 +39,23 @@ class RotNet(nn.Module):
         return self.head(self.trunk(x))
 
 
-def build_rotnet(model_cfg, num_rotations: int, input_size: int) -> RotNet:
-    """Trunk `model_cfg.arch` at `model_cfg.width` (NIN: `num_blocks`) plus a K-way rotation head."""
-    from models import build_rotation_head, build_trunk  # registry lives in models/__init__.py
-
-    trunk = build_trunk(model_cfg.arch, width=model_cfg.width, num_blocks=model_cfg.num_blocks,
-                        input_size=input_size)
-    return RotNet(trunk, build_rotation_head(trunk, num_rotations))
-
-
-def seeded_rotnet(cfg, seed: int, state: dict | None = None) -> RotNet:
-    """The RotNet a run config describes (cfg.model, cfg.data.rotations, cfg.data.crop_size).
+def build_model(cfg: Config, seed: int, state: dict | None = None, source: str = "checkpoint") -> RotNet:
+    """The RotNet `cfg` describes: trunk cfg.model at data.crop_size, a len(data.rotations)-way head.
 
     Initialised under torch.manual_seed(seed): the same weights on every rank and every rerun.
-    state: a checkpoint's 'model' dict, loaded strictly over that init.
+    state: a checkpoint's 'model' dict, loaded strictly over that init; CheckpointError naming
+    `source` (its file) and the first differing keys when it does not fit the net cfg describes.
     """
     torch.manual_seed(seed)
-    net = build_rotnet(cfg.model, num_rotations=len(cfg.data.rotations), input_size=cfg.data.crop_size)
+    trunk = MODELS[cfg.model.arch](cfg.model, cfg.data.crop_size)
+    net = RotNet(trunk, RotationHead(trunk.out_dim, len(cfg.data.rotations)))
     if state is not None:
+        want = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+        wrong = sorted(k for k in want.keys() | state.keys()
+                       if k not in want or k not in state or tuple(state[k].shape) != want[k])
+        if wrong:
+            raise CheckpointError(f"{source}: weights do not match its config (model.arch={cfg.model.arch}, "
+                                  f"width={cfg.model.width}, data.crop_size={cfg.data.crop_size}) at "
+                                  f"{len(wrong)} keys, e.g. {wrong[:3]}")
         net.load_state_dict(state, strict=True)
     return net

@@ -1,6 +1,8 @@
 """The contract every trunk in `models/` follows, and the helpers they share.
 
+    trunk = MODELS[cfg.model.arch](cfg.model, input_size)   # every trunk: (ModelConfig, square side)
     trunk.arch, trunk.width  registry name and width multiplier it was built with
+    trunk.input_size       square side it is built for (alexnet sizes its FC block from it)
     trunk.layer_names      probe points, shallow -> deep
     trunk.layer_channels   {probe name: channels}
     trunk.out_dim          size of `forward(x)`, the rotation head's input
@@ -13,11 +15,11 @@ from collections.abc import Iterable
 
 from torch import Tensor, nn
 
+from rotnet.config import ConfigError, ModelConfig
+
 
 def scale_channels(channels: int, width: float) -> int:
-    """Width-multiplied channel count: max(1, round(channels * width))."""
-    if width <= 0:
-        raise ValueError(f"width must be > 0, got {width}")
+    """Width-multiplied channel count: max(1, round(channels * width)); width > 0 (ProbeTrunk checks)."""
     return max(1, round(channels * width))
 
 
@@ -47,20 +49,26 @@ def init_weights(module: nn.Module) -> None:
 class ProbeTrunk(nn.Module):
     """Base class: a trunk is an ordered list of stages, each ending at a probe point.
 
-    Subclasses set `arch`, `width`, `layer_names`, `layer_channels`, `out_dim` and
-    `_stage_attrs` ({probe name: attribute names of the modules run, in order, to go
-    from the previous probe point to this one}) and implement `_tail` (deepest probe
-    feature -> rotation-head input). Keeping modules as plain attributes (not a
-    ModuleDict of stages) keeps state_dict keys readable, and torchvision-compatible
-    for ResNet.
+    Subclasses call `super().__init__(model, input_size)` (arch, width, input_size), set
+    `layer_names`, `layer_channels`, `out_dim` and `_stage_attrs` ({probe name: attribute names
+    of the modules run, in order, to go from the previous probe point to this one}) and implement
+    `_tail` (deepest probe feature -> rotation-head input). Keeping modules as plain attributes
+    (not a ModuleDict of stages) keeps state_dict keys readable, and torchvision-compatible for ResNet.
     """
 
-    arch: str = "trunk"
+    arch: str
     width: float
+    input_size: int
     layer_names: list[str]
     layer_channels: dict[str, int]
     out_dim: int
     _stage_attrs: dict[str, tuple[str, ...]]
+
+    def __init__(self, model: ModelConfig, input_size: int) -> None:
+        super().__init__()
+        if model.width <= 0:
+            raise ConfigError(f"model.width={model.width}: the channel multiplier must be > 0")
+        self.arch, self.width, self.input_size = model.arch, model.width, input_size
 
     def _check_layers(self, layers: Iterable[str] | str) -> list[str]:
         """Validate requested probe names; a bare string means one layer."""

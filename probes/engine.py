@@ -1,8 +1,8 @@
 """Probe training and evaluation: one frozen trunk forward per batch feeds every probe.
 
     model = ProbeSet(trunk, {"conv4": head4, "conv5": head5}, finetune=False, precision="bf16")
-    stats = train_one_epoch(model, loader, optimizer, lr_at, epoch, ...)
-    metrics = evaluate(model, val_loader, ...)   # {"conv4": {"top1": .., "top5": .., "count": ..}}
+    stats = train_one_epoch(model, loader, optimizer, protocol, epoch)   # lr from protocol.schedule
+    metrics = evaluate(model, val_loader, protocol)   # {"conv4": {"top1": .., "top5": .., "count": ..}}
     result = fit_probes(protocol, trunk, "pretrained", checkpoint)   # the whole run, resumable
 
 Why one pass: the trunk forward is the expensive part, so evaluating five layers
@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from pipelines import build_class_loader
 from probes.heads import build_probe
 from probes.resume import load_state, restore_state, save_state
-from probes.settings import Protocol, UsageError
-from rotnet.distributed import DistInfo, all_reduce_sum, barrier
+from probes.settings import ProbeProtocol, Protocol, UsageError
+from rotnet.distributed import all_reduce_sum, barrier
 from rotnet.progress import RunLogger, log
 from rotnet.run import autocast, batch_preparer, build_optimizer, place
 from rotnet.schedule import StepSchedule
@@ -95,19 +95,18 @@ def topk_correct(logits: Tensor, labels: Tensor) -> Tensor:
     return torch.stack(counts + [torch.full_like(counts[0], labels.numel())]).double()
 
 
-def run_pass(model: nn.Module, loader: Iterable, layers: list[str], info: DistInfo,
-             prepare: Callable[[Tensor], Tensor], optimizer: torch.optim.Optimizer | None = None,
+def run_pass(model: nn.Module, loader: Iterable, p: Protocol, optimizer: torch.optim.Optimizer | None = None,
              lr_at: Callable[[int], float] | None = None, bar=None) -> Tensor:
-    """One pass over `loader`, training when `optimizer` is given (lr_at(step) set before each
-    step), else evaluating. Returns rank-summed counts (len(layers), 4) float64 on the CPU:
-    loss*n, correct@1, correct@5, n per layer.
+    """One pass over `loader` for p.layers, training when `optimizer` is given (lr_at(step) set
+    before each step), else evaluating. Returns rank-summed counts (len(p.layers), 4) float64 on
+    the CPU: loss*n, correct@1, correct@5, n per layer.
 
     loss = sum of the per-layer cross-entropies: heads share no parameters, so each
     head gets exactly its own gradient, and one optimizer step updates them all.
     """
-    training = optimizer is not None
+    training, layers, prepare = optimizer is not None, p.layers, batch_preparer(p.cfg, p.precision)
     model.train(training)
-    sums = torch.zeros(len(layers), 4, dtype=torch.float64, device=info.device)
+    sums = torch.zeros(len(layers), 4, dtype=torch.float64, device=p.info.device)
     for step, (images, labels) in enumerate(loader):
         with torch.set_grad_enabled(training):
             logits = model(prepare(images))
@@ -125,34 +124,33 @@ def run_pass(model: nn.Module, loader: Iterable, layers: list[str], info: DistIn
             bar.update(1)
             if training and step % 10 == 0:  # .item() waits for the GPU: only now and then
                 bar.set_postfix(loss=f"{losses.sum().item():.3g}", lr=f"{lr_at(step):.2g}", refresh=False)
-    return all_reduce_sum(sums, info).cpu()
+    return all_reduce_sum(sums, p.info).cpu()
 
 
-def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
-                    lr_at: Callable[[float], float], epoch: int, steps_per_epoch: int, layers: list[str],
-                    info: DistInfo, prepare: Callable[[Tensor], Tensor], bar=None) -> dict:
-    """One epoch over `loader`; lr set per step from the float epoch. Returns rank-summed stats."""
-    t0, steps = time.time(), max(1, steps_per_epoch)
+def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, p: ProbeProtocol,
+                    epoch: int, bar=None) -> dict:
+    """One epoch over `loader`; lr set per step from p.schedule at the float epoch. Returns
+    rank-summed stats."""
+    t0, steps, lr_at = time.time(), max(1, len(loader)), StepSchedule(p.schedule, name="probe schedule")
     lr = lambda step: lr_at(epoch + step / steps)  # noqa: E731
-    sums = run_pass(model, loader, layers, info, prepare, optimizer, lr, bar)
+    sums = run_pass(model, loader, p, optimizer, lr, bar)
     if not torch.isfinite(sums).all():
         raise FloatingPointError(f"probe loss became non-finite in epoch {epoch}; lower --lr")
     stats = {"lr": lr(steps - 1), "time_s": round(time.time() - t0, 2)}
-    for name, (loss, c1, _, n) in zip(layers, sums.tolist()):
+    for name, (loss, c1, _, n) in zip(p.layers, sums.tolist()):
         stats[name] = {"train_loss": loss / max(1.0, n), "train_top1": 100.0 * c1 / max(1.0, n)}
     return stats
 
 
-def evaluate(model: nn.Module, loader: Iterable, layers: list[str], info: DistInfo,
-             prepare: Callable[[Tensor], Tensor], bar=None) -> dict[str, dict]:
-    """Top-1/top-5 (%) per layer over the whole val split.
+def evaluate(model: nn.Module, loader: Iterable, p: Protocol, bar=None) -> dict[str, dict]:
+    """Top-1/top-5 (%) per layer of p.layers over the whole val split.
 
     Counts, not per-rank means, are summed across ranks, and the class loader's val
     batches hold each image once over all ranks (the last one trimmed, never padded),
     so every val image counts exactly once whatever the world size.
     Returns {layer: {"top1", "top5", "count"}}.
     """
-    return percentages(run_pass(model, loader, layers, info, prepare, bar=bar)[:, 1:], layers)
+    return percentages(run_pass(model, loader, p, bar=bar)[:, 1:], p.layers)
 
 
 def percentages(sums: Tensor, layers: list[str]) -> dict[str, dict]:
@@ -163,29 +161,27 @@ def percentages(sums: Tensor, layers: list[str]) -> dict[str, dict]:
 
 # ---------------------------------------------------------------------------- one probe run
 
-def class_loaders(d, info: DistInfo, batch_size: int, seed: int, *, augment: bool = True,
-                  train_per_class: int = 0, val_per_class: int = 0):
-    """(train, val) class loaders of d.root's d.train_dir and d.val_dir, with the same classes.
+def class_loaders(p: Protocol, *, augment: bool = True, val_per_class: int = 0):
+    """(train, val) class loaders of p.cfg.data's train_dir and val_dir, with the same classes,
+    p.batch_size per rank, seeded by p.seed; train: the seeded p.labels_per_class subset if set.
 
     augment=False: the train split with the eval recipe, each image once over all ranks (a kNN
-    bank). *_per_class = K > 0: the seeded K-per-class subset (`labels_per_class` of the pipelines).
+    bank). val_per_class = K > 0: a seeded K-per-class subset of val too.
     """
+    d, info = p.cfg.data, p.info
     root = Path(d.root)
-    common = dict(batch_size=batch_size, rank=info.rank, world_size=info.world_size,
-                  local_rank=info.local_rank, device=info.device, seed=seed)
-    try:
-        train = build_class_loader(d, str(root / d.train_dir), train=augment, labels_per_class=train_per_class,
-                                   **common)
-        val = build_class_loader(d, str(root / d.val_dir), train=False, labels_per_class=val_per_class, **common)
-    except (ValueError, FileNotFoundError) as e:  # empty/missing split, fewer images than one batch, ...
-        raise UsageError(f"cannot load the data under {root}: {e}") from e
+    common = dict(batch_size=p.batch_size, rank=info.rank, world_size=info.world_size,
+                  local_rank=info.local_rank, device=info.device, seed=p.seed)
+    train = build_class_loader(d, str(root / d.train_dir), train=augment, labels_per_class=p.labels_per_class,
+                               **common)
+    val = build_class_loader(d, str(root / d.val_dir), train=False, labels_per_class=val_per_class, **common)
     if list(train.classes) != list(val.classes):
         raise UsageError(f"class folders of {root / d.train_dir} and {root / d.val_dir} differ "
                          f"({len(train.classes)} vs {len(val.classes)} classes)")
     return train, val
 
 
-def build_probe_set(p: Protocol, trunk: nn.Module, kind: str, num_classes: int) -> ProbeSet:
+def build_probe_set(p: ProbeProtocol, trunk: nn.Module, kind: str, num_classes: int) -> ProbeSet:
     """`trunk` plus a fresh probe per layer, on the device. Each probe is sized from one dry
     forward, (2, 3, S, S) -> {layer: (2, C, h, w)}, in eval mode so BN stats stay untouched."""
     size, dev = p.cfg.data.crop_size, p.info.device
@@ -201,7 +197,7 @@ def build_probe_set(p: Protocol, trunk: nn.Module, kind: str, num_classes: int) 
     return ProbeSet(trunk, heads, finetune=p.finetune, precision=p.precision).to(dev)
 
 
-def fit_probes(p: Protocol, trunk: nn.Module, kind: str, checkpoint: str) -> dict[str, dict]:
+def fit_probes(p: ProbeProtocol, trunk: nn.Module, kind: str, checkpoint: str) -> dict[str, dict]:
     """Train one probe per layer on `trunk` (frozen unless finetune); return {layer: val metrics}.
 
     Resumes from <out>/probe_state_<kind>.pt, which is rewritten after every epoch.
@@ -212,8 +208,7 @@ def fit_probes(p: Protocol, trunk: nn.Module, kind: str, checkpoint: str) -> dic
         log.info(f"[{kind}] already complete in {state_path}; reusing its result")
         return state["result"]
     # built afresh for each trunk, so the pretrained and the random trunk see identical data
-    train_loader, val_loader = class_loaders(p.cfg.data, p.info, p.batch_size, p.seed,
-                                             train_per_class=p.labels_per_class)
+    train_loader, val_loader = class_loaders(p)
     raw = build_probe_set(p, trunk, kind, len(train_loader.classes))
     model = place(raw, p.info, p.cfg.train.channels_last)
     optimizer = build_optimizer(raw.trainable_parameters(), p.schedule[0][1], p.cfg.probe)
@@ -221,18 +216,16 @@ def fit_probes(p: Protocol, trunk: nn.Module, kind: str, checkpoint: str) -> dic
     if state:
         log.info(f"[{kind}] resuming from {state_path}: epoch {start + 1} of {p.epochs}")
 
-    lr_at = StepSchedule(p.schedule, name="probe schedule")
     logger = RunLogger(p.out, p.info.is_main, jsonl_name="eval_log.jsonl", tensorboard=False)
-    prepare = batch_preparer(p.cfg, p.precision)
     result = None
     for epoch in range(start, p.epochs):
         train_loader.set_epoch(epoch)
         logger.start_epoch(epoch + 1, len(train_loader))
-        stats = {"model": kind, "epoch": epoch + 1, **train_one_epoch(
-            model, train_loader, optimizer, lr_at, epoch, len(train_loader), p.layers, p.info, prepare, bar=logger.bar)}
+        stats = {"model": kind, "epoch": epoch + 1,
+                 **train_one_epoch(model, train_loader, optimizer, p, epoch, bar=logger.bar)}
         last = epoch + 1 == p.epochs
         if last or (p.val_every and (epoch + 1) % p.val_every == 0):
-            stats["val"] = evaluate(model, val_loader, p.layers, p.info, prepare)
+            stats["val"] = evaluate(model, val_loader, p)
         result = stats["val"] if last else None
         logger.end_epoch(stats)
         history.append(stats)
@@ -240,7 +233,8 @@ def fit_probes(p: Protocol, trunk: nn.Module, kind: str, checkpoint: str) -> dic
         log.info(f"[{kind}] epoch {epoch + 1}/{p.epochs} lr {stats['lr']:.3g} | "
                  + " | ".join(f"{n} loss {stats[n]['train_loss']:.3f}{val[n]}" for n in p.layers))
         if p.info.is_main:
-            save_state(state_path, raw, optimizer, signature=sig, epoch=epoch + 1, result=result, history=history)
+            save_state(state_path, raw, optimizer,
+                       {"signature": sig, "epoch": epoch + 1, "result": result, "history": history})
         barrier(p.info)
     logger.close()
     return result

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models import alexnet_fc_block
+from models.alexnet import alexnet_fc_block
 from models.trunk import conv_bn_relu
 
 HEADS = ("linear", "mlp", "conv")
@@ -108,13 +108,13 @@ class AlexNetNonLinearProbe(nn.Module):
     """Paper Table 4 head. conv4 (B, C4, 13, 13): Conv3x3-BN-ReLU to C5 channels first;
     then pool5 (B, C5, 6, 6) -> fresh FC-4096-BN-ReLU x2 (B, 4096*width) -> Linear (B, K).
 
-    The FC block is the trunk's own architecture (`models.alexnet.alexnet_fc_block`),
-    freshly initialised, sized from the measured pool5 output so any input size works.
+    The FC block is the trunk's own architecture (`models.alexnet.alexnet_fc_block`) at the
+    trunk's width, freshly initialised, sized from the measured pool5 output so any input size works.
     """
 
-    def __init__(self, layer: str, in_channels: int, conv5_channels: int, map_hw: tuple[int, int],
-                 width: float, num_classes: int):
-        super().__init__()   # layer: conv4 or conv5 (build_probe refuses others)
+    def __init__(self, trunk: nn.Module, layer: str, feat_shape: tuple[int, int, int], num_classes: int):
+        super().__init__()   # layer: conv4 or conv5 (build_probe refuses others); feat_shape (C, h, w)
+        in_channels, map_hw, conv5_channels = feat_shape[0], feat_shape[1:], trunk.layer_channels["conv5"]
         self.conv = (nn.Sequential(nn.Conv2d(in_channels, conv5_channels, 3, padding=1, bias=False),
                                    nn.BatchNorm2d(conv5_channels), nn.ReLU(inplace=True))
                      if layer == "conv4" else nn.Identity())
@@ -122,7 +122,7 @@ class AlexNetNonLinearProbe(nn.Module):
         side = [(s - 3) // 2 + 1 for s in map_hw]
         if min(side) < 1:
             raise ValueError(f"alexnet {layer} map {map_hw} is too small for pool5; use a larger data.crop_size")
-        self.fc_block = alexnet_fc_block(conv5_channels * side[0] * side[1], width)
+        self.fc_block = alexnet_fc_block(conv5_channels * side[0] * side[1], trunk.width)
         hidden = self.fc_block[-2].num_features  # BN1d of the last FC layer
         self.fc = nn.Linear(hidden, num_classes)
         _init_like_original(self, self.fc)
@@ -167,5 +167,5 @@ def build_probe(head: str, trunk: nn.Module, layer: str, feat_shape: tuple[int, 
     if head == "conv":
         return ConvProbe(c, num_classes)
     if trunk.arch == "alexnet":
-        return AlexNetNonLinearProbe(layer, c, trunk.layer_channels["conv5"], (h, w), trunk.width, num_classes)
+        return AlexNetNonLinearProbe(trunk, layer, feat_shape, num_classes)
     return MLPProbe(c, (h, w) if c * h * w <= MLP_FLATTEN_MAX else pool_grid(c, h, w), num_classes)

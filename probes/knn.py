@@ -1,8 +1,8 @@
-"""Weighted k-nearest-neighbour evaluation of frozen trunk layers (DINO's protocol).
+"""Weighted k-nearest-neighbour evaluation of frozen trunk layers (DINO's protocol), bank sharded over ranks.
 
-    bank = extract(trunk, bank_loader, layers, info, prepare, precision)     # {layer: (N, D)}, labels (N,)
-    result = knn_evaluate(trunk, bank_loader, query_loader, layers, info, prepare, precision)
-    # {layer: {"top1": .., "top5": .., "count": ..}}, the same record as probes.engine.evaluate
+    result = knn_probe(p, trunk, "pretrained", source)   # eval.py --head knn; p: a KnnProtocol
+    result = knn_evaluate(p, trunk, bank_loader, query_loader)   # {layer: {"top1", "top5", "count"}}
+    need = bank_bytes(trunk, ["layer4"], "avg", 1_281_167, world_size=64, dtype=torch.float16)
 
 Protocol (Caron et al. 2021, DINO, `eval_knn.py`; also solo-learn, MMSelfSup): every feature is
 pooled and L2-normalised; a query's k most cosine-similar bank features vote for their class
@@ -11,15 +11,19 @@ one forward pass over the bank and one over the queries, every requested layer f
 pass. Pooling `avg` (default, C dims: small enough for an ImageNet bank) or `grid` (the linear
 probe's ~9k dims); the why and the memory of each: docs/eval.md.
 
-Distributed: each rank extracts its shard of the bank (eval loaders hold each image once
-over all ranks), the shards are all-gathered so every rank holds the whole bank, each rank
-scores its shard of the queries, and the correct counts are all-reduced (as
-`probes.engine.evaluate`). Memory: the similarity matrix is built `chunk` queries at a time,
-(chunk, N); the bank is fp16 on GPU (exp runs in fp32: exp(1/0.07) overflows fp16), fp32 on CPU.
+Distributed: each rank keeps only the bank rows it extracted (eval loaders hold each image once
+over all ranks), so a rank holds N / world rows, not the whole bank as DINO's all-gather does.
+Queries go in rounds: every rank's next few queries are all-gathered, each rank finds their k
+nearest rows in its shard, those (similarity, label) candidates are all-gathered, and each rank
+merges its own queries' world x k candidates into the global top k and votes. Correct counts are
+all-reduced (as `probes.engine.evaluate`). The bank is fp16 on GPU (exp runs in fp32: exp(1/0.07)
+overflows fp16), fp32 on CPU; before any extraction its size per rank is estimated from the layer
+shapes and a bank that cannot fit is refused in one line.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import os
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -28,7 +32,8 @@ from torch import Tensor, nn
 
 from probes.engine import class_loaders, eval_mode, freeze, percentages, topk_correct
 from probes.heads import grid_pool, pool_grid
-from probes.settings import Protocol
+from probes.settings import KnnProtocol, UsageError
+from rotnet.config import ConfigError
 from rotnet.distributed import DistInfo, all_reduce_sum
 from rotnet.progress import log
 from rotnet.run import autocast, batch_preparer
@@ -38,10 +43,12 @@ KNN_HEAD = "knn"        # eval.py --head knn
 KNN_K = 20              # DINO's defaults
 KNN_T = 0.07
 POOLS = ("avg", "grid")
-QUERY_CHUNK = 256       # queries per similarity matrix: (256, N) fp16 is 650 MB for an ImageNet bank
+QUERY_CHUNK = 256       # queries per round over all ranks: a (256, N / world) similarity matrix per rank
+GPU_BANK_SHARE = 0.8    # of the GPU memory free before extraction; activations and similarities need the rest
+HOST_BANK_SHARE = 0.5   # of the host's physical memory, split over the ranks torchrun starts on it
 
 
-# ---------------------------------------------------------------------------- features
+# ---------------------------------------------------------------------------- features and memory
 
 def pool_features(feat: Tensor, pool: str) -> Tensor:
     """(B, C, h, w) -> (B, D) fp32, L2-normalised. avg: D = C; grid: D = C*gh*gw ~ 9k."""
@@ -52,108 +59,144 @@ def pool_features(feat: Tensor, pool: str) -> Tensor:
     return F.normalize(v, dim=1)
 
 
+def bank_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on GPU (half the memory, tensor-core matmul), fp32 on CPU (fp16 matmul is slow there)."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
 @torch.no_grad()
-def layer_features(trunk: nn.Module, loader: Iterable, layers: list[str], prepare: Callable[[Tensor], Tensor],
-                   precision: str, pool: str) -> Iterator[tuple[dict[str, Tensor], Tensor]]:
-    """Per batch of `loader`: ({layer: (B, D) pooled, normalised fp32}, labels (B,)), ONE trunk
-    forward for all layers. The trunk runs in whatever mode it is in (callers use eval_mode)."""
-    for images, labels in loader:
-        x = prepare(images)                                                   # (B, 3, H, W)
-        with autocast(precision, x.device):
-            feats = trunk.features(x, layers)
-        yield {name: pool_features(f, pool) for name, f in feats.items()}, labels
+def bank_bytes(trunk: nn.Module, layers: list[str], pool: str, n_images: int, world_size: int = 1,
+               dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of the kNN bank on each rank: ceil(n_images / world_size) rows, each the `pool`ed
+    features of every layer in `layers` in `dtype` plus an int64 label. Feature sizes come from
+    one forward of a zero image at trunk.input_size (the trunk's mode is restored)."""
+    device = next(trunk.parameters()).device
+    with eval_mode(trunk):
+        feats = trunk.features(torch.zeros(1, 3, trunk.input_size, trunk.input_size, device=device), layers)
+    dims = sum(pool_features(f, pool).shape[1] for f in feats.values())
+    return -(-n_images // world_size) * (dims * dtype.itemsize + torch.int64.itemsize)
 
 
-def extract(trunk: nn.Module, loader: Iterable, layers: list[str], info: DistInfo,
-            prepare: Callable[[Tensor], Tensor], precision: str, pool: str = "avg") -> tuple[dict[str, Tensor], Tensor]:
-    """Bank of this rank's shard of `loader`, gathered over ranks: ({layer: (N, D)}, labels (N,)).
+def memory_for_bank(device: torch.device) -> int:
+    """Bytes a bank may take on `device`: GPU_BANK_SHARE of the GPU memory free now; on CPU,
+    HOST_BANK_SHARE of physical memory over the ranks on this host (torchrun's LOCAL_WORLD_SIZE)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0] * GPU_BANK_SHARE)
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(host * HOST_BANK_SHARE) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
-    N is the whole split (all ranks' shards, rank order); rows on info.device.
-    """
-    # fp16 on GPU (half the memory, tensor-core matmul), fp32 on CPU (fp16 matmul is slow there)
-    dtype = torch.float16 if info.device.type == "cuda" else torch.float32
-    rows: dict[str, list[Tensor]] = {name: [] for name in layers}
+
+def check_bank_fits(p: KnnProtocol, trunk: nn.Module, n_images: int) -> None:
+    """UsageError, before anything is extracted, when the bank of `n_images` cannot fit on a rank."""
+    need = bank_bytes(trunk, p.layers, p.pool, n_images, p.info.world_size, bank_dtype(p.info.device))
+    room = memory_for_bank(p.info.device)
+    if need > room:
+        raise UsageError(f"kNN bank of {n_images:,} images ({', '.join(p.layers)}, {p.pool} pooling) needs "
+                         f"{need / 2**30:.1f} GiB per rank of {p.info.world_size}, {room / 2**30:.1f} GiB "
+                         f"fits on {p.info.device.type}: use avg pooling, fewer layers or more ranks")
+
+
+@torch.no_grad()
+def extract(p: KnnProtocol, trunk: nn.Module, loader: Iterable,
+            what: str) -> tuple[dict[str, Tensor], Tensor]:
+    """This rank's rows of `loader`: ({layer: (n_r, D) pooled, normalised, bank_dtype}, labels (n_r,)),
+    ONE trunk forward per batch for all layers. The trunk runs in whatever mode it is in."""
+    prepare, dtype = batch_preparer(p.cfg, p.precision), bank_dtype(p.info.device)
+    rows: dict[str, list[Tensor]] = {name: [] for name in p.layers}
     labels: list[Tensor] = []
-    for feats, y in layer_features(trunk, loader, layers, prepare, precision, pool):
-        for name in layers:
-            rows[name].append(feats[name].to(dtype))
+    for images, y in loader:
+        x = prepare(images)                                                   # (B, 3, H, W)
+        with autocast(p.precision, x.device):
+            feats = trunk.features(x, p.layers)
+        for name, f in feats.items():
+            rows[name].append(pool_features(f, p.pool).to(dtype))
         labels.append(y)
-    if not labels:
-        raise ValueError("kNN bank: the loader yielded no images on this rank")
-    bank = {name: gather_rows(torch.cat(r), info) for name, r in rows.items()}
-    return bank, gather_rows(torch.cat(labels), info)
-
-
-def gather_rows(t: Tensor, info: DistInfo) -> Tensor:
-    """(n_r, ...) on each rank -> (sum n_r, ...) on every rank, in rank order. Shards may differ
-    in size (eval loaders trim, never pad), so each is padded to the largest for all_gather."""
-    if not info.distributed:
-        return t
-    n = [0] * info.world_size
-    dist.all_gather_object(n, t.shape[0])
-    padded = t.new_zeros((max(n), *t.shape[1:]))
-    padded[: t.shape[0]] = t
-    parts = [torch.empty_like(padded) for _ in n]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[:k] for p, k in zip(parts, n)])
+    if not labels:   # a split with fewer images than ranks
+        raise UsageError(f"kNN {what}: rank {p.info.rank} of {p.info.world_size} got no images; "
+                         "use fewer ranks")
+    # one layer's batches at a time, freed as they are joined: the peak stays near the bank, not twice it
+    return {name: torch.cat(rows.pop(name)) for name in p.layers}, torch.cat(labels)
 
 
 # ---------------------------------------------------------------------------- voting
 
-def knn_scores(queries: Tensor, bank: Tensor, bank_labels: Tensor, num_classes: int, k: int = KNN_K,
-               t: float = KNN_T, chunk: int = QUERY_CHUNK) -> Tensor:
-    """Weighted votes: queries (Q, D), bank (N, D), both L2-normalised; bank_labels (N,) ->
-    (Q, num_classes) fp32, score[q, c] = sum over the k nearest bank rows of class c of exp(sim / t).
+def gathered(t: Tensor, info: DistInfo) -> Tensor:
+    """t (same shape on every rank) -> (world_size, *t.shape) on every rank, in rank order."""
+    if not info.distributed:
+        return t[None]
+    parts = [torch.empty_like(t) for _ in range(info.world_size)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.stack(parts)
 
-    Built `chunk` queries at a time, so memory is (chunk, N), not (Q, N). k > N uses all N.
+
+def knn_scores(queries: Tensor, bank: Tensor, bank_labels: Tensor, num_classes: int, p: KnnProtocol,
+               chunk: int = QUERY_CHUNK) -> Tensor:
+    """Weighted votes for this rank's queries (q_r, D) against the bank sharded over ranks: bank
+    (n_r, D) and bank_labels (n_r,) are this rank's rows; features L2-normalised. Returns
+    (q_r, num_classes) fp32, score[q, c] = sum over q's p.k nearest rows of all ranks of class c of
+    exp(sim / p.t). k > N uses all N rows. Collective: every rank calls it, with its own queries.
+
+    Per round each rank sends chunk / world queries and world x k candidates, and holds a
+    (chunk, n_r) similarity matrix.
     """
-    if k < 1 or t <= 0:
-        raise ValueError(f"kNN needs k >= 1 and T > 0, got k={k}, T={t}")
-    k = min(k, bank.shape[0])
+    if p.k < 1 or p.t <= 0:
+        raise ValueError(f"kNN needs k >= 1 and T > 0, got k={p.k}, T={p.t}")
+    info, k = p.info, p.k
+    step = max(1, chunk // info.world_size)                                    # queries per rank per round
+    most = int(gathered(torch.tensor([queries.shape[0]], device=queries.device), info).max())   # same rounds
     out = torch.zeros(queries.shape[0], num_classes, dtype=torch.float32, device=queries.device)
-    for lo in range(0, queries.shape[0], chunk):
-        sim = queries[lo: lo + chunk].to(bank.dtype) @ bank.T                 # (c, N) cosine similarity
-        top, idx = sim.topk(k, dim=1)                                         # (c, k)
-        weights = top.float().div_(t).exp_()                                  # fp32: exp(14.3) > fp16 max
-        out[lo: lo + chunk].scatter_add_(1, bank_labels[idx], weights)
+    mine = slice(info.rank * step, (info.rank + 1) * step)
+    for lo in range(0, most, step):
+        n = queries[lo: lo + step].shape[0]
+        batch = queries.new_zeros(step, queries.shape[1])
+        batch[:n] = queries[lo: lo + step]
+        sim = gathered(batch, info).flatten(0, 1).to(bank.dtype) @ bank.T       # (world*step, n_r) cosine
+        top, idx = sim.topk(min(k, bank.shape[0]), dim=1)
+        # k columns on every rank: a shard with fewer rows pads with -inf, which never outvotes a row
+        # and weighs exp(-inf) = 0
+        sims = top.new_full((sim.shape[0], k), float("-inf"))
+        labels = bank_labels.new_zeros(sim.shape[0], k)
+        sims[:, : top.shape[1]], labels[:, : top.shape[1]] = top, bank_labels[idx]
+        sims = gathered(sims, info)[:, mine].transpose(0, 1).flatten(1)          # (step, world*k): my queries
+        labels = gathered(labels, info)[:, mine].transpose(0, 1).flatten(1)
+        best, pos = sims.topk(k, dim=1)                                          # the global k nearest
+        weights = best.float().div_(p.t).exp_()                                  # fp32: exp(14.3) > fp16 max
+        out[lo: lo + n].scatter_add_(1, labels.gather(1, pos)[:n], weights[:n])
     return out
 
 
 @torch.no_grad()
-def knn_evaluate(trunk: nn.Module, bank_loader: Iterable, query_loader: Iterable, layers: list[str],
-                 info: DistInfo, prepare: Callable[[Tensor], Tensor], precision: str, num_classes: int,
-                 k: int = KNN_K, t: float = KNN_T, pool: str = "avg", chunk: int = QUERY_CHUNK) -> dict[str, dict]:
-    """Top-1/top-5 (%) of the weighted kNN per layer: bank from `bank_loader`, every query of
-    `query_loader` counted once over all ranks. Returns {layer: {"top1", "top5", "count"}}.
+def knn_evaluate(p: KnnProtocol, trunk: nn.Module, bank_loader, query_loader) -> dict[str, dict]:
+    """Top-1/top-5 (%) of the weighted kNN per layer of p.layers: bank from `bank_loader`, every
+    query of `query_loader` counted once over all ranks. Returns {layer: {"top1", "top5", "count"}}.
 
     The trunk is used as is, in eval mode and without grads; its mode is restored afterwards
     and nothing of it changes (safe to call in the middle of pretraining).
     """
-    sums = torch.zeros(len(layers), 3, dtype=torch.float64, device=info.device)  # correct@1, correct@5, n
+    check_bank_fits(p, trunk, bank_loader.num_samples)
     with eval_mode(trunk):
-        bank, bank_labels = extract(trunk, bank_loader, layers, info, prepare, precision, pool)
-        for feats, y in layer_features(trunk, query_loader, layers, prepare, precision, pool):
-            for i, name in enumerate(layers):
-                sums[i] += topk_correct(knn_scores(feats[name], bank[name], bank_labels, num_classes, k, t, chunk), y)
-    return percentages(all_reduce_sum(sums, info), layers)
+        bank, bank_labels = extract(p, trunk, bank_loader, "bank")
+        queries, labels = extract(p, trunk, query_loader, "queries")
+    sums = torch.zeros(len(p.layers), 3, dtype=torch.float64, device=p.info.device)  # correct@1, correct@5, n
+    for i, name in enumerate(p.layers):
+        scores = knn_scores(queries[name], bank[name], bank_labels, len(bank_loader.classes), p)
+        sums[i] = topk_correct(scores, labels)
+    return percentages(all_reduce_sum(sums, p.info), p.layers)
 
 
 # ---------------------------------------------------------------------------- eval.py --head knn
 
-def knn_probe(p: Protocol, trunk: nn.Module, k: int = KNN_K, t: float = KNN_T, pool: str = "avg") -> dict[str, dict]:
-    """eval.py's kNN run on one trunk: bank = the train split (eval recipe; the seeded
-    p.labels_per_class subset if set), queries = the whole val split. {layer: metrics}."""
-    bank_loader, query_loader = class_loaders(p.cfg.data, p.info, p.batch_size, p.seed, augment=False,
-                                              train_per_class=p.labels_per_class)
+def knn_probe(p: KnnProtocol, trunk: nn.Module, kind: str, source: str) -> dict[str, dict]:
+    """eval.py's kNN run on one trunk (`kind` from `source`): bank = the train split (eval recipe;
+    the seeded p.labels_per_class subset if set), queries = the whole val split. {layer: metrics}."""
+    bank_loader, query_loader = class_loaders(p, augment=False)
     trunk = trunk.to(p.info.device)
     if p.cfg.train.channels_last:
         trunk.to(memory_format=torch.channels_last)
     freeze(trunk)
-    prepare = batch_preparer(p.cfg, p.precision)
-    log.info(f"kNN bank: {bank_loader.num_samples} images of {p.cfg.data.train_dir}, queries: "
-             f"{query_loader.num_samples} of {p.cfg.data.val_dir}; k={k}, T={t}, {pool} pooling")
-    return knn_evaluate(trunk, bank_loader, query_loader, p.layers, p.info, prepare, p.precision,
-                        len(bank_loader.classes), k, t, pool)
+    log.info(f"[{kind}] kNN of {source}: bank {bank_loader.num_samples} images of {p.cfg.data.train_dir}, "
+             f"queries {query_loader.num_samples} of {p.cfg.data.val_dir}; {p.summary()}")
+    return knn_evaluate(p, trunk, bank_loader, query_loader)
 
 
 # ---------------------------------------------------------------------------- train.monitor_every
@@ -170,32 +213,33 @@ class KnnMonitor:
 
     def __init__(self, cfg, info: DistInfo, trunk: nn.Module):
         t = cfg.train
-        self.cfg, self.info, self.every = cfg, info, t.monitor_every
-        self.layers = list(t.monitor_layers) or [trunk.layer_names[(len(trunk.layer_names) - 1) // 2]]
-        bad = [name for name in self.layers if name not in trunk.layer_names]
+        self.every, self.epochs = t.monitor_every, cfg.optim.epochs
+        layers = list(t.monitor_layers) or [trunk.layer_names[(len(trunk.layer_names) - 1) // 2]]
+        bad = [name for name in layers if name not in trunk.layer_names]
         if bad:
-            raise ValueError(f"train.monitor_layers: unknown layer(s) {', '.join(bad)} for {trunk.arch}; "
-                             f"valid: {', '.join(trunk.layer_names)}")
+            raise ConfigError(f"train.monitor_layers: unknown layer(s) {', '.join(bad)} for {trunk.arch}; "
+                              f"valid: {', '.join(trunk.layer_names)}")
+        # train.precision is resolved by now (rotnet.run.build_run)
+        self.p = KnnProtocol(head=KNN_HEAD, layers=layers, batch_size=cfg.optim.batch_size_per_gpu,
+                             precision=t.precision, seed=t.seed, labels_per_class=t.monitor_bank_per_class,
+                             info=info, cfg=cfg, k=KNN_K, t=KNN_T, pool="avg")
         with self._own_rng():
-            self.bank, self.queries = class_loaders(cfg.data, info, cfg.optim.batch_size_per_gpu, t.seed,
-                                                    augment=False, train_per_class=t.monitor_bank_per_class,
+            self.bank, self.queries = class_loaders(self.p, augment=False,
                                                     val_per_class=t.monitor_query_per_class)
-        log.info(f"kNN monitor every {self.every} epochs on {', '.join(self.layers)}: bank "
+        log.info(f"kNN monitor every {self.every} epochs on {', '.join(layers)}: bank "
                  f"{self.bank.num_samples} images of {cfg.data.train_dir}, {self.queries.num_samples} queries "
                  f"of {cfg.data.val_dir}")
 
     def _own_rng(self):
-        cuda = [self.info.device] if self.info.device.type == "cuda" else []
+        cuda = [self.p.info.device] if self.p.info.device.type == "cuda" else []
         return torch.random.fork_rng(devices=cuda)
 
     def due(self, epoch: int) -> bool:
         """After epoch index `epoch` (0-based): every `every` epochs and after the last one."""
-        return due_after(epoch, self.every, self.cfg.optim.epochs)
+        return due_after(epoch, self.every, self.epochs)
 
     def __call__(self, trunk: nn.Module) -> dict[str, float]:
         """{layer: kNN top-1 (%)} of `trunk` as it is now. Collective: every rank calls it."""
         with self._own_rng():
-            res = knn_evaluate(trunk, self.bank, self.queries, self.layers, self.info,
-                               batch_preparer(self.cfg, self.cfg.train.precision), self.cfg.train.precision,
-                               len(self.bank.classes))
+            res = knn_evaluate(self.p, trunk, self.bank, self.queries)
         return {name: round(m["top1"], 2) for name, m in res.items()}

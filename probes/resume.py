@@ -2,7 +2,7 @@
 
     state = load_state(out / "probe_state_pretrained.pt", signature)   # None: start fresh
     epochs_done = restore_state(state, probe_set, optimizer)
-    save_state(path, probe_set, optimizer, signature=..., epoch=..., result=None, history=[...])
+    save_state(path, probe_set, optimizer, {"signature": ..., "epoch": ..., "result": None, "history": [...]})
 
 The signature is everything that changes the numbers (checkpoint, head, layers,
 epochs, schedule, batch, data settings, ...). A rerun with the same arguments picks
@@ -50,15 +50,13 @@ def restore_state(state: dict, probe_set, optimizer) -> int:
     return state["epoch"]
 
 
-def save_state(path: Path, probe_set, optimizer, *, signature: dict, epoch: int, result: dict | None,
-               history: list) -> None:
-    """Atomically write the resume point (rank 0 only): `epoch` = epochs completed.
+def save_state(path: Path, probe_set, optimizer, progress: dict) -> None:
+    """Atomically write the resume point (rank 0 only). progress: "signature", "epoch" (epochs
+    completed), "result" (the final val metrics once the run is complete, so a rerun just rewrites
+    the reports; else None) and "history" (per-epoch stats).
 
-    The trunk is stored only when fine-tuning (a frozen trunk is the checkpoint's);
-    `result` holds the final val metrics once the run is complete, so a rerun
-    just rewrites the reports.
+    The trunk is stored only when fine-tuning (a frozen trunk is the checkpoint's).
     """
     trunk = probe_set.trunk.state_dict() if probe_set.finetune else None
-    atomic_save({"version": STATE_VERSION, "signature": signature, "epoch": epoch,
-                 "probes": probe_set.heads.state_dict(), "optimizer": optimizer.state_dict(), "trunk": trunk,
-                 "result": result, "history": history}, path)
+    atomic_save({"version": STATE_VERSION, **progress, "probes": probe_set.heads.state_dict(),
+                 "optimizer": optimizer.state_dict(), "trunk": trunk}, path)

@@ -1,5 +1,6 @@
 """How eval.py's arguments become one evaluation run: checkpoint lookup, config layering,
-layer selection, schedule stretching, and the `Protocol` whose fields sign the resume state.
+layer selection, schedule stretching, and the protocol objects (`ProbeProtocol`, `KnnProtocol`)
+that carry everything one evaluation needs; their signed fields go to eval.json and the resume state.
 
 Errors are `UsageError`s whose message says what was wrong and what the valid
 choices are; eval.py prints them and exits.
@@ -20,8 +21,7 @@ DEFAULT_CONFIG = "configs/sample.yaml"
 # Data keys that change speed, not results: left out of the resume signature.
 DATA_SPEED_KEYS = ("backend", "num_threads", "prefetch", "hw_decoder_load", "device_memory_padding",
                    "host_memory_padding", "normalize", "resident")
-UNSIGNED = {"signed": False}   # field metadata: a Protocol field that does not change the numbers
-
+UNSIGNED = {"signed": False}   # field metadata: a Protocol field left out of `signed()`
 
 
 def resolve_config(config: str | None, checkpoint: str | None,
@@ -98,27 +98,41 @@ def stretch_schedule(table: list[list[float]], from_epochs: int, to_epochs: int,
 
 @dataclass
 class Protocol:
-    """What defines one probe run, shared by the pretrained and the random trunk.
+    """What both protocols share, for the pretrained and the random trunk alike.
 
-    Every field without UNSIGNED metadata changes the numbers, so it is part of the resume
-    signature (`signature`) and of eval.json's meta (`signed`).
+    Every field without UNSIGNED metadata changes the numbers, so it is part of eval.json's meta
+    (`signed`) and, for trained probes, of the resume signature. Each protocol adds `meta()` (its
+    part of eval.json's meta) and `summary()` (a few words for the log).
     """
     head: str
     layers: list[str]
-    epochs: int
-    schedule: list[list[float]]
     batch_size: int
     precision: str
-    finetune: bool
     seed: int
     labels_per_class: int
     info: DistInfo = field(metadata=UNSIGNED)   # its world_size is signed
     cfg: Config = field(metadata=UNSIGNED)      # its data (less DATA_SPEED_KEYS) and probe SGD are signed
-    val_every: int = field(metadata=UNSIGNED)   # extra val scores for the log only
-    out: Path = field(metadata=UNSIGNED)
 
     def signed(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("signed", True)}
+
+
+@dataclass
+class ProbeProtocol(Protocol):
+    """Trained probes (--head linear/mlp/conv): `probes.engine.fit_probes`."""
+    epochs: int
+    schedule: list[list[float]]
+    finetune: bool
+    val_every: int = field(metadata=UNSIGNED)   # extra val scores for the log only
+    out: Path = field(metadata=UNSIGNED)        # probe_state_*.pt and eval_log.jsonl
+
+    def meta(self) -> dict:
+        return {**self.signed(), "model_selection": "none (last epoch)"}
+
+    def summary(self) -> str:
+        stretched = self.epochs != self.cfg.probe.epochs
+        return (f"{self.epochs} epochs, (epoch, lr) schedule {self.schedule}"
+                + (f", milestones stretched from probe.epochs={self.cfg.probe.epochs}" if stretched else ""))
 
     def signature(self, kind: str, checkpoint: str) -> dict:
         """Everything that changes the numbers of the `kind` run (resume refuses a mismatch)."""
@@ -126,3 +140,22 @@ class Protocol:
         return {"model": kind, "checkpoint": checkpoint, **self.signed(), "world_size": self.info.world_size,
                 "data": {k: v for k, v in raw["data"].items() if k not in DATA_SPEED_KEYS},
                 "probe": {k: raw["probe"][k] for k in ("momentum", "nesterov", "weight_decay")}}
+
+
+@dataclass
+class KnnProtocol(Protocol):
+    """Weighted k-NN on frozen features (--head knn): `probes.knn.knn_probe`. The bank is the
+    train split (its seeded labels_per_class subset if set), the queries the whole val split."""
+    # reported under meta["knn"] (with what the bank and queries are), not among the signed fields
+    k: int = field(metadata=UNSIGNED)      # neighbours that vote
+    t: float = field(metadata=UNSIGNED)    # vote temperature: weight exp(cosine / t)
+    pool: str = field(metadata=UNSIGNED)   # avg | grid (probes.knn.POOLS)
+
+    def meta(self) -> dict:
+        d = self.cfg.data
+        return {**self.signed(), "epochs": 0, "model_selection": "none (no training)",
+                "knn": {"k": self.k, "T": self.t, "pool": self.pool, "similarity": "cosine",
+                        "bank": f"{d.train_dir} (eval recipe)", "queries": d.val_dir}}
+
+    def summary(self) -> str:
+        return f"k={self.k}, T={self.t}, {self.pool} pooling, no training"

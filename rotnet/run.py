@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from models.rotnet import seeded_rotnet
+from models import build_model
 from pipelines import prepare_batch
 from pipelines.sample_data import ensure_sample_data
 from rotnet.config import Config, ConfigError, resolve_batch
@@ -144,7 +144,7 @@ def build_run(cfg: Config, info: DistInfo, logger) -> Run:
         raise ConfigError("train.sync_bn=true needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); "
                           "set train.sync_bn=false")
     cfg.train.precision = resolve_precision(cfg.train.precision, info.device)   # the resolved config says what ran
-    raw = seeded_rotnet(cfg, cfg.train.seed).to(info.device)
+    raw = build_model(cfg, cfg.train.seed).to(info.device)
     if cfg.train.sync_bn and info.distributed:
         raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
     model = place(raw, info, cfg.train.channels_last)

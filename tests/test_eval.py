@@ -17,7 +17,7 @@ from PIL import Image
 
 import eval as eval_cli
 import probes.engine
-from models.rotnet import build_rotnet
+from models import build_model
 from rotnet.checkpoint import atomic_save, load_checkpoint
 from rotnet.config import config_to_dict, load_config
 
@@ -55,8 +55,7 @@ def _config(tmp: Path, arch: str = "nin", crop: int = 32) -> Path:
 def _checkpoint(cfg_path: Path) -> Path:
     """A random-init RotNet saved like train.py saves it: 'model', 'config', 'epoch', 'commit'."""
     cfg = load_config(cfg_path)
-    torch.manual_seed(123)
-    model = build_rotnet(cfg.model, num_rotations=len(cfg.data.rotations), input_size=cfg.data.crop_size)
+    model = build_model(cfg, 123)
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True)
     atomic_save({"model": model.state_dict(), "config": config_to_dict(cfg), "epoch": 1, "commit": "test"},
@@ -94,8 +93,8 @@ def test_default_checkpoint_outputs_and_val_counting(setup):
 
 def test_frozen_trunk_is_untouched_end_to_end(setup, monkeypatch):
     built = []
-    real = eval_cli.seeded_rotnet
-    monkeypatch.setattr(eval_cli, "seeded_rotnet", lambda *a: built.append(real(*a)) or built[-1])
+    real = eval_cli.build_model
+    monkeypatch.setattr(eval_cli, "build_model", lambda *a: built.append(real(*a)) or built[-1])
     out = _run(setup, "--checkpoint", str(setup["ckpt"]), "--epochs", "1")
     saved = {k[len("trunk."):]: v for k, v in load_checkpoint(setup["ckpt"])["model"].items()
              if k.startswith("trunk.")}
@@ -175,6 +174,21 @@ def test_bad_input_names_it(setup, args, message):
     with pytest.raises(SystemExit, match=message):
         eval_cli.main(["--config", str(setup["cfg"]), *([] if "--checkpoint" in args else
                                                         ["--checkpoint", str(setup["ckpt"])]), *args])
+
+
+def test_bad_checkpoint_is_one_line_and_a_bug_keeps_its_traceback(setup, tmp_path, monkeypatch, capsys):
+    garbage = tmp_path / "notes.pt"
+    garbage.write_text("not a checkpoint\n")
+    with pytest.raises(SystemExit, match=f"cannot load checkpoint {garbage}"):
+        _run(setup, "--checkpoint", str(garbage))
+    assert capsys.readouterr().err.count("\n") == 1
+
+    def broken(*a):
+        raise RuntimeError("a bug in building the trunk")
+
+    monkeypatch.setattr(eval_cli, "build_model", broken)
+    with pytest.raises(RuntimeError, match="a bug in building the trunk"):   # not turned into one line
+        _run(setup, "--checkpoint", str(setup["ckpt"]))
 
 
 def test_missing_default_checkpoint_says_run_train_first(setup, tmp_path):

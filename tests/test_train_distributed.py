@@ -229,12 +229,11 @@ def test_two_ranks_equal_one_rank_same_global_batch(paired_data, ddp_run, tmp_pa
 
 def initial_weights():
     """The model as train.py builds it before step 0 (same seed, same constructor)."""
-    from models.rotnet import build_rotnet
+    from models import build_model
     from rotnet.config import load_config
 
     cfg = load_config(REPO / "configs/sample.yaml", TINY)
-    torch.manual_seed(cfg.train.seed)
-    return build_rotnet(cfg.model, num_rotations=len(cfg.data.rotations), input_size=cfg.data.crop_size)
+    return build_model(cfg, cfg.train.seed)
 
 
 @pytest.mark.slow

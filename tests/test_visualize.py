@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from PIL import Image
 
 import visualize
-from models.rotnet import build_rotnet
+from models import build_model
 from rotnet.config import config_from_dict, config_to_dict
 
 
@@ -16,7 +17,7 @@ def _tiny_run(tmp_path):
                                      "val_dir": "test"},
                             "model": {"arch": "nin", "width": 0.125, "num_blocks": 4},
                             "train": {"output_dir": str(tmp_path / "run")}})
-    net = build_rotnet(cfg.model, num_rotations=4, input_size=32)
+    net = build_model(cfg, 0)
     run = tmp_path / "run"
     run.mkdir()
     torch.save({"model": net.state_dict(), "config": config_to_dict(cfg), "epoch": 2}, run / "checkpoint.pt")
@@ -51,7 +52,8 @@ def test_visualize_writes_all_figures(tmp_path):
 
 
 def test_attention_maps_shape_and_range():
-    net = build_rotnet(config_from_dict({"model": {"arch": "nin", "width": 0.125}}).model, 4, 32)
+    cfg = config_from_dict({"data": {"crop_size": 32}, "model": {"arch": "nin", "width": 0.125}})
+    net = build_model(cfg, 0)
     maps = visualize.attention_maps(net.trunk.eval(), torch.randn(2, 3, 32, 32), power=2)
     assert list(maps) == net.trunk.layer_names
     for m in maps.values():
@@ -85,3 +87,13 @@ def test_curves_gain_a_knn_panel_when_the_log_has_it(tmp_path, monkeypatch):
     (run / "log.jsonl").write_text("\n".join(lines) + "\n")
     visualize.plot_curves(visualize.read_log(run / "log.jsonl"), "t", tmp_path / "d.png")
     assert panels == [(1, 3), (1, 2)]
+
+
+def test_a_bad_eval_json_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "eval.json"
+    bad.write_text("{not json")
+    missing = tmp_path / "none.json"
+    for path, message in ((bad, "eval.json: not JSON"), (missing, "none.json: file not found")):
+        with pytest.raises(SystemExit, match=message):
+            visualize.main(["--eval-json", str(path), "--out", str(tmp_path / "f" / "x")])
+        assert capsys.readouterr().err.endswith("\n") and not list(tmp_path.glob("f/*.png"))

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from models.export import load_exported, main, read_metadata
-from models.rotnet import RotNet, build_rotnet
+from models import RotNet, build_model
 from rotnet.checkpoint import atomic_save, save_checkpoint
 from rotnet.config import config_from_dict, config_to_dict
 
@@ -39,8 +39,7 @@ def _checkpoint(root: Path, arch: str, width: float, crop: int, num_blocks: int 
     """(root/NAME/checkpoint.pt, the RotNet saved in it) for a 3-epoch "run" of `arch`."""
     cfg = config_from_dict({"data": {"crop_size": crop},
                             "model": {"arch": arch, "width": width, "num_blocks": num_blocks}})
-    torch.manual_seed(0)
-    net = build_rotnet(cfg.model, num_rotations=len(cfg.data.rotations), input_size=crop)
+    net = build_model(cfg, 0)
     _randomise_bn(net, torch.Generator().manual_seed(1))
     out = root / f"{arch}_w{width}"
     out.mkdir(parents=True)
@@ -165,7 +164,7 @@ def test_refuses_what_is_not_a_trunk_checkpoint(runs, capsys, tmp_path):
 
     garbage = tmp_path / "notes.txt"
     garbage.write_text("not a checkpoint\n")
-    assert f"{garbage} is not a train.py checkpoint: torch.load fails" in _refused(capsys, garbage)
+    assert f"cannot load checkpoint {garbage}: UnpicklingError" in _refused(capsys, garbage)
     assert "checkpoint not found" in _refused(capsys, tmp_path / "missing.pt")
 
     export = main([str(runs["nin"][0]), "--format", "native", "--out", str(tmp_path / "nin.safetensors")])
@@ -177,7 +176,8 @@ def test_refuses_weights_that_do_not_match_the_config(runs, capsys, tmp_path):
     raw = torch.load(ckpt, weights_only=True)
     raw["config"]["model"]["width"] = 0.5
     atomic_save(raw, tmp_path / "mismatch.pt")
-    assert "weights do not match its config (model.arch=nin, width=0.5)" in _refused(capsys, tmp_path / "mismatch.pt")
+    err = _refused(capsys, tmp_path / "mismatch.pt")
+    assert "mismatch.pt: weights do not match its config (model.arch=nin, width=0.5," in err
 
 
 def test_refuses_what_torchvision_cannot_hold(runs, capsys, tmp_path):
@@ -187,6 +187,19 @@ def test_refuses_what_torchvision_cannot_hold(runs, capsys, tmp_path):
     assert "resnet18 at width 0.5" in _refused(capsys, narrow, "--format", "torchvision")
     assert ".safetensors only" in _refused(capsys, runs["nin"][0], "--format", "native", "--out", tmp_path / "n.pth")
     assert "use a .safetensors name" in _refused(capsys, runs["nin"][0], "--out", tmp_path / "n.bin")
+
+
+def test_a_bug_keeps_its_traceback_and_an_unwritable_out_is_one_line(runs, capsys, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("a file where --out's folder should be")
+    out = tmp_path / "file" / "nin.safetensors"
+    assert f"cannot write {out}" in _refused(capsys, runs["nin"][0], "--format", "native", "--out", out)
+
+    def broken(*a, **kw):
+        raise RuntimeError("a bug in building the trunk")
+
+    monkeypatch.setattr("models.export.build_model", broken)
+    with pytest.raises(RuntimeError, match="a bug in building the trunk"):   # not turned into one line
+        main([str(runs["nin"][0]), "--format", "native", "--out", str(tmp_path / "n.safetensors")])
 
 
 def test_existing_out_needs_force(runs, capsys, tmp_path):

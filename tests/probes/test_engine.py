@@ -1,15 +1,29 @@
 """Probe engine: frozen means frozen, one trunk forward per batch, exact val counting."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from models import build_trunk
+from models import MODELS
 from probes.engine import ProbeSet, evaluate, topk_correct, train_one_epoch
 from probes.heads import build_probe
+from probes.settings import ProbeProtocol
+from rotnet.config import config_from_dict
 from rotnet.distributed import DistInfo
 
-INFO = DistInfo()
 SIZE, CLASSES = 32, 4
+LAYERS = ["block1", "block2", "block3"]
+CFG = config_from_dict({"data": {"crop_size": SIZE, "mean": [0.5] * 3, "std": [1.0] * 3},
+                        "model": {"arch": "nin", "width": 0.125, "num_blocks": 3},
+                        "train": {"channels_last": False}})
+
+
+def _protocol(layers=LAYERS) -> ProbeProtocol:
+    """What the engine reads: layers, the batch preparation (cfg, precision), the lr schedule, the ranks."""
+    return ProbeProtocol(head="linear", layers=list(layers), batch_size=6, precision="fp32", seed=0,
+                         labels_per_class=0, info=DistInfo(), cfg=CFG, epochs=2, schedule=[[0, 0.1]],
+                         finetune=False, val_every=0, out=Path("unused"))
 
 
 class ListLoader(list):
@@ -31,13 +45,9 @@ def _loader(n_batches=3, batch=6, seed=0, last=None):
     return out
 
 
-def _prepare(images):
-    return images.permute(0, 3, 1, 2).float().div(255).sub(0.5)
-
-
-def _model(finetune=False, layers=("block1", "block2", "block3")):
+def _model(finetune=False, layers=LAYERS):
     torch.manual_seed(0)
-    trunk = build_trunk("nin", width=0.125, num_blocks=3)
+    trunk = MODELS["nin"](CFG.model, SIZE)
     with torch.no_grad():
         feats = trunk.eval().features(torch.zeros(2, 3, SIZE, SIZE), list(layers))
     heads = {k: build_probe("linear", trunk, k, tuple(v.shape[1:]), CLASSES) for k, v in feats.items()}
@@ -51,7 +61,7 @@ def _trunk_state(model):
 def _train(model, loader, epochs=2):
     opt = torch.optim.SGD(model.trainable_parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     for epoch in range(epochs):
-        train_one_epoch(model, loader, opt, lambda e: 0.1, epoch, len(loader), model.layers, INFO, _prepare)
+        train_one_epoch(model, loader, opt, _protocol(model.layers), epoch)
     return opt
 
 
@@ -91,7 +101,7 @@ def test_one_trunk_forward_per_batch_for_all_layers():
     model.trunk.features = counting
     loader = _loader(n_batches=4)
     _train(model, loader, epochs=1)
-    evaluate(model, loader, model.layers, INFO, _prepare)
+    evaluate(model, loader, _protocol(model.layers))
     assert len(calls) == 2 * len(loader)
     assert all(c == ["block1", "block2", "block3"] for c in calls)
 
@@ -106,6 +116,6 @@ def test_topk_counts():
 def test_val_denominator_is_number_of_images():
     model = _model()
     loader = _loader(n_batches=3, batch=5, last=2)     # 5 + 5 + a trimmed last batch of 2
-    metrics = evaluate(model, loader, model.layers, INFO, _prepare)
+    metrics = evaluate(model, loader, _protocol(model.layers))
     assert all(m["count"] == 12 for m in metrics.values())
     assert all(0 <= m["top1"] <= m["top5"] <= 100 for m in metrics.values())

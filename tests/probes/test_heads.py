@@ -4,11 +4,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import build_trunk
+from models import MODELS
 from probes.heads import TARGET_DIMS, build_probe, pool_grid, valid_layers
+from rotnet.config import ModelConfig
 
 # Original FeatureLearningRotNet config ImageNet_LinearClassifiers_ImageNet_RotNet_AlexNet_Features.py
 PAPER_ALEXNET_GRID = {"conv1": 12, "conv2": 7, "conv3": 5, "conv4": 6, "conv5": 6}
+
+
+def _trunk(arch: str, width: float, size: int):
+    return MODELS[arch](ModelConfig(arch=arch, width=width), size)
 
 
 def _shapes(trunk, size):
@@ -18,7 +23,7 @@ def _shapes(trunk, size):
 
 
 def test_alexnet_224_grid_matches_original_and_is_about_9000_dims():
-    shapes = _shapes(build_trunk("alexnet", width=1.0, input_size=224), 224)
+    shapes = _shapes(_trunk("alexnet", 1.0, 224), 224)
     for layer, (c, h, w) in shapes.items():
         g = pool_grid(c, h, w)
         assert g == (PAPER_ALEXNET_GRID[layer],) * 2, layer
@@ -33,8 +38,7 @@ def test_grid_never_exceeds_map():
 @pytest.mark.parametrize("arch,width,size", [("alexnet", 0.25, 96), ("resnet18", 0.25, 64), ("nin", 0.25, 32)])
 @pytest.mark.parametrize("head", ["linear", "mlp", "conv"])
 def test_head_output_shapes(arch, width, size, head):
-    kw = {"input_size": size} if arch == "alexnet" else {}
-    trunk = build_trunk(arch, width=width, **kw).eval()
+    trunk = _trunk(arch, width, size).eval()
     layers = valid_layers(head, trunk)
     if arch == "alexnet" and head == "mlp":
         assert layers == ["conv4", "conv5"]      # paper Table 4 defines these two only
@@ -48,12 +52,12 @@ def test_head_output_shapes(arch, width, size, head):
 
 
 def test_alexnet_mlp_refuses_shallow_layer():
-    trunk = build_trunk("alexnet", width=0.25, input_size=96)
+    trunk = _trunk("alexnet", 0.25, 96)
     with pytest.raises(ValueError, match="conv4"):
         build_probe("mlp", trunk, "conv2", (48, 11, 11), 10)
 
 
 def test_linear_probe_bn_has_no_affine():
-    trunk = build_trunk("nin", width=0.25)
+    trunk = _trunk("nin", 0.25, 32)
     probe = build_probe("linear", trunk, "block2", (48, 8, 8), 10)
     assert not probe.bn.affine and probe.in_dim == 48 * 8 * 8
