@@ -37,7 +37,7 @@ from torch import nn  # noqa: E402
 from models.export import trunk_from_checkpoint  # noqa: E402
 from models.rotnet import seeded_rotnet  # noqa: E402
 from pipelines import list_images, prepare_batch  # noqa: E402
-from pipelines.shardset import list_shards  # noqa: E402
+from pipelines.shard_reader import list_shards  # noqa: E402
 from pipelines.recipe import crop_batch, decode_rgb  # noqa: E402
 from probes.report import draw_top1_bars  # noqa: E402
 from rotnet.checkpoint import find_checkpoint  # noqa: E402

@@ -17,7 +17,7 @@ Contract (every backend, every loader):
   class loader: B = N original crops with class labels.
   len(loader) steps per epoch on this rank (equal on all ranks when train=True);
   .num_samples, .classes, .set_epoch(e), .state_dict(), .load_state_dict(s), .backend.
-data.format "folder" (SPLIT/CLASS/IMAGE) or "shards" (tar shards of `python -m pipelines.shards`):
+data.format "folder" (SPLIT/CLASS/IMAGE) or "shards" (tar shards of `python -m pipelines.pack_shards`):
 the same contract either way.
 Details (ordering, sharding, validation coverage, bad files): docs/pipelines.md.
 """
@@ -65,8 +65,9 @@ def _list(data, split_dir, mode):
     if data.format == "shards":
         if data.file_list:
             raise ValueError(f"data.file_list={data.file_list!r} applies to image folders; with data.format=shards "
-                             "pack the list instead: python -m pipelines.shards SPLIT_DIR --file-list LIST --out DIR")
-        from pipelines.shardset import list_shards
+                             "pack the list instead: "
+                             "python -m pipelines.pack_shards SPLIT_DIR --file-list LIST --out DIR")
+        from pipelines.shard_reader import list_shards
 
         return list_shards(split_dir)
     if data.format != "folder":

@@ -46,7 +46,7 @@ class LoaderSpec:
     paths: tuple[str, ...]       # every file of the split (all ranks), its label, the class names;
     labels: tuple[int, ...]      # with tar shards, paths name the members ("DIR/shard-000000.tar:KEY.jpg")
     classes: tuple[str, ...]
-    shards: object = None        # data.format "shards": the pipelines.shardset.ShardSet holding the bytes
+    shards: object = None        # data.format "shards": the pipelines.shard_reader.ShardSet holding the bytes
 
     @property
     def k(self) -> int:

@@ -29,10 +29,10 @@ import torch
 
 from pipelines.contract import Loader, LoaderSpec
 from pipelines.dali_graph import external_reader, file_reader, rotation_graph
-from pipelines.host_post import HostFinisher
+from pipelines.cpu_finisher import CpuFinisher
 from pipelines.listing import BadImageError
 from pipelines.recipe import repair_advice
-from pipelines.shardset import ShardFeed
+from pipelines.shard_reader import ShardFeed
 
 
 def _to_torch(tl, device: torch.device) -> torch.Tensor:
@@ -68,10 +68,10 @@ class DaliLoader(Loader):
         super().__init__(spec)
         self._gpu = spec.device.type == "cuda"
         # CPU: the graph stops after decode + crop and torch/OpenCV finish the batch (faster on
-        # CPU, see pipelines/host_post.py); GPU: everything in the graph. data.dali_rotate_in_graph
+        # CPU, see pipelines/cpu_finisher.py); GPU: everything in the graph. data.dali_rotate_in_graph
         # forces the full graph on CPU too.
         full = self._gpu or spec.data.dali_rotate_in_graph
-        self._finisher = None if full else HostFinisher(spec.data.crop_size, list(spec.rotations), spec.mode,
+        self._finisher = None if full else CpuFinisher(spec.data.crop_size, list(spec.rotations), spec.mode,
                                                         threads=spec.data.num_threads)
         n, w = len(spec.paths), spec.world_size
         self._reader_batches = self._steps if spec.shards is not None \

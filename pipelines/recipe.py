@@ -44,7 +44,7 @@ def repair_advice(shards: bool) -> str:
     scan = "Run `python -m pipelines.scan SPLIT_DIR --out LIST`"
     if shards:
         return (f"{scan} on the folder the shards were packed from, then repack it: `python -m "
-                "pipelines.shards SPLIT_DIR --file-list LIST --out NEW_DIR`.")
+                "pipelines.pack_shards SPLIT_DIR --file-list LIST --out NEW_DIR`.")
     return f"{scan} and set data.file_list to the list it writes."
 
 

@@ -33,7 +33,7 @@ class DataConfig:
     val_dir: str = "val"           # sub-folder of root used for held-out rotation accuracy / probe val
     file_list: str = ""            # optional list written by `python -m pipelines.scan` (bad files removed)
     # folder: train_dir/val_dir hold CLASS/IMAGE files. shards: they hold tar shards and manifest.json,
-    # written by `python -m pipelines.shards SPLIT_DIR --out DIR` (for Lustre/NFS/GPFS: a few big files
+    # written by `python -m pipelines.pack_shards SPLIT_DIR --out DIR` (for Lustre/NFS/GPFS: a few big files
     # instead of a million small ones; same loaders, order and checkpoints; docs/pipelines.md)
     format: Literal["folder", "shards"] = "folder"
     backend: Literal["auto", "dali", "torch"] = "auto"   # auto: dali when importable

@@ -186,20 +186,20 @@ def test_imagenet_val_bad_input(tmp_path, args, expected):
     assert sorted(os.listdir(tmp_path / "data")) == ["train", "val"]
 
 
-# ---------------------------------------------------------------------------- python -m pipelines.shards
+# ---------------------------------------------------------------------------- python -m pipelines.pack_shards
 
 def test_shards_bad_input(tmp_path):
     """A missing folder, then an unreadable file after a first shard was written: one line each; the
     written shard stays complete under its name, nothing half-written, no manifest."""
-    assert_one_line_error(run_cli(["-m", "pipelines.shards", "TMP/nowhere", "--out", "TMP/sh"], tmp_path),
-                          "image folder not found", "nowhere")
+    p = run_cli(["-m", "pipelines.pack_shards", "TMP/nowhere", "--out", "TMP/sh"], tmp_path)
+    assert_one_line_error(p, "image folder not found", "nowhere")
     assert not (tmp_path / "sh").exists()
     for i, name in enumerate(["a.jpg", "b.jpg", "c.JPEG"]):
         (tmp_path / "src" / "c0").mkdir(parents=True, exist_ok=True)
         (tmp_path / "src" / "c0" / name).write_bytes(b"\xff\xd8\xff" + bytes([i]) * 100)
     os.symlink(tmp_path / "missing", tmp_path / "src" / "c0" / "d.jpg")     # listed, cannot be opened
-    p = run_cli(["-m", "pipelines.shards", "TMP/src", "--out", "TMP/sh", "--shard-size", "1", "--workers", "1",
-                 "--seed", "3"], tmp_path)       # seed 3 packs d.jpg third, after two complete shards
+    p = run_cli(["-m", "pipelines.pack_shards", "TMP/src", "--out", "TMP/sh", "--shard-size", "1",
+                 "--workers", "1", "--seed", "3"], tmp_path)   # seed 3 packs d.jpg third, after two shards
     assert_one_line_error(p, "cannot read", "d.jpg")
     tars = sorted(path.name for path in (tmp_path / "sh").glob("*.tar"))
     assert len(tars) == 2 and all((tmp_path / "sh" / t).stat().st_size % 10240 == 0 for t in tars)

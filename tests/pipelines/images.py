@@ -27,7 +27,7 @@ def in_format(folder, fmt: str, shard_size: int = 5) -> str:
     """`folder` itself, or (fmt "shards") the shard folder it packs to (beside it, made once)."""
     if fmt == "folder":
         return str(folder)
-    from pipelines.shards import pack
+    from pipelines.pack_shards import pack
 
     out = f"{folder}-shards"
     if not os.path.isfile(os.path.join(out, "manifest.json")):

@@ -1,6 +1,6 @@
 """Pack an image folder into tar shards (webdataset layout) for shared filesystems.
 
-    python -m pipelines.shards SPLIT_DIR --out DIR [--shard-size 5000] [--workers N] [--seed 0]
+    python -m pipelines.pack_shards SPLIT_DIR --out DIR [--shard-size 5000] [--workers N] [--seed 0]
                                [--file-list LIST]
 
 then train with `data.format=shards`, data.root the folder holding the packed splits (e.g. pack
@@ -8,7 +8,7 @@ then train with `data.format=shards`, data.root the folder holding the packed sp
 
 Why: on Lustre/NFS/GPFS every image file costs a metadata round trip per open, so 1.28M small
 files mean 1.28M opens per epoch per job; a few hundred tars opened once do not. What is written
-(format: pipelines/shardset.py): per sample KEY.<ext> with the source file's bytes unchanged and
+(format: pipelines/shard_reader.py): per sample KEY.<ext> with the source file's bytes unchanged and
 KEY.cls with its class index; a DALI index per shard; manifest.json last. Samples go into the shards
 in a seeded random order, so a shard is not one class. The loaders read any sample of any shard
 (one pread), in the same per-epoch order as for folders.
@@ -34,8 +34,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 
 from pipelines.contract import derive_seed
 from pipelines.listing import BadImageError, list_images
-from pipelines.shardset import (FORMAT, FORMAT_VERSION, IMAGE_EXT, LABEL_EXT, MANIFEST, index_text, member_key,
-                                read_index, shard_files)
+from pipelines.shard_reader import (FORMAT, FORMAT_VERSION, IMAGE_EXT, LABEL_EXT, MANIFEST, index_text,
+                                    member_key, read_index, shard_files)
 from rotnet.atomic import TMP, atomic_path, write_text
 from rotnet.checkpoint import git_commit
 from rotnet.cli import ArgumentParser, UsageError, fail
@@ -176,7 +176,7 @@ def pack(split_dir: str, out: str, shard_size: int, workers: int, seed: int = 0,
         tar, idx = shard_files(i)
         entries.append({"tar": tar, "index": idx, "count": len(members),
                         "bytes": os.path.getsize(os.path.join(out, tar)), "labels": [lab for _, lab, _ in members]})
-    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "tool": "python -m pipelines.shards",
+    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "tool": "python -m pipelines.pack_shards",
                 "tool_commit": git_commit(),
                 **{k: record[k] for k in ("count", "classes", "source", "file_list", "seed", "shard_size")},
                 "shards": entries}
@@ -187,7 +187,7 @@ def pack(split_dir: str, out: str, shard_size: int, workers: int, seed: int = 0,
 
 
 def main(argv=None) -> int:
-    ap = ArgumentParser(prog="python -m pipelines.shards", description=__doc__)
+    ap = ArgumentParser(prog="python -m pipelines.pack_shards", description=__doc__)
     ap.add_argument("split_dir", help="image folder SPLIT/CLASS/IMAGE, e.g. /data/imagenet/train")
     ap.add_argument("--out", required=True, help="shard folder to write, e.g. /scratch/in-shards/train; then "
                     "data.root=/scratch/in-shards data.format=shards")

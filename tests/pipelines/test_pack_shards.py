@@ -1,4 +1,4 @@
-"""Tar shards (data.format=shards): the packer (`python -m pipelines.shards`) and reading what it wrote.
+"""Tar shards (data.format=shards): the packer (`python -m pipelines.pack_shards`) and reading what it wrote.
 
 Coverage, exactly-once epochs and resume of shard loaders run with the folder tests
 (test_sharding.py, test_state.py, parametrized over the format); here: shards of the built-in
@@ -20,9 +20,9 @@ import torch
 
 from pipelines import BadImageError, build_class_loader, build_rotation_loader
 from pipelines.sample_data import ensure_sample_data
-from pipelines.shards import main as shards_main
-from pipelines.shards import pack, shard_complete
-from pipelines.shardset import MANIFEST, list_shards, shard_files
+from pipelines.pack_shards import main as shards_main
+from pipelines.pack_shards import pack, shard_complete
+from pipelines.shard_reader import MANIFEST, list_shards, shard_files
 from rotnet.cli import UsageExit
 from tests.pipelines.images import HAVE_DALI, KINDS, cfg, make_folder, needs_dali
 
@@ -67,7 +67,7 @@ def test_shards_hold_the_source_bytes_and_labels(sample):
     manifest = json.loads((shards / "train" / MANIFEST).read_text())
     classes = sorted(os.listdir(root / "train"))
     assert manifest["count"] == 80 and manifest["classes"] == classes and manifest["shard_size"] == 30
-    assert manifest["source"] == str(root / "train") and manifest["tool"] == "python -m pipelines.shards"
+    assert manifest["source"] == str(root / "train") and manifest["tool"] == "python -m pipelines.pack_shards"
     assert manifest["version"] == 1 and manifest["tool_commit"]
     assert [e["count"] for e in manifest["shards"]] == [30, 30, 20]
     source = collections.Counter((sha((root / "train" / c / f).read_bytes()), k)
@@ -174,7 +174,7 @@ def test_bad_member_is_named(tmp_path, kind):
     bad = {n.split("/")[-1] for i, n in enumerate(names)
            if store.read(i).startswith(b"<html>") or store.read(i) == good[: len(good) // 2]}
     _, over = kind
-    with pytest.raises(BadImageError, match="pipelines.shards SPLIT_DIR --file-list") as e:
+    with pytest.raises(BadImageError, match="pipelines.pack_shards SPLIT_DIR --file-list") as e:
         list(build_class_loader(cfg(format="shards", **over), str(tmp_path / "sh"), batch_size=8, rank=0,
                                 world_size=1, local_rank=0, device=CPU, train=False, seed=0))
     named = set(re.findall(r"shard-\d{6}\.tar:\d{9}\.jpg", str(e.value)))
