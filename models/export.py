@@ -28,7 +28,6 @@ import json
 from pathlib import Path
 
 import torch
-import torchvision
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -108,6 +107,8 @@ def check_torchvision_layout(trunk: ProbeTrunk, state: dict[str, torch.Tensor]) 
     if trunk.width != 1.0:
         raise ExportError(f"{trunk.arch} at width {trunk.width} has no torchvision counterpart (torchvision's "
                           "ResNet is width 1); use --format native and models.export.load_exported")
+    import torchvision   # here, not at the top: it costs every start-up of the CLI ~3 s
+
     with torch.device("meta"):   # names and shapes only: no memory, no init
         reference = getattr(torchvision.models, trunk.arch)().state_dict()
     for key in _TORCHVISION_CLASSIFIER:

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
 from models.trunk import ProbeTrunk, init_weights, scale_channels
 
-Block = type[BasicBlock] | type[Bottleneck]
+Block = type[nn.Module]   # torchvision's BasicBlock or Bottleneck
 
 
 def _make_layer(block: Block, inplanes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
@@ -28,7 +27,8 @@ def _make_layer(block: Block, inplanes: int, planes: int, blocks: int, stride: i
     out = planes * block.expansion
     downsample = None
     if stride != 1 or inplanes != out:
-        downsample = nn.Sequential(conv1x1(inplanes, out, stride), nn.BatchNorm2d(out))
+        conv = nn.Conv2d(inplanes, out, kernel_size=1, stride=stride, bias=False)   # torchvision's conv1x1
+        downsample = nn.Sequential(conv, nn.BatchNorm2d(out))
     layers = [block(inplanes, planes, stride, downsample)]
     layers += [block(out, planes) for _ in range(1, blocks)]
     return nn.Sequential(*layers)
@@ -75,9 +75,15 @@ class ResNetTrunk(ProbeTrunk):
 
 def resnet18(width: float = 1.0) -> ResNetTrunk:
     """ResNet-18 trunk: (B, 3, H, W) -> (B, 512*width); torchvision's architecture at width 1."""
+    # Imported when a ResNet is built, not when models/ is: torchvision costs every entry
+    # point's start-up (train.py --help, a bad key) about as much as torch itself.
+    from torchvision.models.resnet import BasicBlock
+
     return ResNetTrunk("resnet18", BasicBlock, [2, 2, 2, 2], width)
 
 
 def resnet50(width: float = 1.0) -> ResNetTrunk:
     """ResNet-50 trunk: (B, 3, H, W) -> (B, 2048*width); torchvision's architecture at width 1."""
+    from torchvision.models.resnet import Bottleneck   # as in resnet18: only when one is built
+
     return ResNetTrunk("resnet50", Bottleneck, [3, 4, 6, 3], width)

@@ -38,7 +38,7 @@ from pipelines.shard_reader import (FORMAT, FORMAT_VERSION, IMAGE_EXT, LABEL_EXT
                                     member_key, read_index, shard_files)
 from rotnet.atomic import TMP, atomic_path, write_text
 from rotnet.checkpoint import git_commit
-from rotnet.cli import ArgumentParser, UsageError, fail
+from rotnet.cli import ArgumentParser, InputError, UsageError, one_line_errors
 
 PLAN = ".plan.json"
 
@@ -74,8 +74,11 @@ def check_plan(out: str, record: dict) -> None:
     """Record the plan in `out`, or refuse when `out` already holds one of other settings."""
     path = os.path.join(out, PLAN)
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                old = json.load(f)
+        except ValueError:   # edited by hand, or not written by this packer
+            raise UsageError(f"--out {out!r}: {PLAN} is not JSON; delete the folder to repack") from None
         differ = [k for k in record if old.get(k) != record[k]]
         if differ:
             k = differ[0]
@@ -111,7 +114,7 @@ def shard_complete(out: str, i: int, count: int) -> bool:
 
 def write_shard(out: str, i: int, members: list[tuple]) -> tuple[int, int]:
     """Write shard i: the tar under a temporary name, then its index (atomically), then rename the
-    tar, so a tar under its final name has its index. Returns (i, tar bytes). OSError names an
+    tar, so a tar under its final name has its index. Returns (i, tar bytes). BadImageError names an
     unreadable source file."""
     tar_name, idx_name = shard_files(i)
     index = []
@@ -123,8 +126,8 @@ def write_shard(out: str, i: int, members: list[tuple]) -> tuple[int, int]:
                 try:
                     with open(path, "rb") as src:
                         image = src.read()
-                except OSError as e:
-                    raise OSError(f"cannot read {path!r}: {e.strerror or e}") from None
+                except OSError as e:   # vanished, no permission, a dangling link
+                    raise BadImageError(f"cannot read {path!r}: {e.strerror or e}") from None
                 sample = []
                 for name, data in ((f"{key}.{ext}", image), (f"{key}.{LABEL_EXT}", str(label).encode())):
                     info = tarfile.TarInfo(name)   # fixed metadata: the same input packs to the same bytes
@@ -148,8 +151,11 @@ def pack(split_dir: str, out: str, shard_size: int, workers: int, seed: int = 0,
     if out == split_dir or out.startswith(split_dir + os.sep):
         raise UsageError(f"--out {out!r} is inside {split_dir!r}: it would be listed as a class folder")
     record, shards = make_plan(split_dir, file_list, shard_size, seed)
-    os.makedirs(out, exist_ok=True)
-    check_plan(out, record)
+    try:
+        os.makedirs(out, exist_ok=True)
+        check_plan(out, record)
+    except OSError as e:   # a read-only place, a file in the way
+        raise UsageError(f"--out {out!r}: cannot write there ({e.strerror or e})") from None
     for name in os.listdir(out):          # leftovers of a killed run (never under a final name)
         if name.startswith(TMP):
             os.remove(os.path.join(out, name))
@@ -198,10 +204,8 @@ def main(argv=None) -> int:
     ap.add_argument("--file-list", default="", help="pack only this list's images (`python -m pipelines.scan "
                     "SPLIT_DIR --out LIST` writes one without the undecodable files)")
     args = ap.parse_intermixed_args(argv)
-    try:
+    with one_line_errors(InputError):
         pack(args.split_dir, args.out, args.shard_size, args.workers, args.seed, args.file_list)
-    except (UsageError, BadImageError, OSError, ValueError) as e:
-        fail(e)
     return 0
 
 

@@ -18,15 +18,9 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torchvision.io import ImageReadMode, decode_image, read_file
 
+from pipelines.contract import check_recipe
 from pipelines.listing import BadImageError
 from pipelines.rotations import rotate_batch
-
-RECIPES = ("imagenet", "cifar")
-
-
-def check_recipe(data) -> None:
-    if data.recipe not in RECIPES:
-        raise ValueError(f"data.recipe={data.recipe!r}; expected one of {RECIPES}")
 
 
 def decode_rgb(path: str, data: bytes | None = None) -> torch.Tensor:

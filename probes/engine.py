@@ -163,20 +163,22 @@ def percentages(sums: Tensor, layers: list[str]) -> dict[str, dict]:
 
 # ---------------------------------------------------------------------------- one probe run
 
-def class_loaders(d, info: DistInfo, batch_size: int, seed: int, *, augment: bool = True,
+def class_loaders(cfg, info: DistInfo, batch_size: int, seed: int, *, augment: bool = True,
                   train_per_class: int = 0, val_per_class: int = 0):
-    """(train, val) class loaders of d.root's d.train_dir and d.val_dir, with the same classes.
+    """(train, val) class loaders of cfg.data's root/train_dir and root/val_dir, with the same classes.
 
     augment=False: the train split with the eval recipe, each image once over all ranks (a kNN
     bank). *_per_class = K > 0: the seeded K-per-class subset (`labels_per_class` of the pipelines).
     """
+    d = cfg.data
     root = Path(d.root)
     common = dict(batch_size=batch_size, rank=info.rank, world_size=info.world_size,
                   local_rank=info.local_rank, device=info.device, seed=seed)
     try:
-        train = build_class_loader(d, str(root / d.train_dir), train=augment, labels_per_class=train_per_class,
-                                   **common)
-        val = build_class_loader(d, str(root / d.val_dir), train=False, labels_per_class=val_per_class, **common)
+        train = build_class_loader(cfg, str(root / d.train_dir), train=augment,
+                                   labels_per_class=train_per_class, **common)
+        val = build_class_loader(cfg, str(root / d.val_dir), train=False, labels_per_class=val_per_class,
+                                 **common)
     except (ValueError, FileNotFoundError) as e:  # empty/missing split, fewer images than one batch, ...
         raise UsageError(f"cannot load the data under {root}: {e}") from e
     if list(train.classes) != list(val.classes):
@@ -212,7 +214,7 @@ def fit_probes(p: Protocol, trunk: nn.Module, kind: str, checkpoint: str) -> dic
         log.info(f"[{kind}] already complete in {state_path}; reusing its result")
         return state["result"]
     # built afresh for each trunk, so the pretrained and the random trunk see identical data
-    train_loader, val_loader = class_loaders(p.cfg.data, p.info, p.batch_size, p.seed,
+    train_loader, val_loader = class_loaders(p.cfg, p.info, p.batch_size, p.seed,
                                              train_per_class=p.labels_per_class)
     raw = build_probe_set(p, trunk, kind, len(train_loader.classes))
     model = place(raw, p.info, p.cfg.train.channels_last)

@@ -143,7 +143,7 @@ def knn_evaluate(trunk: nn.Module, bank_loader: Iterable, query_loader: Iterable
 def knn_probe(p: Protocol, trunk: nn.Module, k: int = KNN_K, t: float = KNN_T, pool: str = "avg") -> dict[str, dict]:
     """eval.py's kNN run on one trunk: bank = the train split (eval recipe; the seeded
     p.labels_per_class subset if set), queries = the whole val split. {layer: metrics}."""
-    bank_loader, query_loader = class_loaders(p.cfg.data, p.info, p.batch_size, p.seed, augment=False,
+    bank_loader, query_loader = class_loaders(p.cfg, p.info, p.batch_size, p.seed, augment=False,
                                               train_per_class=p.labels_per_class)
     trunk = trunk.to(p.info.device)
     if p.cfg.train.channels_last:
@@ -177,7 +177,7 @@ class KnnMonitor:
             raise ValueError(f"train.monitor_layers: unknown layer(s) {', '.join(bad)} for {trunk.arch}; "
                              f"valid: {', '.join(trunk.layer_names)}")
         with self._own_rng():
-            self.bank, self.queries = class_loaders(cfg.data, info, cfg.optim.batch_size_per_gpu, t.seed,
+            self.bank, self.queries = class_loaders(cfg, info, cfg.optim.batch_size_per_gpu, t.seed,
                                                     augment=False, train_per_class=t.monitor_bank_per_class,
                                                     val_per_class=t.monitor_query_per_class)
         log.info(f"kNN monitor every {self.every} epochs on {', '.join(self.layers)}: bank "
