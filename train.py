@@ -261,10 +261,10 @@ def main(argv=None) -> None:
     common = dict(batch_size=n, rank=info.rank, world_size=info.world_size, local_rank=info.local_rank,
                   device=info.device, seed=cfg.train.seed)
     with one_line_errors(ValueError, BadImageError):   # a split without images, or loose ones beside folders
-        loader = build_rotation_loader(cfg.data, str(root / cfg.data.train_dir), train=True, **common)
+        loader = build_rotation_loader(cfg, str(root / cfg.data.train_dir), train=True, **common)
         val_loader = None
-        if cfg.train.eval_rotation and (root / cfg.data.val_dir).is_dir():   # a flat val/ will do: no labels
-            val_loader = build_rotation_loader(cfg.data, str(root / cfg.data.val_dir), train=False, **common)
+        if cfg.train.eval_rotation_every and (root / cfg.data.val_dir).is_dir():   # flat val/ will do
+            val_loader = build_rotation_loader(cfg, str(root / cfg.data.val_dir), train=False, **common)
 
     with one_line_errors(RuntimeError):   # an unreadable or incompatible checkpoint is left untouched
         start_epoch, start_step = resume(run, loader)

@@ -26,23 +26,18 @@ import sys
 from itertools import zip_longest
 from pathlib import Path
 
-import matplotlib
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-matplotlib.use("Agg")  # files only; no display on clusters or CI
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-from models import build_model  # noqa: E402
-from models.export import trunk_from_checkpoint  # noqa: E402
-from pipelines import list_images, prepare_batch  # noqa: E402
-from pipelines.shardset import list_shards  # noqa: E402
-from pipelines.recipe import crop_batch, decode_rgb  # noqa: E402
-from probes.report import draw_top1_bars  # noqa: E402
-from rotnet.checkpoint import find_checkpoint  # noqa: E402
-from rotnet.cli import ArgumentParser, InputError, UsageError, fail  # noqa: E402
-from rotnet.config import Config, load_config  # noqa: E402
+from models import build_model
+from models.export import trunk_from_checkpoint
+from pipelines import list_images, prepare_batch
+from pipelines.shard_reader import list_shards
+from probes.report import draw_top1_bars
+from rotnet.checkpoint import find_checkpoint
+from rotnet.cli import ArgumentParser, InputError, UsageError, fail
+from rotnet.config import Config, load_config
 
 DPI = 100   # small PNGs: docs/figures keeps every file well under 200 KB
 
@@ -82,6 +77,8 @@ def pick_images(root: Path, n: int, fmt: str) -> list[tuple[str, bytes | None]]:
 
 def load_images(items: list[tuple[str, bytes | None]], cfg: Config) -> torch.Tensor:
     """The loaders' eval recipe (pipelines.recipe) -> uint8 (B, S, S, 3), the loaders' output format."""
+    from pipelines.recipe import crop_batch, decode_rgb   # torchvision: only when images are drawn
+
     return crop_batch([decode_rgb(name, data).permute(1, 2, 0) for name, data in items], cfg.data, train=False)
 
 
@@ -106,7 +103,20 @@ def unit_range(t: torch.Tensor) -> torch.Tensor:
     return (t - lo.view(shape)) / (hi - lo).clamp_min(1e-12).view(shape)
 
 
+def subplots(*args, **kwargs):
+    """plt.subplots, pyplot imported on the first figure: matplotlib at the top would cost every
+    `--help` and one-line error its import time."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on clusters or CI
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
 def save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt   # imported by `subplots` already
+
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
@@ -115,7 +125,7 @@ def save(fig, path: Path) -> Path:
 
 def plot_attention(images: torch.Tensor, maps: dict[str, torch.Tensor], power: float, title: str, path: Path) -> Path:
     n, cols = images.shape[0], 1 + len(maps)
-    fig, axes = plt.subplots(n, cols, figsize=(1.6 * cols, 1.6 * n), squeeze=False)
+    fig, axes = subplots(n, cols, figsize=(1.6 * cols, 1.6 * n), squeeze=False)
     for i in range(n):
         img = images[i].numpy()                                                     # (S, S, 3)
         axes[i, 0].imshow(img)
@@ -141,7 +151,7 @@ def plot_filters(conv: nn.Conv2d, title: str, path: Path, max_filters: int = 96)
     w = unit_range(conv.weight.detach().float()[:max_filters]).permute(0, 2, 3, 1).numpy()   # (C, k, k, 3)
     cols = min(16, len(w))
     rows = math.ceil(len(w) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(0.5 * cols, 0.5 * rows + 0.3), squeeze=False)
+    fig, axes = subplots(rows, cols, figsize=(0.5 * cols, 0.5 * rows + 0.3), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, f in zip(axes.flat, w):
@@ -174,7 +184,7 @@ def read_log(path: Path) -> list[dict]:
 def plot_curves(records: list[dict], title: str, path: Path) -> Path:
     ep = [r["epoch"] + 1 for r in records]   # epoch e is logged after it completes: x = epochs done
     knn = [(e, r["knn_top1"]) for e, r in zip(ep, records) if r.get("knn_top1")]   # train.monitor_every
-    fig, axes = plt.subplots(1, 3 if knn else 2, figsize=(12 if knn else 8, 3))
+    fig, axes = subplots(1, 3 if knn else 2, figsize=(12 if knn else 8, 3))
     a1, a2 = axes[:2]
     a1.plot(ep, [r["loss"] for r in records], "o-", ms=3)
     a1.set(xlabel="epochs", ylabel="rotation loss (train)", title="loss")
@@ -198,7 +208,7 @@ def plot_curves(records: list[dict], title: str, path: Path) -> Path:
 
 def plot_layers(evals: list[tuple[str, dict]], path: Path) -> Path:
     """One panel per eval.json: grouped top-1 bars per layer for each model in it (pretrained, random)."""
-    fig, axes = plt.subplots(1, len(evals), figsize=(4.2 * len(evals), 3.2), squeeze=False)
+    fig, axes = subplots(1, len(evals), figsize=(4.2 * len(evals), 3.2), squeeze=False)
     for ax, (label, ev) in zip(axes[0], evals):
         models = [m for m in ("pretrained", "random") if m in ev] or \
                  [k for k, v in ev.items() if k not in ("meta", "difference_top1") and isinstance(v, dict)]

@@ -40,8 +40,8 @@ else
   SHORT="model.width=0.25 data.crop_size=64 data.resize_size=72 train.precision=fp32"
   TT_ARGS="--case alexnet224=configs/imagenet_alexnet.yaml --case resnet50_224=configs/imagenet_resnet50.yaml"
   TT_ARGS="$TT_ARGS --only alexnet224,resnet50_224 --steps 2 --warmup 1 --repeats 1"
-  RUN_OVR="train.log_every=1 optim.batch_size_per_gpu=4 data.num_threads=1"
-  TT_OVR="optim.global_batch_size=4 optim.batch_size_per_gpu=0 data.num_threads=1 train.sync_bn=false"
+  RUN_OVR="train.log_every=1 optim.batch_size_per_gpu=4 loader.num_threads=1"
+  TT_OVR="optim.global_batch_size=4 optim.batch_size_per_gpu=0 loader.num_threads=1 train.sync_bn=false"
 fi
 
 say() { echo "$*" | tee -a "$LOG" >> "$SUM"; }
@@ -117,7 +117,7 @@ PIPE="$PIPE --prepare --no-write"
 [ "$DEV" = cpu ] && PIPE="$PIPE --crop 32"
 step pipeline 150 bash -c "set -o pipefail; $PY benchmarks/image_set.py stats $DATA/train | sed 's/^/images: /' &&
   $PIPE --data $DATA/train --backends dali,reference &&
-  $PIPE --data $DATA/train --backends dali data.hw_decoder_load=0.9 | sed 's/^dali /dali hw0.9/'"
+  $PIPE --data $DATA/train --backends dali loader.hw_decoder_load=0.9 | sed 's/^dali /dali hw0.9/'"
 
 # ---------------------------------------------------------------------------- 4. ImageNet-sized photos
 # The same images upscaled to 500x375 and re-encoded at quality 90: decode-bound like ImageNet.
@@ -130,24 +130,24 @@ step pipeline_imagenet_sized 150 bash -c "set -o pipefail; $PY benchmarks/image_
 # train.py's own step with real DALI input vs the same batch replayed: AlexNet 224 (batch 192)
 # and ResNet-50 224; targets >= 90% and >= 95% of synthetic.
 step train_throughput 200 $PY benchmarks/train_throughput.py --device $DEV --imagenet-data "$DATA" \
-  $TT_ARGS --out "" data.backend=dali $TT_OVR $SHORT
+  $TT_ARGS --out "" loader.backend=dali $TT_OVR $SHORT
 
 # ---------------------------------------------------------------------------- 6. a short real run
 # Stopped mid-epoch (train.max_steps), resumed from its checkpoint (the DALI reader state goes back
 # into a new pipeline), then linear probes on two layers beside random init.
-RUN="$PY train.py --config configs/imagenette_alexnet.yaml data.root=$DATA data.backend=dali"
+RUN="$PY train.py --config configs/imagenette_alexnet.yaml data.root=$DATA loader.backend=dali"
 RUN="$RUN train.output_dir=$W/run $RUN_OVR $SHORT"
 step train_resume 180 bash -c "set -eo pipefail; $RUN optim.epochs=1 train.max_steps=3
   $RUN optim.epochs=1 2>&1 | tee $W/resume.txt; grep 'resumed from' $W/resume.txt"
 step eval 150 $PY eval.py --checkpoint "$W/run" --layer conv2,conv5 --epochs 1 --batch-size "$BS" \
   --with-random --output-dir "$W/eval" $([ "$DEV" = cpu ] && echo --precision fp32) \
-  data.root="$DATA" data.backend=dali
+  data.root="$DATA" loader.backend=dali
 
 # ---------------------------------------------------------------------------- 7. review findings
 # fp32 with the graph's own normalisation (the model must receive float32).
 step fp32_graph_input 90 $PY train.py --config configs/imagenette_alexnet.yaml data.root="$DATA" \
-  data.backend=dali data.normalize=graph train.output_dir="$W/fp32" train.precision=fp32 train.max_steps=2 \
-  train.eval_rotation=false $RUN_OVR $SHORT
+  loader.backend=dali loader.normalize=graph train.output_dir="$W/fp32" train.precision=fp32 \
+  train.max_steps=2 train.eval_rotation_every=0 $RUN_OVR $SHORT
 
 # ---------------------------------------------------------------------------- 8. end-to-end smoke test
 gpu_only smoke_test 150 $PY -m pytest -p no:cacheprovider -q -rs tests/test_train_smoke.py

@@ -6,8 +6,8 @@
 --data may also come from $ROTNET_BENCH_DATA; without either (or if the folder is missing)
 the benchmark prints why and exits 0 (skipped). Same data and recipe for all rows
 (imagenet train: random-resized-crop + flip, then the 4 rotations):
-  dali       pipelines.build_rotation_loader, data.backend=dali
-  torch      pipelines.build_rotation_loader, data.backend=torch
+  dali       pipelines.build_rotation_loader, loader.backend=dali
+  torch      pipelines.build_rotation_loader, loader.backend=torch
   reference  what one would otherwise write: torchvision ImageFolder, RandomResizedCrop,
              RandomHorizontalFlip, ToTensor, Normalize, DataLoader(workers = cores), then
              torch.rot90 x4 on the batch.
@@ -51,15 +51,15 @@ def time_loop(batches, steps: int, warmup: int, n: int, sync, step_fn=None) -> f
 
 
 def bench_rotnet(args, backend: str, device: torch.device, sync) -> float:
-    data = load_config(None, [f"data.backend={backend}", "data.recipe=imagenet", f"data.crop_size={args.crop}",
-                              f"data.num_threads={args.threads}", f"data.prefetch={args.prefetch}",
-                              *args.overrides]).data
-    loader = build_rotation_loader(data, args.data, batch_size=args.batch_size, rank=0, world_size=1,
+    cfg = load_config(None, [f"loader.backend={backend}", "data.recipe=imagenet",
+                             f"data.crop_size={args.crop}", f"loader.num_threads={args.threads}",
+                             f"loader.prefetch={args.prefetch}", *args.overrides])
+    loader = build_rotation_loader(cfg, args.data, batch_size=args.batch_size, rank=0, world_size=1,
                                    local_rank=0, device=device, train=True, seed=0)
     need = args.steps + args.warmup
     if len(loader) < need:
         raise SystemExit(f"{args.data}: {len(loader)} batches per epoch < {need} steps needed")
-    step_fn = (lambda b: prepare_batch(b[0], data, channels_last=True)) if args.prepare else None
+    step_fn = (lambda b: prepare_batch(b[0], cfg.data, channels_last=True)) if args.prepare else None
     return time_loop(loader, args.steps, args.warmup, args.batch_size, sync, step_fn)
 
 
@@ -118,9 +118,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prepare", action="store_true", help="time prepare_batch (normalise) too")
     ap.add_argument("--out", default=os.path.join(REPO, "docs", "benchmarks.md"))
     ap.add_argument("--no-write", action="store_true", help="print only")
-    ap.add_argument("overrides", nargs="*", metavar="data.key=value",
-                    help="data settings for the rotnet rows, e.g. data.hw_decoder_load=0.9 or "
-                         "data.normalize=graph; they apply after the flags above")
+    ap.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                    help="config settings for the rotnet rows, e.g. loader.hw_decoder_load=0.9 or "
+                         "loader.normalize=graph; they apply after the flags above")
     args = ap.parse_args(argv)
     if not args.data or not os.path.isdir(args.data):
         print(f"skipped: data folder {args.data!r} not found (pass --data or set ROTNET_BENCH_DATA)")

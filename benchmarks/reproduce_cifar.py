@@ -160,9 +160,9 @@ def main(argv=None) -> None:
     try:   # the resident loader decodes CIFAR once; fall back to streaming where it is absent
         import importlib.util
         if importlib.util.find_spec("pipelines.resident") is None:
-            common.append("data.resident=false")
+            common.append("loader.resident=false")
     except ImportError:
-        common.append("data.resident=false")
+        common.append("loader.resident=false")
 
     def pretrain(name: str, extra: list[str]) -> Path:
         out = base / name

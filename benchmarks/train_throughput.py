@@ -90,7 +90,7 @@ def synthetic_batch(cfg, device: torch.device):
     (prepare_batch, autocast's first cast) is timed; else uint8 (K*N, S, S, 3)."""
     n, k, s = cfg.optim.batch_size_per_gpu, len(cfg.data.rotations), cfg.data.crop_size
     labels = rotation_labels(k, n, device=device)
-    if normalize_in_graph(cfg.data.normalize, device):
+    if normalize_in_graph(cfg.loader.normalize, device):
         return torch.randn(k * n, s, s, 3, dtype=torch.float16, device=device).permute(0, 3, 1, 2), labels
     return torch.randint(0, 256, (k * n, s, s, 3), dtype=torch.uint8, device=device), labels
 
@@ -131,7 +131,7 @@ def run_case(name: str, config: str, root: str | None, args) -> list[dict]:
     loader, batch, build_s = None, None, float("nan")
     if root and (Path(root) / cfg.data.train_dir).is_dir():
         t = time.perf_counter()
-        loader = build_rotation_loader(cfg.data, str(Path(root) / cfg.data.train_dir), batch_size=n, rank=0,
+        loader = build_rotation_loader(cfg, str(Path(root) / cfg.data.train_dir), batch_size=n, rank=0,
                                        world_size=1, local_rank=0, device=device, train=True, seed=0)
         build_s = time.perf_counter() - t
         images, labels = next(iter(loader))
@@ -148,7 +148,7 @@ def run_case(name: str, config: str, root: str | None, args) -> list[dict]:
         synth.append(measure(run, replay, args.warmup, args.steps))
     best = lambda rs: max(rs, key=lambda r: r["steps_per_s"])  # noqa: E731
     if loader is not None:
-        row = {**base, "input": f"real ({loader.backend}, {cfg.data.num_threads} threads)", "data": root,
+        row = {**base, "input": f"real ({loader.backend}, {cfg.loader.num_threads} threads)", "data": root,
                "build_s": build_s, **best(real)}
     else:
         row = {**base, "input": "real: no data", "data": root or "-", "steps_per_s": float("nan"),

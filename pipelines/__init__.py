@@ -1,6 +1,6 @@
 """Input pipelines for RotNet pretraining and probes: DALI or pure-torch backends.
 
-    loader = build_rotation_loader(cfg.data, split_dir, batch_size=N, rank=.., world_size=..,
+    loader = build_rotation_loader(cfg, split_dir, batch_size=N, rank=.., world_size=..,
                                    local_rank=.., device=dev, train=True, seed=cfg.train.seed)
     for images, labels in loader:                 # see the contract below
         x = prepare_batch(images, cfg.data, channels_last=True)
@@ -8,7 +8,7 @@
 Contract (every backend, every loader):
   images  uint8 (B, H, W, C) on `device` -- normalise in the trainer with `prepare_batch`;
           or float16 (B, C, H, W) already normalised, in channels-last memory, when the loader
-          normalises itself (device cuda and data.normalize "auto"/"graph", or "graph"
+          normalises itself (device cuda and loader.normalize "auto"/"graph", or "graph"
           anywhere); `prepare_batch(.., dtype=)` casts it to the model's input dtype.
   labels  int64 (B,) on `device`.
   rotation loader, mode "all": B = K*N (K = len(data.rotations), N = batch_size), sample-major:
@@ -17,7 +17,8 @@ Contract (every backend, every loader):
   class loader: B = N original crops with class labels.
   len(loader) steps per epoch on this rank (equal on all ranks when train=True);
   .num_samples, .classes, .set_epoch(e), .state_dict(), .load_state_dict(s), .backend.
-data.format "folder" (SPLIT/CLASS/IMAGE) or "shards" (tar shards of `python -m pipelines.shards`):
+`cfg` is a rotnet.config.Config: cfg.data says what is read (the numbers), cfg.loader how (speed).
+data.format "folder" (SPLIT/CLASS/IMAGE) or "shards" (tar shards of `python -m pipelines.pack_shards`):
 the same contract either way.
 Details (ordering, sharding, validation coverage, bad files): docs/pipelines.md.
 """
@@ -28,12 +29,12 @@ import os
 
 import torch
 
-from pipelines.contract import LoaderSpec, derive_seed
+from pipelines.contract import LoaderSpec, check_recipe, derive_seed
 from pipelines.listing import (CLASSES, BadImageError, SplitLayoutError, layout_error, list_images, resolve_file_list,
                                split_layout, subset_per_class)
 from pipelines.normalize import normalize_in_graph, prepare_batch
-from pipelines.recipe import check_recipe
 from pipelines.rotations import check_rotations
+from rotnet.cli import InputError
 
 __all__ = ["build_rotation_loader", "build_class_loader", "prepare_batch", "list_images",
            "BadImageError", "SplitLayoutError", "resolve_backend", "class_labels_missing"]
@@ -50,12 +51,12 @@ def dali_available() -> bool:
 def resolve_backend(name: str) -> str:
     """'auto' -> 'dali' when nvidia.dali imports, else 'torch'; 'dali' without DALI -> error."""
     if name not in ("auto", "dali", "torch"):
-        raise ValueError(f"data.backend={name!r}; expected auto, dali or torch")
+        raise ValueError(f"loader.backend={name!r}; expected auto, dali or torch")
     if name == "auto":
         return "dali" if dali_available() else "torch"
     if name == "dali" and not dali_available():
-        raise RuntimeError("data.backend='dali' but nvidia.dali cannot be imported: install "
-                           "nvidia-dali-cuda120 (or -cuda130), or set data.backend=torch")
+        raise InputError("loader.backend='dali' but nvidia.dali cannot be imported: install "
+                         "nvidia-dali-cuda120 (or -cuda130), or set loader.backend=torch")
     return name
 
 
@@ -64,9 +65,10 @@ def _list(data, split_dir, mode):
     rotation loaders (class labels unused)."""
     if data.format == "shards":
         if data.file_list:
-            raise ValueError(f"data.file_list={data.file_list!r} applies to image folders; with data.format=shards "
-                             "pack the list instead: python -m pipelines.shards SPLIT_DIR --file-list LIST --out DIR")
-        from pipelines.shardset import list_shards
+            raise InputError(f"data.file_list={data.file_list!r} applies to image folders; with "
+                             "data.format=shards pack the list instead: "
+                             "python -m pipelines.pack_shards SPLIT_DIR --file-list LIST --out DIR")
+        from pipelines.shard_reader import list_shards
 
         return list_shards(split_dir)
     if data.format != "folder":
@@ -75,13 +77,14 @@ def _list(data, split_dir, mode):
     return (*list_images(split_dir, file_list, labelled=mode == "class", class_dir=_train_split(data)), None)
 
 
-def _build(data, split_dir, mode, *, batch_size, rank, world_size, local_rank, device, train, seed,
+def _build(cfg, split_dir, mode, *, batch_size, rank, world_size, local_rank, device, train, seed,
            labels_per_class=0):
-    """The loader's LoaderSpec, built once, handed to the backend that `data` selects."""
+    """The loader's LoaderSpec, built once, handed to the backend that `cfg.loader` selects."""
+    data, how = cfg.data, cfg.loader
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}")
     if data.crop_size < 1:
-        raise ValueError(f"data.crop_size={data.crop_size}")
+        raise InputError(f"data.crop_size={data.crop_size}: must be at least 1")
     check_recipe(data)
     rotations = check_rotations(data.rotations, data.rotation_mode)
     paths, labels, classes, shards = _list(data, split_dir, mode)
@@ -90,15 +93,16 @@ def _build(data, split_dir, mode, *, batch_size, rank, world_size, local_rank, d
         paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
         shards = shards.subset(keep) if shards is not None else None
     device = torch.device(device)
-    spec = LoaderSpec(data=copy.deepcopy(data), mode=mode, rotations=tuple(rotations), batch_size=batch_size,
-                      rank=rank, world_size=world_size, local_rank=local_rank, device=device, train=train,
-                      seed=seed, normalize=normalize_in_graph(data.normalize, device), split_dir=split_dir,
+    spec = LoaderSpec(data=copy.deepcopy(data), loader=copy.deepcopy(how), mode=mode,
+                      rotations=tuple(rotations), batch_size=batch_size, rank=rank, world_size=world_size,
+                      local_rank=local_rank, device=device, train=train, seed=seed,
+                      normalize=normalize_in_graph(how.normalize, device), split_dir=split_dir,
                       paths=tuple(paths), labels=tuple(labels), classes=tuple(classes), shards=shards)
-    if data.resident:
+    if how.resident:
         from pipelines.resident import ResidentLoader
 
         return ResidentLoader(spec)
-    if resolve_backend(data.backend) == "torch":
+    if resolve_backend(how.backend) == "torch":
         from pipelines.torch_backend import TorchLoader
 
         return TorchLoader(spec)
@@ -128,17 +132,17 @@ def class_labels_missing(data, split_dir: str) -> str:
     return "" if layout == CLASSES else str(layout_error(split_dir, layout))
 
 
-def build_rotation_loader(data, split_dir: str, *, batch_size: int, rank: int, world_size: int,
+def build_rotation_loader(cfg, split_dir: str, *, batch_size: int, rank: int, world_size: int,
                           local_rank: int, device: torch.device, train: bool, seed: int):
     """Rotation-prediction batches: (K*N images, rotation labels); see the module docstring."""
-    return _build(data, split_dir, data.rotation_mode, batch_size=batch_size, rank=rank, world_size=world_size,
-                  local_rank=local_rank, device=device, train=train, seed=seed)
+    return _build(cfg, split_dir, cfg.data.rotation_mode, batch_size=batch_size, rank=rank,
+                  world_size=world_size, local_rank=local_rank, device=device, train=train, seed=seed)
 
 
-def build_class_loader(data, split_dir: str, *, batch_size: int, rank: int, world_size: int,
+def build_class_loader(cfg, split_dir: str, *, batch_size: int, rank: int, world_size: int,
                        local_rank: int, device: torch.device, train: bool, seed: int,
                        labels_per_class: int = 0):
     """Class-labelled batches of N crops (probes). labels_per_class=K>0: seeded K-per-class subset."""
-    return _build(data, split_dir, "class", batch_size=batch_size, rank=rank, world_size=world_size,
+    return _build(cfg, split_dir, "class", batch_size=batch_size, rank=rank, world_size=world_size,
                   local_rank=local_rank, device=device, train=train, seed=seed,
                   labels_per_class=labels_per_class)

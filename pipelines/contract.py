@@ -15,6 +15,15 @@ import torch
 from pipelines.listing import shard_range
 from pipelines.normalize import prepare_batch
 from pipelines.rotations import rotation_labels
+from rotnet.cli import InputError
+
+
+RECIPES = ("imagenet", "cifar")   # pipelines/recipe.py in torch ops, pipelines/dali_graph.py in DALI
+
+
+def check_recipe(data) -> None:
+    if data.recipe not in RECIPES:
+        raise InputError(f"data.recipe={data.recipe!r}; expected one of {RECIPES}")
 
 
 def derive_seed(seed: int, *parts) -> int:
@@ -31,7 +40,8 @@ def derive_seed(seed: int, *parts) -> int:
 class LoaderSpec:
     """One loader's job, fixed when it is built."""
 
-    data: object                 # a private copy of the DataConfig: recipe, sizes, threads, DALI knobs
+    data: object                 # private copies of the DataConfig (recipe, sizes, rotations) and
+    loader: object               # of the LoaderConfig (threads, prefetch, DALI knobs)
     mode: str                    # "all" | "one_random" (rotation loaders) | "class" (class loaders)
     rotations: tuple[int, ...]   # degrees, validated (pipelines.rotations.check_rotations)
     batch_size: int              # originals per step (N)
@@ -46,7 +56,7 @@ class LoaderSpec:
     paths: tuple[str, ...]       # every file of the split (all ranks), its label, the class names;
     labels: tuple[int, ...]      # with tar shards, paths name the members ("DIR/shard-000000.tar:KEY.jpg")
     classes: tuple[str, ...]
-    shards: object = None        # data.format "shards": the pipelines.shardset.ShardSet holding the bytes
+    shards: object = None        # data.format "shards": the pipelines.shard_reader.ShardSet holding the bytes
 
     @property
     def k(self) -> int:
@@ -97,7 +107,8 @@ class Loader:
         # training: floor(M / W) files per rank, full batches only, so all ranks take equal steps
         self._steps = (n // w) // p if spec.train else math.ceil((hi - lo) / p)
         if spec.train and self._steps == 0:
-            raise ValueError(f"{n // w} images per rank < one batch of {p}: lower the batch size or use more data")
+            raise InputError(f"{spec.split_dir}: {n // w} images per rank < one batch of {p}: lower the "
+                             "batch size or use more data")
         self.epoch = 0                       # epoch the current/next iteration belongs to
         self.step = 0                        # batches of that epoch already run
 
@@ -125,11 +136,12 @@ class Loader:
     def load_state_dict(self, state: dict) -> None:
         """Continue where `state` was saved; refuses a state of another backend or run shape."""
         if state.get("backend") != self.backend:
-            raise ValueError(f"loader state is from backend {state.get('backend')!r}, not {self.backend!r}")
+            raise InputError(f"loader state is from backend {state.get('backend')!r}, not {self.backend!r}: "
+                             f"resume with loader.backend={state.get('backend')}")
         state = {"format": "folder", **state}    # states saved before tar shards existed read folders
         for key, value in self._identity().items():
             if state.get(key) != value:
-                raise ValueError(f"loader state {key}={state.get(key)!r} does not match this run ({value!r})")
+                raise InputError(f"loader state {key}={state.get(key)!r} does not match this run ({value!r})")
         self.epoch, self.step = int(state["epoch"]), int(state["batch"])
         self._restore(state)
 

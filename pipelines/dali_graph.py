@@ -108,7 +108,7 @@ def file_reader(*, files, labels, file_root, shard_id, num_shards, train, reader
 
 def external_reader(source):
     """(encoded images, int32 labels) from `source(iteration)` -> (list of uint8 arrays, (B, 1) int32):
-    the tar-shard reader (pipelines.shardset.ShardFeed). A one-argument callable, so DALI's
+    the tar-shard reader (pipelines.shard_reader.ShardFeed). A one-argument callable, so DALI's
     checkpoint records the iteration and a restored pipeline asks `source` from there on."""
     return fn.external_source(source=source, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT32])
 
@@ -123,7 +123,7 @@ def rotation_graph(*, reader, train, recipe, crop, resize, min_scale, rotations,
     The recipe below is the same whatever reads the bytes.
 
     stage="host" (CPU): returns (crops, labels, flip coins, rotation choices) instead and
-    leaves resize/flip/rotations to pipelines.host_post (faster on CPU; see there).
+    leaves resize/flip/rotations to pipelines.cpu_finisher (faster on CPU; see there).
     """
     jpegs, label = reader()
     x = _decode_crop(jpegs, recipe=recipe, train=train, crop=crop, resize=resize, min_scale=min_scale,

@@ -29,10 +29,10 @@ import torch
 
 from pipelines.contract import Loader, LoaderSpec
 from pipelines.dali_graph import external_reader, file_reader, rotation_graph
-from pipelines.host_post import HostFinisher
+from pipelines.cpu_finisher import CpuFinisher
 from pipelines.listing import BadImageError
 from pipelines.recipe import repair_advice
-from pipelines.shardset import ShardFeed
+from pipelines.shard_reader import ShardFeed
 
 
 def _to_torch(tl, device: torch.device) -> torch.Tensor:
@@ -49,11 +49,11 @@ def _to_torch(tl, device: torch.device) -> torch.Tensor:
     return out
 
 
-def mixed_decoder_args(data, train: bool) -> dict:
-    """Arguments of the GPU ("mixed") decoder: the nvJPEG paddings only when set (> 0) and only
-    for training pipelines, else DALI's defaults (see DataConfig)."""
-    pads = dict(device_memory_padding=data.device_memory_padding, host_memory_padding=data.host_memory_padding)
-    return dict(hw_decoder_load=data.hw_decoder_load, **{k: v for k, v in pads.items() if v > 0 and train})
+def mixed_decoder_args(how, train: bool) -> dict:
+    """Arguments of the GPU ("mixed") decoder from LoaderConfig `how`: the nvJPEG paddings only when
+    set (> 0) and only for training pipelines, else DALI's defaults (see LoaderConfig)."""
+    pads = dict(device_memory_padding=how.device_memory_padding, host_memory_padding=how.host_memory_padding)
+    return dict(hw_decoder_load=how.hw_decoder_load, **{k: v for k, v in pads.items() if v > 0 and train})
 
 
 class DaliLoader(Loader):
@@ -68,11 +68,11 @@ class DaliLoader(Loader):
         super().__init__(spec)
         self._gpu = spec.device.type == "cuda"
         # CPU: the graph stops after decode + crop and torch/OpenCV finish the batch (faster on
-        # CPU, see pipelines/host_post.py); GPU: everything in the graph. data.dali_rotate_in_graph
+        # CPU, see pipelines/cpu_finisher.py); GPU: everything in the graph. loader.dali_rotate_in_graph
         # forces the full graph on CPU too.
-        full = self._gpu or spec.data.dali_rotate_in_graph
-        self._finisher = None if full else HostFinisher(spec.data.crop_size, list(spec.rotations), spec.mode,
-                                                        threads=spec.data.num_threads)
+        full = self._gpu or spec.loader.dali_rotate_in_graph
+        self._finisher = None if full else CpuFinisher(spec.data.crop_size, list(spec.rotations), spec.mode,
+                                                       threads=spec.loader.num_threads)
         n, w = len(spec.paths), spec.world_size
         self._reader_batches = self._steps if spec.shards is not None \
             else math.ceil(-(-n // w) / spec.pipe_batch)  # folders: the largest shard, ceil(n / w)
@@ -84,9 +84,9 @@ class DaliLoader(Loader):
         self._checkpoint = None              # restored checkpoint, used when the pipe is built
 
     def _build_pipe(self):
-        s, d = self.spec, self.spec.data
+        s, d, how = self.spec, self.spec.data, self.spec.loader
         if s.shards is not None:
-            self._feed = ShardFeed(s, self._steps, depth=max(1, d.prefetch))
+            self._feed = ShardFeed(s, self._steps, depth=max(1, how.prefetch))
             reader = functools.partial(external_reader, self._feed)
         else:
             root = os.path.abspath(s.split_dir)
@@ -97,13 +97,13 @@ class DaliLoader(Loader):
         pipe = rotation_graph(
             reader=reader, train=s.train, recipe=d.recipe, crop=d.crop_size, resize=d.resize_size, min_scale=d.min_scale,
             rotations=list(s.rotations), mode=s.mode, decoder_device="mixed" if self._gpu else "cpu",
-            mixed_args=mixed_decoder_args(d, s.train) if self._gpu else {},
+            mixed_args=mixed_decoder_args(how, s.train) if self._gpu else {},
             normalize=s.normalize, mean=list(d.mean), std=list(d.std),
             stage="host" if self._finisher else "full",
-            batch_size=s.pipe_batch, num_threads=max(1, d.num_threads),
+            batch_size=s.pipe_batch, num_threads=max(1, how.num_threads),
             device_id=(s.device.index if s.device.index is not None else s.local_rank) if self._gpu else None,
             seed=s.seed_for("augment", s.rank),  # augmentation randomness: per global rank
-            prefetch_queue_depth=max(1, d.prefetch), checkpoint=self._checkpoint)
+            prefetch_queue_depth=max(1, how.prefetch), checkpoint=self._checkpoint)
         pipe.build()
         return pipe
 

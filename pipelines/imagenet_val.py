@@ -46,7 +46,7 @@ import shutil
 import sys
 import tempfile
 
-from pipelines.listing import (CLASSES, FLAT, SplitLayoutError, class_folders, is_image_file, layout_error,
+from pipelines.listing import (CLASSES, FLAT, class_folders, is_image_file, layout_error,
                                list_images, split_layout, write_file_list)
 from rotnet.cli import ArgumentParser, InputError, one_line_errors
 
@@ -65,6 +65,8 @@ def _lines(path: str) -> list[str]:
     try:
         with open(path, encoding="utf-8-sig") as f:
             lines = f.read().splitlines()
+    except OSError as e:   # missing, a folder, no permission
+        raise ConversionError(f"cannot read {path}: {e.strerror or e}") from None
     except UnicodeDecodeError:
         raise ConversionError(f"{path} is not a text file (meta.mat? see `python -m pipelines.imagenet_val "
                               "--help` for the one-line conversion to text)") from None
@@ -213,8 +215,11 @@ def write_out(out: str, fill, manifest: dict) -> None:
     """Build OUT in a hidden sibling with `fill(folder)`, then rename it into place (an earlier
     OUT is swapped out whole, then deleted): a failure leaves the earlier OUT as it was."""
     parent, name = os.path.split(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+    except OSError as e:   # a read-only parent, a file in the way
+        raise ConversionError(f"--out {out}: cannot write in {parent} ({e.strerror or e})") from None
     old = os.path.join(parent, f".{name}.old-{os.getpid()}")
     moved = False
     try:
@@ -225,10 +230,13 @@ def write_out(out: str, fill, manifest: dict) -> None:
             os.rename(out, old)
             moved = True
         os.rename(tmp, out)
-    except BaseException:
+    except BaseException as e:
         if moved:
             os.rename(old, out)
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):   # e.g. a filesystem without symlinks, or a full disk
+            raise ConversionError(f"--out {out}: writing failed, nothing changed ({e.strerror or e}); "
+                                  "without symlinks use --mode list") from e
         raise
     if moved:
         shutil.rmtree(old)
@@ -276,7 +284,7 @@ def main(argv=None) -> int:
                          "its classes, skip the rest (without it, a label outside TRAIN_DIR is an error)")
     args = ap.parse_intermixed_args(argv)
     val_dir, train_dir, out = (os.path.abspath(p) for p in (args.val_dir, args.train_dir, args.out))
-    with one_line_errors(ConversionError, SplitLayoutError, OSError):
+    with one_line_errors(InputError):
         check_out(out, args.force, (val_dir, train_dir))
         if args.mode == "list" and os.path.basename(val_dir) == os.path.basename(train_dir):
             raise ConversionError(f"{val_dir} and {train_dir} have the same name: their lists would collide")

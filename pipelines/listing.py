@@ -52,9 +52,9 @@ CONVERT_HINT = ("for ImageNet's official val, give it class folders with `python
 
 
 def split_layout(folder: str) -> str:
-    """CLASSES, FLAT, MIXED or EMPTY (see above); FileNotFoundError if `folder` is not a folder."""
+    """CLASSES, FLAT, MIXED or EMPTY (see above); SplitLayoutError if `folder` is not a folder."""
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"image folder not found: {folder!r}")
+        raise SplitLayoutError(f"image folder not found: {folder!r}")
     dirs = images = False
     with os.scandir(folder) as it:
         for e in it:
@@ -92,27 +92,35 @@ def class_folders(root_split: str) -> list[str]:
 def read_file_list(path: str) -> tuple[list[str], list[int]]:
     """Parse `relative/path label` lines (blank lines and '#' comments skipped)."""
     rel, labels = [], []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line.strip() or line.lstrip().startswith("#"):
-                continue
-            parts = line.rsplit(None, 1)
-            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-                raise ValueError(f"{path}:{n}: expected 'relative/path label', got {line!r}")
-            rel.append(parts[0])
-            labels.append(int(parts[1]))
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                line = line.rstrip("\n")
+                if not line.strip() or line.lstrip().startswith("#"):
+                    continue
+                parts = line.rsplit(None, 1)
+                if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+                    raise BadImageError(f"{path}:{n}: expected 'relative/path label', got {line!r}")
+                rel.append(parts[0])
+                labels.append(int(parts[1]))
+    except (OSError, UnicodeDecodeError) as e:   # missing, a folder, not text
+        why = getattr(e, "strerror", None) or e
+        raise BadImageError(f"cannot read the file list {path!r}: {why}") from None
     return rel, labels
 
 
 def write_file_list(path: str, rel_paths: list[str], labels: list[int]) -> None:
     """Write the format `read_file_list` (and DALI's readers.file file_list) reads, atomically
-    (rotnet.atomic): an error leaves an earlier list whole."""
+    (rotnet.atomic): an error leaves an earlier list whole. InputError naming `path` when it cannot
+    be written (a read-only folder, a file in the way)."""
     bad = next((p for p in rel_paths if "\n" in p), None)
     if bad is not None:
-        raise ValueError(f"newline in file name cannot go in a file list: {bad!r}")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_text(path, "".join(f"{p} {lab}\n" for p, lab in zip(rel_paths, labels)))
+        raise BadImageError(f"newline in file name cannot go in a file list: {bad!r}")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        write_text(path, "".join(f"{p} {lab}\n" for p, lab in zip(rel_paths, labels)))
+    except OSError as e:
+        raise InputError(f"cannot write the file list {path!r}: {e.strerror or e}") from None
 
 
 def list_images(root_split: str, file_list: str = "", *, labelled: bool = True,

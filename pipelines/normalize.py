@@ -1,11 +1,11 @@
 """Where normalisation happens, and the trainer-side `prepare_batch`.
 
 Loaders emit either
-  - uint8 (B, H, W, C) (CPU pipelines, or data.normalize == "trainer"): the trainer calls
+  - uint8 (B, H, W, C) (CPU pipelines, or loader.normalize == "trainer"): the trainer calls
     `prepare_batch` in its first step. On CPU this is the faster choice: moving 1 byte per
     pixel out of the pipeline and converting once in torch beats a float16 CPU graph (~2x).
   - float16 (B, C, H, W) already normalised by the loader (GPU DALI / GPU resident with
-    data.normalize "graph" or "auto"), stored channels-last (NHWC in memory, the layout the
+    loader.normalize "graph" or "auto"), stored channels-last (NHWC in memory, the layout the
     graph writes): `prepare_batch(.., channels_last=True)` then copies nothing unless the
     model needs another dtype (fp32: one cast; under autocast pass dtype=None: no copy).
 """
@@ -19,7 +19,7 @@ NORMALIZE_MODES = ("auto", "graph", "trainer")
 def normalize_in_graph(mode: str, device: torch.device) -> bool:
     """True when the loader itself should emit normalised float16 (B, C, H, W), channels-last."""
     if mode not in NORMALIZE_MODES:
-        raise ValueError(f"data.normalize={mode!r}; expected one of {NORMALIZE_MODES}")
+        raise ValueError(f"loader.normalize={mode!r}; expected one of {NORMALIZE_MODES}")
     if mode == "auto":
         return torch.device(device).type == "cuda"
     return mode == "graph"

@@ -18,15 +18,9 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torchvision.io import ImageReadMode, decode_image, read_file
 
+from pipelines.contract import check_recipe
 from pipelines.listing import BadImageError
 from pipelines.rotations import rotate_batch
-
-RECIPES = ("imagenet", "cifar")
-
-
-def check_recipe(data) -> None:
-    if data.recipe not in RECIPES:
-        raise ValueError(f"data.recipe={data.recipe!r}; expected one of {RECIPES}")
 
 
 def decode_rgb(path: str, data: bytes | None = None) -> torch.Tensor:
@@ -44,7 +38,7 @@ def repair_advice(shards: bool) -> str:
     scan = "Run `python -m pipelines.scan SPLIT_DIR --out LIST`"
     if shards:
         return (f"{scan} on the folder the shards were packed from, then repack it: `python -m "
-                "pipelines.shards SPLIT_DIR --file-list LIST --out NEW_DIR`.")
+                "pipelines.pack_shards SPLIT_DIR --file-list LIST --out NEW_DIR`.")
     return f"{scan} and set data.file_list to the list it writes."
 
 

@@ -1,4 +1,4 @@
-"""data.resident=True: decode the split once, keep uint8 images in memory, augment per batch.
+"""loader.resident=True: decode the split once, keep uint8 images in memory, augment per batch.
 
 For small-image sets (CIFAR: 50,000 JPEGs of 32x32, 150 MB decoded), re-decoding every epoch
 costs more than the model step. Images go to GPU memory when `device` is cuda, RAM otherwise.
@@ -29,7 +29,7 @@ class ResidentLoader(SampledLoader):
             img = decode_sample(spec, i)
             return img if spec.train else crop_batch([img], data, False)[0]
 
-        with ThreadPoolExecutor(max(1, data.num_threads)) as ex:  # decode ops release the GIL
+        with ThreadPoolExecutor(max(1, spec.loader.num_threads)) as ex:  # decode ops release the GIL
             imgs = list(ex.map(load, range(len(spec.paths))))
         self.labels = torch.tensor(spec.labels, dtype=torch.int64, device=dev)
         if all(im.shape == imgs[0].shape for im in imgs):

@@ -11,7 +11,8 @@ by rotations[r] with label r, K = len(rotations).
 from __future__ import annotations
 
 import torch
-import torchvision.transforms.v2.functional as TF
+
+from rotnet.cli import InputError
 
 ROTATION_MODES = ("all", "one_random")
 
@@ -20,14 +21,14 @@ def check_rotations(rotations, mode: str = "all") -> list[int]:
     """Validated rotation list (degrees, multiples of 45 in [0, 360), no duplicates)."""
     rots = [int(r) for r in rotations]
     if not rots:
-        raise ValueError("data.rotations is empty")
+        raise InputError("data.rotations is empty")
     bad = [r for r in rots if r % 45 or not 0 <= r < 360]
     if bad:
-        raise ValueError(f"data.rotations: {bad} are not multiples of 45 in [0, 360)")
+        raise InputError(f"data.rotations: {bad} are not multiples of 45 in [0, 360)")
     if len(set(rots)) != len(rots):
-        raise ValueError(f"data.rotations has duplicates: {rots}")
+        raise InputError(f"data.rotations has duplicates: {rots}")
     if mode not in ROTATION_MODES:
-        raise ValueError(f"data.rotation_mode={mode!r}; expected one of {ROTATION_MODES}")
+        raise InputError(f"data.rotation_mode={mode!r}; expected one of {ROTATION_MODES}")
     return rots
 
 
@@ -38,6 +39,10 @@ def rotate_hwc(img: torch.Tensor, angle: int) -> torch.Tensor:
     """
     if angle % 90 == 0:
         return torch.rot90(img, angle // 90, dims=(-3, -2))
+    # Imported here: only odd multiples of 45 need torchvision, and importing it costs every
+    # entry point's start-up about as much as torch itself.
+    import torchvision.transforms.v2.functional as TF
+
     chw = img.movedim(-1, -3)  # (..., C, H, W) view: torchvision rotates CHW
     out = TF.rotate(chw, float(angle), interpolation=TF.InterpolationMode.BILINEAR, expand=False, fill=0)
     return out.movedim(-3, -1).contiguous()

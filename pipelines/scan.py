@@ -27,7 +27,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 from pipelines.listing import (CLASSES, EMPTY, FLAT, CONVERT_HINT, SplitLayoutError, class_folders, is_image_file,
                                list_images, split_layout, write_file_list)
-from rotnet.cli import ArgumentParser, one_line_errors
+from rotnet.cli import ArgumentParser, InputError, one_line_errors
 
 # Leading bytes of formats the decoders read; anything else is certainly not an image.
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*",
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
                     help="decoding processes (default: every CPU core)")
     args = ap.parse_intermixed_args(argv)
     any_bad = False
-    with one_line_errors(SplitLayoutError, OSError):   # OSError: a missing ROOT, an unwritable --out
+    with one_line_errors(InputError):   # a missing ROOT, an ambiguous layout, an unwritable --out
         todo = splits(os.path.abspath(args.root))   # every layout check before anything is written
         for split_dir in todo:
             name = os.path.basename(split_dir)

@@ -1,7 +1,7 @@
 """Pure-torch backend: torchvision decode + the torch recipe (pipelines.recipe) in DataLoader workers.
 
 Same outputs and interface as the DALI loader. Images stay uint8 until the trainer's
-`prepare_batch` (or `assemble`'s normalisation when data.normalize says graph). Randomness is
+`prepare_batch` (or `assemble`'s normalisation when loader.normalize says graph). Randomness is
 a function of (seed, epoch, step, rank), never of worker state, so a resumed run
 (`load_state_dict`) replays exactly the same batches.
 
@@ -71,14 +71,14 @@ class StepDataset(torch.utils.data.Dataset):
 
 
 class TorchLoader(SampledLoader):
-    """Files decoded every epoch in DataLoader workers (data.num_threads of them)."""
+    """Files decoded every epoch in DataLoader workers (loader.num_threads of them)."""
 
     def __init__(self, spec: LoaderSpec):
         super().__init__(spec)
-        workers = spec.data.num_threads
+        workers = spec.loader.num_threads
         self._loader = torch.utils.data.DataLoader(
             StepDataset(spec), batch_size=None, sampler=self.sampler, num_workers=workers,
-            prefetch_factor=max(1, spec.data.prefetch) if workers else None,
+            prefetch_factor=max(1, spec.loader.prefetch) if workers else None,
             persistent_workers=workers > 0, pin_memory=spec.device.type == "cuda")
 
     def _run(self):

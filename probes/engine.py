@@ -172,9 +172,10 @@ def class_loaders(p: Protocol, *, augment: bool = True, val_per_class: int = 0):
     root = Path(d.root)
     common = dict(batch_size=p.batch_size, rank=info.rank, world_size=info.world_size,
                   local_rank=info.local_rank, device=info.device, seed=p.seed)
-    train = build_class_loader(d, str(root / d.train_dir), train=augment, labels_per_class=p.labels_per_class,
-                               **common)
-    val = build_class_loader(d, str(root / d.val_dir), train=False, labels_per_class=val_per_class, **common)
+    train = build_class_loader(p.cfg, str(root / d.train_dir), train=augment,
+                               labels_per_class=p.labels_per_class, **common)
+    val = build_class_loader(p.cfg, str(root / d.val_dir), train=False, labels_per_class=val_per_class,
+                             **common)
     if list(train.classes) != list(val.classes):
         raise UsageError(f"class folders of {root / d.train_dir} and {root / d.val_dir} differ "
                          f"({len(train.classes)} vs {len(val.classes)} classes)")

@@ -13,15 +13,13 @@ from pathlib import Path
 from probes.heads import valid_layers
 from rotnet.checkpoint import find_checkpoint, load_checkpoint
 from rotnet.cli import UsageError
-from rotnet.config import Config, apply_overrides, config_from_dict, config_to_dict, load_config
+from rotnet.config import Config, apply_overrides, config_from_dict, config_to_dict, load_config, migrate
 from rotnet.distributed import DistInfo
 
 DEFAULT_CONFIG = "configs/sample.yaml"
 
-# Data keys that change speed, not results: left out of the resume signature.
-DATA_SPEED_KEYS = ("backend", "num_threads", "prefetch", "hw_decoder_load", "device_memory_padding",
-                   "host_memory_padding", "normalize", "resident")
-UNSIGNED = {"signed": False}   # field metadata: a Protocol field left out of `signed()`
+UNSIGNED = {"signed": False}   # field metadata: a Protocol field that does not change the numbers
+
 
 
 def resolve_config(config: str | None, checkpoint: str | None,
@@ -40,7 +38,7 @@ def resolve_config(config: str | None, checkpoint: str | None,
     if path is None:
         return cfg, cfg, None, None
     ckpt = load_checkpoint(path)
-    raw = config_to_dict(cfg) if config else apply_overrides(ckpt["config"], overrides)
+    raw = config_to_dict(cfg) if config else apply_overrides(migrate(ckpt["config"]), overrides)
     cfg = config_from_dict({**raw, "model": ckpt["config"]["model"]}, f"{path} config + overrides")
     return cfg, config_from_dict(ckpt["config"], str(path)), path, ckpt
 
@@ -111,7 +109,7 @@ class Protocol:
     seed: int
     labels_per_class: int
     info: DistInfo = field(metadata=UNSIGNED)   # its world_size is signed
-    cfg: Config = field(metadata=UNSIGNED)      # its data (less DATA_SPEED_KEYS) and probe SGD are signed
+    cfg: Config = field(metadata=UNSIGNED)      # its data (not its loader) and probe SGD are signed
 
     def signed(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("signed", True)}
@@ -138,7 +136,7 @@ class ProbeProtocol(Protocol):
         """Everything that changes the numbers of the `kind` run (resume refuses a mismatch)."""
         raw = config_to_dict(self.cfg)
         return {"model": kind, "checkpoint": checkpoint, **self.signed(), "world_size": self.info.world_size,
-                "data": {k: v for k, v in raw["data"].items() if k not in DATA_SPEED_KEYS},
+                "data": raw["data"],
                 "probe": {k: raw["probe"][k] for k in ("momentum", "nesterov", "weight_decay")}}
 
 

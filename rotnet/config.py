@@ -28,21 +28,32 @@ class ConfigError(InputError):
 
 @dataclass
 class DataConfig:
+    """What the data IS: every field changes the numbers, so resume and probe checks compare them all."""
     root: str = ""                 # ImageNet-layout folder (SPLIT/CLASS/IMG); "" = built-in sample data
     train_dir: str = "train"       # sub-folder of root used for pretraining / probe training
     val_dir: str = "val"           # sub-folder of root used for held-out rotation accuracy / probe val
     file_list: str = ""            # optional list written by `python -m pipelines.scan` (bad files removed)
     # folder: train_dir/val_dir hold CLASS/IMAGE files. shards: they hold tar shards and manifest.json,
-    # written by `python -m pipelines.shards SPLIT_DIR --out DIR` (for Lustre/NFS/GPFS: a few big files
-    # instead of a million small ones; same loaders, order and checkpoints; docs/pipelines.md)
+    # written by `python -m pipelines.pack_shards SPLIT_DIR --out DIR` (for Lustre/NFS/GPFS: a few big
+    # files instead of a million small ones; same loaders, order and checkpoints; docs/pipelines.md)
     format: Literal["folder", "shards"] = "folder"
-    backend: Literal["auto", "dali", "torch"] = "auto"   # auto: dali when importable
-    recipe: Literal["imagenet", "cifar"] = "imagenet"  # imagenet: random-resized-crop + flip; cifar: pad-4 crop + flip
+    # imagenet: random-resized-crop + flip; cifar: pad-4 crop + flip
+    recipe: Literal["imagenet", "cifar"] = "imagenet"
     crop_size: int = 224           # square output side; rotations of a square crop stack exactly
     resize_size: int = 256         # val recipe: resize shorter side, then center-crop crop_size
     min_scale: float = 0.08        # random-resized-crop lower area bound
     rotations: list[int] = field(default_factory=lambda: [0, 90, 180, 270])  # paper Table 2 sets
-    rotation_mode: Literal["all", "one_random"] = "all"  # all: every rotation of each crop; one_random: one rotation each
+    # all: every rotation of each crop; one_random: one rotation each
+    rotation_mode: Literal["all", "one_random"] = "all"
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    sample_seed: int = 0           # seed of the built-in sample data (when root is "")
+
+
+@dataclass
+class LoaderConfig:
+    """How the data is LOADED: speed and memory only, so a resumed run or probe may change these."""
+    backend: Literal["auto", "dali", "torch"] = "auto"   # auto: dali when importable
     resident: bool = False         # decode once, keep uint8 images in (GPU) memory; for CIFAR-sized sets
     num_threads: int = 4           # DALI CPU threads / DataLoader workers per process
     prefetch: int = 2              # batches queued ahead
@@ -57,9 +68,6 @@ class DataConfig:
     # CPU only: the DALI graph stops after decode+crop and torch does resize/flip/rotations,
     # which is ~2x faster on CPU (docs/pipelines.md). true keeps the whole GPU graph on CPU.
     dali_rotate_in_graph: bool = False
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    sample_seed: int = 0           # seed of the built-in sample data (when root is "")
 
 
 @dataclass
@@ -103,9 +111,8 @@ class TrainConfig:
     save_every: int = 0            # also keep a numbered copy every N epochs (0: never)
     log_every: int = 10            # steps between progress-bar / TensorBoard updates
     max_steps: int = 0             # stop after this many steps in total (0: no limit); for smoke tests
-    eval_rotation: bool = True     # held-out rotation accuracy on data.val_dir
-    # ... every N epochs and after the last. On a small CPU budget a pass costs ~1/7 of an epoch
-    # (Imagenette AlexNet, 96 px); a larger N buys more epochs for the same wall time.
+    # Held-out rotation accuracy on data.val_dir every N epochs and after the last; 0 = off. A larger
+    # N buys more epochs for the same wall time on a small CPU budget (a pass can cost 1/7 of an epoch).
     eval_rotation_every: int = 1
     # kNN monitor (probes/knn.py, KnnMonitor): every N epochs (and after the last), the weighted kNN
     # top-1 of a fixed labelled subset, logged as knn_top1 beside the rotation accuracy, which keeps
@@ -133,6 +140,7 @@ class ProbeConfig:
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -166,6 +174,8 @@ def _check(value, tp, where: str):
     return value
 
 
+LOADER_KEYS = tuple(f.name for f in dataclasses.fields(LoaderConfig))
+
 # Unknown keys people type for a setting that lives elsewhere: the hint names where.
 _LR = "the lr lives in optim.schedule, an (epoch, lr) table, e.g. optim.schedule=[[0,0.1],[10,0.01]]"
 _BATCH = "the batch is optim.global_batch_size (all GPUs) or optim.batch_size_per_gpu"
@@ -175,6 +185,9 @@ PITFALLS = {
     "optim.batch_size": _BATCH, "train.batch_size_per_gpu": _BATCH, "data.batch_size": _BATCH,
     "train.epochs": "the number of epochs is optim.epochs (probes: probe.epochs)",
     "model.name": "the architecture is model.arch",
+    "train.eval_rotation": "the held-out rotation pass is train.eval_rotation_every (N epochs; 0 = off)",
+    **{f"data.{k}": f"data.{k} moved to loader.{k} (how data is loaded, not what it is)"
+       for k in LOADER_KEYS},
 }
 
 
@@ -225,13 +238,38 @@ def _set_dotted(raw: dict, dotted: str, value) -> None:
     node[keys[-1]] = value
 
 
-# ------------------------------------------------------------------ public API
-
-def config_from_dict(raw: dict, source: str = "<dict>") -> Config:
+def _parse(raw: dict, source: str) -> Config:
     try:
         return _from_dict(Config, raw, "")
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+
+
+def migrate(raw: dict) -> dict:
+    """A config stored by an older rotnet (checkpoint, probe state, export metadata), in today's form.
+
+    Loader keys that lived under `data:` move to `loader:` (a key already under `loader:`, e.g. an
+    override, wins); `train.eval_rotation: false` becomes `train.eval_rotation_every: 0`. Returns a
+    copy; a config in today's form comes back equal. A user's YAML is not migrated (`load_config`):
+    its old keys stop with an error naming the new one, so the file gets fixed once.
+    """
+    raw = copy.deepcopy(raw)
+    if not isinstance(raw, dict):
+        return raw
+    data, train = raw.get("data"), raw.get("train")
+    moved = {k: data.pop(k) for k in LOADER_KEYS if k in data} if isinstance(data, dict) else {}
+    if moved:
+        raw["loader"] = {**moved, **(raw.get("loader") or {})}
+    if isinstance(train, dict) and train.pop("eval_rotation", True) is False:
+        train["eval_rotation_every"] = 0
+    return raw
+
+
+# ------------------------------------------------------------------ public API
+
+def config_from_dict(raw: dict, source: str = "<dict>") -> Config:
+    """A stored config (a checkpoint's, an export's) -> Config, through `migrate`; strict after that."""
+    return _parse(migrate(raw), source)
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -271,7 +309,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
     source = (str(path) if path else "<defaults>") + (" + overrides" if overrides else "")
-    return config_from_dict(apply_overrides(raw, overrides), source)
+    return _parse(apply_overrides(raw, overrides), source)
 
 
 def resolve_batch(cfg: Config, world_size: int) -> None:
@@ -290,12 +328,14 @@ def resolve_batch(cfg: Config, world_size: int) -> None:
         o.global_batch_size = o.batch_size_per_gpu * world_size
     elif o.batch_size_per_gpu == 0:
         if o.global_batch_size % world_size:
-            raise ConfigError(f"optim.global_batch_size={o.global_batch_size} does not divide over {world_size} "
-                              f"GPUs (ranks); use a multiple of {world_size}, or another number of GPUs")
+            raise ConfigError(f"optim.global_batch_size={o.global_batch_size} does not divide over "
+                              f"{world_size} GPUs (ranks); use a multiple of {world_size}, or another "
+                              "number of GPUs")
         o.batch_size_per_gpu = o.global_batch_size // world_size
     elif o.batch_size_per_gpu * world_size != o.global_batch_size:
         raise ConfigError(f"optim.global_batch_size={o.global_batch_size} but optim.batch_size_per_gpu="
-                          f"{o.batch_size_per_gpu} x {world_size} GPUs = {o.batch_size_per_gpu * world_size}: "
+                          f"{o.batch_size_per_gpu} x {world_size} GPUs = "
+                          f"{o.batch_size_per_gpu * world_size}: "
                           "set one of them and the other to 0 (optim.batch_size_per_gpu=0 derives it "
                           "from the global batch)")
 

@@ -1,5 +1,5 @@
 """Every CLI ends bad input in one line: `error: ...` last on stderr, exit code 2, no traceback,
-and nothing already written is changed (issue 11, part 4).
+and nothing already written is changed.
 
 Each case runs the real command as a subprocess (a traceback would only show there) and fails
 before any training step; each costs a Python start with torch (~5-10 s on 2 busy cores), so the
@@ -55,10 +55,11 @@ TRAIN = ["train.py", "--config", SAMPLE, "train.output_dir=TMP/run"]
 
 
 @pytest.mark.parametrize("args,expected", cases(
-    (["data.backend=foo"], ["data.backend='foo'", "auto, dali, torch"]),
+    (["loader.backend=foo"], ["loader.backend='foo'", "auto, dali, torch"]),
     (["train.precision=fp8"], ["train.precision='fp8'", "auto, bf16, fp16, fp32"]),
     (["optim.lr=0.1"], ["optim.lr=0.1", "optim.schedule"]),
-    (["no.such=1"], ["no.such=1", "no section no", "data, model, optim, train, probe"]),
+    (["no.such=1"], ["no.such=1", "no section no", "data, loader, model, optim, train, probe"]),
+    (["data.backend=torch"], ["data.backend='torch'", "moved to loader.backend"]),   # the key before loader:
     (["optim.epochs=many"], ["optim.epochs", "expected int", "'many'"]),
     (["data.root=/nonexistent/imagenet"], ["data.root='/nonexistent/imagenet'", "no train/ folder"]),
     (["optim.global_batch_size=100", "optim.batch_size_per_gpu=32"],
@@ -82,9 +83,9 @@ def existing_run(tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("args,expected,strict", [
-    (["data.backend=foo"], ["data.backend='foo'"], True),
+    (["loader.backend=foo"], ["loader.backend='foo'"], True),
     # gets as far as the resume check: the checkpoint is refused, naming what differs
-    (["model.arch=nin", "train.precision=fp32", "data.backend=torch", "train.eval_rotation=false"],
+    (["model.arch=nin", "train.precision=fp32", "loader.backend=torch", "train.eval_rotation_every=0"],
      ["checkpoint is from a different model/config", "model.arch: checkpoint has 'alexnet', this run has 'nin'"],
      False),
 ])
@@ -101,7 +102,7 @@ EVAL = ["eval.py", "--config", SAMPLE, "train.output_dir=TMP/run"]
 
 
 @pytest.mark.parametrize("args,expected", cases(
-    (["--checkpoint", "random", "data.backend=foo"], ["data.backend='foo'", "auto, dali, torch"]),
+    (["--checkpoint", "random", "loader.backend=foo"], ["loader.backend='foo'", "auto, dali, torch"]),
     (["--checkpoint", "random", "probe.lr=0.1"], ["probe.lr=0.1", "probe.schedule"]),
     (["--checkpoint", "TMP/nonexistent.pt"], ["checkpoint not found", "nonexistent.pt"]),
     (["--checkpoint", SAMPLE], ["cannot load checkpoint", "sample.yaml"]),   # not a checkpoint file
@@ -125,12 +126,12 @@ def test_eval_missing_config(tmp_path):
 
 @pytest.mark.parametrize("args,expected", cases(
     (["--config", "TMP/missing.yaml", "--checkpoint", "random"], ["config file not found"]),
-    (["--config", "TMP/bad.yaml", "--checkpoint", "random"], ["data.backend='foo'", "auto, dali, torch"]),
+    (["--config", "TMP/bad.yaml", "--checkpoint", "random"], ["loader.backend='foo'", "auto, dali, torch"]),
     (["--checkpoint", "TMP/nonexistent.pt"], ["checkpoint not found"]),
     (["--run", "TMP/norun"], ["no checkpoint and no config"]),
 ))
 def test_visualize_bad_input(tmp_path, args, expected):
-    (tmp_path / "bad.yaml").write_text("data:\n  backend: foo\n")
+    (tmp_path / "bad.yaml").write_text("loader:\n  backend: foo\n")
     # visualize notes skipped figures on stderr before failing: the error is still the last line
     assert_one_line_error(run_cli(["visualize.py", "--out", "TMP/fig/x", *args], tmp_path), *expected,
                           strict=False)
@@ -163,9 +164,11 @@ def flat_beside_classes(tmp_path: Path) -> None:
     (["/nonexistent"], ["image folder not found", "/nonexistent"]),
     (["TMP/data"], ["mixes splits of class folders (train) and folders of loose images (val)",
                     "pipelines.imagenet_val"]),
+    (["TMP/data/train", "--out", "TMP/blocker/{split}.txt"], ["cannot write the file list", "blocker"]),
 ))
 def test_scan_bad_input(tmp_path, args, expected):
     flat_beside_classes(tmp_path)
+    (tmp_path / "blocker").write_text("a file where --out needs a folder")
     assert_one_line_error(run_cli(["-m", "pipelines.scan", "--out", "TMP/lists/{split}.txt", *args], tmp_path),
                           *expected)
     assert not (tmp_path / "lists").exists()
@@ -186,21 +189,24 @@ def test_imagenet_val_bad_input(tmp_path, args, expected):
     assert sorted(os.listdir(tmp_path / "data")) == ["train", "val"]
 
 
-# ---------------------------------------------------------------------------- python -m pipelines.shards
+# ---------------------------------------------------------------------------- python -m pipelines.pack_shards
 
 def test_shards_bad_input(tmp_path):
     """A missing folder, then an unreadable file after a first shard was written: one line each; the
     written shard stays complete under its name, nothing half-written, no manifest."""
-    assert_one_line_error(run_cli(["-m", "pipelines.shards", "TMP/nowhere", "--out", "TMP/sh"], tmp_path),
-                          "image folder not found", "nowhere")
+    p = run_cli(["-m", "pipelines.pack_shards", "TMP/nowhere", "--out", "TMP/sh"], tmp_path)
+    assert_one_line_error(p, "image folder not found", "nowhere")
     assert not (tmp_path / "sh").exists()
     for i, name in enumerate(["a.jpg", "b.jpg", "c.JPEG"]):
         (tmp_path / "src" / "c0").mkdir(parents=True, exist_ok=True)
         (tmp_path / "src" / "c0" / name).write_bytes(b"\xff\xd8\xff" + bytes([i]) * 100)
     os.symlink(tmp_path / "missing", tmp_path / "src" / "c0" / "d.jpg")     # listed, cannot be opened
-    p = run_cli(["-m", "pipelines.shards", "TMP/src", "--out", "TMP/sh", "--shard-size", "1", "--workers", "1",
-                 "--seed", "3"], tmp_path)       # seed 3 packs d.jpg third, after two complete shards
+    p = run_cli(["-m", "pipelines.pack_shards", "TMP/src", "--out", "TMP/sh", "--shard-size", "1",
+                 "--workers", "1", "--seed", "3"], tmp_path)   # seed 3 packs d.jpg third, after two shards
     assert_one_line_error(p, "cannot read", "d.jpg")
     tars = sorted(path.name for path in (tmp_path / "sh").glob("*.tar"))
     assert len(tars) == 2 and all((tmp_path / "sh" / t).stat().st_size % 10240 == 0 for t in tars)
     assert not (tmp_path / "sh" / "manifest.json").exists() and not list((tmp_path / "sh").glob(".tmp-*"))
+    (tmp_path / "blocker").write_text("a file where --out needs a folder")
+    p = run_cli(["-m", "pipelines.pack_shards", "TMP/src", "--out", "TMP/blocker/sh"], tmp_path)
+    assert_one_line_error(p, "--out", "blocker/sh", "cannot write there")

@@ -33,7 +33,7 @@ def test_cifar_paper_protocol():
     assert cfg.optim.batch_size_per_gpu == 128 and cfg.optim.epochs == 100
     lr = StepSchedule(cfg.optim.schedule)
     assert [lr(e) for e in (0, 29.9, 30, 60, 80, 99)] == pytest.approx([0.1, 0.1, 0.02, 0.004, 0.0008, 0.0008])
-    assert cfg.data.recipe == "cifar" and cfg.data.val_dir == "test" and cfg.data.resident
+    assert cfg.data.recipe == "cifar" and cfg.data.val_dir == "test" and cfg.loader.resident
 
 
 def test_imagenet_alexnet_paper_protocol():

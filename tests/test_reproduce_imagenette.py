@@ -114,7 +114,7 @@ def test_smoke_budget_end_to_end(tmp_path):
     data = _fake_imagenette(tmp_path / "nette")
     results, figs = tmp_path / "results.md", tmp_path / "figs"
     main(["--data", str(data), "--budget", "smoke", "--models", "alexnet", "--runs", str(tmp_path / "r"),
-          "--figures", str(figs), "--results", str(results), "data.num_threads=1"])
+          "--figures", str(figs), "--results", str(results), "loader.num_threads=1"])
     text = results.read_text()
     assert "### alexnet, budget `smoke`" in text and "| conv5 |" in text
     assert "held-out rotation acc" in text and (figs / "imagenette_alexnet_smoke_layers.png").is_file()

@@ -41,8 +41,8 @@ CROP = 64
 # lr 0.01, not the sample config's 0.05: at 0.05 this width-0.25 net is chaotic on tiny data (a
 # 1e-7 rounding change, e.g. channels_last on/off, grows to 7e-3 in 3 steps), which would make
 # any cross-run comparison meaningless; at 0.01 it stays at 1e-7.
-TINY = ["model.width=0.25", f"data.crop_size={CROP}", f"data.resize_size={CROP}", "data.backend=torch",
-        "data.num_threads=0", "train.precision=fp32", "train.eval_rotation=false", "train.log_every=1",
+TINY = ["model.width=0.25", f"data.crop_size={CROP}", f"data.resize_size={CROP}", "loader.backend=torch",
+        "loader.num_threads=0", "train.precision=fp32", "train.eval_rotation_every=0", "train.log_every=1",
         "optim.schedule=[[0,0.01]]"]
 # Paired data set: the crop is the whole (crop-sized) image.
 WHOLE = ["data.min_scale=1.0"]
@@ -199,7 +199,7 @@ def test_paired_data_gives_equal_bn_statistics(paired_data):
     split = str(paired_data / "train")
 
     def loader(rank, world, batch):
-        return build_rotation_loader(cfg.data, split, batch_size=batch, rank=rank, world_size=world,
+        return build_rotation_loader(cfg, split, batch_size=batch, rank=rank, world_size=world,
                                      local_rank=rank, device=torch.device("cpu"), train=True, seed=0)
 
     single, r0, r1 = loader(0, 1, 2 * N_PER_RANK), loader(0, 2, N_PER_RANK), loader(1, 2, N_PER_RANK)

@@ -80,8 +80,8 @@ def test_knn_monitor_logs_every_epoch_and_leaves_training_unchanged(tmp_path):
     env = {**os.environ, "ROTNET_PROGRESS": "1"}
     common = [f"data.root={data}", "data.crop_size=64", "data.resize_size=72", "model.width=0.25",
               "optim.batch_size_per_gpu=8", "optim.epochs=2", "train.precision=fp32", "train.log_every=2",
-              "train.monitor_bank_per_class=4", "train.monitor_query_per_class=2", "data.backend=torch",
-              "data.num_threads=0"]   # no worker processes: each run is mostly interpreter start-up
+              "train.monitor_bank_per_class=4", "train.monitor_query_per_class=2", "loader.backend=torch",
+              "loader.num_threads=0"]   # no worker processes: each run is mostly interpreter start-up
     logs, stderr = {}, {}
     for every in (1, 0):
         out = tmp_path / f"run{every}"
@@ -111,7 +111,7 @@ def test_pretraining_with_imagenets_flat_val(tmp_path):
     env = {**os.environ, "ROTNET_PROGRESS": "0"}
     out = tmp_path / "run"
     common = [f"data.root={root}", "data.crop_size=64", "data.resize_size=72", "model.width=0.25",
-              "train.precision=fp32", "data.backend=torch", "data.num_threads=0"]
+              "train.precision=fp32", "loader.backend=torch", "loader.num_threads=0"]
     r = _run(["train.py", "--config", "configs/sample.yaml", *common, "optim.batch_size_per_gpu=8", "optim.epochs=1",
               "train.monitor_every=1", f"train.output_dir={out}"], env)
     assert "the kNN monitor is off" in r.stderr and "python -m pipelines.imagenet_val" in r.stderr

@@ -9,11 +9,11 @@ import torch
 from PIL import Image
 
 from pipelines import dali_available
-from rotnet.config import DataConfig
+from rotnet.config import LOADER_KEYS, Config, DataConfig, LoaderConfig
 
 HAVE_DALI = dali_available()
 needs_dali = pytest.mark.skipif(not HAVE_DALI, reason="nvidia.dali not installed")
-# Loader kinds every behaviour test runs on: (name, DataConfig overrides).
+# Loader kinds every behaviour test runs on: (name, `cfg` keywords).
 KINDS = [pytest.param(("dali", {"backend": "dali"}), id="dali", marks=needs_dali),
          pytest.param(("torch", {"backend": "torch"}), id="torch"),
          pytest.param(("resident", {"backend": "torch", "resident": True}), id="resident")]
@@ -27,7 +27,7 @@ def in_format(folder, fmt: str, shard_size: int = 5) -> str:
     """`folder` itself, or (fmt "shards") the shard folder it packs to (beside it, made once)."""
     if fmt == "folder":
         return str(folder)
-    from pipelines.shards import pack
+    from pipelines.pack_shards import pack
 
     out = f"{folder}-shards"
     if not os.path.isfile(os.path.join(out, "manifest.json")):
@@ -35,11 +35,12 @@ def in_format(folder, fmt: str, shard_size: int = 5) -> str:
     return out
 
 
-def cfg(**kw) -> DataConfig:
-    """A small, fast DataConfig for tests (1 thread/worker, 32 px crops)."""
-    base = dict(crop_size=32, resize_size=32, num_threads=1, prefetch=1, min_scale=0.25)
-    base.update(kw)
-    return DataConfig(**base)
+def cfg(**kw) -> Config:
+    """A small, fast Config for tests (1 thread/worker, 32 px crops); each keyword goes to the
+    section that has it (data: what is read, loader: how)."""
+    data = {**dict(crop_size=32, resize_size=32, num_threads=1, prefetch=1, min_scale=0.25), **kw}
+    loader = {k: data.pop(k) for k in LOADER_KEYS if k in data}
+    return Config(data=DataConfig(**data), loader=LoaderConfig(**loader))
 
 
 def save_jpeg(path, arr, **kw):

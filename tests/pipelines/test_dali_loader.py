@@ -11,11 +11,11 @@ pytestmark = needs_dali
 def test_decoder_paddings_default_to_dali_and_stay_off_validation():
     from pipelines.dali_loader import mixed_decoder_args
 
-    assert mixed_decoder_args(cfg(), train=True) == {"hw_decoder_load": 0.65}  # DALI's own defaults
+    assert mixed_decoder_args(cfg().loader, train=True) == {"hw_decoder_load": 0.65}  # DALI's own defaults
     big = cfg(device_memory_padding=64 << 20, host_memory_padding=32 << 20)
-    assert mixed_decoder_args(big, train=True) == {"hw_decoder_load": 0.65, "device_memory_padding": 64 << 20,
+    assert mixed_decoder_args(big.loader, train=True) == {"hw_decoder_load": 0.65, "device_memory_padding": 64 << 20,
                                                    "host_memory_padding": 32 << 20}
-    assert mixed_decoder_args(big, train=False) == {"hw_decoder_load": 0.65}
+    assert mixed_decoder_args(big.loader, train=False) == {"hw_decoder_load": 0.65}
 
 
 def test_decode_failures_are_told_from_other_errors():

@@ -8,6 +8,7 @@ import torch
 from pipelines import SplitLayoutError, build_class_loader, build_rotation_loader, class_labels_missing, list_images
 from pipelines.listing import CLASSES, EMPTY, FLAT, MIXED, split_layout
 from pipelines.scan import main as scan_main
+from rotnet.cli import InputError
 from tests.pipelines.images import KINDS, cfg, make_folder, save_jpeg, textured
 
 CPU = torch.device("cpu")
@@ -32,7 +33,7 @@ def test_split_layout(tmp_path):
     mixed = make_folder(tmp_path / "mixed", [1])
     make_flat(mixed, 1)
     assert split_layout(mixed) == MIXED
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    with pytest.raises(SplitLayoutError, match="image folder not found.*nowhere"):
         split_layout(str(tmp_path / "nowhere"))
 
 
@@ -44,7 +45,7 @@ def test_flat_split_listing(tmp_path):
     assert labels == [0, 0, 0] and classes == []
     with pytest.raises(SplitLayoutError, match="without class folders.*pipelines.imagenet_val"):
         list_images(flat)
-    assert isinstance(SplitLayoutError("x"), ValueError)               # entry points end it in one line
+    assert isinstance(SplitLayoutError("x"), InputError)               # entry points end it in one line
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -70,7 +71,7 @@ def test_class_loader_refuses_a_flat_or_mixed_split(tmp_path):
 
 
 def test_class_labels_missing(tmp_path):
-    d = cfg()
+    d = cfg().data
     assert class_labels_missing(d, make_folder(tmp_path / "train", [1])) == ""
     assert "does not exist" in class_labels_missing(d, str(tmp_path / "nowhere"))
     flat = make_flat(tmp_path / "val", 1)
@@ -78,7 +79,7 @@ def test_class_labels_missing(tmp_path):
     lists = tmp_path / "lists"
     lists.mkdir()
     (lists / "val.txt").write_text("ILSVRC2012_val_00000001.JPEG 0\n")
-    assert class_labels_missing(cfg(file_list=str(lists / "{split}.txt")), flat) == ""   # the list labels it
+    assert class_labels_missing(cfg(file_list=str(lists / "{split}.txt")).data, flat) == ""   # the list labels it
 
 
 # ---------------------------------------------------------------------------- the scan never guesses

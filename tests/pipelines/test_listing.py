@@ -7,6 +7,7 @@ import torch
 import pipelines
 from pipelines import list_images, prepare_batch, resolve_backend
 from pipelines.listing import read_file_list, resolve_file_list, subset_per_class, write_file_list
+from rotnet.cli import InputError
 from tests.pipelines.images import cfg, make_folder, needs_dali
 
 
@@ -24,7 +25,7 @@ def test_list_images_layout(tmp_path):
 
 
 def test_list_images_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    with pytest.raises(pipelines.SplitLayoutError, match="image folder not found.*nowhere"):
         list_images(str(tmp_path / "nowhere"))
     (tmp_path / "flat").mkdir()
     with pytest.raises(pipelines.BadImageError, match="no class folders"):
@@ -38,6 +39,19 @@ def test_file_list_roundtrip_with_spaces(tmp_path):
     root = make_folder(tmp_path / "train", [1, 1])
     paths, labels, classes = list_images(root, path)
     assert paths[0] == os.path.join(root, "a b/c d.JPEG") and labels == [3, 0] and classes == ["c0", "c1"]
+
+
+def test_file_list_errors_are_input_errors_naming_the_file(tmp_path):
+    """Missing, malformed or unwritable file lists: one-line InputErrors naming the path, never a
+    bare OSError/ValueError (the CLIs print InputErrors and nothing else as one line)."""
+    with pytest.raises(InputError, match="cannot read the file list .*nope.txt"):
+        read_file_list(str(tmp_path / "nope.txt"))
+    (tmp_path / "bad.txt").write_text("a/b.jpg 1\nno-label-here\n")
+    with pytest.raises(InputError, match=r"bad\.txt:2: expected 'relative/path label'"):
+        read_file_list(str(tmp_path / "bad.txt"))
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    with pytest.raises(InputError, match="cannot write the file list .*blocker"):
+        write_file_list(str(tmp_path / "blocker" / "l.txt"), ["a.jpg"], [0])
 
 
 def test_resolve_file_list():
@@ -60,14 +74,14 @@ def test_resolve_backend(monkeypatch):
     assert resolve_backend("auto") in ("dali", "torch")
     monkeypatch.setattr(pipelines, "dali_available", lambda: False)
     assert resolve_backend("auto") == "torch"
-    with pytest.raises(RuntimeError, match="nvidia.dali"):
+    with pytest.raises(InputError, match="nvidia.dali"):
         resolve_backend("dali")
     with pytest.raises(ValueError):
         resolve_backend("tf")
 
 
 def test_prepare_batch_uint8():
-    d = cfg()
+    d = cfg().data
     x = torch.randint(0, 256, (2, 5, 6, 3), dtype=torch.uint8)
     y = prepare_batch(x, d, channels_last=True)
     mean = torch.tensor(d.mean).view(1, 3, 1, 1)
@@ -81,14 +95,14 @@ def test_prepare_batch_uint8():
 
 def test_prepare_batch_float_passthrough():
     z = torch.randn(2, 3, 4, 4).half()
-    out = prepare_batch(z, cfg(), channels_last=True, dtype=None)  # None: keep the loader's dtype
+    out = prepare_batch(z, cfg().data, channels_last=True, dtype=None)  # None: keep the loader's dtype
     assert out.dtype == torch.float16 and torch.equal(out, z)
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("backend", [pytest.param("dali", marks=needs_dali), "torch"])
 def test_graph_normalisation_on_cpu(square_split, backend):
-    """data.normalize=graph: float16 (B, C, H, W) normalised by the loader, same values as prepare_batch."""
+    """loader.normalize=graph: float16 (B, C, H, W) normalised by the loader, same values as prepare_batch."""
     kw = dict(backend=backend, rotations=[0, 180])
     lo_u8 = pipelines.build_rotation_loader(cfg(**kw), square_split, batch_size=2, rank=0, world_size=1,
                                             local_rank=0, device=torch.device("cpu"), train=False, seed=0)
@@ -98,4 +112,4 @@ def test_graph_normalisation_on_cpu(square_split, backend):
     x8, y8 = next(iter(lo_u8))
     x16, y16 = next(iter(lo_f16))
     assert x16.dtype == torch.float16 and x16.shape == (4, 3, 32, 32) and torch.equal(y8, y16)
-    torch.testing.assert_close(x16.float(), prepare_batch(x8, cfg(), False), atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(x16.float(), prepare_batch(x8, cfg().data, False), atol=2e-2, rtol=1e-2)

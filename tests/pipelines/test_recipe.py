@@ -10,7 +10,7 @@ from tests.pipelines.images import cfg, make_folder, needs_dali
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_cifar_gather_equals_per_image_path(seed):
     """The one-gather fast path (stacked crop-sized images) = pad 4, crop, flip image by image."""
-    d = cfg(recipe="cifar", crop_size=8)
+    d = cfg(recipe="cifar", crop_size=8).data
     x = torch.randint(0, 256, (6, 8, 8, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
     fast = crop_batch(x, d, True, torch.Generator().manual_seed(seed))
     slow = crop_batch(list(x), d, True, torch.Generator().manual_seed(seed))

@@ -19,7 +19,7 @@ def data_for(variant, **kw):
     name, over = variant
     d = cfg(**over, **kw)
     if name == "dali-graph":
-        d.dali_rotate_in_graph = True
+        d.loader.dali_rotate_in_graph = True
     return d
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pipelines import build_class_loader, build_rotation_loader
+from rotnet.cli import InputError
 from tests.pipelines.images import FORMATS, KINDS, cfg, in_format, make_folder, needs_dali
 
 CPU = torch.device("cpu")
@@ -73,7 +74,7 @@ def test_different_seed_different_order(split, kind):
 def test_state_rejects_other_backend(split):
     dali = build(("dali", {"backend": "dali"}), split)
     torch_loader = build(("torch", {"backend": "torch"}), split)
-    with pytest.raises(ValueError, match="backend"):
+    with pytest.raises(InputError, match="backend"):
         torch_loader.load_state_dict(dali.state_dict())
 
 

@@ -1,7 +1,8 @@
 """Config loading: YAML into dataclasses, dotted overrides, strict keys and types."""
 import pytest
 
-from rotnet.config import ConfigError, Config, load_config, resolve_batch, save_config
+from rotnet.config import (Config, ConfigError, config_from_dict, config_to_dict, load_config, migrate,
+                           resolve_batch, save_config)
 
 
 def test_defaults_and_sample_config_load():
@@ -66,9 +67,11 @@ def test_every_shipped_config_loads(path):
 # ------------------------------------------------------------------ enums, hints, global batch
 
 def test_enum_fields_name_key_value_and_choices():
-    for override, choices in [("data.backend=foo", "auto, dali, torch"), ("train.precision=fp8", "auto, bf16"),
-                              ("data.recipe=coco", "imagenet, cifar"), ("data.normalize=x", "auto, graph, trainer"),
-                              ("data.rotation_mode=two", "all, one_random"), ("model.arch=vgg", "alexnet, resnet18"),
+    for override, choices in [("loader.backend=foo", "auto, dali, torch"),
+                              ("train.precision=fp8", "auto, bf16"), ("data.recipe=coco", "imagenet, cifar"),
+                              ("loader.normalize=x", "auto, graph, trainer"),
+                              ("data.rotation_mode=two", "all, one_random"),
+                              ("model.arch=vgg", "alexnet, resnet18"),
                               ("probe.head=svm", "linear, mlp, conv")]:
         key, value = override.split("=")
         with pytest.raises(ConfigError, match=rf"{key}='{value}': expected one of {choices}"):
@@ -82,13 +85,13 @@ def test_literal_choices_match_what_the_code_accepts():
     from pipelines.normalize import NORMALIZE_MODES
     from pipelines.rotations import ROTATION_MODES
     from probes.heads import HEADS
-    from rotnet.config import DataConfig, ModelConfig, ProbeConfig
+    from rotnet.config import DataConfig, LoaderConfig, ModelConfig, ProbeConfig
 
     def choices(cls, name):
         return set(typing.get_args(typing.get_type_hints(cls)[name]))
     assert choices(ModelConfig, "arch") == set(MODELS)
     assert choices(ProbeConfig, "head") == set(HEADS)
-    assert choices(DataConfig, "normalize") == set(NORMALIZE_MODES)
+    assert choices(LoaderConfig, "normalize") == set(NORMALIZE_MODES)
     assert choices(DataConfig, "rotation_mode") == set(ROTATION_MODES)
 
 
@@ -97,10 +100,50 @@ def test_unknown_keys_get_hints():
         load_config(None, ["optim.lr=0.1"])
     with pytest.raises(ConfigError, match=r"unknown key optim\.epoch=3; did you mean optim\.epochs\?"):
         load_config(None, ["optim.epoch=3"])
-    with pytest.raises(ConfigError, match=r"unknown key no\.such=1 \(no section no\); sections: data, model"):
+    with pytest.raises(ConfigError, match=r"unknown key no\.such=1 \(no section no\); sections: data, loader"):
         load_config(None, ["no.such=1"])
     with pytest.raises(ConfigError, match=r"data\.rotations=\[0,.*not valid YAML"):
         load_config(None, ["data.rotations=[0,"])
+
+
+# ------------------------------------------------------------------ configs stored by older versions
+
+# A checkpoint's config from before `loader:` existed and while train.eval_rotation was a bool.
+OLD = {"data": {"root": "/d", "crop_size": 64, "backend": "torch", "num_threads": 0, "resident": True,
+                "dali_rotate_in_graph": False},
+       "train": {"eval_rotation": False, "eval_rotation_every": 3}}
+
+
+def test_migrate_moves_loader_keys_and_the_eval_rotation_bool():
+    new = migrate(OLD)
+    assert new["data"] == {"root": "/d", "crop_size": 64}
+    assert new["loader"] == {"backend": "torch", "num_threads": 0, "resident": True,
+                             "dali_rotate_in_graph": False}
+    assert new["train"] == {"eval_rotation_every": 0}             # false: off, whatever N said
+    assert OLD["data"]["backend"] == "torch"                      # a copy: the checkpoint's dict is untouched
+    on = migrate({"train": {"eval_rotation": True, "eval_rotation_every": 3}})
+    assert on == {"train": {"eval_rotation_every": 3}}            # true: N stays
+    # an override already under loader: (eval.py applies them before parsing) wins over the old key
+    assert migrate({**OLD, "loader": {"backend": "dali"}})["loader"]["backend"] == "dali"
+
+
+def test_stored_configs_are_migrated_and_todays_are_unchanged():
+    cfg = config_from_dict(OLD, "ckpt.pt")
+    assert (cfg.loader.backend, cfg.loader.num_threads, cfg.loader.resident) == ("torch", 0, True)
+    assert cfg.data.crop_size == 64 and cfg.train.eval_rotation_every == 0
+    shipped = load_config("configs/imagenette_alexnet_cpu.yaml")
+    today = config_to_dict(shipped)
+    assert migrate(today) == today and config_from_dict(today) == shipped
+
+
+def test_old_keys_in_a_users_yaml_name_the_new_key(tmp_path):
+    """A user's file is not migrated: the error names where the key lives now, so it is fixed once."""
+    with pytest.raises(ConfigError, match=r"unknown key data\.backend='torch'; .*moved to loader\.backend"):
+        load_config(None, ["data.backend=torch"])
+    p = tmp_path / "old.yaml"
+    p.write_text("train:\n  eval_rotation: false\n")
+    with pytest.raises(ConfigError, match=r"old\.yaml.*eval_rotation=False; .*train\.eval_rotation_every"):
+        load_config(p)
 
 
 def _cfg(**optim):
@@ -112,7 +155,7 @@ def _cfg(**optim):
     ({"batch_size_per_gpu": 32}, 2, (64, 32)),                            # per GPU set: global derived
     ({"global_batch_size": 192, "batch_size_per_gpu": 0}, 1, (192, 192)),  # the paper, one GPU
     ({"global_batch_size": 192, "batch_size_per_gpu": 0}, 8, (192, 24)),   # the paper, 8 GPUs
-    ({"global_batch_size": 192, "batch_size_per_gpu": 24}, 8, (192, 24)),  # both, agreeing (a resolved config)
+    ({"global_batch_size": 192, "batch_size_per_gpu": 24}, 8, (192, 24)),  # both agree (resolved)
 ])
 def test_resolve_batch(optim, world, expected):
     cfg = _cfg(**optim)
@@ -143,7 +186,7 @@ def test_build_run_derives_the_per_gpu_batch_and_keeps_the_lr(monkeypatch):
     import rotnet.run
     from rotnet.distributed import DistInfo
 
-    monkeypatch.setattr(rotnet.run, "place", lambda raw, info, channels_last: raw)   # DDP needs a process group
+    monkeypatch.setattr(rotnet.run, "place", lambda raw, info, channels_last: raw)   # no process group
     two = DistInfo(rank=0, world_size=2, device=torch.device("cpu"))
     cfg = load_config("configs/imagenet_alexnet.yaml", ["model.width=0.25", "data.crop_size=64"])
     run = rotnet.run.build_run(cfg, two, logger=None)

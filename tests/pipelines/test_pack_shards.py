@@ -1,4 +1,4 @@
-"""Tar shards (data.format=shards): the packer (`python -m pipelines.shards`) and reading what it wrote.
+"""Tar shards (data.format=shards): the packer (`python -m pipelines.pack_shards`) and reading what it wrote.
 
 Coverage, exactly-once epochs and resume of shard loaders run with the folder tests
 (test_sharding.py, test_state.py, parametrized over the format); here: shards of the built-in
@@ -20,10 +20,10 @@ import torch
 
 from pipelines import BadImageError, build_class_loader, build_rotation_loader
 from pipelines.sample_data import ensure_sample_data
-from pipelines.shards import main as shards_main
-from pipelines.shards import pack, shard_complete
-from pipelines.shardset import MANIFEST, list_shards, shard_files
-from rotnet.cli import UsageExit
+from pipelines.pack_shards import main as shards_main
+from pipelines.pack_shards import pack, shard_complete
+from pipelines.shard_reader import MANIFEST, list_shards, shard_files
+from rotnet.cli import InputError, UsageExit
 from tests.pipelines.images import HAVE_DALI, KINDS, cfg, make_folder, needs_dali
 
 CPU = torch.device("cpu")
@@ -67,7 +67,7 @@ def test_shards_hold_the_source_bytes_and_labels(sample):
     manifest = json.loads((shards / "train" / MANIFEST).read_text())
     classes = sorted(os.listdir(root / "train"))
     assert manifest["count"] == 80 and manifest["classes"] == classes and manifest["shard_size"] == 30
-    assert manifest["source"] == str(root / "train") and manifest["tool"] == "python -m pipelines.shards"
+    assert manifest["source"] == str(root / "train") and manifest["tool"] == "python -m pipelines.pack_shards"
     assert manifest["version"] == 1 and manifest["tool_commit"]
     assert [e["count"] for e in manifest["shards"]] == [30, 30, 20]
     source = collections.Counter((sha((root / "train" / c / f).read_bytes()), k)
@@ -148,7 +148,7 @@ def test_state_of_another_format_is_refused(sample):
     kw = dict(batch_size=4, rank=0, world_size=1, local_rank=0, device=CPU, train=True, seed=0)
     folder = build_rotation_loader(cfg(backend="torch"), str(root / "train"), **kw)
     packed = build_rotation_loader(cfg(backend="torch", format="shards"), str(shards / "train"), **kw)
-    with pytest.raises(ValueError, match="format='folder'"):
+    with pytest.raises(InputError, match="format='folder'"):
         packed.load_state_dict(folder.state_dict())
     old = {k: v for k, v in folder.state_dict().items() if k != "format"}  # saved before shards existed
     folder.load_state_dict(old)
@@ -156,7 +156,7 @@ def test_state_of_another_format_is_refused(sample):
 
 def test_file_list_with_shards_is_refused(sample):
     _, shards = sample
-    with pytest.raises(ValueError, match="data.file_list"):
+    with pytest.raises(InputError, match="data.file_list"):
         build_class_loader(cfg(format="shards", file_list="x.txt"), str(shards / "train"), batch_size=2, rank=0,
                            world_size=1, local_rank=0, device=CPU, train=False, seed=0)
 
@@ -174,7 +174,7 @@ def test_bad_member_is_named(tmp_path, kind):
     bad = {n.split("/")[-1] for i, n in enumerate(names)
            if store.read(i).startswith(b"<html>") or store.read(i) == good[: len(good) // 2]}
     _, over = kind
-    with pytest.raises(BadImageError, match="pipelines.shards SPLIT_DIR --file-list") as e:
+    with pytest.raises(BadImageError, match="pipelines.pack_shards SPLIT_DIR --file-list") as e:
         list(build_class_loader(cfg(format="shards", **over), str(tmp_path / "sh"), batch_size=8, rank=0,
                                 world_size=1, local_rank=0, device=CPU, train=False, seed=0))
     named = set(re.findall(r"shard-\d{6}\.tar:\d{9}\.jpg", str(e.value)))
@@ -254,7 +254,7 @@ def test_train_smoke_on_shards(sample, tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, "train.py", "--config", "configs/sample.yaml", f"data.root={shards}", "data.format=shards",
             "data.crop_size=64", "data.resize_size=72", "model.width=0.25", "optim.batch_size_per_gpu=8",
-            "optim.epochs=1", "train.precision=fp32", f"train.output_dir={out}", "data.num_threads=1"]
+            "optim.epochs=1", "train.precision=fp32", f"train.output_dir={out}", "loader.num_threads=1"]
     r = subprocess.run(args, cwd=REPO, env={**os.environ, "ROTNET_PROGRESS": "0"}, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

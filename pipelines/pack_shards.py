@@ -1,6 +1,6 @@
 """Pack an image folder into tar shards (webdataset layout) for shared filesystems.
 
-    python -m pipelines.shards SPLIT_DIR --out DIR [--shard-size 5000] [--workers N] [--seed 0]
+    python -m pipelines.pack_shards SPLIT_DIR --out DIR [--shard-size 5000] [--workers N] [--seed 0]
                                [--file-list LIST]
 
 then train with `data.format=shards`, data.root the folder holding the packed splits (e.g. pack
@@ -8,7 +8,7 @@ then train with `data.format=shards`, data.root the folder holding the packed sp
 
 Why: on Lustre/NFS/GPFS every image file costs a metadata round trip per open, so 1.28M small
 files mean 1.28M opens per epoch per job; a few hundred tars opened once do not. What is written
-(format: pipelines/shardset.py): per sample KEY.<ext> with the source file's bytes unchanged and
+(format: pipelines/shard_reader.py): per sample KEY.<ext> with the source file's bytes unchanged and
 KEY.cls with its class index; a DALI index per shard; manifest.json last. Samples go into the shards
 in a seeded random order, so a shard is not one class. The loaders read any sample of any shard
 (one pread), in the same per-epoch order as for folders.
@@ -34,11 +34,11 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 
 from pipelines.contract import derive_seed
 from pipelines.listing import BadImageError, list_images
-from pipelines.shardset import (FORMAT, FORMAT_VERSION, IMAGE_EXT, LABEL_EXT, MANIFEST, index_text, member_key,
-                                read_index, shard_files)
+from pipelines.shard_reader import (FORMAT, FORMAT_VERSION, IMAGE_EXT, LABEL_EXT, MANIFEST, index_text,
+                                    member_key, read_index, shard_files)
 from rotnet.atomic import TMP, atomic_path, write_text
 from rotnet.checkpoint import git_commit
-from rotnet.cli import ArgumentParser, UsageError, fail
+from rotnet.cli import ArgumentParser, InputError, UsageError, one_line_errors
 
 PLAN = ".plan.json"
 
@@ -74,8 +74,11 @@ def check_plan(out: str, record: dict) -> None:
     """Record the plan in `out`, or refuse when `out` already holds one of other settings."""
     path = os.path.join(out, PLAN)
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                old = json.load(f)
+        except ValueError:   # edited by hand, or not written by this packer
+            raise UsageError(f"--out {out!r}: {PLAN} is not JSON; delete the folder to repack") from None
         differ = [k for k in record if old.get(k) != record[k]]
         if differ:
             k = differ[0]
@@ -111,7 +114,7 @@ def shard_complete(out: str, i: int, count: int) -> bool:
 
 def write_shard(out: str, i: int, members: list[tuple]) -> tuple[int, int]:
     """Write shard i: the tar under a temporary name, then its index (atomically), then rename the
-    tar, so a tar under its final name has its index. Returns (i, tar bytes). OSError names an
+    tar, so a tar under its final name has its index. Returns (i, tar bytes). BadImageError names an
     unreadable source file."""
     tar_name, idx_name = shard_files(i)
     index = []
@@ -123,8 +126,8 @@ def write_shard(out: str, i: int, members: list[tuple]) -> tuple[int, int]:
                 try:
                     with open(path, "rb") as src:
                         image = src.read()
-                except OSError as e:
-                    raise OSError(f"cannot read {path!r}: {e.strerror or e}") from None
+                except OSError as e:   # vanished, no permission, a dangling link
+                    raise BadImageError(f"cannot read {path!r}: {e.strerror or e}") from None
                 sample = []
                 for name, data in ((f"{key}.{ext}", image), (f"{key}.{LABEL_EXT}", str(label).encode())):
                     info = tarfile.TarInfo(name)   # fixed metadata: the same input packs to the same bytes
@@ -148,8 +151,11 @@ def pack(split_dir: str, out: str, shard_size: int, workers: int, seed: int = 0,
     if out == split_dir or out.startswith(split_dir + os.sep):
         raise UsageError(f"--out {out!r} is inside {split_dir!r}: it would be listed as a class folder")
     record, shards = make_plan(split_dir, file_list, shard_size, seed)
-    os.makedirs(out, exist_ok=True)
-    check_plan(out, record)
+    try:
+        os.makedirs(out, exist_ok=True)
+        check_plan(out, record)
+    except OSError as e:   # a read-only place, a file in the way
+        raise UsageError(f"--out {out!r}: cannot write there ({e.strerror or e})") from None
     for name in os.listdir(out):          # leftovers of a killed run (never under a final name)
         if name.startswith(TMP):
             os.remove(os.path.join(out, name))
@@ -176,7 +182,7 @@ def pack(split_dir: str, out: str, shard_size: int, workers: int, seed: int = 0,
         tar, idx = shard_files(i)
         entries.append({"tar": tar, "index": idx, "count": len(members),
                         "bytes": os.path.getsize(os.path.join(out, tar)), "labels": [lab for _, lab, _ in members]})
-    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "tool": "python -m pipelines.shards",
+    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "tool": "python -m pipelines.pack_shards",
                 "tool_commit": git_commit(),
                 **{k: record[k] for k in ("count", "classes", "source", "file_list", "seed", "shard_size")},
                 "shards": entries}
@@ -187,7 +193,7 @@ def pack(split_dir: str, out: str, shard_size: int, workers: int, seed: int = 0,
 
 
 def main(argv=None) -> int:
-    ap = ArgumentParser(prog="python -m pipelines.shards", description=__doc__)
+    ap = ArgumentParser(prog="python -m pipelines.pack_shards", description=__doc__)
     ap.add_argument("split_dir", help="image folder SPLIT/CLASS/IMAGE, e.g. /data/imagenet/train")
     ap.add_argument("--out", required=True, help="shard folder to write, e.g. /scratch/in-shards/train; then "
                     "data.root=/scratch/in-shards data.format=shards")
@@ -198,10 +204,8 @@ def main(argv=None) -> int:
     ap.add_argument("--file-list", default="", help="pack only this list's images (`python -m pipelines.scan "
                     "SPLIT_DIR --out LIST` writes one without the undecodable files)")
     args = ap.parse_intermixed_args(argv)
-    try:
+    with one_line_errors(InputError):
         pack(args.split_dir, args.out, args.shard_size, args.workers, args.seed, args.file_list)
-    except (UsageError, BadImageError, OSError, ValueError) as e:
-        fail(e)
     return 0
 
 

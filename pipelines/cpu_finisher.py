@@ -65,7 +65,7 @@ def rotations_into(dst: torch.Tensor, x: torch.Tensor, flip: bool, rotations: li
             d[r] = rotate_hwc(torch.from_numpy(base), a).numpy()
 
 
-class HostFinisher:
+class CpuFinisher:
     """Finishes a batch of DALI crops: (crops, flips, rot_idx) -> uint8 tensor on CPU.
 
     mode "all": (N, K, S, S, C); "one_random": (N, S, S, C) rotated by rotations[rot_idx[i]];

@@ -1,18 +1,18 @@
-"""pipelines.host_post: the CPU finisher's OpenCV rotations equal torch.rot90 of the flipped crop."""
+"""pipelines.cpu_finisher: the CPU finisher's OpenCV rotations equal torch.rot90 of the flipped crop."""
 import pytest
 import torch
 
 from pipelines.rotations import rotate_hwc
 from tests.pipelines.images import needs_dali
 
-pytestmark = needs_dali  # host_post belongs to the DALI CPU loader (and imports its OpenCV dependency)
+pytestmark = needs_dali  # the finisher belongs to the DALI CPU loader (and imports its OpenCV dependency)
 
 
 @pytest.mark.parametrize("rotations", [[0, 90, 180, 270], [90, 270], [270, 0, 180], [0, 45, 90, 315]])
 @pytest.mark.parametrize("flip", [False, True])
 @pytest.mark.parametrize("layout", ["contiguous", "view"])
 def test_rotations_into_matches_rot90(rotations, flip, layout):
-    from pipelines.host_post import rotations_into
+    from pipelines.cpu_finisher import rotations_into
 
     g = torch.Generator().manual_seed(len(rotations) + flip)
     x = torch.randint(0, 256, (17, 17, 3), dtype=torch.uint8, generator=g)
@@ -27,21 +27,23 @@ def test_rotations_into_matches_rot90(rotations, flip, layout):
 
 
 def test_finisher_batch_shapes_and_ragged_crops():
-    from pipelines.host_post import HostFinisher
+    from pipelines.cpu_finisher import CpuFinisher
 
     crops = [torch.randint(0, 256, (h, w, 3), dtype=torch.uint8) for h, w in [(10, 14), (20, 20), (31, 9)]]
-    out = HostFinisher(crop=20, rotations=[0, 90, 180, 270], mode="all", threads=2)(crops, [0, 1, 0], [0, 0, 0])
+    finish = CpuFinisher(crop=20, rotations=[0, 90, 180, 270], mode="all", threads=2)
+    out = finish(crops, [0, 1, 0], [0, 0, 0])
     assert out.shape == (3, 4, 20, 20, 3) and out.dtype == torch.uint8
     assert torch.equal(out[1, 0], crops[1].flip(1))          # 20 x 20: no resize, flipped
     assert torch.equal(out[1, 1], torch.rot90(crops[1].flip(1), 1, (0, 1)))
-    one = HostFinisher(crop=20, rotations=[0, 90, 180, 270], mode="one_random", threads=1)(crops, [0, 0, 0], [2, 1, 3])
+    finish_one = CpuFinisher(crop=20, rotations=[0, 90, 180, 270], mode="one_random", threads=1)
+    one = finish_one(crops, [0, 0, 0], [2, 1, 3])
     assert one.shape == (3, 20, 20, 3) and torch.equal(one[1], torch.rot90(crops[1], 1, (0, 1)))
 
 
 @pytest.mark.parametrize("hw", [(10, 14), (20, 9), (31, 40), (25, 12)])
 def test_resize_hwc_close_to_torch_bilinear(hw):
     """OpenCV (enlarging) and torch (shrinking) paths both equal torch's antialiased bilinear to +-1."""
-    from pipelines.host_post import resize_hwc
+    from pipelines.cpu_finisher import resize_hwc
 
     x = torch.randint(0, 256, (*hw, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(hw[0]))
     out = resize_hwc(x, 20)

@@ -1,6 +1,6 @@
 """Tar shards (webdataset layout) on disk, and reading them: `data.format: shards`.
 
-A shard folder, written by `python -m pipelines.shards` (the packer):
+A shard folder, written by `python -m pipelines.pack_shards` (the packer):
 
   manifest.json          what the set is: count, classes (sorted train order), per shard its
                          tar, index, sample count, byte size and labels; source and packing
@@ -147,12 +147,17 @@ def read_manifest(shard_dir: str) -> dict:
     path = os.path.join(shard_dir, MANIFEST)
     if not os.path.isfile(path):
         why = "the packer did not finish: rerun it" if os.path.isdir(shard_dir) else "folder not found"
-        raise FileNotFoundError(f"no {MANIFEST} in {shard_dir!r} ({why}); data.format=shards reads folders "
-                                "written by `python -m pipelines.shards SPLIT_DIR --out DIR`")
-    with open(path, encoding="utf-8") as f:
-        manifest = json.load(f)
-    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest; repack with `python -m pipelines.shards`")
+        raise BadImageError(f"no {MANIFEST} in {shard_dir!r} ({why}); data.format=shards reads folders "
+                            "written by `python -m pipelines.pack_shards SPLIT_DIR --out DIR`")
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:   # unreadable, or not JSON (a copy cut short)
+        raise BadImageError(f"cannot read {path!r} ({e}); repack: python -m pipelines.pack_shards") from None
+    kind = (manifest.get("format"), manifest.get("version")) if isinstance(manifest, dict) else None
+    if kind != (FORMAT, FORMAT_VERSION):
+        raise BadImageError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest; "
+                            "repack with `python -m pipelines.pack_shards`")
     return manifest
 
 

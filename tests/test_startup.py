@@ -1,0 +1,23 @@
+"""Start-up stays cheap: the entry points import no heavy optional library before they need it.
+
+`train.py --help` or a bad key should cost little more than `import torch`; torchvision alone
+adds about as much again, so it, DALI, OpenCV, matplotlib and TensorBoard are imported inside the
+functions that use them. One subprocess imports every CLI module and lists what got loaded.
+"""
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CLI_MODULES = ["train", "eval", "visualize", "pipelines.scan", "pipelines.imagenet_val",
+               "pipelines.pack_shards", "models.export"]
+HEAVY = ["torchvision", "nvidia.dali", "cv2", "matplotlib", "torch.utils.tensorboard", "tensorboard"]
+
+
+def test_entry_points_import_no_heavy_optional_library():
+    code = ("import importlib, sys\n"
+            f"for m in {CLI_MODULES!r}: importlib.import_module(m)\n"
+            f"print(' '.join(h for h in {HEAVY!r} if h in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [], f"imported at start-up: {out.stdout.strip()}"
