@@ -42,8 +42,8 @@ def _images(root: Path) -> None:
 
 
 def _config(tmp: Path, arch: str = "nin", crop: int = 32) -> Path:
-    raw = {"data": {"root": str(tmp / "data"), "crop_size": crop, "resize_size": crop + 4, "min_scale": 0.5,
-                    "backend": "torch", "num_threads": 0},
+    raw = {"data": {"root": str(tmp / "data"), "crop_size": crop, "resize_size": crop + 4, "min_scale": 0.5},
+           "loader": {"backend": "torch", "num_threads": 0},
            "model": {"arch": arch, "width": 0.125, "num_blocks": 3},
            "train": {"output_dir": str(tmp / f"run_{arch}"), "channels_last": False},
            "probe": {"epochs": 2, "batch_size_per_gpu": 8, "schedule": [[0, 0.01], [1, 0.002]]}}

@@ -80,8 +80,8 @@ def test_random_init_from_config(tmp_path):
 def test_curves_gain_a_knn_panel_when_the_log_has_it(tmp_path, monkeypatch):
     run = _tiny_run(tmp_path)
     panels = []
-    real = visualize.plt.subplots
-    monkeypatch.setattr(visualize.plt, "subplots", lambda *a, **kw: panels.append(a[:2]) or real(*a, **kw))
+    real = visualize.subplots
+    monkeypatch.setattr(visualize, "subplots", lambda *a, **kw: panels.append(a[:2]) or real(*a, **kw))
     visualize.plot_curves(visualize.read_log(run / "log.jsonl"), "t", tmp_path / "c.png")
     lines = [x for x in (run / "log.jsonl").read_text().splitlines() if "knn_top1" not in x]
     (run / "log.jsonl").write_text("\n".join(lines) + "\n")

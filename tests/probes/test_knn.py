@@ -201,8 +201,8 @@ def test_monitor_leaves_the_global_rng_alone(tmp_path):
     from tests.test_eval import _images as image_folders
 
     image_folders(tmp_path)
-    cfg = config_from_dict({"data": {"root": str(tmp_path), "crop_size": 32, "resize_size": 36, "backend": "torch",
-                                     "num_threads": 0},
+    cfg = config_from_dict({"data": {"root": str(tmp_path), "crop_size": 32, "resize_size": 36},
+                            "loader": {"backend": "torch", "num_threads": 0},
                             "model": {"arch": "nin", "width": 0.125, "num_blocks": 3},
                             "optim": {"epochs": 4, "batch_size_per_gpu": 4},
                             "train": {"precision": "fp32", "channels_last": False, "monitor_every": 2,
