@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from rotnet.atomic import atomic_path
+from rotnet.cli import InputError
 
 LATEST = "checkpoint.pt"
 _NUMBERED = re.compile(r"checkpoint_(\d+)\.pt$")
@@ -85,15 +86,23 @@ def find_checkpoint(output_dir: str | Path) -> Path | None:
     return p if p.is_file() else None
 
 
+class CheckpointError(InputError):
+    """A checkpoint (or probe state) that is missing or cannot be read; the message names the file."""
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """Load with weights_only=True (no arbitrary code from pickles); clear error on a bad file."""
+    """Load with weights_only=True (no arbitrary code from pickles); CheckpointError naming the
+    file when it is missing or not a readable checkpoint."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated file, wrong format, disallowed pickle content
-        raise RuntimeError(f"cannot load checkpoint {path}: {e}") from e
+    except (MemoryError, torch.cuda.OutOfMemoryError):   # the machine's limit, not the file's fault
+        raise
+    except Exception as e:  # truncated file, wrong format, disallowed pickle content: torch says which
+        first = (str(e).splitlines() or [""])[0]
+        raise CheckpointError(f"cannot load checkpoint {path}: {type(e).__name__}: {first}") from e
 
 
 def differences(saved: dict, current: dict, keys, saved_as: str = "checkpoint") -> list[str]:

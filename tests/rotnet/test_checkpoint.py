@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from rotnet.checkpoint import atomic_save, check_compatible, find_checkpoint, load_checkpoint, save_checkpoint
+from rotnet.checkpoint import (CheckpointError, atomic_save, check_compatible, find_checkpoint, load_checkpoint,
+                               save_checkpoint)
 
 
 def test_atomic_save_keeps_old_file_when_write_fails(tmp_path, monkeypatch):
@@ -35,12 +36,12 @@ class Evil:
 
 def test_weights_only_refuses_arbitrary_objects(tmp_path):
     torch.save({"x": Evil()}, tmp_path / "bad.pt")
-    with pytest.raises(RuntimeError, match="bad.pt"):
+    with pytest.raises(CheckpointError, match="bad.pt"):
         load_checkpoint(tmp_path / "bad.pt")
     (tmp_path / "trunc.pt").write_bytes(b"\x80\x02garbage")
-    with pytest.raises(RuntimeError, match="trunc.pt"):
+    with pytest.raises(CheckpointError, match="trunc.pt"):
         load_checkpoint(tmp_path / "trunc.pt")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "none.pt")
 
 
