@@ -19,7 +19,7 @@ import torchvision.transforms.v2.functional as TF
 from torchvision.io import ImageReadMode, decode_image, read_file
 
 from pipelines.listing import BadImageError
-from pipelines.rotations import rotate_batch
+from pipelines.rotations import rotate_batch, to_device
 
 RECIPES = ("imagenet", "cifar")
 
@@ -117,7 +117,8 @@ def _cifar_gather(x: torch.Tensor, off: torch.Tensor, flip: torch.Tensor) -> tor
     ar = torch.arange(s)
     rows = off[:, :1] + ar                                  # (P, S)
     cols = torch.where(flip[:, None], off[:, 1:] + s - 1 - ar, off[:, 1:] + ar)
-    return pad[torch.arange(n, device=dev)[:, None, None], rows.to(dev)[:, :, None], cols.to(dev)[:, None, :]]
+    return pad[torch.arange(n, device=dev)[:, None, None], to_device(rows, dev)[:, :, None],
+               to_device(cols, dev)[:, None, :]]
 
 
 def make_batch(spec, key: tuple[int, int], images, labels: torch.Tensor, cropped: bool = False):
