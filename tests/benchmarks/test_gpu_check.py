@@ -59,8 +59,8 @@ def test_the_budget_cuts_the_speed_steps_first(tmp_path):
 
 
 def test_gpu_check_refuses_missing_data(tmp_path):
-    env = {**os.environ, "GPU_CHECK_DEVICE": "cpu", "DATA": str(tmp_path / "nowhere"), "OUT": str(tmp_path / "o"),
-           "GPU_CHECK_WORK": str(tmp_path / "w"), "PYTHON": sys.executable}
+    env = {**os.environ, "GPU_CHECK_DEVICE": "cpu", "DATA": str(tmp_path / "nowhere"),
+           "OUT": str(tmp_path / "o"), "GPU_CHECK_WORK": str(tmp_path / "w"), "PYTHON": sys.executable}
     r = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2
