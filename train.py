@@ -19,20 +19,21 @@ import argparse
 import math
 import sys
 import time
+from itertools import islice
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipelines import BadImageError, build_rotation_loader, class_labels_missing
+from pipelines import build_rotation_loader, class_labels_missing
 from probes.knn import KnnMonitor
-from probes.settings import UsageError
 from rotnet.checkpoint import check_compatible, find_checkpoint, git_commit, load_checkpoint, save_checkpoint
-from rotnet.cli import ArgumentParser, one_line_errors
-from rotnet.config import ConfigError, config_to_dict, load_config, resolve_batch, save_config
+from rotnet.cli import ArgumentParser, InputError, fail
+from rotnet.config import config_to_dict, load_config, resolve_batch, save_config
 from rotnet.distributed import all_reduce_sum, barrier, cleanup, init_distributed
-from rotnet.preemption import REQUEUE_EXIT_CODE
+from rotnet.meter import Meter
+from rotnet.preemption import REQUEUE_EXIT_CODE, Preempted
 from rotnet.progress import RunLogger, log, setup_logging
 from rotnet.run import Run, autocast, build_run, data_root
 from rotnet.schedule import due_after
@@ -52,32 +53,33 @@ def get_args(argv=None) -> argparse.Namespace:
 
 # ---------------------------------------------------------------------------- one epoch
 
-def train_one_epoch(run: Run, loader, epoch: int, start_step: int) -> dict:
-    """Train over the rest of one epoch (from `start_step` when resuming mid-epoch).
+def steps_allowed(run: Run) -> float:
+    """Steps that train.max_steps still allows (math.inf for 0, no limit); the one place it is read."""
+    return run.cfg.train.max_steps - run.step if run.cfg.train.max_steps else math.inf
 
-    Returns the epoch's stats (averaged over all ranks) or raises SystemExit after a
-    preemption checkpoint.
+
+def train_one_epoch(run: Run, loader, epoch: int, start_step: int) -> dict:
+    """Train over the rest of one epoch (from `start_step` when resuming mid-epoch); returns the
+    epoch's stats, averaged over all ranks. Raises Preempted after a stop signal (`train` saves).
+
+    The host waits for the device only where a logging window ends (rotnet.meter); docs/pipelines.md
+    lists the syncs that remain.
     """
-    cfg, info, model = run.cfg, run.info, run.model
+    cfg, model = run.cfg, run.model
     model.train()
     steps = len(loader)
-    dev = info.device
-    sums = torch.zeros(3, device=dev, dtype=torch.float64)   # loss*n, correct, n (rotated samples)
-    window = torch.zeros(3, device=dev, dtype=torch.float64)  # the same since the last logged step
-    data_time = window_data = 0.0
-    window_steps = 0
-    i = start_step - 1          # last step index done (stays so if nothing is left of the epoch)
-    t_epoch = t_window = t_end = time.perf_counter()
+    last = min(steps, start_step + steps_allowed(run)) - 1   # the epoch's last step, or train.max_steps'
+    meter = Meter(run, epoch, steps)
     run.logger.start_epoch(epoch, total=steps, initial=start_step)
-
-    for i, (images, labels) in enumerate(loader, start=start_step):
-        window_data += time.perf_counter() - t_end
+    i = start_step - 1          # the last step done (stays so if nothing is left of the epoch)
+    for i, (images, labels) in islice(enumerate(loader, start=start_step), max(0, last + 1 - start_step)):
+        meter.batch_arrived()
         lr = run.schedule(epoch + i / steps)
         for g in run.optimizer.param_groups:
             g["lr"] = lr
 
         x = run.prepare(images)                                        # (K*N, 3, H, W) normalised
-        with autocast(cfg.train.precision, dev):
+        with autocast(cfg.train.precision, run.info.device):
             logits = model(x)                                          # (K*N, K)
         loss = F.cross_entropy(logits.float(), labels)
         run.optimizer.zero_grad(set_to_none=True)
@@ -85,52 +87,16 @@ def train_one_epoch(run: Run, loader, epoch: int, start_step: int) -> dict:
         run.scaler.step(run.optimizer)
         run.scaler.update()
         run.step += 1
-        window_steps += 1
 
-        with torch.no_grad():  # accumulate on the device: no host sync per step
-            n = labels.numel()
-            window += torch.stack([loss.detach().double() * n, (logits.argmax(1) == labels).sum().double(),
-                                   torch.tensor(n, device=dev, dtype=torch.float64)])
-
-        last = i + 1 == steps or (cfg.train.max_steps and run.step >= cfg.train.max_steps)
-        if (i + 1) % cfg.train.log_every == 0 or last:   # the epoch's last step always logs
-            sums += window
-            data_time += window_data
-            w = window.tolist()   # syncs the device once per window
-            if not math.isfinite(w[0]):
-                raise FloatingPointError(f"loss is {w[0] / w[2]} at epoch {epoch} step {i}: lower the lr "
-                                         "or use train.precision=fp32 to debug")
-            dt = time.perf_counter() - t_window
-            rotated_per_image = 1 if cfg.data.rotation_mode == "one_random" else len(cfg.data.rotations)
-            run.logger.step(run.step, window_steps, {
-                "loss": w[0] / w[2], "rot_acc": w[1] / w[2], "lr": lr,
-                "img/s": w[2] * info.world_size / rotated_per_image / dt, "rot_img/s": w[2] * info.world_size / dt,
-                "data_wait": window_data / dt,
-                "eta_min": (steps - i - 1) * dt / window_steps / 60})
-            window.zero_()
-            window_data, window_steps = 0.0, 0
-            t_window = time.perf_counter()
-
-        if run.stop.should_stop(run.step):
-            end = i + 1 == steps   # stopped on an epoch's last step: the resume point is the next epoch
-            save(run, loader, epoch + 1 if end else epoch, epoch_step=0 if end else i + 1)
-            log.info(f"stop signal received: checkpoint written at epoch {epoch} step {i + 1}; "
-                     f"exiting with code {REQUEUE_EXIT_CODE} (requeue)")
-            run.logger.close()
-            cleanup(info)
-            sys.exit(REQUEUE_EXIT_CODE)
-        if last:
-            break
-        t_end = time.perf_counter()
-
-    all_reduce_sum(sums, info)
-    loss_sum, correct, count = sums.tolist()
-    elapsed = time.perf_counter() - t_epoch
-    return {"epoch": epoch, "step": run.step, "loss": loss_sum / max(count, 1),
-            "rot_acc": correct / max(count, 1), "lr": run.schedule(epoch + i / max(steps, 1)),
-            "rotated_images": int(count), "steps": i + 1 - start_step, "time_s": round(elapsed, 2),
-            "data_wait": round(data_time / max(elapsed, 1e-9), 4), "complete": not (
-                cfg.train.max_steps and run.step >= cfg.train.max_steps and i + 1 < steps)}
+        meter.add(loss, logits, labels)
+        window_end = (i + 1) % cfg.train.log_every == 0 or i == last   # the epoch's last step always logs
+        if window_end:
+            meter.close_window(i, lr)
+        if run.stop.should_stop(window_end):   # on an epoch's last step the resume point is the next epoch
+            raise Preempted(epoch + 1, 0) if i + 1 == steps else Preempted(epoch, i + 1)
+        meter.step_done()
+    lr = run.schedule(epoch + i / max(steps, 1))
+    return meter.epoch_stats(i, start_step, lr, complete=last == steps - 1)
 
 
 @torch.no_grad()
@@ -176,7 +142,7 @@ def resume(run: Run, loader) -> tuple[int, int]:
     if path is None:
         return 0, 0
     ckpt = load_checkpoint(path, map_location=run.info.device)
-    check_compatible(ckpt["config"], config_to_dict(run.cfg), ARCH_KEYS)
+    check_compatible(path, ckpt["config"], config_to_dict(run.cfg), ARCH_KEYS)
     run.raw.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scaler.load_state_dict(ckpt["scaler"])
@@ -206,7 +172,7 @@ def train_loop(run: Run, loader, val_loader, start_epoch: int, start_step: int,
     """
     cfg, logger = run.cfg, run.logger
     for epoch in range(start_epoch, cfg.optim.epochs):
-        if cfg.train.max_steps and run.step >= cfg.train.max_steps:
+        if steps_allowed(run) <= 0:
             break
         loader.set_epoch(epoch)
         first = start_step if epoch == start_epoch else 0
@@ -239,13 +205,24 @@ def _show(key: str, value) -> str:
 
 def main(argv=None) -> None:
     args = get_args(argv)
-    # Bad input fails here, before the output folder is touched: one line, exit 2.
-    with one_line_errors(ConfigError):
-        cfg = load_config(args.config, args.overrides)
+    try:
+        train(args)
+    except InputError as e:   # bad config, data, checkpoint or launch (an undecodable image mid-run too:
+        fail(e)               # the last checkpoint is untouched): one line, exit 2; bugs keep their traceback
+    except Preempted as stop:
+        log.info(f"stop signal received: checkpoint written at epoch {stop.epoch} step {stop.epoch_step}; "
+                 f"exiting with code {REQUEUE_EXIT_CODE} (requeue)")
+        sys.exit(REQUEUE_EXIT_CODE)
+
+
+def train(args: argparse.Namespace) -> None:
+    """Set up from the command line, resume, train to the end. A stop signal ends it with Preempted,
+    its checkpoint written, the logger closed and the process group left."""
+    # Bad input fails here, before the output folder is touched.
+    cfg = load_config(args.config, args.overrides)
     info = init_distributed()
-    with one_line_errors(ConfigError):
-        resolve_batch(cfg, info.world_size)   # build_run repeats it (idempotent) for the benchmarks
-        root = data_root(cfg, require=(cfg.data.train_dir,))
+    resolve_batch(cfg, info.world_size)   # build_run repeats it (idempotent) for the benchmarks
+    root = data_root(cfg, require=(cfg.data.train_dir,))
     out = Path(cfg.train.output_dir)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -253,21 +230,18 @@ def main(argv=None) -> None:
     setup_logging(info.is_main, out)
 
     # ------------------------------------------------------------ model and optimizer
-    with one_line_errors(ValueError):   # a ConfigError, or a bad optim.schedule table
-        run = build_run(cfg, info, RunLogger(out, info.is_main))
+    run = build_run(cfg, info, RunLogger(out, info.is_main))
 
     # ------------------------------------------------------------ data
     n, k = cfg.optim.batch_size_per_gpu, len(cfg.data.rotations)
     common = dict(batch_size=n, rank=info.rank, world_size=info.world_size, local_rank=info.local_rank,
                   device=info.device, seed=cfg.train.seed)
-    with one_line_errors(ValueError, BadImageError):   # a split without images, or loose ones beside folders
-        loader = build_rotation_loader(cfg, str(root / cfg.data.train_dir), train=True, **common)
-        val_loader = None
-        if cfg.train.eval_rotation_every and (root / cfg.data.val_dir).is_dir():   # flat val/ will do
-            val_loader = build_rotation_loader(cfg, str(root / cfg.data.val_dir), train=False, **common)
+    loader = build_rotation_loader(cfg, str(root / cfg.data.train_dir), train=True, **common)
+    val_loader = None
+    if cfg.train.eval_rotation_every and (root / cfg.data.val_dir).is_dir():   # a flat val/ will do: no labels
+        val_loader = build_rotation_loader(cfg, str(root / cfg.data.val_dir), train=False, **common)
 
-    with one_line_errors(RuntimeError):   # an unreadable or incompatible checkpoint is left untouched
-        start_epoch, start_step = resume(run, loader)
+    start_epoch, start_step = resume(run, loader)   # a checkpoint it refuses is left untouched
     monitor = None
     unlabelled = cfg.train.monitor_every and class_labels_missing(cfg.data, str(root / cfg.data.val_dir))
     if unlabelled:
@@ -275,30 +249,36 @@ def main(argv=None) -> None:
         log.warning(f"the kNN monitor is off for this run (train.monitor_every={cfg.train.monitor_every}): "
                     f"{unlabelled}")
     elif cfg.train.monitor_every:
-        with one_line_errors(UsageError, ValueError):   # e.g. a val folder without class folders
-            monitor = KnnMonitor(cfg, info, run.raw.trunk)
+        monitor = KnnMonitor(cfg, info, run.raw.trunk)
 
     if info.is_main:
         save_config(cfg, out / "config.yaml")
         log.info("resolved config:\n" + "\n".join(f"  {s}: {v}" for s, v in config_to_dict(cfg).items()))
+        device = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu"
         log.info(f"commit {git_commit()} | launcher {info.launcher} | world size {info.world_size} | "
-                 f"device {torch.cuda.get_device_name(info.device) if info.device.type == 'cuda' else 'cpu'} | "
-                 f"precision {cfg.train.precision} | data backend {loader.backend}")
+                 f"device {device} | precision {cfg.train.precision} | data backend {loader.backend}")
         lrs = ", ".join(f"{lr:.4g} from epoch {e:g}" for e, lr in run.schedule.table)
+        scaled = f" (optim.schedule x {run.schedule.scale:.3g}, optim.scale_lr)" if cfg.optim.scale_lr else ""
+        params = sum(p.numel() for p in run.raw.parameters()) / 1e6
         log.info(f"batch: global {cfg.optim.global_batch_size} original images = {n}/GPU x {info.world_size} "
-                 f"GPU(s); x {k} rotations = {n * k} rotated samples/GPU; lr {lrs}"
-                 + (f" (optim.schedule x {run.schedule.scale:.3g}, optim.scale_lr)" if cfg.optim.scale_lr else "")
-                 + f"; {len(loader)} steps/epoch; {sum(p.numel() for p in run.raw.parameters()) / 1e6:.2f}M params")
+                 f"GPU(s); x {k} rotations = {n * k} rotated samples/GPU; lr {lrs}{scaled}; "
+                 f"{len(loader)} steps/epoch; {params:.2f}M params")
 
     # ------------------------------------------------------------ training loop
     try:
         train_loop(run, loader, val_loader, start_epoch, start_step, monitor)
-    except BadImageError as e:   # DALI cannot skip a corrupt file; the last checkpoint is untouched
-        log.error(f"error: {e}")
-        sys.exit(2)
-    run.logger.close()
+    except Preempted as stop:   # every rank stopped after the same step: its resume point goes to disk
+        save(run, loader, stop.epoch, stop.epoch_step)
+        close(run)
+        raise
+    close(run)
     log.info(f"done: {cfg.train.output_dir}")
-    cleanup(info)
+
+
+def close(run: Run) -> None:
+    """The end of a run that finished or was stopped (a crash leaves the process group to the launcher)."""
+    run.logger.close()
+    cleanup(run.info)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,14 @@
 # so the flags of every command below cannot rot unnoticed):
 #   GPU_CHECK_DEVICE=cpu DATA=DIR OUT=/tmp/gc bash benchmarks/gpu_check.sh
 #
-# Steps run in priority order, each under its own time limit; a step that no longer fits the
-# overall budget (GPU_CHECK_BUDGET s, default 480) is skipped and says so. A failing step does
-# not stop the rest. Outputs: $OUT/summary.txt (every step's rc and time, and the figure lines),
-# $OUT/check.log (everything). Exit status: 0 when no step failed.
+# Correctness before speed: versions and decode parity, the CUDA tests, a short train + resume,
+# eval, fp32 input, the smoke test, the step check (host syncs, memory over 3 epochs); then the
+# throughput steps. The budget (GPU_CHECK_BUDGET s, default 480) is spent by measured time: a
+# check step runs with its own limit or what is left of the budget, whichever is smaller (skipped
+# under 30 s left); a throughput step runs only if its whole limit still fits, so those are the
+# steps cut when a slow cold start eats the time. A failing step does not stop the rest.
+# Outputs: $OUT/summary.txt (every step's rc and time, and the figure lines), $OUT/check.log
+# (everything). Exit status: 0 when no step failed.
 #
 # Environment: GPU_CHECK_DEVICE cuda|cpu (default: cuda when torch sees one), DATA (ImageNet
 # layout, train/ and val/; default $GPU_STAGE_DEST/data, where gpu-stage.sh unpacks its subset),
@@ -35,6 +39,8 @@ if [ "$DEV" = cuda ]; then
   THREADS=$(nproc); BS=64; STEPS=40; WARM=5; SHORT=""
   TT_ARGS="--only alexnet224,resnet50_224 --steps 20 --warmup 5 --repeats 1"
   RUN_OVR="train.log_every=5"; TT_OVR=""
+  SC_ARGS="--steps 20 --warmup 3 --epochs 3 --epoch-steps 50 train.precision=bf16"
+  SC_ARGS="$SC_ARGS optim.batch_size_per_gpu=$BS"
 else
   THREADS=2; BS=4; STEPS=2; WARM=1
   SHORT="model.width=0.25 data.crop_size=64 data.resize_size=72 train.precision=fp32"
@@ -42,27 +48,39 @@ else
   TT_ARGS="$TT_ARGS --only alexnet224,resnet50_224 --steps 2 --warmup 1 --repeats 1"
   RUN_OVR="train.log_every=1 optim.batch_size_per_gpu=4 loader.num_threads=1"
   TT_OVR="optim.global_batch_size=4 optim.batch_size_per_gpu=0 loader.num_threads=1 train.sync_bn=false"
+  SC_ARGS="--steps 6 --warmup 1 --epochs 3 optim.batch_size_per_gpu=4 loader.num_threads=1"
 fi
 
 say() { echo "$*" | tee -a "$LOG" >> "$SUM"; }
-step() {  # step NAME LIMIT_S CMD...: run under a time limit, log all, record rc; never stops the script
+run_step() {  # run_step NAME LIMIT_S CMD...: run under a time limit, log all, record rc
   local name=$1 limit=$2; shift 2
-  if [ $((SECONDS - T0 + limit)) -gt "$BUDGET" ]; then
-    SKIPPED="$SKIPPED $name"; say "=== $name: SKIPPED (budget: $((SECONDS - T0)) s used of $BUDGET)"; return
-  fi
   echo "=== $name (limit ${limit}s, t=$((SECONDS - T0))s): $*" >> "$LOG"
   local t=$SECONDS; timeout -k 10 "$limit" "$@" > "$W/$name.out" 2>&1; local rc=$?
   cat "$W/$name.out" >> "$LOG"
   # the figure lines of each step go to the summary too
-  grep -E "^(torch |DALI |decode |dali |reference |torch  |\| (alexnet|resnet|case)|images:|[0-9]+ passed|.*resumed from|.*top1|\| conv)" \
-    "$W/$name.out" >> "$SUM" 2>/dev/null
+  grep -E "^(torch |DALI |decode |dali |reference |torch  |\| (alexnet|resnet|case)|images:|[0-9]+ passed|\
+.*resumed from|.*top1|\| conv|sync check|  [0-9]+ x |memory )" "$W/$name.out" >> "$SUM" 2>/dev/null
   say "=== $name: rc=$rc in $((SECONDS - t)) s"
   [ $rc -eq 0 ] || FAILED="$FAILED $name"
 }
+left() { echo $((BUDGET - (SECONDS - T0))); }
+skip() { SKIPPED="$SKIPPED $1"; say "=== $1: SKIPPED (budget: $((SECONDS - T0)) s used of $BUDGET)"; }
+step() {  # step NAME LIMIT_S CMD...: a check; the limit shrinks to what is left of the budget
+  local name=$1 limit=$2 rest; rest=$(left); shift 2
+  if [ "$rest" -lt 30 ]; then skip "$name"; return; fi
+  run_step "$name" $((limit < rest ? limit : rest)) "$@"
+}
+bench() {  # bench NAME LIMIT_S CMD...: a throughput step; runs only if its whole limit still fits
+  local name=$1 limit=$2; shift 2
+  if [ "$(left)" -lt "$limit" ]; then skip "$name"; return; fi
+  run_step "$name" "$limit" "$@"
+}
 gpu_only() { if [ "$DEV" = cuda ]; then step "$@"; else say "=== $1: not run (needs CUDA; device $DEV)"; fi; }
 
-say "gpu_check: device $DEV, data $DATA, budget $BUDGET s, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
-[ "$DEV" = cuda ] && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >> "$SUM" 2>&1
+COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo '?')
+say "gpu_check: device $DEV, data $DATA, budget $BUDGET s, commit $COMMIT"
+[ "$DEV" = cuda ] && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader \
+  >> "$SUM" 2>&1
 if [ ! -d "$DATA/train" ]; then say "error: $DATA/train not found: set DATA (ImageNet layout)"; exit 2; fi
 
 # ---------------------------------------------------------------------------- 1. DALI beside torch
@@ -105,34 +123,10 @@ EOF
 # ---------------------------------------------------------------------------- 2. the CUDA tests
 # A skipped test counts as a failure here: on this machine DALI and CUDA must both be there.
 gpu_only cuda_tests 150 bash -c "$PY -m pytest -p no:cacheprovider -q -rs tests/pipelines/test_cuda.py \
-  > $W/pytest.txt 2>&1; rc=\$?; cat $W/pytest.txt; grep -q SKIPPED $W/pytest.txt && { echo 'tests skipped'; exit 1; }; exit \$rc"
+  > $W/pytest.txt 2>&1; rc=\$?; cat $W/pytest.txt
+  grep -q SKIPPED $W/pytest.txt && { echo 'tests skipped'; exit 1; }; exit \$rc"
 
-# ---------------------------------------------------------------------------- 3. input pipeline
-# Original images/s with the four rotations emitted and normalised (--prepare), DALI vs the
-# torchvision reference; then the DALI graph with hw_decoder_load 0.9 instead of 0.65.
-NTRAIN=$(find "$DATA/train" -type f | wc -l)
-ST=$(( NTRAIN / BS - WARM - 1 )); [ $ST -gt $STEPS ] && ST=$STEPS
-PIPE="$PY benchmarks/pipeline.py --device $DEV --batch-size $BS --warmup $WARM --steps $ST --threads $THREADS"
-PIPE="$PIPE --prepare --no-write"
-[ "$DEV" = cpu ] && PIPE="$PIPE --crop 32"
-step pipeline 150 bash -c "set -o pipefail; $PY benchmarks/image_set.py stats $DATA/train | sed 's/^/images: /' &&
-  $PIPE --data $DATA/train --backends dali,reference &&
-  $PIPE --data $DATA/train --backends dali loader.hw_decoder_load=0.9 | sed 's/^dali /dali hw0.9/'"
-
-# ---------------------------------------------------------------------------- 4. ImageNet-sized photos
-# The same images upscaled to 500x375 and re-encoded at quality 90: decode-bound like ImageNet.
-BIG=$W/imagenet-sized
-step pipeline_imagenet_sized 150 bash -c "set -o pipefail; $PY benchmarks/image_set.py upscale $DATA/train $BIG/train \
-  --workers $THREADS > /dev/null && $PY benchmarks/image_set.py stats $BIG/train | sed 's/^/images: /' &&
-  $PIPE --data $BIG/train --backends dali"
-
-# ---------------------------------------------------------------------------- 5. training throughput
-# train.py's own step with real DALI input vs the same batch replayed: AlexNet 224 (batch 192)
-# and ResNet-50 224; targets >= 90% and >= 95% of synthetic.
-step train_throughput 200 $PY benchmarks/train_throughput.py --device $DEV --imagenet-data "$DATA" \
-  $TT_ARGS --out "" loader.backend=dali $TT_OVR $SHORT
-
-# ---------------------------------------------------------------------------- 6. a short real run
+# ---------------------------------------------------------------------------- 3. a short real run
 # Stopped mid-epoch (train.max_steps), resumed from its checkpoint (the DALI reader state goes back
 # into a new pipeline), then linear probes on two layers beside random init.
 RUN="$PY train.py --config configs/imagenette_alexnet.yaml data.root=$DATA loader.backend=dali"
@@ -143,14 +137,50 @@ step eval 150 $PY eval.py --checkpoint "$W/run" --layer conv2,conv5 --epochs 1 -
   --with-random --output-dir "$W/eval" $([ "$DEV" = cpu ] && echo --precision fp32) \
   data.root="$DATA" loader.backend=dali
 
-# ---------------------------------------------------------------------------- 7. review findings
+# ---------------------------------------------------------------------------- 4. review findings
 # fp32 with the graph's own normalisation (the model must receive float32).
 step fp32_graph_input 90 $PY train.py --config configs/imagenette_alexnet.yaml data.root="$DATA" \
   loader.backend=dali loader.normalize=graph train.output_dir="$W/fp32" train.precision=fp32 \
   train.max_steps=2 train.eval_rotation_every=0 $RUN_OVR $SHORT
 
-# ---------------------------------------------------------------------------- 8. end-to-end smoke test
+# ---------------------------------------------------------------------------- 5. end-to-end smoke test
+# (on CUDA its loss comparison has a stated tolerance: tests/test_train_smoke.py)
 gpu_only smoke_test 150 $PY -m pytest -p no:cacheprovider -q -rs tests/test_train_smoke.py
+
+# ---------------------------------------------------------------------------- 6. the step itself
+# train.py's step with no host sync outside the logging window (20 steps, DALI input, AlexNet 224,
+# bf16, under torch.cuda.set_sync_debug_mode), then GPU memory after each of 3 epochs, flat within 5%.
+step step_check 150 $PY benchmarks/step_check.py --device $DEV --data "$DATA" \
+  --config configs/imagenette_alexnet.yaml $SC_ARGS loader.backend=dali train.log_every=5 $SHORT
+
+# Speed from here on: these steps are the ones the budget cuts.
+
+# ---------------------------------------------------------------------------- 7. input pipeline
+# Original images/s with the four rotations emitted and normalised (--prepare), DALI vs the
+# torchvision reference; then the DALI graph with hw_decoder_load 0.9 instead of 0.65.
+NTRAIN=$(find "$DATA/train" -type f | wc -l)
+ST=$(( NTRAIN / BS - WARM - 1 )); [ $ST -gt $STEPS ] && ST=$STEPS
+PIPE="$PY benchmarks/pipeline.py --device $DEV --batch-size $BS --warmup $WARM --steps $ST"
+PIPE="$PIPE --threads $THREADS --prepare --no-write"
+[ "$DEV" = cpu ] && PIPE="$PIPE --crop 32"
+bench pipeline 150 bash -c "set -o pipefail;
+  $PY benchmarks/image_set.py stats $DATA/train | sed 's/^/images: /' &&
+  $PIPE --data $DATA/train --backends dali,reference &&
+  $PIPE --data $DATA/train --backends dali loader.hw_decoder_load=0.9 | sed 's/^dali /dali hw0.9/'"
+
+# ---------------------------------------------------------------------------- 8. ImageNet-sized photos
+# The same images upscaled to 500x375 and re-encoded at quality 90: decode-bound like ImageNet.
+BIG=$W/imagenet-sized
+bench pipeline_imagenet_sized 150 bash -c "set -o pipefail; \
+  $PY benchmarks/image_set.py upscale $DATA/train $BIG/train --workers $THREADS > /dev/null &&
+  $PY benchmarks/image_set.py stats $BIG/train | sed 's/^/images: /' &&
+  $PIPE --data $BIG/train --backends dali"
+
+# ---------------------------------------------------------------------------- 9. training throughput
+# train.py's own step with real DALI input vs the same batch replayed: AlexNet 224 (batch 192)
+# and ResNet-50 224; targets >= 90% and >= 95% of synthetic.
+bench train_throughput 200 $PY benchmarks/train_throughput.py --device $DEV --imagenet-data "$DATA" \
+  $TT_ARGS --out "" loader.backend=dali $TT_OVR $SHORT
 
 [ -f "$W/eval/eval.md" ] && cp "$W/eval/eval.md" "$OUT/"
 say "=== done in $((SECONDS - T0)) s; failed:${FAILED:- none}; skipped:${SKIPPED:- none}"

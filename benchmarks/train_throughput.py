@@ -58,8 +58,8 @@ CASES = {
 
 
 class TimingLogger:
-    """Stands in for rotnet.progress.RunLogger: train_one_epoch calls step() right after its
-    once-per-window device sync, so the timestamps are exact step boundaries."""
+    """Stands in for rotnet.progress.RunLogger: train_one_epoch's meter calls step() right after
+    its once-per-window device sync, so the timestamps are exact step boundaries."""
 
     def __init__(self):
         self.marks: list[tuple[int, float, float]] = []   # (global step, time, data_wait share)
@@ -70,7 +70,7 @@ class TimingLogger:
     def step(self, global_step, n_steps, scalars):
         self.marks.append((global_step, time.perf_counter(), scalars.get("data_wait", float("nan"))))
 
-    def close(self):   # after a stop signal: train_one_epoch checkpoints, closes its logger and exits
+    def close(self):   # RunLogger's interface (train.py closes the logger at a run's end)
         pass
 
 

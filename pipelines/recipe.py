@@ -20,7 +20,7 @@ from torchvision.io import ImageReadMode, decode_image, read_file
 
 from pipelines.contract import check_recipe
 from pipelines.listing import BadImageError
-from pipelines.rotations import rotate_batch
+from pipelines.rotations import rotate_batch, to_device
 
 
 def decode_rgb(path: str, data: bytes | None = None) -> torch.Tensor:
@@ -111,7 +111,8 @@ def _cifar_gather(x: torch.Tensor, off: torch.Tensor, flip: torch.Tensor) -> tor
     ar = torch.arange(s)
     rows = off[:, :1] + ar                                  # (P, S)
     cols = torch.where(flip[:, None], off[:, 1:] + s - 1 - ar, off[:, 1:] + ar)
-    return pad[torch.arange(n, device=dev)[:, None, None], rows.to(dev)[:, :, None], cols.to(dev)[:, None, :]]
+    return pad[torch.arange(n, device=dev)[:, None, None], to_device(rows, dev)[:, :, None],
+               to_device(cols, dev)[:, None, :]]
 
 
 def make_batch(spec, key: tuple[int, int], images, labels: torch.Tensor, cropped: bool = False):

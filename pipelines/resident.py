@@ -15,6 +15,7 @@ import torch
 
 from pipelines.contract import LoaderSpec
 from pipelines.recipe import crop_batch, make_batch
+from pipelines.rotations import to_device
 from pipelines.torch_backend import SampledLoader, decode_sample
 
 
@@ -45,7 +46,7 @@ class ResidentLoader(SampledLoader):
 
     def _make(self, item):
         key, idx = item
-        i = torch.tensor(idx, dtype=torch.int64, device=self.spec.device)
+        i = to_device(torch.tensor(idx, dtype=torch.int64), self.spec.device)
         images = self.images[i] if torch.is_tensor(self.images) else [self.images[j] for j in idx]
         return make_batch(self.spec, key, images, self.labels[i], cropped=not self.spec.train)
 

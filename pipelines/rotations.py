@@ -61,10 +61,18 @@ def rotate_batch(x: torch.Tensor, rotations: list[int], mode: str, g: torch.Gene
     r = torch.randint(0, len(rotations), (x.shape[0],), generator=g)
     out = torch.empty_like(x)
     for j, a in enumerate(rotations):  # one batched op per angle
-        sel = (r == j).nonzero().flatten().to(x.device)
+        sel = to_device((r == j).nonzero().flatten(), x.device)
         if len(sel):
             out[sel] = rotate_hwc(x[sel], a)
     return out, r
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor (a batch's indices) on `device` without a host sync: on CUDA an asynchronous
+    copy from pinned memory (a plain `.to("cuda")` of a host tensor waits for the copy)."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def rotation_labels(k: int, n: int, device=None) -> torch.Tensor:

@@ -117,8 +117,9 @@ def differences(saved: dict, current: dict, keys, saved_as: str = "checkpoint") 
             for k in keys if get(saved, k) != get(current, k)]
 
 
-def check_compatible(saved: dict, current: dict, keys: tuple[str, ...]) -> None:
-    """Refuse a checkpoint whose config differs in `keys` (dotted), saying what differs."""
+def check_compatible(path: str | Path, saved: dict, current: dict, keys: tuple[str, ...]) -> None:
+    """Refuse the checkpoint at `path` whose config `saved` differs from `current` in `keys`
+    (dotted): CheckpointError naming the file and what differs."""
     diffs = differences(saved, current, keys)
     if diffs:
-        raise RuntimeError("checkpoint is from a different model/config:\n  " + "\n  ".join(diffs))
+        raise CheckpointError(f"checkpoint is from a different model/config: {path}\n  " + "\n  ".join(diffs))

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from rotnet.cli import UsageError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -66,22 +68,58 @@ def detect_launcher() -> tuple[str, int, int, int]:
     return "single", 0, 0, 1
 
 
+def ranks_on_node(launcher: str, local_rank: int) -> int:
+    """Processes started on this node: 1 without a launcher, torchrun's LOCAL_WORLD_SIZE, or this
+    node's entry (SLURM_NODEID) of srun's SLURM_STEP_TASKS_PER_NODE; at least local_rank + 1."""
+    if launcher == "single":
+        return 1
+    if launcher == "torchrun":
+        return int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
+    counts = []   # SLURM's compressed list: '8(x2),4' is 8, 8 and 4 tasks on nodes 0, 1, 2
+    for part in os.environ.get("SLURM_STEP_TASKS_PER_NODE", "").split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if m:
+            counts += [int(m.group(1))] * int(m.group(2) or 1)
+    node = int(os.environ.get("SLURM_NODEID", 0))
+    return max(counts[node] if node < len(counts) else 0, local_rank + 1)
+
+
+def pick_device(launcher: str, local_rank: int) -> torch.device:
+    """This rank's device: cuda:local_rank (one GPU per rank), or the CPU without CUDA.
+
+    UsageError, before any process group exists, when a node starts more ranks than it has GPUs:
+    NCCL refuses two ranks on one GPU, and each rank would die at start-up with an NCCL error.
+    `srun --gpus-per-task` gives each task its own GPUs, so there every task takes its first one.
+    """
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if launcher == "slurm" and os.environ.get("SLURM_GPUS_PER_TASK"):
+        return torch.device("cuda", 0)
+    ranks, gpus = ranks_on_node(launcher, local_rank), torch.cuda.device_count()
+    if ranks > gpus:
+        fits = "srun --ntasks-per-node" if launcher == "slurm" else "torchrun --nproc_per_node"
+        plain = ", or on one GPU the script with plain `python`, no launcher" if gpus == 1 else ""
+        raise UsageError(f"{ranks} ranks on this node but {gpus} GPU(s): start one rank per GPU "
+                         f"({fits}={gpus}{plain}), keeping the run's optim.global_batch_size "
+                         "(the per-GPU batch then grows)")
+    return torch.device("cuda", local_rank)
+
+
 def init_distributed(backend: str | None = None, timeout_min: int = 30) -> DistInfo:
     """Initialise torch.distributed if launched with several processes; pick this rank's device.
 
     NCCL when CUDA is available, gloo otherwise (CPU tests, laptops).
     """
     launcher, rank, local_rank, world_size = detect_launcher()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        device = torch.device("cuda", torch.cuda.current_device())
-    else:
-        device = torch.device("cpu")
+    device = pick_device(launcher, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world_size > 1:
         if launcher == "slurm":
             os.environ.setdefault("MASTER_ADDR", _first_slurm_host(os.environ["SLURM_JOB_NODELIST"]))
             # Port derived from the job id so two jobs sharing a node do not collide.
-            os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+            port = 20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000
+            os.environ.setdefault("MASTER_PORT", str(port))
             os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
         backend = backend or ("nccl" if device.type == "cuda" else "gloo")
         dist.init_process_group(backend=backend, init_method="env://", world_size=world_size, rank=rank,

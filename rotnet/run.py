@@ -112,7 +112,8 @@ def place(raw: nn.Module, info: DistInfo, channels_last: bool) -> nn.Module:
         raw.to(memory_format=torch.channels_last)
     if not info.distributed:
         return raw
-    return DistributedDataParallel(raw, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    return DistributedDataParallel(
+        raw, device_ids=[info.device.index] if info.device.type == "cuda" else None)
 
 
 def data_root(cfg: Config, require: tuple[str, ...] = ()) -> Path:
@@ -126,8 +127,8 @@ def data_root(cfg: Config, require: tuple[str, ...] = ()) -> Path:
     root = Path(cfg.data.root)
     for split in require:
         if not (root / split).is_dir():
-            raise ConfigError(f"data.root={cfg.data.root!r} has no {split}/ folder; set data.root=/path/to/dataset "
-                              "(ImageNet layout: SPLIT/CLASS/IMAGE.JPEG)")
+            raise ConfigError(f"data.root={cfg.data.root!r} has no {split}/ folder; set "
+                              "data.root=/path/to/dataset (ImageNet layout: SPLIT/CLASS/IMAGE.JPEG)")
     return root
 
 
@@ -154,4 +155,4 @@ def build_run(cfg: Config, info: DistInfo, logger) -> Run:
     schedule = StepSchedule(cfg.optim.schedule, scale, cfg.optim.warmup_epochs)
     return Run(cfg, info, model, raw, build_optimizer(raw.parameters(), schedule(0), cfg.optim),
                torch.amp.GradScaler(info.device.type, enabled=cfg.train.precision == "fp16"), schedule,
-               batch_preparer(cfg, cfg.train.precision), logger, StopFlag(info, every=cfg.train.log_every))
+               batch_preparer(cfg, cfg.train.precision), logger, StopFlag(info))

@@ -1,4 +1,5 @@
-"""Smoke test of the main job: train.py for a few steps, then eval.py on its checkpoint, on CPU.
+"""Smoke test of the main job: train.py for a few steps, then eval.py on its checkpoint, on the
+CPU (on the GPU when there is one: the GPU check runs this file).
 
 The README's main command does the same at full length; this keeps the wiring honest in
 about half a minute (tiny sample set, tiny AlexNet, a handful of steps).
@@ -10,9 +11,29 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# Two runs' per-epoch numbers: identical on the CPU. On CUDA (train.py takes the GPU when there is
+# one, as in the GPU check) cudnn.benchmark may pick other convolution algorithms in another process:
+# other rounding (TF32 convolutions), same maths. There the losses agree within CUDA_LOSS_RTOL
+# (relative) and the accuracies within CUDA_ACC_ATOL (about 2 of the 120-224 samples of an epoch).
+CUDA_LOSS_RTOL, CUDA_ACC_ATOL = 5e-3, 0.02
+
+
+def assert_same_training(a: list[dict], b: list[dict]) -> None:
+    """log.jsonl lines of two runs: loss and accuracies equal on the CPU, within the tolerances above
+    on CUDA."""
+    keys = ("loss", "rot_acc", "heldout_rot_acc")
+    got, want = [[x[k] for k in keys] for x in a], [[x[k] for k in keys] for x in b]
+    if not torch.cuda.is_available():
+        assert got == want
+        return
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g[0] == pytest.approx(w[0], rel=CUDA_LOSS_RTOL)
+        assert g[1:] == pytest.approx(w[1:], abs=CUDA_ACC_ATOL)
 
 
 def _run(args, env, timeout=240):
@@ -72,8 +93,10 @@ def test_bad_config_key_fails_fast_naming_it(tmp_path):
 
 def test_knn_monitor_logs_every_epoch_and_leaves_training_unchanged(tmp_path):
     """train.monitor_every=1: knn_top1 in every log.jsonl line, in [0, 100]; the losses are the
-    same as those of the run without the monitor (it takes nothing from the training's RNG or loader).
-    The progress bar of a monitored epoch ends with the kNN top-1 too."""
+    same as those of the run without the monitor (it takes nothing from the training's RNG or loader;
+    exactly on the CPU, see assert_same_training). The progress bar of a monitored epoch ends with
+    the kNN top-1 too. lr 0.01: at the sample config's 0.05 this tiny net turns a rounding difference
+    into a visible one within a few steps, which no tolerance on CUDA could absorb."""
     from pipelines.sample_data import ensure_sample_data
 
     data = ensure_sample_data(seed=0, cache_dir=tmp_path / "cache", per_class_train=6, per_class_val=3)
@@ -81,7 +104,7 @@ def test_knn_monitor_logs_every_epoch_and_leaves_training_unchanged(tmp_path):
     common = [f"data.root={data}", "data.crop_size=64", "data.resize_size=72", "model.width=0.25",
               "optim.batch_size_per_gpu=8", "optim.epochs=2", "train.precision=fp32", "train.log_every=2",
               "train.monitor_bank_per_class=4", "train.monitor_query_per_class=2", "loader.backend=torch",
-              "loader.num_threads=0"]   # no worker processes: each run is mostly interpreter start-up
+              "loader.num_threads=0", "optim.schedule=[[0,0.01]]"]   # no worker processes: mostly start-up
     logs, stderr = {}, {}
     for every in (1, 0):
         out = tmp_path / f"run{every}"
@@ -92,8 +115,7 @@ def test_knn_monitor_logs_every_epoch_and_leaves_training_unchanged(tmp_path):
     assert re.search(r"epoch 1: [^\r\n]*knn_top1\[conv3\]=", stderr[1])   # the bar, not the log line
     assert all(set(x["knn_top1"]) == {"conv3"} and 0 <= x["knn_top1"]["conv3"] <= 100 for x in logs[1])
     assert not any("knn_top1" in x for x in logs[0])
-    assert [(x["loss"], x["rot_acc"], x["heldout_rot_acc"]) for x in logs[1]] == \
-           [(x["loss"], x["rot_acc"], x["heldout_rot_acc"]) for x in logs[0]]
+    assert_same_training(logs[1], logs[0])
 
 
 def test_pretraining_with_imagenets_flat_val(tmp_path):

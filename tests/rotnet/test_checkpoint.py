@@ -47,6 +47,9 @@ def test_weights_only_refuses_arbitrary_objects(tmp_path):
 
 def test_check_compatible_lists_differences():
     saved = {"model": {"arch": "alexnet", "width": 1.0}}
-    check_compatible(saved, saved, ("model.arch", "model.width"))
-    with pytest.raises(RuntimeError, match="model.arch: checkpoint has 'alexnet', this run has 'resnet50'"):
-        check_compatible(saved, {"model": {"arch": "resnet50", "width": 1.0}}, ("model.arch", "model.width"))
+    check_compatible("run/checkpoint.pt", saved, saved, ("model.arch", "model.width"))
+    with pytest.raises(CheckpointError, match="run/checkpoint.pt") as info:
+        check_compatible("run/checkpoint.pt", saved, {"model": {"arch": "resnet50", "width": 1.0}},
+                         ("model.arch", "model.width"))
+    assert "model.arch: checkpoint has 'alexnet', this run has 'resnet50'" in str(info.value)
+    assert "width" not in str(info.value)

@@ -1,5 +1,6 @@
 import pytest
 
+from rotnet.config import ConfigError
 from rotnet.schedule import StepSchedule, due_after
 
 
@@ -14,9 +15,9 @@ def test_scale_and_warmup():
 
 
 def test_bad_tables_are_named():
-    with pytest.raises(ValueError, match="optim.schedule.*start at 0"):
+    with pytest.raises(ConfigError, match="optim.schedule.*start at 0"):
         StepSchedule([[5, 0.1]])
-    with pytest.raises(ValueError, match="pairs"):
+    with pytest.raises(ConfigError, match="pairs"):
         StepSchedule([[0, 0.1, 3]])
 
 

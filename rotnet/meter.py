@@ -1,0 +1,85 @@
+"""The training step's bookkeeping: the logging window and the epoch's sums, with their timers.
+
+A step never waits for the device: its loss and correct count are added to a float64 (2,)
+tensor on the device, and its sample count on the host (a batch's size is known without asking
+the GPU). The host syncs once per logging window, in `close_window`: one `.tolist()`, the
+finite-loss check, the window's scalars to the run's logger, the window folded into the epoch.
+
+    meter = Meter(run, epoch, steps)
+    for i, (images, labels) in ...:
+        meter.batch_arrived()                 # data wait: since the previous step ended
+        ...                                   # the step: loss (), logits (B, K), labels (B,)
+        meter.add(loss, logits, labels)
+        if window_end:
+            meter.close_window(i, lr)
+        meter.step_done()
+    stats = meter.epoch_stats(i, start_step, lr, complete)
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from rotnet.distributed import all_reduce_sum
+
+
+class Meter:
+    """One epoch's window and sums for `run` (rotnet.run.Run); `steps`: the epoch's length."""
+
+    def __init__(self, run, epoch: int, steps: int):
+        self.run, self.epoch, self.steps = run, epoch, steps
+        data = run.cfg.data
+        self.rotated_per_image = 1 if data.rotation_mode == "one_random" else len(data.rotations)
+        self.window = torch.zeros(2, device=run.info.device, dtype=torch.float64)   # loss*n, correct
+        self.window_n = self.window_steps = 0
+        self.window_data = self.data_time = 0.0
+        self.sums = [0.0, 0.0, 0]              # the epoch's loss*n, correct, n over closed windows
+        self.t_epoch = self.t_window = self.t_end = time.perf_counter()
+
+    def batch_arrived(self) -> None:
+        self.window_data += time.perf_counter() - self.t_end
+
+    def step_done(self) -> None:
+        self.t_end = time.perf_counter()
+
+    @torch.no_grad()
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """One step: mean loss (), logits (B, K), labels (B,). Device ops only."""
+        n = labels.numel()
+        self.window += torch.stack([loss.detach().double() * n, (logits.argmax(1) == labels).sum().double()])
+        self.window_n += n
+        self.window_steps += 1
+
+    def close_window(self, i: int, lr: float) -> None:
+        """End the window after step `i` of the epoch: the one host sync; its scalars to the logger."""
+        loss_sum, correct = self.window.tolist()
+        n, dt = self.window_n, time.perf_counter() - self.t_window
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(f"loss is {loss_sum / n} at epoch {self.epoch} step {i}: lower the lr "
+                                     "or use train.precision=fp32 to debug")
+        world = self.run.info.world_size
+        self.run.logger.step(self.run.step, self.window_steps, {
+            "loss": loss_sum / n, "rot_acc": correct / n, "lr": lr,
+            "img/s": n * world / self.rotated_per_image / dt, "rot_img/s": n * world / dt,
+            "data_wait": self.window_data / dt,
+            "eta_min": (self.steps - i - 1) * dt / self.window_steps / 60})
+        self.sums = [s + w for s, w in zip(self.sums, (loss_sum, correct, n))]
+        self.data_time += self.window_data
+        self.window.zero_()
+        self.window_n = self.window_steps = 0
+        self.window_data = 0.0
+        self.t_window = time.perf_counter()
+
+    def epoch_stats(self, i: int, start_step: int, lr: float, complete: bool) -> dict:
+        """The epoch's stats, summed over all ranks (a collective), after its last step `i`."""
+        loss_sum, correct, count = self.sums
+        if self.run.info.distributed:
+            sums = torch.tensor(self.sums, dtype=torch.float64, device=self.run.info.device)
+            loss_sum, correct, count = all_reduce_sum(sums, self.run.info).tolist()
+        elapsed = time.perf_counter() - self.t_epoch
+        return {"epoch": self.epoch, "step": self.run.step, "loss": loss_sum / max(count, 1),
+                "rot_acc": correct / max(count, 1), "lr": lr, "rotated_images": int(count),
+                "steps": i + 1 - start_step, "time_s": round(elapsed, 2),
+                "data_wait": round(self.data_time / max(elapsed, 1e-9), 4), "complete": complete}

@@ -1,0 +1,79 @@
+"""benchmarks/step_check.py on the CPU: train.py's step makes none of the calls that would make the
+host wait for a GPU outside the logging window (.item(), .tolist(), .cpu(), .numpy(), a tensor built
+from Python values onto the device), and a planted one is found and named by its line."""
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import step_check
+from pipelines import build_rotation_loader
+from rotnet.config import load_config
+from rotnet.distributed import DistInfo
+from rotnet.progress import RunLogger
+from rotnet.run import build_run
+from tests.pipelines.images import make_folder
+
+REPO = Path(__file__).resolve().parents[2]
+# 16 images, 4 per step: 4 steps an epoch; log_every 3 puts window ends inside and at the end of epochs
+TOY = ["model.width=0.25", "data.crop_size=64", "data.resize_size=72", "optim.batch_size_per_gpu=4",
+       "train.precision=fp32", "train.log_every=3", "loader.backend=torch", "loader.num_threads=0"]
+STEPS = 7   # after 2 warm-up steps: epoch 1 whole (window ends at its steps 3 and 4) and 3 steps of epoch 2
+
+
+@pytest.fixture
+def tiny(tmp_path, one_thread):
+    """(run, loader) of the sample config at toy sizes; build_run's stop handlers restored after."""
+    make_folder(tmp_path / "train", [8, 8], size=(72, 72))
+    cfg = load_config(REPO / "configs/sample.yaml", [f"data.root={tmp_path}", *TOY])
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    run = build_run(cfg, DistInfo(), RunLogger(tmp_path, is_main=False))
+    loader = build_rotation_loader(cfg, str(tmp_path / "train"), batch_size=4, rank=0, world_size=1,
+                                   local_rank=0, device=torch.device("cpu"), train=True, seed=0)
+    yield run, loader
+    for s, h in handlers.items():
+        signal.signal(s, h)
+
+
+def test_the_training_step_would_not_sync_a_gpu(tiny):
+    run, loader = tiny
+    found, epoch = step_check.check_syncs(run, loader, STEPS, warmup=2)
+    assert not found, found
+    assert run.step == 2 + STEPS and epoch == 3   # the steps ran, over epochs 0, 1 and 2
+
+
+def test_a_planted_sync_is_counted_per_step_at_its_line(tiny):
+    run, loader = tiny
+    prepare = run.prepare
+
+    def syncing(images):
+        images.float().mean().item()                                    # a host sync on CUDA
+        torch.tensor(images.shape[0], device=images.device)             # a blocking copy on CUDA
+        return prepare(images)
+
+    run.prepare = syncing
+    found, _ = step_check.check_syncs(run, loader, STEPS, warmup=0)
+    assert sorted(found.values()) == [STEPS, STEPS], found
+    assert {what.split(" at ")[0] for what in found} == {".item()", "torch.tensor(..., device=)"}
+    assert all(what.split(" at ")[1].startswith(__file__) for what in found), found
+
+
+def test_the_loader_is_checked_only_for_tensors_built_onto_a_device(tiny):
+    """A loader's own CPU work (.tolist() of its random draws) is not a GPU sync; an index tensor
+    built with device= from a Python list is (a blocking host-to-device copy on CUDA)."""
+    run, loader = tiny
+
+    class Loader:
+        set_epoch = loader.set_epoch
+
+        def __len__(self):
+            return len(loader)
+
+        def __iter__(self):
+            for images, labels in loader:
+                torch.rand(3).tolist()
+                yield images, labels[torch.tensor(list(range(len(labels))), device=labels.device)]
+
+    found, _ = step_check.check_syncs(run, Loader(), STEPS, warmup=0)
+    assert list(found.values()) == [STEPS] and "torch.tensor(..., device=)" in next(iter(found)), found
