@@ -14,6 +14,9 @@ import pytest
 import torch
 
 import eval as eval_cli
+import visualize
+from models.export import load_exported
+from models.export import main as export_main
 from tests.tiny_run import TINY_RUN, train_in_process
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,13 +52,27 @@ def test_train_then_eval_end_to_end(trained_run, copied_run, sample_data, tmp_pa
     monkeypatch.chdir(REPO)
     capsys.readouterr()
     eval_cli.main(["--config", "configs/sample.yaml", "--checkpoint", str(copied_run), "--layer",
-                   "conv2,conv5", "--epochs", "1", "--batch-size", "16", "--with-random", "--output-dir", str(ev),
-                   *common[:3]])
+                   "conv2,conv5", "--epochs", "1", "--batch-size", "16", "--with-random", "--output-dir",
+                   str(ev), *common[:3]])
     printed = "".join(capsys.readouterr())
     assert "conv2" in printed and "random" in printed.lower()
     result = json.loads((ev / "eval.json").read_text())
     assert (ev / "eval.md").is_file() and (ev / "eval.png").is_file()
     assert "conv5" in json.dumps(result)
+
+
+def test_the_trained_run_exports_and_visualizes(trained_run, tmp_path):
+    """The checkpoint as train.py wrote it: `python -m models.export --format native` keeps every trunk
+    tensor (BatchNorm statistics included), and visualize.py draws each figure the run folder feeds."""
+    out, _ = trained_run
+    exported = export_main([str(out / "checkpoint.pt"), "--format", "native", "--out",
+                            str(tmp_path / "t.safetensors")])
+    trunk = load_exported(exported).state_dict()
+    model = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    saved = {k[len("trunk."):]: v for k, v in model.items() if k.startswith("trunk.")}
+    assert trunk.keys() == saved.keys() and all(torch.equal(trunk[k], saved[k]) for k in saved)
+    written = visualize.main(["--run", str(out), "--images", "2", "--out", str(tmp_path / "fig" / "run")])
+    assert sorted(p.name for p in written) == ["run_attention.png", "run_curves.png", "run_filters.png"]
 
 
 @pytest.mark.slow

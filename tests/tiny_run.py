@@ -16,7 +16,7 @@ TINY_RUN = ["data.crop_size=64", "data.resize_size=72", "model.width=0.25", "opt
 def train_in_process(argv: list[str]) -> str:
     """`python train.py ARGV` in this process (repo root; no progress bar unless ROTNET_PROGRESS=1);
     what it wrote to stderr."""
-    import train   # here, not at the top: the modules that import this one need not pay for it
+    import train  # here, not at the top: the modules that import this one need not pay for it
 
     err = io.StringIO()
     with contextlib.chdir(REPO), contextlib.redirect_stderr(err):
