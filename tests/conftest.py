@@ -37,6 +37,13 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def cpu_only(monkeypatch):
+    """What CUDA_VISIBLE_DEVICES="" is to a subprocess, for a run in this process: the CPU path (gloo,
+    bit-exact fp32) on a machine with a GPU too."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 @pytest.fixture(scope="session")
 def sample_data(tmp_path_factory) -> Path:
     """The built-in sample set at its smallest: 10 classes x (2 train, 2 val) JPEGs; at 8 originals

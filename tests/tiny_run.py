@@ -5,6 +5,7 @@ here instead of starting `python train.py`: a Python start with torch costs seco
 """
 import contextlib
 import io
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -15,10 +16,15 @@ TINY_RUN = ["data.crop_size=64", "data.resize_size=72", "model.width=0.25", "opt
 
 def train_in_process(argv: list[str]) -> str:
     """`python train.py ARGV` in this process (repo root; no progress bar unless ROTNET_PROGRESS=1);
-    what it wrote to stderr."""
+    what it wrote to stderr. When it raises (SystemExit included), that text goes to sys.stderr first:
+    to capsys, and to pytest's report of a failure."""
     import train  # here, not at the top: the modules that import this one need not pay for it
 
     err = io.StringIO()
-    with contextlib.chdir(REPO), contextlib.redirect_stderr(err):
-        train.main(argv)
+    try:
+        with contextlib.chdir(REPO), contextlib.redirect_stderr(err):
+            train.main(argv)
+    except BaseException:
+        sys.stderr.write(err.getvalue())
+        raise
     return err.getvalue()
