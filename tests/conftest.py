@@ -1,6 +1,30 @@
-"""Fixtures shared across the test packages."""
+"""Fixtures shared across the test packages: the tiny trained run, and what an entry point run in
+this process (tests/tiny_run.py) leaves behind put back after every test."""
+import logging
+import shutil
+import signal
+from pathlib import Path
+
 import pytest
 import torch
+
+from tests.tiny_run import TINY_RUN, train_in_process
+
+
+@pytest.fixture(autouse=True)
+def _entry_point_state():
+    """Restore what a main() changes for its process: setup_logging's handlers on the "rotnet" logger
+    (bound to this test's captured stderr, closed afterwards) and the stop-signal handlers."""
+    log = logging.getLogger("rotnet")
+    saved = log.handlers[:], log.level, log.propagate
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for h in log.handlers:
+        if h not in saved[0]:
+            h.close()
+    log.handlers[:], log.level, log.propagate = saved
+    for s, h in handlers.items():
+        signal.signal(s, h)
 
 
 @pytest.fixture
@@ -11,3 +35,37 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def cpu_only(monkeypatch):
+    """What CUDA_VISIBLE_DEVICES="" is to a subprocess, for a run in this process: the CPU path (gloo,
+    bit-exact fp32) on a machine with a GPU too."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.fixture(scope="session")
+def sample_data(tmp_path_factory) -> Path:
+    """The built-in sample set at its smallest: 10 classes x (2 train, 2 val) JPEGs; at 8 originals
+    per step, 2 steps per epoch."""
+    from pipelines.sample_data import ensure_sample_data
+
+    return ensure_sample_data(seed=0, cache_dir=tmp_path_factory.mktemp("sample"), per_class_train=2,
+                              per_class_val=2)
+
+
+@pytest.fixture(scope="session")
+def trained_run(sample_data, tmp_path_factory):
+    """ONE tiny pretraining run (configs/sample.yaml at TINY_RUN sizes, 2 epochs), trained once per
+    session and read by the train, eval, export and visualize tests: (run folder, its stderr).
+    Read it only: a test that writes into a run folder works on a copy (`copied_run`)."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    stderr = train_in_process(["--config", "configs/sample.yaml", f"data.root={sample_data}", *TINY_RUN,
+                               "optim.epochs=2", f"train.output_dir={out}"])
+    return out, stderr
+
+
+@pytest.fixture
+def copied_run(trained_run, tmp_path) -> Path:
+    """A copy of the shared trained run that the test may write into (resume it, eval into it)."""
+    return Path(shutil.copytree(trained_run[0], tmp_path / "run"))

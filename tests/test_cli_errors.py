@@ -1,13 +1,17 @@
 """Every CLI ends bad input in one line: `error: ...` last on stderr, exit code 2, no traceback,
 and nothing already written is changed.
 
-Each case runs the real command as a subprocess (a traceback would only show there) and fails
-before any training step; each costs a Python start with torch (~5-10 s on 2 busy cores), so the
-checks of every value, key and type live in tests/rotnet/test_config.py and this sweep keeps one
-case per kind of input per CLI.
+Each case calls the entry point's `main(argv)` in this process, as its `__main__` block does, and
+fails before any training step: an exception other than SystemExit (what a traceback would show)
+fails the test. A Python start with torch costs ~8 s, so the real processes run once per entry point
+in the slow tier (test_each_entry_point_as_a_process). The checks of every value, key and type
+live in tests/rotnet/test_config.py; this sweep keeps one case per kind of input per CLI.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
 import os
 import subprocess
 import sys
@@ -22,7 +26,31 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE = "configs/sample.yaml"
 
 
+@pytest.fixture(autouse=True)
+def _as_the_cli_runs(monkeypatch):
+    """The repo root as working directory (the cases name configs/...), no progress bars, CPU."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("ROTNET_PROGRESS", "0")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
 def run_cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    """`python ARGS` (a script, or -m MODULE) run in-process through its main(argv); what it printed
+    and the exit code it would have had. Any exception but SystemExit propagates (fails the test)."""
+    args = [a.replace("TMP", str(tmp_path)) for a in args]
+    module, argv = (args[1], args[2:]) if args[0] == "-m" else (args[0].removesuffix(".py"), args[1:])
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            result = importlib.import_module(module).main(argv)
+            code = result if isinstance(result, int) else 0   # `sys.exit(main())` for the int ones
+        except SystemExit as e:
+            code = e.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def run_process(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    """`python ARGS` as a real process in the repo root (CPU, no progress bars)."""
     env = {**os.environ, "ROTNET_PROGRESS": "0", "CUDA_VISIBLE_DEVICES": ""}
     args = [a.replace("TMP", str(tmp_path)) for a in args]
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
@@ -210,3 +238,24 @@ def test_shards_bad_input(tmp_path):
     (tmp_path / "blocker").write_text("a file where --out needs a folder")
     p = run_cli(["-m", "pipelines.pack_shards", "TMP/src", "--out", "TMP/blocker/sh"], tmp_path)
     assert_one_line_error(p, "--out", "blocker/sh", "cannot write there")
+
+
+# ---------------------------------------------------------------------------- the real processes
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [
+    ["train.py", *TRAIN[1:], "loader.backend=foo"],
+    ["eval.py", "--checkpoint", "TMP/nonexistent.pt"],
+    ["visualize.py", "--run", "TMP/norun", "--out", "TMP/fig/x"],
+    ["-m", "models.export", "TMP/nonexistent.pt"],
+    ["-m", "pipelines.scan", "TMP/data", "--out", "TMP/lists/{split}.txt"],
+    ["-m", "pipelines.imagenet_val", "TMP/data/val", "--train-dir", "TMP/data/train", "--labels",
+     "TMP/missing.csv"],
+    ["-m", "pipelines.pack_shards", "TMP/nowhere", "--out", "TMP/sh"],
+], ids=lambda args: args[0] if args[0] != "-m" else args[1])
+def test_each_entry_point_as_a_process(tmp_path, args):
+    """The `__main__` block of each entry point: as a real process, the one line and exit code that
+    its main(argv) gives in-process above, and no traceback."""
+    flat_beside_classes(tmp_path)
+    line = assert_one_line_error(run_process(args, tmp_path), strict=False)
+    assert line == assert_one_line_error(run_cli(args, tmp_path), strict=False)

@@ -196,6 +196,7 @@ def test_missing_default_checkpoint_says_run_train_first(setup, tmp_path):
         eval_cli.main(["--config", str(setup["cfg"]), f"train.output_dir={tmp_path / 'empty'}"])
 
 
+@pytest.mark.slow
 def test_cli_subprocess_all_layers(setup):
     out = setup["tmp"] / "cli"
     env = {**os.environ, "ROTNET_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
@@ -207,6 +208,7 @@ def test_cli_subprocess_all_layers(setup):
     assert sorted(json.loads((out / "eval.json").read_text())["pretrained"]) == NIN_LAYERS
 
 
+@pytest.mark.slow
 def test_two_ranks_count_every_val_image_once(setup):
     """gloo, 2 CPU processes; 12 val images at 5 per batch per rank means padded val batches."""
     out = setup["tmp"] / "ddp"
@@ -262,6 +264,7 @@ def test_knn_refuses_finetune(setup):
         _run(setup, "--checkpoint", str(setup["ckpt"]), "--head", "knn", "--finetune")
 
 
+@pytest.mark.slow
 def test_knn_two_ranks_equal_one_rank(setup):
     """gloo, 2 processes, 5 images per batch: shards of unequal size, bank all-gathered, counts
     summed; the numbers are those of one process."""

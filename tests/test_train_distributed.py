@@ -33,6 +33,8 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.tiny_run import train_in_process
+
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 TORCHRUN = [PY, "-m", "torch.distributed.run"]
@@ -213,10 +215,10 @@ def test_paired_data_gives_equal_bn_statistics(paired_data):
 
 
 @pytest.mark.slow
-def test_two_ranks_equal_one_rank_same_global_batch(paired_data, ddp_run, tmp_path):
-    single = tmp_path / "single"
-    run([PY, *train_args(single, paired_data, f"optim.batch_size_per_gpu={2 * N_PER_RANK}", "optim.epochs=1",
-                                      *WHOLE)])
+def test_two_ranks_equal_one_rank_same_global_batch(paired_data, ddp_run, tmp_path, one_thread, cpu_only):
+    single = tmp_path / "single"   # in this process: one thread and the CPU, as run_env gives the ranks
+    train_in_process(train_args(single, paired_data, f"optim.batch_size_per_gpu={2 * N_PER_RANK}",
+                                "optim.epochs=1", *WHOLE)[1:])
     a, b = load_ckpt(single), load_ckpt(ddp_run)
     assert a["step"] == b["step"] == STEPS and b["world_size"] == 2
     diff = max_abs_diff(params(a), params(b))

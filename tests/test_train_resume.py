@@ -1,7 +1,7 @@
 """train.py stops, checkpoints and resumes (single process, CPU): exactness, SIGTERM, bf16, refusal.
 
-Runs are real `train.py` subprocesses on tiny PNG data sets made in tmp_path (helpers shared
-with tests/test_train_distributed.py).
+Runs are `train.py` on tiny PNG data sets made in tmp_path (helpers shared with
+tests/test_train_distributed.py): real subprocesses where a signal stops them, else in this process.
 """
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ import time
 import pytest
 import torch
 
-from tests.test_train_distributed import (PY, REPO, load_ckpt, make_random_dataset, run, run_env, tail,
-                                          train_args)
+from tests.test_train_distributed import PY, REPO, load_ckpt, make_random_dataset, run_env, tail, train_args
+from tests.tiny_run import train_in_process
 
-pytestmark = pytest.mark.slow
+# One intra-op thread and the CPU, as run_env gives the subprocesses.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread", "cpu_only")]
 
 
 def test_interrupted_and_resumed_run_is_bit_exact(tmp_path):
@@ -30,11 +31,11 @@ def test_interrupted_and_resumed_run_is_bit_exact(tmp_path):
     data = make_random_dataset(tmp_path / "data", n=24)     # batch 4: 6 steps/epoch, 2 epochs
     common = ("optim.batch_size_per_gpu=4", "optim.epochs=2")
     full, parts = tmp_path / "full", tmp_path / "parts"
-    run([PY, *train_args(full, data, *common)])
-    first = run([PY, *train_args(parts, data, *common, "train.max_steps=8")])   # stops in epoch 1
-    assert (load_ckpt(parts)["epoch"], load_ckpt(parts)["epoch_step"]) == (1, 2), tail(first.stderr)
-    second = run([PY, *train_args(parts, data, *common)])
-    assert "resumed from" in second.stderr and "epoch 1, step in epoch 2" in second.stderr
+    train_in_process(train_args(full, data, *common)[1:])
+    first = train_in_process(train_args(parts, data, *common, "train.max_steps=8")[1:])   # stops in epoch 1
+    assert (load_ckpt(parts)["epoch"], load_ckpt(parts)["epoch_step"]) == (1, 2), tail(first)
+    second = train_in_process(train_args(parts, data, *common)[1:])
+    assert "resumed from" in second and "epoch 1, step in epoch 2" in second
 
     a, b = load_ckpt(full), load_ckpt(parts)
     assert a["step"] == b["step"] == 12
@@ -84,8 +85,8 @@ def test_sigterm_mid_epoch_checkpoints_exits_3_and_resumes(tmp_path):
     assert ckpt["epoch"] == 0 and 0 < ckpt["epoch_step"] < 100 and ckpt["step"] == ckpt["epoch_step"]
     stopped = ckpt["epoch_step"]
 
-    again = run([PY, *args, f"train.max_steps={stopped + 2}"])
-    assert f"resumed from {out / 'checkpoint.pt'}: epoch 0, step in epoch {stopped}" in again.stderr
+    again = train_in_process([*args[1:], f"train.max_steps={stopped + 2}"])
+    assert f"resumed from {out / 'checkpoint.pt'}: epoch 0, step in epoch {stopped}" in again
     ckpt = load_ckpt(out)
     assert (ckpt["epoch"], ckpt["epoch_step"], ckpt["step"]) == (0, stopped + 2, stopped + 2)
 
@@ -96,9 +97,11 @@ def bf16_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bf16")
     data = make_random_dataset(tmp / "data", n=32, updown=True)
     out = tmp / "run"
-    p = run([PY, *train_args(out, data, "train.precision=bf16", "optim.batch_size_per_gpu=8",
-                             "optim.epochs=4", "optim.schedule=[[0,0.05]]")])
-    return data, out, p.stderr
+    with pytest.MonkeyPatch.context() as mp:   # one_thread and cpu_only are per test; this is per module
+        mp.setattr(torch.cuda, "is_available", lambda: False)
+        stderr = train_in_process(train_args(out, data, "train.precision=bf16", "optim.batch_size_per_gpu=8",
+                                             "optim.epochs=4", "optim.schedule=[[0,0.05]]")[1:])
+    return data, out, stderr
 
 
 def test_bf16_autocast_on_cpu_trains(bf16_run):
@@ -111,14 +114,16 @@ def test_bf16_autocast_on_cpu_trains(bf16_run):
     assert all(v.dtype == torch.float32 for v in load_ckpt(out)["model"].values() if v.is_floating_point())
 
 
-def test_checkpoint_of_another_architecture_is_refused(bf16_run, tmp_path):
+def test_checkpoint_of_another_architecture_is_refused(bf16_run, tmp_path, capsys):
     data, out, _ = bf16_run
     other = tmp_path / "other"
     shutil.copytree(out, other)
-    p = run([PY, *train_args(other, data, "model.arch=nin", "optim.batch_size_per_gpu=8")], check=False)
-    assert p.returncode != 0
-    assert "checkpoint is from a different model/config" in p.stderr
-    assert "model.arch: checkpoint has 'alexnet', this run has 'nin'" in p.stderr, tail(p.stderr)
+    with pytest.raises(SystemExit) as exit_:
+        train_in_process(train_args(other, data, "model.arch=nin", "optim.batch_size_per_gpu=8")[1:])
+    stderr = capsys.readouterr().err
+    assert exit_.value.code != 0
+    assert "checkpoint is from a different model/config" in stderr
+    assert "model.arch: checkpoint has 'alexnet', this run has 'nin'" in stderr, tail(stderr)
 
 
 def test_stop_on_the_last_step_of_an_epoch_resumes_exactly(tmp_path):
@@ -128,6 +133,6 @@ def test_stop_on_the_last_step_of_an_epoch_resumes_exactly(tmp_path):
     args = train_args(out, data, "optim.batch_size_per_gpu=4", f"optim.epochs={epochs}")
     returncode, rest = _sigterm_after(args, min_step=1)
     assert returncode == 3, tail(rest)
-    run([PY, *args])
+    train_in_process(args[1:])
     ckpt = load_ckpt(out)
     assert (ckpt["epoch"], ckpt["epoch_step"], ckpt["step"]) == (epochs, 0, epochs)

@@ -5,9 +5,12 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.test_train_distributed import REPO, run_env, tail
 
 
+@pytest.mark.slow
 def test_sigterm_kills_the_benchmark_without_writing_a_checkpoint(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "benchmarks/train_throughput.py", "--only", "sample", "--steps", "100000",

@@ -10,14 +10,12 @@ import hashlib
 import json
 import os
 import re
-import subprocess
-import sys
 import tarfile
-from pathlib import Path
 
 import pytest
 import torch
 
+import visualize
 from pipelines import BadImageError, build_class_loader, build_rotation_loader
 from pipelines.sample_data import ensure_sample_data
 from pipelines.pack_shards import main as shards_main
@@ -25,9 +23,9 @@ from pipelines.pack_shards import pack, shard_complete
 from pipelines.shard_reader import MANIFEST, list_shards, shard_files
 from rotnet.cli import InputError, UsageExit
 from tests.pipelines.images import HAVE_DALI, KINDS, cfg, make_folder, needs_dali
+from tests.tiny_run import train_in_process
 
 CPU = torch.device("cpu")
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -250,23 +248,21 @@ def test_bad_input_one_line(tmp_path, capsys, case):
 
 @pytest.mark.skipif(not HAVE_DALI, reason="the DALI shard feed in the trainer")
 def test_train_smoke_on_shards(sample, tmp_path):
+    """train.py and visualize.py on shards, run in this process (tests/tiny_run.py)."""
     _, shards = sample
     out = tmp_path / "run"
-    args = [sys.executable, "train.py", "--config", "configs/sample.yaml", f"data.root={shards}", "data.format=shards",
-            "data.crop_size=64", "data.resize_size=72", "model.width=0.25", "optim.batch_size_per_gpu=8",
-            "optim.epochs=1", "train.precision=fp32", f"train.output_dir={out}", "loader.num_threads=1"]
-    r = subprocess.run(args, cwd=REPO, env={**os.environ, "ROTNET_PROGRESS": "0"}, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    stderr = train_in_process(["--config", "configs/sample.yaml", f"data.root={shards}", "data.format=shards",
+                               "data.crop_size=64", "data.resize_size=72", "model.width=0.25",
+                               "optim.batch_size_per_gpu=8", "optim.epochs=1", "train.precision=fp32",
+                               f"train.output_dir={out}", "loader.num_threads=1"])
     (line,) = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert line["loss"] > 0 and 0 <= line["heldout_rot_acc"] <= 1
-    assert set(line["knn_top1"]) and "monitor is off" not in r.stderr    # the kNN monitor reads labelled shards
+    assert set(line["knn_top1"]) and "monitor is off" not in stderr    # the kNN monitor reads labelled shards
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["config"]["data"]["format"] == "shards"
     # visualize.py takes its attention images from the run's val shards
-    r = subprocess.run([sys.executable, "visualize.py", "--run", str(out), "--images", "2", "--out", str(tmp_path / "fig")],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and (tmp_path / "fig_attention.png").stat().st_size > 0, r.stderr[-3000:]
+    visualize.main(["--run", str(out), "--images", "2", "--out", str(tmp_path / "fig")])
+    assert (tmp_path / "fig_attention.png").stat().st_size > 0
 
 
 @pytest.mark.skipif(not (HAVE_DALI and torch.cuda.is_available()), reason="needs DALI and CUDA")

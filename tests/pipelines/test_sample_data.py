@@ -94,6 +94,7 @@ def test_interrupted_build_leaves_no_complete_looking_set(tmp_path, monkeypatch)
     assert (root / sd.MARKER).is_file() and len(_files(root)) == 30
 
 
+@pytest.mark.slow
 def test_concurrent_creation_two_processes(tmp_path):
     code = ("import sys; from pipelines.sample_data import ensure_sample_data as e; "
             "print(e(0, sys.argv[1], per_class_train=8, per_class_val=4))")

@@ -19,7 +19,7 @@ import pytest
 from tests.test_train_distributed import (PY, REPO, free_port, load_ckpt, make_random_dataset, run_env,
                                           tail, train_args)
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = pytest.mark.slurm   # slow too, but its own tier: it needs a cluster
 
 TASKS = 2
 DONE_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
