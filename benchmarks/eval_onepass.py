@@ -50,7 +50,8 @@ def end_to_end(args, layer: str, out: Path) -> dict:
     cmd = [sys.executable, "eval.py", "--config", args.config, "--checkpoint", "random", "--layer", layer,
            "--epochs", str(args.epochs), "--head", args.head, "--output-dir", str(out), *args.overrides]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "ROTNET_PROGRESS": "0"})
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "ROTNET_PROGRESS": "0"})
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"eval.py failed:\n{proc.stderr[-3000:]}")
@@ -70,7 +71,8 @@ def compute_step(cfg, head: str, layers: list[str], batch: int, steps: int, devi
     model = place(raw, p.info, cfg.train.channels_last)
     opt = build_optimizer(raw.trainable_parameters(), cfg.probe.schedule[0][1], cfg.probe)
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    x = torch.randn(batch, 3, cfg.data.crop_size, cfg.data.crop_size, device=device).contiguous(memory_format=fmt)
+    x = torch.randn(batch, 3, cfg.data.crop_size, cfg.data.crop_size, device=device)
+    x = x.contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch,), device=device)
     times = []
     for i in range(steps + 2):  # two warm-up steps
@@ -92,7 +94,8 @@ def compute_step(cfg, head: str, layers: list[str], batch: int, steps: int, devi
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/sample.yaml")
-    ap.add_argument("--epochs", type=int, default=3, help="epochs per end-to-end run (first is dropped as warm-up)")
+    ap.add_argument("--epochs", type=int, default=3,
+                    help="epochs per end-to-end run (first is dropped as warm-up)")
     ap.add_argument("--single", default="conv4", help="the single layer to compare 'all' with")
     ap.add_argument("--head", default="linear")
     ap.add_argument("--steps", type=int, default=10, help="timed compute steps per case")
@@ -116,16 +119,16 @@ def main() -> None:
     every = compute_step(cfg, args.head, all_layers, batch, args.steps, device)
     naive = sum(compute_step(cfg, args.head, [k], batch, args.steps, device) for k in all_layers)
     rows.append(f"| compute step, batch {batch} (synthetic, no data loading) | {single * 1e3:.1f} ms | "
-                f"{every * 1e3:.1f} ms | **{every / single:.2f}x** | one pass per layer: {naive * 1e3:.1f} ms "
-                f"({naive / single:.2f}x) |")
+                f"{every * 1e3:.1f} ms | **{every / single:.2f}x** | "
+                f"one pass per layer: {naive * 1e3:.1f} ms ({naive / single:.2f}x) |")
     if not args.no_e2e:
         with tempfile.TemporaryDirectory() as tmp:
             a = end_to_end(args, args.single, Path(tmp) / "single")
             b = end_to_end(args, "all", Path(tmp) / "all")
         rows.append(f"| eval.py train epoch ({args.epochs} epochs, first dropped) | {a['epoch_s']:.2f} s | "
                     f"{b['epoch_s']:.2f} s | **{b['epoch_s'] / a['epoch_s']:.2f}x** | |")
-        rows.append(f"| eval.py whole run, wall (startup + val included) | {a['wall_s']:.1f} s | {b['wall_s']:.1f} s "
-                    f"| **{b['wall_s'] / a['wall_s']:.2f}x** | |")
+        rows.append(f"| eval.py whole run, wall (startup + val included) | {a['wall_s']:.1f} s | "
+                    f"{b['wall_s']:.1f} s | **{b['wall_s'] / a['wall_s']:.2f}x** | |")
 
     # A copy of the tree without .git (e.g. a rented GPU box) cannot tell its commit: ROTNET_COMMIT can.
     commit = git_commit() if git_commit() != "unknown" else os.environ.get("ROTNET_COMMIT", "unknown")
@@ -138,7 +141,8 @@ def main() -> None:
         f"{cfg.model.width}, {cfg.data.crop_size} px, data {cfg.data.root or 'built-in sample set'}, "
         f"{args.head} probes, bf16 autocast, device {device.type}.",
         "",
-        f"| measurement | `--layer {args.single}` | `--layer all` ({', '.join(all_layers)}) | all / single | note |",
+        f"| measurement | `--layer {args.single}` | `--layer all` ({', '.join(all_layers)}) "
+        "| all / single | note |",
         "|---|---:|---:|---:|---|",
         *rows, ""])
     print(block)

@@ -72,7 +72,8 @@ def bench_reference(args, device: torch.device, sync) -> float:
     ds = datasets.ImageFolder(args.data, transform=tf)
     workers = os.cpu_count() or 1
     dl = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=workers,
-                                     drop_last=True, pin_memory=device.type == "cuda", persistent_workers=True)
+                                     drop_last=True, pin_memory=device.type == "cuda",
+                                     persistent_workers=True)
 
     def batches():
         while True:
@@ -89,7 +90,8 @@ def append_results(path: str, args, device, results: dict) -> None:
     lines = [
         "", f"## Input pipeline (benchmarks/pipeline.py), {datetime.date.today().isoformat()}", "",
         f"- machine: {machine(device)}; device: {device.type}; commit: {git_commit()}; "
-        f"load average before the run: {args.load:.1f} (other jobs share the cores: compare rows of one block)",
+        f"load average before the run: {args.load:.1f} "
+        "(other jobs share the cores: compare rows of one block)",
         f"- data: {args.data} ({args.num_files} images); recipe: imagenet train RRC {args.crop} + flip, "
         f"4 rotations; batch {args.batch_size} originals; {args.steps} timed steps after {args.warmup}; "
         f"rotnet loaders num_threads={args.threads}, prefetch={args.prefetch}"
@@ -143,8 +145,8 @@ def main(argv=None) -> int:
             results[name] = bench_reference(args, device, sync)
         else:
             results[name] = bench_rotnet(args, name, device, sync)
-        print(f"{name:10s} {results[name]:9,.0f} original img/s  ({time.perf_counter() - t0:.0f} s incl. start)",
-              flush=True)
+        print(f"{name:10s} {results[name]:9,.0f} original img/s  "
+              f"({time.perf_counter() - t0:.0f} s incl. start)", flush=True)
     if not args.no_write:
         append_results(args.out, args, device, results)
         print(f"appended to {args.out}")

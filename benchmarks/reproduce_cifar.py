@@ -50,8 +50,8 @@ ABLATIONS = {  # name -> train.py overrides (paper Table 2, plus one_random)
 # images whatever K is), so every K gets the same number of steps.
 BUDGETS = {
     "smoke": dict(config="configs/cifar10_nin_cpu.yaml",
-                  train=["model.width=0.25", "optim.epochs=1", "optim.batch_size_per_gpu=32", "train.compile=false",
-                         "optim.schedule=[[0,0.05]]"],
+                  train=["model.width=0.25", "optim.epochs=1", "optim.batch_size_per_gpu=32",
+                         "train.compile=false", "optim.schedule=[[0,0.05]]"],
                   subset=(60, 20), eval={"mlp": 1}, ablations=["one_random"],
                   ablation_train=[], semisup_ks=[20, 50], semisup_samples=2000),
     # cpu-30min on the quiet 2-core Xeon: 5 compiled pretraining epochs (the config), 28.6 min; 3 MLP probe
@@ -97,7 +97,8 @@ def commit() -> str:
 
 
 def step(out: Path, cmd: list[str], dry: bool) -> dict | None:
-    """Run `cmd` unless out/step.json records a finished run; write step.json (command, wall time, machine)."""
+    """Run `cmd` unless out/step.json records a finished run; write step.json (command, wall time,
+    machine)."""
     marker = out / "step.json"
     if marker.is_file() and json.loads(marker.read_text()).get("rc") == 0:
         print(f"[skip] {out} (done)")
@@ -208,7 +209,8 @@ def main(argv=None) -> None:
         ks = [int(k) for k in args.ks.split(",")] if args.ks else b["semisup_ks"]
         for k in ks:
             epochs = max(1, round(b["semisup_samples"] / (10 * k)))
-            probe = ["--layer", "block2", "--head", "conv", "--labels-per-class", str(k), "--epochs", str(epochs)]
+            probe = ["--layer", "block2", "--head", "conv", "--labels-per-class", str(k),
+                     "--epochs", str(epochs)]
             step(base / "semisup" / f"rotnet_k{k}",
                  [py, "eval.py", "--checkpoint", str(main_dir / "checkpoint.pt"), *probe,
                   "--output-dir", str(base / "semisup" / f"rotnet_k{k}"), *common], args.dry_run)

@@ -119,7 +119,8 @@ def _budget_section(base: Path, budget: str, figures: Path, root: Path) -> list[
         held = e.get("heldout_rot_acc")
         L.append(f"| {r.name} | {len(lg)} | {e.get('step', '–')} | {rec['wall_s'] / 60:.1f} min"
                  f"{'' if rec['rc'] == 0 else ' (FAILED rc=' + str(rec['rc']) + ')'} | "
-                 f"{_pct(100 * e['rot_acc'] if e else None)} | {_pct(100 * held if held is not None else None)} |")
+                 f"{_pct(100 * e['rot_acc'] if e else None)} | "
+                 f"{_pct(100 * held if held is not None else None)} |")
     L.append("")
 
     # ---- per-block probes
@@ -134,13 +135,13 @@ def _budget_section(base: Path, budget: str, figures: Path, root: Path) -> list[
               "|---|---:|---:|---:|---:|"]
         for layer, m in pre_.items():
             r = rnd.get(layer, {}).get("top1")
-            L.append(f"| {layer} | {m['top1']:.2f} | {_pct(r)} | {_pct(None if r is None else m['top1'] - r)} | "
-                     f"{PAPER_TABLE1.get(layer, '–')} |")
+            L.append(f"| {layer} | {m['top1']:.2f} | {_pct(r)} | "
+                     f"{_pct(None if r is None else m['top1'] - r)} | {PAPER_TABLE1.get(layer, '–')} |")
         L.append("")
         if pre_ and rnd:
-            gaps = {l: pre_[l]["top1"] - rnd[l]["top1"] for l in pre_}
-            best = max(pre_, key=lambda l: pre_[l]["top1"])
-            worst = min(pre_, key=lambda l: pre_[l]["top1"])
+            gaps = {k: pre_[k]["top1"] - rnd[k]["top1"] for k in pre_}
+            best = max(pre_, key=lambda k: pre_[k]["top1"])
+            worst = min(pre_, key=lambda k: pre_[k]["top1"])
             layers = list(pre_)
             checks += [(f"{meta['head']}: best block ({best}) ≥ 10 points above random init",
                         gaps[best] >= 10, f"{gaps[best]:+.2f}"),
@@ -165,7 +166,8 @@ def _budget_section(base: Path, budget: str, figures: Path, root: Path) -> list[
         budget_txt = (f"each pretrained {ep} epoch(s), a smaller budget than the main run; same probe"
                       if own_default else "same budget and probe as the main run")
         L += [f"### Ablations ({budget_txt})", "",
-              "| rotations | held-out rot. acc | block1 | block2 | block3 | block4 | paper block2 (Table 2) |",
+              "| rotations | held-out rot. acc | block1 | block2 | block3 | block4 "
+              "| paper block2 (Table 2) |",
               "|---|---:|---:|---:|---:|---:|---:|"]
         for name, p in rows:
             ev = json.loads(p.read_text())["pretrained"]
@@ -186,7 +188,8 @@ def _budget_section(base: Path, budget: str, figures: Path, root: Path) -> list[
               "|---:|---:|---:|---:|"]
         for k, r in rows.items():
             a, s = r.get("rotnet"), r.get("scratch")
-            L.append(f"| {k} | {_pct(a)} | {_pct(s)} | {_pct(a - s if a is not None and s is not None else None)} |")
+            diff = a - s if a is not None and s is not None else None
+            L.append(f"| {k} | {_pct(a)} | {_pct(s)} | {_pct(diff)} |")
         L += ["", "Paper (Fig. 5b, CIFAR-10): the RotNet-based model beats the supervised one when the "
               "labelled images per class are few (up to about 1000 per class); the curves cross only near "
               "the full 5000.", ""]

@@ -100,7 +100,8 @@ def subset_list(args) -> str:
 def run(args) -> dict:
     file_list = subset_list(args)
     t0 = time.perf_counter()
-    manifest = pack(args.data, args.shards, shard_size=args.shard_size, workers=args.workers, file_list=file_list)
+    manifest = pack(args.data, args.shards, shard_size=args.shard_size, workers=args.workers,
+                    file_list=file_list)
     packed_s = time.perf_counter() - t0
     where = {"folder": args.data, "shards": args.shards}
     rows = {"listing, first call in a fresh process (ms)": {}, "files opened per epoch and process": {},
@@ -116,7 +117,10 @@ def run(args) -> dict:
         name = f"{backend} loader (original img/s)"
         rows[name] = {}
         for fmt, path in where.items():
-            over = ["data.format=shards"] if fmt == "shards" else ([f"data.file_list={file_list}"] if file_list else [])
+            if fmt == "shards":
+                over = ["data.format=shards"]
+            else:
+                over = [f"data.file_list={file_list}"] if file_list else []
             row_args = argparse.Namespace(**{**vars(args), "data": path, "overrides": over, "prepare": False})
             rows[name][fmt] = bench_rotnet(row_args, backend, device, lambda: None)
     return {"rows": rows, "count": manifest["count"], "shards": len(manifest["shards"]), "packed_s": packed_s,
@@ -127,11 +131,13 @@ def report(args, res: dict) -> str:
     lines = [
         f"### {datetime.date.today().isoformat()}, commit {git_commit()}", "",
         f"- machine: {machine('cpu')}; load average before the run: {args.load:.1f}",
-        f"- data: {args.data} ({res['count']} images{', a seeded subset: --limit ' + str(args.limit) if args.limit else ''})"
+        f"- data: {args.data} ({res['count']} images"
+        f"{', a seeded subset: --limit ' + str(args.limit) if args.limit else ''})"
         f" -> {res['shards']} shards of <= {args.shard_size} in {args.shards} (packing this run: "
         f"{res['packed_s']:.1f} s, {args.workers} workers, 0 when already packed)",
-        f"- loaders: RRC {args.crop} + flip + 4 rotations, batch {args.batch_size}, {args.steps} timed steps after "
-        f"{args.warmup}, num_threads={args.threads}, prefetch={args.prefetch}, uint8 out", "",
+        f"- loaders: RRC {args.crop} + flip + 4 rotations, batch {args.batch_size}, "
+        f"{args.steps} timed steps after {args.warmup}, num_threads={args.threads}, "
+        f"prefetch={args.prefetch}, uint8 out", "",
         "| | folder | shards | shards / folder |", "|---|---:|---:|---:|",
     ]
     for name, v in res["rows"].items():
@@ -147,7 +153,8 @@ def main(argv=None) -> int:
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=os.environ.get("ROTNET_BENCH_DATA", ""), help="image folder ROOT/train")
-    ap.add_argument("--shards", default="", help="shard folder (default runs/shards/<dataset>-<split>[-limitN])")
+    ap.add_argument("--shards", default="",
+                    help="shard folder (default runs/shards/<dataset>-<split>[-limitN])")
     ap.add_argument("--limit", type=int, default=0, help="only a seeded random N images (smoke checks)")
     ap.add_argument("--shard-size", type=int, default=1000)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="packer processes")
@@ -168,7 +175,8 @@ def main(argv=None) -> int:
     args.data = os.path.abspath(args.data)
     if not args.shards:
         name = f"{os.path.basename(os.path.dirname(args.data))}-{os.path.basename(args.data)}"
-        args.shards = os.path.join(REPO, "runs", "shards", name + (f"-limit{args.limit}" if args.limit else ""))
+        name += f"-limit{args.limit}" if args.limit else ""
+        args.shards = os.path.join(REPO, "runs", "shards", name)
     args.load = os.getloadavg()[0]
     text = report(args, run(args))
     print(text)

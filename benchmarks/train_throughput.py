@@ -1,9 +1,10 @@
-"""Training throughput: steps/s and original images/s, real input pipeline vs synthetic input.
+r"""Training throughput: steps/s and original images/s, real input pipeline vs synthetic input.
 
     python benchmarks/train_throughput.py                                  # CPU: sample (+ cifar with data)
     python benchmarks/train_throughput.py --cifar-data ../shared/datasets/cifar10-jpeg
     python benchmarks/train_throughput.py --device cuda --cifar-data DIR --imagenet-data DIR
-    python benchmarks/train_throughput.py --case cifar=configs/cifar10_nin_cpu.yaml optim.batch_size_per_gpu=64
+    python benchmarks/train_throughput.py --case cifar=configs/cifar10_nin_cpu.yaml \
+        optim.batch_size_per_gpu=64
 
 Each case is a config trained for --warmup + --steps steps with train.py's own run and step
 (`rotnet.run.build_run`: model, channels_last, compile, fused SGD, scaled lr; then
@@ -109,8 +110,8 @@ def measure(run: Run, loader, warmup: int, steps: int, first_epoch: int = 0) -> 
     marks = run.logger.marks
     (s0, t0, _), (s1, t1, _) = next(m for m in marks if m[0] >= warmup), marks[-1]
     waits = [w for s, _, w in marks if s > s0 and not math.isnan(w)]
-    return {"steps_per_s": (s1 - s0) / (t1 - t0), "data_wait": sum(waits) / len(waits) if waits else float("nan"),
-            "next_epoch": epoch}
+    return {"steps_per_s": (s1 - s0) / (t1 - t0),
+            "data_wait": sum(waits) / len(waits) if waits else float("nan"), "next_epoch": epoch}
 
 
 def run_case(name: str, config: str, root: str | None, args) -> list[dict]:
@@ -123,8 +124,8 @@ def run_case(name: str, config: str, root: str | None, args) -> list[dict]:
     # A benchmark has nothing to save and must not write into a real run's folder: die at once.
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_DFL)
-    print(f"[{name}] built: {cfg.model.arch} x{cfg.model.width:g}, timing {args.warmup}+{args.steps} steps per row",
-          file=sys.stderr, flush=True)
+    print(f"[{name}] built: {cfg.model.arch} x{cfg.model.width:g}, "
+          f"timing {args.warmup}+{args.steps} steps per row", file=sys.stderr, flush=True)
     n, k = cfg.optim.batch_size_per_gpu, len(cfg.data.rotations)
     base = {"case": name, "config": config, "model": f"{cfg.model.arch} x{cfg.model.width:g}",
             "crop": cfg.data.crop_size, "batch": n, "k": k, "precision": cfg.train.precision}
@@ -153,7 +154,8 @@ def run_case(name: str, config: str, root: str | None, args) -> list[dict]:
     else:
         row = {**base, "input": "real: no data", "data": root or "-", "steps_per_s": float("nan"),
                "data_wait": float("nan"), "build_s": build_s}
-    return [row, {**base, "input": "synthetic (in memory)", "data": "-", "build_s": float("nan"), **best(synth)}]
+    return [row, {**base, "input": "synthetic (in memory)", "data": "-", "build_s": float("nan"),
+                  **best(synth)}]
 
 
 # ---------------------------------------------------------------------------- report
@@ -169,9 +171,10 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         sps = r["steps_per_s"]
         cost = 1 - sps / synth[r["case"]] if r["input"].startswith("real (") else float("nan")
-        out.append(f"| {r['case']} | {r['model']} | {r['crop']} | {r['batch']} | {r['precision']} | {r['input']} "
-                   f"| {f(sps, '.2f')} | {f(sps * r['batch'], '.0f')} | {f(sps * r['batch'] * r['k'], '.0f')} "
-                   f"| {f(r['data_wait'], '.0%')} | {f(cost, '.0%')} | {f(r['build_s'], '.1f')} |")
+        out.append(f"| {r['case']} | {r['model']} | {r['crop']} | {r['batch']} | {r['precision']} "
+                   f"| {r['input']} | {f(sps, '.2f')} | {f(sps * r['batch'], '.0f')} "
+                   f"| {f(sps * r['batch'] * r['k'], '.0f')} | {f(r['data_wait'], '.0%')} | {f(cost, '.0%')} "
+                   f"| {f(r['build_s'], '.1f')} |")
     return "\n".join(out)
 
 
@@ -182,7 +185,8 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 cpu, 10 cuda)")
     ap.add_argument("--cifar-data", default=None, help="CIFAR-10 in ImageNet layout (train/CLASS/*.jpg)")
     ap.add_argument("--imagenet-data", default=None, help="ImageNet-layout folder for the 224-px cases")
-    ap.add_argument("--case", action="append", default=[], metavar="NAME=CONFIG", help="add or replace a case")
+    ap.add_argument("--case", action="append", default=[], metavar="NAME=CONFIG",
+                    help="add or replace a case")
     ap.add_argument("--only", default="", help="comma-separated case names to run")
     ap.add_argument("--repeats", type=int, default=2, help="alternating real/synthetic repeats, best kept")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
@@ -197,7 +201,8 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     root = lambda flag: getattr(args, flag) if flag else None  # noqa: E731
-    cases = {name: (gpu if cuda else cpu, root(flag)) for name, (gpu, cpu, flag) in CASES.items() if cuda or cpu}
+    cases = {name: (gpu if cuda else cpu, root(flag))
+             for name, (gpu, cpu, flag) in CASES.items() if cuda or cpu}
     for spec in args.case:
         name, _, config = spec.partition("=")
         cases[name] = (config, root(CASES.get(name, (None, None, None))[2]))
@@ -212,9 +217,11 @@ def main(argv=None) -> None:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cmd = "python benchmarks/train_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
     datas = sorted({r["data"] for r in rows if r["data"] != "-"})
-    block = (f"### {now} | commit {git_commit()} | {machine(torch.device(args.device))} | load average {load:.1f} "
-             f"at the end (shared cores: compare rows of one block)\n\n`{cmd.strip()}`: {args.warmup} warm-up + "
-             f"{args.steps} timed steps, best of {args.repeats} alternating repeats per row, train.py's step (`train_one_epoch`), device {args.device}, "
+    block = (f"### {now} | commit {git_commit()} | {machine(torch.device(args.device))} | "
+             f"load average {load:.1f} at the end (shared cores: compare rows of one block)\n\n"
+             f"`{cmd.strip()}`: {args.warmup} warm-up + {args.steps} timed steps, "
+             f"best of {args.repeats} alternating repeats per row, train.py's step (`train_one_epoch`), "
+             f"device {args.device}, "
              f"{torch.get_num_threads()} intra-op threads; data: {', '.join(datas) or 'synthetic only'}.\n"
              "input cost = 1 - real/synthetic steps/s; data wait = the trainer's own share of time "
              "spent waiting for the loader.\n\n" + table(rows))

@@ -114,7 +114,8 @@ def existing_run(tmp_path) -> Path:
     (["loader.backend=foo"], ["loader.backend='foo'"], True),
     # gets as far as the resume check: the checkpoint is refused, naming what differs
     (["model.arch=nin", "train.precision=fp32", "loader.backend=torch", "train.eval_rotation_every=0"],
-     ["checkpoint is from a different model/config", "model.arch: checkpoint has 'alexnet', this run has 'nin'"],
+     ["checkpoint is from a different model/config",
+      "model.arch: checkpoint has 'alexnet', this run has 'nin'"],
      False),
 ])
 def test_train_failed_rerun_keeps_what_was_written(tmp_path, existing_run, args, expected, strict):
@@ -197,12 +198,12 @@ def flat_beside_classes(tmp_path: Path) -> None:
 def test_scan_bad_input(tmp_path, args, expected):
     flat_beside_classes(tmp_path)
     (tmp_path / "blocker").write_text("a file where --out needs a folder")
-    assert_one_line_error(run_cli(["-m", "pipelines.scan", "--out", "TMP/lists/{split}.txt", *args], tmp_path),
-                          *expected)
+    p = run_cli(["-m", "pipelines.scan", "--out", "TMP/lists/{split}.txt", *args], tmp_path)
+    assert_one_line_error(p, *expected)
     assert not (tmp_path / "lists").exists()
 
 
-# ---------------------------------------------------------------------------- python -m pipelines.imagenet_val
+# ------------------------------------------------------------------------ python -m pipelines.imagenet_val
 
 @pytest.mark.parametrize("args,expected", cases(
     (["--labels", "TMP/missing.csv"], ["missing.csv"]),
@@ -210,7 +211,8 @@ def test_scan_bad_input(tmp_path, args, expected):
 ))
 def test_imagenet_val_bad_input(tmp_path, args, expected):
     flat_beside_classes(tmp_path)
-    (tmp_path / "labels.csv").write_text("ImageId,PredictionString\nILSVRC2012_val_00000001,n01440764 1 2 3 4\n")
+    (tmp_path / "labels.csv").write_text("ImageId,PredictionString\n"
+                                         "ILSVRC2012_val_00000001,n01440764 1 2 3 4\n")
     p = run_cli(["-m", "pipelines.imagenet_val", "TMP/data/val", "--train-dir", "TMP/data/train",
                  "--out", "TMP/data/val_classes", *args], tmp_path)
     assert_one_line_error(p, *expected)

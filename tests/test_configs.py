@@ -32,7 +32,8 @@ def test_cifar_paper_protocol():
     assert (cfg.model.arch, cfg.model.num_blocks, cfg.model.width) == ("nin", 4, 1.0)
     assert cfg.optim.batch_size_per_gpu == 128 and cfg.optim.epochs == 100
     lr = StepSchedule(cfg.optim.schedule)
-    assert [lr(e) for e in (0, 29.9, 30, 60, 80, 99)] == pytest.approx([0.1, 0.1, 0.02, 0.004, 0.0008, 0.0008])
+    assert [lr(e) for e in (0, 29.9, 30, 60, 80, 99)] == pytest.approx(
+        [0.1, 0.1, 0.02, 0.004, 0.0008, 0.0008])
     assert cfg.data.recipe == "cifar" and cfg.data.val_dir == "test" and cfg.loader.resident
 
 
@@ -53,5 +54,6 @@ def test_imagenet_alexnet_paper_protocol():
 def test_resnet50_scales_lr_with_warmup():
     cfg = load_config(Path(CONFIGS[0]).parent / "imagenet_resnet50.yaml")
     assert cfg.optim.scale_lr and cfg.optim.warmup_epochs > 0
-    lr = StepSchedule(cfg.optim.schedule, scale=1024 / cfg.optim.ref_batch, warmup_epochs=cfg.optim.warmup_epochs)
+    lr = StepSchedule(cfg.optim.schedule, scale=1024 / cfg.optim.ref_batch,
+                      warmup_epochs=cfg.optim.warmup_epochs)
     assert lr(10) == pytest.approx(1.6) and lr(0) < 0.01

@@ -126,7 +126,8 @@ def test_resume_continues_at_next_epoch_and_refuses_changes(setup, monkeypatch):
     assert load_checkpoint(out / "probe_state_pretrained.pt")["epoch"] == 1
     assert not (out / "eval.json").exists()
 
-    monkeypatch.setattr(probes.engine, "train_one_epoch", lambda *a, **kw: seen.append(a[4]) or real(*a, **kw))
+    monkeypatch.setattr(probes.engine, "train_one_epoch",
+                        lambda *a, **kw: seen.append(a[4]) or real(*a, **kw))
     _run(setup, "--checkpoint", str(setup["ckpt"]), out=out)
     assert seen == [1]                                                    # only the missing epoch ran
     assert [json.loads(x)["epoch"] for x in (out / "eval_log.jsonl").read_text().splitlines()] == [1, 2]
@@ -151,7 +152,8 @@ def test_with_random_side_by_side_and_labels_per_class(setup):
 
 
 def test_random_checkpoint_alone(setup):
-    eval_cli.main(["--config", str(setup["cfg"]), "--checkpoint", "random", "--epochs", "1", "--layer", "block1"])
+    eval_cli.main(["--config", str(setup["cfg"]), "--checkpoint", "random", "--epochs", "1",
+                   "--layer", "block1"])
     data = json.loads((setup["ckpt"].parent / "eval_linear_random" / "eval.json").read_text())
     assert list(data) == ["meta", "random"] and data["meta"]["checkpoint"] is None
 
@@ -213,7 +215,8 @@ def test_two_ranks_count_every_val_image_once(setup):
     """gloo, 2 CPU processes; 12 val images at 5 per batch per rank means padded val batches."""
     out = setup["tmp"] / "ddp"
     env = {**os.environ, "ROTNET_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2",
                            "eval.py", "--config", str(setup["cfg"]), "--checkpoint", str(setup["ckpt"]),
                            "--epochs", "1", "--batch-size", "5", "--output-dir", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
@@ -268,12 +271,15 @@ def test_knn_refuses_finetune(setup):
 def test_knn_two_ranks_equal_one_rank(setup):
     """gloo, 2 processes, 5 images per batch: shards of unequal size, bank all-gathered, counts
     summed; the numbers are those of one process."""
-    one = _run(setup, "--checkpoint", str(setup["ckpt"]), "--head", "knn", "--batch-size", "5", "--precision", "fp32")
+    one = _run(setup, "--checkpoint", str(setup["ckpt"]), "--head", "knn", "--batch-size", "5",
+               "--precision", "fp32")
     out = setup["tmp"] / "knn_ddp"
     env = {**os.environ, "ROTNET_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2",
                            "eval.py", "--config", str(setup["cfg"]), "--checkpoint", str(setup["ckpt"]),
-                           "--head", "knn", "--batch-size", "5", "--precision", "fp32", "--output-dir", str(out)],
+                           "--head", "knn", "--batch-size", "5", "--precision", "fp32",
+                           "--output-dir", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two, single = (json.loads((d / "eval.json").read_text()) for d in (out, one))

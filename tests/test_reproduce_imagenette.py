@@ -39,9 +39,9 @@ def _run(base, arch, wall_s, pre, rnd):
     (run / "pretrain").mkdir(parents=True)
     (run / "pretrain" / "log.jsonl").write_text(
         json.dumps({"epoch": 0, "step": 148, "loss": 1.0, "rot_acc": 0.6, "heldout_rot_acc": 0.7}) + "\n")
-    rec = {"cmd": f"python train.py --config configs/x_{arch}.yaml", "rc": 0, "wall_s": wall_s, "commit": "abc",
-           "machine": {"cpu": "AMD EPYC", "cores": 2, "gpu": None}, "load_before": [0.1, 0, 0],
-           "load_after": [2.0, 0, 0]}
+    rec = {"cmd": f"python train.py --config configs/x_{arch}.yaml", "rc": 0, "wall_s": wall_s,
+           "commit": "abc", "machine": {"cpu": "AMD EPYC", "cores": 2, "gpu": None},
+           "load_before": [0.1, 0, 0], "load_after": [2.0, 0, 0]}
     (run / "step.json").write_text(json.dumps(rec))
     (run / "eval_linear").mkdir()
     (run / "eval_linear" / "step.json").write_text(json.dumps(dict(rec, cmd="python eval.py", wall_s=300.0)))
@@ -89,12 +89,13 @@ def test_dry_run_prints_the_pipeline_per_model(tmp_path, capsys):
     data = _fake_imagenette(tmp_path / "nette")
     main(["--data", str(data), "--budget", "cpu-30min", "--runs", str(tmp_path / "r"), "--dry-run"])
     out = capsys.readouterr().out.splitlines()
-    assert sum("train.py --config configs/imagenette_alexnet_cpu.yaml" in l for l in out) == 1
-    assert sum("train.py --config configs/imagenette_resnet18_cpu.yaml" in l for l in out) == 1
-    evals = [l for l in out if "eval.py" in l]
-    assert len(evals) == 2 and all("--layer all --head linear --with-random --precision fp32" in l for l in evals)
-    assert not any("--epochs" in l for l in evals)            # the config's probe.epochs
-    assert sum("visualize.py" in l for l in out) == 2
+    assert sum("train.py --config configs/imagenette_alexnet_cpu.yaml" in line for line in out) == 1
+    assert sum("train.py --config configs/imagenette_resnet18_cpu.yaml" in line for line in out) == 1
+    evals = [line for line in out if "eval.py" in line]
+    assert len(evals) == 2
+    assert all("--layer all --head linear --with-random --precision fp32" in line for line in evals)
+    assert not any("--epochs" in line for line in evals)            # the config's probe.epochs
+    assert sum("visualize.py" in line for line in out) == 2
     assert not (tmp_path / "r").exists()
 
 

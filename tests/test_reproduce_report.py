@@ -33,7 +33,8 @@ def test_results_md_tables_bars_and_notes_kept(tmp_path):
     _eval(base / "semisup" / "rotnet_k20", [0, 40])
     ev = json.loads((base / "semisup" / "rotnet_k20" / "eval.json").read_text())
     (base / "semisup" / "scratch_k20").mkdir(parents=True)
-    (base / "semisup" / "scratch_k20" / "eval.json").write_text(json.dumps({"meta": ev["meta"], "random": {"block2": {"top1": 30.0}}}))
+    scratch = {"meta": ev["meta"], "random": {"block2": {"top1": 30.0}}}
+    (base / "semisup" / "scratch_k20" / "eval.json").write_text(json.dumps(scratch))
     results = tmp_path / "results.md"
     results.write_text("old\n<!-- notes -->\nkeep me\n<!-- /notes -->\nold tail\n")
     write_results(tmp_path / "runs", results, tmp_path / "figs", tmp_path)
@@ -62,7 +63,8 @@ def test_ablations_at_their_own_budget_face_their_own_default(tmp_path):
     write_results(tmp_path / "runs", results, tmp_path / "figs", tmp_path)
     text = results.read_text()
     assert "each pretrained 1 epoch(s), a smaller budget than the main run" in text
-    rows = [l for l in text.splitlines() if l.startswith("| 0/90/180/270") or l.startswith("| rot_0_180")]
+    rows = [line for line in text.splitlines()
+            if line.startswith("| 0/90/180/270") or line.startswith("| rot_0_180")]
     assert rows[0].startswith("| 0/90/180/270 (default) | 70.00 | 60.00 | 66.00 |")
     assert rows[1].startswith("| rot_0_180 | 70.00 | 58.00 | 61.00 |") and len(rows) == 2
 
@@ -74,10 +76,10 @@ def test_dry_run_prints_every_stage(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("train.py") == 6          # main + the default and 4 ablations at their budget
     # one_random: K=4 times the ablation budget's epochs, so steps and samples per step stay equal
-    one_random = next(l for l in out.splitlines() if "data.rotation_mode=one_random" in l)
+    one_random = next(line for line in out.splitlines() if "data.rotation_mode=one_random" in line)
     assert one_random.endswith("optim.epochs=4 optim.schedule=[[0.0, 0.05], [2.4, 0.01], [3.4, 0.002]] "
                                f"train.output_dir={tmp_path}/r/cpu-30min/ablation_one_random/pretrain")
-    rot4 = next(l for l in out.splitlines() if "ablation_rot_4" in l and "train.py" in l)
+    rot4 = next(line for line in out.splitlines() if "ablation_rot_4" in line and "train.py" in line)
     assert "optim.epochs=1 " in rot4 and "data.rotations" not in rot4
     assert "--finetune" in out and "--labels-per-class 1000" in out
     assert "probe.epochs=50" in out

@@ -185,7 +185,8 @@ def ddp_run(paired_data, tmp_path_factory) -> Path:
     """The 2-process single-node reference run (torchrun --standalone)."""
     out = tmp_path_factory.mktemp("ddp2")
     p = run([*TORCHRUN, "--standalone", "--nproc_per_node=2",
-             *train_args(out, paired_data, f"optim.batch_size_per_gpu={N_PER_RANK}", "optim.epochs=1", *WHOLE)])
+             *train_args(out, paired_data, f"optim.batch_size_per_gpu={N_PER_RANK}", "optim.epochs=1",
+                         *WHOLE)])
     assert "launcher torchrun | world size 2" in p.stderr
     return out
 
@@ -277,7 +278,8 @@ def test_killed_rank_is_restarted_and_run_finishes(tmp_path):
     out, epochs = tmp_path / "run", 40     # 16 images / (2 x 4) = 2 steps per epoch
     cmd = [*TORCHRUN, "--standalone", "--nproc_per_node=2", "--max-restarts=1", "--monitor-interval=0.2",
            *train_args(out, data, "optim.batch_size_per_gpu=4", f"optim.epochs={epochs}")]
-    p = subprocess.Popen(cmd, cwd=REPO, env=run_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(cmd, cwd=REPO, env=run_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         killed, deadline = None, time.monotonic() + 120
         while killed is None and time.monotonic() < deadline and p.poll() is None:

@@ -30,7 +30,8 @@ def _tiny_run(tmp_path):
         d = tmp_path / "data" / "test" / c
         d.mkdir(parents=True)
         for i in range(2):
-            Image.fromarray(torch.randint(0, 255, (32, 32, 3), dtype=torch.uint8).numpy()).save(d / f"{i}.jpg")
+            pixels = torch.randint(0, 255, (32, 32, 3), dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(d / f"{i}.jpg")
     layer = {"top1": 50.0, "top5": 90.0}
     ev = {"meta": {"head": "conv", "epochs": 1, "arch": "nin", "labels_per_class": 0},
           "pretrained": {f"block{k}": dict(layer, top1=60.0 - k) for k in range(1, 5)},
@@ -71,9 +72,11 @@ def test_random_checkpoint_and_missing_inputs_are_skipped(tmp_path):
 def test_random_init_from_config(tmp_path):
     run = _tiny_run(tmp_path)
     (run / "checkpoint.pt").unlink()
-    (run / "config.yaml").write_text("model: {arch: nin, width: 0.125}\ndata: {crop_size: 32, resize_size: 32}\n")
-    written = visualize.main(["--run", str(run), "--checkpoint", "random", "--data-root", str(tmp_path / "data"),
-                              "--split", "test", "--images", "2", "--out", str(tmp_path / "q")])
+    (run / "config.yaml").write_text("model: {arch: nin, width: 0.125}\n"
+                                     "data: {crop_size: 32, resize_size: 32}\n")
+    written = visualize.main(["--run", str(run), "--checkpoint", "random",
+                              "--data-root", str(tmp_path / "data"), "--split", "test", "--images", "2",
+                              "--out", str(tmp_path / "q")])
     assert sorted(p.name for p in written) == ["q_attention.png", "q_curves.png", "q_filters.png"]
 
 

@@ -1,12 +1,14 @@
 """benchmarks/report.py: the CPU named beside every figure tells the CPU kinds apart."""
 from benchmarks.report import cpu_name
 
-BLOCK = "processor\t: {i}\nvendor_id\t: X\ncpu family\t: {fam}\nmodel\t\t: {model}\nmodel name\t: {name}\nflags\t\t: {flags}\n"
+BLOCK = ("processor\t: {i}\nvendor_id\t: X\ncpu family\t: {fam}\nmodel\t\t: {model}\n"
+         "model name\t: {name}\nflags\t\t: {flags}\n")
 
 
 def _cpuinfo(tmp_path, fam, model, name, flags):
     path = tmp_path / "cpuinfo"
-    path.write_text("\n".join(BLOCK.format(i=i, fam=fam, model=model, name=name, flags=flags) for i in range(2)))
+    path.write_text("\n".join(BLOCK.format(i=i, fam=fam, model=model, name=name, flags=flags)
+                               for i in range(2)))
     return path
 
 
@@ -15,7 +17,8 @@ def test_cpu_name_gives_family_model_and_bf16(tmp_path):
     assert cpu_name(zen3) == "AMD EPYC (family 25 model 1; AVX2, no native bf16)"
     zen4 = _cpuinfo(tmp_path, 25, 17, "AMD EPYC", "avx2 avx512f avx512_bf16")
     assert cpu_name(zen4) == "AMD EPYC (family 25 model 17; AVX-512, AVX512-BF16)"
-    spr = _cpuinfo(tmp_path, 6, 143, "Intel(R) Xeon(R) Platinum", "avx2 avx512f avx512_bf16 amx_bf16 amx_tile")
+    spr = _cpuinfo(tmp_path, 6, 143, "Intel(R) Xeon(R) Platinum",
+                   "avx2 avx512f avx512_bf16 amx_bf16 amx_tile")
     assert cpu_name(spr) == "Intel(R) Xeon(R) Platinum (family 6 model 143; AVX-512, AMX)"
 
 

@@ -10,8 +10,9 @@ from tests.pipelines.images import make_folder
 def test_shards_benchmark_writes_its_block(tmp_path):
     data = make_folder(tmp_path / "set" / "train", [6, 6], size=(48, 64))
     out = tmp_path / "bench.md"
-    args = ["--data", data, "--shards", str(tmp_path / "sh"), "--limit", "10", "--shard-size", "4", "--workers", "1",
-            "--list-repeats", "1", "--batch-size", "4", "--steps", "1", "--warmup", "1", "--crop", "32",
+    args = ["--data", data, "--shards", str(tmp_path / "sh"), "--limit", "10", "--shard-size", "4",
+            "--workers", "1", "--list-repeats", "1", "--batch-size", "4", "--steps", "1", "--warmup", "1",
+            "--crop", "32",
             "--threads", "1", "--backends", "torch", "--out", str(out)]
     assert main(args) == 0
     text = out.read_text()

@@ -16,7 +16,8 @@ def test_sigterm_kills_the_benchmark_without_writing_a_checkpoint(tmp_path):
     cmd = [sys.executable, "benchmarks/train_throughput.py", "--only", "sample", "--steps", "100000",
            "--repeats", "1", "--out", "", f"train.output_dir={out}", "model.width=0.25", "data.crop_size=64",
            "data.resize_size=64", "train.eval_rotation_every=0"]
-    p = subprocess.Popen(cmd, cwd=REPO, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(cmd, cwd=REPO, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True)
     seen = []
     try:
         deadline = time.monotonic() + 180

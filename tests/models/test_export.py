@@ -15,8 +15,8 @@ import torchvision
 from safetensors.torch import load_file
 from torch import nn
 
-from models.export import load_exported, main, read_metadata
 from models import RotNet, build_model
+from models.export import load_exported, main, read_metadata
 from rotnet.checkpoint import atomic_save, save_checkpoint
 from rotnet.config import config_from_dict, config_to_dict
 
@@ -43,8 +43,8 @@ def _checkpoint(root: Path, arch: str, width: float, crop: int, num_blocks: int 
     _randomise_bn(net, torch.Generator().manual_seed(1))
     out = root / f"{arch}_w{width}"
     out.mkdir(parents=True)
-    path = save_checkpoint({"model": net.state_dict(), "config": config_to_dict(cfg), "epoch": 3, "epoch_step": 0,
-                            "commit": "abc123def456"}, out, keep_last=0, numbered=False)
+    path = save_checkpoint({"model": net.state_dict(), "config": config_to_dict(cfg), "epoch": 3,
+                            "epoch_step": 0, "commit": "abc123def456"}, out, keep_last=0, numbered=False)
     return path, net.eval()
 
 
@@ -143,7 +143,8 @@ def test_native_round_trip(runs, arch):
             torch.testing.assert_close(got[name], want[name])
         torch.testing.assert_close(trunk(x), net.trunk(x))
     meta = read_metadata(out)
-    assert (meta["format"], meta["arch"], meta["width"], meta["input_size"]) == ("native", arch, "0.25", str(side))
+    got = (meta["format"], meta["arch"], meta["width"], meta["input_size"])
+    assert got == ("native", arch, "0.25", str(side))
 
 
 # ---------------------------------------------------------------------------- refusals
@@ -185,7 +186,8 @@ def test_refuses_what_torchvision_cannot_hold(runs, capsys, tmp_path):
     assert "torchvision has no nin" in _refused(capsys, runs["nin"][0], "--format", "timm")
     narrow, _ = _checkpoint(tmp_path, "resnet18", 0.5, 32)
     assert "resnet18 at width 0.5" in _refused(capsys, narrow, "--format", "torchvision")
-    assert ".safetensors only" in _refused(capsys, runs["nin"][0], "--format", "native", "--out", tmp_path / "n.pth")
+    assert ".safetensors only" in _refused(capsys, runs["nin"][0], "--format", "native",
+                                           "--out", tmp_path / "n.pth")
     assert "use a .safetensors name" in _refused(capsys, runs["nin"][0], "--out", tmp_path / "n.bin")
 
 

@@ -89,7 +89,8 @@ def test_scan_finds_bad_files_and_loader_uses_its_list(tmp_path, capsys):
     make_folder(tmp_path / "data" / "val", [1, 1])
     add_bad(root)
     out = str(tmp_path / "lists" / "{split}.txt")
-    assert scan_main([str(tmp_path / "data"), "--out", out, "--workers", "2"]) == 1  # dataset root: both splits
+    # dataset root: both splits
+    assert scan_main([str(tmp_path / "data"), "--out", out, "--workers", "2"]) == 1
     printed = capsys.readouterr().out
     assert "truncated.JPEG" in printed and "garbage.JPEG" in printed and "cmyk.JPEG" not in printed
     lines = open(out.format(split="train"), encoding="utf-8").read().splitlines()

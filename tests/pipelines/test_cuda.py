@@ -27,7 +27,8 @@ def test_cuda_rotation_loader(square_split, kind, train):
     z, _ = next(iter(normed))  # normalize="auto" on cuda: float16 (B, C, H, W) from the loader
     assert z.dtype == torch.float16 and z.shape == (12, 3, 32, 32) and z.device.type == "cuda"
     assert prepare_batch(z, cfg().data, channels_last=True).is_contiguous(memory_format=torch.channels_last)
-    if not train:  # deterministic crops: same pixels either way (fp16 tolerance; nvJPEG may differ by 1-2 levels)
+    # deterministic crops: same pixels either way (fp16 tolerance; nvJPEG may differ by 1-2 levels)
+    if not train:
         ref = prepare_batch(x, cfg().data, channels_last=False)
         assert (z.float() - ref).abs().mean() < 0.05
 

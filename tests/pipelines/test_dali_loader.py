@@ -13,8 +13,9 @@ def test_decoder_paddings_default_to_dali_and_stay_off_validation():
 
     assert mixed_decoder_args(cfg().loader, train=True) == {"hw_decoder_load": 0.65}  # DALI's own defaults
     big = cfg(device_memory_padding=64 << 20, host_memory_padding=32 << 20)
-    assert mixed_decoder_args(big.loader, train=True) == {"hw_decoder_load": 0.65, "device_memory_padding": 64 << 20,
-                                                   "host_memory_padding": 32 << 20}
+    assert mixed_decoder_args(big.loader, train=True) == {"hw_decoder_load": 0.65,
+                                                          "device_memory_padding": 64 << 20,
+                                                          "host_memory_padding": 32 << 20}
     assert mixed_decoder_args(big.loader, train=False) == {"hw_decoder_load": 0.65}
 
 
@@ -34,8 +35,9 @@ def test_decode_failures_are_told_from_other_errors():
                                      "failure: '#10'"])
 def test_non_decode_error_is_raised_as_is_without_a_scan(square_split, monkeypatch, message):
     """An out-of-memory (or a missing library) is not a bad image: no BadImageError, no header scan."""
-    import pipelines.scan
     from nvidia.dali.pipeline import Pipeline
+
+    import pipelines.scan
 
     def fail(pipe, *args):
         # no reference to the pipeline in the traceback: freed later by the garbage collector in a

@@ -5,7 +5,13 @@ import os
 import pytest
 import torch
 
-from pipelines import SplitLayoutError, build_class_loader, build_rotation_loader, class_labels_missing, list_images
+from pipelines import (
+    SplitLayoutError,
+    build_class_loader,
+    build_rotation_loader,
+    class_labels_missing,
+    list_images,
+)
 from pipelines.listing import CLASSES, EMPTY, FLAT, MIXED, split_layout
 from pipelines.scan import main as scan_main
 from rotnet.cli import InputError
@@ -79,7 +85,8 @@ def test_class_labels_missing(tmp_path):
     lists = tmp_path / "lists"
     lists.mkdir()
     (lists / "val.txt").write_text("ILSVRC2012_val_00000001.JPEG 0\n")
-    assert class_labels_missing(cfg(file_list=str(lists / "{split}.txt")).data, flat) == ""   # the list labels it
+    # the list labels it
+    assert class_labels_missing(cfg(file_list=str(lists / "{split}.txt")).data, flat) == ""
 
 
 # ---------------------------------------------------------------------------- the scan never guesses
@@ -88,7 +95,8 @@ def test_scan_refuses_a_root_of_class_and_flat_splits(tmp_path, capsys):
     make_folder(tmp_path / "data" / "train", [1, 1])
     make_flat(tmp_path / "data" / "val", 2)
     with pytest.raises(SystemExit) as e:
-        scan_main([str(tmp_path / "data"), "--out", str(tmp_path / "lists" / "{split}.txt"), "--workers", "1"])
+        scan_main([str(tmp_path / "data"), "--out", str(tmp_path / "lists" / "{split}.txt"),
+                   "--workers", "1"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "mixes splits of class folders (train)" in err

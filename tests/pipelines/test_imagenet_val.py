@@ -26,10 +26,12 @@ def imagenet(tmp_path):
     for w in TRAIN:
         save_jpeg(str(root / "train" / w / "x.JPEG"), np.full((40, 40, 3), 128, np.uint8))
     for k in range(len(TRUTH)):
-        save_jpeg(str(root / "val" / f"ILSVRC2012_val_{k + 1:08d}.JPEG"), np.full((40, 44, 3), colour_of(k), np.uint8))
+        save_jpeg(str(root / "val" / f"ILSVRC2012_val_{k + 1:08d}.JPEG"),
+                  np.full((40, 44, 3), colour_of(k), np.uint8))
     files = {"gt": "\n".join(str(DEVKIT.index(w) + 1) for w in TRUTH) + "\n",
              "csv": "ImageId,PredictionString\n" + "".join(   # rows in any order, several boxes per image
-                 f"ILSVRC2012_val_{k + 1:08d},{TRUTH[k]} 1 2 30 40 {TRUTH[k]} 5 6 7 8 \n" for k in (3, 0, 5, 1, 4, 2)),
+                 f"ILSVRC2012_val_{k + 1:08d},{TRUTH[k]} 1 2 30 40 {TRUTH[k]} 5 6 7 8 \n"
+                 for k in (3, 0, 5, 1, 4, 2)),
              "map_clsloc": "".join(f"{w} {i + 1} name_{i}\n" for i, w in enumerate(DEVKIT)),
              "wnids": "".join(f"{w}\n" for w in DEVKIT),
              "sorted": "".join(f"{w} some words, more\n" for w in TRAIN)}
@@ -39,8 +41,8 @@ def imagenet(tmp_path):
 
 
 def run(tmp_path, root, labels, *extra, synsets=None, out="val_classes"):
-    args = [str(root / "val"), "--labels", str(tmp_path / f"{labels}.txt"), "--train-dir", str(root / "train"),
-            "--out", str(root / out), *extra]
+    args = [str(root / "val"), "--labels", str(tmp_path / f"{labels}.txt"),
+            "--train-dir", str(root / "train"), "--out", str(root / out), *extra]
     return convert(args + (["--synsets", str(tmp_path / f"{synsets}.txt")] if synsets else []))
 
 
@@ -91,7 +93,8 @@ def test_file_list_gives_the_true_labels(tmp_path, imagenet, capsys):
     paths, got, classes = list_images(str(imagenet / "val"), str(imagenet / "lists" / "val.txt"),
                                       class_dir=str(imagenet / "train"))
     assert classes == TRAIN and got == [TRUE_INDEX[k] for k in range(len(TRUTH))]
-    assert loader_labels_by_image(d, str(imagenet / "val")) == TRUE_INDEX      # the flat val, through the list
+    # the flat val, through the list
+    assert loader_labels_by_image(d, str(imagenet / "val")) == TRUE_INDEX
 
 
 @pytest.mark.parametrize("labels,synsets,edit,expected", [
@@ -102,13 +105,16 @@ def test_file_list_gives_the_true_labels(tmp_path, imagenet, capsys):
     ("csv", None, lambda t: t.replace("n02100735 1", "n09999999 1"),
      ["csv.txt:2: n09999999 (label of ILSVRC2012_val_00000004) is not a class folder of",
       "(and 1 more like it)"]),
-    ("csv", None, lambda t: t + "ILSVRC2012_val_00000001,n01440764\n", ["csv.txt:8: ILSVRC2012_val_00000001 again"]),
+    ("csv", None, lambda t: t + "ILSVRC2012_val_00000001,n01440764\n",
+     ["csv.txt:8: ILSVRC2012_val_00000001 again"]),
     ("csv", None, lambda t: "ImageId;PredictionString\n", ["csv.txt:1: expected the header"]),
     ("gt", "map_clsloc", lambda t: t + "1\n", ["gt.txt:7: a label for ILSVRC2012_val_00000007, but",
                                                "(7 labels, 6 images)"]),
-    ("gt", "map_clsloc", lambda t: t.replace("3\n", "4\n", 1), ["gt.txt:1: expected an ILSVRC2012_ID in 1..3"]),
+    ("gt", "map_clsloc", lambda t: t.replace("3\n", "4\n", 1),
+     ["gt.txt:1: expected an ILSVRC2012_ID in 1..3"]),
 ])
-def test_mismatches_are_one_line_and_write_nothing(tmp_path, imagenet, capsys, labels, synsets, edit, expected):
+def test_mismatches_are_one_line_and_write_nothing(tmp_path, imagenet, capsys, labels, synsets, edit,
+                                                   expected):
     path = tmp_path / f"{labels}.txt"
     path.write_text(edit(path.read_text()))
     err = one_line_error(capsys, tmp_path, imagenet, labels, synsets=synsets)
@@ -161,7 +167,8 @@ def test_subset_train_keeps_its_classes_only(tmp_path, imagenet, capsys, labels,
     gone = "n02100735"
     shutil.rmtree(imagenet / "train" / gone)
     kept = [w for w in TRAIN if w != gone]
-    assert "--subset keeps only its classes" in one_line_error(capsys, tmp_path, imagenet, labels, synsets=synsets)
+    err = one_line_error(capsys, tmp_path, imagenet, labels, synsets=synsets)
+    assert "--subset keeps only its classes" in err
     assert sorted(os.listdir(imagenet)) == ["train", "val"]
     assert run(tmp_path, imagenet, labels, "--subset", synsets=synsets) == 0
     printed = capsys.readouterr().out

@@ -17,9 +17,9 @@ import torch
 
 import visualize
 from pipelines import BadImageError, build_class_loader, build_rotation_loader
-from pipelines.sample_data import ensure_sample_data
 from pipelines.pack_shards import main as shards_main
 from pipelines.pack_shards import pack, shard_complete
+from pipelines.sample_data import ensure_sample_data
 from pipelines.shard_reader import MANIFEST, list_shards, shard_files
 from rotnet.cli import InputError, UsageExit
 from tests.pipelines.images import HAVE_DALI, KINDS, cfg, make_folder, needs_dali
@@ -155,8 +155,8 @@ def test_state_of_another_format_is_refused(sample):
 def test_file_list_with_shards_is_refused(sample):
     _, shards = sample
     with pytest.raises(InputError, match="data.file_list"):
-        build_class_loader(cfg(format="shards", file_list="x.txt"), str(shards / "train"), batch_size=2, rank=0,
-                           world_size=1, local_rank=0, device=CPU, train=False, seed=0)
+        build_class_loader(cfg(format="shards", file_list="x.txt"), str(shards / "train"), batch_size=2,
+                           rank=0, world_size=1, local_rank=0, device=CPU, train=False, seed=0)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -181,7 +181,7 @@ def test_bad_member_is_named(tmp_path, kind):
         assert named == bad
 
 
-# ---------------------------------------------------------------------------- packer: resume, atomicity, bad input
+# ---------------------------------------------------------------------- packer: resume, atomicity, bad input
 
 def test_rerun_completes_partial_pack_and_leaves_complete_shards(tmp_path):
     src = make_folder(tmp_path / "src", [4, 4, 4], size=(24, 24))
@@ -272,10 +272,12 @@ def test_cuda_shards_match_folder(sample):
     gpu = torch.device("cuda", 0)
     kw = dict(batch_size=8, rank=0, world_size=1, local_rank=0, device=gpu, train=False, seed=0)
     a = build_class_loader(cfg(backend="dali", normalize="trainer"), str(root / "val"), **kw)
-    b = build_class_loader(cfg(backend="dali", normalize="trainer", format="shards"), str(shards / "val"), **kw)
+    b = build_class_loader(cfg(backend="dali", normalize="trainer", format="shards"), str(shards / "val"),
+                           **kw)
     fa = sorted((int(y[i]), sha(x[i].cpu().numpy().tobytes())) for x, y in a for i in range(len(y)))
     fb = sorted((int(y[i]), sha(x[i].cpu().numpy().tobytes())) for x, y in b for i in range(len(y)))
     assert fa == fb and len(fa) == 40
-    rot = build_rotation_loader(cfg(backend="dali", format="shards"), str(shards / "train"), **{**kw, "train": True})
+    rot = build_rotation_loader(cfg(backend="dali", format="shards"), str(shards / "train"),
+                                **{**kw, "train": True})
     x, y = next(iter(rot))
     assert x.device.type == "cuda" and x.dtype == torch.float16 and x.shape == (32, 3, 32, 32)

@@ -33,7 +33,8 @@ def test_dali_eval_crops_equal_torch_recipe(tmp_path, recipe, size):
     root = make_folder(tmp_path / "train", [2, 2], size=size)
     out = {}
     for backend in ("dali", "torch"):
-        lo = build_class_loader(cfg(backend=backend, recipe=recipe, resize_size=36), root, batch_size=4, rank=0,
-                                world_size=1, local_rank=0, device=torch.device("cpu"), train=False, seed=0)
+        lo = build_class_loader(cfg(backend=backend, recipe=recipe, resize_size=36), root, batch_size=4,
+                                rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), train=False,
+                                seed=0)
         out[backend] = next(iter(lo))[0].float()
     assert (out["dali"] - out["torch"]).abs().max() <= 1

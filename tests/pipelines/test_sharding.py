@@ -26,8 +26,8 @@ def colour_split(tmp_path_factory):
 def test_train_rotation_loader_two_ranks_cover_all_once(colour_split, kind, fmt):
     """24 files, 2 ranks, 4 originals per step: each epoch = a permutation of all files."""
     d = backend_cfg(kind, format=fmt)
-    loaders = [build_rotation_loader(d, in_format(colour_split, fmt), batch_size=4, rank=r, world_size=2, local_rank=0,
-                                     device=CPU, train=True, seed=7) for r in range(2)]
+    loaders = [build_rotation_loader(d, in_format(colour_split, fmt), batch_size=4, rank=r, world_size=2,
+                                     local_rank=0, device=CPU, train=True, seed=7) for r in range(2)]
     assert [len(lo) for lo in loaders] == [3, 3]
     assert all(lo.num_samples == 24 for lo in loaders)
     orders = []

@@ -41,8 +41,8 @@ def take(loader, epoch, n):
 def build(kind, split, seed=5, fmt="folder"):
     name, over = kind  # prefetch 2: the DALI checkpoint must follow what was consumed, not prefetched
     d = cfg(prefetch=2, num_threads=2, format=fmt, **over)
-    return build_rotation_loader(d, in_format(split, fmt), batch_size=2, rank=1, world_size=2, local_rank=0, device=CPU,
-                                 train=True, seed=seed)
+    return build_rotation_loader(d, in_format(split, fmt), batch_size=2, rank=1, world_size=2, local_rank=0,
+                                 device=CPU, train=True, seed=seed)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -59,7 +59,8 @@ def _trunk_state(model):
 
 
 def _train(model, loader, epochs=2):
-    opt = torch.optim.SGD(model.trainable_parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    opt = torch.optim.SGD(model.trainable_parameters(), lr=0.1, momentum=0.9, nesterov=True,
+                          weight_decay=5e-4)
     for epoch in range(epochs):
         train_one_epoch(model, loader, opt, _protocol(model.layers), epoch)
     return opt

@@ -35,7 +35,8 @@ def test_grid_never_exceeds_map():
     assert pool_grid(8192, 7, 7) == (1, 1)       # huge C: at least one cell
 
 
-@pytest.mark.parametrize("arch,width,size", [("alexnet", 0.25, 96), ("resnet18", 0.25, 64), ("nin", 0.25, 32)])
+@pytest.mark.parametrize("arch,width,size",
+                         [("alexnet", 0.25, 96), ("resnet18", 0.25, 64), ("nin", 0.25, 32)])
 @pytest.mark.parametrize("head", ["linear", "mlp", "conv"])
 def test_head_output_shapes(arch, width, size, head):
     trunk = _trunk(arch, width, size).eval()

@@ -11,8 +11,16 @@ import torch
 
 import probes.knn
 from models import MODELS, build_model
-from probes.knn import (KNN_HEAD, KnnMonitor, bank_bytes, check_bank_fits, extract, knn_evaluate, knn_scores,
-                        pool_features)
+from probes.knn import (
+    KNN_HEAD,
+    KnnMonitor,
+    bank_bytes,
+    check_bank_fits,
+    extract,
+    knn_evaluate,
+    knn_scores,
+    pool_features,
+)
 from probes.settings import KnnProtocol, UsageError
 from rotnet.config import ConfigError, config_from_dict
 from rotnet.distributed import DistInfo

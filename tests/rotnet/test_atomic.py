@@ -33,4 +33,5 @@ def test_rename_comes_after_the_block(tmp_path):
             f.write(b"tar")
         assert not p.exists()                       # not under its final name yet
         write_text(tmp_path / "shard-000000.idx", "index")
-    assert p.read_bytes() == b"tar" and sorted(os.listdir(tmp_path)) == ["shard-000000.idx", "shard-000000.tar"]
+    assert p.read_bytes() == b"tar"
+    assert sorted(os.listdir(tmp_path)) == ["shard-000000.idx", "shard-000000.tar"]

@@ -2,8 +2,14 @@
 import pytest
 import torch
 
-from rotnet.checkpoint import (CheckpointError, atomic_save, check_compatible, find_checkpoint,
-                               load_checkpoint, save_checkpoint)
+from rotnet.checkpoint import (
+    CheckpointError,
+    atomic_save,
+    check_compatible,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 def test_atomic_save_keeps_old_file_when_write_fails(tmp_path, monkeypatch):
@@ -25,7 +31,8 @@ def test_rolling_and_numbered(tmp_path):
         save_checkpoint({"epoch": epoch, "epoch_step": 0}, tmp_path, keep_last=2, numbered=epoch % 2 == 0)
     save_checkpoint({"epoch": 5, "epoch_step": 7}, tmp_path, keep_last=2, numbered=False)   # mid-epoch
     names = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))
-    assert names == ["checkpoint.pt", "checkpoint_0004.pt", "checkpoint_0005.pt", "epoch_0002.pt", "epoch_0004.pt"]
+    assert names == ["checkpoint.pt", "checkpoint_0004.pt", "checkpoint_0005.pt",
+                     "epoch_0002.pt", "epoch_0004.pt"]
     assert load_checkpoint(find_checkpoint(tmp_path))["epoch_step"] == 7
     assert load_checkpoint(tmp_path / "checkpoint_0005.pt")["epoch_step"] == 0
 

@@ -1,8 +1,16 @@
 """Config loading: YAML into dataclasses, dotted overrides, strict keys and types."""
 import pytest
 
-from rotnet.config import (Config, ConfigError, config_from_dict, config_to_dict, load_config, migrate,
-                           resolve_batch, save_config)
+from rotnet.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    migrate,
+    resolve_batch,
+    save_config,
+)
 
 
 def test_defaults_and_sample_config_load():
@@ -100,7 +108,8 @@ def test_unknown_keys_get_hints():
         load_config(None, ["optim.lr=0.1"])
     with pytest.raises(ConfigError, match=r"unknown key optim\.epoch=3; did you mean optim\.epochs\?"):
         load_config(None, ["optim.epoch=3"])
-    with pytest.raises(ConfigError, match=r"unknown key no\.such=1 \(no section no\); sections: data, loader"):
+    with pytest.raises(ConfigError,
+                       match=r"unknown key no\.such=1 \(no section no\); sections: data, loader"):
         load_config(None, ["no.such=1"])
     with pytest.raises(ConfigError, match=r"data\.rotations=\[0,.*not valid YAML"):
         load_config(None, ["data.rotations=[0,"])

@@ -41,12 +41,14 @@ def test_batch_preparer_keeps_float16_under_autocast_and_casts_for_fp32(monkeypa
     """Under autocast (bf16, fp16) a loader-normalised float16 batch is not cast to float32 only for
     autocast to cast it back: the model gets it as it is. An fp32 model gets float32."""
     monkeypatch.setattr(run_mod, "native_bf16", lambda device: True)
-    cfg = load_config("configs/sample.yaml", ["model.width=0.25", "train.channels_last=true", "train.precision=auto"])
+    cfg = load_config("configs/sample.yaml",
+                      ["model.width=0.25", "train.channels_last=true", "train.precision=auto"])
     x16 = torch.randn(2, 8, 8, 3, dtype=torch.float16).permute(0, 3, 1, 2)   # the graph's NHWC memory
     for precision in ("bf16", "fp16"):
         out = run_mod.batch_preparer(cfg, precision)(x16)
         assert out.dtype == torch.float16 and out.data_ptr() == x16.data_ptr()   # no copy at all
-    assert run_mod.build_run(cfg, run_mod.DistInfo(device=CPU), logger=None).prepare(x16).dtype == torch.float16
+    run = run_mod.build_run(cfg, run_mod.DistInfo(device=CPU), logger=None)
+    assert run.prepare(x16).dtype == torch.float16
     out = run_mod.batch_preparer(cfg, "fp32")(x16)
     assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
     u8 = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)

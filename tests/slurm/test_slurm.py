@@ -16,8 +16,16 @@ import time
 
 import pytest
 
-from tests.test_train_distributed import (PY, REPO, free_port, load_ckpt, make_random_dataset, run_env,
-                                          tail, train_args)
+from tests.test_train_distributed import (
+    PY,
+    REPO,
+    free_port,
+    load_ckpt,
+    make_random_dataset,
+    run_env,
+    tail,
+    train_args,
+)
 
 pytestmark = pytest.mark.slurm   # slow too, but its own tier: it needs a cluster
 
@@ -36,7 +44,8 @@ def _cluster_problem() -> str | None:
     if shutil.which("sbatch") is None:
         return "sbatch is not on PATH (start a test cluster: bash .ci/slurm-setup.sh)"
     try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%T %c"], capture_output=True, text=True, timeout=15).stdout
+        out = subprocess.run(["sinfo", "-h", "-o", "%T %c"], capture_output=True, text=True,
+                             timeout=15).stdout
     except (OSError, subprocess.SubprocessError) as e:
         return f"sinfo failed: {e}"
     nodes = [line.split() for line in out.splitlines() if line.strip()]
@@ -119,8 +128,8 @@ def test_usr1_checkpoints_requeues_and_resumes(tmp_path, mode):
     assert stop, tail(text)
     epoch, step = map(int, stop.groups())
     assert 0 < step < 50, "the stop must be mid-epoch"
-    assert "requeueing job" in text and f"resumed from {out / 'checkpoint.pt'}: epoch {epoch}, step in epoch " \
-        f"{step}" in text, tail(text)
+    resumed = f"resumed from {out / 'checkpoint.pt'}: epoch {epoch}, step in epoch {step}"
+    assert "requeueing job" in text and resumed in text, tail(text)
     ckpt = load_ckpt(out)
     assert (ckpt["epoch"], ckpt["epoch_step"], ckpt["step"]) == (epochs, 0, 50 * epochs)
 
