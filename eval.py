@@ -53,9 +53,10 @@ def get_args(argv=None) -> argparse.Namespace:
                    help="conv4, a comma list (conv2,conv4) or 'all' (default; costs little more than one "
                         "layer). alexnet: conv1..conv5; resnet: conv1, layer1..layer4; nin: block1..blockN.")
     p.add_argument("--head", choices=(*HEADS, KNN_HEAD), default=None,
-                   help="linear: ~9k-dim linear probe (Table 5, the standard to compare with). mlp: Table 4 "
-                        "head (others: FC x2). conv: NIN block + linear (Table 3). knn: weighted k-NN, no "
-                        "training, a quick ranking of layers and checkpoints. Default probe.head.")
+                   help="linear: ~9k-dim linear probe (Table 5, the standard to compare with). mlp: "
+                        "alexnet's Table 4 head (others: FC x2). conv: NIN block + linear (Table 3). "
+                        "knn: weighted k-NN, no training, a quick ranking of layers and checkpoints. "
+                        "Default probe.head.")
     p.add_argument("--epochs", type=int, default=None,
                    help="probe epochs (default probe.epochs); the schedule's milestones stretch with it.")
     p.add_argument("--lr", type=float, default=None,
