@@ -1,20 +1,16 @@
 #!/usr/bin/env python
 """Frozen-layer evaluation of RotNet features (Gidaris, Singh, Komodakis, ICLR 2018).
 
-A classifier ("probe") is trained with class labels on each FROZEN trunk layer and
-scored on the val split (top-1/top-5). All requested layers share ONE frozen forward
-pass per batch, so `--layer all` costs about as much as one layer.
+A classifier ("probe") is trained on each FROZEN trunk layer and scored on val (top-1/top-5);
+all requested layers share ONE frozen forward pass per batch.
 
     python eval.py                                  # latest checkpoint of configs/sample.yaml's run
     python eval.py --with-random                    # ... and a random-init trunk, side by side
     python eval.py --checkpoint runs/in/checkpoint.pt --layer conv4,conv5 --head mlp
     torchrun --nproc_per_node=8 eval.py --checkpoint runs/in data.root=/data/imagenet
 
-Protocols (--head): linear (paper Table 5), mlp (Table 4 / CIFAR), conv (Table 3); see
-docs/eval.md. knn: weighted k-NN on the frozen features (DINO's protocol), no training:
-minutes instead of hours, every layer from one pass (probes/knn.py). Results go to --output-dir:
-eval.json, eval.md, eval.png, eval_log.jsonl. A rerun with the same arguments resumes after the
-last finished epoch.
+Protocols (--head linear, mlp, conv, knn) and outputs: docs/eval.md. A rerun with the same
+arguments resumes after the last finished epoch.
 """
 from __future__ import annotations
 
@@ -29,8 +25,14 @@ from probes.heads import HEADS
 from probes.knn import KNN_HEAD, KNN_K, KNN_T, POOLS, knn_probe
 from probes.report import write_reports
 from probes.resume import load_state
-from probes.settings import (DEFAULT_CONFIG, KnnProtocol, ProbeProtocol, parse_layers, resolve_config,
-                             stretch_schedule)
+from probes.settings import (
+    DEFAULT_CONFIG,
+    KnnProtocol,
+    ProbeProtocol,
+    parse_layers,
+    resolve_config,
+    stretch_schedule,
+)
 from rotnet.checkpoint import git_commit
 from rotnet.cli import ArgumentParser, InputError, UsageError, fail
 from rotnet.config import Config
@@ -42,69 +44,56 @@ from rotnet.run import data_root, resolve_precision
 def get_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__)
     p.add_argument("--config", default=None,
-                   help="YAML with the DATA and PROBE settings (the model always comes from the checkpoint). "
-                        "Default: the config stored in the checkpoint, i.e. the data it was trained on; "
-                        f"{DEFAULT_CONFIG} to locate the default checkpoint and for --checkpoint random.")
+                   help="YAML with the data and probe settings (the model is the checkpoint's). Default: the "
+                        f"checkpoint's own config; {DEFAULT_CONFIG} to find it and for 'random'.")
     p.add_argument("--checkpoint", default=None,
-                   help="checkpoint file or run folder (its checkpoint.pt). 'random': a random-init trunk "
-                        "of the config's model, the baseline. Default: the latest checkpoint in the "
-                        "config's train.output_dir.")
+                   help="checkpoint file or run folder. 'random': a random-init trunk, the baseline. "
+                        "Default: the latest checkpoint in the config's train.output_dir.")
     p.add_argument("--layer", default="all",
-                   help="one layer (conv4), a comma list (conv2,conv4) or 'all' (default). alexnet: "
-                        "conv1..conv5; resnet: conv1, layer1..layer4; nin: block1..blockN. One forward "
-                        "pass feeds every probe, so 'all' costs little more than one layer.")
+                   help="conv4, a comma list (conv2,conv4) or 'all' (default; costs little more than one "
+                        "layer). alexnet: conv1..conv5; resnet: conv1, layer1..layer4; nin: block1..blockN.")
     p.add_argument("--head", choices=(*HEADS, KNN_HEAD), default=None,
-                   help="linear: ~9k-dim max-pooled linear probe (paper Table 5; the standard, compare "
-                        "with it). mlp: non-linear head (alexnet: Table 4 conv4/conv5 heads; others: FC "
-                        "x2). conv: one more NIN block + linear (Table 3, CIFAR). knn: weighted k-NN, no training "
-                        "(--knn-k, --knn-t, --knn-pool); a quick ranking of layers and checkpoints. "
+                   help="linear: ~9k-dim linear probe (Table 5, the standard to compare with). mlp: "
+                        "alexnet's Table 4 head (others: FC x2). conv: NIN block + linear (Table 3). "
+                        "knn: weighted k-NN, no training, a quick ranking of layers and checkpoints. "
                         "Default probe.head.")
     p.add_argument("--epochs", type=int, default=None,
-                   help="probe epochs (default probe.epochs). The schedule's milestones stretch with it: "
-                        "7 instead of 35 epochs moves a drop at epoch 5 to epoch 1.")
+                   help="probe epochs (default probe.epochs); the schedule's milestones stretch with it.")
     p.add_argument("--lr", type=float, default=None,
-                   help="initial lr; the schedule keeps its ratios (default: its first lr). Lower it if "
-                        "the train loss starts far above ln(classes); scale it with a much larger batch.")
+                   help="initial lr, schedule ratios kept (default: its first lr). Lower it if the train "
+                        "loss starts far above ln(classes); scale it with a much larger batch.")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per process per step (default probe.batch_size_per_gpu).")
     p.add_argument("--labels-per-class", type=int, default=0, metavar="K",
-                   help="train the probes on a seeded random subset of K images per class (few-label "
-                        "setting); 0 = all. Val is always complete.")
+                   help="train on a seeded subset of K images per class; 0 = all. Val is always complete.")
     p.add_argument("--finetune", action="store_true",
-                   help="train the trunk too (trunk.train(), its params in the optimizer). Not a "
-                        "frozen-feature evaluation: an upper bound, reported separately.")
+                   help="train the trunk too: not a frozen-feature evaluation but an upper bound.")
     p.add_argument("--with-random", action="store_true",
-                   help="also run a random-init trunk of the same architecture through the same protocol "
-                        "and print both side by side: the difference is what pretraining bought.")
+                   help="also run a random-init trunk through the same protocol, side by side: the "
+                        "difference is what pretraining bought.")
     p.add_argument("--output-dir", default=None,
                    help="results and resume state. Default <checkpoint folder>/eval_<head> (random: "
                         "<train.output_dir>/eval_<head>_random), plus _finetune / _k<K> suffixes.")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="autocast dtype of trunk and probes. auto (default): bf16 where the device has it "
-                        "natively (CUDA Ampere+, CPUs with AVX512-BF16/AMX), else fp32; fp32 to debug.")
+                   help="autocast dtype. auto (default): bf16 where the device has it natively, else fp32; "
+                        "fp32 to debug.")
     p.add_argument("--val-every", type=int, default=0, metavar="N",
-                   help="also score val every N epochs, for the log only: the reported number is the last "
-                        "epoch's (no model selection on val). 0 = only at the end.")
+                   help="also score val every N epochs, for the log only (the last epoch's is reported). "
+                        "0 = only at the end.")
     p.add_argument("--seed", type=int, default=None,
                    help="probe init, data order, label subset and random trunk (default train.seed).")
-    # ------------------------------------------------------------ --head knn
     p.add_argument("--knn-k", type=int, default=KNN_K,
-                   help=f"neighbours that vote (default {KNN_K}, DINO's). 10-200 changes top-1 by a point or "
-                        "two; with --labels-per-class K keep it <= the bank's K per class.")
+                   help=f"--head knn: neighbours that vote (default {KNN_K}); with --labels-per-class K keep "
+                        "it <= K.")
     p.add_argument("--knn-t", type=float, default=KNN_T,
-                   help=f"vote temperature: weight exp(cosine / T) (default {KNN_T}, DINO's). Larger T "
-                        "weighs the k neighbours more equally.")
+                   help=f"--head knn: vote weight exp(cosine / T) (default {KNN_T}); larger T weighs the "
+                        "neighbours more equally.")
     p.add_argument("--knn-pool", choices=POOLS, default="avg",
-                   help="avg (default): global average pool, C dims per layer, the usual kNN protocol and "
-                        "small enough for ImageNet banks. grid: the linear probe's ~9k-dim max-pool, to "
-                        "compare with --head linear on the same vectors (ImageNet: ~23 GB fp16 per layer). "
-                        "To rank conv layers as the probes do, use grid: on CIFAR NIN avg put block3 ahead "
-                        "of block2, grid matched the MLP probes' order (docs/results.md).")
+                   help="avg (default): C dims per layer, fits ImageNet banks. grid: the linear probe's ~9k "
+                        "dims (~23 GB fp16 per ImageNet layer); use it to rank conv layers as the probes do.")
     p.add_overrides("data.root=/data/imagenet probe.batch_size_per_gpu=256")
     return p.parse_intermixed_args(argv)
 
-
-# ---------------------------------------------------------------------------- the two protocols
 
 def probe_protocol(args: argparse.Namespace, shared: dict, out: Path,
                    sources: dict[str, str]) -> ProbeProtocol:
@@ -136,8 +125,6 @@ def output_dir(args: argparse.Namespace, head: str, cfg: Config, ckpt_path: Path
     return Path(cfg.train.output_dir) / f"eval_{head}_random{suffix}"
 
 
-# ---------------------------------------------------------------------------- main
-
 def main(argv=None) -> None:
     args = get_args(argv)
     info = init_distributed()
@@ -151,7 +138,6 @@ def main(argv=None) -> None:
 
 
 def run(args: argparse.Namespace, info: DistInfo) -> None:
-    # ------------------------------------------------------------ checkpoint, trunks, protocol
     cfg, trained, ckpt_path, ckpt = resolve_config(args.config, args.checkpoint, args.overrides)
     head = args.head or cfg.probe.head   # the config's value is checked when it is loaded
     seed = cfg.train.seed if args.seed is None else args.seed
@@ -166,9 +152,9 @@ def run(args: argparse.Namespace, info: DistInfo) -> None:
                   batch_size=args.batch_size or cfg.probe.batch_size_per_gpu,
                   precision=resolve_precision(args.precision, info.device), seed=seed,
                   labels_per_class=args.labels_per_class, info=info, cfg=cfg)
-    # data.root "" becomes the sample data here, before the resume signature reads it and anything is written
+    # data.root "" becomes the sample data here, before the resume signature reads it
     root = data_root(cfg, require=(cfg.data.train_dir, cfg.data.val_dir))
-    if unlabelled := class_labels_missing(cfg.data, str(root / cfg.data.val_dir)):   # e.g. ImageNet's flat val/
+    if unlabelled := class_labels_missing(cfg.data, str(root / cfg.data.val_dir)):   # ImageNet's flat val/
         raise UsageError(unlabelled)
     if head == KNN_HEAD:
         p, evaluate = knn_protocol(args, shared), knn_probe
@@ -184,7 +170,6 @@ def run(args: argparse.Namespace, info: DistInfo) -> None:
     log.info(f"{head} probes on {', '.join(p.layers)} | data {cfg.data.root} | batch {p.batch_size}/process "
              f"x {info.world_size} | {p.summary()} | output {out}")
 
-    # ------------------------------------------------------------ evaluate each trunk, report after each
     meta = {"arch": cfg.model.arch, "width": cfg.model.width, **p.meta(), "world_size": info.world_size,
             "checkpoint": str(ckpt_path) if ckpt_path else None,
             "checkpoint_epoch": ckpt.get("epoch") if ckpt else None,
@@ -197,8 +182,7 @@ def run(args: argparse.Namespace, info: DistInfo) -> None:
         meta["wall_time_s"][kind] = round(time.perf_counter() - t0, 1)
         log.info(f"[{kind}] {head} evaluation took {meta['wall_time_s'][kind]:.1f} s: "
                  + ", ".join(f"{layer} {r['top1']:.2f}" for layer, r in results[kind].items()))
-        # Reports after every trunk, not only the last: a run killed during the random-init trunk
-        # keeps the pretrained numbers (kNN has no resumable state; probes resume from probe_state_*).
+        # reports after every trunk: a run killed during the random one keeps the pretrained numbers
         if info.is_main:
             table = write_reports(results, meta, out)
     if info.is_main:

@@ -44,7 +44,8 @@ DPI = 100   # small PNGs: docs/figures keeps every file well under 200 KB
 
 # ---------------------------------------------------------------------------- loading
 
-def load_run(run_dir: Path | None, checkpoint: str | None, config: str | None) -> tuple[Config, nn.Module, str]:
+def load_run(run_dir: Path | None, checkpoint: str | None,
+             config: str | None) -> tuple[Config, nn.Module, str]:
     """(config, trunk in eval mode, description). checkpoint 'random' or no checkpoint: random init.
 
     The config comes from, in order: the checkpoint, --config, RUN/config.yaml.
@@ -77,9 +78,10 @@ def pick_images(root: Path, n: int, fmt: str) -> list[tuple[str, bytes | None]]:
 
 def load_images(items: list[tuple[str, bytes | None]], cfg: Config) -> torch.Tensor:
     """The loaders' eval recipe (pipelines.recipe) -> uint8 (B, S, S, 3), the loaders' output format."""
-    from pipelines.recipe import crop_batch, decode_rgb   # torchvision: only when images are drawn
+    from pipelines.recipe import crop_batch, decode_rgb  # torchvision: only when images are drawn
 
-    return crop_batch([decode_rgb(name, data).permute(1, 2, 0) for name, data in items], cfg.data, train=False)
+    hwc = [decode_rgb(name, data).permute(1, 2, 0) for name, data in items]
+    return crop_batch(hwc, cfg.data, train=False)
 
 
 # ---------------------------------------------------------------------------- figures
@@ -115,7 +117,7 @@ def subplots(*args, **kwargs):
 
 
 def save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt   # imported by `subplots` already
+    import matplotlib.pyplot as plt  # imported by `subplots` already
 
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
@@ -123,7 +125,8 @@ def save(fig, path: Path) -> Path:
     return path
 
 
-def plot_attention(images: torch.Tensor, maps: dict[str, torch.Tensor], power: float, title: str, path: Path) -> Path:
+def plot_attention(images: torch.Tensor, maps: dict[str, torch.Tensor], power: float, title: str,
+                   path: Path) -> Path:
     n, cols = images.shape[0], 1 + len(maps)
     fig, axes = subplots(n, cols, figsize=(1.6 * cols, 1.6 * n), squeeze=False)
     for i in range(n):
@@ -189,7 +192,8 @@ def plot_curves(records: list[dict], title: str, path: Path) -> Path:
     a1.plot(ep, [r["loss"] for r in records], "o-", ms=3)
     a1.set(xlabel="epochs", ylabel="rotation loss (train)", title="loss")
     a2.plot(ep, [100 * r["rot_acc"] for r in records], "o-", ms=3, label="train")
-    held = [(e, 100 * r["heldout_rot_acc"]) for e, r in zip(ep, records) if r.get("heldout_rot_acc") is not None]
+    held = [(e, 100 * r["heldout_rot_acc"]) for e, r in zip(ep, records)
+            if r.get("heldout_rot_acc") is not None]
     if held:
         a2.plot(*zip(*held), "s-", ms=3, label="held-out")
     a2.set(xlabel="epochs", ylabel="rotation accuracy (%)", title="rotation accuracy")

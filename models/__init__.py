@@ -3,10 +3,7 @@
     net = build_model(cfg, seed=cfg.train.seed)         # models.rotnet: trunk + rotation head
     logits = net(x)                                     # x (B, 3, H, W) -> (B, len(cfg.data.rotations))
     feats = net.trunk.features(x, ["layer3", "layer4"])  # {"layer3": (B, C, h, w), ...}
-    trunk = MODELS["nin"](cfg.model, input_size=32)      # a trunk alone
-
-Every trunk has `layer_names`, `layer_channels`, `out_dim`, `input_size`, `forward`, `features`
-(see `models.trunk.ProbeTrunk`).
+    trunk = MODELS["nin"](cfg.model, input_size=32)      # a trunk alone (contract: models.trunk)
 """
 from models.rotnet import MODELS, RotNet, build_model
 

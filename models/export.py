@@ -1,26 +1,12 @@
-"""Export a pretrained trunk for use outside rotnet: torchvision/timm ResNet weights or rotnet's own format.
+"""Export a pretrained trunk: torchvision/timm ResNet weights or rotnet's own format.
 
-    python -m models.export runs/r50/checkpoint.pt --format torchvision            # -> ..._torchvision.safetensors
-    python -m models.export runs/r50/checkpoint.pt --format torchvision --out r50.pth   # detectron2's converter
-    python -m models.export runs/nin/checkpoint.pt --format native                 # any arch, any width
+    python -m models.export runs/r50/checkpoint.pt --format torchvision     # -> ..._torchvision.safetensors
+    python -m models.export runs/r50/checkpoint.pt --out r50.pth            # for detectron2's converter
+    python -m models.export runs/nin/checkpoint.pt --format native          # any arch, any width
 
-Formats:
-  torchvision  resnet18/resnet50 at width 1 only: the trunk's state_dict, whose keys and shapes are
-               exactly torchvision's `resnet18()`/`resnet50()` minus the classifier, so
-               `model.load_state_dict(sd, strict=False)` reports only fc.weight/fc.bias missing.
-  timm         the same file: timm's resnet18/resnet50 use torchvision's key names and shapes
-               (checked with timm 1.0.31; timm is not a rotnet dependency).
-  native       rotnet's trunk format for every arch and width: trunk state_dict plus the metadata
-               `load_exported(path)` needs to rebuild it. The only route for alexnet and nin:
-               torchvision's AlexNet has the same channel counts at width 1 but no BatchNorm, biased
-               convs and a dropout classifier, so RotNet's AlexNet weights do not load into it; NIN has
-               no torchvision counterpart.
-
-Files are .safetensors (a tensor container that loads without pickle) with string metadata in the
-header: format, arch, width, num_blocks, input_size, rotations, mean, std, epochs, commit, config
-(the resolved training config as JSON), source. `--out X.pth` (torchvision/timm only) writes a plain
-torch state_dict instead, for tools that `torch.load` (detectron2's convert-torchvision-to-d2.py);
-it carries no metadata.
+torchvision (= timm): resnet18/50 at width 1, torchvision's keys and shapes minus fc. native: every
+arch and width, plus the header metadata `load_exported` rebuilds the trunk from (alexnet has no
+BatchNorm in torchvision, nin no counterpart). .pth/.pt: a plain state_dict, no metadata.
 """
 from __future__ import annotations
 
@@ -50,28 +36,22 @@ class ExportError(InputError):
 # ---------------------------------------------------------------------------- checkpoint -> trunk
 
 def trunk_from_checkpoint(path: str | Path) -> tuple[ProbeTrunk, Config, dict]:
-    """(trunk with the checkpoint's weights in eval mode, its config, the raw checkpoint dict).
-
-    The one place this module and visualize.py read a checkpoint (models.build_model builds and
-    loads the net). Refuses, naming why, anything that is not a pretraining checkpoint.
-    """
+    """(trunk in eval mode, its config, the raw checkpoint); refuses anything but a train.py checkpoint."""
     if str(path).endswith(".safetensors"):
         raise ExportError(f"{path} is already an export (.safetensors); pass the train.py checkpoint (.pt)")
     ckpt = load_checkpoint(path)   # weights_only: no code runs from the pickle; CheckpointError names it
     if not isinstance(ckpt, dict):
         raise ExportError(f"{path} is not a rotnet checkpoint (a {type(ckpt).__name__}, not a dict)")
     if "probes" in ckpt and "signature" in ckpt:
-        raise ExportError(f"{path} is an eval.py probe state (probe_state_*.pt), not a pretraining checkpoint; "
-                          "pass the train.py checkpoint the probes were trained on")
+        raise ExportError(f"{path} is an eval.py probe state (probe_state_*.pt), not a pretraining "
+                          "checkpoint; pass the train.py checkpoint the probes were trained on")
     missing = [k for k in ("model", "config") if k not in ckpt]
     if missing:
-        raise ExportError(f"{path} is not a train.py checkpoint: no {' or '.join(repr(k) for k in missing)} key "
-                          f"(keys: {sorted(ckpt)[:8]})")
+        keys = " or ".join(repr(k) for k in missing)
+        raise ExportError(f"{path} is not a train.py checkpoint: no {keys} key (keys: {sorted(ckpt)[:8]})")
     cfg = config_from_dict(ckpt["config"], str(path))
     return build_model(cfg, cfg.train.seed, ckpt["model"], source=str(path)).trunk.eval(), cfg, ckpt
 
-
-# ---------------------------------------------------------------------------- trunk -> tensors + metadata
 
 def metadata(cfg: Config, ckpt: dict, fmt: str, source: str | Path) -> dict[str, str]:
     """String metadata for the safetensors header (safetensors allows str -> str only)."""
@@ -86,16 +66,16 @@ def metadata(cfg: Config, ckpt: dict, fmt: str, source: str | Path) -> dict[str,
 
 
 def check_torchvision_layout(trunk: ProbeTrunk, state: dict[str, torch.Tensor]) -> None:
-    """Refuse, naming why, a trunk whose `state` is not torchvision's `arch()` state_dict minus the classifier."""
+    """Refuse, naming why, a trunk whose `state` is not torchvision's `arch()` minus the classifier."""
     if trunk.arch not in TORCHVISION_ARCHS:
         why = ("torchvision's AlexNet has no BatchNorm, biased convs and a dropout classifier"
                if trunk.arch == "alexnet" else f"torchvision has no {trunk.arch}")
         raise ExportError(f"{trunk.arch} cannot be exported as torchvision/timm weights ({why}); "
                           "use --format native and models.export.load_exported")
     if trunk.width != 1.0:
-        raise ExportError(f"{trunk.arch} at width {trunk.width} has no torchvision counterpart (torchvision's "
-                          "ResNet is width 1); use --format native and models.export.load_exported")
-    import torchvision   # seconds of start-up, needed by this check only
+        raise ExportError(f"{trunk.arch} at width {trunk.width} has no torchvision counterpart (its ResNet "
+                          "is width 1); use --format native and models.export.load_exported")
+    import torchvision  # seconds of start-up, needed by this check only
 
     with torch.device("meta"):   # names and shapes only: no memory, no init
         reference = getattr(torchvision.models, trunk.arch)().state_dict()
@@ -108,8 +88,7 @@ def check_torchvision_layout(trunk: ProbeTrunk, state: dict[str, torch.Tensor]) 
 
 
 def export(checkpoint: str | Path, fmt: str, out: str | Path, force: bool = False) -> Path:
-    """Write the trunk of `checkpoint` in format `fmt` to `out` (.safetensors, or .pth/.pt for
-    torchvision/timm). An existing `out` is kept unless `force`. Returns `out`."""
+    """Write the trunk of `checkpoint` as `fmt` to `out`, kept if it exists unless `force`; returns `out`."""
     out = Path(out)
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; valid formats: {', '.join(FORMATS)}")
@@ -121,12 +100,12 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path, force: bool = Fals
     if out.exists() and not force:
         raise ExportError(f"{out} exists; pass --force to overwrite it")
     trunk, cfg, ckpt = trunk_from_checkpoint(checkpoint)
-    state = {k: v.detach().contiguous() for k, v in trunk.state_dict().items()}   # safetensors wants contiguous
+    state = {k: v.detach().contiguous() for k, v in trunk.state_dict().items()}   # as safetensors wants
     if fmt != "native":
         check_torchvision_layout(trunk, state)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out) as tmp:   # an interrupted export never leaves a truncated file under its name
+        with atomic_path(out) as tmp:   # an interrupted export never leaves a truncated file
             if as_torch:
                 torch.save(state, tmp)   # tensors only: loads with torch.load(weights_only=True)
             else:
@@ -136,8 +115,6 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path, force: bool = Fals
     return out
 
 
-# ---------------------------------------------------------------------------- loading an export
-
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The header metadata of a rotnet .safetensors export (no tensors are read)."""
     with safe_open(str(path), framework="pt") as f:
@@ -145,11 +122,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 
 def load_exported(path: str | Path) -> ProbeTrunk:
-    """Rebuild a rotnet trunk (eval mode, CPU) from any .safetensors this module wrote.
-
-    Native files hold every arch; torchvision/timm files are resnets whose keys are the trunk's
-    own, so they load here too. Then use it as in rotnet: `trunk(x)`, `trunk.features(x, layers)`.
-    """
+    """Rebuild a rotnet trunk (eval mode, CPU) from any .safetensors this module wrote (any format)."""
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"export not found: {path}")
@@ -166,8 +139,6 @@ def load_exported(path: str | Path) -> ProbeTrunk:
     return trunk.eval()
 
 
-# ---------------------------------------------------------------------------- CLI
-
 def default_out(checkpoint: str | Path, fmt: str) -> Path:
     """runs/x/checkpoint.pt -> runs/x/checkpoint_torchvision.safetensors (beside the checkpoint)."""
     checkpoint = Path(checkpoint)
@@ -178,18 +149,16 @@ def main(argv=None) -> Path:
     ap = ArgumentParser(prog="python -m models.export", description=__doc__)
     ap.add_argument("checkpoint", help="a train.py checkpoint (runs/NAME/checkpoint.pt or epoch_NNNN.pt)")
     ap.add_argument("--format", default="torchvision", choices=FORMATS,
-                    help="torchvision/timm: resnet18/50 at width 1, loads into torchvision's or timm's "
-                         "resnet with only fc missing; native: any arch (alexnet, nin, other widths), "
-                         "read back with models.export.load_exported (default: torchvision)")
-    ap.add_argument("--out", help="output file: .safetensors (default: CHECKPOINT_FORMAT.safetensors beside the "
-                                  "checkpoint), or .pth/.pt for a plain torch state_dict (torchvision/timm only; "
-                                  "for detectron2's converter; no metadata)")
+                    help="torchvision/timm (default): resnet18/50 at width 1, loads with only fc missing; "
+                         "native: any arch and width, read back with models.export.load_exported")
+    ap.add_argument("--out", help="a .safetensors file (default: CHECKPOINT_FORMAT.safetensors beside it), "
+                                  "or .pth/.pt: a plain state_dict for detectron2's converter (no metadata)")
     ap.add_argument("--force", action="store_true", help="overwrite --out if it exists (default: refuse)")
     args = ap.parse_intermixed_args(argv)
     out = args.out or default_out(args.checkpoint, args.format)
     try:
         written = export(args.checkpoint, args.format, out, force=args.force)
-    except InputError as e:   # bad checkpoint, config or --out: one line; anything else keeps its traceback
+    except InputError as e:   # bad checkpoint, config or --out: one line
         fail(e)
     print(f"wrote {written} ({args.format})")
     return written

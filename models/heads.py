@@ -5,18 +5,14 @@ from torch import Tensor, nn
 
 
 class RotationHead(nn.Module):
-    """Linear rotation classifier: (B, in_dim) -> (B, num_rotations) logits.
-
-    For AlexNet the two FC layers belong to the trunk (`trunk.fc_block`), so the head
-    is a single Linear for every architecture.
-    """
+    """Linear rotation classifier: (B, in_dim) -> (B, num_rotations) (AlexNet's FC block is the trunk's)."""
 
     def __init__(self, in_dim: int, num_rotations: int) -> None:
         super().__init__()
         if in_dim < 1 or num_rotations < 2:
-            raise ValueError(f"RotationHead needs in_dim >= 1 and num_rotations >= 2, got {in_dim}, {num_rotations}")
+            raise ValueError(f"RotationHead needs in_dim >= 1 and num_rotations >= 2, got {in_dim}, "
+                             f"{num_rotations}")
         self.fc = nn.Linear(in_dim, num_rotations)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: (B, in_dim) -> (B, num_rotations)."""
         return self.fc(x)

@@ -19,11 +19,7 @@ from rotnet.config import ConfigError, ModelConfig
 
 
 class NINTrunk(ProbeTrunk):
-    """RotNet NIN with `model.num_blocks` in {3, 4, 5}; see the module docstring for shapes.
-
-    x: (B, 3, H, W) -> forward (B, out_dim), out_dim = round(192*width). Any input size works
-    (global average pool); `input_size` is recorded only.
-    """
+    """RotNet NIN with `model.num_blocks` in {3, 4, 5}; any input size (`input_size` is recorded only)."""
 
     def __init__(self, model: ModelConfig, input_size: int = 32) -> None:
         super().__init__(model, input_size)
@@ -41,7 +37,7 @@ class NINTrunk(ProbeTrunk):
                 nn.AvgPool2d(3, stride=2, padding=1),
             ),
         ]
-        for k in range(3, num_blocks + 1):
+        for _ in range(3, num_blocks + 1):
             blocks.append(nn.Sequential(conv_bn_relu(wide, wide, 3), conv_bn_relu(wide, wide, 1),
                                         conv_bn_relu(wide, wide, 1)))
         for k, block in enumerate(blocks, start=1):

@@ -1,13 +1,9 @@
-"""ResNet-18/50 trunks built from torchvision's blocks, with a width multiplier.
+"""ResNet-18/50 trunks from torchvision's blocks, with a width multiplier.
 
-At width 1.0 the module tree, parameter names and shapes are exactly torchvision's
-`resnet18`/`resnet50` minus `fc` (so torchvision state_dicts load with strict=False
-after dropping fc.*). torchvision's ResNet hard-codes 64/128/256/512 channels, so
-the stem and `_make_layer` are re-done here with scaled channels; the residual
-blocks themselves are torchvision's `BasicBlock`/`Bottleneck`.
-
-Probe points (224 px input, width 1; C = 64/128/256/512 x block expansion):
-    conv1  stem output, i.e. after conv1-bn1-relu-maxpool  (B, 64, 56, 56)
+At width 1 names and shapes are exactly torchvision's `resnet18`/`resnet50` minus `fc`; the stem and
+`_make_layer` are re-done here because torchvision hard-codes 64/128/256/512 channels.
+Probe points (224 px input, width 1):
+    conv1  stem output, after conv1-bn1-relu-maxpool  (B, 64, 56, 56)
     layer1 (B, 64|256, 56, 56)    layer2 (B, 128|512, 28, 28)
     layer3 (B, 256|1024, 14, 14)  layer4 (B, 512|2048, 7, 7)
 forward: global average pool of layer4 -> (B, 512|2048 x width).
@@ -20,8 +16,7 @@ from torch import Tensor, nn
 from models.trunk import ProbeTrunk, init_weights, scale_channels
 from rotnet.config import ModelConfig
 
-# arch -> torchvision residual block (by name: torchvision is imported when a ResNet is built) and
-# blocks per stage
+# arch -> torchvision block (by name: torchvision is imported when a ResNet is built), blocks per stage
 DEPTHS: dict[str, tuple[str, list[int]]] = {
     "resnet18": ("BasicBlock", [2, 2, 2, 2]),
     "resnet50": ("Bottleneck", [3, 4, 6, 3]),
@@ -43,10 +38,7 @@ def _make_layer(block: type[nn.Module], inplanes: int, planes: int, blocks: int,
 
 
 class ResNetTrunk(ProbeTrunk):
-    """torchvision ResNet without `fc` (`model.arch`: a key of DEPTHS); see the module docstring for
-    probe shapes. x: (B, 3, H, W) -> forward (B, out_dim), out_dim = round(512*width)*expansion.
-    Any input size works (global average pool); `input_size` is recorded only.
-    """
+    """torchvision ResNet without `fc` (`model.arch`: a key of DEPTHS); any input size."""
 
     def __init__(self, model: ModelConfig, input_size: int = 224) -> None:
         super().__init__(model, input_size)
@@ -72,12 +64,9 @@ class ResNetTrunk(ProbeTrunk):
         self.layer_channels = {"conv1": stem}
         self.layer_channels.update({f"layer{i + 1}": p * block.expansion for i, p in enumerate(planes)})
         self.out_dim = inplanes
-        # The conv1 probe includes the stem's max-pool (a 56x56 map at 224 px), so every
-        # probe point is a module boundary of torchvision's ResNet.
-        self._stage_attrs = {
-            "conv1": ("conv1", "bn1", "relu", "maxpool"),
-            **{f"layer{i}": (f"layer{i}",) for i in range(1, 5)},
-        }
+        # conv1 includes the stem's max-pool: every probe point is a module boundary of torchvision's
+        self._stage_attrs = {"conv1": ("conv1", "bn1", "relu", "maxpool"),
+                             **{f"layer{i}": (f"layer{i}",) for i in range(1, 5)}}
         init_weights(self)
 
     def _tail(self, x: Tensor) -> Tensor:

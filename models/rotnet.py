@@ -18,13 +18,9 @@ from models.trunk import ProbeTrunk
 from rotnet.checkpoint import CheckpointError
 from rotnet.config import Config
 
-# arch (model.arch) -> trunk class, each built as cls(cfg.model, input_size): x (B, 3, S, S) -> (B, out_dim)
-MODELS: dict[str, type[ProbeTrunk]] = {
-    "alexnet": AlexNetTrunk,
-    "resnet18": ResNetTrunk,
-    "resnet50": ResNetTrunk,
-    "nin": NINTrunk,
-}
+# model.arch -> trunk class, built as cls(cfg.model, input_size): x (B, 3, S, S) -> (B, out_dim)
+MODELS: dict[str, type[ProbeTrunk]] = {"alexnet": AlexNetTrunk, "resnet18": ResNetTrunk,
+                                       "resnet50": ResNetTrunk, "nin": NINTrunk}
 
 
 class RotNet(nn.Module):
@@ -40,12 +36,8 @@ class RotNet(nn.Module):
 
 
 def build_model(cfg: Config, seed: int, state: dict | None = None, source: str = "checkpoint") -> RotNet:
-    """The RotNet `cfg` describes: trunk cfg.model at data.crop_size, a len(data.rotations)-way head.
-
-    Initialised under torch.manual_seed(seed): the same weights on every rank and every rerun.
-    state: a checkpoint's 'model' dict, loaded strictly over that init; CheckpointError naming
-    `source` (its file) and the first differing keys when it does not fit the net cfg describes.
-    """
+    """The RotNet `cfg` describes, initialised under manual_seed(seed) (same on every rank). state: a
+    checkpoint's 'model', loaded strictly; CheckpointError naming `source` when it does not fit."""
     torch.manual_seed(seed)
     trunk = MODELS[cfg.model.arch](cfg.model, cfg.data.crop_size)
     net = RotNet(trunk, RotationHead(trunk.out_dim, len(cfg.data.rotations)))

@@ -23,19 +23,15 @@ def scale_channels(channels: int, width: float) -> int:
     return max(1, round(channels * width))
 
 
-def conv_bn_relu(cin: int, cout: int, kernel: int, stride: int = 1, padding: int | None = None) -> nn.Sequential:
-    """Conv (no bias: BN follows) -> BN -> ReLU, 'same' padding unless given: (B, cin, H, W) -> (B, cout, H', W')."""
+def conv_bn_relu(cin: int, cout: int, kernel: int, stride: int = 1, padding: int | None = None):
+    """Conv (no bias) -> BN -> ReLU, 'same' padding unless given: (B, cin, H, W) -> (B, cout, H', W')."""
     pad = (kernel - 1) // 2 if padding is None else padding
     return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride=stride, padding=pad, bias=False),
                          nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 def init_weights(module: nn.Module) -> None:
-    """torchvision's ResNet init, applied in place to every submodule.
-
-    Conv: kaiming-normal (fan_out, relu); BatchNorm/GroupNorm: weight 1, bias 0.
-    Linear layers keep PyTorch's default init (as in torchvision and the RotNet code).
-    """
+    """torchvision's ResNet init in place: conv kaiming-normal (fan_out), norms 1, 0; Linear default."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -49,11 +45,9 @@ def init_weights(module: nn.Module) -> None:
 class ProbeTrunk(nn.Module):
     """Base class: a trunk is an ordered list of stages, each ending at a probe point.
 
-    Subclasses call `super().__init__(model, input_size)` (arch, width, input_size), set
-    `layer_names`, `layer_channels`, `out_dim` and `_stage_attrs` ({probe name: attribute names
-    of the modules run, in order, to go from the previous probe point to this one}) and implement
-    `_tail` (deepest probe feature -> rotation-head input). Keeping modules as plain attributes
-    (not a ModuleDict of stages) keeps state_dict keys readable, and torchvision-compatible for ResNet.
+    Subclasses set `layer_names`, `layer_channels`, `out_dim`, `_stage_attrs` ({probe name: attributes
+    run from the previous probe point to this one}) and `_tail`. Plain attributes, not a ModuleDict,
+    keep state_dict keys readable (and torchvision's for ResNet).
     """
 
     arch: str
@@ -70,24 +64,14 @@ class ProbeTrunk(nn.Module):
             raise ConfigError(f"model.width={model.width}: the channel multiplier must be > 0")
         self.arch, self.width, self.input_size = model.arch, model.width, input_size
 
-    def _check_layers(self, layers: Iterable[str] | str) -> list[str]:
-        """Validate requested probe names; a bare string means one layer."""
-        wanted = [layers] if isinstance(layers, str) else list(layers)
-        if not wanted:
-            raise ValueError(f"{self.arch}.features: no layers requested; valid layers: {self.layer_names}")
-        bad = [name for name in wanted if name not in self.layer_names]
-        if bad:
-            raise ValueError(f"{self.arch}.features: unknown layer(s) {bad}; valid layers: {self.layer_names}")
-        return wanted
-
     def features(self, x: Tensor, layers: Iterable[str] | str) -> dict[str, Tensor]:
-        """x: (B, 3, H, W) -> {name: (B, layer_channels[name], h, w)} for exactly `layers`.
-
-        The network runs only up to the deepest requested probe point, so asking for
-        an early layer is cheap. Keys come back in the order requested (duplicates
-        collapse). Works with channels_last inputs and under torch.autocast.
-        """
-        wanted = self._check_layers(layers)
+        """x: (B, 3, H, W) -> {name: (B, layer_channels[name], h, w)} for `layers` (a str: one), in the
+        order asked; runs only up to the deepest one."""
+        wanted = [layers] if isinstance(layers, str) else list(layers)
+        bad = [name for name in wanted if name not in self.layer_names]
+        if bad or not wanted:
+            raise ValueError(f"{self.arch}.features: unknown layer(s) {bad or '(none)'}; "
+                             f"valid layers: {self.layer_names}")
         deepest = max(self.layer_names.index(name) for name in wanted)
         found: dict[str, Tensor] = {}
         for name in self.layer_names[: deepest + 1]:

@@ -4,9 +4,6 @@
     stats = train_one_epoch(model, loader, optimizer, protocol, epoch)   # lr from protocol.schedule
     metrics = evaluate(model, val_loader, protocol)   # {"conv4": {"top1": .., "top5": .., "count": ..}}
     result = fit_probes(protocol, trunk, "pretrained", checkpoint)   # the whole run, resumable
-
-Why one pass: the trunk forward is the expensive part, so evaluating five layers
-costs little more than one (benchmarks/eval_onepass.py measures it).
 """
 from __future__ import annotations
 
@@ -38,8 +35,7 @@ def freeze(trunk: nn.Module) -> None:
 
 @contextmanager
 def eval_mode(trunk: nn.Module):
-    """The trunk in eval mode inside the block (BN uses, never updates, its running stats), its
-    mode restored afterwards: the training monitor hands back a trunk that is still training."""
+    """The trunk in eval mode inside the block, its mode restored after (the kNN monitor's trunk trains)."""
     was_training = trunk.training
     trunk.eval()
     try:
@@ -51,10 +47,8 @@ def eval_mode(trunk: nn.Module):
 class ProbeSet(nn.Module):
     """Trunk + one head per layer. x (B, 3, H, W) -> {layer: logits (B, K)}.
 
-    Frozen (default): the trunk forward runs under no_grad in eval mode and its
-    outputs are detached, so only the heads train. `finetune=True`: the trunk
-    trains too (train mode, grads flow from every head's loss into it).
-    Trunk and heads run under autocast (bf16) unless precision == "fp32".
+    Frozen (default): the trunk runs under no_grad in eval mode, only the heads train.
+    `finetune=True`: the trunk trains too. Autocast (bf16) unless precision == "fp32".
     """
 
     def __init__(self, trunk: nn.Module, heads: dict[str, nn.Module], finetune: bool = False,
@@ -76,7 +70,6 @@ class ProbeSet(nn.Module):
         return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """What the optimizer sees: head params, plus trunk params only when fine-tuning."""
         return list(self.heads.parameters()) + (list(self.trunk.parameters()) if self.finetune else [])
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
@@ -88,8 +81,7 @@ class ProbeSet(nn.Module):
 
 
 def topk_correct(logits: Tensor, labels: Tensor) -> Tensor:
-    """logits (B, K), labels (B,) -> (correct@1, correct@5, B) float64; with K < 5 top-5 is top-K.
-    Stays on the logits' device (no host sync per batch)."""
+    """logits (B, K), labels (B,) -> (correct@1, correct@5, B) float64 on the logits' device (no sync)."""
     hit = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(labels[:, None])   # (B, min(5, K))
     counts = [hit[:, 0].sum(), hit.any(dim=1).sum()]
     return torch.stack(counts + [torch.full_like(counts[0], labels.numel())]).double()
@@ -97,12 +89,10 @@ def topk_correct(logits: Tensor, labels: Tensor) -> Tensor:
 
 def run_pass(model: nn.Module, loader: Iterable, p: Protocol, optimizer: torch.optim.Optimizer | None = None,
              lr_at: Callable[[int], float] | None = None, bar=None) -> Tensor:
-    """One pass over `loader` for p.layers, training when `optimizer` is given (lr_at(step) set
-    before each step), else evaluating. Returns rank-summed counts (len(p.layers), 4) float64 on
-    the CPU: loss*n, correct@1, correct@5, n per layer.
+    """One pass over `loader`, training when `optimizer` is given, else evaluating. Returns rank-summed
+    (len(p.layers), 4) float64 on CPU: loss*n, correct@1, correct@5, n per layer.
 
-    loss = sum of the per-layer cross-entropies: heads share no parameters, so each
-    head gets exactly its own gradient, and one optimizer step updates them all.
+    loss = sum of the per-layer losses: heads share no parameters, so each gets its own gradient.
     """
     training, layers, prepare = optimizer is not None, p.layers, batch_preparer(p.cfg, p.precision)
     model.train(training)
@@ -119,7 +109,8 @@ def run_pass(model: nn.Module, loader: Iterable, p: Protocol, optimizer: torch.o
             optimizer.step()
         with torch.no_grad():
             for i, name in enumerate(layers):
-                sums[i] += torch.cat([losses[i, None].double() * labels.numel(), topk_correct(logits[name], labels)])
+                loss_n = losses[i, None].double() * labels.numel()
+                sums[i] += torch.cat([loss_n, topk_correct(logits[name], labels)])
         if bar is not None:
             bar.update(1)
             if training and step % 10 == 0:  # .item() waits for the GPU: only now and then
@@ -129,8 +120,7 @@ def run_pass(model: nn.Module, loader: Iterable, p: Protocol, optimizer: torch.o
 
 def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, p: ProbeProtocol,
                     epoch: int, bar=None) -> dict:
-    """One epoch over `loader`; lr set per step from p.schedule at the float epoch. Returns
-    rank-summed stats."""
+    """One epoch; lr set per step from p.schedule at the float epoch. Returns rank-summed stats."""
     t0, steps, lr_at = time.time(), max(1, len(loader)), StepSchedule(p.schedule, name="probe schedule")
     lr = lambda step: lr_at(epoch + step / steps)  # noqa: E731
     sums = run_pass(model, loader, p, optimizer, lr, bar)
@@ -143,13 +133,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
 
 
 def evaluate(model: nn.Module, loader: Iterable, p: Protocol, bar=None) -> dict[str, dict]:
-    """Top-1/top-5 (%) per layer of p.layers over the whole val split.
-
-    Counts, not per-rank means, are summed across ranks, and the class loader's val
-    batches hold each image once over all ranks (the last one trimmed, never padded),
-    so every val image counts exactly once whatever the world size.
-    Returns {layer: {"top1", "top5", "count"}}.
-    """
+    """{layer: {"top1", "top5", "count"}} over the whole val split. Counts are summed over ranks and
+    the val loader holds each image once over all ranks, so each counts once whatever the world size."""
     return percentages(run_pass(model, loader, p, bar=bar)[:, 1:], p.layers)
 
 
@@ -159,15 +144,9 @@ def percentages(sums: Tensor, layers: list[str]) -> dict[str, dict]:
             for name, (c1, c5, n) in zip(layers, sums.tolist())}
 
 
-# ---------------------------------------------------------------------------- one probe run
-
 def class_loaders(p: Protocol, *, augment: bool = True, val_per_class: int = 0):
-    """(train, val) class loaders of p.cfg.data's train_dir and val_dir, with the same classes,
-    p.batch_size per rank, seeded by p.seed; train: the seeded p.labels_per_class subset if set.
-
-    augment=False: the train split with the eval recipe, each image once over all ranks (a kNN
-    bank). val_per_class = K > 0: a seeded K-per-class subset of val too.
-    """
+    """(train, val) class loaders with the same classes; train: the p.labels_per_class subset if set.
+    augment=False: train with the eval recipe (a kNN bank). val_per_class K > 0: a K-per-class val."""
     d, info = p.cfg.data, p.info
     root = Path(d.root)
     common = dict(batch_size=p.batch_size, rank=info.rank, world_size=info.world_size,
@@ -189,7 +168,8 @@ def build_probe_set(p: ProbeProtocol, trunk: nn.Module, kind: str, num_classes: 
     with torch.no_grad(), eval_mode(trunk.to(dev)):
         feats = trunk.features(torch.zeros(2, 3, size, size, device=dev), p.layers)
     torch.manual_seed(p.seed + 1)  # probe init: same on every rank, whichever trunk came first
-    heads = {name: build_probe(p.head, trunk, name, tuple(f.shape[1:]), num_classes) for name, f in feats.items()}
+    heads = {name: build_probe(p.head, trunk, name, tuple(f.shape[1:]), num_classes)
+             for name, f in feats.items()}
     for name, head in heads.items():
         dims = getattr(head, "in_dim", None)  # the classifier's input size; conv heads have none
         log.info(f"[{kind}] {name}: features {tuple(feats[name].shape[1:])} -> {p.head} probe"
@@ -199,10 +179,7 @@ def build_probe_set(p: ProbeProtocol, trunk: nn.Module, kind: str, num_classes: 
 
 
 def fit_probes(p: ProbeProtocol, trunk: nn.Module, kind: str, checkpoint: str) -> dict[str, dict]:
-    """Train one probe per layer on `trunk` (frozen unless finetune); return {layer: val metrics}.
-
-    Resumes from <out>/probe_state_<kind>.pt, which is rewritten after every epoch.
-    """
+    """One probe per layer trained on `trunk` -> {layer: val metrics}; resumes from probe_state_<kind>.pt."""
     state_path, sig = p.out / f"probe_state_{kind}.pt", p.signature(kind, checkpoint)
     state = load_state(state_path, sig)
     if state is not None and state["result"] is not None:

@@ -1,12 +1,7 @@
-"""Probe heads trained on top of one frozen trunk layer (Gidaris et al., ICLR 2018).
+"""Probe heads on one frozen trunk layer: (B, C, h, w) -> logits (B, num_classes); docs/eval.md.
 
-Three protocols, chosen with `eval.py --head` (docs/eval.md describes each): linear (paper
-Table 5, `LinearProbe`), mlp (Table 4 for AlexNet conv4/conv5, `AlexNetNonLinearProbe`; the
-CIFAR "MultLayer" head elsewhere, `MLPProbe`) and conv (Table 3, `ConvProbe`). The linear grid
-keeps C*g*g close to 9,000 (`pool_grid`); for AlexNet at 224 px this gives exactly the original
-config's 12, 7, 5, 6, 6 cells for conv1..conv5.
-
-Every head maps a feature map (B, C, h, w) to logits (B, num_classes).
+linear (Table 5, `LinearProbe`), mlp (Table 4 `AlexNetNonLinearProbe` for AlexNet conv4/conv5, the
+CIFAR `MLPProbe` elsewhere), conv (Table 3, `ConvProbe`).
 """
 from __future__ import annotations
 
@@ -21,38 +16,26 @@ from models.trunk import conv_bn_relu
 
 HEADS = ("linear", "mlp", "conv")
 TARGET_DIMS = 9000          # linear-probe input size of the paper (Table 5: ~9k dims per layer)
-MLP_FLATTEN_MAX = 16384     # MLP flattens the whole map up to this size (covers NIN block2 at
-                            # 32 px, 192x8x8 = 12,288, which the paper's CIFAR head flattens)
+MLP_FLATTEN_MAX = 16384     # MLP flattens maps up to this size (NIN block2 at 32 px: 192x8x8, as the paper)
 ALEXNET_NONLINEAR_LAYERS = ("conv4", "conv5")  # Table 4 defines non-linear heads for these only
 NIN_BLOCK_WIDTH = 192
 
 
 def pool_grid(channels: int, height: int, width: int, target: int = TARGET_DIMS) -> tuple[int, int]:
-    """Grid (gh, gw) for the adaptive max-pool so that channels*gh*gw ~= target.
-
-    g = round(sqrt(target / C)), clamped to the map size: pooling to more cells than
-    the map has would only repeat values (adaptive pooling "upsamples" by duplication),
-    adding dimensions but no information.
-    """
+    """Grid (gh, gw) with channels*gh*gw ~= target (AlexNet at 224 px: the original 12, 7, 5, 6, 6),
+    clamped to the map: more cells than the map has would only repeat values."""
     g = max(1, round(math.sqrt(target / channels)))
     return min(g, height), min(g, width)
 
 
 def grid_pool(x: Tensor, grid: tuple[int, int]) -> Tensor:
-    """Adaptive max-pool (B, C, h, w) -> (B, C, gh, gw): the linear probe's (and kNN --knn-pool
-    grid's) input. A grid as large as the map is the identity: the (slow on CPU) pool is skipped."""
+    """Adaptive max-pool (B, C, h, w) -> (B, C, gh, gw), skipped (slow on CPU) when it is the identity."""
     return x if tuple(grid) == tuple(x.shape[2:]) else F.adaptive_max_pool2d(x, grid)
 
 
 def _init_like_original(module: nn.Module, classifier: nn.Linear) -> None:
-    """Initialisation of the original probe code, except for the final classifier.
-
-    Conv: normal, std sqrt(2 / (k*k*C_out)); hidden Linear: normal, std sqrt(2 / out_features);
-    BatchNorm: weight 1, bias 0. The final `classifier` gets std 0.01 (as MAE/DINO linear
-    probes) instead of the original sqrt(2 / num_classes): with 10 classes that is 0.45, and
-    on ~9k standardised inputs the first logits have a std of ~40, a loss of ~50 and a
-    wasted first epoch. For 1000 classes the two inits differ little (0.045 vs 0.01).
-    """
+    """The original probe code's init (normal, std sqrt(2 / fan_out); BN 1, 0), except `classifier`:
+    std 0.01 as MAE/DINO, since the original's 0.45 at 10 classes starts with a loss of ~50."""
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             fan = m.out_channels * math.prod(m.kernel_size) if isinstance(m, nn.Conv2d) else m.out_features
@@ -66,10 +49,7 @@ def _init_like_original(module: nn.Module, classifier: nn.Linear) -> None:
 
 class LinearProbe(nn.Module):
     """(B, C, h, w) -> max-pool (B, C, gh, gw) -> BN (no affine) -> (B, C*gh*gw) -> (B, K).
-
-    The affine-free BN only standardises each channel (a fixed linear map at test
-    time), so the classifier stays linear in the pooled features.
-    """
+    The affine-free BN is a fixed linear map at test time: the probe stays linear."""
 
     def __init__(self, channels: int, grid: tuple[int, int], num_classes: int):
         super().__init__()
@@ -80,7 +60,7 @@ class LinearProbe(nn.Module):
         _init_like_original(self, self.fc)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc(torch.flatten(self.bn(grid_pool(x, self.grid)), 1))  # flatten: input may be channels_last
+        return self.fc(torch.flatten(self.bn(grid_pool(x, self.grid)), 1))  # flatten: may be channels_last
 
 
 class MLPProbe(nn.Module):
@@ -92,11 +72,12 @@ class MLPProbe(nn.Module):
         self.hidden = min(20 * num_classes, 2048)  # original code; 200 for CIFAR-10 as in the paper
         self.grid = grid
         self.in_dim = channels * grid[0] * grid[1]
+        h = self.hidden
         self.mlp = nn.Sequential(
             nn.Flatten(1),
-            nn.Linear(self.in_dim, self.hidden, bias=False), nn.BatchNorm1d(self.hidden), nn.ReLU(inplace=True),
-            nn.Linear(self.hidden, self.hidden, bias=False), nn.BatchNorm1d(self.hidden), nn.ReLU(inplace=True),
-            nn.Linear(self.hidden, num_classes),
+            nn.Linear(self.in_dim, h, bias=False), nn.BatchNorm1d(h), nn.ReLU(inplace=True),
+            nn.Linear(h, h, bias=False), nn.BatchNorm1d(h), nn.ReLU(inplace=True),
+            nn.Linear(h, num_classes),
         )
         _init_like_original(self, self.mlp[-1])
 
@@ -105,12 +86,8 @@ class MLPProbe(nn.Module):
 
 
 class AlexNetNonLinearProbe(nn.Module):
-    """Paper Table 4 head. conv4 (B, C4, 13, 13): Conv3x3-BN-ReLU to C5 channels first;
-    then pool5 (B, C5, 6, 6) -> fresh FC-4096-BN-ReLU x2 (B, 4096*width) -> Linear (B, K).
-
-    The FC block is the trunk's own architecture (`models.alexnet.alexnet_fc_block`) at the
-    trunk's width, freshly initialised, sized from the measured pool5 output so any input size works.
-    """
+    """Paper Table 4 head. conv4 (B, C4, 13, 13): Conv3x3-BN-ReLU to C5 channels first; then pool5
+    (B, C5, 6, 6) -> a fresh `alexnet_fc_block` (B, 4096*width) -> Linear (B, K)."""
 
     def __init__(self, trunk: nn.Module, layer: str, feat_shape: tuple[int, int, int], num_classes: int):
         super().__init__()   # layer: conv4 or conv5 (build_probe refuses others); feat_shape (C, h, w)
@@ -121,7 +98,7 @@ class AlexNetNonLinearProbe(nn.Module):
         self.pool5 = nn.MaxPool2d(3, stride=2)
         side = [(s - 3) // 2 + 1 for s in map_hw]
         if min(side) < 1:
-            raise ValueError(f"alexnet {layer} map {map_hw} is too small for pool5; use a larger data.crop_size")
+            raise ValueError(f"alexnet {layer} map {map_hw} is too small for pool5; raise data.crop_size")
         self.fc_block = alexnet_fc_block(conv5_channels * side[0] * side[1], trunk.width)
         hidden = self.fc_block[-2].num_features  # BN1d of the last FC layer
         self.fc = nn.Linear(hidden, num_classes)

@@ -1,24 +1,14 @@
-"""Weighted k-nearest-neighbour evaluation of frozen trunk layers (DINO's protocol), bank sharded over ranks.
+"""Weighted k-NN evaluation of frozen trunk layers (DINO's protocol), the bank sharded over ranks.
 
     result = knn_probe(p, trunk, "pretrained", source)   # eval.py --head knn; p: a KnnProtocol
     result = knn_evaluate(p, trunk, bank_loader, query_loader)   # {layer: {"top1", "top5", "count"}}
     need = bank_bytes(trunk, ["layer4"], "avg", 1_281_167, world_size=64, dtype=torch.float16)
 
-Protocol (Caron et al. 2021, DINO, `eval_knn.py`; also solo-learn, MMSelfSup): every feature is
-pooled and L2-normalised; a query's k most cosine-similar bank features vote for their class
-with weight exp(sim / T); the class with the largest summed vote is the prediction. No training:
-one forward pass over the bank and one over the queries, every requested layer from the same
-pass. Pooling `avg` (default, C dims: small enough for an ImageNet bank) or `grid` (the linear
-probe's ~9k dims); the why and the memory of each: docs/eval.md.
-
-Distributed: each rank keeps only the bank rows it extracted (eval loaders hold each image once
-over all ranks), so a rank holds N / world rows, not the whole bank as DINO's all-gather does.
-Queries go in rounds: every rank's next few queries are all-gathered, each rank finds their k
-nearest rows in its shard, those (similarity, label) candidates are all-gathered, and each rank
-merges its own queries' world x k candidates into the global top k and votes. Correct counts are
-all-reduced (as `probes.engine.evaluate`). The bank is fp16 on GPU (exp runs in fp32: exp(1/0.07)
-overflows fp16), fp32 on CPU; before any extraction its size per rank is estimated from the layer
-shapes and a bank that cannot fit is refused in one line.
+Protocol, pooling and memory: docs/eval.md. Each rank keeps only the bank rows it extracted
+(N / world, not DINO's all-gathered bank). Queries go in rounds: all ranks' next queries are
+gathered, each rank finds their k nearest rows in its shard, the candidates are gathered, and each
+rank merges its own queries' world x k candidates into the global top k. A bank that cannot fit
+is refused before any extraction.
 """
 from __future__ import annotations
 
@@ -44,11 +34,9 @@ KNN_K = 20              # DINO's defaults
 KNN_T = 0.07
 POOLS = ("avg", "grid")
 QUERY_CHUNK = 256       # queries per round over all ranks: a (256, N / world) similarity matrix per rank
-GPU_BANK_SHARE = 0.8    # of the GPU memory free before extraction; activations and similarities need the rest
+GPU_BANK_SHARE = 0.8    # of the GPU memory free before extraction; activations need the rest
 HOST_BANK_SHARE = 0.5   # of the host's physical memory, split over the ranks torchrun starts on it
 
-
-# ---------------------------------------------------------------------------- features and memory
 
 def pool_features(feat: Tensor, pool: str) -> Tensor:
     """(B, C, h, w) -> (B, D) fp32, L2-normalised. avg: D = C; grid: D = C*gh*gw ~ 9k."""
@@ -60,16 +48,15 @@ def pool_features(feat: Tensor, pool: str) -> Tensor:
 
 
 def bank_dtype(device: torch.device) -> torch.dtype:
-    """fp16 on GPU (half the memory, tensor-core matmul), fp32 on CPU (fp16 matmul is slow there)."""
+    """fp16 on GPU (exp runs in fp32: exp(1/0.07) overflows fp16), fp32 on CPU (slow fp16 matmul)."""
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
 @torch.no_grad()
 def bank_bytes(trunk: nn.Module, layers: list[str], pool: str, n_images: int, world_size: int = 1,
                dtype: torch.dtype = torch.float32) -> int:
-    """Bytes of the kNN bank on each rank: ceil(n_images / world_size) rows, each the `pool`ed
-    features of every layer in `layers` in `dtype` plus an int64 label. Feature sizes come from
-    one forward of a zero image at trunk.input_size (the trunk's mode is restored)."""
+    """Bytes of the kNN bank per rank: ceil(n_images / world_size) rows of pooled `layers` in `dtype`
+    plus an int64 label; sizes from one forward of a zero image at trunk.input_size."""
     device = next(trunk.parameters()).device
     with eval_mode(trunk):
         feats = trunk.features(torch.zeros(1, 3, trunk.input_size, trunk.input_size, device=device), layers)
@@ -97,10 +84,9 @@ def check_bank_fits(p: KnnProtocol, trunk: nn.Module, n_images: int) -> None:
 
 
 @torch.no_grad()
-def extract(p: KnnProtocol, trunk: nn.Module, loader: Iterable,
-            what: str) -> tuple[dict[str, Tensor], Tensor]:
-    """This rank's rows of `loader`: ({layer: (n_r, D) pooled, normalised, bank_dtype}, labels (n_r,)),
-    ONE trunk forward per batch for all layers. The trunk runs in whatever mode it is in."""
+def extract(p: KnnProtocol, trunk: nn.Module, loader: Iterable, what: str) -> tuple[dict, Tensor]:
+    """This rank's rows: ({layer: (n_r, D) pooled, normalised, bank_dtype}, labels (n_r,)), one forward
+    per batch for all layers."""
     prepare, dtype = batch_preparer(p.cfg, p.precision), bank_dtype(p.info.device)
     rows: dict[str, list[Tensor]] = {name: [] for name in p.layers}
     labels: list[Tensor] = []
@@ -114,11 +100,9 @@ def extract(p: KnnProtocol, trunk: nn.Module, loader: Iterable,
     if not labels:   # a split with fewer images than ranks
         raise UsageError(f"kNN {what}: rank {p.info.rank} of {p.info.world_size} got no images; "
                          "use fewer ranks")
-    # one layer's batches at a time, freed as they are joined: the peak stays near the bank, not twice it
+    # one layer at a time, freed as joined: the peak stays near the bank, not twice it
     return {name: torch.cat(rows.pop(name)) for name in p.layers}, torch.cat(labels)
 
-
-# ---------------------------------------------------------------------------- voting
 
 def gathered(t: Tensor, info: DistInfo) -> Tensor:
     """t (same shape on every rank) -> (world_size, *t.shape) on every rank, in rank order."""
@@ -131,14 +115,9 @@ def gathered(t: Tensor, info: DistInfo) -> Tensor:
 
 def knn_scores(queries: Tensor, bank: Tensor, bank_labels: Tensor, num_classes: int, p: KnnProtocol,
                chunk: int = QUERY_CHUNK) -> Tensor:
-    """Weighted votes for this rank's queries (q_r, D) against the bank sharded over ranks: bank
-    (n_r, D) and bank_labels (n_r,) are this rank's rows; features L2-normalised. Returns
-    (q_r, num_classes) fp32, score[q, c] = sum over q's p.k nearest rows of all ranks of class c of
-    exp(sim / p.t). k > N uses all N rows. Collective: every rank calls it, with its own queries.
-
-    Per round each rank sends chunk / world queries and world x k candidates, and holds a
-    (chunk, n_r) similarity matrix.
-    """
+    """This rank's queries (q_r, D) vs the sharded bank: bank (n_r, D), bank_labels (n_r,) this rank's
+    rows -> (q_r, num_classes) fp32, score[q, c] = sum of exp(sim / p.t) over q's p.k nearest rows
+    (all ranks) of class c. Collective: every rank calls it with its own queries."""
     if p.k < 1 or p.t <= 0:
         raise ValueError(f"kNN needs k >= 1 and T > 0, got k={p.k}, T={p.t}")
     info, k = p.info, p.k
@@ -152,8 +131,7 @@ def knn_scores(queries: Tensor, bank: Tensor, bank_labels: Tensor, num_classes: 
         batch[:n] = queries[lo: lo + step]
         sim = gathered(batch, info).flatten(0, 1).to(bank.dtype) @ bank.T       # (world*step, n_r) cosine
         top, idx = sim.topk(min(k, bank.shape[0]), dim=1)
-        # k columns on every rank: a shard with fewer rows pads with -inf, which never outvotes a row
-        # and weighs exp(-inf) = 0
+        # k columns on every rank: a short shard pads with -inf, which never wins and weighs exp(-inf) = 0
         sims = top.new_full((sim.shape[0], k), float("-inf"))
         labels = bank_labels.new_zeros(sim.shape[0], k)
         sims[:, : top.shape[1]], labels[:, : top.shape[1]] = top, bank_labels[idx]
@@ -167,12 +145,8 @@ def knn_scores(queries: Tensor, bank: Tensor, bank_labels: Tensor, num_classes: 
 
 @torch.no_grad()
 def knn_evaluate(p: KnnProtocol, trunk: nn.Module, bank_loader, query_loader) -> dict[str, dict]:
-    """Top-1/top-5 (%) of the weighted kNN per layer of p.layers: bank from `bank_loader`, every
-    query of `query_loader` counted once over all ranks. Returns {layer: {"top1", "top5", "count"}}.
-
-    The trunk is used as is, in eval mode and without grads; its mode is restored afterwards
-    and nothing of it changes (safe to call in the middle of pretraining).
-    """
+    """{layer: {"top1", "top5", "count"}} of the weighted kNN; the trunk is left unchanged (its mode
+    restored), so it is safe to call in the middle of pretraining."""
     check_bank_fits(p, trunk, bank_loader.num_samples)
     with eval_mode(trunk):
         bank, bank_labels = extract(p, trunk, bank_loader, "bank")
@@ -184,11 +158,9 @@ def knn_evaluate(p: KnnProtocol, trunk: nn.Module, bank_loader, query_loader) ->
     return percentages(all_reduce_sum(sums, p.info), p.layers)
 
 
-# ---------------------------------------------------------------------------- eval.py --head knn
-
 def knn_probe(p: KnnProtocol, trunk: nn.Module, kind: str, source: str) -> dict[str, dict]:
-    """eval.py's kNN run on one trunk (`kind` from `source`): bank = the train split (eval recipe;
-    the seeded p.labels_per_class subset if set), queries = the whole val split. {layer: metrics}."""
+    """eval.py --head knn on one trunk: bank = the train split (its labels_per_class subset if set),
+    queries = the whole val split."""
     bank_loader, query_loader = class_loaders(p, augment=False)
     trunk = trunk.to(p.info.device)
     if p.cfg.train.channels_last:
@@ -199,17 +171,10 @@ def knn_probe(p: KnnProtocol, trunk: nn.Module, kind: str, source: str) -> dict[
     return knn_evaluate(p, trunk, bank_loader, query_loader)
 
 
-# ---------------------------------------------------------------------------- train.monitor_every
-
 class KnnMonitor:
-    """kNN top-1 of a fixed labelled subset during pretraining (train.monitor_every epochs).
-
-    Bank: train.monitor_bank_per_class images per class of data.train_dir, queries:
-    train.monitor_query_per_class of data.val_dir (0: all), both seeded subsets picked once,
-    eval recipe, sharded over ranks like eval.py's kNN. It leaves the training alone: no
-    grads, BN in eval mode (mode restored), its own loaders, and the global RNG state forked
-    (an iterated DataLoader draws its base seed from it; dropout would then see other masks).
-    """
+    """kNN top-1 of fixed seeded subsets during pretraining (train.monitor_*; docs/eval.md). It leaves
+    training alone: no grads, mode restored, own loaders, and the global RNG forked (an iterated
+    DataLoader draws its base seed from it)."""
 
     def __init__(self, cfg, info: DistInfo, trunk: nn.Module):
         t = cfg.train
@@ -227,8 +192,8 @@ class KnnMonitor:
             self.bank, self.queries = class_loaders(self.p, augment=False,
                                                     val_per_class=t.monitor_query_per_class)
         log.info(f"kNN monitor every {self.every} epochs on {', '.join(layers)}: bank "
-                 f"{self.bank.num_samples} images of {cfg.data.train_dir}, {self.queries.num_samples} queries "
-                 f"of {cfg.data.val_dir}")
+                 f"{self.bank.num_samples} images of {cfg.data.train_dir}, {self.queries.num_samples} "
+                 f"queries of {cfg.data.val_dir}")
 
     def _own_rng(self):
         cuda = [self.p.info.device] if self.p.info.device.type == "cuda" else []

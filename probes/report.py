@@ -1,9 +1,6 @@
-"""Eval outputs: eval.json (machine-readable), eval.md (table), eval.png (bar chart).
+"""Eval outputs: eval.json, eval.md (table), eval.png (bar chart).
 
-`results` maps a model name to its per-layer metrics:
-    {"pretrained": {"conv1": {"top1": 31.2, "top5": 55.0, "count": 50000}, ...},
-     "random":     {...}}            # present when --with-random / --checkpoint random ran
-`meta` describes the run (head, epochs, checkpoint, commit, labels_per_class, ...).
+    results = {"pretrained": {"conv1": {"top1": 31.2, "top5": 55.0, "count": 50000}, ...}, "random": {...}}
 """
 from __future__ import annotations
 
@@ -31,8 +28,8 @@ def to_json(results: dict[str, dict], meta: dict) -> dict:
             for layer, m in layers.items()
         }
     if "pretrained" in results and "random" in results:
-        out["difference_top1"] = {layer: results["pretrained"][layer]["top1"] - results["random"][layer]["top1"]
-                                  for layer in results["pretrained"]}
+        pre, rand = results["pretrained"], results["random"]
+        out["difference_top1"] = {layer: pre[layer]["top1"] - rand[layer]["top1"] for layer in pre}
     return out
 
 
@@ -43,8 +40,9 @@ def markdown_table(results: dict[str, dict], meta: dict) -> str:
     n_val = results[models[0]][layers[0]]["count"]
     labels = "all labels" if not meta["labels_per_class"] else f"{meta['labels_per_class']} labels/class"
     knn = meta.get("knn")
-    how = (f"weighted k-NN (k={knn['k']}, T={knn['T']}, {knn['similarity']} on {knn['pool']}-pooled features), "
-           f"no training, bank {knn['bank']} with {labels}" if knn else f"{meta['epochs']} epochs, {labels}")
+    how = (f"weighted k-NN (k={knn['k']}, T={knn['T']}, {knn['similarity']} on {knn['pool']}-pooled "
+           f"features), no training, bank {knn['bank']} with {labels}" if knn
+           else f"{meta['epochs']} epochs, {labels}")
     lines = [f"Frozen-layer **{meta['head']}** probes on {meta['arch']}: top-1 / top-5 (%) on "
              f"{n_val} val images; {how}" + (", trunk fine-tuned" if meta.get("finetune") else "") + ".", ""]
     both = "pretrained" in results and "random" in results
@@ -52,8 +50,8 @@ def markdown_table(results: dict[str, dict], meta: dict) -> str:
         models, names = ["pretrained", "random"], {"pretrained": "pretrained", "random": "random-init"}
     else:
         names = {m: _title(m) for m in models}
-    head = ["layer", *(f"{names[m]} top-1" for m in models), *(["difference (pretrained - random)"] if both else []),
-            *(f"{names[m]} top-5" for m in models)]
+    diff = ["difference (pretrained - random)"] if both else []
+    head = ["layer", *(f"{names[m]} top-1" for m in models), *diff, *(f"{names[m]} top-5" for m in models)]
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for layer in layers:
         r = {m: results[m][layer] for m in models}
@@ -66,7 +64,8 @@ def markdown_table(results: dict[str, dict], meta: dict) -> str:
     if "random" in results:
         lines.append(f"random init = same architecture ({meta['arch']}), random weights, seed {meta['seed']}")
     if meta.get("wall_time_s"):
-        lines.append("wall time: " + ", ".join(f"{_title(m)} {s:.1f} s" for m, s in meta["wall_time_s"].items()))
+        times = meta["wall_time_s"].items()
+        lines.append("wall time: " + ", ".join(f"{_title(m)} {s:.1f} s" for m, s in times))
     lines.append(f"code commit {meta['commit']}")
     return "\n".join(lines) + "\n"
 

@@ -4,10 +4,7 @@
     epochs_done = restore_state(state, probe_set, optimizer)
     save_state(path, probe_set, optimizer, {"signature": ..., "epoch": ..., "result": None, "history": [...]})
 
-The signature is everything that changes the numbers (checkpoint, head, layers,
-epochs, schedule, batch, data settings, ...). A rerun with the same arguments picks
-up after the last finished epoch; a rerun with different ones is refused, naming
-each difference, instead of silently mixing two protocols in one result.
+A rerun whose signature (what changes the numbers) differs is refused, naming each difference.
 """
 from __future__ import annotations
 
@@ -24,10 +21,7 @@ class ResumeMismatch(InputError):
 
 
 def load_state(path: Path, signature: dict) -> dict | None:
-    """The saved state at `path` if its signature matches; None if there is none.
-
-    Raises ResumeMismatch listing what differs when the arguments changed.
-    """
+    """The saved state at `path` (None if there is none); ResumeMismatch when its signature differs."""
     if not path.is_file():
         return None
     state = load_checkpoint(path)
@@ -51,12 +45,9 @@ def restore_state(state: dict, probe_set, optimizer) -> int:
 
 
 def save_state(path: Path, probe_set, optimizer, progress: dict) -> None:
-    """Atomically write the resume point (rank 0 only). progress: "signature", "epoch" (epochs
-    completed), "result" (the final val metrics once the run is complete, so a rerun just rewrites
-    the reports; else None) and "history" (per-epoch stats).
+    """Atomically write the resume point (rank 0). progress "result": the final val metrics once
+    complete (a rerun just rewrites the reports). The trunk is stored only when fine-tuning."""
 
-    The trunk is stored only when fine-tuning (a frozen trunk is the checkpoint's).
-    """
     trunk = probe_set.trunk.state_dict() if probe_set.finetune else None
     atomic_save({"version": STATE_VERSION, **progress, "probes": probe_set.heads.state_dict(),
                  "optimizer": optimizer.state_dict(), "trunk": trunk}, path)

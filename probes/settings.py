@@ -1,9 +1,5 @@
-"""How eval.py's arguments become one evaluation run: checkpoint lookup, config layering,
-layer selection, schedule stretching, and the protocol objects (`ProbeProtocol`, `KnnProtocol`)
-that carry everything one evaluation needs; their signed fields go to eval.json and the resume state.
-
-Errors are `UsageError`s whose message says what was wrong and what the valid
-choices are; eval.py prints them and exits.
+"""eval.py's arguments -> one evaluation: checkpoint lookup, config layering, layers, schedule, and
+the protocol objects (`ProbeProtocol`, `KnnProtocol`) whose signed fields go to eval.json and resume.
 """
 from __future__ import annotations
 
@@ -20,18 +16,11 @@ DEFAULT_CONFIG = "configs/sample.yaml"
 
 UNSIGNED = {"signed": False}   # field metadata: a Protocol field that does not change the numbers
 
-
-
 def resolve_config(config: str | None, checkpoint: str | None,
                    overrides: list[str]) -> tuple[Config, Config, Path | None, dict | None]:
-    """(cfg, trained, checkpoint path, checkpoint) of one evaluation, each resolved once.
-
-    cfg: data and probe settings from `config` if given, else from the config stored in the
-    checkpoint (the data it was trained on), overrides applied on top; its model is always the
-    checkpoint's. trained: the config of the run that made the trunk (model, rotations, crop
-    size): the checkpoint's, or cfg itself for --checkpoint random. Without --checkpoint the
-    checkpoint is the latest of `config`'s train.output_dir (default DEFAULT_CONFIG).
-    """
+    """(cfg, trained, checkpoint path, checkpoint). cfg: data and probe settings of `config`, else the
+    checkpoint's, overrides on top, model always the checkpoint's. trained: the config that made the
+    trunk (the checkpoint's, or cfg for 'random')."""
     name = config or DEFAULT_CONFIG
     cfg = load_config(name, overrides)
     path = resolve_checkpoint(checkpoint, cfg.train.output_dir, name)
@@ -44,11 +33,7 @@ def resolve_config(config: str | None, checkpoint: str | None,
 
 
 def resolve_checkpoint(arg: str | None, output_dir: str, config_name: str) -> Path | None:
-    """The checkpoint file to evaluate; None for 'random'.
-
-    arg None: the latest checkpoint of the run in `output_dir` (train.output_dir of
-    `config_name`); a folder: its checkpoint.pt; else a file.
-    """
+    """Checkpoint file; None for 'random'. None: the latest of `output_dir`; a folder: its checkpoint.pt."""
     if arg == "random":
         return None
     p = Path(output_dir if arg is None else arg)
@@ -74,19 +59,15 @@ def parse_layers(text: str, trunk, head: str) -> list[str]:
     bad = [name for name in wanted if name not in valid]
     if bad or not wanted:
         where = f"--head {head} on {trunk.arch}" if valid != list(trunk.layer_names) else trunk.arch
-        raise UsageError(f"--layer {text!r}: unknown layer(s) {', '.join(bad) or '(none given)'} for {where}; "
-                         f"valid choices: {', '.join(valid)} or all")
+        raise UsageError(f"--layer {text!r}: unknown layer(s) {', '.join(bad) or '(none given)'} for "
+                         f"{where}; valid choices: {', '.join(valid)} or all")
     return sorted(set(wanted), key=valid.index)
 
 
 def stretch_schedule(table: list[list[float]], from_epochs: int, to_epochs: int,
                      lr: float | None) -> list[list[float]]:
-    """(epoch, lr) table for `to_epochs` epochs.
-
-    Milestones scale by to/from and are NOT rounded: rounding would collapse every stage
-    of a 1-2 epoch smoke run onto epoch 0. lr given: every entry is multiplied so the
-    first equals it (the schedule keeps its ratios).
-    """
+    """(epoch, lr) table for `to_epochs` epochs; lr given: scaled so the first entry equals it.
+    Milestones are not rounded: a 1-2 epoch run would collapse every stage onto epoch 0."""
     if from_epochs < 1 or to_epochs < 1:
         raise UsageError(f"epochs must be >= 1 (probe.epochs={from_epochs}, --epochs={to_epochs})")
     f = to_epochs / from_epochs
@@ -96,12 +77,8 @@ def stretch_schedule(table: list[list[float]], from_epochs: int, to_epochs: int,
 
 @dataclass
 class Protocol:
-    """What both protocols share, for the pretrained and the random trunk alike.
-
-    Every field without UNSIGNED metadata changes the numbers, so it is part of eval.json's meta
-    (`signed`) and, for trained probes, of the resume signature. Each protocol adds `meta()` (its
-    part of eval.json's meta) and `summary()` (a few words for the log).
-    """
+    """What both protocols share. Fields without UNSIGNED change the numbers: they go to eval.json's
+    meta and the resume signature. Each protocol adds `meta()` and `summary()` (for the log)."""
     head: str
     layers: list[str]
     batch_size: int
@@ -142,9 +119,8 @@ class ProbeProtocol(Protocol):
 
 @dataclass
 class KnnProtocol(Protocol):
-    """Weighted k-NN on frozen features (--head knn): `probes.knn.knn_probe`. The bank is the
-    train split (its seeded labels_per_class subset if set), the queries the whole val split."""
-    # reported under meta["knn"] (with what the bank and queries are), not among the signed fields
+    """Weighted k-NN on frozen features (--head knn): `probes.knn.knn_probe`."""
+    # reported under meta["knn"], not among the signed fields
     k: int = field(metadata=UNSIGNED)      # neighbours that vote
     t: float = field(metadata=UNSIGNED)    # vote temperature: weight exp(cosine / t)
     pool: str = field(metadata=UNSIGNED)   # avg | grid (probes.knn.POOLS)
