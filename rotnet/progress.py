@@ -1,8 +1,5 @@
-"""What the user sees: main-rank logging, a tqdm progress bar, TensorBoard scalars, JSON lines.
-
-Only rank 0 writes anything; other ranks get a logger at WARNING level so that
-real problems on any rank still reach the job's stderr.
-"""
+"""What the user sees: rank-0 logging, a tqdm progress bar, TensorBoard scalars, JSON lines.
+Other ranks log at WARNING, so real problems on any rank still reach the job's stderr."""
 from __future__ import annotations
 
 import json
@@ -31,14 +28,6 @@ def setup_logging(is_main: bool, output_dir: str | Path | None = None) -> None:
         log.addHandler(fh)
 
 
-def progress_enabled() -> bool:
-    """Bars only on a terminal; ROTNET_PROGRESS=1/0 forces them on/off (SLURM logs are files)."""
-    forced = os.environ.get("ROTNET_PROGRESS")
-    if forced is not None:
-        return forced == "1"
-    return sys.stderr.isatty()
-
-
 class RunLogger:
     """Rank-0 sink for step scalars (bar + TensorBoard) and epoch stats (JSON lines)."""
 
@@ -54,12 +43,14 @@ class RunLogger:
         self.bar = None
 
     def start_epoch(self, epoch: int, total: int, initial: int = 0) -> None:
-        if self.is_main and progress_enabled():
+        # Bars only on a terminal (SLURM logs are files); ROTNET_PROGRESS=1/0 forces them on/off.
+        forced = os.environ.get("ROTNET_PROGRESS")
+        if self.is_main and (forced == "1" if forced is not None else sys.stderr.isatty()):
             self.bar = tqdm(total=total, initial=initial, desc=f"epoch {epoch}", dynamic_ncols=True,
                             file=sys.stderr, leave=True)
 
     def step(self, global_step: int, n_steps: int, scalars: dict[str, float]) -> None:
-        """n_steps: steps since the last call (advances the bar)."""
+        """n_steps: steps since the last call."""
         if not self.is_main:
             return
         if self.bar is not None:
