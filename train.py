@@ -49,8 +49,6 @@ def get_args(argv=None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
-# ---------------------------------------------------------------------------- one epoch
-
 def steps_allowed(run: Run) -> float:
     """Steps that train.max_steps still allows (math.inf for 0: no limit)."""
     return run.cfg.train.max_steps - run.step if run.cfg.train.max_steps else math.inf
@@ -106,8 +104,6 @@ def evaluate_rotation(run: Run, loader) -> float:
     all_reduce_sum(counts, run.info)
     return counts[0].item() / max(counts[1].item(), 1)
 
-
-# ---------------------------------------------------------------------------- checkpoints
 
 def save(run: Run, loader, epoch: int, epoch_step: int) -> None:
     """Collective: gathers every rank's reader state; rank 0 writes atomically."""
@@ -191,8 +187,6 @@ def _show(key: str, value) -> str:
         return " ".join(_show(f"{key}[{k}]", v) for k, v in value.items())
     return f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
 
-
-# ---------------------------------------------------------------------------- main
 
 def main(argv=None) -> None:
     args = get_args(argv)

@@ -1,8 +1,6 @@
-"""Atomic file writes: the one rule for every file rotnet writes over an earlier one.
-
-A file is written under a hidden `.tmp-` name beside the target, fsynced, then renamed over it:
-a crash mid-write leaves the earlier file whole, and no reader takes the hidden temp for data.
-"""
+"""Atomic file writes, the one rule for every file rotnet writes over an earlier one: written under
+a hidden `.tmp-` name beside the target, fsynced, renamed over it. A crash mid-write leaves the
+earlier file whole, and no reader takes the hidden temp for data."""
 from __future__ import annotations
 
 import os

@@ -50,8 +50,7 @@ class LoaderConfig:
     num_threads: int = 4           # DALI CPU threads / DataLoader workers per process
     prefetch: int = 2              # batches queued ahead
     hw_decoder_load: float = 0.65  # DALI mixed decoder: share of images sent to the A100/H100 HW decoder
-    # nvJPEG buffers per decoder thread of a training pipeline (bytes; 0 = DALI's defaults). Raise only
-    # if a profile shows reallocations: every thread of every rank pins them (docs/pipelines.md).
+    # nvJPEG bytes per training decoder thread (0: DALI's defaults); every rank pins them: docs/pipelines.md
     device_memory_padding: int = 0
     host_memory_padding: int = 0
     normalize: Literal["auto", "graph", "trainer"] = "auto"  # auto: graph on GPU, trainer on CPU
@@ -68,8 +67,7 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     epochs: int = 30
-    # ORIGINAL images per step, set by ONE of these (the other 0, or agreeing; `resolve_batch`).
-    # The paper: global 192 (one GPU).
+    # ORIGINAL images per step: set ONE (the other 0, or agreeing; `resolve_batch`). Paper: global 192.
     global_batch_size: int = 0
     batch_size_per_gpu: int = 192
     # (epoch, lr) table: lr = the last entry whose epoch <= current epoch. Paper: 0.01, /10 at 10, 20.
@@ -97,8 +95,7 @@ class TrainConfig:
     max_steps: int = 0             # stop after this many steps in total (0: no limit); for smoke tests
     # Held-out rotation accuracy on data.val_dir every N epochs and after the last; 0 = off.
     eval_rotation_every: int = 1
-    # kNN top-1 (probes/knn.py) every N epochs and after the last; 0 = off. Needs class folders.
-    # Rotation accuracy keeps rising after the features stop improving (paper Sec. 3); this does not.
+    # kNN top-1 (probes/knn.py, docs/eval.md) every N epochs and after the last; 0 = off; needs class folders
     monitor_every: int = 0
     monitor_layers: list[str] = field(default_factory=list)  # [] = the trunk's middle probe layer
     monitor_bank_per_class: int = 20    # bank: seeded K-per-class subset of data.train_dir (eval recipe)
@@ -129,8 +126,6 @@ class Config:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 
-# ------------------------------------------------------------------ checking
-
 def _check(value, tp, where: str):
     """Return `value` converted to type `tp`, or raise ConfigError naming `where`."""
     origin = typing.get_origin(tp)
@@ -144,10 +139,8 @@ def _check(value, tp, where: str):
         if value not in choices:
             raise ConfigError(f"{where}={value!r}: expected one of {', '.join(map(str, choices))}")
         return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML reads "5e-4" as a string
-        try:
+    if tp is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:   # YAML reads "5e-4" as a string
             return float(value)
         except ValueError:
             pass
@@ -242,8 +235,6 @@ def migrate(raw: dict) -> dict:
         train["eval_rotation_every"] = 0
     return raw
 
-
-# ------------------------------------------------------------------ public API
 
 def config_from_dict(raw: dict, source: str = "<dict>") -> Config:
     """A stored config (a checkpoint's, an export's) -> Config, through `migrate`; strict after that."""

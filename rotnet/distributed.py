@@ -101,8 +101,8 @@ def init_distributed() -> DistInfo:
             port = 20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000   # two jobs on a node differ
             os.environ.setdefault("MASTER_PORT", str(port))
             os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, init_method="env://", world_size=world_size, rank=rank,
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://",
+                                world_size=world_size, rank=rank,
                                 timeout=datetime.timedelta(minutes=30),
                                 device_id=device if device.type == "cuda" else None)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device, launcher=launcher)

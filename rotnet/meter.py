@@ -62,10 +62,8 @@ class Meter:
 
     def epoch_stats(self, i: int, start_step: int, lr: float, complete: bool) -> dict:
         """The epoch's stats, summed over all ranks (a collective), after its last step `i`."""
-        loss_sum, correct, count = self.sums
-        if self.run.info.distributed:
-            sums = torch.tensor(self.sums, dtype=torch.float64, device=self.run.info.device)
-            loss_sum, correct, count = all_reduce_sum(sums, self.run.info).tolist()
+        sums = torch.tensor(self.sums, dtype=torch.float64, device=self.run.info.device)
+        loss_sum, correct, count = all_reduce_sum(sums, self.run.info).tolist()
         elapsed = time.perf_counter() - self.t_epoch
         return {"epoch": self.epoch, "step": self.run.step, "loss": loss_sum / max(count, 1),
                 "rot_acc": correct / max(count, 1), "lr": lr, "rotated_images": int(count),

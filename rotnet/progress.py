@@ -19,13 +19,12 @@ def setup_logging(is_main: bool, output_dir: str | Path | None = None) -> None:
     log.propagate = False
     log.setLevel(logging.INFO if is_main else logging.WARNING)
     fmt = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    h = logging.StreamHandler(sys.stderr)
-    h.setFormatter(fmt)
-    log.addHandler(h)
+    handlers = [logging.StreamHandler(sys.stderr)]
     if is_main and output_dir is not None:
-        fh = logging.FileHandler(Path(output_dir) / "train.log")
-        fh.setFormatter(fmt)
-        log.addHandler(fh)
+        handlers.append(logging.FileHandler(Path(output_dir) / "train.log"))
+    for h in handlers:
+        h.setFormatter(fmt)
+        log.addHandler(h)
 
 
 class RunLogger:
@@ -34,13 +33,11 @@ class RunLogger:
     def __init__(self, output_dir: str | Path, is_main: bool, jsonl_name: str = "log.jsonl",
                  tensorboard: bool = True):
         self.is_main = is_main
-        self.output_dir = Path(output_dir)
-        self.jsonl = self.output_dir / jsonl_name
-        self.tb = None
+        self.jsonl = Path(output_dir) / jsonl_name
+        self.tb = self.bar = None
         if is_main and tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # imported lazily: slow import
-            self.tb = SummaryWriter(str(self.output_dir / "tensorboard"))
-        self.bar = None
+            self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
 
     def start_epoch(self, epoch: int, total: int, initial: int = 0) -> None:
         # Bars only on a terminal (SLURM logs are files); ROTNET_PROGRESS=1/0 forces them on/off.

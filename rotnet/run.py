@@ -93,8 +93,7 @@ def place(raw: nn.Module, info: DistInfo, channels_last: bool) -> nn.Module:
         raw.to(memory_format=torch.channels_last)
     if not info.distributed:
         return raw
-    return DistributedDataParallel(
-        raw, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    return DistributedDataParallel(raw, device_ids=None if info.device.type == "cpu" else [info.device.index])
 
 
 def data_root(cfg: Config, require: tuple[str, ...] = ()) -> Path:
