@@ -31,7 +31,7 @@ class DataConfig:
     val_dir: str = "val"           # sub-folder of root used for held-out rotation accuracy / probe val
     file_list: str = ""            # optional list written by `python -m pipelines.scan` (bad files removed)
     format: Literal["folder", "shards"] = "folder"   # shards: `python -m pipelines.pack_shards` output
-    recipe: Literal["imagenet", "cifar"] = "imagenet"   # cifar: pad-4 crop + flip; imagenet: RRC + flip
+    recipe: Literal["imagenet", "cifar"] = "imagenet"   # imagenet: resized crop; cifar: pad-4 crop; both flip
     crop_size: int = 224           # square output side; rotations of a square crop stack exactly
     resize_size: int = 256         # val recipe: resize shorter side, then center-crop crop_size
     min_scale: float = 0.08        # random-resized-crop lower area bound
