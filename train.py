@@ -1,11 +1,9 @@
 #!/usr/bin/env python
 """RotNet self-supervised pretraining (Gidaris, Singh, Komodakis, ICLR 2018).
 
-Each step takes N original images per GPU; the input pipeline rotates every crop by
-each angle of the rotation set (K = 4: 0, 90, 180, 270 degrees) and the network learns
-to say which rotation it sees: (K*N, 3, H, W) -> (K*N, K) logits, cross-entropy
-against labels 0..K-1. Batch order from the pipeline: row K*i + r is image i rotated
-by rotations[r].
+Each step takes N images per GPU, rotated by each of K angles (0, 90, 180, 270) by the pipeline;
+the network says which rotation it sees: (K*N, 3, H, W) -> (K*N, K) logits, cross-entropy against
+labels 0..K-1. Row K*i + r is image i rotated by rotations[r].
 
     python train.py                                   # built-in sample data, CPU or one GPU
     torchrun --nproc_per_node=8 train.py --config configs/imagenet_alexnet.yaml data.root=/data/imagenet
@@ -51,27 +49,21 @@ def get_args(argv=None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
-# ---------------------------------------------------------------------------- one epoch
-
 def steps_allowed(run: Run) -> float:
-    """Steps that train.max_steps still allows (math.inf for 0, no limit); the one place it is read."""
+    """Steps that train.max_steps still allows (math.inf for 0: no limit)."""
     return run.cfg.train.max_steps - run.step if run.cfg.train.max_steps else math.inf
 
 
 def train_one_epoch(run: Run, loader, epoch: int, start_step: int) -> dict:
-    """Train over the rest of one epoch (from `start_step` when resuming mid-epoch); returns the
-    epoch's stats, averaged over all ranks. Raises Preempted after a stop signal (`train` saves).
-
-    The host waits for the device only where a logging window ends (rotnet.meter); docs/pipelines.md
-    lists the syncs that remain.
-    """
+    """Train the rest of one epoch from `start_step`; returns its stats over all ranks.
+    Raises Preempted after a stop signal. Host syncs only at logging windows (rotnet.meter)."""
     cfg, model = run.cfg, run.model
     model.train()
     steps = len(loader)
     last = min(steps, start_step + steps_allowed(run)) - 1   # the epoch's last step, or train.max_steps'
     meter = Meter(run, epoch, steps)
     run.logger.start_epoch(epoch, total=steps, initial=start_step)
-    i = start_step - 1          # the last step done (stays so if nothing is left of the epoch)
+    i = start_step - 1          # the last step done
     for i, (images, labels) in islice(enumerate(loader, start=start_step), max(0, last + 1 - start_step)):
         meter.batch_arrived()
         lr = run.schedule(epoch + i / steps)
@@ -113,8 +105,6 @@ def evaluate_rotation(run: Run, loader) -> float:
     return counts[0].item() / max(counts[1].item(), 1)
 
 
-# ---------------------------------------------------------------------------- checkpoints
-
 def save(run: Run, loader, epoch: int, epoch_step: int) -> None:
     """Collective: gathers every rank's reader state; rank 0 writes atomically."""
     loader_states = [loader.state_dict()] * run.info.world_size
@@ -137,7 +127,7 @@ def save(run: Run, loader, epoch: int, epoch_step: int) -> None:
 
 
 def resume(run: Run, loader) -> tuple[int, int]:
-    """Load the output folder's checkpoint if any; returns (epoch, step inside that epoch)."""
+    """Load train.output_dir's checkpoint if any; returns (epoch, step inside that epoch)."""
     path = find_checkpoint(run.cfg.train.output_dir)
     if path is None:
         return 0, 0
@@ -166,10 +156,7 @@ def resume(run: Run, loader) -> tuple[int, int]:
 def train_loop(run: Run, loader, val_loader, start_epoch: int, start_step: int,
                monitor: KnnMonitor | None = None) -> None:
     """Epochs from `start_epoch` (at `start_step` inside it) to the end; checkpoint after each.
-
-    monitor: the kNN monitor (train.monitor_every), run after complete epochs when due; its time
-    is logged as knn_time_s, apart from the epoch's time_s.
-    """
+    The kNN monitor's time is logged as knn_time_s, apart from the epoch's time_s."""
     cfg, logger = run.cfg, run.logger
     for epoch in range(start_epoch, cfg.optim.epochs):
         if steps_allowed(run) <= 0:
@@ -177,8 +164,8 @@ def train_loop(run: Run, loader, val_loader, start_epoch: int, start_step: int,
         loader.set_epoch(epoch)
         first = start_step if epoch == start_epoch else 0
         stats = train_one_epoch(run, loader, epoch, first)
-        if val_loader is not None and stats["complete"] and due_after(epoch, cfg.train.eval_rotation_every,
-                                                                      cfg.optim.epochs):
+        rot_due = due_after(epoch, cfg.train.eval_rotation_every, cfg.optim.epochs)
+        if val_loader is not None and stats["complete"] and rot_due:
             stats["heldout_rot_acc"] = evaluate_rotation(run, val_loader)
         if monitor is not None and stats["complete"] and monitor.due(epoch):
             t0 = time.perf_counter()
@@ -201,14 +188,12 @@ def _show(key: str, value) -> str:
     return f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
 
 
-# ---------------------------------------------------------------------------- main
-
 def main(argv=None) -> None:
     args = get_args(argv)
     try:
         train(args)
-    except InputError as e:   # bad config, data, checkpoint or launch (an undecodable image mid-run too:
-        fail(e)               # the last checkpoint is untouched): one line, exit 2; bugs keep their traceback
+    except InputError as e:   # bad config, data, checkpoint, launch or image: one line, exit 2
+        fail(e)
     except Preempted as stop:
         log.info(f"stop signal received: checkpoint written at epoch {stop.epoch} step {stop.epoch_step}; "
                  f"exiting with code {REQUEUE_EXIT_CODE} (requeue)")
@@ -216,10 +201,8 @@ def main(argv=None) -> None:
 
 
 def train(args: argparse.Namespace) -> None:
-    """Set up from the command line, resume, train to the end. A stop signal ends it with Preempted,
-    its checkpoint written, the logger closed and the process group left."""
-    # Bad input fails here, before the output folder is touched.
-    cfg = load_config(args.config, args.overrides)
+    """Set up, resume, train to the end; a stop signal ends it with Preempted, checkpoint written."""
+    cfg = load_config(args.config, args.overrides)   # bad input fails before the output folder is touched
     info = init_distributed()
     resolve_batch(cfg, info.world_size)   # build_run repeats it (idempotent) for the benchmarks
     root = data_root(cfg, require=(cfg.data.train_dir,))
@@ -228,24 +211,20 @@ def train(args: argparse.Namespace) -> None:
         out.mkdir(parents=True, exist_ok=True)
     barrier(info)
     setup_logging(info.is_main, out)
-
-    # ------------------------------------------------------------ model and optimizer
     run = build_run(cfg, info, RunLogger(out, info.is_main))
 
-    # ------------------------------------------------------------ data
     n, k = cfg.optim.batch_size_per_gpu, len(cfg.data.rotations)
     common = dict(batch_size=n, rank=info.rank, world_size=info.world_size, local_rank=info.local_rank,
                   device=info.device, seed=cfg.train.seed)
     loader = build_rotation_loader(cfg, str(root / cfg.data.train_dir), train=True, **common)
     val_loader = None
-    if cfg.train.eval_rotation_every and (root / cfg.data.val_dir).is_dir():   # a flat val/ will do: no labels
+    if cfg.train.eval_rotation_every and (root / cfg.data.val_dir).is_dir():   # a flat val/ will do
         val_loader = build_rotation_loader(cfg, str(root / cfg.data.val_dir), train=False, **common)
 
     start_epoch, start_step = resume(run, loader)   # a checkpoint it refuses is left untouched
     monitor = None
     unlabelled = cfg.train.monitor_every and class_labels_missing(cfg.data, str(root / cfg.data.val_dir))
-    if unlabelled:
-        # The monitor is a convenience: pretraining needs no labelled val split, so run without it.
+    if unlabelled:   # pretraining needs no labelled val split: run without the monitor
         log.warning(f"the kNN monitor is off for this run (train.monitor_every={cfg.train.monitor_every}): "
                     f"{unlabelled}")
     elif cfg.train.monitor_every:
@@ -264,7 +243,6 @@ def train(args: argparse.Namespace) -> None:
                  f"GPU(s); x {k} rotations = {n * k} rotated samples/GPU; lr {lrs}{scaled}; "
                  f"{len(loader)} steps/epoch; {params:.2f}M params")
 
-    # ------------------------------------------------------------ training loop
     try:
         train_loop(run, loader, val_loader, start_epoch, start_step, monitor)
     except Preempted as stop:   # every rank stopped after the same step: its resume point goes to disk
@@ -276,7 +254,7 @@ def train(args: argparse.Namespace) -> None:
 
 
 def close(run: Run) -> None:
-    """The end of a run that finished or was stopped (a crash leaves the process group to the launcher)."""
+    """End a run that finished or was stopped (a crash leaves the process group to the launcher)."""
     run.logger.close()
     cleanup(run.info)
 

@@ -1,12 +1,6 @@
-"""Atomic file writes: the one rule for every file rotnet writes over an earlier one.
-
-Checkpoints, probe states, exports, file lists, shard tars and indices, configs and reports are
-written under a hidden temporary name beside the target, fsynced, then renamed over it (atomic
-on POSIX filesystems, Lustre/GPFS included, within one folder). A crash, a full disk or a SLURM
-kill mid-write leaves the earlier file whole and, at worst, a `.tmp-` file that no reader takes
-for data: the prefix is hidden, so it is never listed as an image, read as a shard or found as
-a checkpoint.
-"""
+"""Atomic file writes, the one rule for every file rotnet writes over an earlier one: written under
+a hidden `.tmp-` name beside the target, fsynced, renamed over it. A crash mid-write leaves the
+earlier file whole, and no reader takes the hidden temp for data."""
 from __future__ import annotations
 
 import os
@@ -26,9 +20,8 @@ def _fsync(path: str) -> None:
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
-    """Yield the temporary path to write `path` through. On a clean exit of the block it is
-    fsynced and renamed over `path`; on an exception it is removed and `path` is untouched.
-    Work done inside the block after the write (a shard's index) lands before the rename."""
+    """Yield the temporary path to write `path` through: renamed over `path` on a clean exit,
+    removed on an exception."""
     folder, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(folder, TMP + name)
     try:

@@ -1,13 +1,8 @@
 """Checkpoints: atomic writes by rank 0, automatic resume, strict compatibility checks.
 
-A checkpoint is a plain dict so that `torch.load(weights_only=True)` can read it:
-    model       state dict of the UNWRAPPED RotNet (trunk.* and head.*), no DDP/compile prefixes
-    optimizer, scaler   state dicts (scaler may be None)
-    epoch       epochs completed;  step: optimizer steps taken in total
-    epoch_step  steps already taken inside `epoch` (non-zero for mid-epoch/preemption saves)
-    rng         CPU/CUDA RNG states (tensors)
-    loader      the train loader's state_dict of every rank (list, index = rank)
-    config      the resolved config as a dict;  commit: git commit of the code
+A checkpoint is a plain dict (`torch.load(weights_only=True)` reads it): model (the UNWRAPPED
+RotNet's state dict), optimizer, scaler, epoch, epoch_step (steps done inside `epoch`), step
+(in total), rng, loader (every rank's loader state, index = rank), world_size, config, commit.
 """
 from __future__ import annotations
 
@@ -40,18 +35,13 @@ def git_commit() -> str:
 
 
 def atomic_save(obj, path: str | Path) -> None:
-    """torch.save through rotnet.atomic: a crash or preemption mid-write leaves the previous
-    checkpoint intact."""
+    """torch.save through rotnet.atomic: a crash mid-write leaves the previous file intact."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(obj, f)
 
 
 def _snapshot(src: Path, dst: Path) -> None:
-    """Keep a copy of `src` under `dst` without writing the bytes again.
-
-    A hard link is enough: the next save replaces `src` by rename, so `dst` keeps the old
-    inode. Filesystems without hard links get a real copy.
-    """
+    """Keep a copy of `src` as `dst`: a hard link (the next save renames over `src`), else a copy."""
     dst.unlink(missing_ok=True)
     try:
         os.link(src, dst)
@@ -61,14 +51,11 @@ def _snapshot(src: Path, dst: Path) -> None:
 
 
 def save_checkpoint(state: dict, output_dir: str | Path, keep_last: int, numbered: bool) -> Path:
-    """Write `checkpoint.pt` (the resume point) plus rolling `checkpoint_EPOCH.pt` copies.
-
-    keep_last: how many of the rolling per-epoch copies to keep (older ones are deleted);
-    numbered: also keep a permanent `epoch_EPOCH.pt` copy (train.save_every).
-    """
+    """Write `checkpoint.pt`; at an epoch boundary keep the last `keep_last` `checkpoint_EPOCH.pt`
+    and, when `numbered`, a permanent `epoch_EPOCH.pt` (train.save_every)."""
     out = Path(output_dir)
     atomic_save(state, out / LATEST)
-    if state.get("epoch_step", 0) == 0:  # epoch boundary: keep history
+    if state.get("epoch_step", 0) == 0:
         epoch = state["epoch"]
         if keep_last > 0:
             _snapshot(out / LATEST, out / f"checkpoint_{epoch:04d}.pt")
@@ -91,8 +78,7 @@ class CheckpointError(InputError):
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """Load with weights_only=True (no arbitrary code from pickles); CheckpointError naming the
-    file when it is missing or not a readable checkpoint."""
+    """torch.load with weights_only=True; CheckpointError naming the file if missing or unreadable."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -106,8 +92,7 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
 
 
 def differences(saved: dict, current: dict, keys, saved_as: str = "checkpoint") -> list[str]:
-    """'key: <saved_as> has A, this run has B' for each key (dotted: a path into nested dicts)
-    whose values differ: how a refused resume names what changed."""
+    """'key: <saved_as> has A, this run has B' for each dotted key whose values differ."""
     def get(d, dotted: str):
         for k in dotted.split("."):
             d = d.get(k) if isinstance(d, dict) else None
@@ -118,8 +103,7 @@ def differences(saved: dict, current: dict, keys, saved_as: str = "checkpoint") 
 
 
 def check_compatible(path: str | Path, saved: dict, current: dict, keys: tuple[str, ...]) -> None:
-    """Refuse the checkpoint at `path` whose config `saved` differs from `current` in `keys`
-    (dotted): CheckpointError naming the file and what differs."""
+    """CheckpointError naming `path` and the `keys` in which `saved` differs from `current`."""
     diffs = differences(saved, current, keys)
     if diffs:
         raise CheckpointError(f"checkpoint is from a different model/config: {path}\n  " + "\n  ".join(diffs))

@@ -1,14 +1,8 @@
-"""Command-line plumbing shared by train.py, eval.py, visualize.py and `python -m models.export`.
+"""Command-line plumbing shared by the entry points: flags and `key.sub=value` overrides in any
+order (`parse_intermixed_args`); bad input ends in ONE line on stderr, `error: ...`, exit code 2.
 
-Two rules for every entry point:
-  - flags and `key.sub=value` overrides may come in any order (`parse_intermixed_args`);
-  - bad input ends in ONE line on stderr, `error: ...`, and exit code 2 (argparse's own
-    convention for usage errors), never a traceback: a typo in a 300-GPU-hour job should be
-    read in the first second, not dug out of a stack.
-
-    p = ArgumentParser(description=__doc__)
-    args = p.parse_intermixed_args(argv)
-    with one_line_errors(ConfigError, UsageError):
+    args = ArgumentParser(description=__doc__).parse_intermixed_args(argv)
+    with one_line_errors(InputError):
         run(args)
 """
 from __future__ import annotations
@@ -21,8 +15,8 @@ USAGE_EXIT_CODE = 2
 
 
 class InputError(Exception):
-    """Bad input (config, files, data layout, command line): the one exception class that entry
-    points print as one line and exit 2. Every other exception is a bug and keeps its traceback."""
+    """Bad input (config, files, data layout, command line): printed as one line, exit 2.
+    Every other exception is a bug and keeps its traceback."""
 
 
 class UsageError(InputError):
@@ -30,8 +24,7 @@ class UsageError(InputError):
 
 
 class UsageExit(SystemExit):
-    """SystemExit(2) after the one-line message went to stderr; str() is the message, so callers
-    (and tests) that catch it can still read what was wrong."""
+    """SystemExit(2) after the one-line message went to stderr; str() is the message."""
 
     def __init__(self, message: str):
         super().__init__(USAGE_EXIT_CODE)
@@ -42,11 +35,7 @@ class UsageExit(SystemExit):
 
 
 def fail(message) -> None:
-    """Print `error: MESSAGE` as one line on stderr and exit 2 (raises UsageExit).
-
-    A multi-line message (e.g. several differing config keys) is joined with '; ' rather than
-    cut, so nothing it says is lost.
-    """
+    """Print `error: MESSAGE` as one line on stderr (lines joined with '; ') and raise UsageExit."""
     text = "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
     text = text if text.startswith("error: ") else f"error: {text}"
     print(text, file=sys.stderr, flush=True)
@@ -63,8 +52,7 @@ def one_line_errors(*types: type[BaseException]):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line too (`error: MSG (see PROG --help)`, exit 2)
-    instead of the usage block plus `PROG: error: MSG`."""
+    """argparse whose usage errors are one line too: `error: MSG (see PROG --help)`, exit 2."""
 
     def __init__(self, **kwargs):
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)

@@ -1,8 +1,5 @@
-"""Typed run configuration: YAML -> dataclasses, dotted CLI overrides, strict checking.
-
-Everything a run needs is in one `Config`. Loading is strict on purpose: a typo in
-a 300-GPU-hour job should fail in the first second, naming the key, not silently
-fall back to a default.
+"""Typed run configuration: YAML -> dataclasses, dotted CLI overrides, strict checking (a typo
+fails at once, naming the key, instead of falling back to a default).
 
     cfg = load_config("configs/sample.yaml", ["optim.epochs=5", "data.root=/data/imagenet"])
 """
@@ -33,18 +30,13 @@ class DataConfig:
     train_dir: str = "train"       # sub-folder of root used for pretraining / probe training
     val_dir: str = "val"           # sub-folder of root used for held-out rotation accuracy / probe val
     file_list: str = ""            # optional list written by `python -m pipelines.scan` (bad files removed)
-    # folder: train_dir/val_dir hold CLASS/IMAGE files. shards: they hold tar shards and manifest.json,
-    # written by `python -m pipelines.pack_shards SPLIT_DIR --out DIR` (for Lustre/NFS/GPFS: a few big
-    # files instead of a million small ones; same loaders, order and checkpoints; docs/pipelines.md)
-    format: Literal["folder", "shards"] = "folder"
-    # imagenet: random-resized-crop + flip; cifar: pad-4 crop + flip
-    recipe: Literal["imagenet", "cifar"] = "imagenet"
+    format: Literal["folder", "shards"] = "folder"   # shards: `python -m pipelines.pack_shards` output
+    recipe: Literal["imagenet", "cifar"] = "imagenet"   # imagenet: resized crop; cifar: pad-4 crop; both flip
     crop_size: int = 224           # square output side; rotations of a square crop stack exactly
     resize_size: int = 256         # val recipe: resize shorter side, then center-crop crop_size
     min_scale: float = 0.08        # random-resized-crop lower area bound
     rotations: list[int] = field(default_factory=lambda: [0, 90, 180, 270])  # paper Table 2 sets
-    # all: every rotation of each crop; one_random: one rotation each
-    rotation_mode: Literal["all", "one_random"] = "all"
+    rotation_mode: Literal["all", "one_random"] = "all"   # one_random: one rotation of each crop
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     sample_seed: int = 0           # seed of the built-in sample data (when root is "")
@@ -58,16 +50,11 @@ class LoaderConfig:
     num_threads: int = 4           # DALI CPU threads / DataLoader workers per process
     prefetch: int = 2              # batches queued ahead
     hw_decoder_load: float = 0.65  # DALI mixed decoder: share of images sent to the A100/H100 HW decoder
-    # DALI mixed decoder: nvJPEG buffers preallocated per decoder thread of a TRAINING pipeline
-    # (bytes; 0 = DALI's defaults, 16 MiB device + 2 x 8 MiB pinned host). They grow when an image
-    # needs more, so raise them only if a profile shows reallocations: every thread of every rank
-    # pins them (8 threads x 8 ranks x 2 x 134 MiB = 17 GiB). Validation keeps the defaults.
+    # nvJPEG bytes per training decoder thread (0: DALI's defaults); every rank pins them: docs/pipelines.md
     device_memory_padding: int = 0
     host_memory_padding: int = 0
     normalize: Literal["auto", "graph", "trainer"] = "auto"  # auto: graph on GPU, trainer on CPU
-    # CPU only: the DALI graph stops after decode+crop and torch does resize/flip/rotations,
-    # which is ~2x faster on CPU (docs/pipelines.md). true keeps the whole GPU graph on CPU.
-    dali_rotate_in_graph: bool = False
+    dali_rotate_in_graph: bool = False   # CPU only: false lets torch resize/flip/rotate (faster on CPU)
 
 
 @dataclass
@@ -80,14 +67,10 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     epochs: int = 30
-    # ORIGINAL images per step (each step sees 4x as many rotated), set by ONE of these two:
-    # global_batch_size over all ranks (per GPU = global / world size, which must divide it), or
-    # batch_size_per_gpu (global = per GPU x world size). The other is 0, or agrees; train.py
-    # records both in the resolved config (`resolve_batch`). The paper: global 192 (one GPU).
+    # ORIGINAL images per step: set ONE (the other 0, or agreeing; `resolve_batch`). Paper: global 192.
     global_batch_size: int = 0
     batch_size_per_gpu: int = 192
-    # Step schedule as an (epoch, lr) table: lr = the last entry whose epoch <= current epoch.
-    # Paper ImageNet: 0.01, /10 after epochs 10 and 20.
+    # (epoch, lr) table: lr = the last entry whose epoch <= current epoch. Paper: 0.01, /10 at 10, 20.
     schedule: list[list[float]] = field(default_factory=lambda: [[0, 0.01], [10, 0.001], [20, 0.0001]])
     momentum: float = 0.9
     nesterov: bool = True
@@ -101,8 +84,7 @@ class OptimConfig:
 class TrainConfig:
     output_dir: str = "runs/sample"  # checkpoints, config.yaml, log.jsonl, tensorboard; resumes from here
     seed: int = 0
-    # auto: bf16 where the hardware has it (CUDA with bf16; CPUs with AVX512-BF16/AMX), else fp16 on
-    # older GPUs and fp32 on other CPUs, where bf16 is emulated (~30x slower measured on a Zen 3 EPYC).
+    # auto: bf16 where the hardware has it, else fp16 on GPUs, fp32 on CPUs (emulated bf16 is slow)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"   # fp16 adds a GradScaler
     channels_last: bool = True
     compile: bool = False          # torch.compile the model
@@ -111,12 +93,9 @@ class TrainConfig:
     save_every: int = 0            # also keep a numbered copy every N epochs (0: never)
     log_every: int = 10            # steps between progress-bar / TensorBoard updates
     max_steps: int = 0             # stop after this many steps in total (0: no limit); for smoke tests
-    # Held-out rotation accuracy on data.val_dir every N epochs and after the last; 0 = off. A larger
-    # N buys more epochs for the same wall time on a small CPU budget (a pass can cost 1/7 of an epoch).
+    # Held-out rotation accuracy on data.val_dir every N epochs and after the last; 0 = off.
     eval_rotation_every: int = 1
-    # kNN monitor (probes/knn.py, KnnMonitor): every N epochs (and after the last), the weighted kNN
-    # top-1 of a fixed labelled subset, logged as knn_top1 beside the rotation accuracy, which keeps
-    # rising after the features stop improving (paper Sec. 3). 0 = off. Needs class folders.
+    # kNN top-1 (probes/knn.py, docs/eval.md) every N epochs and after the last; 0 = off; needs class folders
     monitor_every: int = 0
     monitor_layers: list[str] = field(default_factory=list)  # [] = the trunk's middle probe layer
     monitor_bank_per_class: int = 20    # bank: seeded K-per-class subset of data.train_dir (eval recipe)
@@ -147,8 +126,6 @@ class Config:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 
-# ------------------------------------------------------------------ checking
-
 def _check(value, tp, where: str):
     """Return `value` converted to type `tp`, or raise ConfigError naming `where`."""
     origin = typing.get_origin(tp)
@@ -162,10 +139,8 @@ def _check(value, tp, where: str):
         if value not in choices:
             raise ConfigError(f"{where}={value!r}: expected one of {', '.join(map(str, choices))}")
         return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML reads "5e-4" as a string
-        try:
+    if tp is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:   # YAML reads "5e-4" as a string
             return float(value)
         except ValueError:
             pass
@@ -192,8 +167,7 @@ PITFALLS = {
 
 
 def _unknown_key(name: str, value, where: str, known: list[str]) -> ConfigError:
-    """The error for key `name` (value `value`) not among `known` (section `where`, '' = top level):
-    the dotted key and value, then a pitfall hint, close spellings, or the valid names."""
+    """Unknown key `name` of section `where` ('' = top level): a pitfall hint, close spellings or the keys."""
     key = f"{where}.{name}" if where else name
     shown = f"{key}={value!r}"
     if isinstance(value, dict) and len(value) == 1:   # `no.such=1` reads {'no': {'such': 1}}
@@ -246,12 +220,9 @@ def _parse(raw: dict, source: str) -> Config:
 
 
 def migrate(raw: dict) -> dict:
-    """A config stored by an older rotnet (checkpoint, probe state, export metadata), in today's form.
+    """A copy of a config stored by an older rotnet (checkpoint, export), in today's form.
 
-    Loader keys that lived under `data:` move to `loader:` (a key already under `loader:`, e.g. an
-    override, wins); `train.eval_rotation: false` becomes `train.eval_rotation_every: 0`. Returns a
-    copy; a config in today's form comes back equal. A user's YAML is not migrated (`load_config`):
-    its old keys stop with an error naming the new one, so the file gets fixed once.
+    A user's YAML is not migrated: its old keys stop with an error naming the new one.
     """
     raw = copy.deepcopy(raw)
     if not isinstance(raw, dict):
@@ -265,19 +236,13 @@ def migrate(raw: dict) -> dict:
     return raw
 
 
-# ------------------------------------------------------------------ public API
-
 def config_from_dict(raw: dict, source: str = "<dict>") -> Config:
     """A stored config (a checkpoint's, an export's) -> Config, through `migrate`; strict after that."""
     return _parse(migrate(raw), source)
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Copy of a raw config dict with `key.sub=value` overrides applied, values parsed as YAML.
-
-    Used by load_config for files and by eval.py for the config stored in a checkpoint;
-    `config_from_dict` then checks keys and types.
-    """
+    """Copy of a raw config dict with `key.sub=value` overrides applied, values parsed as YAML."""
     raw = copy.deepcopy(raw)
     for ov in overrides:
         if "=" not in ov:
@@ -293,11 +258,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read YAML at `path` (None: all defaults), apply `key.sub=value` overrides, check types.
-
-    Override values are parsed as YAML, so `optim.weight_decay=1e-4`, `data.rotations=[0,180]` and
-    `train.compile=true` all work.
-    """
+    """Read YAML at `path` (None: all defaults), apply `key.sub=value` overrides, check types."""
     raw: dict = {}
     if path is not None:
         try:
@@ -313,10 +274,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 
 def resolve_batch(cfg: Config, world_size: int) -> None:
-    """Derive the per-GPU batch from optim.global_batch_size, or the global batch from
-    optim.batch_size_per_gpu, for `world_size` ranks, in cfg itself (so config.yaml and checkpoints
-    record both). Idempotent. Raises ConfigError naming both numbers when they cannot both hold.
-    """
+    """Set both optim.global_batch_size and optim.batch_size_per_gpu in cfg from the one given. Idempotent."""
     o = cfg.optim
     if o.global_batch_size < 0 or o.batch_size_per_gpu < 0:
         raise ConfigError(f"optim.global_batch_size={o.global_batch_size}, optim.batch_size_per_gpu="
@@ -334,10 +292,9 @@ def resolve_batch(cfg: Config, world_size: int) -> None:
         o.batch_size_per_gpu = o.global_batch_size // world_size
     elif o.batch_size_per_gpu * world_size != o.global_batch_size:
         raise ConfigError(f"optim.global_batch_size={o.global_batch_size} but optim.batch_size_per_gpu="
-                          f"{o.batch_size_per_gpu} x {world_size} GPUs = "
-                          f"{o.batch_size_per_gpu * world_size}: "
-                          "set one of them and the other to 0 (optim.batch_size_per_gpu=0 derives it "
-                          "from the global batch)")
+                          f"{o.batch_size_per_gpu} x {world_size} GPUs = {o.batch_size_per_gpu * world_size}"
+                          ": set one of them and the other to 0 (optim.batch_size_per_gpu=0 derives it from "
+                          "the global batch)")
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -1,8 +1,5 @@
 """Process-group setup for torchrun, SLURM (srun without torchrun) and single-process runs.
-
-One entry point, `init_distributed()`, returns a `DistInfo`; everything else in the
-code base reads rank/world size from it rather than from the environment.
-"""
+`init_distributed()` returns the `DistInfo` that the rest of the code reads ranks from."""
 from __future__ import annotations
 
 import datetime
@@ -35,11 +32,7 @@ class DistInfo:
 
 
 def _first_slurm_host(nodelist: str) -> str:
-    """First host of a SLURM node list: 'gpu[003-005,7],cpu1' -> 'gpu003'.
-
-    `scontrol show hostnames` is the authority; the regex is a fallback for containers
-    where scontrol is not on PATH.
-    """
+    """First host of a SLURM node list: 'gpu[003-005,7],cpu1' -> 'gpu003' (regex without scontrol)."""
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist],
                              capture_output=True, text=True, timeout=10, check=True).stdout.split()
@@ -53,24 +46,19 @@ def _first_slurm_host(nodelist: str) -> str:
     return m.group(1) + (m.group(2) or "")
 
 
-def _env_int(name: str) -> int:
-    return int(os.environ[name])
-
-
 def detect_launcher() -> tuple[str, int, int, int]:
     """(launcher, rank, local_rank, world_size) from torchrun's variables, else SLURM's, else single."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return "torchrun", _env_int("RANK"), int(os.environ.get("LOCAL_RANK", 0)), _env_int("WORLD_SIZE")
-    # SLURM_PROCID is set for every srun task; SLURM_NTASKS > 1 means srun started all ranks itself.
-    # A plain `sbatch` step with one task (e.g. the shell running torchrun) has NTASKS=1 and is single.
-    if "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        return "slurm", _env_int("SLURM_PROCID"), _env_int("SLURM_LOCALID"), _env_int("SLURM_NTASKS")
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return "torchrun", int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"])
+    # SLURM_NTASKS > 1: srun started all ranks; one task (e.g. the shell running torchrun) is single.
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return "slurm", int(env["SLURM_PROCID"]), int(env["SLURM_LOCALID"]), int(env["SLURM_NTASKS"])
     return "single", 0, 0, 1
 
 
 def ranks_on_node(launcher: str, local_rank: int) -> int:
-    """Processes started on this node: 1 without a launcher, torchrun's LOCAL_WORLD_SIZE, or this
-    node's entry (SLURM_NODEID) of srun's SLURM_STEP_TASKS_PER_NODE; at least local_rank + 1."""
+    """Processes started on this node (LOCAL_WORLD_SIZE, or SLURM_STEP_TASKS_PER_NODE's entry)."""
     if launcher == "single":
         return 1
     if launcher == "torchrun":
@@ -85,12 +73,8 @@ def ranks_on_node(launcher: str, local_rank: int) -> int:
 
 
 def pick_device(launcher: str, local_rank: int) -> torch.device:
-    """This rank's device: cuda:local_rank (one GPU per rank), or the CPU without CUDA.
-
-    UsageError, before any process group exists, when a node starts more ranks than it has GPUs:
-    NCCL refuses two ranks on one GPU, and each rank would die at start-up with an NCCL error.
-    `srun --gpus-per-task` gives each task its own GPUs, so there every task takes its first one.
-    """
+    """cuda:local_rank, or the CPU without CUDA. UsageError when a node has more ranks than GPUs
+    (NCCL refuses two ranks on one GPU); with `srun --gpus-per-task` each task takes its first GPU."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
     if launcher == "slurm" and os.environ.get("SLURM_GPUS_PER_TASK"):
@@ -105,11 +89,8 @@ def pick_device(launcher: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init_distributed(backend: str | None = None, timeout_min: int = 30) -> DistInfo:
-    """Initialise torch.distributed if launched with several processes; pick this rank's device.
-
-    NCCL when CUDA is available, gloo otherwise (CPU tests, laptops).
-    """
+def init_distributed() -> DistInfo:
+    """Initialise torch.distributed (NCCL on CUDA, else gloo) when several processes run."""
     launcher, rank, local_rank, world_size = detect_launcher()
     device = pick_device(launcher, local_rank)
     if device.type == "cuda":
@@ -117,13 +98,12 @@ def init_distributed(backend: str | None = None, timeout_min: int = 30) -> DistI
     if world_size > 1:
         if launcher == "slurm":
             os.environ.setdefault("MASTER_ADDR", _first_slurm_host(os.environ["SLURM_JOB_NODELIST"]))
-            # Port derived from the job id so two jobs sharing a node do not collide.
-            port = 20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000
+            port = 20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000   # two jobs on a node differ
             os.environ.setdefault("MASTER_PORT", str(port))
             os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
-        backend = backend or ("nccl" if device.type == "cuda" else "gloo")
-        dist.init_process_group(backend=backend, init_method="env://", world_size=world_size, rank=rank,
-                                timeout=datetime.timedelta(minutes=timeout_min),
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://",
+                                world_size=world_size, rank=rank,
+                                timeout=datetime.timedelta(minutes=30),
                                 device_id=device if device.type == "cuda" else None)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device, launcher=launcher)
 
@@ -134,7 +114,7 @@ def barrier(info: DistInfo) -> None:
 
 
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Sum a tensor over ranks in place (no-op single process) and return it."""
+    """Sum `t` over ranks in place and return it."""
     if info.distributed:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t

@@ -1,19 +1,7 @@
 """The training step's bookkeeping: the logging window and the epoch's sums, with their timers.
 
-A step never waits for the device: its loss and correct count are added to a float64 (2,)
-tensor on the device, and its sample count on the host (a batch's size is known without asking
-the GPU). The host syncs once per logging window, in `close_window`: one `.tolist()`, the
-finite-loss check, the window's scalars to the run's logger, the window folded into the epoch.
-
-    meter = Meter(run, epoch, steps)
-    for i, (images, labels) in ...:
-        meter.batch_arrived()                 # data wait: since the previous step ended
-        ...                                   # the step: loss (), logits (B, K), labels (B,)
-        meter.add(loss, logits, labels)
-        if window_end:
-            meter.close_window(i, lr)
-        meter.step_done()
-    stats = meter.epoch_stats(i, start_step, lr, complete)
+A step never waits for the device: loss and correct count add into a float64 (2,) tensor on it;
+the host syncs once per logging window, in `close_window`. train.train_one_epoch shows the calls.
 """
 from __future__ import annotations
 
@@ -53,7 +41,7 @@ class Meter:
         self.window_steps += 1
 
     def close_window(self, i: int, lr: float) -> None:
-        """End the window after step `i` of the epoch: the one host sync; its scalars to the logger."""
+        """End the window after step `i`: the one host sync, finite-loss check, scalars to the logger."""
         loss_sum, correct = self.window.tolist()
         n, dt = self.window_n, time.perf_counter() - self.t_window
         if not math.isfinite(loss_sum):
@@ -74,10 +62,8 @@ class Meter:
 
     def epoch_stats(self, i: int, start_step: int, lr: float, complete: bool) -> dict:
         """The epoch's stats, summed over all ranks (a collective), after its last step `i`."""
-        loss_sum, correct, count = self.sums
-        if self.run.info.distributed:
-            sums = torch.tensor(self.sums, dtype=torch.float64, device=self.run.info.device)
-            loss_sum, correct, count = all_reduce_sum(sums, self.run.info).tolist()
+        sums = torch.tensor(self.sums, dtype=torch.float64, device=self.run.info.device)
+        loss_sum, correct, count = all_reduce_sum(sums, self.run.info).tolist()
         elapsed = time.perf_counter() - self.t_epoch
         return {"epoch": self.epoch, "step": self.run.step, "loss": loss_sum / max(count, 1),
                 "rot_acc": correct / max(count, 1), "lr": lr, "rotated_images": int(count),

@@ -1,10 +1,6 @@
-"""Graceful stop on SIGTERM / SIGUSR1: finish the step, checkpoint, exit for requeue.
-
-SLURM sends SIGUSR1 `--signal=USR1@120` seconds before the time limit (and SIGTERM on
-preemption/scancel); torchrun forwards SIGTERM to its workers. The handler only sets a
-flag: all ranks agree on it through one tiny all-reduce at the end of each logging window,
-so every rank stops after the same step and rank 0's checkpoint is consistent. The trainer
-then raises `Preempted`; its entry point writes the checkpoint and exits with REQUEUE_EXIT_CODE.
+"""Graceful stop on SIGTERM / SIGUSR1 (SLURM's `--signal=USR1@120`, scancel, torchrun): finish the
+step, checkpoint, exit for requeue. The handler only sets a flag; ranks agree on it at the end of a
+logging window, so all stop after the same step. The trainer then raises `Preempted`.
 """
 from __future__ import annotations
 
@@ -14,9 +10,7 @@ import torch
 
 from rotnet.distributed import DistInfo, all_reduce_sum
 
-# Exit code meaning "stopped on purpose, checkpoint written, please requeue": the sbatch
-# scripts in slurm/ turn it into `scontrol requeue`. Not 0, so that torchrun and SLURM
-# do not mistake a preempted run for a finished one.
+# "Stopped, checkpoint written, please requeue" (slurm/ scripts run `scontrol requeue`); not 0.
 REQUEUE_EXIT_CODE = 3
 
 
@@ -41,9 +35,8 @@ class StopFlag:
         self.received = signum
 
     def should_stop(self, window_end: bool) -> bool:
-        """True on every rank once any rank got a signal. One process: the flag, after any step.
-        Distributed: a blocking all-reduce (it drains the CUDA queue), so only when `window_end`
-        (the logging window's sync point) and False between; every rank passes the same value."""
+        """True on every rank once any rank got a signal. Distributed, the all-reduce blocks, so it
+        runs only at `window_end` (False between)."""
         if not self.info.distributed:
             return self.received is not None
         if not window_end:

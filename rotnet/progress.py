@@ -1,8 +1,5 @@
-"""What the user sees: main-rank logging, a tqdm progress bar, TensorBoard scalars, JSON lines.
-
-Only rank 0 writes anything; other ranks get a logger at WARNING level so that
-real problems on any rank still reach the job's stderr.
-"""
+"""What the user sees: rank-0 logging, a tqdm progress bar, TensorBoard scalars, JSON lines.
+Other ranks log at WARNING, so real problems on any rank still reach the job's stderr."""
 from __future__ import annotations
 
 import json
@@ -22,21 +19,12 @@ def setup_logging(is_main: bool, output_dir: str | Path | None = None) -> None:
     log.propagate = False
     log.setLevel(logging.INFO if is_main else logging.WARNING)
     fmt = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    h = logging.StreamHandler(sys.stderr)
-    h.setFormatter(fmt)
-    log.addHandler(h)
+    handlers = [logging.StreamHandler(sys.stderr)]
     if is_main and output_dir is not None:
-        fh = logging.FileHandler(Path(output_dir) / "train.log")
-        fh.setFormatter(fmt)
-        log.addHandler(fh)
-
-
-def progress_enabled() -> bool:
-    """Bars only on a terminal; ROTNET_PROGRESS=1/0 forces them on/off (SLURM logs are files)."""
-    forced = os.environ.get("ROTNET_PROGRESS")
-    if forced is not None:
-        return forced == "1"
-    return sys.stderr.isatty()
+        handlers.append(logging.FileHandler(Path(output_dir) / "train.log"))
+    for h in handlers:
+        h.setFormatter(fmt)
+        log.addHandler(h)
 
 
 class RunLogger:
@@ -45,21 +33,21 @@ class RunLogger:
     def __init__(self, output_dir: str | Path, is_main: bool, jsonl_name: str = "log.jsonl",
                  tensorboard: bool = True):
         self.is_main = is_main
-        self.output_dir = Path(output_dir)
-        self.jsonl = self.output_dir / jsonl_name
-        self.tb = None
+        self.jsonl = Path(output_dir) / jsonl_name
+        self.tb = self.bar = None
         if is_main and tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # imported lazily: slow import
-            self.tb = SummaryWriter(str(self.output_dir / "tensorboard"))
-        self.bar = None
+            self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
 
     def start_epoch(self, epoch: int, total: int, initial: int = 0) -> None:
-        if self.is_main and progress_enabled():
+        # Bars only on a terminal (SLURM logs are files); ROTNET_PROGRESS=1/0 forces them on/off.
+        forced = os.environ.get("ROTNET_PROGRESS")
+        if self.is_main and (forced == "1" if forced is not None else sys.stderr.isatty()):
             self.bar = tqdm(total=total, initial=initial, desc=f"epoch {epoch}", dynamic_ncols=True,
                             file=sys.stderr, leave=True)
 
     def step(self, global_step: int, n_steps: int, scalars: dict[str, float]) -> None:
-        """n_steps: steps since the last call (advances the bar)."""
+        """n_steps: steps since the last call."""
         if not self.is_main:
             return
         if self.bar is not None:

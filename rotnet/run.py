@@ -2,11 +2,6 @@
 
     run = build_run(cfg, info, RunLogger(out, info.is_main))   # train.py and the benchmarks
     optimizer = build_optimizer(params, lr, cfg.probe)          # eval.py's probes
-    model = place(raw, info, channels_last=True)               # channels_last, cuDNN autotune, DDP
-    prepare = batch_preparer(cfg, precision)                   # loader images -> model input
-
-benchmarks/train_throughput.py times `train.train_one_epoch` on a `build_run` result, so it
-measures exactly the model, optimizer and lr that train.py runs.
 """
 from __future__ import annotations
 
@@ -54,12 +49,8 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> what this device computes fast: bf16 on CUDA with bf16 (Ampere and newer) and on
-    CPUs with native bf16 (AVX512-BF16 / AMX), fp16 on older GPUs, fp32 on other CPUs.
-
-    Why not bf16 everywhere: without native support oneDNN emulates it, and a RotNet AlexNet
-    step measured ~30x slower than fp32 on a 2-core Zen 3 EPYC (docs/benchmarks.md).
-    """
+    """'auto' -> bf16 where native, else fp16 on CUDA, fp32 on CPU (emulated bf16 is tens of times
+    slower; docs/benchmarks.md)."""
     native = native_bf16(device)
     if precision == "auto":
         return "bf16" if native else ("fp16" if device.type == "cuda" else "fp32")
@@ -78,19 +69,14 @@ def autocast(precision: str, device: torch.device):
 
 
 def batch_preparer(cfg: Config, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """images -> prepare_batch(images, cfg.data, cfg.train.channels_last, dtype) for a model run at
-    `precision`: float32 for fp32; under autocast (bf16, fp16) dtype=None, so the loader's float16
-    batch is not cast to float32 only for autocast's first op to cast it back."""
+    """Loader images -> model input at `precision`; under autocast the float16 batch is not upcast."""
     dtype = torch.float32 if precision == "fp32" else None
     return partial(prepare_batch, data=cfg.data, channels_last=cfg.train.channels_last, dtype=dtype)
 
 
 def build_optimizer(params, lr: float, hp) -> torch.optim.SGD:
-    """SGD with hp's momentum, nesterov and weight_decay (cfg.optim or cfg.probe).
-
-    Fused (one kernel for the whole update) where this torch build has it for the device,
-    else foreach: the same update, a few kernels per parameter group.
-    """
+    """SGD with hp's momentum, nesterov and weight_decay (cfg.optim or cfg.probe); fused where the
+    torch build has it for the device, else foreach (the same update)."""
     params = list(params)   # may be a generator: the fallback needs it again
     sgd = dict(lr=lr, momentum=hp.momentum, nesterov=hp.nesterov, weight_decay=hp.weight_decay)
     try:
@@ -100,28 +86,19 @@ def build_optimizer(params, lr: float, hp) -> torch.optim.SGD:
 
 
 def place(raw: nn.Module, info: DistInfo, channels_last: bool) -> nn.Module:
-    """Put `raw` (already on info.device) in its memory format and wrap it in DDP when several
-    ranks run; returns the module to call (`raw` itself in a single process).
-
-    DDP syncs only the parameters that require grad: for probes, the heads (and the trunk
-    when fine-tuning).
-    """
+    """`raw` (on info.device) in its memory format, wrapped in DDP when several ranks run."""
     if info.device.type == "cuda":
         torch.backends.cudnn.benchmark = True   # input shapes are fixed: autotune each conv once
     if channels_last:
         raw.to(memory_format=torch.channels_last)
     if not info.distributed:
         return raw
-    return DistributedDataParallel(
-        raw, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    return DistributedDataParallel(raw, device_ids=None if info.device.type == "cpu" else [info.device.index])
 
 
 def data_root(cfg: Config, require: tuple[str, ...] = ()) -> Path:
-    """cfg.data.root, an empty one first set to the built-in sample data (made once, cached).
-
-    require: sub-folders (splits, e.g. cfg.data.train_dir) that must exist; a ConfigError naming
-    data.root and the first missing one otherwise, so a wrong root fails before anything is written.
-    """
+    """cfg.data.root (an empty one set to the built-in sample data); ConfigError if a `require`d
+    split folder is missing, before anything is written."""
     if not cfg.data.root:
         cfg.data.root = str(ensure_sample_data(seed=cfg.data.sample_seed))
     root = Path(cfg.data.root)
@@ -133,18 +110,13 @@ def data_root(cfg: Config, require: tuple[str, ...] = ()) -> Path:
 
 
 def build_run(cfg: Config, info: DistInfo, logger) -> Run:
-    """The RotNet, wrapped as asked, with its optimizer, scaler and lr schedule, at step 0.
-
-    Same initial weights on every rank (seeded by train.seed). The lr table is scaled by
-    global batch / optim.ref_batch when optim.scale_lr is set. train.precision 'auto' and the
-    per-GPU (or global) batch are resolved here, in cfg itself, so config.yaml and checkpoints
-    record what ran; ConfigError when the batch does not divide over info.world_size.
-    """
+    """The RotNet (same seeded weights on every rank), wrapped as asked, with its optimizer, scaler
+    and lr schedule, at step 0. Resolves the batch and train.precision in cfg: config.yaml says what ran."""
     resolve_batch(cfg, info.world_size)
     if cfg.train.sync_bn and info.device.type != "cuda":
         raise ConfigError("train.sync_bn=true needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); "
                           "set train.sync_bn=false")
-    cfg.train.precision = resolve_precision(cfg.train.precision, info.device)   # the resolved config says what ran
+    cfg.train.precision = resolve_precision(cfg.train.precision, info.device)
     raw = build_model(cfg, cfg.train.seed).to(info.device)
     if cfg.train.sync_bn and info.distributed:
         raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)

@@ -1,21 +1,13 @@
-"""Learning-rate schedule: (epoch, lr) step table, optional linear scaling and warm-up.
-
-Evaluated per optimizer step from a float epoch, so resuming mid-epoch lands on
-exactly the same lr as the uninterrupted run.
-"""
+"""Learning-rate schedule: (epoch, lr) step table, optional linear scaling and warm-up. Evaluated
+per step from a float epoch, so a mid-epoch resume lands on the uninterrupted run's lr."""
 from __future__ import annotations
 
 from rotnet.config import ConfigError
 
 
 class StepSchedule:
-    """lr(epoch_float) from a table [[epoch, lr], ...] sorted by epoch, starting at epoch 0.
-
-    scale: multiplies every lr (linear scaling rule: global_batch / ref_batch).
-    warmup_epochs: lr ramps linearly from ~0 to the table value over the first epochs
-    (Goyal et al. 2017: needed when the scaled lr is large).
-    A malformed table is a ConfigError naming `name` (the config key it came from).
-    """
+    """lr(epoch_float) from a table [[epoch, lr], ...] starting at epoch 0, times `scale`, ramped
+    linearly over `warmup_epochs` (Goyal et al. 2017). A bad table is a ConfigError naming `name`."""
 
     def __init__(self, table: list[list[float]], scale: float = 1.0, warmup_epochs: float = 0.0,
                  name: str = "optim.schedule"):
@@ -36,7 +28,6 @@ class StepSchedule:
 
 
 def due_after(epoch: int, every: int, epochs: int) -> bool:
-    """Whether a periodic pass (held-out rotation, kNN monitor) runs after 0-based epoch `epoch`:
-    every `every` epochs and always after the last one, so a run ends with a measurement; 0 = never."""
+    """Whether a periodic pass runs after 0-based `epoch`: every `every` epochs (0: never), and the last."""
     done = epoch + 1
     return every > 0 and (done % every == 0 or done == epochs)
