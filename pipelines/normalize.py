@@ -1,13 +1,7 @@
 """Where normalisation happens, and the trainer-side `prepare_batch`.
 
-Loaders emit either
-  - uint8 (B, H, W, C) (CPU pipelines, or loader.normalize == "trainer"): the trainer calls
-    `prepare_batch` in its first step. On CPU this is the faster choice: moving 1 byte per
-    pixel out of the pipeline and converting once in torch beats a float16 CPU graph (~2x).
-  - float16 (B, C, H, W) already normalised by the loader (GPU DALI / GPU resident with
-    loader.normalize "graph" or "auto"), stored channels-last (NHWC in memory, the layout the
-    graph writes): `prepare_batch(.., channels_last=True)` then copies nothing unless the
-    model needs another dtype (fp32: one cast; under autocast pass dtype=None: no copy).
+Loaders emit uint8 (B, H, W, C) (CPU, or loader.normalize="trainer"; `prepare_batch` normalises)
+or float16 (B, C, H, W) normalised in the graph (GPU with "graph"/"auto"), channels-last in memory.
 """
 from __future__ import annotations
 
@@ -44,12 +38,8 @@ def prepare_batch(images: torch.Tensor, data, channels_last: bool,
                   dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
     """Loader images -> model input (B, C, H, W) in `dtype`, on the images' device.
 
-    uint8 (B, H, W, C) -> (x/255 - mean)/std, data.mean/std in 0..1 units, computed in float32.
-    A float (B, C, H, W) batch (normalised by the loader) is only cast. dtype: what the model's
-    first layer takes: float32 for an fp32 model; None keeps a float batch as it is (for a
-    model under autocast, whose first op casts anyway) and gives float32 from uint8.
-    channels_last=True returns torch.channels_last memory format: free for uint8 input (the
-    HWC buffer permuted to NCHW has channels-last strides) and for the loaders' float output.
+    uint8 (B, H, W, C) -> (x/255 - mean)/std in float32; a float (B, C, H, W) batch is only cast.
+    dtype=None (autocast) keeps a float batch as it is. channels_last costs no copy for either.
     """
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     if images.is_floating_point():

@@ -1,11 +1,8 @@
-"""loader.resident=True: decode the split once, keep uint8 images in memory, augment per batch.
+"""loader.resident=True: decode the split once, keep uint8 images on `device`, augment per batch.
 
-For small-image sets (CIFAR: 50,000 JPEGs of 32x32, 150 MB decoded), re-decoding every epoch
-costs more than the model step. Images go to GPU memory when `device` is cuda, RAM otherwise.
-Storage: one uint8 (M, H, W, C) tensor when all images share a size (CIFAR), else a list.
-Eval recipes are deterministic, so their crops are computed once at load time (always stacked).
-Per batch: the torch recipe (pipelines.recipe; cifar train is one gather) and rotations as
-tensor ops on `device`. Sharding, steps, epochs, state and randomness are the torch backend's.
+For small images (CIFAR) re-decoding every epoch costs more than the model step. Storage: one
+uint8 (M, H, W, C) tensor when sizes agree, else a list; eval crops are precomputed. Sharding,
+steps, state and randomness are the torch backend's.
 """
 from __future__ import annotations
 
@@ -37,10 +34,8 @@ class ResidentLoader(SampledLoader):
             self.images = torch.stack(imgs).to(dev)  # (M, H, W, C)
         else:
             self.images = [im.to(dev) for im in imgs]
-        # CPU: build batches one ahead in a helper thread with ONE intra-op thread. The ops are
-        # small; OpenMP teams on shared/busy cores made them 15x slower (measured: 424 ms vs
-        # 27 ms per 128-image CIFAR batch while other jobs loaded the 2 cores). The setting is
-        # per thread, so the trainer's own torch threads are untouched.
+        # CPU: build batches one ahead in a helper thread with ONE intra-op thread (small ops:
+        # OpenMP teams on busy cores are far slower); per thread, so the trainer's are untouched.
         self._helper = None if dev.type == "cuda" else ThreadPoolExecutor(
             1, initializer=torch.set_num_threads, initargs=(1,))
 
