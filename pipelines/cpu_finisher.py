@@ -1,9 +1,7 @@
 """CPU finishing stage of the DALI CPU loader: resize, flip and rotations of DALI's crops.
 
 DALI's CPU resize/transpose/stack are slow (docs/pipelines.md, "DALI on CPU"), so the CPU graph stops
-after decode + crop and this finishes each image with OpenCV/torch uint8 kernels in a thread pool.
-All randomness (crop window, flip coin, one_random choice) comes from the graph, so DALI checkpoints
-still cover it.
+after decode + crop. All randomness still comes from the graph, so DALI checkpoints cover it.
 """
 from __future__ import annotations
 
@@ -18,8 +16,7 @@ from pipelines.rotations import rotate_hwc
 
 
 def resize_hwc(x: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (H, W, C) -> uint8 (size, size, C), bilinear; antialiased where it shrinks.
-    Enlarging: OpenCV (faster, and antialiasing changes nothing then); else torch's uint8 kernel."""
+    """uint8 (H, W, C) -> (size, size, C) bilinear, antialiased where it shrinks (enlarging: OpenCV)."""
     h, w = x.shape[0], x.shape[1]
     if h == size and w == size:
         return x
@@ -36,9 +33,8 @@ _CV_ROTATE = {90: cv2.ROTATE_90_COUNTERCLOCKWISE, 180: cv2.ROTATE_180, 270: cv2.
 
 
 def rotations_into(dst: torch.Tensor, x: torch.Tensor, flip: bool, rotations: list[int]) -> None:
-    """dst uint8 (K, H, W, C) <- rotations[r] of x' = flipW^flip(x); x uint8 (H, W, C), H == W.
-    x' goes into the 0-degree slot if any, each other slot is one cv2.rotate of it (45s: torch).
-    dst must be contiguous CPU memory."""
+    """dst uint8 (K, H, W, C), contiguous CPU <- rotations[r] of x' = flipW^flip(x); x (H, W, C), H == W.
+    x' goes into the 0-degree slot if any, each other slot is one cv2.rotate of it (45s: torch)."""
     d, xn = dst.numpy(), np.ascontiguousarray(x.numpy())
     j = rotations.index(0) if 0 in rotations else None
     base = d[j] if j is not None else np.empty_like(xn)
@@ -60,8 +56,7 @@ class CpuFinisher:
     rotated by rotations[rot_idx[i]]; "class" (N, S, S, C). Crops may be ragged (imagenet train)."""
 
     def __init__(self, crop: int, rotations: list[int], mode: str, threads: int):
-        self.crop, self.rotations, self.mode = crop, rotations, mode
-        self.threads = max(1, threads)
+        self.crop, self.rotations, self.mode, self.threads = crop, rotations, mode, max(1, threads)
         # Small images: intra-op threads (torch per thread, OpenCV process-wide) only fight DALI's.
         self._pool = ThreadPoolExecutor(self.threads, initializer=torch.set_num_threads, initargs=(1,))
         cv2.setNumThreads(1)
@@ -80,8 +75,7 @@ class CpuFinisher:
         shape = (n, len(self.rotations), s, s, c) if self.mode == "all" else (n, s, s, c)
         out = torch.empty(shape, dtype=torch.uint8)
         bounds = [n * j // self.threads for j in range(self.threads + 1)]
-        futures = [self._pool.submit(self._work, out, crops, flips, rot_idx, bounds[j], bounds[j + 1])
-                   for j in range(self.threads)]
-        for f in futures:
+        for f in [self._pool.submit(self._work, out, crops, flips, rot_idx, lo, hi)
+                  for lo, hi in zip(bounds, bounds[1:])]:
             f.result()
         return out

@@ -1,19 +1,11 @@
 """Give ImageNet's official val (50,000 JPEGs in one folder, labels apart) the labels it lacks.
 
-    python -m pipelines.imagenet_val VAL_DIR --labels LABELS --train-dir TRAIN_DIR --out OUT
-                                     [--synsets MAP] [--mode symlink|list] [--subset] [--force]
-
-VAL_DIR is the flat folder ILSVRC2012_img_val.tar extracts to. Class index = position among
-TRAIN_DIR's sorted folders. LABELS is LOC_val_solution.csv (Kaggle; the first token of
-PredictionString is the wnid) or the devkit's ILSVRC2012_validation_ground_truth.txt, whose IDs
-follow meta.mat's order, NOT sorted wnids: --synsets MAP gives ID -> wnid, as map_clsloc.txt
-(`n02119789 1 kit_fox`) or one wnid per line in ID order, made from meta.mat (needs scipy) by
+LABELS is LOC_val_solution.csv (Kaggle; PredictionString starts with the wnid) or the devkit's
+ILSVRC2012_validation_ground_truth.txt, whose IDs follow meta.mat's order, NOT sorted wnids:
+--synsets MAP gives ID -> wnid: map_clsloc.txt (`n02119789 1 kit_fox`), or wnids in ID order by
   python -c "import scipy.io as s; [print(x[0][1][0], x[0][0][0][0]) for x in
              s.loadmat('meta.mat')['synsets'] if x[0][0][0][0] <= 1000]" > map.txt
-A sorted list (synsets.txt, LOC_synset_mapping.txt: torchvision's order) is refused.
-
-symlink: OUT/<wnid>/<image> relative links, every TRAIN_DIR class (then data.val_dir=OUT).
-list: OUT/<VAL_DIR name>.txt and OUT/<TRAIN_DIR name>.txt (then data.file_list=OUT/{split}.txt).
+(needs scipy). A sorted list (synsets.txt, LOC_synset_mapping.txt: torchvision's order) is refused.
 Any unmatched image, label or wnid: one line naming file and line, nothing written. See
 docs/pipelines.md ("ImageNet's official val").
 """
@@ -36,8 +28,6 @@ CSV_HEADER = "imageid,predictionstring"
 class ConversionError(InputError):
     """Labels and images do not match; the message names the file and line."""
 
-
-# ---------------------------------------------------------------------------- reading the labels
 
 def _lines(path: str) -> list[str]:
     """The text lines of `path`, trailing blank lines dropped; refuses binary files (meta.mat)."""
@@ -121,8 +111,6 @@ def read_labels(path: str, synsets: str) -> dict[str, tuple[str, str]]:
     return labels
 
 
-# ---------------------------------------------------------------------------- matching images and labels
-
 def val_images(val_dir: str) -> dict[str, str]:
     """{name without extension: file name} of the flat split `val_dir`."""
     layout = split_layout(val_dir)
@@ -148,9 +136,8 @@ def _refuse(problems: list[str]) -> None:
 
 def match(images: dict[str, str], labels: dict[str, tuple[str, str]], classes: list[str], *, val_dir: str,
           labels_path: str, train_dir: str, subset: bool = False) -> list[tuple[str, int]]:
-    """[(image file name, class index)] in name order; ConversionError at the first mismatch.
-    subset: images of classes that TRAIN_DIR lacks are skipped (ImageNet-100 style), not refused;
-    every class of TRAIN_DIR must still have val images, so a wrong TRAIN_DIR is not silently empty."""
+    """[(image file name, class index)] in name order; ConversionError at the first mismatch. subset:
+    skip images of classes TRAIN_DIR lacks, but every TRAIN_DIR class needs some (no silent empty)."""
     counts = f"{len(labels)} labels, {len(images)} images"
     _refuse([f"{where}: a label for {stem}, but {val_dir} has no such image ({counts})"
              for stem, (_, where) in labels.items() if stem not in images])
@@ -168,8 +155,6 @@ def match(images: dict[str, str], labels: dict[str, tuple[str, str]], classes: l
                  for stem, (wnid, where) in labels.items() if wnid not in index])
     return [(name, index[labels[stem][0]]) for stem, name in images.items()]
 
-
-# ---------------------------------------------------------------------------- writing OUT
 
 def _inside(a: str, b: str) -> bool:
     """`a` is `b` or lies under it."""
@@ -191,8 +176,7 @@ def check_out(out: str, force: bool, sources: tuple[str, ...]) -> None:
 
 
 def write_out(out: str, fill, manifest: dict) -> None:
-    """Build OUT in a hidden sibling with `fill(folder)`, then rename it into place (an earlier
-    OUT is swapped out whole, then deleted): a failure leaves the earlier OUT as it was."""
+    """Build OUT in a hidden sibling with `fill(folder)`, then swap it in: a failure changes nothing."""
     parent, name = os.path.split(out)
     try:
         os.makedirs(parent, exist_ok=True)
@@ -238,8 +222,6 @@ def file_lists(folder: str, val_dir: str, train_dir: str, pairs: list[tuple[str,
     write_file_list(os.path.join(folder, os.path.basename(train_dir) + ".txt"),
                     [os.path.relpath(p, train_dir) for p in paths], labels)
 
-
-# ---------------------------------------------------------------------------- command line
 
 def main(argv=None) -> int:
     ap = ArgumentParser(prog="python -m pipelines.imagenet_val", description=__doc__)

@@ -1,14 +1,8 @@
 """Pack an image folder into tar shards (webdataset layout) for shared filesystems.
 
-    python -m pipelines.pack_shards SPLIT_DIR --out DIR [--shard-size 5000] [--workers N] [--seed 0]
-                               [--file-list LIST]
-
-then train with `data.format=shards`, data.root the folder holding the packed splits. Each image's
-bytes go unchanged into a seeded random shard (format: pipelines/shard_reader.py), so shared
-filesystems (Lustre/NFS/GPFS) see a few hundred opens instead of one per image.
-Resumable: shards are renamed into place when complete; a rerun with the same settings (`.plan.json`)
-skips them, other settings are refused. Nothing is decoded: `python -m pipelines.scan SPLIT_DIR
---out LIST` first, then --file-list LIST leaves undecodable files out. See docs/pipelines.md.
+Then train with `data.format=shards`: shared filesystems see a few hundred opens, not one per image.
+Resumable: a rerun with the same settings skips complete shards. Nothing is decoded: run
+`python -m pipelines.scan SPLIT_DIR --out LIST` and pass --file-list LIST. See docs/pipelines.md.
 """
 from __future__ import annotations
 
@@ -24,15 +18,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pipelines import shard_reader
 from pipelines.contract import derive_seed
 from pipelines.listing import BadImageError, list_images
-from pipelines.shard_reader import (
-    IMAGE_EXT,
-    LABEL_EXT,
-    MANIFEST,
-    index_text,
-    member_key,
-    read_index,
-    shard_files,
-)
+from pipelines.shard_reader import IMAGE_EXT, LABEL_EXT, MANIFEST, shard_files
 from rotnet.atomic import TMP, atomic_path, write_text
 from rotnet.checkpoint import git_commit
 from rotnet.cli import ArgumentParser, InputError, UsageError, one_line_errors
@@ -40,11 +26,8 @@ from rotnet.cli import ArgumentParser, InputError, UsageError, one_line_errors
 PLAN = ".plan.json"
 
 
-# ------------------------------------------------------------------ the plan
-
 def make_plan(split_dir: str, file_list: str, shard_size: int, seed: int) -> tuple[dict, list[list[tuple]]]:
-    """(plan record, per shard its members [(source path, label, packed position)]).
-    Equal records (settings and a digest of the listing) mean identical shards."""
+    """(record: settings + listing digest, per shard [(source path, label, packed position)])."""
     paths, labels, classes = list_images(split_dir, file_list)
     odd = [p for p in paths if os.path.splitext(p)[1].lower() not in IMAGE_EXT]
     if odd:
@@ -83,8 +66,6 @@ def check_plan(out: str, record: dict) -> None:
     write_text(path, json.dumps(record, indent=1))
 
 
-# ------------------------------------------------------------------ one shard
-
 def tar_bytes(samples: list[dict]) -> int:
     """Size of a tar whose index is `samples` (data 512-aligned, two zero blocks, whole 10 KiB records)."""
     end = max((off + size for s in samples for off, size, _ in s.values()), default=0)
@@ -98,7 +79,7 @@ def shard_complete(out: str, i: int, count: int) -> bool:
     if not (os.path.isfile(tar) and os.path.isfile(idx)):
         return False
     try:
-        samples = read_index(idx)
+        samples = shard_reader.read_index(idx)
     except (ValueError, OSError):
         return False
     return len(samples) == count and os.path.getsize(tar) == tar_bytes(samples)
@@ -111,7 +92,7 @@ def write_shard(out: str, i: int, members: list[tuple]) -> tuple[int, int]:
     with atomic_path(os.path.join(out, tar_name)) as tmp_tar:
         with open(tmp_tar, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
             for path, label, pos in members:
-                key = member_key(pos)
+                key = shard_reader.member_key(pos)
                 ext = IMAGE_EXT[os.path.splitext(path)[1].lower()]
                 try:
                     with open(path, "rb") as src:
@@ -125,11 +106,9 @@ def write_shard(out: str, i: int, members: list[tuple]) -> tuple[int, int]:
                     sample.append((name.split(".", 1)[1], tf.offset + tarfile.BLOCKSIZE, len(data), name))
                     tf.addfile(info, io.BytesIO(data))
                 index.append(sample)
-        write_text(os.path.join(out, idx_name), index_text(index))   # before the tar's rename
+        write_text(os.path.join(out, idx_name), shard_reader.index_text(index))   # before the tar's rename
     return i, os.path.getsize(os.path.join(out, tar_name))
 
-
-# ------------------------------------------------------------------ the command
 
 def pack(split_dir: str, out: str, shard_size: int, workers: int, seed: int = 0, file_list: str = "") -> dict:
     """Pack `split_dir` into `out`; returns the manifest."""

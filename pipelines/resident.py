@@ -1,8 +1,7 @@
 """loader.resident=True: decode the split once, keep uint8 images on `device`, augment per batch.
 
-For small images (CIFAR) re-decoding every epoch costs more than the model step. Storage: one
-uint8 (M, H, W, C) tensor when sizes agree, else a list; eval crops are precomputed. Sharding,
-steps, state and randomness are the torch backend's.
+For small images (CIFAR) re-decoding costs more than the model step. Eval crops are precomputed;
+sharding, steps, state and randomness are the torch backend's.
 """
 from __future__ import annotations
 
@@ -17,7 +16,7 @@ from pipelines.torch_backend import SampledLoader, decode_sample
 
 
 class ResidentLoader(SampledLoader):
-    """Same contract as the DALI/torch loaders; `backend` is 'torch' (torch ops)."""
+    """Images: one uint8 (M, H, W, C) tensor when sizes agree, else a list."""
 
     def __init__(self, spec: LoaderSpec):
         super().__init__(spec)
@@ -46,16 +45,13 @@ class ResidentLoader(SampledLoader):
         return make_batch(self.spec, key, images, self.labels[i], cropped=not self.spec.train)
 
     def _run(self):
-        items = iter(self.sampler)
         if self._helper is None:
-            yield from map(self._make, items)
+            yield from map(self._make, self.sampler)
             return
-        first = next(items, None)
-        if first is None:
-            return
-        ahead = self._helper.submit(self._make, first)
-        for item in items:
-            batch = ahead.result()
-            ahead = self._helper.submit(self._make, item)
-            yield batch
-        yield ahead.result()
+        ahead = []   # the batch being yielded and the next one, in the works
+        for item in self.sampler:
+            ahead.append(self._helper.submit(self._make, item))
+            if len(ahead) == 2:
+                yield ahead.pop(0).result()
+        for f in ahead:
+            yield f.result()

@@ -1,7 +1,7 @@
 """Rotation sets and the rotations in torch (torch backend, resident mode, tests).
 
-Convention (all backends): `a` degrees = `torch.rot90(img_hwc, a // 90, dims=(0, 1))`, counter-clockwise
-as displayed; odd multiples of 45 rotate bilinearly about the centre, same size, corners 0.
+Convention (all backends): `a` degrees = `torch.rot90(img_hwc, a // 90, dims=(0, 1))`, counter-
+clockwise as displayed; odd multiples of 45 rotate bilinearly about the centre, corners 0.
 Mode "all" batches are sample-major: row K*i + r is original i rotated by rotations[r], label r.
 """
 from __future__ import annotations
@@ -40,16 +40,10 @@ def rotate_hwc(img: torch.Tensor, angle: int) -> torch.Tensor:
     return out.movedim(-3, -1).contiguous()
 
 
-def stack_rotations(img: torch.Tensor, rotations: list[int]) -> torch.Tensor:
-    """uint8 (H, W, C) or (B, H, W, C) -> (K, H, W, C) or (B, K, H, W, C), one slot per rotation."""
-    return torch.stack([rotate_hwc(img, a) for a in rotations], dim=-4)
-
-
 def rotate_batch(x: torch.Tensor, rotations: list[int], mode: str, g: torch.Generator):
-    """uint8 (P, S, S, C) crops -> mode "all": ((P, K, S, S, C), None); "one_random": ((P, S, S, C)
-    each rotated by rotations[r_i], r (P,) int64), r drawn from `g`."""
+    """uint8 (P, S, S, C) -> "all": ((P, K, S, S, C), None); "one_random": (x_i by rotations[r_i], r (P,))."""
     if mode == "all":
-        return stack_rotations(x, rotations), None
+        return torch.stack([rotate_hwc(x, a) for a in rotations], dim=1), None
     r = torch.randint(0, len(rotations), (x.shape[0],), generator=g)
     out = torch.empty_like(x)
     for j, a in enumerate(rotations):  # one batched op per angle

@@ -1,14 +1,11 @@
 """Built-in sample data: a small procedurally drawn image set in ImageNet folder layout.
 
-    root = ensure_sample_data(seed=0)   # ~/.cache/rotnet/sample-v1-seed0/{train,val}/n00000_house/*.JPEG
+    root = ensure_sample_data(seed=0)   # ~/.cache/rotnet/sample-v2-seed0/{train,val}/n00000_house/*.JPEG
     python -m pipelines.sample_data [--seed N] [--out CACHE_DIR]
 
-Procedural so the demo runs offline and every image has an unambiguous upright: 1-2 class objects
-stand on their shadows over a background with no "up" (see make_image). The class is carried by
-SHAPE only (colours are drawn per image, clutter is class-independent, plus noise and jitter), so
-a colour probe is at chance. Each image has its own RNG seeded by (seed, split, class, index).
-The set is built in a `.tmp-` folder, COMPLETE.json written last, then renamed into place: a racing
-process (another DDP rank) finds it complete. Bump FORMAT_VERSION whenever the drawing changes.
+Procedural: the demo runs offline, every image has an unambiguous upright (see make_image), and
+the class is carried by SHAPE only (colours drawn per image), so a colour probe is at chance.
+Built in a `.tmp-` folder and renamed into place once complete, so racing DDP ranks are safe.
 """
 from __future__ import annotations
 
@@ -25,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 2       # bump whenever the drawing changes
 CLASSES = ("house", "tree", "car", "person", "lamppost", "mountain", "tower", "boat", "fence", "table")
 CLASS_DIRS = tuple(f"n{i:05d}_{c}" for i, c in enumerate(CLASSES))
 PER_CLASS_TRAIN = 120
@@ -170,8 +167,7 @@ DRAW = (_house, _tree, _car, _person, _lamppost, _mountain, _tower, _boat, _fenc
 
 
 def _clutter(d, rng, w, h, n):
-    """Isotropic distractors (blobs, rings, squiggles): they carry no "up", so neither the
-    rotation nor the class can be read off them."""
+    """Isotropic distractors (blobs, rings, squiggles): no "up", no class."""
     for _ in range(n):
         x, y, r = w * rng.random(), h * rng.random(), h * rng.uniform(0.02, 0.08)
         kind = int(rng.integers(0, 3))
@@ -185,11 +181,9 @@ def _clutter(d, rng, w, h, n):
 
 
 def make_image(rng: np.random.Generator, cls: int) -> Image.Image:
-    """One RGB image of class `cls` (index into CLASSES), short side 72..160, aspect 0.6..1.7.
-
-    Only the objects show "up" (a sky/ground scene would teach the horizon instead), so predicting
-    the rotation needs the shape features that tell the classes apart: RotNet's premise.
-    """
+    """One RGB image of class `cls` (index into CLASSES), short side 72..160, aspect 0.6..1.7. Only the
+    objects show "up" (a sky/ground scene would teach the horizon), so predicting the rotation needs
+    the shape features that tell the classes apart: RotNet's premise."""
     short, ar = int(rng.integers(72, 161)), float(np.exp(rng.uniform(np.log(0.6), np.log(1.7))))
     W, H = (round(short * ar), short) if ar >= 1 else (short, round(short / ar))
     w, h = W * SS, H * SS

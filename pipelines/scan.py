@@ -1,13 +1,8 @@
 """Find undecodable images before a long run, and write a file list without them.
 
-    python -m pipelines.scan ROOT [--out FILE] [--workers N]
-
-ROOT is a split (ROOT/CLASS/IMAGE, or flat ROOT/IMAGE) or a dataset root (ROOT/SPLIT/CLASS/IMAGE);
-each split is fully decoded with PIL (`verify()`, then `load()`, which catches truncation) in N
-processes. Bad files are printed; the good ones go to FILE (`relative/path label` lines; `{split}`
-becomes the split name), for `data.file_list`. Exit status 1 when bad files were found. Ambiguous
-layouts are refused, never guessed; a flat split is checked but gets no list (it has no labels).
-See docs/pipelines.md ("Scan").
+ROOT is a split (ROOT/CLASS/IMAGE, or flat ROOT/IMAGE) or a dataset root (ROOT/SPLIT/CLASS/IMAGE).
+Every image is fully decoded with PIL; bad ones are printed, the good ones listed in --out for
+`data.file_list` (a flat split gets no list: no labels). Exit status 1 when bad files were found.
 """
 from __future__ import annotations
 
@@ -78,8 +73,7 @@ SPLIT_NAMES = {"train", "val", "valid", "validation", "test"}
 
 
 def splits(root: str) -> list[str]:
-    """The split folders under `root`: [root] when it is a split (of class folders, or flat), else
-    its sub-folders; SplitLayoutError naming the folder and the fix when the layout is ambiguous."""
+    """[root] when it is a split (class folders, or flat), else its split sub-folders; ambiguous: refused."""
     if split_layout(root) != listing.CLASSES:   # flat: scanned unlabelled; mixed, empty: list_images says why
         return [root]
     layouts = {os.path.join(root, c): split_layout(os.path.join(root, c)) for c in class_folders(root)}
@@ -102,8 +96,7 @@ def splits(root: str) -> list[str]:
 
 def main(argv=None) -> int:
     ap = ArgumentParser(prog="python -m pipelines.scan", description=__doc__)
-    ap.add_argument("root", help="split folder (ROOT/CLASS/IMG, or flat ROOT/IMG) or dataset root "
-                                 "(ROOT/SPLIT/CLASS/IMG)")
+    ap.add_argument("root", help="split ROOT/CLASS/IMG (or flat ROOT/IMG) or dataset ROOT/SPLIT/CLASS/IMG")
     ap.add_argument("--out", default="file_lists/{split}.txt", help="file list to write, {split} -> split "
                     "name (default: file_lists/{split}.txt); then set data.file_list to this value")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,

@@ -1,10 +1,8 @@
 """Tar shards (webdataset layout) on disk, and reading them: `data.format: shards`.
 
-A shard folder, written by `python -m pipelines.pack_shards`: manifest.json (written last: count,
-classes, per shard its files, count, bytes, labels), shard-000000.tar (KEY.<image ext> with the
-source bytes, KEY.cls with the class index; KEY = 9-digit packed position) and shard-000000.idx
-(DALI's wds2idx v1.2 index). A sample is one `os.pread` of a tar kept open; which sample is read
-when follows `pipelines.contract.rank_indices`, as for folders. See docs/pipelines.md.
+A shard folder (`python -m pipelines.pack_shards`): manifest.json, written last; shard-000000.tar
+(KEY.<image ext>, KEY.cls; KEY = packed position); shard-000000.idx (DALI's wds2idx index).
+A sample is one `os.pread` of a tar kept open. Format and sample order: docs/pipelines.md.
 """
 from __future__ import annotations
 
@@ -39,8 +37,6 @@ def member_key(position: int) -> str:
     return f"{position:09d}"
 
 
-# ------------------------------------------------------------------ index files (wds2idx format)
-
 def index_text(samples: list[list[tuple[str, int, int, str]]]) -> str:
     """Index of a tar: per sample its members as (ext, data offset, size, member name)."""
     lines = [f"{INDEX_VERSION} {len(samples)}"]
@@ -72,19 +68,13 @@ def read_index(path: str) -> list[dict[str, tuple[int, int, str]]]:
             gc.enable()
 
 
-# ------------------------------------------------------------------ the set, read by the loaders
-
 class ShardSet:
-    """The image bytes of a shard folder: sample i = `size[i]` bytes at `offset[i]` of tar `tar_of[i]`.
-    Picklable; each process keeps the tars it reads open (see _fd_budget)."""
+    """Sample i = `size[i]` bytes at `offset[i]` of tar `tar_of[i]`; picklable; keeps tars open."""
 
     def __init__(self, tars, tar_of, offset, size):
         self.tars = tuple(tars)
         self.tar_of, self.offset, self.size = (np.asarray(a, dtype=np.int64) for a in (tar_of, offset, size))
         self._fds, self._pid, self._lock = {}, None, threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self.offset)
 
     def __getstate__(self):
         return {"tars": self.tars, "tar_of": self.tar_of, "offset": self.offset, "size": self.size}
@@ -176,8 +166,7 @@ def list_shards(shard_dir: str) -> tuple[list[str], list[int], list[str], ShardS
 
 class ShardFeed:
     """DALI `external_source` callback: iteration i -> (uint8 (size,) arrays, int32 (B, 1) labels) of
-    step i % steps of reader epoch i // steps. A function of i alone, so DALI's checkpoint (which
-    records i) resumes it exactly; `recent` names the batches in flight for decode errors."""
+    step i % steps of epoch i // steps; of i alone, so DALI's checkpoint (which records i) resumes it."""
 
     def __init__(self, spec, steps: int, depth: int):
         self.spec, self.steps = spec, steps

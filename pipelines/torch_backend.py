@@ -1,8 +1,7 @@
 """Pure-torch backend: torchvision decode + the torch recipe (pipelines.recipe) in DataLoader workers.
 
-Same outputs and interface as the DALI loader. Randomness is a function of (seed, epoch, step,
-rank), never of worker state, so a resumed run replays the same batches; sharding is
-pipelines.contract.rank_indices.
+Randomness is a function of (seed, epoch, step, rank), never of worker state, so a resumed run
+replays the same batches; sharding is pipelines.contract.rank_indices.
 """
 from __future__ import annotations
 
@@ -15,8 +14,7 @@ from pipelines.recipe import decode_rgb, make_batch
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """Yields one item per step of this rank's part of epoch `epoch`, from step `start`:
-    ((epoch, step), file indices of the step)."""
+    """Yields ((epoch, step), file indices) per step of this rank's part of `epoch`, from `start`."""
 
     def __init__(self, n: int, batch: int, rank: int, world: int, train: bool, seed: int):
         self.n, self.batch, self.rank, self.world, self.train, self.seed = n, batch, rank, world, train, seed
@@ -33,8 +31,7 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 class SampledLoader(Loader):
-    """Loader whose steps come from an EpochSampler (torch backend, resident images); a subclass's
-    `_run()` makes the batches of the sampler's steps."""
+    """Loader whose steps come from an EpochSampler; a subclass's `_run()` makes their batches."""
 
     backend = "torch"
 
