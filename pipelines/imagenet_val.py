@@ -1,42 +1,13 @@
 """Give ImageNet's official val (50,000 JPEGs in one folder, labels apart) the labels it lacks.
 
-    python -m pipelines.imagenet_val VAL_DIR --labels LABELS --train-dir TRAIN_DIR --out OUT
-                                     [--synsets MAP] [--mode symlink|list] [--subset] [--force]
-
-ILSVRC2012_img_val.tar extracts to VAL_DIR/ILSVRC2012_val_00000001.JPEG ... _00050000.JPEG,
-one flat folder. Class loaders need class folders (or a file list) whose class index is the
-position of the class among TRAIN_DIR's sorted folder names (pipelines/listing.py). LABELS is
-either of these (told apart by content):
-
-  LOC_val_solution.csv (Kaggle's ImageNet Object Localization Challenge): a header
-      `ImageId,PredictionString`, then rows such as `ILSVRC2012_val_00008726,n02119789 255 142
-      454 329 n02119789 ...`: the first token of PredictionString is the image's synset (wnid).
-  ILSVRC2012_validation_ground_truth.txt (devkit ILSVRC2012_devkit_t12/data/): line i holds the
-      ILSVRC2012_ID (1..1000) of ILSVRC2012_val_<i as 8 digits>. Those IDs number the synsets
-      in the devkit's own order (meta.mat: ID 1 = n02119789 kit fox, 2 = n02100735 English
-      setter), NOT in sorted wnid order, so --synsets MAP must say which ID is which wnid:
-        map_clsloc.txt (ILSVRC2015 devkit, data/): `n02119789 1 kit_fox` lines (wnid, ID, name);
-        or one wnid per line in ID order (line i = ID i). From meta.mat (needs scipy):
-          python -c "import scipy.io as s; [print(x[0][1][0], x[0][0][0][0]) for x in
-                     s.loadmat('meta.mat')['synsets'] if x[0][0][0][0] <= 1000]" > map.txt
-      The widely shared synsets.txt / synset_words.txt / LOC_synset_mapping.txt
-      (`n01440764 tench, Tinca tinca` first) are SORTED by wnid: torchvision's class order, not
-      the IDs' order; read as ID order they would mislabel almost every image, so a list whose
-      wnids come out sorted is refused.
-
-Output (OUT is built beside itself, then renamed into place):
-  symlink (default): OUT/<wnid>/<image> -> the image, relative links (moving the dataset root
-      keeps them valid); one folder per TRAIN_DIR class, empty ones too, so indices agree.
-      Then set data.val_dir=OUT (relative to data.root, or absolute). Every backend reads it.
-  list: OUT/<VAL_DIR name>.txt (`ILSVRC2012_val_00000001.JPEG 65`, relative to VAL_DIR) and
-      OUT/<TRAIN_DIR name>.txt (train as listed now; pipelines.scan writes it without the
-      undecodable files), so data.file_list=OUT/{split}.txt serves both splits.
-
-Every image needs exactly one label, every label an image, every wnid a TRAIN_DIR class: else
-one line naming the file and line, and nothing is written. --subset is for a TRAIN_DIR that holds
-a class subset (ImageNet-100 and the like): the val images of other classes are skipped instead,
-and every TRAIN_DIR class must have some. A non-empty OUT is replaced only
-with --force, and only when this command wrote it (its .imagenet_val.json says so).
+LABELS is LOC_val_solution.csv (Kaggle; PredictionString starts with the wnid) or the devkit's
+ILSVRC2012_validation_ground_truth.txt, whose IDs follow meta.mat's order, NOT sorted wnids:
+--synsets MAP gives ID -> wnid: map_clsloc.txt (`n02119789 1 kit_fox`), or wnids in ID order by
+  python -c "import scipy.io as s; [print(x[0][1][0], x[0][0][0][0]) for x in
+             s.loadmat('meta.mat')['synsets'] if x[0][0][0][0] <= 1000]" > map.txt
+(needs scipy). A sorted list (synsets.txt, LOC_synset_mapping.txt: torchvision's order) is refused.
+Any unmatched image, label or wnid: one line naming file and line, nothing written. See
+docs/pipelines.md ("ImageNet's official val").
 """
 from __future__ import annotations
 
@@ -46,8 +17,8 @@ import shutil
 import sys
 import tempfile
 
-from pipelines.listing import (CLASSES, FLAT, class_folders, is_image_file, layout_error,
-                               list_images, split_layout, write_file_list)
+from pipelines import listing
+from pipelines.listing import class_folders, is_image_file, list_images, split_layout, write_file_list
 from rotnet.cli import ArgumentParser, InputError, one_line_errors
 
 MANIFEST = ".imagenet_val.json"   # hidden: the loaders skip it
@@ -57,8 +28,6 @@ CSV_HEADER = "imageid,predictionstring"
 class ConversionError(InputError):
     """Labels and images do not match; the message names the file and line."""
 
-
-# ---------------------------------------------------------------------------- reading the labels
 
 def _lines(path: str) -> list[str]:
     """The text lines of `path`, trailing blank lines dropped; refuses binary files (meta.mat)."""
@@ -100,9 +69,9 @@ def read_synsets(path: str) -> dict[int, tuple[str, str]]:
     if len(set(wnids)) != len(wnids):
         raise ConversionError(f"{path}: a wnid appears twice")
     if len(wnids) > 1 and wnids == sorted(wnids):
-        raise ConversionError(f"{path} lists the wnids in sorted order (like synsets.txt or LOC_synset_mapping.txt):"
-                              " that is torchvision's class order, not the devkit's ILSVRC2012_ID order the ground "
-                              "truth uses; give map_clsloc.txt or the list made from meta.mat (see --help)")
+        raise ConversionError(f"{path} lists the wnids in sorted order (like LOC_synset_mapping.txt): "
+                              "torchvision's class order, not the devkit's ILSVRC2012_ID order; give "
+                              "map_clsloc.txt or the list made from meta.mat (see --help)")
     return by_id
 
 
@@ -123,40 +92,38 @@ def read_labels(path: str, synsets: str) -> dict[str, tuple[str, str]]:
                 continue
             image, comma, prediction = line.partition(",")
             if not comma or not prediction.split():
-                raise ConversionError(f"{path}:{n}: expected 'ImageId,PredictionString' (wnid first), got {line!r}")
+                raise ConversionError(f"{path}:{n}: expected 'ImageId,PredictionString', got {line!r}")
             stem = image.strip()
             add(n, os.path.splitext(stem)[0] if is_image_file(stem) else stem, prediction.split()[0])
     elif head.isdigit():                                                     # devkit ground truth
         if not synsets:
-            raise ConversionError(f"{path} holds ILSVRC2012_IDs (devkit ground truth): give --synsets with the "
-                                  "devkit's ID -> wnid map (map_clsloc.txt, or the list made from meta.mat)")
+            raise ConversionError(f"{path} holds ILSVRC2012_IDs (devkit ground truth): give --synsets, "
+                                  "the ID -> wnid map (map_clsloc.txt, or the list made from meta.mat)")
         by_id = read_synsets(synsets)
         for n, line in enumerate(lines, 1):
             if not line.strip().isdigit() or int(line) not in by_id:
-                raise ConversionError(f"{path}:{n}: expected an ILSVRC2012_ID in 1..{len(by_id)} ({synsets} has "
-                                      f"{len(by_id)} synsets), got {line!r}")
+                raise ConversionError(f"{path}:{n}: expected an ILSVRC2012_ID in 1..{len(by_id)} "
+                                      f"({synsets} has {len(by_id)} synsets), got {line!r}")
             add(n, f"ILSVRC2012_val_{n:08d}", by_id[int(line)][0])
     else:
-        raise ConversionError(f"{path}:1: expected the header 'ImageId,PredictionString' (LOC_val_solution.csv) "
-                              f"or an ILSVRC2012_ID (ILSVRC2012_validation_ground_truth.txt), got {head!r}")
+        raise ConversionError(f"{path}:1: expected the header 'ImageId,PredictionString' (LOC_val_solution"
+                              f".csv) or an ILSVRC2012_ID (validation_ground_truth.txt), got {head!r}")
     return labels
 
-
-# ---------------------------------------------------------------------------- matching images and labels
 
 def val_images(val_dir: str) -> dict[str, str]:
     """{name without extension: file name} of the flat split `val_dir`."""
     layout = split_layout(val_dir)
-    if layout == CLASSES:
+    if layout == listing.CLASSES:
         raise ConversionError(f"{val_dir!r} already has class folders: set data.val_dir to it as it is")
-    if layout != FLAT:
-        raise layout_error(val_dir, layout)
+    if layout != listing.FLAT:
+        raise listing.layout_error(val_dir, layout)
     images: dict[str, str] = {}
     for name in sorted(os.listdir(val_dir)):
         if is_image_file(name):
             stem = os.path.splitext(name)[0]
             if stem in images:
-                raise ConversionError(f"{val_dir!r} holds both {images[stem]} and {name}: which one is labelled?")
+                raise ConversionError(f"{val_dir!r} holds both {images[stem]} and {name}: which is labelled?")
             images[stem] = name
     return images
 
@@ -169,9 +136,8 @@ def _refuse(problems: list[str]) -> None:
 
 def match(images: dict[str, str], labels: dict[str, tuple[str, str]], classes: list[str], *, val_dir: str,
           labels_path: str, train_dir: str, subset: bool = False) -> list[tuple[str, int]]:
-    """[(image file name, class index)] in name order; ConversionError at the first mismatch.
-    subset: images of classes that TRAIN_DIR lacks are skipped (ImageNet-100 style), not refused;
-    every class of TRAIN_DIR must still have val images, so a wrong TRAIN_DIR is not silently empty."""
+    """[(image file name, class index)] in name order; ConversionError at the first mismatch. subset:
+    skip images of classes TRAIN_DIR lacks, but every TRAIN_DIR class needs some (no silent empty)."""
     counts = f"{len(labels)} labels, {len(images)} images"
     _refuse([f"{where}: a label for {stem}, but {val_dir} has no such image ({counts})"
              for stem, (_, where) in labels.items() if stem not in images])
@@ -184,13 +150,11 @@ def match(images: dict[str, str], labels: dict[str, tuple[str, str]], classes: l
                  f"a subset of these labels' {len(seen)} classes?)" for c in classes if c not in seen])
         images = {stem: name for stem, name in images.items() if labels[stem][0] in index}
     else:
-        _refuse([f"{where}: {wnid} (label of {stem}) is not a class folder of {train_dir} ({len(classes)} classes, "
-                 f"{classes[0]} ... {classes[-1]}; --subset keeps only its classes)"
+        _refuse([f"{where}: {wnid} (label of {stem}) is not a class folder of {train_dir} ({len(classes)} "
+                 f"classes, {classes[0]} ... {classes[-1]}; --subset keeps only its classes)"
                  for stem, (wnid, where) in labels.items() if wnid not in index])
     return [(name, index[labels[stem][0]]) for stem, name in images.items()]
 
-
-# ---------------------------------------------------------------------------- writing OUT
 
 def _inside(a: str, b: str) -> bool:
     """`a` is `b` or lies under it."""
@@ -206,14 +170,13 @@ def check_out(out: str, force: bool, sources: tuple[str, ...]) -> None:
         raise ConversionError(f"--out {out} is a file")
     if os.path.isdir(out) and os.listdir(out):
         if not os.path.isfile(os.path.join(out, MANIFEST)):
-            raise ConversionError(f"--out {out} is not empty and was not written by this command: choose another")
+            raise ConversionError(f"--out {out} is not empty and not written by this command: choose another")
         if not force:
-            raise ConversionError(f"--out {out} holds an earlier conversion ({MANIFEST}): pass --force to replace it")
+            raise ConversionError(f"--out {out} holds an earlier conversion ({MANIFEST}): pass --force")
 
 
 def write_out(out: str, fill, manifest: dict) -> None:
-    """Build OUT in a hidden sibling with `fill(folder)`, then rename it into place (an earlier
-    OUT is swapped out whole, then deleted): a failure leaves the earlier OUT as it was."""
+    """Build OUT in a hidden sibling with `fill(folder)`, then swap it in: a failure changes nothing."""
     parent, name = os.path.split(out)
     try:
         os.makedirs(parent, exist_ok=True)
@@ -242,7 +205,7 @@ def write_out(out: str, fill, manifest: dict) -> None:
         shutil.rmtree(old)
 
 
-def symlink_tree(folder: str, out: str, val_dir: str, classes: list[str], pairs: list[tuple[str, int]]) -> None:
+def symlink_tree(folder: str, out: str, val_dir: str, classes: list[str], pairs: list[tuple]) -> None:
     """folder/<wnid>/<image> links; relative to where they will live (OUT), not to `folder`."""
     for c in classes:
         os.makedirs(os.path.join(folder, c))
@@ -260,28 +223,25 @@ def file_lists(folder: str, val_dir: str, train_dir: str, pairs: list[tuple[str,
                     [os.path.relpath(p, train_dir) for p in paths], labels)
 
 
-# ---------------------------------------------------------------------------- command line
-
 def main(argv=None) -> int:
     ap = ArgumentParser(prog="python -m pipelines.imagenet_val", description=__doc__)
     ap.add_argument("val_dir", metavar="VAL_DIR", help="the flat folder ILSVRC2012_img_val.tar extracts to")
     ap.add_argument("--labels", required=True,
-                    help="LOC_val_solution.csv or ILSVRC2012_validation_ground_truth.txt (the latter with --synsets)")
-    ap.add_argument("--synsets", default="",
-                    help="with the devkit ground truth: its ID -> wnid map, map_clsloc.txt or a wnid list in ID "
-                         "order (NOT the sorted synsets.txt / LOC_synset_mapping.txt)")
+                    help="LOC_val_solution.csv, or ILSVRC2012_validation_ground_truth.txt with --synsets")
+    ap.add_argument("--synsets", default="", help="the devkit's ID -> wnid map: map_clsloc.txt or a wnid "
+                    "list in ID order (NOT the sorted synsets.txt / LOC_synset_mapping.txt)")
     ap.add_argument("--train-dir", required=True,
                     help="the train split (TRAIN_DIR/<wnid>/...): its sorted folders number the classes")
     ap.add_argument("--out", required=True,
-                    help="symlink: the new split folder (e.g. ROOT/val_classes; then data.val_dir=val_classes); "
+                    help="symlink: the new split folder (e.g. ROOT/val_classes; data.val_dir=val_classes); "
                          "list: the folder of the two lists (then data.file_list=OUT/{split}.txt)")
     ap.add_argument("--mode", choices=("symlink", "list"), default="symlink",
-                    help="symlink (default): a class-folder tree of links, read by every backend with no "
-                         "config change but data.val_dir. list: file lists, for filesystems without symlinks")
+                    help="symlink (default): a class-folder tree of links, read by every backend. "
+                         "list: file lists, for filesystems without symlinks")
     ap.add_argument("--force", action="store_true", help="replace an earlier output of this command at --out")
     ap.add_argument("--subset", action="store_true",
-                    help="TRAIN_DIR holds a class subset (ImageNet-100 and the like): keep the val images of "
-                         "its classes, skip the rest (without it, a label outside TRAIN_DIR is an error)")
+                    help="TRAIN_DIR holds a class subset (e.g. ImageNet-100): skip val images of other "
+                         "classes (without it, a label outside TRAIN_DIR is an error)")
     args = ap.parse_intermixed_args(argv)
     val_dir, train_dir, out = (os.path.abspath(p) for p in (args.val_dir, args.train_dir, args.out))
     with one_line_errors(InputError):
@@ -300,11 +260,12 @@ def main(argv=None) -> int:
         else:
             write_out(out, lambda f: file_lists(f, val_dir, train_dir, pairs), manifest)
     used = len({idx for _, idx in pairs})
-    skipped = f" ({len(images) - len(pairs)} images of other classes skipped: --subset)" if args.subset else ""
+    skipped = f" ({len(images) - len(pairs)} images of other classes skipped)" if args.subset else ""
     print(f"{len(pairs)} images of {used}/{len(classes)} classes -> {out}{skipped}")
     root = os.path.dirname(train_dir)
     where = os.path.relpath(out, root) if _inside(out, root) else out
-    print("next: set " + (f"data.val_dir={where}" if args.mode == "symlink" else f"data.file_list={out}/{{split}}.txt"))
+    key = f"data.val_dir={where}" if args.mode == "symlink" else f"data.file_list={out}/{{split}}.txt"
+    print(f"next: set {key}")
     return 0
 
 

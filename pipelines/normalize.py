@@ -1,15 +1,11 @@
 """Where normalisation happens, and the trainer-side `prepare_batch`.
 
-Loaders emit either
-  - uint8 (B, H, W, C) (CPU pipelines, or loader.normalize == "trainer"): the trainer calls
-    `prepare_batch` in its first step. On CPU this is the faster choice: moving 1 byte per
-    pixel out of the pipeline and converting once in torch beats a float16 CPU graph (~2x).
-  - float16 (B, C, H, W) already normalised by the loader (GPU DALI / GPU resident with
-    loader.normalize "graph" or "auto"), stored channels-last (NHWC in memory, the layout the
-    graph writes): `prepare_batch(.., channels_last=True)` then copies nothing unless the
-    model needs another dtype (fp32: one cast; under autocast pass dtype=None: no copy).
+Loaders emit uint8 (B, H, W, C) (CPU, or loader.normalize="trainer"; `prepare_batch` normalises)
+or float16 (B, C, H, W) normalised in the graph (GPU with "graph"/"auto"), channels-last in memory.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -25,32 +21,19 @@ def normalize_in_graph(mode: str, device: torch.device) -> bool:
     return mode == "graph"
 
 
-_STATS_CACHE: dict = {}
-
-
-def _stats(data, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+@functools.cache
+def _stats(mean: tuple, std: tuple, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift) float32 (1, C, 1, 1) so that x*scale + shift == (x/255 - mean)/std."""
-    key = (tuple(data.mean), tuple(data.std), str(device))
-    if key not in _STATS_CACHE:
-        mean = torch.tensor(data.mean, dtype=torch.float32)
-        std = torch.tensor(data.std, dtype=torch.float32)
-        scale = (1.0 / (255.0 * std)).view(1, -1, 1, 1).to(device)
-        shift = (-mean / std).view(1, -1, 1, 1).to(device)
-        _STATS_CACHE[key] = (scale, shift)
-    return _STATS_CACHE[key]
+    mean, std = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+    scale = (1.0 / (255.0 * std)).view(1, -1, 1, 1).to(device)
+    return scale, (-mean / std).view(1, -1, 1, 1).to(device)
 
 
 def prepare_batch(images: torch.Tensor, data, channels_last: bool,
                   dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
-    """Loader images -> model input (B, C, H, W) in `dtype`, on the images' device.
-
-    uint8 (B, H, W, C) -> (x/255 - mean)/std, data.mean/std in 0..1 units, computed in float32.
-    A float (B, C, H, W) batch (normalised by the loader) is only cast. dtype: what the model's
-    first layer takes: float32 for an fp32 model; None keeps a float batch as it is (for a
-    model under autocast, whose first op casts anyway) and gives float32 from uint8.
-    channels_last=True returns torch.channels_last memory format: free for uint8 input (the
-    HWC buffer permuted to NCHW has channels-last strides) and for the loaders' float output.
-    """
+    """Loader images -> model input (B, C, H, W) in `dtype`, on the images' device: uint8 (B, H, W, C)
+    -> (x/255 - mean)/std in float32; a float (B, C, H, W) batch is only cast (dtype=None: kept as is,
+    for autocast). channels_last costs no copy for either."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     if images.is_floating_point():
         if images.dim() != 4 or images.shape[1] != len(data.mean):
@@ -58,7 +41,7 @@ def prepare_batch(images: torch.Tensor, data, channels_last: bool,
         return images.to(dtype or images.dtype).contiguous(memory_format=fmt)
     if images.dtype != torch.uint8 or images.dim() != 4:
         raise ValueError(f"expected uint8 (B, H, W, C), got {images.dtype} {tuple(images.shape)}")
-    scale, shift = _stats(data, images.device)
+    scale, shift = _stats(tuple(data.mean), tuple(data.std), str(images.device))
     x = images.permute(0, 3, 1, 2).float()  # keeps the NHWC strides, i.e. channels_last
     x = torch.addcmul(shift, x, scale)       # one fused pass: x*scale + shift
     return x.to(dtype or torch.float32).contiguous(memory_format=fmt)

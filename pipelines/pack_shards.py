@@ -1,25 +1,8 @@
 """Pack an image folder into tar shards (webdataset layout) for shared filesystems.
 
-    python -m pipelines.pack_shards SPLIT_DIR --out DIR [--shard-size 5000] [--workers N] [--seed 0]
-                               [--file-list LIST]
-
-then train with `data.format=shards`, data.root the folder holding the packed splits (e.g. pack
-/data/imagenet/train to /scratch/in-shards/train and val to /scratch/in-shards/val).
-
-Why: on Lustre/NFS/GPFS every image file costs a metadata round trip per open, so 1.28M small
-files mean 1.28M opens per epoch per job; a few hundred tars opened once do not. What is written
-(format: pipelines/shard_reader.py): per sample KEY.<ext> with the source file's bytes unchanged and
-KEY.cls with its class index; a DALI index per shard; manifest.json last. Samples go into the shards
-in a seeded random order, so a shard is not one class. The loaders read any sample of any shard
-(one pread), in the same per-epoch order as for folders.
-
-Resumable and atomic: each shard is written under a temporary name, then renamed, so a shard under
-its final name is complete. A rerun with the same source, seed, shard size and list skips the
-complete shards (size checked against their index) and writes the others; a run with other settings
-into the same DIR is refused (`.plan.json` records them). The source must not change in between.
-Bad input (missing or empty SPLIT_DIR, an unreadable file) stops with one line and exit code 2,
-keeping every shard already written. The bytes are not decoded here: run `python -m pipelines.scan
-SPLIT_DIR --out LIST` first and pass --file-list LIST to leave undecodable files out.
+Then train with `data.format=shards`: shared filesystems see a few hundred opens, not one per image.
+Resumable: a rerun with the same settings skips complete shards. Nothing is decoded: run
+`python -m pipelines.scan SPLIT_DIR --out LIST` and pass --file-list LIST. See docs/pipelines.md.
 """
 from __future__ import annotations
 
@@ -32,10 +15,10 @@ import sys
 import tarfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
+from pipelines import shard_reader
 from pipelines.contract import derive_seed
 from pipelines.listing import BadImageError, list_images
-from pipelines.shard_reader import (FORMAT, FORMAT_VERSION, IMAGE_EXT, LABEL_EXT, MANIFEST, index_text,
-                                    member_key, read_index, shard_files)
+from pipelines.shard_reader import IMAGE_EXT, LABEL_EXT, MANIFEST, shard_files
 from rotnet.atomic import TMP, atomic_path, write_text
 from rotnet.checkpoint import git_commit
 from rotnet.cli import ArgumentParser, InputError, UsageError, one_line_errors
@@ -43,20 +26,12 @@ from rotnet.cli import ArgumentParser, InputError, UsageError, one_line_errors
 PLAN = ".plan.json"
 
 
-
-# ------------------------------------------------------------------ the plan
-
 def make_plan(split_dir: str, file_list: str, shard_size: int, seed: int) -> tuple[dict, list[list[tuple]]]:
-    """(plan record, per shard its members [(source path, label, packed position)]).
-
-    The order is a permutation of the listing seeded by `seed`; shard i holds positions
-    [i * shard_size, (i + 1) * shard_size). The record identifies the plan (settings and a digest
-    of the listing): equal records mean identical shards.
-    """
+    """(record: settings + listing digest, per shard [(source path, label, packed position)])."""
     paths, labels, classes = list_images(split_dir, file_list)
     odd = [p for p in paths if os.path.splitext(p)[1].lower() not in IMAGE_EXT]
     if odd:
-        raise UsageError(f"{odd[0]!r}: not an image extension ({', '.join(IMAGE_EXT)}); {len(odd)} such file(s)")
+        raise UsageError(f"{odd[0]!r}: not an image extension ({', '.join(IMAGE_EXT)}); {len(odd)} in all")
     digest = hashlib.sha256()
     for p, lab in zip(paths, labels):
         digest.update(f"{os.path.relpath(p, split_dir)}\t{lab}\n".encode("utf-8", "surrogateescape"))
@@ -64,9 +39,9 @@ def make_plan(split_dir: str, file_list: str, shard_size: int, seed: int) -> tup
     random.Random(derive_seed(seed, "pack")).shuffle(order)
     members = [(paths[i], labels[i], pos) for pos, i in enumerate(order)]
     shards = [members[k:k + shard_size] for k in range(0, len(members), shard_size)]
-    record = {"source": split_dir, "file_list": os.path.abspath(file_list) if file_list else "", "seed": seed,
-              "shard_size": shard_size, "count": len(paths), "classes": classes, "listing_sha256": digest.hexdigest(),
-              "version": FORMAT_VERSION}
+    record = {"source": split_dir, "file_list": os.path.abspath(file_list) if file_list else "",
+              "seed": seed, "shard_size": shard_size, "count": len(paths), "classes": classes,
+              "listing_sha256": digest.hexdigest(), "version": shard_reader.FORMAT_VERSION}
     return record, shards
 
 
@@ -82,19 +57,17 @@ def check_plan(out: str, record: dict) -> None:
         differ = [k for k in record if old.get(k) != record[k]]
         if differ:
             k = differ[0]
-            raise UsageError(f"--out {out!r} holds shards packed with other settings ({', '.join(differ)} differ: "
-                             f"{k} was {old.get(k)!r}, now {record[k]!r}); use another --out, or delete it to repack")
+            raise UsageError(f"--out {out!r} holds shards packed with other settings ({', '.join(differ)} "
+                             f"differ: {k} was {old.get(k)!r}, now {record[k]!r}); use another --out, or "
+                             "delete it to repack")
         return
     if os.path.exists(os.path.join(out, MANIFEST)) or any(n.endswith(".tar") for n in os.listdir(out)):
-        raise UsageError(f"--out {out!r} holds tar shards without {PLAN} (not written by this packer?); use another folder")
+        raise UsageError(f"--out {out!r} holds tar shards without {PLAN} (not this packer's?): use another")
     write_text(path, json.dumps(record, indent=1))
 
 
-# ------------------------------------------------------------------ one shard
-
 def tar_bytes(samples: list[dict]) -> int:
-    """Size of a tar whose index is `samples` (tarfile's layout: data 512-aligned, two zero blocks, whole
-    10 KiB records)."""
+    """Size of a tar whose index is `samples` (data 512-aligned, two zero blocks, whole 10 KiB records)."""
     end = max((off + size for s in samples for off, size, _ in s.values()), default=0)
     end = -(-end // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE + 2 * tarfile.BLOCKSIZE
     return -(-end // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
@@ -106,22 +79,20 @@ def shard_complete(out: str, i: int, count: int) -> bool:
     if not (os.path.isfile(tar) and os.path.isfile(idx)):
         return False
     try:
-        samples = read_index(idx)
+        samples = shard_reader.read_index(idx)
     except (ValueError, OSError):
         return False
     return len(samples) == count and os.path.getsize(tar) == tar_bytes(samples)
 
 
 def write_shard(out: str, i: int, members: list[tuple]) -> tuple[int, int]:
-    """Write shard i: the tar under a temporary name, then its index (atomically), then rename the
-    tar, so a tar under its final name has its index. Returns (i, tar bytes). BadImageError names an
-    unreadable source file."""
+    """Write shard i (tar, then index, then the tar's rename: a final name has its index) -> (i, bytes)."""
     tar_name, idx_name = shard_files(i)
     index = []
     with atomic_path(os.path.join(out, tar_name)) as tmp_tar:
         with open(tmp_tar, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
             for path, label, pos in members:
-                key = member_key(pos)
+                key = shard_reader.member_key(pos)
                 ext = IMAGE_EXT[os.path.splitext(path)[1].lower()]
                 try:
                     with open(path, "rb") as src:
@@ -135,14 +106,12 @@ def write_shard(out: str, i: int, members: list[tuple]) -> tuple[int, int]:
                     sample.append((name.split(".", 1)[1], tf.offset + tarfile.BLOCKSIZE, len(data), name))
                     tf.addfile(info, io.BytesIO(data))
                 index.append(sample)
-        write_text(os.path.join(out, idx_name), index_text(index))   # before the tar's rename
+        write_text(os.path.join(out, idx_name), shard_reader.index_text(index))   # before the tar's rename
     return i, os.path.getsize(os.path.join(out, tar_name))
 
 
-# ------------------------------------------------------------------ the command
-
 def pack(split_dir: str, out: str, shard_size: int, workers: int, seed: int = 0, file_list: str = "") -> dict:
-    """Pack `split_dir` into `out`; returns the manifest. See the module docstring."""
+    """Pack `split_dir` into `out`; returns the manifest."""
     split_dir, out = os.path.abspath(split_dir), os.path.abspath(out)
     if not os.path.isdir(split_dir):
         raise UsageError(f"image folder not found: {split_dir!r}")
@@ -162,7 +131,8 @@ def pack(split_dir: str, out: str, shard_size: int, workers: int, seed: int = 0,
     todo = [i for i, m in enumerate(shards) if not shard_complete(out, i, len(m))]
 
     def done(n: int, i: int, size: int) -> None:
-        print(f"{shard_files(i)[0]}: {len(shards[i])} images, {size / 2**20:.1f} MiB ({n}/{len(todo)})", flush=True)
+        mib = size / 2**20
+        print(f"{shard_files(i)[0]}: {len(shards[i])} images, {mib:.1f} MiB ({n}/{len(todo)})", flush=True)
 
     if workers == 1 or len(todo) <= 1:
         for n, i in enumerate(todo, 1):
@@ -180,10 +150,11 @@ def pack(split_dir: str, out: str, shard_size: int, workers: int, seed: int = 0,
     entries = []
     for i, members in enumerate(shards):
         tar, idx = shard_files(i)
-        entries.append({"tar": tar, "index": idx, "count": len(members),
-                        "bytes": os.path.getsize(os.path.join(out, tar)), "labels": [lab for _, lab, _ in members]})
-    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "tool": "python -m pipelines.pack_shards",
-                "tool_commit": git_commit(),
+        size = os.path.getsize(os.path.join(out, tar))
+        entries.append({"tar": tar, "index": idx, "count": len(members), "bytes": size,
+                        "labels": [lab for _, lab, _ in members]})
+    manifest = {"format": shard_reader.FORMAT, "version": shard_reader.FORMAT_VERSION,
+                "tool": "python -m pipelines.pack_shards", "tool_commit": git_commit(),
                 **{k: record[k] for k in ("count", "classes", "source", "file_list", "seed", "shard_size")},
                 "shards": entries}
     write_text(os.path.join(out, MANIFEST), json.dumps(manifest, separators=(",", ":")))

@@ -3,11 +3,8 @@
   imagenet  train: random-resized-crop (area [min_scale, 1], ratio [3/4, 4/3]) + flip;
             eval: resize the shorter side to resize_size, centre crop crop_size.
   cifar     train: zero-pad 4, random crop_size crop (9 x 9 positions) + flip; eval: centre crop.
-Outputs are square crop_size crops, so rotations of one crop stack. The DALI graph
-(pipelines/dali_graph.py) is the graph form of the same recipe.
-
-A batch draws its randomness in a fixed order from one generator: the flips, then the crop
-windows; `make_batch` then draws one_random's rotations (pipelines.rotations.rotate_batch).
+pipelines/dali_graph.py is the same recipe as a DALI graph. A batch's generator draws flips, crop
+windows, then one_random's rotations.
 """
 from __future__ import annotations
 
@@ -24,8 +21,7 @@ from pipelines.rotations import rotate_batch, to_device
 
 
 def decode_rgb(path: str, data: bytes | None = None) -> torch.Tensor:
-    """File (or its `data`, e.g. a tar shard member named `path`) -> uint8 (3, H, W) RGB (greyscale,
-    CMYK, PNG named .JPEG too); BadImageError naming it."""
+    """File `path` (or its bytes `data`, e.g. a shard member) -> uint8 (3, H, W) RGB; BadImageError."""
     try:
         raw = read_file(path) if data is None else torch.frombuffer(bytearray(data), dtype=torch.uint8)
         return decode_image(raw, mode=ImageReadMode.RGB)
@@ -104,8 +100,7 @@ def crop_batch(images, data, train: bool, g: torch.Generator | None = None) -> t
 
 
 def _cifar_gather(x: torch.Tensor, off: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
-    """The cifar train recipe for crop-sized images (P, S, S, C) as ONE gather: pad, crop, flip
-    (folded into the column index). Equal to crop_batch's per-image path for the same draws."""
+    """crop_batch's cifar train path for crop-sized (P, S, S, C) as ONE gather: pad, crop, flip."""
     n, s, dev = x.shape[0], x.shape[1], x.device
     pad = F.pad(x, (0, 0, 4, 4, 4, 4))                    # (P, S+8, S+8, C), zeros
     ar = torch.arange(s)
@@ -116,12 +111,8 @@ def _cifar_gather(x: torch.Tensor, off: torch.Tensor, flip: torch.Tensor) -> tor
 
 
 def make_batch(spec, key: tuple[int, int], images, labels: torch.Tensor, cropped: bool = False):
-    """One step's batch for `assemble`: crops (unless `cropped`), then rotations.
-
-    Randomness comes from key = (epoch, step) and the rank only, so a resumed run replays it.
-    Returns (uint8 (P, K, S, S, C), None) in mode "all", ((P, S, S, C), rotation index) in
-    one_random, ((P, S, S, C), labels) in class mode.
-    """
+    """One step's batch: crops (unless `cropped`), then rotations; random by (key=(epoch, step), rank).
+    -> (uint8 (P, K, S, S, C), None) "all"; ((P, S, S, C), rotation index) one_random; (.., labels) class."""
     g = torch.Generator().manual_seed(spec.seed_for("batch", *key, spec.rank))
     x = images if cropped else crop_batch(images, spec.data, spec.train, g)
     if spec.mode == "class":

@@ -1,11 +1,7 @@
-"""loader.resident=True: decode the split once, keep uint8 images in memory, augment per batch.
+"""loader.resident=True: decode the split once, keep uint8 images on `device`, augment per batch.
 
-For small-image sets (CIFAR: 50,000 JPEGs of 32x32, 150 MB decoded), re-decoding every epoch
-costs more than the model step. Images go to GPU memory when `device` is cuda, RAM otherwise.
-Storage: one uint8 (M, H, W, C) tensor when all images share a size (CIFAR), else a list.
-Eval recipes are deterministic, so their crops are computed once at load time (always stacked).
-Per batch: the torch recipe (pipelines.recipe; cifar train is one gather) and rotations as
-tensor ops on `device`. Sharding, steps, epochs, state and randomness are the torch backend's.
+For small images (CIFAR) re-decoding costs more than the model step. Eval crops are precomputed;
+sharding, steps, state and randomness are the torch backend's.
 """
 from __future__ import annotations
 
@@ -20,7 +16,7 @@ from pipelines.torch_backend import SampledLoader, decode_sample
 
 
 class ResidentLoader(SampledLoader):
-    """Same contract as the DALI/torch loaders; `backend` is 'torch' (torch ops)."""
+    """Images: one uint8 (M, H, W, C) tensor when sizes agree, else a list."""
 
     def __init__(self, spec: LoaderSpec):
         super().__init__(spec)
@@ -37,10 +33,8 @@ class ResidentLoader(SampledLoader):
             self.images = torch.stack(imgs).to(dev)  # (M, H, W, C)
         else:
             self.images = [im.to(dev) for im in imgs]
-        # CPU: build batches one ahead in a helper thread with ONE intra-op thread. The ops are
-        # small; OpenMP teams on shared/busy cores made them 15x slower (measured: 424 ms vs
-        # 27 ms per 128-image CIFAR batch while other jobs loaded the 2 cores). The setting is
-        # per thread, so the trainer's own torch threads are untouched.
+        # CPU: build batches one ahead in a helper thread with ONE intra-op thread (small ops:
+        # OpenMP teams on busy cores are far slower); per thread, so the trainer's are untouched.
         self._helper = None if dev.type == "cuda" else ThreadPoolExecutor(
             1, initializer=torch.set_num_threads, initargs=(1,))
 
@@ -51,16 +45,13 @@ class ResidentLoader(SampledLoader):
         return make_batch(self.spec, key, images, self.labels[i], cropped=not self.spec.train)
 
     def _run(self):
-        items = iter(self.sampler)
         if self._helper is None:
-            yield from map(self._make, items)
+            yield from map(self._make, self.sampler)
             return
-        first = next(items, None)
-        if first is None:
-            return
-        ahead = self._helper.submit(self._make, first)
-        for item in items:
-            batch = ahead.result()
-            ahead = self._helper.submit(self._make, item)
-            yield batch
-        yield ahead.result()
+        ahead = []   # the batch being yielded and the next one, in the works
+        for item in self.sampler:
+            ahead.append(self._helper.submit(self._make, item))
+            if len(ahead) == 2:
+                yield ahead.pop(0).result()
+        for f in ahead:
+            yield f.result()

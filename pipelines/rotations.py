@@ -1,12 +1,8 @@
-"""Rotation sets and the torch implementation of the rotations (torch backend, resident mode, tests).
+"""Rotation sets and the rotations in torch (torch backend, resident mode, tests).
 
-Convention (all backends): rotating an HWC image by `a` degrees, `a` a multiple of 90, is
-`torch.rot90(img, a // 90, dims=(0, 1))`, i.e. counter-clockwise as displayed. Odd multiples
-of 45 use an interpolating (bilinear) counter-clockwise rotation about the centre that keeps
-the size and fills the corners with 0.
-
-Batch order of a rotation loader (mode "all"): sample-major, row K*i + r is original i rotated
-by rotations[r] with label r, K = len(rotations).
+Convention (all backends): `a` degrees = `torch.rot90(img_hwc, a // 90, dims=(0, 1))`, counter-
+clockwise as displayed; odd multiples of 45 rotate bilinearly about the centre, corners 0.
+Mode "all" batches are sample-major: row K*i + r is original i rotated by rotations[r], label r.
 """
 from __future__ import annotations
 
@@ -33,14 +29,10 @@ def check_rotations(rotations, mode: str = "all") -> list[int]:
 
 
 def rotate_hwc(img: torch.Tensor, angle: int) -> torch.Tensor:
-    """Rotate uint8 (..., H, W, C) images by `angle` degrees (multiple of 45); square H == W.
-
-    Multiples of 90 are exact pixel permutations; odd multiples of 45 interpolate.
-    """
+    """Rotate uint8 (..., H, W, C) images, H == W, by `angle` degrees (multiple of 45)."""
     if angle % 90 == 0:
         return torch.rot90(img, angle // 90, dims=(-3, -2))
-    # Imported here: only odd multiples of 45 need torchvision, and importing it costs every
-    # entry point's start-up about as much as torch itself.
+    # Imported here: torchvision costs every entry point's start-up about as much as torch.
     import torchvision.transforms.v2.functional as TF
 
     chw = img.movedim(-1, -3)  # (..., C, H, W) view: torchvision rotates CHW
@@ -48,16 +40,10 @@ def rotate_hwc(img: torch.Tensor, angle: int) -> torch.Tensor:
     return out.movedim(-3, -1).contiguous()
 
 
-def stack_rotations(img: torch.Tensor, rotations: list[int]) -> torch.Tensor:
-    """uint8 (H, W, C) or (B, H, W, C) -> (K, H, W, C) or (B, K, H, W, C), one slot per rotation."""
-    return torch.stack([rotate_hwc(img, a) for a in rotations], dim=-4)
-
-
 def rotate_batch(x: torch.Tensor, rotations: list[int], mode: str, g: torch.Generator):
-    """uint8 (P, S, S, C) crops -> mode "all": ((P, K, S, S, C), None); "one_random": ((P, S, S, C)
-    each rotated by rotations[r_i], r (P,) int64), r drawn from `g`."""
+    """uint8 (P, S, S, C) -> "all": ((P, K, S, S, C), None); "one_random": (x_i by rotations[r_i], r (P,))."""
     if mode == "all":
-        return stack_rotations(x, rotations), None
+        return torch.stack([rotate_hwc(x, a) for a in rotations], dim=1), None
     r = torch.randint(0, len(rotations), (x.shape[0],), generator=g)
     out = torch.empty_like(x)
     for j, a in enumerate(rotations):  # one batched op per angle
@@ -68,8 +54,7 @@ def rotate_batch(x: torch.Tensor, rotations: list[int], mode: str, g: torch.Gene
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor (a batch's indices) on `device` without a host sync: on CUDA an asynchronous
-    copy from pinned memory (a plain `.to("cuda")` of a host tensor waits for the copy)."""
+    """A small host tensor on `device` without a host sync (on CUDA: async copy from pinned memory)."""
     if torch.device(device).type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)

@@ -1,25 +1,11 @@
 """Built-in sample data: a small procedurally drawn image set in ImageNet folder layout.
 
-    root = ensure_sample_data(seed=0)   # ~/.cache/rotnet/sample-v1-seed0/{train,val}/n00000_house/*.JPEG
+    root = ensure_sample_data(seed=0)   # ~/.cache/rotnet/sample-v2-seed0/{train,val}/n00000_house/*.JPEG
     python -m pipelines.sample_data [--seed N] [--out CACHE_DIR]
 
-Why procedural: the demo runs offline, and rotation prediction only teaches something if every
-image has an unambiguous upright orientation. Each image shows 1-2 class objects standing upright
-on their shadows, over a background with no "up" (colour ramp in a random direction, isotropic
-clutter): the objects alone tell the orientation (see make_image for why this matters).
-
-The class is carried by SHAPE only: every colour is drawn per image independently of the class,
-clutter is class-independent, and noise plus a contrast/brightness jitter are added, so global
-colour statistics do not separate classes (a linear probe on colour means/histograms is at chance)
-and a random-init trunk is not already perfect. Drawn at 2x then box-downsampled; short side
-72..160, aspect 0.6..1.7, JPEG quality 90, 1 in 20 greyscale ('L'). Each image has its own RNG
-seeded by (seed, split, class, index): bit-exact per seed for a given Pillow/libjpeg.
-
-Caching and races: the set is built in a `.tmp-` folder next to the target, a marker file
-(COMPLETE.json) is written last, and the folder is moved into place by one atomic os.rename. A
-process losing the race (e.g. two DDP ranks) finds the target complete and drops its copy; a killed
-build leaves only a `.tmp-` folder (removed once stale), never a half set under the final name.
-Bump FORMAT_VERSION whenever the drawing changes.
+Procedural: the demo runs offline, every image has an unambiguous upright (see make_image), and
+the class is carried by SHAPE only (colours drawn per image), so a colour probe is at chance.
+Built in a `.tmp-` folder and renamed into place once complete, so racing DDP ranks are safe.
 """
 from __future__ import annotations
 
@@ -36,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 2       # bump whenever the drawing changes
 CLASSES = ("house", "tree", "car", "person", "lamppost", "mountain", "tower", "boat", "fence", "table")
 CLASS_DIRS = tuple(f"n{i:05d}_{c}" for i, c in enumerate(CLASSES))
 PER_CLASS_TRAIN = 120
@@ -100,7 +86,8 @@ def _person(d, r, x, y, s, c):
     d.line([(x, y - s + 2 * hr), (x, hip)], fill=c, width=lw)
     for sx in (-1, 1):
         d.line([(x, hip), (x + sx * s * r.uniform(0.08, 0.2), y)], fill=c, width=lw)
-        d.line([(x, sh), (x + sx * s * r.uniform(0.15, 0.3), sh + s * r.uniform(-0.15, 0.25))], fill=c, width=lw)
+        hand = (x + sx * s * r.uniform(0.15, 0.3), sh + s * r.uniform(-0.15, 0.25))
+        d.line([(x, sh), hand], fill=c, width=lw)
 
 
 def _lamppost(d, r, x, y, s, c):
@@ -109,10 +96,10 @@ def _lamppost(d, r, x, y, s, c):
     d.polygon([(x - pw * 2, y), (x + pw * 2, y), (x + pw, y - s * 0.08), (x - pw, y - s * 0.08)], fill=c)
     a = s * r.uniform(0.18, 0.3)
     d.rectangle([min(x, x + sx * a), y - s, max(x, x + sx * a), y - s + pw], fill=c)
-    lx, lh = x + sx * a, s * 0.1
-    d.ellipse([lx - lh * 0.5, y - s + pw + lh * 0.4, lx + lh * 0.5, y - s + pw + lh * 1.1], fill=_col(r, 0.7, 1.0))
-    d.polygon([(lx - lh * 0.25, y - s + pw), (lx + lh * 0.25, y - s + pw), (lx + lh * 0.6, y - s + pw + lh * 0.8),
-               (lx - lh * 0.6, y - s + pw + lh * 0.8)], fill=c)
+    lx, lh, ly = x + sx * a, s * 0.1, y - s + pw   # lamp: centre, size, top
+    d.ellipse([lx - lh * 0.5, ly + lh * 0.4, lx + lh * 0.5, ly + lh * 1.1], fill=_col(r, 0.7, 1.0))
+    d.polygon([(lx - lh * 0.25, ly), (lx + lh * 0.25, ly), (lx + lh * 0.6, ly + lh * 0.8),
+               (lx - lh * 0.6, ly + lh * 0.8)], fill=c)
 
 
 def _mountain(d, r, x, y, s, c):
@@ -121,7 +108,8 @@ def _mountain(d, r, x, y, s, c):
         w, h, px = s * r.uniform(1.4, 2.4), s * r.uniform(0.6, 1.0), x + k * s * r.uniform(-0.8, 0.8)
         d.polygon([(px - w / 2, y), (px + w / 2, y), (px, y - h)], fill=c)
         f = r.uniform(0.2, 0.35)
-        d.polygon([(px - w / 2 * f, y - h * (1 - f)), (px + w / 2 * f, y - h * (1 - f)), (px, y - h)], fill=snow)
+        sy = y - h * (1 - f)                # snow line
+        d.polygon([(px - w / 2 * f, sy), (px + w / 2 * f, sy), (px, y - h)], fill=snow)
         c = _col(r)
 
 
@@ -159,8 +147,8 @@ def _fence(d, r, x, y, s, c):
     for yy in (0.3, 0.7):
         d.rectangle([x0, y - s * yy - pw * 0.25, x0 + n * (pw + gap) - gap, y - s * yy + pw * 0.25], fill=c)
     for k in range(n):
-        a = x0 + k * (pw + gap)
-        d.polygon([(a, y), (a + pw, y), (a + pw, y - s + pw * 0.6), (a + pw / 2, y - s), (a, y - s + pw * 0.6)], fill=c)
+        a, sh = x0 + k * (pw + gap), y - s + pw * 0.6   # picket: left edge, shoulder
+        d.polygon([(a, y), (a + pw, y), (a + pw, sh), (a + pw / 2, y - s), (a, sh)], fill=c)
 
 
 def _table(d, r, x, y, s, c):
@@ -179,8 +167,7 @@ DRAW = (_house, _tree, _car, _person, _lamppost, _mountain, _tower, _boat, _fenc
 
 
 def _clutter(d, rng, w, h, n):
-    """Isotropic distractors (blobs, rings, squiggles): they carry no "up", so neither the
-    rotation nor the class can be read off them."""
+    """Isotropic distractors (blobs, rings, squiggles): no "up", no class."""
     for _ in range(n):
         x, y, r = w * rng.random(), h * rng.random(), h * rng.uniform(0.02, 0.08)
         kind = int(rng.integers(0, 3))
@@ -194,15 +181,9 @@ def _clutter(d, rng, w, h, n):
 
 
 def make_image(rng: np.random.Generator, cls: int) -> Image.Image:
-    """Draw one RGB image of class `cls` (index into CLASSES).
-
-    The background has no vertical structure (a random-direction colour ramp plus isotropic
-    clutter), so the only cues to "up" are the objects themselves: roofs, crowns, heads and
-    lamps on top, wheels, legs and trunks at the bottom, each standing on its own shadow.
-    Predicting the rotation therefore needs the same shape features that tell the classes
-    apart, which is the premise of RotNet; with a sky/ground scene the network learns the
-    horizon instead and its features say little about the objects.
-    """
+    """One RGB image of class `cls` (index into CLASSES), short side 72..160, aspect 0.6..1.7. Only the
+    objects show "up" (a sky/ground scene would teach the horizon), so predicting the rotation needs
+    the shape features that tell the classes apart: RotNet's premise."""
     short, ar = int(rng.integers(72, 161)), float(np.exp(rng.uniform(np.log(0.6), np.log(1.7))))
     W, H = (round(short * ar), short) if ar >= 1 else (short, round(short / ar))
     w, h = W * SS, H * SS
@@ -229,7 +210,7 @@ def make_image(rng: np.random.Generator, cls: int) -> Image.Image:
     return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
 
 
-def generate(out: Path, seed: int = 0, per_class_train: int = PER_CLASS_TRAIN, per_class_val: int = PER_CLASS_VAL):
+def generate(out: Path, seed: int, per_class_train: int, per_class_val: int) -> None:
     """Write the full set under `out` (no caching, no atomicity; see ensure_sample_data)."""
     for si, (split, n) in enumerate((("train", per_class_train), ("val", per_class_val))):
         for ci, cdir in enumerate(CLASS_DIRS):

@@ -1,23 +1,8 @@
 """Find undecodable images before a long run, and write a file list without them.
 
-    python -m pipelines.scan ROOT [--out FILE] [--workers N]
-
-ROOT is a split folder (ROOT/CLASS/IMAGE) or a dataset root whose sub-folders are splits
-(ROOT/SPLIT/CLASS/IMAGE); each split is scanned. Every image is fully decoded with PIL
-(`verify()` for structure, then `load()` for the pixel data, which catches truncated files)
-in N worker processes. Bad files are printed by path; the list of good ones goes to FILE
-(one `relative/path label` line per image, relative to the split folder; `{split}` in FILE
-is replaced by the split name, default `file_lists/{split}.txt`). Point `data.file_list`
-at it (keep `{split}` to cover train and val). Exit status 1 when bad files were found.
-
-The scan never guesses a layout: a root whose sub-folders are partly splits (class folders
-inside) and partly folders of loose images (ImageNet's val as extracted beside train/) is
-refused, as is a folder holding both loose images and sub-folders. A flat split given alone
-(ROOT/IMAGE) is checked too, but no list is written for it: a file list carries class labels,
-which a flat split does not have, and a list of zeros would read as real labels later.
-
-Greyscale, CMYK, palette and PNG-named-.JPEG files are fine (the loaders convert them to RGB);
-only files that cannot be decoded are dropped.
+ROOT is a split (ROOT/CLASS/IMAGE, or flat ROOT/IMAGE) or a dataset root (ROOT/SPLIT/CLASS/IMAGE).
+Every image is fully decoded with PIL; bad ones are printed, the good ones listed in --out for
+`data.file_list` (a flat split gets no list: no labels). Exit status 1 when bad files were found.
 """
 from __future__ import annotations
 
@@ -25,8 +10,8 @@ import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
-from pipelines.listing import (CLASSES, EMPTY, FLAT, CONVERT_HINT, SplitLayoutError, class_folders, is_image_file,
-                               list_images, split_layout, write_file_list)
+from pipelines import listing
+from pipelines.listing import SplitLayoutError, class_folders, is_image_file, list_images, split_layout
 from rotnet.cli import ArgumentParser, InputError, one_line_errors
 
 # Leading bytes of formats the decoders read; anything else is certainly not an image.
@@ -35,7 +20,7 @@ _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*",
 
 
 def header_ok(path: str) -> bool:
-    """Cheap check: the file starts like an image (misses truncation; `check_image` doesn't)."""
+    """Cheap check: the file starts like an image (misses truncation, unlike `check_image`)."""
     try:
         with open(path, "rb") as f:
             head = f.read(12)
@@ -88,34 +73,32 @@ SPLIT_NAMES = {"train", "val", "valid", "validation", "test"}
 
 
 def splits(root: str) -> list[str]:
-    """The split folders under `root`: [root] when it is a split (of class folders, or flat), else
-    its sub-folders; SplitLayoutError naming the folder and the fix when the layout is ambiguous."""
-    if split_layout(root) != CLASSES:      # flat: scanned unlabelled; mixed, empty: list_images says why
+    """[root] when it is a split (class folders, or flat), else its split sub-folders; ambiguous: refused."""
+    if split_layout(root) != listing.CLASSES:   # flat: scanned unlabelled; mixed, empty: list_images says why
         return [root]
     layouts = {os.path.join(root, c): split_layout(os.path.join(root, c)) for c in class_folders(root)}
-    nested = [s for s, lay in layouts.items() if lay == CLASSES]
-    loose = [s for s, lay in layouts.items() if lay not in (CLASSES, EMPTY)]   # images directly inside
+    nested = [s for s, lay in layouts.items() if lay == listing.CLASSES]
+    loose = [s for s, lay in layouts.items() if lay not in (listing.CLASSES, listing.EMPTY)]   # images inside
     if nested and loose:
         raise SplitLayoutError(
-            f"{root!r} mixes splits of class folders ({', '.join(map(os.path.basename, nested[:3]))}) and folders "
-            f"of loose images ({', '.join(map(os.path.basename, loose[:3]))}): scan each split on its own "
-            f"(python -m pipelines.scan {loose[0]}); {CONVERT_HINT}")
+            f"{root!r} mixes splits of class folders ({', '.join(map(os.path.basename, nested[:3]))}) "
+            f"and folders of loose images ({', '.join(map(os.path.basename, loose[:3]))}): scan each split "
+            f"on its own (python -m pipelines.scan {loose[0]}); {listing.CONVERT_HINT}")
     if nested:
         return nested                       # a dataset root; an empty sub-folder is no split
-    if {os.path.basename(s) for s in layouts} <= SPLIT_NAMES:
-        raise SplitLayoutError(f"the sub-folders of {root!r} ({', '.join(sorted(map(os.path.basename, layouts)))}) "
-                               "are named like splits but hold images directly, like classes: scan each split on "
-                               f"its own (python -m pipelines.scan {next(iter(layouts))})")
+    names = sorted(map(os.path.basename, layouts))
+    if set(names) <= SPLIT_NAMES:
+        raise SplitLayoutError(f"the sub-folders of {root!r} ({', '.join(names)}) are named like splits but "
+                               "hold images directly, like classes: scan each split on its own "
+                               f"(python -m pipelines.scan {next(iter(layouts))})")
     return [root]                           # a split: its sub-folders are classes
 
 
 def main(argv=None) -> int:
     ap = ArgumentParser(prog="python -m pipelines.scan", description=__doc__)
-    ap.add_argument("root", help="split folder (ROOT/CLASS/IMG, or flat ROOT/IMG) or dataset root "
-                                 "(ROOT/SPLIT/CLASS/IMG)")
-    ap.add_argument("--out", default="file_lists/{split}.txt",
-                    help="file list to write; {split} -> split name (default: file_lists/{split}.txt). Then set "
-                         "data.file_list to this value.")
+    ap.add_argument("root", help="split ROOT/CLASS/IMG (or flat ROOT/IMG) or dataset ROOT/SPLIT/CLASS/IMG")
+    ap.add_argument("--out", default="file_lists/{split}.txt", help="file list to write, {split} -> split "
+                    "name (default: file_lists/{split}.txt); then set data.file_list to this value")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                     help="decoding processes (default: every CPU core)")
     args = ap.parse_intermixed_args(argv)
@@ -124,13 +107,13 @@ def main(argv=None) -> int:
         todo = splits(os.path.abspath(args.root))   # every layout check before anything is written
         for split_dir in todo:
             name = os.path.basename(split_dir)
-            flat = split_layout(split_dir) == FLAT
+            flat = split_layout(split_dir) == listing.FLAT
             good, labels, bad, skipped = scan_split(split_dir, args.workers)
             for p, why in bad:
                 print(f"BAD {p}: {why}")
             out = "no file list for a flat split (no labels)" if flat else args.out.replace("{split}", name)
             if not flat:
-                write_file_list(out, good, labels)
+                listing.write_file_list(out, good, labels)
             print(f"{name}: {len(good)} good, {len(bad)} bad, {skipped} non-image files skipped -> {out}")
             any_bad |= bool(bad)
     return 1 if any_bad else 0

@@ -1,21 +1,8 @@
 """Tar shards (webdataset layout) on disk, and reading them: `data.format: shards`.
 
-A shard folder, written by `python -m pipelines.pack_shards` (the packer):
-
-  manifest.json          what the set is: count, classes (sorted train order), per shard its
-                         tar, index, sample count, byte size and labels; source and packing
-                         settings. Written last: a folder without it is not finished.
-  shard-000000.tar       samples KEY.<image ext> (the source file's bytes, unchanged) and
-                         KEY.cls (class index as text), KEY = 9-digit position in packed order
-  shard-000000.idx       DALI's index (the `wds2idx` format, v1.2): "v1.2 N", then per sample
-                         "ext offset size name" per member
-
-Reading never scans a tar: the manifest gives labels, the index gives each member's offset
-and size, and a sample is one `os.pread` from a tar kept open (one open per shard and process,
-instead of one per image per epoch: the metadata load that hurts shared filesystems).
-
-Which sample is read when is NOT the tar's order: the loaders pick samples exactly as for
-folders (`pipelines.contract.rank_indices`, DALI through `ShardFeed`); see docs/pipelines.md.
+A shard folder (`python -m pipelines.pack_shards`): manifest.json, written last; shard-000000.tar
+(KEY.<image ext>, KEY.cls; KEY = packed position); shard-000000.idx (DALI's wds2idx index).
+A sample is one `os.pread` of a tar kept open. Format and sample order: docs/pipelines.md.
 """
 from __future__ import annotations
 
@@ -35,8 +22,7 @@ FORMAT = "rotnet-shards"
 FORMAT_VERSION = 1
 INDEX_VERSION = "v1.2"              # DALI's wds2idx index format
 LABEL_EXT = "cls"
-# Member extension of a source image: lower case, one spelling per format. The bytes are never
-# re-encoded; decoders read the content, so a PNG named .JPEG stays a "jpg" member and decodes.
+# Member extension per source extension; decoders read the content, so a PNG named .JPEG still decodes.
 IMAGE_EXT = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".ppm": "ppm", ".bmp": "bmp", ".pgm": "pgm",
              ".tif": "tiff", ".tiff": "tiff", ".webp": "webp"}
 
@@ -50,8 +36,6 @@ def member_key(position: int) -> str:
     """Sample key: its position in packed order (digits only: no dot, so the extension is clear)."""
     return f"{position:09d}"
 
-
-# ------------------------------------------------------------------ index files (wds2idx format)
 
 def index_text(samples: list[list[tuple[str, int, int, str]]]) -> str:
     """Index of a tar: per sample its members as (ext, data offset, size, member name)."""
@@ -67,9 +51,7 @@ def read_index(path: str) -> list[dict[str, tuple[int, int, str]]]:
     version, _, count = head.partition(" ")
     if version != INDEX_VERSION or not count.isdigit() or int(count) != len(rows):
         raise ValueError(f"{path}: not a {INDEX_VERSION} index of {len(rows)} samples (header {head!r})")
-    # The records are a few small containers per sample, and piling them up triggers full collections;
-    # with torch and DALI imported one walks ~300k objects (0.3 s of a 0.37 s `list_shards` of 9,469
-    # samples, measured) and finds no garbage here. So the collector pauses for the parse.
+    # Many small containers trigger full collections over torch's and DALI's objects: pause the GC.
     paused = gc.isenabled()
     gc.disable()
     try:
@@ -86,22 +68,13 @@ def read_index(path: str) -> list[dict[str, tuple[int, int, str]]]:
             gc.enable()
 
 
-# ------------------------------------------------------------------ the set, read by the loaders
-
 class ShardSet:
-    """The image bytes of a shard folder: sample i = `size[i]` bytes at `offset[i]` of tar `tar_of[i]`.
-
-    Picklable (DataLoader workers); each process opens the tars it reads once and keeps them
-    open, up to half its file-descriptor limit (then the longest open is closed first).
-    """
+    """Sample i = `size[i]` bytes at `offset[i]` of tar `tar_of[i]`; picklable; keeps tars open."""
 
     def __init__(self, tars, tar_of, offset, size):
         self.tars = tuple(tars)
         self.tar_of, self.offset, self.size = (np.asarray(a, dtype=np.int64) for a in (tar_of, offset, size))
         self._fds, self._pid, self._lock = {}, None, threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self.offset)
 
     def __getstate__(self):
         return {"tars": self.tars, "tar_of": self.tar_of, "offset": self.offset, "size": self.size}
@@ -133,10 +106,9 @@ class ShardSet:
 
 
 def _fd_budget() -> int:
-    """Tars one process keeps open: half its descriptor limit (512 of the usual 1,024; ImageNet in
-    the packer's default 5,000-image shards is 257 tars), the rest left to the program."""
+    """Tars one process keeps open: half its descriptor limit (the longest open is closed beyond)."""
     try:
-        import resource   # POSIX only
+        import resource  # POSIX only
     except ImportError:
         return 256
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -162,11 +134,8 @@ def read_manifest(shard_dir: str) -> dict:
 
 
 def list_shards(shard_dir: str) -> tuple[list[str], list[int], list[str], ShardSet]:
-    """(member names, labels, class names, ShardSet) of a shard folder, in packed order.
-
-    Names read "DIR/shard-000000.tar:000000017.jpg": what errors name. A tar whose size differs
-    from the manifest's, or an index that disagrees with it, is an error naming the file.
-    """
+    """(member names "DIR/shard-000000.tar:000000017.jpg", labels, class names, ShardSet), packed
+    order; a tar or index that disagrees with the manifest is an error naming the file."""
     shard_dir = os.path.abspath(shard_dir)
     manifest = read_manifest(shard_dir)
     names, labels, tars, tar_of, offset, size = [], [], [], [], [], []
@@ -182,26 +151,22 @@ def list_shards(shard_dir: str) -> tuple[list[str], list[int], list[str], ShardS
         for s in samples:
             image = [ext for ext in s if ext != LABEL_EXT]
             if len(image) != 1:
-                raise BadImageError(f"{idx!r}: sample with members {sorted(s)}, expected one image and .{LABEL_EXT}")
+                raise BadImageError(f"{idx!r}: a sample of {sorted(s)}, expected one image and .{LABEL_EXT}")
             off, n, member = s[image[0]]
             names.append(f"{tar}:{member}")
             tar_of.append(t)
             offset.append(off)
             size.append(n)
         labels.extend(entry["labels"])
-    if len(names) != manifest["count"]:
-        raise BadImageError(f"{shard_dir!r}: shards hold {len(names)} samples, {MANIFEST} says {manifest['count']}")
+    count = manifest["count"]
+    if len(names) != count:
+        raise BadImageError(f"{shard_dir!r}: shards hold {len(names)} samples, {MANIFEST} says {count}")
     return names, labels, list(manifest["classes"]), ShardSet(tars, tar_of, offset, size)
 
 
 class ShardFeed:
-    """DALI `external_source` callback of a shard loader: pipeline iteration i -> the bytes and labels
-    of step i % steps of reader epoch i // steps, as `rank_indices` orders them.
-
-    `__call__(i)` -> (list of uint8 (size,) arrays, int32 (B, 1) labels). A function of i alone, so
-    a pipeline restored from DALI's checkpoint (which records i) continues exactly. `recent`
-    keeps the sample indices of the batches in flight, to name a file DALI could not decode.
-    """
+    """DALI `external_source` callback: iteration i -> (uint8 (size,) arrays, int32 (B, 1) labels) of
+    step i % steps of epoch i // steps; of i alone, so DALI's checkpoint (which records i) resumes it."""
 
     def __init__(self, spec, steps: int, depth: int):
         self.spec, self.steps = spec, steps
@@ -213,7 +178,8 @@ class ShardFeed:
         epoch, step = divmod(i, self.steps)
         if epoch != self._epoch:
             s = self.spec
-            self._order = rank_indices(len(s.paths), s.pipe_batch, s.rank, s.world_size, s.train, s.seed, epoch)
+            n = len(s.paths)
+            self._order = rank_indices(n, s.pipe_batch, s.rank, s.world_size, s.train, s.seed, epoch)
             self._epoch = epoch
         p = self.spec.pipe_batch
         idx = self._order[step * p:(step + 1) * p]

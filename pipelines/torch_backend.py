@@ -1,13 +1,7 @@
 """Pure-torch backend: torchvision decode + the torch recipe (pipelines.recipe) in DataLoader workers.
 
-Same outputs and interface as the DALI loader. Images stay uint8 until the trainer's
-`prepare_batch` (or `assemble`'s normalisation when loader.normalize says graph). Randomness is
-a function of (seed, epoch, step, rank), never of worker state, so a resumed run
-(`load_state_dict`) replays exactly the same batches.
-
-Sharding: pipelines.contract.rank_indices (as DistributedSampler for training; DALI's
-contiguous split for validation, the last batch smaller) -- every image once per epoch.
-Files or tar shards: `decode_sample` reads a sample's bytes from either (spec.shards).
+Randomness is a function of (seed, epoch, step, rank), never of worker state, so a resumed run
+replays the same batches; sharding is pipelines.contract.rank_indices.
 """
 from __future__ import annotations
 
@@ -20,8 +14,7 @@ from pipelines.recipe import decode_rgb, make_batch
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """Yields one item per step of this rank's part of epoch `epoch`, from step `start`:
-    ((epoch, step), file indices of the step)."""
+    """Yields ((epoch, step), file indices) per step of this rank's part of `epoch`, from `start`."""
 
     def __init__(self, n: int, batch: int, rank: int, world: int, train: bool, seed: int):
         self.n, self.batch, self.rank, self.world, self.train, self.seed = n, batch, rank, world, train, seed
@@ -38,15 +31,14 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 class SampledLoader(Loader):
-    """Loader whose steps come from an EpochSampler (torch backend, resident images); a subclass's
-    `_run()` makes the batches of the sampler's steps."""
+    """Loader whose steps come from an EpochSampler; a subclass's `_run()` makes their batches."""
 
     backend = "torch"
 
     def __init__(self, spec: LoaderSpec):
         super().__init__(spec)
-        self.sampler = EpochSampler(len(spec.paths), spec.pipe_batch, spec.rank, spec.world_size, spec.train,
-                                    spec.seed)
+        s = spec
+        self.sampler = EpochSampler(len(s.paths), s.pipe_batch, s.rank, s.world_size, s.train, s.seed)
 
     def _batches(self):
         self.sampler.epoch, self.sampler.start = self.epoch, self.step  # the steps left to run
@@ -55,7 +47,8 @@ class SampledLoader(Loader):
 
 def decode_sample(spec: LoaderSpec, i: int) -> torch.Tensor:
     """Sample i of the split -> uint8 (H, W, C) RGB, from its file or its tar shard member."""
-    return decode_rgb(spec.paths[i], spec.shards.read(i) if spec.shards is not None else None).permute(1, 2, 0)
+    data = spec.shards.read(i) if spec.shards is not None else None
+    return decode_rgb(spec.paths[i], data).permute(1, 2, 0)
 
 
 class StepDataset(torch.utils.data.Dataset):
