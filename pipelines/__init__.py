@@ -29,8 +29,8 @@ import os
 import torch
 
 from pipelines.contract import LoaderSpec, derive_seed
-from pipelines.listing import (CLASSES, BadImageError, SplitLayoutError, layout_error, list_images, resolve_file_list,
-                               split_layout, subset_per_class)
+from pipelines.listing import (CLASSES, BadImageError, PathTable, SplitLayoutError, layout_error, list_images,
+                               resolve_file_list, split_layout, subset_per_class)
 from pipelines.normalize import normalize_in_graph, prepare_batch
 from pipelines.recipe import check_recipe
 from pipelines.rotations import check_rotations
@@ -93,7 +93,7 @@ def _build(data, split_dir, mode, *, batch_size, rank, world_size, local_rank, d
     spec = LoaderSpec(data=copy.deepcopy(data), mode=mode, rotations=tuple(rotations), batch_size=batch_size,
                       rank=rank, world_size=world_size, local_rank=local_rank, device=device, train=train,
                       seed=seed, normalize=normalize_in_graph(data.normalize, device), split_dir=split_dir,
-                      paths=tuple(paths), labels=tuple(labels), classes=tuple(classes), shards=shards)
+                      paths=PathTable(paths), labels=tuple(labels), classes=tuple(classes), shards=shards)
     if data.resident:
         from pipelines.resident import ResidentLoader
 

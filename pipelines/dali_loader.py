@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import io
 import math
-import os
 import re
 
 import torch
@@ -89,10 +88,9 @@ class DaliLoader(Loader):
             self._feed = ShardFeed(s, self._steps, depth=max(1, d.prefetch))
             reader = functools.partial(external_reader, self._feed)
         else:
-            root = os.path.abspath(s.split_dir)
-            reader = functools.partial(
-                file_reader, files=[os.path.relpath(p, root) for p in s.paths],  # shorter serialised graph
-                labels=list(s.labels), file_root=root, shard_id=s.rank, num_shards=s.world_size, train=s.train,
+            reader = functools.partial(   # relative paths: a shorter serialised graph
+                file_reader, files=[s.paths.relative(i) for i in range(len(s.paths))],
+                labels=list(s.labels), file_root=s.paths.root, shard_id=s.rank, num_shards=s.world_size, train=s.train,
                 reader_seed=s.seed_for("reader"))  # same on all ranks: one global shuffle
         pipe = rotation_graph(
             reader=reader, train=s.train, recipe=d.recipe, crop=d.crop_size, resize=d.resize_size, min_scale=d.min_scale,
