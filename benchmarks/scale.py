@@ -5,9 +5,10 @@
 
 Builds the ImageNet-shaped trees it needs (benchmarks/imagenet_tree.py; kept for the next run),
 then runs each stage of benchmarks/scale_stages.py in a fresh process, at --compare (default
-1/10) and --scale, and records each process's wall time and peak resident memory (its own and
-its children's, from wait4) beside the figures the stage reports. The stages that do not
-depend on the tree's size (scan sample, kNN, the leak check) run once, at --scale.
+1/10) and --scale, and records each process's wall time and peak resident memory (from wait4:
+the largest of the process's and its children's own peaks, not their sum) beside the figures
+the stage reports. The stages that do not depend on the tree's size (scan sample, kNN, the leak
+check) run once, at --scale.
 Writes the raw figures as JSON (--json) and the table (stage, both wall times, their ratio,
 peak RSS, the stage's figures) under this script's heading in docs/benchmarks.md; a stage that
 fails is recorded with its error and the others still run.
@@ -34,7 +35,8 @@ from rotnet.cli import ArgumentParser, InputError, fail  # noqa: E402
 STAGES_PY = os.path.join(REPO, "benchmarks", "scale_stages.py")
 HEADING = "## ImageNet scale (benchmarks/scale.py)"
 INTRO = ("Each block: one run of `python benchmarks/scale.py` on an ImageNet-shaped tree of hard links "
-         "(benchmarks/imagenet_tree.py). Every stage is a fresh process; peak RSS includes its children.")
+         "(benchmarks/imagenet_tree.py). Every stage is a fresh process; peak RSS is the largest of it and "
+         "its children; `*_pss_mb` figures add up a process and its DataLoader workers, shared pages once.")
 SIZE_FREE = ("scan", "knn", "leak:dali", "leak:torch")   # run once: their work does not grow with the tree
 STAGES = ("empty", "listing", "scan", "loader:torch:1", "loader:torch:64", "loader:dali:1", "loader:dali:64",
           "epoch", "state:torch", "state:dali", "shards", "val", "knn", "train:dali", "train:torch",
@@ -89,7 +91,7 @@ def figures_text(rec: dict) -> str:
     show = [(k, v) for k, v in rec.items() if k not in skip]
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in show
                      if not isinstance(v, list)) + "".join(
-        f", {k}=[{', '.join(f'{x:.0f}' for x in v)}]" for k, v in show if isinstance(v, list) and k.startswith("rss"))
+        f", {k}=[{', '.join(f'{x:.0f}' for x in v)}]" for k, v in show if isinstance(v, list) and k.startswith("pss"))
 
 
 def table(small: list[dict], large: list[dict], compare: float, scale: float) -> str:

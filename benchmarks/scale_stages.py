@@ -93,7 +93,8 @@ def stage_loader(tree: str, s: dict, backend: str, world: str) -> dict:
     built = rss_mb() - before
     images, _ = next(iter(loader))
     return {"build_s": build_s, "first_batch_s": time.perf_counter() - t0, "steps": len(loader),
-            "built_mb": built, "loader_mb": rss_mb() - before, "batch_shape": list(images.shape)}
+            "built_mb": built, "loader_mb": rss_mb() - before, "with_workers_pss_mb": tree_pss_mb(),
+            "batch_shape": list(images.shape)}
 
 
 def stage_epoch(tree: str, s: dict) -> dict:
@@ -226,7 +227,8 @@ def stage_train(tree: str, s: dict, backend: str) -> dict:
 
 
 def stage_leak(tree: str, s: dict, backend: str) -> dict:
-    """Resident memory after each of `leak_epochs` epochs over a seeded `leak_images` subset."""
+    """Memory (PSS, workers included) after each of `leak_epochs` epochs over a seeded
+    `leak_images` subset."""
     train = os.path.join(tree, "train")
     paths, labels, _ = list_images(train, labelled=False)
     keep = sorted(random.Random(0).sample(range(len(paths)), min(s["leak_images"], len(paths))))
@@ -242,25 +244,27 @@ def stage_leak(tree: str, s: dict, backend: str) -> dict:
             loader.set_epoch(epoch)
             for _ in loader:
                 pass
-            rss.append(children_rss_mb())
-    return {"rss_mb_per_epoch": rss, "growth_2_to_last": rss[-1] / rss[1] - 1 if len(rss) > 1 else 0.0}
+            rss.append(tree_pss_mb())
+    return {"pss_mb_per_epoch": rss, "growth_2_to_last": rss[-1] / rss[1] - 1 if len(rss) > 1 else 0.0}
 
 
-def children_rss_mb() -> float:
-    """This process's resident memory plus its children's (DataLoader workers), MB."""
-    total = rss_mb()
+def tree_pss_mb() -> float:
+    """Proportional set size of this process plus its children (DataLoader workers), MB: pages
+    shared after fork count once in all, so a worker's copy-on-write copies show, and nothing twice."""
+    pids = ["self"]
     for task in os.listdir("/proc/self/task"):
         try:
             with open(f"/proc/self/task/{task}/children") as f:
-                kids = f.read().split()
+                pids += f.read().split()
         except OSError:
             continue
-        for pid in kids:
-            try:
-                with open(f"/proc/{pid}/statm") as f:
-                    total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-            except OSError:
-                pass    # a worker that just ended
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("Pss:")) / 1024
+        except OSError:
+            pass    # a worker that just ended
     return total
 
 
