@@ -179,13 +179,15 @@ def get_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default="/work/scale-tree",
                     help="parent folder of the trees (outside the repository: 1.33M links at scale 1)")
     ap.add_argument("--pool", default="",
-                    help="folder of real JPEGs the pool is drawn from, e.g. ../shared/datasets/imagenette-224/train "
-                         "(on OUT's file system when --pool-px 0)")
+                    help="folder of real JPEGs the pool is drawn from, e.g. "
+                         "../shared/datasets/imagenette-224/train (on OUT's file system when --pool-px 0)")
     ap.add_argument("--pool-count", type=int, default=100,
                     help="pool files; keep scale-1 files / pool-count under 65,000 (ext4's links per inode)")
     ap.add_argument("--pool-px", type=int, default=500,
-                    help="longer side of the re-encoded pool images (500: ImageNet's usual); 0 links the originals")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the counts, wnids, val labels and pool choice")
+                    help="longer side of the re-encoded pool images (500: ImageNet's usual); "
+                         "0 links the originals")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the counts, wnids, val labels and pool choice")
     ap.add_argument("--remove", action="store_true", help="delete the tree of --scale under --out, and stop")
     return ap
 

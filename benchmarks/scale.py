@@ -89,9 +89,11 @@ def figures_text(rec: dict) -> str:
         return "error: " + rec["error"].replace("|", "/")
     skip = ("stage", "wall_s", "peak_rss_mb")
     show = [(k, v) for k, v in rec.items() if k not in skip]
-    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in show
-                     if not isinstance(v, list)) + "".join(
-        f", {k}=[{', '.join(f'{x:.0f}' for x in v)}]" for k, v in show if isinstance(v, list) and k.startswith("pss"))
+    scalars = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in show
+                        if not isinstance(v, list))
+    series = "".join(f", {k}=[{', '.join(f'{x:.0f}' for x in v)}]" for k, v in show
+                     if isinstance(v, list) and k.startswith("pss"))
+    return scalars + series
 
 
 def table(small: list[dict], large: list[dict], compare: float, scale: float) -> str:
@@ -99,8 +101,8 @@ def table(small: list[dict], large: list[dict], compare: float, scale: float) ->
     above the `empty` stage's (interpreter and imports), which would otherwise flatten it."""
     before = {r["stage"]: r for r in small}
     base = [next((r["wall_s"] for r in recs if r["stage"] == "empty"), 0.0) for recs in (small, large)]
-    rows = [f"| stage | wall s, scale {compare:g} | wall s, scale {scale:g} | ratio above empty | peak RSS MB | "
-            f"figures at scale {scale:g} |", "|---|---|---|---|---|---|"]
+    rows = [f"| stage | wall s, scale {compare:g} | wall s, scale {scale:g} | ratio above empty | "
+            f"peak RSS MB | figures at scale {scale:g} |", "|---|---|---|---|---|---|"]
     for rec in large:
         old = before.get(rec["stage"])
         ratio = "-"
@@ -117,18 +119,22 @@ def get_parser() -> argparse.ArgumentParser:
                     help="tree size for the figures: 1 = ImageNet's 1,281,167 + 50,000 files")
     ap.add_argument("--compare", type=imagenet_tree.parse_scale, default=0.1,
                     help="smaller tree run first, for the growth ratio (target: <= 12x from 1/10 to 1)")
-    ap.add_argument("--trees", default="/work/scale-tree", help="where the trees are built (outside the repo)")
+    ap.add_argument("--trees", default="/work/scale-tree",
+                    help="where the trees are built (outside the repo)")
     ap.add_argument("--pool", required=True,
                     help="real JPEGs the tree links to, e.g. ../shared/datasets/imagenette-224/train "
                          "(see benchmarks/imagenet_tree.py)")
-    ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of: " + ", ".join(STAGES))
-    ap.add_argument("--threads", type=int, default=2, help="DALI threads / DataLoader workers: the cores you have")
+    ap.add_argument("--stages", default=",".join(STAGES),
+                    help="comma-separated subset of: " + ", ".join(STAGES))
+    ap.add_argument("--threads", type=int, default=2,
+                    help="DALI threads / DataLoader workers: the cores you have")
     ap.add_argument("--batch", type=int, default=32, help="originals per step in the loader and train stages")
     ap.add_argument("--scan-sample", type=int, default=1000, help="images the decode check reads")
     ap.add_argument("--pack-images", type=int, default=5140, help="images packed into ~257 tar shards")
     ap.add_argument("--knn-queries", type=int, default=256, help="queries voted against the synthetic bank")
     ap.add_argument("--knn-fraction", type=float, default=1.0, help="bank rows as a fraction of 1.28M")
-    ap.add_argument("--train-steps", type=int, default=3, help="optimizer steps train.py runs (train.max_steps)")
+    ap.add_argument("--train-steps", type=int, default=3,
+                    help="optimizer steps train.py runs (train.max_steps)")
     ap.add_argument("--leak-images", type=int, default=20000, help="subset each leak epoch reads")
     ap.add_argument("--leak-epochs", type=int, default=10, help="epochs of the leak check")
     ap.add_argument("--stage-timeout", type=float, default=1800, help="seconds before a stage is killed")
@@ -147,8 +153,9 @@ def main(argv=None) -> int:
         fail(f"--stages: unknown {', '.join(unknown)}; valid: {', '.join(STAGES)}")
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     settings = {"threads": args.threads, "batch": args.batch, "scan_sample": args.scan_sample,
-                "pack_images": args.pack_images, "knn_queries": args.knn_queries, "knn_fraction": args.knn_fraction,
-                "train_steps": args.train_steps, "leak_images": args.leak_images, "leak_epochs": args.leak_epochs,
+                "pack_images": args.pack_images, "knn_queries": args.knn_queries,
+                "knn_fraction": args.knn_fraction, "train_steps": args.train_steps,
+                "leak_images": args.leak_images, "leak_epochs": args.leak_epochs,
                 "work": os.path.dirname(os.path.abspath(args.json))}
     t0 = time.perf_counter()
     try:
@@ -161,7 +168,8 @@ def main(argv=None) -> int:
     with open(args.json, "w") as f:
         json.dump({"machine": machine("cpu"), "commit": git_commit(), "settings": settings, "total_s": total,
                    f"scale {args.compare:g}": small, f"scale {args.scale:g}": large}, f, indent=1)
-    text = (f"### {time.strftime('%Y-%m-%d')}, commit {git_commit()}: scale {args.scale:g} vs {args.compare:g}\n\n"
+    text = (f"### {time.strftime('%Y-%m-%d')}, commit {git_commit()}: "
+            f"scale {args.scale:g} vs {args.compare:g}\n\n"
             f"Machine: {machine('cpu')}. {args.threads} loader threads, batch {args.batch}; "
             f"whole run {total / 60:.1f} min, load average {os.getloadavg()[0]:.1f} at the end (wall times "
             f"need quiet cores). Raw figures: {os.path.relpath(args.json, REPO)}.\n\n"

@@ -42,8 +42,8 @@ def rss_mb() -> float:
 
 def config(tree: str, s: dict, backend: str, extra: tuple[str, ...] = ()):
     """The ImageNet AlexNet config on `tree`, loaded the way `settings` says (batch, threads)."""
-    return load_config(CONFIG, [f"data.root={tree}", f"data.backend={backend}", f"data.num_threads={s['threads']}",
-                                *extra])
+    return load_config(CONFIG, [f"data.root={tree}", f"data.backend={backend}",
+                                f"data.num_threads={s['threads']}", *extra])
 
 
 # ---------------------------------------------------------------------------- stages
@@ -87,8 +87,8 @@ def stage_loader(tree: str, s: dict, backend: str, world: str) -> dict:
     before = rss_mb()
     t0 = time.perf_counter()
     loader = build_rotation_loader(cfg.data, os.path.join(tree, "train"), batch_size=s["batch"], rank=0,
-                                   world_size=int(world), local_rank=0, device=torch.device("cpu"), train=True,
-                                   seed=0)
+                                   world_size=int(world), local_rank=0, device=torch.device("cpu"),
+                                   train=True, seed=0)
     build_s = time.perf_counter() - t0
     built = rss_mb() - before
     images, _ = next(iter(loader))
@@ -113,7 +113,8 @@ def stage_state(tree: str, s: dict, backend: str) -> dict:
 
     cfg = config(tree, s, backend)
     loader = build_rotation_loader(cfg.data, os.path.join(tree, "train"), batch_size=s["batch"], rank=0,
-                                   world_size=64, local_rank=0, device=torch.device("cpu"), train=True, seed=0)
+                                   world_size=64, local_rank=0, device=torch.device("cpu"), train=True,
+                                   seed=0)
     next(iter(loader))
     state = loader.state_dict()
     buf = io.BytesIO()
@@ -142,9 +143,11 @@ def stage_shards(tree: str, s: dict) -> dict:
     keep = sorted(random.Random(0).sample(range(len(paths)), min(s["pack_images"], len(paths))))
     with tempfile.TemporaryDirectory(dir=s["work"]) as tmp:
         file_list = os.path.join(tmp, "list.txt")
-        write_file_list(file_list, [os.path.relpath(paths[i], train) for i in keep], [labels[i] for i in keep])
+        write_file_list(file_list, [os.path.relpath(paths[i], train) for i in keep],
+                        [labels[i] for i in keep])
         t0 = time.perf_counter()
-        pack(train, os.path.join(tmp, "shards"), shard_size=-(-len(keep) // 257), workers=1, file_list=file_list)
+        pack(train, os.path.join(tmp, "shards"), shard_size=-(-len(keep) // 257), workers=1,
+             file_list=file_list)
         pack_s = time.perf_counter() - t0
         mb = sum(e.stat().st_size for e in os.scandir(os.path.join(tmp, "shards"))) / 2**20
         t0 = time.perf_counter()
@@ -222,7 +225,8 @@ def stage_train(tree: str, s: dict, backend: str) -> dict:
                     f"data.num_threads={s['threads']}", f"optim.global_batch_size={s['batch']}",
                     f"train.max_steps={s['train_steps']}", "train.log_every=1", f"train.output_dir={tmp}",
                     "train.precision=fp32"])
-    return {"to_first_step_s": steps[0] - T_START, "loader_build_s": built[0], "val_loader_build_s": sum(built[1:]),
+    return {"to_first_step_s": steps[0] - T_START, "loader_build_s": built[0],
+            "val_loader_build_s": sum(built[1:]),
             "step_s": (steps[-1] - steps[0]) / max(1, len(steps) - 1), "steps": len(steps)}
 
 
@@ -234,11 +238,12 @@ def stage_leak(tree: str, s: dict, backend: str) -> dict:
     keep = sorted(random.Random(0).sample(range(len(paths)), min(s["leak_images"], len(paths))))
     with tempfile.TemporaryDirectory(dir=s["work"]) as tmp:
         file_list = os.path.join(tmp, "train.txt")
-        write_file_list(file_list, [os.path.relpath(paths[i], train) for i in keep], [labels[i] for i in keep])
+        write_file_list(file_list, [os.path.relpath(paths[i], train) for i in keep],
+                        [labels[i] for i in keep])
         del paths, labels   # the loader lists the subset itself
         cfg = config(tree, s, backend, (f"data.file_list={file_list}",))
-        loader = build_rotation_loader(cfg.data, train, batch_size=s["batch"], rank=0, world_size=1, local_rank=0,
-                                       device=torch.device("cpu"), train=True, seed=0)
+        loader = build_rotation_loader(cfg.data, train, batch_size=s["batch"], rank=0, world_size=1,
+                                       local_rank=0, device=torch.device("cpu"), train=True, seed=0)
         rss = []
         for epoch in range(s["leak_epochs"]):
             loader.set_epoch(epoch)
@@ -269,8 +274,8 @@ def tree_pss_mb() -> float:
 
 
 STAGES = {"empty": stage_empty, "listing": stage_listing, "scan": stage_scan, "loader": stage_loader,
-          "epoch": stage_epoch, "state": stage_state, "shards": stage_shards, "val": stage_val, "knn": stage_knn,
-          "train": stage_train, "leak": stage_leak}
+          "epoch": stage_epoch, "state": stage_state, "shards": stage_shards, "val": stage_val,
+          "knn": stage_knn, "train": stage_train, "leak": stage_leak}
 
 
 def main(argv: list[str]) -> int:

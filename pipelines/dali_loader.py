@@ -189,7 +189,8 @@ class DaliLoader(Loader):
 def _list_line(paths, i: int, label: int) -> str:
     rel = paths.relative(i)
     if "\n" in rel:
-        raise BadImageError(f"a newline in a file name cannot go in DALI's file list: {paths[i]!r}; rename it")
+        raise BadImageError(f"a newline in a file name cannot go in DALI's file list: {paths[i]!r}; "
+                            "rename the file")
     return f"{rel} {label}\n"
 
 

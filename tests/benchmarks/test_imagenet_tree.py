@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from benchmarks.imagenet_tree import (CLASSES, TRAIN_TOTAL, class_counts, get_parser, main, plan, read_manifest,
-                                      tree_path, wnids)
+from benchmarks.imagenet_tree import (CLASSES, TRAIN_TOTAL, class_counts, get_parser, main, plan,
+                                      read_manifest, tree_path, wnids)
 from pipelines import build_class_loader, build_rotation_loader, list_images
 from pipelines.imagenet_val import main as convert
 from tests.pipelines.images import cfg, make_folder
@@ -19,7 +19,8 @@ SCALE = 0.01
 def tree(tmp_path_factory):
     base = tmp_path_factory.mktemp("scale")
     pool = make_folder(base / "pool", [4, 4], size=(40, 40))
-    argv = ["--scale", "1/100", "--out", str(base / "trees"), "--pool", pool, "--pool-count", "8", "--pool-px", "64"]
+    argv = ["--scale", "1/100", "--out", str(base / "trees"), "--pool", pool, "--pool-count", "8",
+            "--pool-px", "64"]
     assert main(argv) == 0
     return tree_path(str(base / "trees"), SCALE), argv
 
@@ -38,7 +39,8 @@ def test_layout_and_counts(tree):
     names, train, val = plan(SCALE, 0)
     assert sorted(os.listdir(os.path.join(root, "train"))) == names
     for w, n in list(zip(names, train))[::97]:
-        assert sorted(os.listdir(os.path.join(root, "train", w))) == sorted(f"{w}_{k}.JPEG" for k in range(1, n + 1))
+        names_in = sorted(os.listdir(os.path.join(root, "train", w)))
+        assert names_in == sorted(f"{w}_{k}.JPEG" for k in range(1, n + 1))
     paths, labels, classes = list_images(os.path.join(root, "train"))
     assert len(paths) == sum(train) and abs(len(paths) - TRAIN_TOTAL * SCALE) < CLASSES
     assert classes == names and labels[-1] == CLASSES - 1
@@ -74,7 +76,8 @@ def test_rotation_loader_covers_the_split_on_two_ranks(tree, train):
     split = os.path.join(root, "train")
     n = len(list_images(split)[0])
     loaders = [build_rotation_loader(cfg(backend="torch", num_threads=0), split, batch_size=16, rank=r,
-                                     world_size=2, local_rank=0, device="cpu", train=train, seed=0) for r in (0, 1)]
+                                     world_size=2, local_rank=0, device="cpu", train=train, seed=0)
+               for r in (0, 1)]
     parts = [set(ld.sampler.indices()) for ld in loaders]
     assert not parts[0] & parts[1]
     assert len(loaders[0]) == len(loaders[1]) or not train
