@@ -30,8 +30,8 @@ import os
 import torch
 
 from pipelines.contract import LoaderSpec, check_recipe, derive_seed
-from pipelines.listing import (CLASSES, BadImageError, SplitLayoutError, layout_error, list_images, resolve_file_list,
-                               split_layout, subset_per_class)
+from pipelines.listing import (CLASSES, BadImageError, PathTable, SplitLayoutError, layout_error, list_images,
+                               resolve_file_list, split_layout, subset_per_class)
 from pipelines.normalize import normalize_in_graph, prepare_batch
 from pipelines.rotations import check_rotations
 from rotnet.cli import InputError
@@ -97,7 +97,7 @@ def _build(cfg, split_dir, mode, *, batch_size, rank, world_size, local_rank, de
                       rotations=tuple(rotations), batch_size=batch_size, rank=rank, world_size=world_size,
                       local_rank=local_rank, device=device, train=train, seed=seed,
                       normalize=normalize_in_graph(how.normalize, device), split_dir=split_dir,
-                      paths=tuple(paths), labels=tuple(labels), classes=tuple(classes), shards=shards)
+                      paths=PathTable(paths), labels=tuple(labels), classes=tuple(classes), shards=shards)
     if how.resident:
         from pipelines.resident import ResidentLoader
 

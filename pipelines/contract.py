@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from pipelines.listing import shard_range
+from pipelines.listing import PathTable, shard_range
 from pipelines.normalize import prepare_batch
 from pipelines.rotations import rotation_labels
 from rotnet.cli import InputError
@@ -53,7 +53,7 @@ class LoaderSpec:
     seed: int
     normalize: bool              # emit normalised float16 (pipelines.normalize.normalize_in_graph)
     split_dir: str
-    paths: tuple[str, ...]       # every file of the split (all ranks), its label, the class names;
+    paths: PathTable             # every file of the split (all ranks), its label, the class names;
     labels: tuple[int, ...]      # with tar shards, paths name the members ("DIR/shard-000000.tar:KEY.jpg")
     classes: tuple[str, ...]
     shards: object = None        # data.format "shards": the pipelines.shard_reader.ShardSet holding the bytes

@@ -24,6 +24,8 @@ import io
 import math
 import os
 import re
+import tempfile
+import weakref
 
 import torch
 
@@ -82,6 +84,7 @@ class DaliLoader(Loader):
         self._paths = spec.paths if spec.train else spec.paths[slice(*self._shard)]
         self._pipe = None
         self._checkpoint = None              # restored checkpoint, used when the pipe is built
+        self._list_path = None               # folders: the file list DALI reads (`_file_list`)
 
     def _build_pipe(self):
         s, d, how = self.spec, self.spec.data, self.spec.loader
@@ -89,11 +92,9 @@ class DaliLoader(Loader):
             self._feed = ShardFeed(s, self._steps, depth=max(1, how.prefetch))
             reader = functools.partial(external_reader, self._feed)
         else:
-            root = os.path.abspath(s.split_dir)
             reader = functools.partial(
-                file_reader, files=[os.path.relpath(p, root) for p in s.paths],  # shorter serialised graph
-                labels=list(s.labels), file_root=root, shard_id=s.rank, num_shards=s.world_size, train=s.train,
-                reader_seed=s.seed_for("reader"))  # same on all ranks: one global shuffle
+                file_reader, file_list=self._file_list(), file_root=s.paths.root, shard_id=s.rank,
+                num_shards=s.world_size, train=s.train, reader_seed=s.seed_for("reader"))  # same on all ranks
         pipe = rotation_graph(
             reader=reader, train=s.train, recipe=d.recipe, crop=d.crop_size, resize=d.resize_size, min_scale=d.min_scale,
             rotations=list(s.rotations), mode=s.mode, decoder_device="mixed" if self._gpu else "cpu",
@@ -106,6 +107,17 @@ class DaliLoader(Loader):
             prefetch_queue_depth=max(1, how.prefetch), checkpoint=self._checkpoint)
         pipe.build()
         return pipe
+
+    def _file_list(self) -> str:
+        """This loader's files as a DALI file list (`relative/path label` lines), written once to a
+        temporary file that is removed with the loader; a rebuilt pipe reads it again."""
+        if self._list_path is None:
+            paths, labels = self.spec.paths, self.spec.labels
+            fd, self._list_path = tempfile.mkstemp(prefix="rotnet-dali-", suffix=".txt")
+            weakref.finalize(self, os.remove, self._list_path)
+            with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
+                f.writelines(_list_line(paths, i, labels[i]) for i in range(len(paths)))
+        return self._list_path
 
     # ------------------------------------------------------------ state hooks
     def _end_epoch(self) -> None:
@@ -172,6 +184,14 @@ class DaliLoader(Loader):
         r = np.asarray(rot.as_tensor()).reshape(-1)[:valid].tolist()
         y = r if self.spec.mode == "one_random" else np.asarray(labels.as_tensor()).reshape(-1)[:valid]
         return self._finisher(views, f, r), torch.as_tensor(y)
+
+
+def _list_line(paths, i: int, label: int) -> str:
+    rel = paths.relative(i)
+    if "\n" in rel:
+        raise BadImageError(f"a newline in a file name cannot go in DALI's file list: {paths[i]!r}; "
+                            "rename the file")
+    return f"{rel} {label}\n"
 
 
 # Only these DALI errors mean "a file is not a decodable image": a decoder naming the sample it

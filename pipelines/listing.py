@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import warnings
 
+import numpy as np
 import torch
 
 from rotnet.atomic import write_text
@@ -206,6 +207,46 @@ def subset_per_class(labels: list[int], per_class: int, seed: int) -> list[int]:
     if short:
         warnings.warn(f"labels_per_class={per_class}: classes {short[:10]} have fewer images; using all of them")
     return sorted(chosen)
+
+
+class PathTable:
+    """A split's file paths for a loader (`LoaderSpec.paths`): a sequence of str, held as one UTF-8
+    buffer after their common folder plus an int64 array of ends.
+
+    At ImageNet's 1.28M files a tuple of str costs ~110 bytes a path on every rank; this costs the
+    bytes after the folder plus 8. It is also never written once built: reading a str out of a
+    tuple writes its reference count, so every forked DataLoader worker ends up copying each page
+    of them, while the buffer and the array stay shared.
+    """
+
+    def __init__(self, paths: list[str]):
+        # the common folder ("ROOT/train/"), not a common name start ("ROOT/train/n0")
+        self.root = os.path.commonprefix([min(paths), max(paths)] if paths else [""])
+        self.root = self.root[: self.root.rfind("/") + 1]
+        cut = len(self.root)
+        parts = [p[cut:].encode("utf-8", "surrogateescape") for p in paths]
+        self._ends = np.cumsum([len(b) for b in parts], dtype=np.int64)
+        self._blob = b"".join(parts)
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def relative(self, i: int) -> str:
+        """Path i after `self.root`."""
+        start = int(self._ends[i - 1]) if i > 0 else 0
+        return self._blob[start: int(self._ends[i])].decode("utf-8", "surrogateescape")
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"path {i} of {len(self)}")
+        return self.root + self.relative(i)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
 
 
 def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:

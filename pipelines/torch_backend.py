@@ -5,6 +5,7 @@ replays the same batches; sharding is pipelines.contract.rank_indices.
 """
 from __future__ import annotations
 
+import ctypes
 import math
 
 import torch
@@ -63,6 +64,22 @@ class StepDataset(torch.utils.data.Dataset):
         return make_batch(self.spec, key, images, torch.tensor([self.spec.labels[i] for i in idx]))
 
 
+M_MMAP_THRESHOLD = -3   # glibc's mallopt parameter number (malloc.h)
+
+
+def fix_mmap_threshold(_worker_id: int = 0) -> None:
+    """DataLoader worker start: pin glibc's mmap threshold at its 128 KiB default. Left dynamic,
+    glibc raises it after each large block freed, so decoded images (~0.5 MB at ImageNet size)
+    then come from the heap, which fragments: a worker grew ~4 MB per step without end
+    (docs/pipelines.md, ImageNet scale). Not glibc: nothing to do."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    if hasattr(libc, "mallopt"):
+        libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+
+
 class TorchLoader(SampledLoader):
     """Files decoded every epoch in DataLoader workers (loader.num_threads of them)."""
 
@@ -72,7 +89,8 @@ class TorchLoader(SampledLoader):
         self._loader = torch.utils.data.DataLoader(
             StepDataset(spec), batch_size=None, sampler=self.sampler, num_workers=workers,
             prefetch_factor=max(1, spec.loader.prefetch) if workers else None,
-            persistent_workers=workers > 0, pin_memory=spec.device.type == "cuda")
+            persistent_workers=workers > 0, pin_memory=spec.device.type == "cuda",
+            worker_init_fn=fix_mmap_threshold if workers else None)
 
     def _run(self):
         return iter(self._loader)

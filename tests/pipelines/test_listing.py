@@ -113,3 +113,18 @@ def test_graph_normalisation_on_cpu(square_split, backend):
     x16, y16 = next(iter(lo_f16))
     assert x16.dtype == torch.float16 and x16.shape == (4, 3, 32, 32) and torch.equal(y8, y16)
     torch.testing.assert_close(x16.float(), prepare_batch(x8, cfg().data, False), atol=2e-2, rtol=1e-2)
+
+
+def test_path_table_gives_back_every_path(tmp_path):
+    """PathTable (a loader's spec.paths) returns the listed paths, odd names included, by index,
+    negative index and slice; `root` + `relative(i)` is the path (DALI's file_root and files)."""
+    from pipelines.listing import PathTable
+
+    odd = os.fsdecode(b"c1/bad \xff name.JPEG")          # undecodable byte, as os.walk gives it
+    paths = [str(tmp_path / "s" / p) for p in ("c0/a b é.jpg", "c0/z.jpg", odd, "c1/x.png")]
+    table = PathTable(paths)
+    assert len(table) == 4 and list(table) == paths and table[-1] == paths[-1] and table[1:3] == paths[1:3]
+    assert table.root == str(tmp_path / "s") + "/" and table.root + table.relative(2) == paths[2]
+    with pytest.raises(IndexError):
+        table[4]
+    assert len(PathTable([])) == 0

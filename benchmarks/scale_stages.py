@@ -1,0 +1,290 @@
+"""The stages of benchmarks/scale.py, each run alone in a fresh process on an ImageNet-shaped tree.
+
+    python benchmarks/scale_stages.py STAGE TREE SETTINGS_JSON      (benchmarks/scale.py runs this)
+
+Every stage returns a dict of figures (seconds, bytes, MB of resident memory); the process
+prints it as its last line of output, as JSON. Resident memory is read from /proc (`rss_mb`),
+so figures are the process's own; the runner adds the peak of the whole process tree.
+A stage's name may carry its variant after a colon: "loader:dali:64" = DALI loader, rank 0 of 64.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+
+T_START = time.time()   # before the heavy imports: "from process start" includes them
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+
+from pipelines import build_rotation_loader  # noqa: E402
+from pipelines.contract import rank_indices  # noqa: E402
+from pipelines.listing import list_images, write_file_list  # noqa: E402
+from rotnet.config import load_config  # noqa: E402
+
+CONFIG = os.path.join(REPO, "configs", "imagenet_alexnet.yaml")
+PROBE_ARCHS = ("alexnet", "resnet50")
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now, MB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def config(tree: str, s: dict, backend: str, extra: tuple[str, ...] = ()):
+    """The ImageNet AlexNet config on `tree`, loaded the way `settings` says (batch, threads)."""
+    return load_config(CONFIG, [f"data.root={tree}", f"loader.backend={backend}",
+                                f"loader.num_threads={s['threads']}", *extra])
+
+
+# ---------------------------------------------------------------------------- stages
+
+def stage_empty(tree: str, s: dict) -> dict:
+    """The same imports as every other stage, nothing else: the baseline of 'memory above empty'."""
+    return {"rss_mb": rss_mb()}
+
+
+def stage_listing(tree: str, s: dict) -> dict:
+    """What every loader does first: the layout check, class folders, sorted paths and labels."""
+    before = rss_mb()
+    t0 = time.perf_counter()
+    paths, labels, classes = list_images(os.path.join(tree, "train"), labelled=False)
+    train_s = time.perf_counter() - t0
+    held = rss_mb() - before
+    t0 = time.perf_counter()
+    val = list_images(os.path.join(tree, "val"), labelled=False)[0]
+    return {"train_files": len(paths), "classes": len(classes), "train_s": train_s,
+            "val_files": len(val), "val_s": time.perf_counter() - t0, "listing_mb": held,
+            "path_str_mb": sum(sys.getsizeof(p) for p in paths) / 2**20}
+
+
+def stage_scan(tree: str, s: dict) -> dict:
+    """`pipelines.scan`'s full-decode check on a seeded sample, one core: images/s per core."""
+    from pipelines.scan import check_image
+
+    paths = list_images(os.path.join(tree, "train"), labelled=False)[0]
+    sample = random.Random(0).sample(paths, min(s["scan_sample"], len(paths)))
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    bad = sum(1 for p in sample if check_image(p))
+    rate = len(sample) / (time.perf_counter() - t0)
+    return {"images": len(sample), "bad": bad, "per_core_img_s": rate,
+            "imagenet_16_cores_min": 1_281_167 / (rate * 16) / 60}
+
+
+def stage_loader(tree: str, s: dict, backend: str, world: str) -> dict:
+    """A rotation loader built as rank 0 of `world`, up to its first batch; memory it holds."""
+    cfg = config(tree, s, backend)
+    before = rss_mb()
+    t0 = time.perf_counter()
+    loader = build_rotation_loader(cfg, os.path.join(tree, "train"), batch_size=s["batch"], rank=0,
+                                   world_size=int(world), local_rank=0, device=torch.device("cpu"),
+                                   train=True, seed=0)
+    build_s = time.perf_counter() - t0
+    built = rss_mb() - before
+    images, _ = next(iter(loader))
+    return {"build_s": build_s, "first_batch_s": time.perf_counter() - t0, "steps": len(loader),
+            "built_mb": built, "loader_mb": rss_mb() - before, "with_workers_pss_mb": tree_pss_mb(),
+            "batch_shape": list(images.shape)}
+
+
+def stage_epoch(tree: str, s: dict) -> dict:
+    """One rank's share of an epoch's shuffle with 64 ranks (each rank draws the permutation)."""
+    n = len(list_images(os.path.join(tree, "train"), labelled=False)[0])
+    t0 = time.perf_counter()
+    for epoch in range(5):
+        idx = rank_indices(n, s["batch"], 0, 64, True, 0, epoch)
+    return {"files": n, "per_rank_s": (time.perf_counter() - t0) / 5, "indices_per_rank": len(idx)}
+
+
+def stage_state(tree: str, s: dict, backend: str) -> dict:
+    """The loader state one rank puts in a checkpoint (rank 0 of 64, after a batch); saving and
+    loading a checkpoint holding 64 such states."""
+    from rotnet.checkpoint import atomic_save
+
+    cfg = config(tree, s, backend)
+    loader = build_rotation_loader(cfg, os.path.join(tree, "train"), batch_size=s["batch"], rank=0,
+                                   world_size=64, local_rank=0, device=torch.device("cpu"), train=True,
+                                   seed=0)
+    next(iter(loader))
+    state = loader.state_dict()
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "ckpt.pt")
+        t0 = time.perf_counter()
+        atomic_save({"loader": [dict(state, rank=r) for r in range(64)]}, path)
+        save_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        states = torch.load(path, weights_only=True)["loader"]
+        load_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        loader.load_state_dict(states[0])
+        restore_s = time.perf_counter() - t0
+    return {"state_bytes": buf.tell(), "save_64_s": save_s, "load_64_s": load_s, "restore_s": restore_s}
+
+
+def stage_shards(tree: str, s: dict) -> dict:
+    """`pipelines.pack_shards` on a seeded sample, cut into ImageNet's ~257 shards; listing them."""
+    from pipelines.pack_shards import pack
+    from pipelines.shard_reader import list_shards
+
+    train = os.path.join(tree, "train")
+    paths, labels, _ = list_images(train, labelled=False)
+    keep = sorted(random.Random(0).sample(range(len(paths)), min(s["pack_images"], len(paths))))
+    with tempfile.TemporaryDirectory(dir=s["work"]) as tmp:
+        file_list = os.path.join(tmp, "list.txt")
+        write_file_list(file_list, [os.path.relpath(paths[i], train) for i in keep],
+                        [labels[i] for i in keep])
+        t0 = time.perf_counter()
+        pack(train, os.path.join(tmp, "shards"), shard_size=-(-len(keep) // 257), workers=1,
+             file_list=file_list)
+        pack_s = time.perf_counter() - t0
+        mb = sum(e.stat().st_size for e in os.scandir(os.path.join(tmp, "shards"))) / 2**20
+        t0 = time.perf_counter()
+        listed = list_shards(os.path.join(tmp, "shards"))
+        list_s = time.perf_counter() - t0
+        tars = sum(1 for e in os.scandir(os.path.join(tmp, "shards")) if e.name.endswith(".tar"))
+    return {"images": len(keep), "shards": tars, "listed": len(listed[0]), "pack_mb_s": mb / pack_s,
+            "pack_s": pack_s, "list_s": list_s}
+
+
+def stage_val(tree: str, s: dict) -> dict:
+    """`python -m pipelines.imagenet_val` on the flat val/ (symlink mode), as a user runs it."""
+    with tempfile.TemporaryDirectory(dir=s["work"]) as tmp:
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "pipelines.imagenet_val", os.path.join(tree, "val"),
+                        "--labels", os.path.join(tree, "LOC_val_solution.csv"), "--train-dir",
+                        os.path.join(tree, "train"), "--out", os.path.join(tmp, "val")], cwd=REPO, check=True,
+                       stdout=subprocess.DEVNULL)
+        seconds = time.perf_counter() - t0
+        linked = sum(len(files) for _, _, files in os.walk(os.path.join(tmp, "val")))
+    return {"seconds": seconds, "linked": linked}
+
+
+def stage_knn(tree: str, s: dict) -> dict:
+    """Bank memory per rank for a 1.28M bank from the probe points' shapes (fp16 rows), gathered
+    on every rank vs sharded over 64; and a measured vote of chunked queries on a synthetic bank."""
+    from models import MODELS
+    from probes.heads import pool_grid
+    from probes.knn import knn_scores
+
+    n = 1_281_167
+    out: dict = {}
+    for arch in PROBE_ARCHS:
+        trunk = MODELS[arch]().eval()
+        with torch.no_grad():
+            feats = trunk.features(torch.zeros(1, 3, 224, 224), trunk.layer_names)
+        for pool in ("avg", "grid"):
+            dims = sum(c * (1 if pool == "avg" else pool_grid(c, h, w)[0] * pool_grid(c, h, w)[1])
+                       for _, c, h, w in (f.shape for f in feats.values()))
+            out[f"{arch}_{pool}_dims"] = dims
+            out[f"{arch}_{pool}_gathered_gb"] = n * dims * 2 / 1e9
+            out[f"{arch}_{pool}_sharded64_gb"] = -(-n // 64) * dims * 2 / 1e9
+    rows = int(n * s["knn_fraction"])
+    bank = torch.nn.functional.normalize(torch.randn(rows, 256), dim=1)
+    queries = torch.nn.functional.normalize(torch.randn(s["knn_queries"], 256), dim=1)
+    labels = torch.randint(0, 1000, (rows,))
+    before = rss_mb()
+    t0 = time.perf_counter()
+    knn_scores(queries, bank, labels, 1000, chunk=64)
+    out.update(vote_rows=rows, vote_queries=len(queries), vote_ms_per_query=(time.perf_counter() - t0) * 1e3
+               / len(queries), vote_extra_mb=rss_mb() - before)
+    return out
+
+
+def stage_train(tree: str, s: dict, backend: str) -> dict:
+    """train.py on the tree, in this process: process start to the first optimizer step, with the
+    loader build inside it, then a few more steps (train.max_steps)."""
+    import train
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    steps: list[float] = []
+    register_optimizer_step_post_hook(lambda *_: steps.append(time.time()))
+    built: list[float] = []
+    build = train.build_rotation_loader
+
+    def timed_build(*args, **kwargs):
+        t0 = time.time()
+        loader = build(*args, **kwargs)
+        built.append(time.time() - t0)
+        return loader
+
+    train.build_rotation_loader = timed_build
+    with tempfile.TemporaryDirectory(dir=s["work"]) as tmp:
+        train.main(["--config", CONFIG, f"data.root={tree}", f"loader.backend={backend}",
+                    f"loader.num_threads={s['threads']}", f"optim.global_batch_size={s['batch']}",
+                    f"train.max_steps={s['train_steps']}", "train.log_every=1", f"train.output_dir={tmp}",
+                    "train.precision=fp32"])
+    return {"to_first_step_s": steps[0] - T_START, "loader_build_s": built[0],
+            "val_loader_build_s": sum(built[1:]),
+            "step_s": (steps[-1] - steps[0]) / max(1, len(steps) - 1), "steps": len(steps)}
+
+
+def stage_leak(tree: str, s: dict, backend: str) -> dict:
+    """Memory (PSS, workers included) after each of `leak_epochs` epochs over a seeded
+    `leak_images` subset."""
+    train = os.path.join(tree, "train")
+    paths, labels, _ = list_images(train, labelled=False)
+    keep = sorted(random.Random(0).sample(range(len(paths)), min(s["leak_images"], len(paths))))
+    with tempfile.TemporaryDirectory(dir=s["work"]) as tmp:
+        file_list = os.path.join(tmp, "train.txt")
+        write_file_list(file_list, [os.path.relpath(paths[i], train) for i in keep],
+                        [labels[i] for i in keep])
+        del paths, labels   # the loader lists the subset itself
+        cfg = config(tree, s, backend, (f"data.file_list={file_list}",))
+        loader = build_rotation_loader(cfg, train, batch_size=s["batch"], rank=0, world_size=1,
+                                       local_rank=0, device=torch.device("cpu"), train=True, seed=0)
+        rss = []
+        for epoch in range(s["leak_epochs"]):
+            loader.set_epoch(epoch)
+            for _ in loader:
+                pass
+            rss.append(tree_pss_mb())
+    return {"pss_mb_per_epoch": rss, "growth_2_to_last": rss[-1] / rss[1] - 1 if len(rss) > 1 else 0.0}
+
+
+def tree_pss_mb() -> float:
+    """Proportional set size of this process plus its children (DataLoader workers), MB: pages
+    shared after fork count once in all, so a worker's copy-on-write copies show, and nothing twice."""
+    pids = ["self"]
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/children") as f:
+                pids += f.read().split()
+        except OSError:
+            continue
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("Pss:")) / 1024
+        except OSError:
+            pass    # a worker that just ended
+    return total
+
+
+STAGES = {"empty": stage_empty, "listing": stage_listing, "scan": stage_scan, "loader": stage_loader,
+          "epoch": stage_epoch, "state": stage_state, "shards": stage_shards, "val": stage_val,
+          "knn": stage_knn, "train": stage_train, "leak": stage_leak}
+
+
+def main(argv: list[str]) -> int:
+    name, tree, settings = argv
+    kind, *variant = name.split(":")
+    figures = STAGES[kind](tree, json.loads(settings), *variant)
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
