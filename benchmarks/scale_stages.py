@@ -205,8 +205,9 @@ def stage_knn(tree: str, s: dict) -> dict:
 def stage_train(tree: str, s: dict, backend: str) -> dict:
     """train.py on the tree, in this process: process start to the first optimizer step, with the
     loader build inside it, then a few more steps (train.max_steps)."""
-    import train
     from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    import train
 
     steps: list[float] = []
     register_optimizer_step_post_hook(lambda *_: steps.append(time.time()))

@@ -30,8 +30,17 @@ import os
 import torch
 
 from pipelines.contract import LoaderSpec, check_recipe, derive_seed
-from pipelines.listing import (CLASSES, BadImageError, PathTable, SplitLayoutError, layout_error, list_images,
-                               resolve_file_list, split_layout, subset_per_class)
+from pipelines.listing import (
+    CLASSES,
+    BadImageError,
+    PathTable,
+    SplitLayoutError,
+    layout_error,
+    list_images,
+    resolve_file_list,
+    split_layout,
+    subset_per_class,
+)
 from pipelines.normalize import normalize_in_graph, prepare_batch
 from pipelines.rotations import check_rotations
 from rotnet.cli import InputError

@@ -17,7 +17,6 @@ from pipelines.normalize import prepare_batch
 from pipelines.rotations import rotation_labels
 from rotnet.cli import InputError
 
-
 RECIPES = ("imagenet", "cifar")   # pipelines/recipe.py in torch ops, pipelines/dali_graph.py in DALI
 
 

@@ -1,4 +1,4 @@
-"""The DALI graph (fn API): read (folder or tar shards) -> decode+crop (recipe) -> flip -> rotations -> [normalise].
+"""The DALI graph: read (folder or shards) -> decode+crop (recipe) -> flip -> rotations -> [normalise].
 
 One `@pipeline_def` serves every loader; `mode` picks the output per sample:
   "all"        uint8 (K, H, W, C) -- the K rotations of one crop stacked (float16 when normalising

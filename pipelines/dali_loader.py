@@ -30,8 +30,8 @@ import weakref
 import torch
 
 from pipelines.contract import Loader, LoaderSpec
-from pipelines.dali_graph import external_reader, file_reader, rotation_graph
 from pipelines.cpu_finisher import CpuFinisher
+from pipelines.dali_graph import external_reader, file_reader, rotation_graph
 from pipelines.listing import BadImageError
 from pipelines.recipe import repair_advice
 from pipelines.shard_reader import ShardFeed
@@ -96,7 +96,8 @@ class DaliLoader(Loader):
                 file_reader, file_list=self._file_list(), file_root=s.paths.root, shard_id=s.rank,
                 num_shards=s.world_size, train=s.train, reader_seed=s.seed_for("reader"))  # same on all ranks
         pipe = rotation_graph(
-            reader=reader, train=s.train, recipe=d.recipe, crop=d.crop_size, resize=d.resize_size, min_scale=d.min_scale,
+            reader=reader, train=s.train, recipe=d.recipe, crop=d.crop_size, resize=d.resize_size,
+            min_scale=d.min_scale,
             rotations=list(s.rotations), mode=s.mode, decoder_device="mixed" if self._gpu else "cpu",
             mixed_args=mixed_decoder_args(how, s.train) if self._gpu else {},
             normalize=s.normalize, mean=list(d.mean), std=list(d.std),
@@ -156,7 +157,8 @@ class DaliLoader(Loader):
             from pipelines.scan import check_image
 
             names = self.spec.paths
-            bad = [names[j] for j in self._feed.in_flight() if check_image(io.BytesIO(self.spec.shards.read(j)))]
+            read = self.spec.shards.read
+            bad = [names[j] for j in self._feed.in_flight() if check_image(io.BytesIO(read(j)))]
         else:
             bad = _named_or_bad_headers(message, self._paths)
         first = message.strip().splitlines()[-1] if message.strip() else ""

@@ -77,9 +77,9 @@ def layout_error(folder: str, layout: str) -> SplitLayoutError:
                                 + CONVERT_HINT)
     if layout == MIXED:
         return SplitLayoutError(f"{folder!r} holds both loose images and sub-folders: put every image in a "
-                                "class folder (SPLIT/CLASS/IMAGE), or move the sub-folders out to keep a flat "
+                                "class folder (SPLIT/CLASS/IMAGE), or move the sub-folders out for a flat "
                                 "split of unlabelled images (SPLIT/IMAGE)")
-    return SplitLayoutError(f"{folder!r} has no class folders and no images (expected SPLIT/CLASS/IMAGE layout)")
+    return SplitLayoutError(f"{folder!r} has no class folders and no images (expected SPLIT/CLASS/IMAGE)")
 
 
 def class_folders(root_split: str) -> list[str]:
@@ -205,7 +205,7 @@ def subset_per_class(labels: list[int], per_class: int, seed: int) -> list[int]:
             short.append(lab)
         chosen.extend(idx[j] for j in perm[:per_class])
     if short:
-        warnings.warn(f"labels_per_class={per_class}: classes {short[:10]} have fewer images; using all of them")
+        warnings.warn(f"labels_per_class={per_class}: classes {short[:10]} have fewer: all used")
     return sorted(chosen)
 
 

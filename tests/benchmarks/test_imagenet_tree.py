@@ -6,8 +6,17 @@ import os
 import pytest
 import torch
 
-from benchmarks.imagenet_tree import (CLASSES, TRAIN_TOTAL, class_counts, get_parser, main, plan,
-                                      read_manifest, tree_path, wnids)
+from benchmarks.imagenet_tree import (
+    CLASSES,
+    TRAIN_TOTAL,
+    class_counts,
+    get_parser,
+    main,
+    plan,
+    read_manifest,
+    tree_path,
+    wnids,
+)
 from pipelines import build_class_loader, build_rotation_loader, list_images
 from pipelines.imagenet_val import main as convert
 from tests.pipelines.images import cfg, make_folder

@@ -6,6 +6,7 @@ from pipelines import build_rotation_loader
 from pipelines.torch_backend import fix_mmap_threshold
 from tests.pipelines.images import cfg, make_folder
 
+
 def test_workers_start_with_a_fixed_mmap_threshold(tmp_path):
     split = make_folder(tmp_path / "train", [4, 4])
     with_workers = build_rotation_loader(cfg(backend="torch", num_threads=1), split, batch_size=2, rank=0,
