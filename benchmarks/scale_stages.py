@@ -172,31 +172,34 @@ def stage_val(tree: str, s: dict) -> dict:
 
 
 def stage_knn(tree: str, s: dict) -> dict:
-    """Bank memory per rank for a 1.28M bank from the probe points' shapes (fp16 rows), gathered
-    on every rank vs sharded over 64; and a measured vote of chunked queries on a synthetic bank."""
-    from models import MODELS
-    from probes.heads import pool_grid
-    from probes.knn import knn_scores
+    """Bank memory per rank for a 1.28M bank (probes.knn.bank_bytes: fp16 rows of every probe point),
+    gathered on every rank vs sharded over 64; and a measured vote of chunked queries on a synthetic
+    bank, through the same knn_scores that eval.py uses."""
+    from models import build_model
+    from probes.knn import bank_bytes, knn_scores
+    from probes.settings import KnnProtocol
+    from rotnet.config import Config
+    from rotnet.distributed import DistInfo
 
     n = 1_281_167
     out: dict = {}
     for arch in PROBE_ARCHS:
-        trunk = MODELS[arch]().eval()
-        with torch.no_grad():
-            feats = trunk.features(torch.zeros(1, 3, 224, 224), trunk.layer_names)
+        cfg = Config()
+        cfg.model.arch, cfg.data.crop_size = arch, 224
+        trunk = build_model(cfg, 0).trunk.eval()
         for pool in ("avg", "grid"):
-            dims = sum(c * (1 if pool == "avg" else pool_grid(c, h, w)[0] * pool_grid(c, h, w)[1])
-                       for _, c, h, w in (f.shape for f in feats.values()))
-            out[f"{arch}_{pool}_dims"] = dims
-            out[f"{arch}_{pool}_gathered_gb"] = n * dims * 2 / 1e9
-            out[f"{arch}_{pool}_sharded64_gb"] = -(-n // 64) * dims * 2 / 1e9
+            for world, key in ((1, "gathered"), (64, "sharded64")):
+                out[f"{arch}_{pool}_{key}_gb"] = bank_bytes(trunk, trunk.layer_names, pool, n, world,
+                                                            torch.float16) / 1e9
     rows = int(n * s["knn_fraction"])
     bank = torch.nn.functional.normalize(torch.randn(rows, 256), dim=1)
     queries = torch.nn.functional.normalize(torch.randn(s["knn_queries"], 256), dim=1)
     labels = torch.randint(0, 1000, (rows,))
+    p = KnnProtocol(head="knn", layers=[], batch_size=1, precision="fp32", seed=0, labels_per_class=0,
+                    info=DistInfo(), cfg=Config(), k=20, t=0.07, pool="avg")
     before = rss_mb()
     t0 = time.perf_counter()
-    knn_scores(queries, bank, labels, 1000, chunk=64)
+    knn_scores(queries, bank, labels, 1000, p, chunk=64)
     out.update(vote_rows=rows, vote_queries=len(queries), vote_ms_per_query=(time.perf_counter() - t0) * 1e3
                / len(queries), vote_extra_mb=rss_mb() - before)
     return out

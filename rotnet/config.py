@@ -54,7 +54,7 @@ class LoaderConfig:
     device_memory_padding: int = 0
     host_memory_padding: int = 0
     normalize: Literal["auto", "graph", "trainer"] = "auto"  # auto: graph on GPU, trainer on CPU
-    dali_rotate_in_graph: bool = False   # CPU only: false lets torch resize/flip/rotate (faster on CPU)
+    dali_rotate_in_graph: bool = False   # CPU only: false: OpenCV resizes/flips/rotates (faster)
 
 
 @dataclass

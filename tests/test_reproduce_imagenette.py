@@ -1,4 +1,4 @@
-"""benchmarks/reproduce_imagenette.py: issue 13's bars, the results.md section, the commands it runs."""
+"""benchmarks/reproduce_imagenette.py: the Imagenette bars, the results.md section, the commands it runs."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,7 @@ RES = ["conv1", "layer1", "layer2", "layer3", "layer4"]
 
 def test_alexnet_bars_best_against_best_and_middle_layer_shape():
     rnd = dict(zip(ALEX, [55.2, 55.7, 55.0, 53.8, 52.6]))
-    calibration = dict(zip(ALEX, [59.8, 67.8, 70.2, 68.9, 66.9]))   # issue 13's calibration run: +14.5
+    calibration = dict(zip(ALEX, [59.8, 67.8, 70.2, 68.9, 66.9]))   # a calibration run: +14.5
     (name, ok, val), (_, shape_ok, _) = bars("alexnet", calibration, rnd)
     assert not ok and "+14.50" in val and shape_ok
     good = dict(calibration, conv3=70.8)
