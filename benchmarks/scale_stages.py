@@ -133,18 +133,23 @@ def stage_state(tree: str, s: dict, backend: str) -> dict:
     return {"state_bytes": buf.tell(), "save_64_s": save_s, "load_64_s": load_s, "restore_s": restore_s}
 
 
+def seeded_subset(train: str, n: int, tmp: str) -> tuple[str, list[int]]:
+    """(file list of a seeded n-image subset of `train`, written into tmp; the kept indices)."""
+    paths, labels, _ = list_images(train, labelled=False)
+    keep = sorted(random.Random(0).sample(range(len(paths)), min(n, len(paths))))
+    file_list = os.path.join(tmp, "subset.txt")
+    write_file_list(file_list, [os.path.relpath(paths[i], train) for i in keep], [labels[i] for i in keep])
+    return file_list, keep
+
+
 def stage_shards(tree: str, s: dict) -> dict:
     """`pipelines.pack_shards` on a seeded sample, cut into ImageNet's ~257 shards; listing them."""
     from pipelines.pack_shards import pack
     from pipelines.shard_reader import list_shards
 
     train = os.path.join(tree, "train")
-    paths, labels, _ = list_images(train, labelled=False)
-    keep = sorted(random.Random(0).sample(range(len(paths)), min(s["pack_images"], len(paths))))
     with tempfile.TemporaryDirectory(dir=s["work"]) as tmp:
-        file_list = os.path.join(tmp, "list.txt")
-        write_file_list(file_list, [os.path.relpath(paths[i], train) for i in keep],
-                        [labels[i] for i in keep])
+        file_list, keep = seeded_subset(train, s["pack_images"], tmp)
         t0 = time.perf_counter()
         pack(train, os.path.join(tmp, "shards"), shard_size=-(-len(keep) // 257), workers=1,
              file_list=file_list)
@@ -238,13 +243,8 @@ def stage_leak(tree: str, s: dict, backend: str) -> dict:
     """Memory (PSS, workers included) after each of `leak_epochs` epochs over a seeded
     `leak_images` subset."""
     train = os.path.join(tree, "train")
-    paths, labels, _ = list_images(train, labelled=False)
-    keep = sorted(random.Random(0).sample(range(len(paths)), min(s["leak_images"], len(paths))))
     with tempfile.TemporaryDirectory(dir=s["work"]) as tmp:
-        file_list = os.path.join(tmp, "train.txt")
-        write_file_list(file_list, [os.path.relpath(paths[i], train) for i in keep],
-                        [labels[i] for i in keep])
-        del paths, labels   # the loader lists the subset itself
+        file_list, _ = seeded_subset(train, s["leak_images"], tmp)   # the loader lists the subset itself
         cfg = config(tree, s, backend, (f"data.file_list={file_list}",))
         loader = build_rotation_loader(cfg, train, batch_size=s["batch"], rank=0, world_size=1,
                                        local_rank=0, device=torch.device("cpu"), train=True, seed=0)
