@@ -1,6 +1,6 @@
 """An ImageNet-shaped tree on local disk that costs inodes, not bytes: every image a hard link.
 
-    python benchmarks/imagenet_tree.py --scale 0.1 --pool DIR [--out /work/scale-tree] [--remove]
+    python benchmarks/imagenet_tree.py --scale 0.1 --pool DIR [--out DIR] [--remove]
 
 OUT/scale-<s>/ (s = 1, 0.1, 0.01) gets what ILSVRC2012 extracts to, at `--scale` of its size:
   train/<wnid>/<wnid>_<k>.JPEG  1,000 class folders, per-class counts from `class_counts`
@@ -33,6 +33,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from pipelines.listing import is_image_file  # noqa: E402
+from pipelines.sample_data import cache_root  # noqa: E402
 from rotnet.cli import ArgumentParser, InputError, fail  # noqa: E402
 
 TRAIN_TOTAL = 1_281_167
@@ -40,6 +41,7 @@ CLASSES = 1000
 PER_CLASS_MAX, PER_CLASS_MIN = 1300, 732
 VAL_PER_CLASS = 50
 MANIFEST = ".imagenet_tree.json"
+DEFAULT_TREES = cache_root() / "scale-tree"   # 1.33M hard links at scale 1: never inside the repo
 SHAPES = ((500, 375), (375, 500), (500, 333), (500, 500))   # (width, height) at --pool-px 500
 
 
@@ -176,8 +178,9 @@ def get_parser() -> argparse.ArgumentParser:
     ap = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--scale", type=parse_scale, default=0.01,
                     help="fraction of ImageNet's file counts: 1/100 for tests, 1/10 and 1 for the benchmark")
-    ap.add_argument("--out", default="/work/scale-tree",
-                    help="parent folder of the trees (outside the repository: 1.33M links at scale 1)")
+    ap.add_argument("--out", default=str(DEFAULT_TREES),
+                    help="parent folder of the trees, outside the repository: 1.33M links at scale 1 "
+                         "(default $ROTNET_CACHE/scale-tree, else ~/.cache/rotnet/scale-tree)")
     ap.add_argument("--pool", default="",
                     help="folder of real JPEGs the pool is drawn from, e.g. "
                          "../shared/datasets/imagenette-224/train (on OUT's file system when --pool-px 0)")

@@ -1,6 +1,6 @@
 """ImageNet's size without ImageNet: every per-file cost of rotnet at 1.28M files, one command.
 
-    python benchmarks/scale.py --scale 1 --pool DIR [--compare 0.1] [--trees /work/scale-tree] [--stages S,S]
+    python benchmarks/scale.py --scale 1 --pool DIR [--compare 0.1] [--trees DIR] [--stages S,S]
                                [--json runs/scale/scale.json] [--no-write]
 
 Builds the ImageNet-shaped trees it needs (benchmarks/imagenet_tree.py; kept for the next run),
@@ -119,8 +119,8 @@ def get_parser() -> argparse.ArgumentParser:
                     help="tree size for the figures: 1 = ImageNet's 1,281,167 + 50,000 files")
     ap.add_argument("--compare", type=imagenet_tree.parse_scale, default=0.1,
                     help="smaller tree run first, for the growth ratio (target: <= 12x from 1/10 to 1)")
-    ap.add_argument("--trees", default="/work/scale-tree",
-                    help="where the trees are built (outside the repo)")
+    ap.add_argument("--trees", default=str(imagenet_tree.DEFAULT_TREES),
+                    help="where the trees are built, outside the repository (default: imagenet_tree's --out)")
     ap.add_argument("--pool", required=True,
                     help="real JPEGs the tree links to, e.g. ../shared/datasets/imagenette-224/train "
                          "(see benchmarks/imagenet_tree.py)")

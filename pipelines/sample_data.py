@@ -223,12 +223,15 @@ def generate(out: Path, seed: int, per_class_train: int, per_class_val: int) -> 
                 img.save(folder / f"{cdir[:6]}_{i:05d}.JPEG", "JPEG", quality=90)
 
 
+def cache_root() -> Path:
+    """Where rotnet keeps generated data: $ROTNET_CACHE, else ~/.cache/rotnet."""
+    return Path(os.environ.get("ROTNET_CACHE") or Path.home() / ".cache" / "rotnet").expanduser()
+
+
 def ensure_sample_data(seed: int = 0, cache_dir: str | Path | None = None, *,
                        per_class_train: int = PER_CLASS_TRAIN, per_class_val: int = PER_CLASS_VAL) -> Path:
     """Root of the sample set (ROOT/{train,val}/CLASS/*.JPEG), generating it on first use."""
-    if cache_dir is None:                   # cache_dir, else $ROTNET_CACHE, else ~/.cache/rotnet
-        cache_dir = os.environ.get("ROTNET_CACHE") or Path.home() / ".cache" / "rotnet"
-    base = Path(cache_dir).expanduser()
+    base = cache_root() if cache_dir is None else Path(cache_dir).expanduser()
     base.mkdir(parents=True, exist_ok=True)
     name = f"sample-v{FORMAT_VERSION}-seed{seed}"
     if (per_class_train, per_class_val) != (PER_CLASS_TRAIN, PER_CLASS_VAL):
