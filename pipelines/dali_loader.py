@@ -32,7 +32,7 @@ import torch
 from pipelines.contract import Loader, LoaderSpec
 from pipelines.cpu_finisher import CpuFinisher
 from pipelines.dali_graph import external_reader, file_reader, rotation_graph
-from pipelines.listing import BadImageError
+from pipelines.listing import BadImageError, file_list_lines
 from pipelines.recipe import repair_advice
 from pipelines.shard_reader import ShardFeed
 
@@ -117,7 +117,7 @@ class DaliLoader(Loader):
             fd, self._list_path = tempfile.mkstemp(prefix="rotnet-dali-", suffix=".txt")
             weakref.finalize(self, os.remove, self._list_path)
             with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
-                f.writelines(_list_line(paths, i, labels[i]) for i in range(len(paths)))
+                f.writelines(file_list_lines((paths.relative(i) for i in range(len(paths))), labels))
         return self._list_path
 
     # ------------------------------------------------------------ state hooks
@@ -186,14 +186,6 @@ class DaliLoader(Loader):
         r = np.asarray(rot.as_tensor()).reshape(-1)[:valid].tolist()
         y = r if self.spec.mode == "one_random" else np.asarray(labels.as_tensor()).reshape(-1)[:valid]
         return self._finisher(views, f, r), torch.as_tensor(y)
-
-
-def _list_line(paths, i: int, label: int) -> str:
-    rel = paths.relative(i)
-    if "\n" in rel:
-        raise BadImageError(f"a newline in a file name cannot go in DALI's file list: {paths[i]!r}; "
-                            "rename the file")
-    return f"{rel} {label}\n"
 
 
 # Only these DALI errors mean "a file is not a decodable image": a decoder naming the sample it

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -110,16 +111,23 @@ def read_file_list(path: str) -> tuple[list[str], list[int]]:
     return rel, labels
 
 
+def file_list_lines(rel_paths: Iterable[str], labels: Iterable[int]) -> Iterator[str]:
+    """`relative/path label` lines, the format of file lists (ours and DALI's readers.file); a
+    BadImageError at a name with a newline, which the format cannot hold."""
+    for p, lab in zip(rel_paths, labels):
+        if "\n" in p:
+            raise BadImageError(f"newline in file name cannot go in a file list: {p!r}; rename the file")
+        yield f"{p} {lab}\n"
+
+
 def write_file_list(path: str, rel_paths: list[str], labels: list[int]) -> None:
     """Write the format `read_file_list` (and DALI's readers.file file_list) reads, atomically
     (rotnet.atomic): an error leaves an earlier list whole. InputError naming `path` when it cannot
     be written (a read-only folder, a file in the way)."""
-    bad = next((p for p in rel_paths if "\n" in p), None)
-    if bad is not None:
-        raise BadImageError(f"newline in file name cannot go in a file list: {bad!r}")
+    text = "".join(file_list_lines(rel_paths, labels))
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        write_text(path, "".join(f"{p} {lab}\n" for p, lab in zip(rel_paths, labels)))
+        write_text(path, text)
     except OSError as e:
         raise InputError(f"cannot write the file list {path!r}: {e.strerror or e}") from None
 

@@ -128,3 +128,13 @@ def test_path_table_gives_back_every_path(tmp_path):
     with pytest.raises(IndexError):
         table[4]
     assert len(PathTable([])) == 0
+
+
+def test_a_newline_in_a_name_cannot_go_in_a_file_list(tmp_path):
+    """One line rule for our lists and DALI's: a name with a newline is refused, nothing written."""
+    from pipelines.listing import BadImageError, file_list_lines, write_file_list
+
+    assert list(file_list_lines(["c0/a.jpg", "c1/b c.jpg"], [0, 1])) == ["c0/a.jpg 0\n", "c1/b c.jpg 1\n"]
+    with pytest.raises(BadImageError, match="newline"):
+        write_file_list(str(tmp_path / "l.txt"), ["c0/a.jpg", "c0/b\n.jpg"], [0, 0])
+    assert not (tmp_path / "l.txt").exists()
