@@ -11,7 +11,7 @@ of both. Pipeline, as in FFCV's ImageNet example but on the CPU:
 RandomResizedCropRGBImageDecoder (torchvision's scale/ratio), RandomHorizontalFlip,
 NormalizeImage (ImageNet mean/std, float32; on the CPU it runs on the HWC arrays, so before
 ToTensor), ToTensor, ToTorchImage (channels-last): float32 (N, 3, S, S), then `rotate`.
-Install: benchmarks/requirements-ffcv.txt (docs/benchmarks-ffcv.md says how).
+Install: benchmarks/requirements-ffcv.txt (docs/pipelines.md, Throughput, says how).
 """
 from __future__ import annotations
 

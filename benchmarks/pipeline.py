@@ -17,7 +17,7 @@ sample-major (row 4i + r is original i turned r x 90 degrees), i.e. what the mod
   ffcv       FFCV 1.0.2 on a .beton of the same images (benchmarks/ffcv_rows.py): its own one
              view, (N, 3, S, S); shown for scale, not equal work.
   ffcv-rot   the same, then `rotate4`: equal work; the "x FFCV" column divides by this row.
-The FFCV rows need FFCV (benchmarks/requirements-ffcv.txt, docs/benchmarks-ffcv.md); without it
+The FFCV rows need FFCV (benchmarks/requirements-ffcv.txt; docs/pipelines.md, Throughput); without it
 they are skipped with a line saying so. The first warm-up batch of each row is checked and its
 output spec (dtype, shape, layout, normalised, rotations) printed and written beside the row;
 rows that should be equal but are not end the run before anything is written.
@@ -168,7 +168,7 @@ def ffcv_missing(device: torch.device) -> str:
     try:
         import ffcv  # noqa: F401
     except ImportError as e:
-        return f"ffcv does not import ({e}); install: docs/benchmarks-ffcv.md"
+        return f"ffcv does not import ({e}); install: benchmarks/requirements-ffcv.txt, docs/pipelines.md"
     return ""
 
 
