@@ -172,6 +172,23 @@ def ffcv_missing(device: torch.device) -> str:
     return ""
 
 
+def run_rows(names: list[str], args, device: torch.device, sync) -> tuple[dict, dict]:
+    """({row: original img/s}, {row: output spec}), one row after the other, torch on --threads threads."""
+    results, specs, threads = {}, {}, torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        for name in names:
+            t0 = time.perf_counter()
+            batches = row_batches(name, args, device)
+            results[name], specs[name] = time_loop(batches, args.steps, args.warmup, args.batch_size, sync)
+            batches.close()     # its workers and threads end before the next row is timed
+            print(f"{name:10s} {results[name]:9,.0f} original img/s  ({time.perf_counter() - t0:.0f} s incl. "
+                  f"start)  out: {specs[name]}", flush=True)
+    finally:
+        torch.set_num_threads(threads)     # main() also runs inside tests: leave the process as it was
+    return results, specs
+
+
 def table(results: dict[str, float], specs: dict[str, str]) -> list[str]:
     """Markdown rows: pipeline, original img/s, x reference, x FFCV (the ffcv-rot row), output spec."""
     ref, ffcv = results.get("reference"), results.get(FFCV_ROW)
@@ -245,22 +262,14 @@ def main(argv=None) -> int:
         load_config(None, args.overrides)
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
-    torch.set_num_threads(args.threads)
     if any(n in ("ffcv", FFCV_ROW) for n in names) and (why := ffcv_missing(device)):
         print(f"ffcv rows skipped: {why}")
         args.notes.append(f"FFCV rows skipped: {why}")
         names = [n for n in names if n not in ("ffcv", FFCV_ROW)]
-    results, specs = {}, {}
-    for name in names:
-        t0 = time.perf_counter()
-        batches = row_batches(name, args, device)
-        results[name], specs[name] = time_loop(batches, args.steps, args.warmup, args.batch_size, sync)
-        batches.close()     # its workers and threads end before the next row is timed
-        print(f"{name:10s} {results[name]:9,.0f} original img/s  ({time.perf_counter() - t0:.0f} s incl. "
-              f"start)  out: {specs[name]}", flush=True)
+    results, specs = run_rows(names, args, device, sync)
     if bad := unequal_rows(specs):
-        raise SystemExit(f"error: rows {bad} emit other than the {names[0]!r} row, not equal work "
-                         "(outputs above); nothing written")
+        raise SystemExit(f"error: rows {bad} emit other than the rows before them (outputs above): "
+                         "not equal work; nothing written")
     if not args.no_write:
         append_results(args.out, args, device, results, specs)
         print(f"appended to {args.out}")
