@@ -31,12 +31,14 @@ import os
 import shlex
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from benchmarks.image_set import stats  # noqa: E402
 from benchmarks.report import append_block, machine  # noqa: E402
 from pipelines import build_rotation_loader, prepare_batch  # noqa: E402
 from rotnet.checkpoint import git_commit  # noqa: E402
@@ -207,7 +209,7 @@ def append_results(path: str, args, device, results: dict, specs: dict) -> None:
         f"- commit {git_commit()}; machine: {machine(device)}; device: {device.type}; "
         f"load average before the run: {args.load:.1f}",
         f"- command: `{args.command}`",
-        f"- data: {args.data} ({args.num_files} images); recipe: RRC {args.crop} + flip; batch "
+        f"- data: {args.data} ({args.images}); recipe: RRC {args.crop} + flip; batch "
         f"{args.batch_size} originals; {args.steps} timed steps after {args.warmup}; {args.threads} "
         f"workers/threads per row (torch.set_num_threads too); rotnet loaders prefetch={args.prefetch}",
         "- every row ends at the model's input (output column), timed: rotnet rows include prepare_batch; "
@@ -254,8 +256,10 @@ def main(argv=None) -> int:
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     args.command = shlex.join(["python", "benchmarks/pipeline.py",
                                *(sys.argv[1:] if argv is None else argv)])
-    args.num_files = sum(len(fs) for _, _, fs in os.walk(args.data))
     args.load = os.getloadavg()[0]
+    st = stats(Path(args.data))     # decode cost grows with pixels and bytes: say what was read
+    args.images = (f"{st['count']} images, mean {st['mean_w']:.0f}x{st['mean_h']:.0f} px, "
+                   f"{st['mean_kb']:.1f} KB")
     args.prepare = True      # equal work: the rotnet rows end at the model's input too
     args.notes = []
     try:   # bad overrides: one line, before any work

@@ -86,12 +86,14 @@ def _argv(data, out):
 
 def test_block_header_and_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "row_batches", _fake_rows())
+    data = make_folder(tmp_path / "train", [2, 1], size=(30, 40))
     out = tmp_path / "bench.md"
-    assert pipeline.main(_argv(str(tmp_path), out)) == 0
+    assert pipeline.main(_argv(data, out)) == 0
     text = out.read_text()
     assert "## Input pipeline, equal work (benchmarks/pipeline.py), 20" in text and " UTC" in text
     for part in ("- commit ", "cores", "load average before the run: ", "1 workers/threads per row",
-                 f"- command: `python benchmarks/pipeline.py --data {tmp_path} --backends dali,torch,"):
+                 f"- command: `python benchmarks/pipeline.py --data {data} --backends dali,torch,",
+                 "(3 images, mean 40x30 px, "):
         assert part in text, part
     spec = "float32 (8, 3, 8, 8) channels-last, ImageNet-normalised, 4 rotations"
     for name in ("dali", "torch", "reference"):
@@ -102,14 +104,14 @@ def test_unequal_row_stops_the_run_and_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "row_batches", _fake_rows(uint8_row="torch"))
     out = tmp_path / "bench.md"
     with pytest.raises(SystemExit, match=r"\['torch'\].*not equal work"):
-        pipeline.main(_argv(str(tmp_path), out))
+        pipeline.main(_argv(make_folder(tmp_path / "train", [1]), out))
     assert not out.exists()
 
 
 def test_missing_ffcv_skips_its_rows_with_a_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(pipeline, "row_batches", _fake_rows())
     monkeypatch.setattr(pipeline, "ffcv_missing", lambda device: "ffcv does not import (test)")
-    argv = _argv(str(tmp_path), tmp_path / "bench.md")
+    argv = _argv(make_folder(tmp_path / "train", [1]), tmp_path / "bench.md")
     argv[argv.index("--backends") + 1] = "reference,ffcv,ffcv-rot"
     assert pipeline.main(argv) == 0
     assert "ffcv rows skipped: ffcv does not import (test)" in capsys.readouterr().out
