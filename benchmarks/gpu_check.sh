@@ -156,12 +156,12 @@ step step_check 150 $PY benchmarks/step_check.py --device $DEV --data "$DATA" \
 # Speed from here on: these steps are the ones the budget cuts.
 
 # ---------------------------------------------------------------------------- 7. input pipeline
-# Original images/s with the four rotations emitted and normalised (--prepare), DALI vs the
+# Original images/s, every row ending at normalised float32 with the four rotations, DALI vs the
 # torchvision reference; then the DALI graph with hw_decoder_load 0.9 instead of 0.65.
 NTRAIN=$(find "$DATA/train" -type f | wc -l)
 ST=$(( NTRAIN / BS - WARM - 1 )); [ $ST -gt $STEPS ] && ST=$STEPS
 PIPE="$PY benchmarks/pipeline.py --device $DEV --batch-size $BS --warmup $WARM --steps $ST"
-PIPE="$PIPE --threads $THREADS --prepare --no-write"
+PIPE="$PIPE --threads $THREADS --no-write"
 [ "$DEV" = cpu ] && PIPE="$PIPE --crop 32"
 bench pipeline 150 bash -c "set -o pipefail;
   $PY benchmarks/image_set.py stats $DATA/train | sed 's/^/images: /' &&
