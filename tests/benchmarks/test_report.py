@@ -46,7 +46,7 @@ def test_the_log_keeps_every_line_of_its_ledger():
 def test_a_planted_edit_or_removal_fails_and_added_lines_pass(tmp_path):
     lines = LOG.read_text(encoding="utf-8").splitlines()
     ledger = line_hashes("\n".join(lines))   # the log's own lines, as the ledger records them
-    row = next(i for i, line in enumerate(lines) if line.startswith("| leak:torch |"))   # an early block's row
+    row = next(i for i, line in enumerate(lines) if line.startswith("| leak:torch |"))   # an early row
     edited = lines[:row] + [lines[row].replace("|", " |", 1)] + lines[row + 1:]
     removed = lines[:row] + lines[row + 1:]
     added = lines[:row + 1] + ["", "Note: a line added after a block."] + lines[row + 1:] + ["## New", ""]
