@@ -22,7 +22,6 @@ import tempfile
 import time
 
 
-
 def process_start(pid: str = "self") -> float:
     """When the kernel started process `pid` (time.time() scale): /proc/PID/stat's starttime
     (field 22, clock ticks since boot) against the boot-time clock now. /proc/stat's btime would
@@ -108,8 +107,8 @@ def stage_loader(tree: str, s: dict, backend: str, world: str) -> dict:
     built = rss_mb() - before
     images, _ = next(iter(loader))
     return {"build_s": build_s, "first_batch_s": time.perf_counter() - t0, "steps": len(loader),
-            "built_mb": built, "loader_mb": rss_mb() - before,
-            **{f"with_workers_{k}_mb": v for k, v in tree_memory_mb().items()}, "batch_shape": list(images.shape)}
+            "built_mb": built, "loader_mb": rss_mb() - before, "batch_shape": list(images.shape),
+            **{f"with_workers_{k}_mb": v for k, v in tree_memory_mb().items()}}
 
 
 def stage_epoch(tree: str, s: dict) -> dict:

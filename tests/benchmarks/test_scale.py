@@ -41,8 +41,8 @@ def test_process_start_is_the_kernels_start_of_the_process():
 def test_tree_memory_counts_a_childs_private_memory():
     """96 MB written by a child (a DataLoader worker's stand-in) shows in each of the tree's figures."""
     before = tree_memory_mb()
-    child = subprocess.Popen([sys.executable, "-c", "import sys, time; b = bytes(range(256)) * (3 << 17); "
-                              "print('ready', flush=True); time.sleep(30)"], stdout=subprocess.PIPE, text=True)
+    code = "import time; b = bytes(range(256)) * (3 << 17); print('ready', flush=True); time.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline() == "ready\n"
         during = tree_memory_mb()
