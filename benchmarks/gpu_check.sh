@@ -14,14 +14,30 @@
 # check step runs with its own limit or what is left of the budget, whichever is smaller (skipped
 # under 30 s left); a throughput step runs only if its whole limit still fits, so those are the
 # steps cut when a slow cold start eats the time. A failing step does not stop the rest.
+# Throughput targets: train.py's step with real input at >= 90% (AlexNet 224) and >= 95%
+# (ResNet-50 224) of its speed on the same batch replayed; each is printed with its figure.
 # Outputs: $OUT/summary.txt (every step's rc and time, and the figure lines), $OUT/check.log
-# (everything). Exit status: 0 when no step failed.
+# (everything); the verdict line is printed too. Exit status, the first that applies:
+#   1  a step ran and failed            3  a check step did not run (budget): not checked
+#   4  a throughput target missed, or a throughput step did not run (not with --report-only)
+#   2  bad input (no DATA/train, an unknown argument)      0  everything ran, passed, met
+# On GPU_CHECK_DEVICE=cpu the CUDA-only steps are "not run (needs CUDA)": a CPU rehearsal of the
+# commands, not a check of the GPU path.
+#
+# Usage: bash benchmarks/gpu_check.sh [--report-only]   (--report-only: targets printed, not enforced)
 #
 # Environment: GPU_CHECK_DEVICE cuda|cpu (default: cuda when torch sees one), DATA (ImageNet
 # layout, train/ and val/; default $GPU_STAGE_DEST/data, where gpu-stage.sh unpacks its subset),
 # OUT (default /tmp/gpu-check), GPU_CHECK_BUDGET, GPU_CHECK_WORK (scratch, default /tmp/gpu-check-work).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+REPORT_ONLY=0
+for arg in "$@"; do
+  case $arg in
+    --report-only) REPORT_ONLY=1 ;;
+    *) echo "gpu_check: unknown argument $arg (usage: bash benchmarks/gpu_check.sh [--report-only])" >&2; exit 2 ;;
+  esac
+done
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 ROTNET_PROGRESS=0
 PY=${PYTHON:-python3}
 DEV=${GPU_CHECK_DEVICE:-$($PY -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}
@@ -30,7 +46,7 @@ OUT=${OUT:-/tmp/gpu-check}; W=${GPU_CHECK_WORK:-/tmp/gpu-check-work}
 BUDGET=${GPU_CHECK_BUDGET:-480}
 mkdir -p "$OUT"; LOG=$OUT/check.log; SUM=$OUT/summary.txt; : > "$LOG"; : > "$SUM"
 rm -rf "$W"; mkdir -p "$W"
-T0=$SECONDS; FAILED=""; SKIPPED=""
+T0=$SECONDS; FAILED=""; NOT_RUN=""; SPEED_NOT_RUN=""; MISSED=""
 
 # ---------------------------------------------------------------------------- sizes
 # GPU: the real protocol sizes. CPU: toy sizes, fp32 (bf16 is emulated on CPUs without
@@ -64,16 +80,28 @@ run_step() {  # run_step NAME LIMIT_S CMD...: run under a time limit, log all, r
   [ $rc -eq 0 ] || FAILED="$FAILED $name"
 }
 left() { echo $((BUDGET - (SECONDS - T0))); }
-skip() { SKIPPED="$SKIPPED $1"; say "=== $1: SKIPPED (budget: $((SECONDS - T0)) s used of $BUDGET)"; }
+skip() { say "=== $1: SKIPPED (budget: $((SECONDS - T0)) s used of $BUDGET)"; }
 step() {  # step NAME LIMIT_S CMD...: a check; the limit shrinks to what is left of the budget
   local name=$1 limit=$2 rest; rest=$(left); shift 2
-  if [ "$rest" -lt 30 ]; then skip "$name"; return; fi
+  if [ "$rest" -lt 30 ]; then skip "$name"; NOT_RUN="$NOT_RUN $name"; return; fi
   run_step "$name" $((limit < rest ? limit : rest)) "$@"
 }
 bench() {  # bench NAME LIMIT_S CMD...: a throughput step; runs only if its whole limit still fits
   local name=$1 limit=$2; shift 2
-  if [ "$(left)" -lt "$limit" ]; then skip "$name"; return; fi
+  if [ "$(left)" -lt "$limit" ]; then skip "$name"; SPEED_NOT_RUN="$SPEED_NOT_RUN $name"; return 1; fi
   run_step "$name" "$limit" "$@"
+}
+target() {  # target CASE MIN: real input's steps/s over replayed, from train_throughput's table
+  local case=$1 min=$2 ratio   # table columns: 2 case, 7 input, 8 steps/s
+  ratio=$(awk -F'|' -v c=" $case " '$2 == c { sub(/^ +/, "", $7)
+      if ($7 ~ /^real \(/) r = $8 + 0; else if ($7 ~ /^synthetic/) s = $8 + 0 }
+    END { if (r > 0 && s > 0) printf "%.3f", r / s }' "$W/train_throughput.out")
+  if [ -n "$ratio" ] && awk -v r="$ratio" -v m="$min" 'BEGIN { exit !(r >= m) }'; then
+    say "target $case: real input at $ratio of replayed (target >= $min): met"
+  else
+    say "target $case: real input at ${ratio:-no figure} of replayed (target >= $min): MISSED"
+    MISSED="$MISSED $case"
+  fi
 }
 gpu_only() { if [ "$DEV" = cuda ]; then step "$@"; else say "=== $1: not run (needs CUDA; device $DEV)"; fi; }
 
@@ -179,9 +207,19 @@ bench pipeline_imagenet_sized 150 bash -c "set -o pipefail; \
 # ---------------------------------------------------------------------------- 9. training throughput
 # train.py's own step with real DALI input vs the same batch replayed: AlexNet 224 (batch 192)
 # and ResNet-50 224; targets >= 90% and >= 95% of synthetic.
-bench train_throughput 200 $PY benchmarks/train_throughput.py --device $DEV --imagenet-data "$DATA" \
-  $TT_ARGS --out "" loader.backend=dali $TT_OVR $SHORT
+if bench train_throughput 200 $PY benchmarks/train_throughput.py --device $DEV --imagenet-data "$DATA" \
+  $TT_ARGS --out "" loader.backend=dali $TT_OVR $SHORT; then
+  target alexnet224 0.90; target resnet50_224 0.95
+fi
 
 [ -f "$W/eval/eval.md" ] && cp "$W/eval/eval.md" "$OUT/"
-say "=== done in $((SECONDS - T0)) s; failed:${FAILED:- none}; skipped:${SKIPPED:- none}"
-[ -z "$FAILED" ]
+say "=== done in $((SECONDS - T0)) s; failed:${FAILED:- none}; not run:${NOT_RUN:- none}; \
+speed not run:${SPEED_NOT_RUN:- none}; targets missed:${MISSED:- none}$([ $REPORT_ONLY = 1 ] && echo ' (--report-only)')"
+tail -n 1 "$SUM"
+if [ -n "$FAILED" ]; then echo "gpu_check: failed:$FAILED" >&2; exit 1; fi
+if [ -n "$NOT_RUN" ]; then echo "gpu_check: not run, so not checked:$NOT_RUN" >&2; exit 3; fi
+if [ $REPORT_ONLY = 0 ] && [ -n "$MISSED$SPEED_NOT_RUN" ]; then
+  echo "gpu_check: throughput targets missed:${MISSED:- none}; speed steps not run:${SPEED_NOT_RUN:- none}" >&2
+  exit 4
+fi
+exit 0

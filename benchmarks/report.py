@@ -1,10 +1,19 @@
 """What the benchmark scripts share for their reports in docs/benchmarks.md: a one-line machine
-description and an append-only writer. The commit comes from rotnet.checkpoint.git_commit().
+description, an append-only writer, and the ledger that keeps the log append-only. The commit
+comes from rotnet.checkpoint.git_commit().
 
     from benchmarks.report import append_block, machine
+    python -m benchmarks.report --ledger      # after adding blocks: protect their lines too
+
+The ledger (docs/benchmarks.ledger) holds a short hash of every line of docs/benchmarks.md as
+recorded; tests/benchmarks/test_report.py fails when a line it holds was edited or removed, so
+the check needs no git history (a shallow CI checkout has none).
 """
 from __future__ import annotations
 
+import argparse
+import difflib
+import hashlib
 import os
 import platform
 from pathlib import Path
@@ -13,6 +22,8 @@ import torch
 
 from rotnet.atomic import write_text
 
+LOG = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+LEDGER = LOG.with_suffix(".ledger")
 TITLE = "# Benchmarks\n\nAppend-only results of the scripts in benchmarks/.\n"
 
 
@@ -69,3 +80,33 @@ def append_block(path: str | Path, text: str, heading: str | None = None, intro:
     end = len(doc) if nxt < 0 else nxt + 1
     doc = doc[:end].rstrip("\n") + "\n\n" + text.strip("\n") + "\n" + ("\n" + doc[end:] if nxt >= 0 else "")
     write_text(path, doc)   # a kill mid-write must not cost the file its earlier blocks
+
+
+# ---------------------------------------------------------------------------- the append-only ledger
+
+def line_hashes(text: str) -> list[str]:
+    """12 hex digits of each line's SHA-256: the ledger's form of a file's lines."""
+    return [hashlib.sha256(line.encode()).hexdigest()[:12] for line in text.splitlines()]
+
+
+def lost_lines(old: list[str], new: list[str]) -> list[int]:
+    """Indices of the lines of `old` that `new` does not keep in order (edited, removed or moved);
+    lines inserted anywhere are fine. Works on lines or on their hashes."""
+    ops = difflib.SequenceMatcher(None, old, new, autojunk=False).get_opcodes()
+    return [i for tag, i1, i2, _, _ in ops if tag in ("replace", "delete") for i in range(i1, i2)]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description="Record docs/benchmarks.md's lines in its ledger.")
+    ap.add_argument("--ledger", action="store_true", required=True,
+                    help="rewrite docs/benchmarks.ledger; refused if the log lost a line the ledger holds")
+    ap.parse_args(argv)
+    text = LOG.read_text(encoding="utf-8")
+    lost = lost_lines(LEDGER.read_text().split(), line_hashes(text)) if LEDGER.exists() else []
+    if lost:
+        raise SystemExit(f"{LOG}: lines {[i + 1 for i in lost]} of the recorded log were edited or removed")
+    write_text(LEDGER, "\n".join(line_hashes(text)) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -36,7 +36,8 @@ STAGES_PY = os.path.join(REPO, "benchmarks", "scale_stages.py")
 HEADING = "## ImageNet scale (benchmarks/scale.py)"
 INTRO = ("Each block: one run of `python benchmarks/scale.py` on an ImageNet-shaped tree of hard links "
          "(benchmarks/imagenet_tree.py). Every stage is a fresh process; peak RSS is the largest of it and "
-         "its children; `*_pss_mb` figures add up a process and its DataLoader workers, shared pages once.")
+         "its children; `*_anon_mb` (anonymous memory, each page once: what the leak check judges), "
+         "`*_uss_mb` and `*_pss_mb` figures add up a process and its DataLoader workers.")
 SIZE_FREE = ("scan", "knn", "leak:dali", "leak:torch")   # run once: their work does not grow with the tree
 STAGES = ("empty", "listing", "scan", "loader:torch:1", "loader:torch:64", "loader:dali:1", "loader:dali:64",
           "epoch", "state:torch", "state:dali", "shards", "val", "knn", "train:dali", "train:torch",
@@ -92,7 +93,7 @@ def figures_text(rec: dict) -> str:
     scalars = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in show
                         if not isinstance(v, list))
     series = "".join(f", {k}=[{', '.join(f'{x:.0f}' for x in v)}]" for k, v in show
-                     if isinstance(v, list) and k.startswith("pss"))
+                     if isinstance(v, list) and k.endswith("_per_epoch"))
     return scalars + series
 
 

@@ -4,7 +4,10 @@
 
 Every stage returns a dict of figures (seconds, bytes, MB of resident memory); the process
 prints it as its last line of output, as JSON. Resident memory is read from /proc (`rss_mb`),
-so figures are the process's own; the runner adds the peak of the whole process tree.
+so figures are the process's own; the runner adds the peak of the whole process tree. Memory
+with the DataLoader workers (`tree_memory_mb`) is anonymous memory, each page once (the figure
+the leak check judges), with USS and PSS beside it: PSS splits shared library pages across every
+process mapping them, so other jobs on the machine move it.
 A stage's name may carry its variant after a colon: "loader:dali:64" = DALI loader, rank 0 of 64.
 """
 from __future__ import annotations
@@ -18,7 +21,18 @@ import sys
 import tempfile
 import time
 
-T_START = time.time()   # before the heavy imports: "from process start" includes them
+
+def process_start(pid: str = "self") -> float:
+    """When the kernel started process `pid` (time.time() scale): /proc/PID/stat's starttime
+    (field 22, clock ticks since boot) against the boot-time clock now. /proc/stat's btime would
+    do too, but it is whole seconds; this is good to a clock tick (10 ms)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()   # after the command name, which may hold spaces
+    started = int(fields[19]) / os.sysconf("SC_CLK_TCK")   # field 22; fields[0] is field 3
+    return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - started)
+
+
+T_START = process_start()   # "from process start": the interpreter's own start-up and imports included
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -93,8 +107,8 @@ def stage_loader(tree: str, s: dict, backend: str, world: str) -> dict:
     built = rss_mb() - before
     images, _ = next(iter(loader))
     return {"build_s": build_s, "first_batch_s": time.perf_counter() - t0, "steps": len(loader),
-            "built_mb": built, "loader_mb": rss_mb() - before, "with_workers_pss_mb": tree_pss_mb(),
-            "batch_shape": list(images.shape)}
+            "built_mb": built, "loader_mb": rss_mb() - before, "batch_shape": list(images.shape),
+            **{f"with_workers_{k}_mb": v for k, v in tree_memory_mb().items()}}
 
 
 def stage_epoch(tree: str, s: dict) -> dict:
@@ -240,41 +254,56 @@ def stage_train(tree: str, s: dict, backend: str) -> dict:
 
 
 def stage_leak(tree: str, s: dict, backend: str) -> dict:
-    """Memory (PSS, workers included) after each of `leak_epochs` epochs over a seeded
-    `leak_images` subset."""
+    """Memory of the process and its workers (`tree_memory_mb`) after each of `leak_epochs` epochs
+    over a seeded `leak_images` subset; judged: growth of anonymous memory from epoch 2 to the last."""
     train = os.path.join(tree, "train")
     with tempfile.TemporaryDirectory(dir=s["work"]) as tmp:
         file_list, _ = seeded_subset(train, s["leak_images"], tmp)   # the loader lists the subset itself
         cfg = config(tree, s, backend, (f"data.file_list={file_list}",))
         loader = build_rotation_loader(cfg, train, batch_size=s["batch"], rank=0, world_size=1,
                                        local_rank=0, device=torch.device("cpu"), train=True, seed=0)
-        rss = []
+        mem = []
         for epoch in range(s["leak_epochs"]):
             loader.set_epoch(epoch)
             for _ in loader:
                 pass
-            rss.append(tree_pss_mb())
-    return {"pss_mb_per_epoch": rss, "growth_2_to_last": rss[-1] / rss[1] - 1 if len(rss) > 1 else 0.0}
+            mem.append(tree_memory_mb())
+    growth = {k: mem[-1][k] / mem[1][k] - 1 if len(mem) > 1 else 0.0 for k in mem[0]}
+    return {"growth_2_to_last": growth["anon"], "uss_growth_2_to_last": growth["uss"],
+            "pss_growth_2_to_last": growth["pss"], "anon_mb_per_epoch": [m["anon"] for m in mem],
+            "pss_mb_per_epoch": [m["pss"] for m in mem]}
 
 
-def tree_pss_mb() -> float:
-    """Proportional set size of this process plus its children (DataLoader workers), MB: pages
-    shared after fork count once in all, so a worker's copy-on-write copies show, and nothing twice."""
-    pids = ["self"]
-    for task in os.listdir("/proc/self/task"):
+def tree_memory_mb(pid: str = "self") -> dict[str, float]:
+    """Memory of process `pid` plus its children (DataLoader workers), MB, from
+    /proc/PID/smaps_rollup, summed over the processes:
+      anon  anonymous memory, each page once (Pss_Anon): the heap, tensors, copy-on-write copies.
+            Pages can only be shared with the process's own forks, so the sum counts them once,
+            and no other job on the machine moves it. The leak check judges this figure.
+      uss   private memory (Private_Clean + Private_Dirty): pages no other process maps. A parent's
+            pages still shared with its workers are in nobody's USS, so the sum undercounts.
+      pss   proportional set size: also splits shared library pages with every other process
+            mapping them (other torch jobs), so it moves with the machine; for information."""
+    pids = [pid]
+    for task in os.listdir(f"/proc/{pid}/task"):
         try:
-            with open(f"/proc/self/task/{task}/children") as f:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
                 pids += f.read().split()
         except OSError:
             continue
-    total = 0.0
-    for pid in pids:
+    kb = dict.fromkeys(("Private_Clean:", "Private_Dirty:", "Pss:", "Pss_Anon:", "Anonymous:"), 0)
+    for p in pids:
         try:
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                total += next(int(line.split()[1]) for line in f if line.startswith("Pss:")) / 1024
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for line in f:
+                    key, value, *_ = line.split()
+                    if key in kb:
+                        kb[key] += int(value)
         except OSError:
             pass    # a worker that just ended
-    return total
+    anon = kb["Pss_Anon:"] or kb["Anonymous:"]   # kernels before 5.8 have no Pss_Anon: forks' pages twice
+    return {"anon": anon / 1024, "uss": (kb["Private_Clean:"] + kb["Private_Dirty:"]) / 1024,
+            "pss": kb["Pss:"] / 1024}
 
 
 STAGES = {"empty": stage_empty, "listing": stage_listing, "scan": stage_scan, "loader": stage_loader,

@@ -8,9 +8,15 @@
    outside the logging window (rotnet.meter's close_window and epoch_stats, the stop check).
    CUDA: torch.cuda.set_sync_debug_mode("warn") outside the window, 0 inside; each warning is
    counted with the line that caused it. CPU (nothing syncs there): the calls that would sync on
-   CUDA are counted instead, outside the window and outside the loader: Tensor.item, .tolist,
-   .cpu, .numpy; and, the loader included, tensors built from Python values straight onto a
-   device (torch.tensor / torch.as_tensor with device=).
+   CUDA are counted instead, outside the window and outside the loader, by the ops behind them
+   (a TorchDispatchMode: `SyncOps`): _local_scalar_dense (.item(), float(), int(), bool(), an
+   `if` on a tensor), nonzero, masked_select, boolean-mask indexing, torch.equal, copies from a
+   device to the CPU. A move to the CPU of a CPU tensor dispatches nothing, so .to("cpu"),
+   .cpu(), .numpy() and .tolist() are counted by name, on every tensor in the step but the
+   loader's own outputs (which stand for host tensors; the rest stand for device tensors; the
+   stand-in device being the CPU, a .to(the run's device) of a device tensor counts too). And,
+   the loader included, tensors built from Python values straight onto a device (torch.tensor /
+   torch.as_tensor with device=).
 2. Memory: --epochs whole epochs (at most --epoch-steps steps each); after each, torch's allocated
    and reserved bytes and nvidia-smi's used memory (DALI's own allocations included), flat within
    --tolerance of the first epoch's, since DALI users report GPU memory that grows every epoch.
@@ -27,10 +33,12 @@ import signal
 import subprocess
 import sys
 import warnings
+import weakref
 from pathlib import Path
 from unittest import mock
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -44,15 +52,67 @@ from rotnet.preemption import StopFlag  # noqa: E402
 from rotnet.progress import RunLogger  # noqa: E402
 from rotnet.run import Run, build_run, data_root  # noqa: E402
 
+aten = torch.ops.aten
+SYNC_OPS = {aten._local_scalar_dense.default: "_local_scalar_dense (.item/float/int/bool)",
+            aten.nonzero.default: "nonzero", aten.masked_select.default: "masked_select",
+            aten.equal.default: "torch.equal"}
+MASK_OPS = (aten.index.Tensor, aten.index_put_.default, aten.index_put.default)   # a nonzero inside
+NOT_THE_CALLER = (str(Path(torch.__file__).parent), __file__)   # frames skipped to find the step's line
+
+
+def sync_op(func, args: tuple, kwargs: dict) -> str | None:
+    """What makes this aten call wait for the device (on a GPU), or None."""
+    if func in SYNC_OPS:
+        return SYNC_OPS[func]
+    if func in MASK_OPS and any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
+                                for i in args[1]):
+        return "boolean-mask indexing (nonzero)"
+    if func is aten._to_copy.default:
+        src, dst = args[0].device.type, torch.device(kwargs.get("device") or args[0].device).type
+    elif func is aten.copy_.default:
+        src, dst = args[1].device.type, args[0].device.type
+    else:
+        return None
+    return "copy to the CPU" if dst == "cpu" and src != "cpu" else None
+
+
+class SyncOps(TorchDispatchMode):
+    """Every aten call `sync_op` names, reported to `watch` (which counts it in the step only)."""
+
+    def __init__(self, watch: "SyncWatch"):
+        super().__init__()
+        self.watch = watch
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        what = sync_op(func, args, kwargs)
+        if what and self.watch.where == "step":
+            self.watch.hit(what)
+        return func(*args, **kwargs)
+
 
 class SyncWatch:
     """Where the step is: "window" (the logging window: syncs allowed), "loader", or "step".
-    `found` counts what would sync outside the window: 'what at file:line' -> calls."""
+    `found` counts what would sync outside the window: 'what at file:line' -> calls. `host`: the
+    current batch's tensors as the loader gave them (id -> weak reference), the only tensors in
+    the step that stand for host tensors on the CPU path."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.where = "step"
         self.found: collections.Counter = collections.Counter()
+        self.host: dict[int, weakref.ref] = {}
+
+    def hit(self, what: str) -> None:
+        """Count `what` at the first line up the stack outside torch and this file."""
+        frame = sys._getframe(1)
+        while frame.f_back and frame.f_code.co_filename.startswith(NOT_THE_CALLER):
+            frame = frame.f_back
+        self.found[f"{what} at {frame.f_code.co_filename}:{frame.f_lineno}"] += 1
+
+    def stands_for_device(self, t: torch.Tensor) -> bool:
+        ref = self.host.get(id(t))
+        return ref is None or ref() is not t
 
     @contextlib.contextmanager
     def inside(self, where: str):
@@ -74,17 +134,20 @@ class SyncWatch:
         return wrapped
 
     def counted(self, what: str, fn, onto_device: bool = False):
-        """`fn`, counted where it would sync on CUDA: in the step; with onto_device (a tensor built
-        from Python values) in the loader too, when it is given a device."""
+        """`fn`, counted where it would sync on CUDA: in the step, on a CPU tensor that stands for
+        a device tensor (a real device tensor's copy is dispatched: SyncOps counts it); with
+        onto_device (a tensor built from Python values) in the loader too, when given a device."""
         def wrapped(*args, **kwargs):
             if onto_device:   # torch.tensor(data, *, device=), torch.as_tensor(data, dtype, device)
                 device = kwargs.get("device", args[2] if len(args) > 2 else None)
                 hit = self.where != "window" and device is not None
             else:
-                hit = self.where == "step"
+                t = args[0]
+                hit = self.where == "step" and t.device.type == "cpu" and self.stands_for_device(t)
+                if what == '.to("cpu")':   # only a move to the CPU: .to(torch.float16) is not one
+                    hit = hit and to_device(args[1:], kwargs) == "cpu"
             if hit:
-                caller = sys._getframe(1)
-                self.found[f"{what} at {caller.f_code.co_filename}:{caller.f_lineno}"] += 1
+                self.hit(what)
             return fn(*args, **kwargs)
         return wrapped
 
@@ -105,6 +168,7 @@ class SyncWatch:
                         batch = next(it, None)
                     if batch is None:
                         return
+                    watch.host = {id(t): weakref.ref(t) for t in batch if isinstance(t, torch.Tensor)}
                     yield batch
         return Marked()
 
@@ -121,8 +185,10 @@ class SyncWatch:
                 torch.cuda.set_sync_debug_mode("warn")
                 stack.callback(torch.cuda.set_sync_debug_mode, 0)
             else:
-                for name in ("item", "tolist", "cpu", "numpy"):
-                    method = self.counted(f".{name}()", getattr(torch.Tensor, name))
+                stack.enter_context(SyncOps(self))
+                for name in ("tolist", "cpu", "numpy", "to"):
+                    what = '.to("cpu")' if name == "to" else f".{name}()"
+                    method = self.counted(what, getattr(torch.Tensor, name))
                     stack.enter_context(mock.patch.object(torch.Tensor, name, method))
                 for name in ("tensor", "as_tensor"):
                     build = self.counted(f"torch.{name}(..., device=)", getattr(torch, name), True)
@@ -133,6 +199,17 @@ class SyncWatch:
         for w in caught:
             if "synchroniz" in str(w.message):
                 self.found[f"sync at {w.filename}:{w.lineno}"] += 1
+
+
+def to_device(args: tuple, kwargs: dict) -> str | None:
+    """The device type a Tensor.to(...) call moves to, or None: .to("cpu"), .to(device=...),
+    .to(other_tensor), .to(torch.device("cpu"), torch.float16); not .to(torch.float16)."""
+    target = kwargs.get("device", args[0] if args else None)
+    if isinstance(target, torch.Tensor):
+        return target.device.type
+    if isinstance(target, (str, torch.device, int)):
+        return torch.device(target).type
+    return None
 
 
 def run_steps(run: Run, loader, steps: int, epoch: int) -> int:

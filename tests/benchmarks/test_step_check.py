@@ -2,6 +2,7 @@
 host wait for a GPU outside the logging window (.item(), .tolist(), .cpu(), .numpy(), a tensor built
 from Python values onto the device), and a planted one is found and named by its line."""
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,8 +56,53 @@ def test_a_planted_sync_is_counted_per_step_at_its_line(tiny):
     run.prepare = syncing
     found, _ = step_check.check_syncs(run, loader, STEPS, warmup=0)
     assert sorted(found.values()) == [STEPS, STEPS], found
-    assert {what.split(" at ")[0] for what in found} == {".item()", "torch.tensor(..., device=)"}
+    scalar = step_check.SYNC_OPS[torch.ops.aten._local_scalar_dense.default]
+    assert {what.split(" at ")[0] for what in found} == {scalar, "torch.tensor(..., device=)"}
     assert all(what.split(" at ")[1].startswith(__file__) for what in found), found
+
+
+def test_every_kind_of_sync_planted_in_the_step_is_counted_at_its_line(tiny):
+    """What the .item() patch alone missed: float(), bool(), int(), .to("cpu"), nonzero, masks;
+    a dtype change is not a sync, nor a look at the loader's own (host) tensor."""
+    run, loader = tiny
+    prepare = run.prepare
+    planted = {}
+
+    def syncing(images):
+        x = prepare(images)
+        here = sys._getframe().f_lineno
+        float(x.mean())                     # +1
+        bool(x.sum() > 0)                   # +2
+        int(x[0, 0, 0, 0])                  # +3
+        x.to("cpu")                         # +4
+        x.nonzero()                         # +5
+        x[x > 0]                            # +6
+        x.masked_select(x > 0)              # +7
+        x.cpu(), x.tolist(), x.numpy()      # +8
+        x.to(torch.float16), images.cpu(), images.to("cpu"), images.numpy()   # none of these
+        planted.update(here=here)
+        return x
+
+    run.prepare = syncing
+    found, _ = step_check.check_syncs(run, loader, STEPS, warmup=0)
+    by_line = {}
+    for what, n in found.items():
+        name, where = what.split(" at ")
+        assert where.startswith(__file__) and n == STEPS, found
+        by_line.setdefault(int(where.rsplit(":", 1)[1]) - planted["here"], set()).add(name)
+    scalar = step_check.SYNC_OPS[torch.ops.aten._local_scalar_dense.default]
+    assert by_line == {1: {scalar}, 2: {scalar}, 3: {scalar}, 4: {'.to("cpu")'}, 5: {"nonzero"},
+                       6: {"boolean-mask indexing (nonzero)"}, 7: {"masked_select"},
+                       8: {".cpu()", ".tolist()", ".numpy()"}}, found
+
+
+def test_a_copy_from_a_device_to_the_cpu_is_a_sync():
+    """The dispatched rule, for real device tensors (here 'meta', which every torch build has)."""
+    aten, meta = torch.ops.aten, torch.empty(2, device="meta")
+    cpu = torch.device("cpu")
+    assert step_check.sync_op(aten._to_copy.default, (meta,), {"device": cpu}) == "copy to the CPU"
+    assert step_check.sync_op(aten.copy_.default, (torch.empty(2), meta), {}) == "copy to the CPU"
+    assert step_check.sync_op(aten._to_copy.default, (torch.empty(2),), {"device": "meta"}) is None
 
 
 def test_the_loader_is_checked_only_for_tensors_built_onto_a_device(tiny):
