@@ -91,10 +91,13 @@ def _normalise(x, mean, std):
                                     mean=[255.0 * m for m in mean], std=[255.0 * s for s in std])
 
 
-def external_reader(source):
+def external_reader(source, labels=True):
     """(encoded images, int32 labels) from `source(iteration)` -> (list of uint8 arrays, (B, 1) int32):
     the reader of folders and tar shards (pipelines.feed.Feed). A one-argument callable, so DALI's
-    checkpoint records the iteration and a restored pipeline asks `source` from there on."""
+    checkpoint records the iteration and a restored pipeline asks `source` from there on.
+    labels=False (a graph that draws its own labels): images only and None, no output left unused."""
+    if not labels:
+        return fn.external_source(source=lambda i: source(i)[0], batch=True, dtype=types.UINT8), None
     return fn.external_source(source=source, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT32])
 
 
@@ -103,13 +106,13 @@ def rotation_graph(*, reader, train, recipe, crop, resize, min_scale, rotations,
                    mixed_args, normalize, mean, std, stage="full"):
     """Returns (images, labels); see the module docstring for the per-mode shapes.
 
-    reader: a no-argument callable returning (encoded images, labels), called inside the graph:
+    reader(labels=...) -> (encoded images, labels or None), called inside the graph:
     `functools.partial(external_reader, feed)`. The recipe below is the same whatever reads the bytes.
 
     stage="host" (CPU): returns (crops, labels, flip coins, rotation choices) instead and
     leaves resize/flip/rotations to pipelines.cpu_finisher (faster on CPU; see there).
     """
-    jpegs, label = reader()
+    jpegs, label = reader(labels=not (mode == "one_random" and stage == "full"))
     x = _decode_crop(jpegs, recipe=recipe, train=train, crop=crop, resize=resize, min_scale=min_scale,
                      dec=decoder_device, mixed_args=mixed_args, final_resize=stage == "full")
     if stage == "host":

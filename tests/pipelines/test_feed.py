@@ -3,6 +3,7 @@ a failed read or an undecodable image is named in one line."""
 import os
 import re
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -125,3 +126,34 @@ def test_a_decode_failure_names_the_file_of_its_batch(tmp_path):
 def test_reads_in_flight_must_be_positive(split):
     with pytest.raises(InputError, match="loader.reads_in_flight=0"):
         loader(split, reads_in_flight=0)
+
+
+def test_one_random_in_graph_resumes_and_reads_no_unused_labels(split):
+    """The full graph's one_random draws its own labels: the feed gives it images only (DALI would warn
+    about an unused output) and a restored pipeline still continues with the same batches."""
+    d = cfg(backend="dali", rotation_mode="one_random", dali_rotate_in_graph=True, prefetch=2)
+
+    def build():
+        return build_rotation_loader(d, split, batch_size=1, rank=0, world_size=1, local_rank=0, device=CPU,
+                                     train=True, seed=1)
+
+    a = build()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        it = iter(a)
+        next(it)
+    state = a.state_dict()
+    expected = [next(it) for _ in range(2)]
+    b = build()
+    b.load_state_dict(state)
+    got = [batch for _, batch in zip(range(2), b)]
+    for (xa, ya), (xb, yb) in zip(expected, got):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_a_folder_state_of_the_earlier_dali_reader_is_refused(split):
+    a = loader(split)
+    next(iter(a))
+    state = {k: v for k, v in a.state_dict().items() if k != "reader"}
+    with pytest.raises(InputError, match="readers.file"):
+        loader(split).load_state_dict(state)
