@@ -1,11 +1,10 @@
 """Thin iterator over a DALI `rotation_graph` pipeline: epochs, step counts, state, errors.
 
 DALI's own DALIGenericIterator is not used: its step count follows each rank's shard size
-(ranks can differ by one step -> DDP hang) and it cannot drop the duplicated padding of a
-validation shard. This wrapper runs the pipeline itself, fed by `pipelines.feed.Feed` (image
-folders and tar shards alike): iteration i is step i % T of epoch i // T in the order
-`rank_indices` gives (the torch backend's), so a reader epoch is exactly the T steps, with no
-padding:
+(ranks can differ by one step -> DDP hang). This wrapper runs the pipeline itself, fed by
+`pipelines.feed.Feed` (image folders and tar shards alike): iteration i is step i % T of epoch
+i // T in the order `rank_indices` gives (the torch backend's), so a reader epoch is exactly
+the T steps, with no padding:
   training:   T = floor(floor(M / W) / P) full batches on every rank (equal step counts);
   validation: this rank's contiguous shard, ceil(S_r / P) batches, the last one smaller: every
               image once over all ranks, no padding, no drops. Step counts can differ by one

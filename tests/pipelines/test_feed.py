@@ -2,6 +2,7 @@
 a failed read or an undecodable image is named in one line."""
 import os
 import re
+import threading
 import time
 import warnings
 
@@ -60,6 +61,26 @@ def test_out_of_order_reads_give_the_same_batches(split, monkeypatch, fmt, train
     for (xa, ya), (xb, yb) in zip(expected, got):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
     assert order != sorted(order) and len(set(order)) > 3    # the reads did finish out of order
+
+
+def test_reads_in_flight_reads_at_once(split):
+    """The pool keeps reads_in_flight reads going, beyond the current step (3 samples) into the next."""
+    lock, now, peak = threading.Lock(), [0], [0]
+
+    def read(j):
+        with lock:
+            now[0] += 1
+            peak[0] = max(peak[0], now[0])
+        time.sleep(0.05)
+        with lock:
+            now[0] -= 1
+        return b"x"
+
+    lo = loader(split, reads_in_flight=5)
+    feed = pipelines.feed.Feed(lo.spec, len(lo), read=read)
+    assert [len(feed(i)[0]) for i in range(3)] == [3, 3, 3]
+    feed.close()
+    assert peak[0] == 5
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
