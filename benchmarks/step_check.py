@@ -156,7 +156,9 @@ class SyncWatch:
         watch = self
 
         class Marked:
-            set_epoch = loader.set_epoch
+            def set_epoch(self, epoch):   # loader work (DALI runs the rest of a cut epoch)
+                with watch.inside("loader"):
+                    loader.set_epoch(epoch)
 
             def __len__(self):
                 return len(loader)

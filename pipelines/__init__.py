@@ -94,6 +94,8 @@ def _build(cfg, split_dir, mode, *, batch_size, rank, world_size, local_rank, de
         raise ValueError(f"batch_size={batch_size}")
     if data.crop_size < 1:
         raise InputError(f"data.crop_size={data.crop_size}: must be at least 1")
+    if how.reads_in_flight < 1:
+        raise InputError(f"loader.reads_in_flight={how.reads_in_flight}: must be at least 1")
     check_recipe(data)
     rotations = check_rotations(data.rotations, data.rotation_mode)
     paths, labels, classes, shards = _list(data, split_dir, mode)

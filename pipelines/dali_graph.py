@@ -1,4 +1,4 @@
-"""The DALI graph: read (folder or shards) -> decode+crop (recipe) -> flip -> rotations -> [normalise].
+"""The DALI graph: read (pipelines.feed) -> decode+crop (recipe) -> flip -> rotations -> [normalise].
 
 One `@pipeline_def` serves every loader; `mode` picks the output per sample:
   "all"        uint8 (K, H, W, C) -- the K rotations of one crop stacked (float16 when normalising
@@ -91,28 +91,13 @@ def _normalise(x, mean, std):
                                     mean=[255.0 * m for m in mean], std=[255.0 * s for s in std])
 
 
-def file_reader(*, file_list, file_root, shard_id, num_shards, train, reader_seed):
-    """The folder reader: (encoded images, int32 labels) of the `relative/path label` lines of the
-    file `file_list` (paths relative to `file_root`). A file rather than `files=`/`labels=` lists:
-    DALI reads it in C++, where a list passed from Python is also kept in the serialised graph
-    and in the Python pipeline (several hundred bytes a file, every rank; ImageNet: 0.6 GB).
-
-    A fixed shard per rank (stick_to_shard) of a list reshuffled globally after every epoch
-    with the same `reader_seed` on all ranks (shuffle_after_epoch), padded to whole batches
-    (pad_last_batch) -- so ranks together read every file exactly once per epoch.
-    (random_shuffle's buffer mixes samples across shard boundaries: not exact.)
-    """
-    reader_args = dict(shuffle_after_epoch=True, shuffle_after_epoch_seed=reader_seed) if train \
-        else dict(stick_to_shard=True)
-    return fn.readers.file(
-        file_root=file_root, file_list=file_list, shard_id=shard_id, num_shards=num_shards,
-        pad_last_batch=True, name="Reader", seed=reader_seed, **reader_args)
-
-
-def external_reader(source):
+def external_reader(source, labels=True):
     """(encoded images, int32 labels) from `source(iteration)` -> (list of uint8 arrays, (B, 1) int32):
-    the tar-shard reader (pipelines.shard_reader.ShardFeed). A one-argument callable, so DALI's
-    checkpoint records the iteration and a restored pipeline asks `source` from there on."""
+    the reader of folders and tar shards (pipelines.feed.Feed). A one-argument callable, so DALI's
+    checkpoint records the iteration and a restored pipeline asks `source` from there on.
+    labels=False (a graph that draws its own labels): images only and None, no output left unused."""
+    if not labels:
+        return fn.external_source(source=lambda i: source(i)[0], batch=True, dtype=types.UINT8), None
     return fn.external_source(source=source, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT32])
 
 
@@ -121,14 +106,13 @@ def rotation_graph(*, reader, train, recipe, crop, resize, min_scale, rotations,
                    mixed_args, normalize, mean, std, stage="full"):
     """Returns (images, labels); see the module docstring for the per-mode shapes.
 
-    reader: a no-argument callable returning (encoded images, labels), called inside the graph:
-    `functools.partial(file_reader, ...)` for folders, of `external_reader` for tar shards.
-    The recipe below is the same whatever reads the bytes.
+    reader(labels=...) -> (encoded images, labels or None), called inside the graph:
+    `functools.partial(external_reader, feed)`. The recipe below is the same whatever reads the bytes.
 
     stage="host" (CPU): returns (crops, labels, flip coins, rotation choices) instead and
     leaves resize/flip/rotations to pipelines.cpu_finisher (faster on CPU; see there).
     """
-    jpegs, label = reader()
+    jpegs, label = reader(labels=not (mode == "one_random" and stage == "full"))
     x = _decode_crop(jpegs, recipe=recipe, train=train, crop=crop, resize=resize, min_scale=min_scale,
                      dec=decoder_device, mixed_args=mixed_args, final_resize=stage == "full")
     if stage == "host":

@@ -1,40 +1,30 @@
 """Thin iterator over a DALI `rotation_graph` pipeline: epochs, step counts, state, errors.
 
 DALI's own DALIGenericIterator is not used: its step count follows each rank's shard size
-(ranks can differ by one step -> DDP hang) and it cannot drop the duplicated padding of a
-validation shard. This wrapper runs the pipeline itself:
-
-  reader epoch = R = ceil(max_r S_r / P) pipeline batches on EVERY rank (S_r = shard size,
-  P = pipeline batch): DALI pads each shard to the largest one (and to whole batches) by
-  repeating its last sample, so a smaller shard can end with a batch of padding only.
-  training:   yields T = floor(floor(M / W) / P) full batches on every rank, then runs (and
-              discards) the rest of the reader epoch, so every rank takes the same number
-              of steps and the next epoch starts at the reader's epoch boundary.
-  validation: yields the ceil(S_r / P) batches holding real samples, the last one trimmed:
-              every image once over all ranks, no padding, no drops. Step counts can differ
-              by one between ranks, so do collectives after the loop (sum, then all_reduce).
-Tar shards (spec.shards): no DALI reader; `ShardFeed` hands the graph each step's samples in
-the order `rank_indices` gives (the torch backend's), so a reader epoch is exactly the steps
-(no padding) and the last validation batch is simply smaller.
+(ranks can differ by one step -> DDP hang). This wrapper runs the pipeline itself, fed by
+`pipelines.feed.Feed` (image folders and tar shards alike): iteration i is step i % T of epoch
+i // T in the order `rank_indices` gives (the torch backend's), so a reader epoch is exactly
+the T steps, with no padding:
+  training:   T = floor(floor(M / W) / P) full batches on every rank (equal step counts);
+  validation: this rank's contiguous shard, ceil(S_r / P) batches, the last one smaller: every
+              image once over all ranks, no padding, no drops. Step counts can differ by one
+              between ranks, so do collectives after the loop (sum, then all_reduce).
 """
 from __future__ import annotations
 
 import functools
 import io
-import math
-import os
 import re
-import tempfile
-import weakref
 
 import torch
 
 from pipelines.contract import Loader, LoaderSpec
 from pipelines.cpu_finisher import CpuFinisher
-from pipelines.dali_graph import external_reader, file_reader, rotation_graph
-from pipelines.listing import BadImageError, file_list_lines
+from pipelines.dali_graph import external_reader, rotation_graph
+from pipelines.feed import Feed
+from pipelines.listing import BadImageError
 from pipelines.recipe import repair_advice
-from pipelines.shard_reader import ShardFeed
+from rotnet.cli import InputError
 
 
 def _to_torch(tl, device: torch.device) -> torch.Tensor:
@@ -75,29 +65,18 @@ class DaliLoader(Loader):
         full = self._gpu or spec.loader.dali_rotate_in_graph
         self._finisher = None if full else CpuFinisher(spec.data.crop_size, list(spec.rotations), spec.mode,
                                                        threads=spec.loader.num_threads)
-        n, w = len(spec.paths), spec.world_size
-        self._reader_batches = self._steps if spec.shards is not None \
-            else math.ceil(-(-n // w) / spec.pipe_batch)  # folders: the largest shard, ceil(n / w)
-        self._feed = None                    # tar shards: the ShardFeed of the current pipe
-        # Files this rank may read (to name a bad one DALI does not name): training reshuffles
-        # globally every epoch, so any file.
-        self._paths = spec.paths if spec.train else spec.paths[slice(*self._shard)]
+        self._feed = None                    # the Feed of the current pipe (kept after a failure: `_explain`)
         self._pipe = None
         self._checkpoint = None              # restored checkpoint, used when the pipe is built
-        self._list_path = None               # folders: the file list DALI reads (`_file_list`)
 
     def _build_pipe(self):
         s, d, how = self.spec, self.spec.data, self.spec.loader
-        if s.shards is not None:
-            self._feed = ShardFeed(s, self._steps, depth=max(1, how.prefetch))
-            reader = functools.partial(external_reader, self._feed)
-        else:
-            reader = functools.partial(
-                file_reader, file_list=self._file_list(), file_root=s.paths.root, shard_id=s.rank,
-                num_shards=s.world_size, train=s.train, reader_seed=s.seed_for("reader"))  # same on all ranks
+        if self._feed is not None:
+            self._feed.close()
+        feed = self._feed = Feed(s, self._steps)
         pipe = rotation_graph(
-            reader=reader, train=s.train, recipe=d.recipe, crop=d.crop_size, resize=d.resize_size,
-            min_scale=d.min_scale,
+            reader=functools.partial(external_reader, feed), train=s.train, recipe=d.recipe,
+            crop=d.crop_size, resize=d.resize_size, min_scale=d.min_scale,
             rotations=list(s.rotations), mode=s.mode, decoder_device="mixed" if self._gpu else "cpu",
             mixed_args=mixed_decoder_args(how, s.train) if self._gpu else {},
             normalize=s.normalize, mean=list(d.mean), std=list(d.std),
@@ -109,30 +88,22 @@ class DaliLoader(Loader):
         pipe.build()
         return pipe
 
-    def _file_list(self) -> str:
-        """This loader's files as a DALI file list (`relative/path label` lines), written once to a
-        temporary file that is removed with the loader; a rebuilt pipe reads it again."""
-        if self._list_path is None:
-            paths, labels = self.spec.paths, self.spec.labels
-            fd, self._list_path = tempfile.mkstemp(prefix="rotnet-dali-", suffix=".txt")
-            weakref.finalize(self, os.remove, self._list_path)
-            with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
-                f.writelines(file_list_lines((paths.relative(i) for i in range(len(paths))), labels))
-        return self._list_path
-
     # ------------------------------------------------------------ state hooks
     def _end_epoch(self) -> None:
         """Run the rest of a started reader epoch (discarded), so the next epoch starts on its
         boundary. Also right after the loop, so that a checkpoint taken then points there."""
-        while 0 < self.step < self._reader_batches:
+        while 0 < self.step < self._steps:
             self._run()
             self.step += 1
 
     def _extra_state(self) -> dict:
         ckpt = self._pipe.checkpoint() if self._pipe is not None else self._checkpoint
-        return {"dali_checkpoint": ckpt or "", "rank": self.spec.rank}
+        return {"dali_checkpoint": ckpt or "", "rank": self.spec.rank, "reader": "feed"}
 
     def _restore(self, state: dict) -> None:
+        if state.get("reader") != "feed" and state["format"] == "folder" and state["dali_checkpoint"]:
+            raise InputError("loader state is from an earlier rotnet's DALI folder reader (readers.file), "
+                             "whose order this one's feed cannot continue: resume with that rotnet")
         self._checkpoint = state["dali_checkpoint"] or None
         self._pipe = None                    # rebuilt from the checkpoint on next use
 
@@ -151,20 +122,25 @@ class DaliLoader(Loader):
             raise BadImageError(self._explain(str(e))) from e
 
     def _explain(self, message: str) -> str:
-        """A clear message naming the bad file: from DALI's error when it names one, else by checking
-        this loader's files' headers (folders) or fully decoding the batches in flight (shards)."""
-        if self._feed is not None:
-            from pipelines.scan import check_image
+        """A clear message naming the bad file(s): the samples of the steps in flight, decoded with PIL."""
+        from pipelines.scan import check_image
 
-            names = self.spec.paths
-            read = self.spec.shards.read
-            bad = [names[j] for j in self._feed.in_flight() if check_image(io.BytesIO(read(j)))]
-        else:
-            bad = _named_or_bad_headers(message, self._paths)
+        feed = self._feed
+        bad = [self.spec.paths[j] for j in feed.in_flight() if check_image(io.BytesIO(feed.read(j)))]
         first = message.strip().splitlines()[-1] if message.strip() else ""
         where = ("bad image file(s): " + ", ".join(repr(p) for p in bad[:10])) if bad \
             else "a file could not be decoded (DALI did not name it)"
-        return f"{where}. {repair_advice(self._feed is not None)} DALI said: {first}"
+        return f"{where}. {repair_advice(self.spec.shards is not None)} DALI said: {first}"
+
+    def read_only_batches(self, epoch: int):
+        """This rank's steps of `epoch` as the pipeline's feed reads them (reads_in_flight at a time),
+        without decoding: per step, the list of encoded samples (uint8 arrays). For benchmarks."""
+        feed = Feed(self.spec, self._steps)
+        try:
+            for i in range(epoch * self._steps, (epoch + 1) * self._steps):
+                yield feed(i)[0]
+        finally:
+            feed.close()
 
     def _batches(self):
         p, shard = self.spec.pipe_batch, self._shard[1] - self._shard[0]
@@ -197,20 +173,3 @@ _NOT_THE_FILE = re.compile(r"out of memory|CUDA error|cudaError|CUDA_ERROR", re.
 
 def is_decode_failure(message: str) -> bool:
     return bool(_DECODE_FAILURE.search(message)) and not _NOT_THE_FILE.search(message)
-
-
-# DALI names the file as the reader knows it: "Failed to decode sample #6 : CLASS/IMG.JPEG",
-# relative to file_root (this loader passes relative paths), so it is matched back to our list.
-_PATH_RE = re.compile(r"sample #\d+\s*:\s*([^\n\r]+?\.(?:jpe?g|png|ppm|bmp|pgm|tiff?|webp))\s*$",
-                      re.IGNORECASE | re.MULTILINE)
-
-
-def _named_or_bad_headers(message: str, paths: list[str]) -> list[str]:
-    """The file DALI's error names, matched back to our list, else the files with a non-image header."""
-    hit = _PATH_RE.search(message)
-    if hit:
-        rel = hit.group(1).strip()
-        return [p for p in paths if p.endswith("/" + rel) or p == rel] or [rel]
-    from pipelines.scan import bad_headers
-
-    return bad_headers(paths)[:10]

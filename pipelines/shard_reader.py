@@ -10,11 +10,9 @@ import gc
 import json
 import os
 import threading
-from collections import deque
 
 import numpy as np
 
-from pipelines.contract import rank_indices
 from pipelines.listing import BadImageError
 
 MANIFEST = "manifest.json"
@@ -163,29 +161,3 @@ def list_shards(shard_dir: str) -> tuple[list[str], list[int], list[str], ShardS
         raise BadImageError(f"{shard_dir!r}: shards hold {len(names)} samples, {MANIFEST} says {count}")
     return names, labels, list(manifest["classes"]), ShardSet(tars, tar_of, offset, size)
 
-
-class ShardFeed:
-    """DALI `external_source` callback: iteration i -> (uint8 (size,) arrays, int32 (B, 1) labels) of
-    step i % steps of epoch i // steps; of i alone, so DALI's checkpoint (which records i) resumes it."""
-
-    def __init__(self, spec, steps: int, depth: int):
-        self.spec, self.steps = spec, steps
-        self.labels = np.asarray(spec.labels, dtype=np.int32)
-        self.recent = deque(maxlen=depth + 2)
-        self._epoch, self._order = None, None
-
-    def __call__(self, i: int):
-        epoch, step = divmod(i, self.steps)
-        if epoch != self._epoch:
-            s = self.spec
-            n = len(s.paths)
-            self._order = rank_indices(n, s.pipe_batch, s.rank, s.world_size, s.train, s.seed, epoch)
-            self._epoch = epoch
-        p = self.spec.pipe_batch
-        idx = self._order[step * p:(step + 1) * p]
-        self.recent.append(idx)
-        data = [np.frombuffer(self.spec.shards.read(j), dtype=np.uint8) for j in idx]
-        return data, self.labels[idx].reshape(-1, 1)
-
-    def in_flight(self) -> list[int]:
-        return [j for idx in self.recent for j in idx]

@@ -34,7 +34,7 @@ def test_decode_failures_are_told_from_other_errors():
                                      "Error in MIXED operator `nvidia.dali.fn.decoders.image`: nvImageCodec "
                                      "failure: '#10'"])
 def test_non_decode_error_is_raised_as_is_without_a_scan(square_split, monkeypatch, message):
-    """An out-of-memory (or a missing library) is not a bad image: no BadImageError, no header scan."""
+    """An out-of-memory (or a missing library) is not a bad image: no BadImageError, no file decoded."""
     from nvidia.dali.pipeline import Pipeline
 
     import pipelines.scan
@@ -46,7 +46,7 @@ def test_non_decode_error_is_raised_as_is_without_a_scan(square_split, monkeypat
         raise RuntimeError(message)
 
     monkeypatch.setattr(Pipeline, "run", fail)
-    monkeypatch.setattr(pipelines.scan, "bad_headers", lambda paths: pytest.fail("scanned the files"))
+    monkeypatch.setattr(pipelines.scan, "check_image", lambda f: pytest.fail("decoded the files in flight"))
     lo = build_rotation_loader(cfg(backend="dali"), square_split, batch_size=2, rank=0, world_size=1,
                                local_rank=0, device=torch.device("cpu"), train=True, seed=0)
     with pytest.raises(RuntimeError) as info:
