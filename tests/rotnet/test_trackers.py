@@ -8,6 +8,7 @@ no-step-twice rule (on a stand-in tracker). Tests marked `trackers` run the real
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import struct
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 import eval as eval_cli
 from rotnet import trackers
 from rotnet.config import ConfigError, load_config
+from rotnet.preemption import REQUEUE_EXIT_CODE, StopFlag
 from tests.test_train_distributed import load_ckpt, make_random_dataset, train_args
 from tests.tiny_run import TINY_RUN, train_in_process
 
@@ -180,16 +182,26 @@ def test_two_epochs_send_log_jsonl_scalars_to_both(sample_data, tmp_path, offlin
 
 
 @pytest.mark.trackers
-def test_run_stopped_then_resumed_from_an_older_checkpoint_is_one_run_with_no_step_twice(tmp_path, offline):
-    """Stop at step 10 (epoch 1 of 2, 6 steps an epoch), then go back to the epoch-0 checkpoint
-    (step 6), as after a crash that lost the later one: the resumed run retrains steps 7-10 and
-    sends only 11, 12 and the last epoch's record, to the same runs. (The stop at step 10 wrote a
-    partial epoch record, as in log.jsonl.)"""
+def test_preempted_resumed_and_crashed_run_is_one_run_with_no_step_twice(tmp_path, offline, monkeypatch):
+    """6 steps an epoch, 2 epochs: preempted after step 4 (exit 3, the runs marked stopped), resumed
+    and stopped at step 10, then sent back to the epoch-0 checkpoint (step 6), as after a crash that
+    lost the later one: the last run trains steps 7-10 again but sends only 11, 12 and the last
+    epoch's record, to the same runs. (The stop at step 10 wrote a partial epoch record, as in
+    log.jsonl.)"""
     data = make_random_dataset(tmp_path / "data", n=24)
     out = tmp_path / "run"
     args = train_args(out, data, "optim.batch_size_per_gpu=4", "optim.epochs=2", BOTH)[1:]
-    train_in_process([*args, "train.max_steps=10"])
+    with monkeypatch.context() as m:   # a stop signal seen at the end of step 4
+        steps = itertools.count(1)
+        m.setattr(StopFlag, "should_stop", lambda self, window_end: next(steps) == 4)
+        with pytest.raises(SystemExit) as e:
+            train_in_process(args)
+    assert e.value.code == REQUEUE_EXIT_CODE and load_ckpt(out)["step"] == 4
     ids = load_ckpt(out)["trackers"]
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient(trackers.mlflow_uri(out)).get_run(ids["mlflow"]).info.status == "KILLED"
+    train_in_process([*args, "train.max_steps=10"])
     (out / "checkpoint_0001.pt").replace(out / "checkpoint.pt")
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 6
     train_in_process(args)
@@ -197,12 +209,13 @@ def test_run_stopped_then_resumed_from_an_older_checkpoint_is_one_run_with_no_st
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [(r["step"], r["complete"]) for r in records] == [(6, True), (10, False), (12, True)]
 
-    assert len(glob.glob(str(out / "wandb" / f"offline-run-*-{ids['wandb']}*"))) == 2   # two segments
+    assert len(glob.glob(str(out / "wandb" / f"offline-run-*-{ids['wandb']}*"))) == 3   # three segments
     for points in (wandb_points(out, ids["wandb"]), mlflow_points(out, ids["mlflow"])):
         assert [s for s, _ in points["train/loss"]] == list(range(1, 13))
         assert [s for s, _ in points["epoch/loss"]] == [6, 10, 12]
         for k, p in points.items():
             assert len({s for s, _ in p}) == len(p), f"{k}: a step twice"
+    assert MlflowClient(trackers.mlflow_uri(out)).get_run(ids["mlflow"]).info.status == "FINISHED"
 
 
 @pytest.mark.trackers
