@@ -36,7 +36,7 @@ PROJECT = "rotnet"        # W&B project (WANDB_PROJECT) and MLflow experiment (M
 
 
 class TrackerError(InputError):
-    """A tracker that is not installed, or a run it cannot find; the message says what to do."""
+    """A tracker asked for that is not installed; the message says what to install."""
 
 
 def require(names, where: str) -> None:
@@ -146,10 +146,11 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 class Trackers:
-    """The external tracker runs of one training run (rank 0), each with the last step it got."""
+    """The external tracker runs of one training run (rank 0), each with the last step it got.
+    `before`: {tracker: the last step an earlier process sent to the run}; only later steps go."""
 
-    def __init__(self, out: Path, runs: dict, last: dict[str, int]):
-        self.out, self.runs, self.last = out, runs, last
+    def __init__(self, out: Path, runs: dict, before: dict[str, int]):
+        self.out, self.runs, self.before, self.last = out, runs, before, dict(before)
 
     def ids(self) -> dict[str, str]:
         """{tracker: run id}: what the checkpoint keeps."""
@@ -157,13 +158,16 @@ class Trackers:
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         """Send `scalars` at trainer step `step` to each run that has not had a later step (a run
-        resumed from an older checkpoint trains those steps again: their first points stay)."""
+        resumed from an older checkpoint trains those steps again: their first points stay). Equal
+        steps in one process are a step window and its epoch record."""
+        sent = False
         for name, r in self.runs.items():
-            if step >= self.last.get(name, -1):
+            if step > self.before.get(name, -1) and step >= self.last.get(name, -1):
                 r.log(scalars, step)
-                self.last[name] = step
-        write_text(self.out / STATE, json.dumps({n: {"id": r.id, "step": self.last.get(n, -1)}
-                                                 for n, r in self.runs.items()}))
+                self.last[name], sent = step, True
+        if sent:
+            write_text(self.out / STATE, json.dumps({n: {"id": r.id, "step": self.last.get(n, -1)}
+                                                     for n, r in self.runs.items()}))
 
     def close(self, finished: bool) -> None:
         """End every run: finished, or stopped to be resumed (preempted)."""
@@ -183,14 +187,13 @@ def open_trackers(cfg: Config, saved: dict[str, str], commit: str) -> Trackers |
     except FileNotFoundError:
         state = {}
     params = {**config_to_dict(cfg), "commit": commit}
-    runs, last = {}, {}
+    runs, before = {}, {}
     for name in dict.fromkeys(names):
         run_id = saved.get(name)
         runs[name] = BACKENDS[name](out, run_id, None if run_id else params)
         if run_id is not None and state.get(name, {}).get("id") == run_id:
-            # strictly after the last step it got: +1 (equal steps are a window and its epoch record)
-            last[name] = state[name]["step"] + 1
-    return Trackers(out, runs, last)
+            before[name] = state[name]["step"]
+    return Trackers(out, runs, before)
 
 
 def log_eval(name: str, run_dir: Path, run_id: str, table: EvalTable) -> None:

@@ -59,8 +59,8 @@ class FakeRun:
 
 
 def test_resumed_run_continues_the_run_and_skips_steps_it_already_got(tmp_path, monkeypatch):
-    """A run that died after logging step 10 but was checkpointed at step 6: the resumed one reopens
-    the same tracker run and sends nothing at or before step 10."""
+    """A run that died after logging step 10 but was checkpointed at step 6: the resumed ones reopen
+    the same tracker run and send nothing at or before step 10, even after dying again before it."""
     monkeypatch.setattr(trackers, "BACKENDS", {"wandb": FakeRun})
     FakeRun.made = []
     cfg = load_config("configs/sample.yaml", ["train.loggers=[wandb]", f"train.output_dir={tmp_path}"])
@@ -73,12 +73,15 @@ def test_resumed_run_continues_the_run_and_skips_steps_it_already_got(tmp_path, 
 
     again = trackers.open_trackers(cfg, ids, "abc")
     assert again.ids() == ids and again.runs["wandb"].params is None   # continued, parameters not resent
-    for step in range(7, 13):
+    for step in range(7, 10):            # dies again before step 10: it sent nothing
         again.log({"train/loss": 1.0}, step)
-    again.close(finished=True)
-    points = first.runs["wandb"].points + again.runs["wandb"].points
+    third = trackers.open_trackers(cfg, ids, "abc")
+    for step in range(7, 13):
+        third.log({"train/loss": 1.0}, step)
+    third.close(finished=True)
+    points = [p for t in (first, again, third) for p in t.runs["wandb"].points]
     assert [s for k, s in points if k == "train/loss"] == list(range(1, 13))
-    assert again.runs["wandb"].closed is True
+    assert ("epoch/loss", 10) in points and third.runs["wandb"].closed is True
 
     fresh = trackers.open_trackers(cfg, {}, "abc")   # no checkpoint: a new run gets every step
     fresh.log({"train/loss": 1.0}, 1)
