@@ -39,6 +39,7 @@ from rotnet.config import Config
 from rotnet.distributed import DistInfo, barrier, cleanup, init_distributed
 from rotnet.progress import log, setup_logging
 from rotnet.run import data_root, resolve_precision
+from rotnet.trackers import TRACKER_NAMES, EvalTable, log_eval, require
 
 
 def get_args(argv=None) -> argparse.Namespace:
@@ -91,6 +92,9 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--knn-pool", choices=POOLS, default="avg",
                    help="avg (default): C dims per layer, fits ImageNet banks. grid: the linear probe's ~9k "
                         "dims (~23 GB fp16 per ImageNet layer); use it to rank conv layers as the probes do.")
+    p.add_argument("--log-to", choices=TRACKER_NAMES, default=None,
+                   help="also add the results (a table and eval.png) to the training run's W&B or MLflow "
+                        "run, the one its checkpoint names (train.loggers; docs/training.md).")
     p.add_overrides("data.root=/data/imagenet probe.batch_size_per_gpu=256")
     return p.parse_intermixed_args(argv)
 
@@ -138,7 +142,12 @@ def main(argv=None) -> None:
 
 
 def run(args: argparse.Namespace, info: DistInfo) -> None:
+    require([args.log_to], "--log-to")
     cfg, trained, ckpt_path, ckpt = resolve_config(args.config, args.checkpoint, args.overrides)
+    tracker_ids = ckpt.get("trackers", {}) if ckpt is not None else {}
+    if args.log_to and args.log_to not in tracker_ids:
+        raise UsageError(f"--log-to {args.log_to}: checkpoint {ckpt_path or '(random init)'} names no "
+                         f"{args.log_to} run; train with train.loggers=[tensorboard,{args.log_to}]")
     head = args.head or cfg.probe.head   # the config's value is checked when it is loaded
     seed = cfg.train.seed if args.seed is None else args.seed
     trunks = {}
@@ -188,6 +197,13 @@ def run(args: argparse.Namespace, info: DistInfo) -> None:
     if info.is_main:
         print("\n" + table, flush=True)
         log.info(f"wrote {out}/eval.json, eval.md, eval.png, eval_log.jsonl")
+    if info.is_main and args.log_to:
+        rows = [[kind, layer, r["top1"], r["top5"], r["count"]]
+                for kind, layers in results.items() for layer, r in layers.items()]
+        log_eval(args.log_to, ckpt_path.parent, tracker_ids[args.log_to],
+                 EvalTable(out.name, ["trunk", "layer", "top1", "top5", "num_val"], rows, out / "eval.png",
+                           ckpt.get("step", 0)))
+        log.info(f"added the table and eval.png to {args.log_to} run {tracker_ids[args.log_to]}")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from rotnet.preemption import REQUEUE_EXIT_CODE, Preempted
 from rotnet.progress import RunLogger, log, setup_logging
 from rotnet.run import Run, autocast, build_run, data_root
 from rotnet.schedule import due_after
+from rotnet.trackers import open_trackers, require
 
 # A checkpoint is refused (with the differences listed) when these differ from the run's config.
 ARCH_KEYS = ("model.arch", "model.width", "model.num_blocks", "data.rotations", "data.crop_size")
@@ -118,6 +119,7 @@ def save(run: Run, loader, epoch: int, epoch_step: int) -> None:
                     "cuda": torch.cuda.get_rng_state() if run.info.device.type == "cuda" else None},
             "loader": loader_states, "world_size": run.info.world_size,
             "config": config_to_dict(run.cfg), "commit": git_commit(),
+            "trackers": run.logger.trackers.ids() if run.logger.trackers is not None else {},
         }
         path = save_checkpoint(state, run.cfg.train.output_dir, run.cfg.train.keep_last,
                                numbered=bool(run.cfg.train.save_every and epoch_step == 0
@@ -126,11 +128,12 @@ def save(run: Run, loader, epoch: int, epoch_step: int) -> None:
     barrier(run.info)
 
 
-def resume(run: Run, loader) -> tuple[int, int]:
-    """Load train.output_dir's checkpoint if any; returns (epoch, step inside that epoch)."""
+def resume(run: Run, loader) -> tuple[int, int, dict]:
+    """Load train.output_dir's checkpoint if any; returns (epoch, step inside that epoch, its tracker
+    run ids {tracker: id})."""
     path = find_checkpoint(run.cfg.train.output_dir)
     if path is None:
-        return 0, 0
+        return 0, 0, {}
     ckpt = load_checkpoint(path, map_location=run.info.device)
     check_compatible(path, ckpt["config"], config_to_dict(run.cfg), ARCH_KEYS)
     run.raw.load_state_dict(ckpt["model"])
@@ -150,7 +153,7 @@ def resume(run: Run, loader) -> tuple[int, int]:
                     f"epoch {epoch} restarts from its first step with a fresh data order")
         epoch_step = 0
     log.info(f"resumed from {path}: epoch {epoch}, step in epoch {epoch_step}, total step {run.step}")
-    return epoch, epoch_step
+    return epoch, epoch_step, ckpt.get("trackers", {})
 
 
 def train_loop(run: Run, loader, val_loader, start_epoch: int, start_step: int,
@@ -203,6 +206,7 @@ def main(argv=None) -> None:
 def train(args: argparse.Namespace) -> None:
     """Set up, resume, train to the end; a stop signal ends it with Preempted, checkpoint written."""
     cfg = load_config(args.config, args.overrides)   # bad input fails before the output folder is touched
+    require(cfg.train.loggers, "train.loggers")
     info = init_distributed()
     resolve_batch(cfg, info.world_size)   # build_run repeats it (idempotent) for the benchmarks
     root = data_root(cfg, require=(cfg.data.train_dir,))
@@ -211,7 +215,7 @@ def train(args: argparse.Namespace) -> None:
         out.mkdir(parents=True, exist_ok=True)
     barrier(info)
     setup_logging(info.is_main, out)
-    run = build_run(cfg, info, RunLogger(out, info.is_main))
+    run = build_run(cfg, info, RunLogger(out, info.is_main, tensorboard="tensorboard" in cfg.train.loggers))
 
     n, k = cfg.optim.batch_size_per_gpu, len(cfg.data.rotations)
     common = dict(batch_size=n, rank=info.rank, world_size=info.world_size, local_rank=info.local_rank,
@@ -221,7 +225,7 @@ def train(args: argparse.Namespace) -> None:
     if cfg.train.eval_rotation_every and (root / cfg.data.val_dir).is_dir():   # a flat val/ will do
         val_loader = build_rotation_loader(cfg, str(root / cfg.data.val_dir), train=False, **common)
 
-    start_epoch, start_step = resume(run, loader)   # a checkpoint it refuses is left untouched
+    start_epoch, start_step, tracker_ids = resume(run, loader)   # a checkpoint it refuses is left untouched
     monitor = None
     unlabelled = cfg.train.monitor_every and class_labels_missing(cfg.data, str(root / cfg.data.val_dir))
     if unlabelled:   # pretraining needs no labelled val split: run without the monitor
@@ -242,20 +246,21 @@ def train(args: argparse.Namespace) -> None:
         log.info(f"batch: global {cfg.optim.global_batch_size} original images = {n}/GPU x {info.world_size} "
                  f"GPU(s); x {k} rotations = {n * k} rotated samples/GPU; lr {lrs}{scaled}; "
                  f"{len(loader)} steps/epoch; {params:.2f}M params")
+        run.logger.trackers = open_trackers(cfg, tracker_ids, git_commit())   # W&B / MLflow: the same run
 
     try:
         train_loop(run, loader, val_loader, start_epoch, start_step, monitor)
     except Preempted as stop:   # every rank stopped after the same step: its resume point goes to disk
         save(run, loader, stop.epoch, stop.epoch_step)
-        close(run)
+        close(run, finished=False)
         raise
-    close(run)
+    close(run, finished=True)
     log.info(f"done: {cfg.train.output_dir}")
 
 
-def close(run: Run) -> None:
+def close(run: Run, finished: bool) -> None:
     """End a run that finished or was stopped (a crash leaves the process group to the launcher)."""
-    run.logger.close()
+    run.logger.close(finished)
     cleanup(run.info)
 
 

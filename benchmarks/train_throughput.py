@@ -71,7 +71,7 @@ class TimingLogger:
     def step(self, global_step, n_steps, scalars):
         self.marks.append((global_step, time.perf_counter(), scalars.get("data_wait", float("nan"))))
 
-    def close(self):   # RunLogger's interface (train.py closes the logger at a run's end)
+    def close(self, finished=True):   # RunLogger's interface (train.py closes the logger at a run's end)
         pass
 
 

@@ -1,8 +1,8 @@
 """Start-up stays cheap: the entry points import no heavy optional library before they need it.
 
 `train.py --help` or a bad key should cost little more than `import torch`; torchvision alone
-adds about as much again, so it, DALI, OpenCV, matplotlib and TensorBoard are imported inside the
-functions that use them. One subprocess imports every CLI module and lists what got loaded.
+adds about as much again, so it, DALI, OpenCV, matplotlib, TensorBoard, W&B and MLflow are imported
+in the functions that use them. One subprocess imports every CLI module and lists what got loaded.
 """
 import subprocess
 import sys
@@ -11,7 +11,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CLI_MODULES = ["train", "eval", "visualize", "pipelines.scan", "pipelines.imagenet_val",
                "pipelines.pack_shards", "models.export"]
-HEAVY = ["torchvision", "nvidia.dali", "cv2", "matplotlib", "torch.utils.tensorboard", "tensorboard"]
+HEAVY = ["torchvision", "nvidia.dali", "cv2", "matplotlib", "torch.utils.tensorboard", "tensorboard", "wandb",
+         "mlflow"]
 
 
 def test_entry_points_import_no_heavy_optional_library():
