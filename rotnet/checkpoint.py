@@ -6,6 +6,7 @@ RotNet's state dict), optimizer, scaler, epoch, epoch_step (steps done inside `e
 """
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from rotnet.atomic import atomic_path
+from rotnet.atomic import atomic_path, write_bytes
 from rotnet.cli import InputError
 
 LATEST = "checkpoint.pt"
@@ -35,9 +36,12 @@ def git_commit() -> str:
 
 
 def atomic_save(obj, path: str | Path) -> None:
-    """torch.save through rotnet.atomic: a crash mid-write leaves the previous file intact."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
+    """torch.save through rotnet.atomic: a crash mid-write leaves the previous file intact. Serialised
+    in memory first: torch's writer turns a full disk into an unreadable RuntimeError, and the
+    DiskFullError needs the size."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_bytes(path, buf.getbuffer())
 
 
 def _snapshot(src: Path, dst: Path) -> None:
@@ -46,7 +50,7 @@ def _snapshot(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
     except OSError:
-        with atomic_path(dst) as tmp:
+        with atomic_path(dst, size=src.stat().st_size) as tmp:
             shutil.copyfile(src, tmp)
 
 

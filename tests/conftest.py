@@ -3,6 +3,7 @@ this process (tests/tiny_run.py) leaves behind put back after every test."""
 import logging
 import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,17 @@ def trained_run(sample_data, tmp_path_factory):
 def copied_run(trained_run, tmp_path) -> Path:
     """A copy of the shared trained run that the test may write into (resume it, eval into it)."""
     return Path(shutil.copytree(trained_run[0], tmp_path / "run"))
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Path:
+    """A 1 MiB tmpfs (a full disk to write into), unmounted after; skipped where mounting is not
+    permitted (not root, no CAP_SYS_ADMIN): the fault-injected tests cover the same code."""
+    folder = tmp_path / "small_disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)],
+                             capture_output=True).returncode == 0
+    if not mounted:
+        pytest.skip("cannot mount a tmpfs here")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
