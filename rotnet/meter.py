@@ -21,8 +21,8 @@ class DivergedError(InputError):
 
 def diverged(what: str, run, epoch: int, step: int, lr: float) -> DivergedError:
     """The one message for a diverged run: `what` ('loss is nan') at epoch/step, lr, last good checkpoint."""
-    return DivergedError(f"training diverged: {what} at epoch {epoch} step {step} (lr {lr:.4g}); the last good "
-                         f"checkpoint is {run.checkpoint}, and a rerun resumes from it: lower the lr "
+    return DivergedError(f"training diverged: {what} at epoch {epoch} step {step} (lr {lr:.4g}); the last "
+                         f"good checkpoint is {run.checkpoint}, and a rerun resumes from it: lower the lr "
                          "(optim.schedule) or use train.precision=fp32 to find the cause")
 
 

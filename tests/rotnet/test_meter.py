@@ -53,8 +53,8 @@ def test_windows_log_their_own_means_and_the_epoch_sums_them():
 def test_a_non_finite_loss_stops_at_the_window_naming_where():
     meter = Meter(fake_run(), epoch=1, steps=10)
     meter.add(*batch(math.nan, 0))
-    with pytest.raises(DivergedError, match=r"loss is nan at epoch 1 step 4 \(lr 0.1\); the last good checkpoint "
-                       "is none yet"):
+    with pytest.raises(DivergedError, match=r"loss is nan at epoch 1 step 4 \(lr 0.1\); the last good "
+                                            "checkpoint is none yet"):
         meter.close_window(4, lr=0.1)
 
 
