@@ -92,6 +92,7 @@ def test_more_ranks_than_gpus_is_one_line(args, capsys, monkeypatch):
     assert "2 ranks on this node but 1 GPU(s)" in one_line(capsys, exc)
 
 
+# A process that holds the folder's lock until killed (no torch import: it starts in a blink).
 HOLD = ("import sys, time; from rotnet.runlock import hold_folder\n"
         "with hold_folder(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)")
 
