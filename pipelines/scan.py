@@ -11,7 +11,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 
 from pipelines import listing
-from pipelines.listing import SplitLayoutError, class_folders, is_image_file, list_images, split_layout
+from pipelines.listing import SplitLayoutError, class_folders, find_images, is_image_file, split_layout
 from rotnet.cli import ArgumentParser, InputError, one_line_errors
 
 # Leading bytes of formats the decoders read; anything else is certainly not an image.
@@ -51,7 +51,7 @@ def check_image(path: str) -> str:
 
 def scan_split(split_dir: str, workers: int) -> tuple[list[str], list[int], list[tuple[str, str]], int]:
     """(good relative paths, their labels, [(bad path, reason)], non-image files skipped)."""
-    paths, labels, _ = list_images(split_dir, labelled=False)
+    paths, labels, _ = find_images(split_dir, labelled=False)   # a 0-byte file is reported, not refused
     skipped = sum(1 for dp, _, fs in os.walk(split_dir) for f in fs if not is_image_file(f))
     if workers > 1:
         with ProcessPoolExecutor(workers) as ex:

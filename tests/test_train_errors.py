@@ -167,3 +167,11 @@ def test_non_finite_weights_are_never_saved(args, tmp_path, capsys, monkeypatch)
     assert "training diverged: the weights are not finite at epoch 1 step 0" in line
     assert "the last good checkpoint is none yet" in line
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_a_zero_byte_image_is_one_line_naming_it(args, tmp_path, capsys):
+    empty = tmp_path / "data" / "train" / "c1" / "empty.JPEG"
+    empty.write_bytes(b"")
+    with pytest.raises(UsageExit) as exc:
+        train.main(args)
+    assert f"empty (0-byte) image file: {empty}" in one_line(capsys, exc)
