@@ -111,3 +111,10 @@ def check_compatible(path: str | Path, saved: dict, current: dict, keys: tuple[s
     diffs = differences(saved, current, keys)
     if diffs:
         raise CheckpointError(f"checkpoint is from a different model/config: {path}\n  " + "\n  ".join(diffs))
+
+
+def settings_line(path: str | Path, saved: dict, rest: str) -> str:
+    """The one line saying which settings come from checkpoint `path` (whose config is `saved`):
+    its model always; `rest` says what else."""
+    model = " ".join(f"model.{k}={v}" for k, v in (saved.get("model") or {}).items())
+    return f"settings from the checkpoint {path}: {model}; {rest}"
