@@ -1,6 +1,8 @@
 """Fixtures shared across the test packages: the tiny trained run, and what an entry point run in
 this process (tests/tiny_run.py) leaves behind put back after every test."""
+import errno
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -9,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import rotnet.atomic
 from tests.tiny_run import TINY_RUN, train_in_process
 
 
@@ -84,3 +87,31 @@ def small_disk(tmp_path) -> Path:
         pytest.skip("cannot mount a tmpfs here")
     yield folder
     subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.fixture(params=["injected", "tmpfs"])
+def full_disk(request, tmp_path, monkeypatch) -> Path:
+    """A folder on a full disk: no file written through rotnet.atomic fits in it. injected: the fsync
+    of a file in it fails with ENOSPC (as NFS reports a full disk); tmpfs: `small_disk` filled up
+    (a hidden `.filler` file takes its space)."""
+    if request.param == "tmpfs":
+        folder = request.getfixturevalue("small_disk")
+        fd = os.open(folder / ".filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            while True:
+                os.write(fd, b"\0" * 4096)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
+        return folder
+    folder = tmp_path / "full"
+    folder.mkdir()
+    fsync = rotnet.atomic._fsync
+
+    def fails_when_full(path: str) -> None:
+        if os.path.isfile(path) and os.path.abspath(path).startswith(f"{folder}{os.sep}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        fsync(path)
+    monkeypatch.setattr(rotnet.atomic, "_fsync", fails_when_full)
+    return folder
