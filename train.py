@@ -108,14 +108,15 @@ def evaluate_rotation(run: Run, loader) -> float:
     return counts[0].item() / max(counts[1].item(), 1)
 
 
-def save(run: Run, loader, epoch: int, epoch_step: int) -> None:
+def save(run: Run, loader, epoch: int, epoch_step: int, failed: Exception | None = None) -> None:
     """Collective: gathers every rank's reader state; rank 0 writes atomically, and every rank raises
-    what stopped it: a full disk (the last good checkpoint kept) or non-finite weights (never saved)."""
+    what stopped it: a full disk (the last good checkpoint kept) or non-finite weights (never saved).
+    `failed`: rank 0's error before the save (a full disk writing the log): nothing is written."""
     loader_states = [loader.state_dict()] * run.info.world_size
-    error = None
+    error = failed
     if run.info.distributed:
         dist.all_gather_object(loader_states, loader_states[0])
-    if run.info.is_main:
+    if run.info.is_main and error is None:
         state = {
             "model": run.raw.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict(), "epoch": epoch, "epoch_step": epoch_step, "step": run.step,
@@ -131,13 +132,13 @@ def save(run: Run, loader, epoch: int, epoch_step: int) -> None:
             path = save_checkpoint(state, run.cfg.train.output_dir, run.cfg.train.keep_last,
                                    numbered=bool(run.cfg.train.save_every and epoch_step == 0
                                                  and epoch % run.cfg.train.save_every == 0))
-        except DiskFullError as e:
-            error = DiskFullError(f"{e}; the last good checkpoint is kept: {run.checkpoint}")
-        except DivergedError as e:
+        except (DiskFullError, DivergedError) as e:
             error = e
         else:
             run.checkpoint = f"{path} (epoch {epoch}, step in epoch {epoch_step})"
             log.info(f"checkpoint: {path} (epoch {epoch}, step in epoch {epoch_step}, total step {run.step})")
+    if isinstance(error, DiskFullError):
+        error = DiskFullError(f"{error}; the last good checkpoint is kept: {run.checkpoint}")
     error, run.checkpoint = from_rank0((error, run.checkpoint), run.info)
     if error is not None:
         raise error
@@ -193,10 +194,15 @@ def train_loop(run: Run, loader, val_loader, start_epoch: int, start_step: int,
                 shown = [logger.bar.postfix, _show("knn_top1", stats["knn_top1"])]
                 logger.bar.set_postfix_str(", ".join(filter(None, shown)))
         stats["global_batch"] = cfg.optim.global_batch_size
-        logger.end_epoch(stats)
+        logged = None
+        try:
+            logger.end_epoch(stats)
+        except DiskFullError as e:   # rank 0's log line: every rank stops at the save below, together
+            logged = e
         log.info(" ".join(_show(k, v) for k, v in stats.items()))
         done = stats["complete"]
-        save(run, loader, epoch + 1 if done else epoch, epoch_step=0 if done else first + stats["steps"])
+        save(run, loader, epoch + 1 if done else epoch, epoch_step=0 if done else first + stats["steps"],
+             failed=logged)
 
 
 def _show(key: str, value) -> str:

@@ -77,6 +77,17 @@ def write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> None:
         f.write(data)
 
 
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Append `text` to `path` (a log, not atomic); a full disk is a DiskFullError naming it."""
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        if e.errno not in _FULL:
+            raise
+        raise disk_full(str(path), len(text.encode("utf-8")), 0) from None
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     """`path` holds `text` (UTF-8) afterwards, or its earlier content if anything failed."""
     write_bytes(path, text.encode("utf-8"))

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from rotnet.atomic import append_text
+
 log = logging.getLogger("rotnet")
 
 
@@ -64,8 +66,7 @@ class RunLogger:
             self.bar = None
         if not self.is_main:
             return
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps(stats) + "\n")
+        append_text(self.jsonl, json.dumps(stats) + "\n")
         if self.tb is not None:
             for k, v in stats.items():
                 if isinstance(v, (int, float)) and k != "epoch":
