@@ -54,11 +54,15 @@ class Meter:
         self.window_steps += 1
 
     def close_window(self, i: int, lr: float) -> None:
-        """End the window after step `i`: the one host sync, finite-loss check, scalars to the logger."""
-        loss_sum, correct = self.window.tolist()
+        """End the window after step `i`: the one host sync, finite-loss check, scalars to the logger.
+        A non-finite loss on any rank stops every rank here (no rank waits in a collective for one gone)."""
+        nonfinite = all_reduce_sum((~self.window[:1].isfinite()).double(), self.run.info)
+        loss_sum, correct, stop = torch.cat([self.window, nonfinite]).tolist()
         n, dt = self.window_n, time.perf_counter() - self.t_window
-        if not math.isfinite(loss_sum):
-            raise diverged(f"loss is {loss_sum / n}", self.run, self.epoch, i, lr)
+        if stop:
+            here = f"loss is {loss_sum / n}"
+            raise diverged(here if not math.isfinite(loss_sum) else "loss is not finite on another rank",
+                           self.run, self.epoch, i, lr)
         world = self.run.info.world_size
         self.run.logger.step(self.run.step, self.window_steps, {
             "loss": loss_sum / n, "rot_acc": correct / n, "lr": lr,
