@@ -1,7 +1,7 @@
 """One run per output folder, with real train.py processes (rotnet/runlock.py): two runs started
 together, one is refused naming the other and the other finishes undisturbed; a SIGKILLed holder's
-successor takes the folder over at once; under torchrun every rank of a refused run exits (none
-waits for rank 0). In-process checks of the same: tests/test_train_errors.py."""
+successor takes the folder over at once; under torchrun every rank of a refused (or diverging) run
+exits, none waiting for rank 0. In-process checks of the same: tests/test_train_errors.py."""
 import json
 import os
 import signal
@@ -91,3 +91,13 @@ def test_every_rank_of_a_refused_torchrun_exits(tmp_path):
     assert p.returncode != 0 and f"pid {holder.pid}" in text, tail(text)
     assert text.count("is in use by another run") >= 2, tail(text)   # rank 1 learnt it from rank 0
     assert os.listdir(out) == [LOCK]
+
+
+def test_every_rank_of_a_diverging_torchrun_exits(tmp_path):
+    """The same for a diverging loss: the ranks agree at the window, none waits in a collective."""
+    data, out = make_random_dataset(tmp_path / "data", n=16), tmp_path / "run"
+    args = train_args(out, data, "optim.batch_size_per_gpu=4", "optim.epochs=2", "optim.schedule=[[0,1e30]]")
+    p = run([*TORCHRUN, "--standalone", "--nproc_per_node=2", *args], timeout=120, check=False)
+    text = p.stdout + p.stderr
+    assert p.returncode != 0 and text.count("error: training diverged: loss is") >= 2, tail(text)
+    assert "the last good checkpoint is none yet" in text and not (out / "checkpoint.pt").exists()
