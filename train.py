@@ -239,7 +239,7 @@ def train(args: argparse.Namespace, held: ExitStack) -> None:
         try:
             if cfg.train.lock:
                 held.enter_context(hold_folder(out))
-        except FolderBusyError as e:
+        except (FolderBusyError, DiskFullError) as e:
             busy = e
     busy = from_rank0(busy, info)   # every rank stops when rank 0 was refused (no rank waits for it)
     if busy is not None:
@@ -264,8 +264,15 @@ def train(args: argparse.Namespace, held: ExitStack) -> None:
     elif cfg.train.monitor_every:
         monitor = KnnMonitor(cfg, info, run.raw.trunk)
 
+    unsaved = None
     if info.is_main:
-        save_config(cfg, out / "config.yaml")
+        try:
+            save_config(cfg, out / "config.yaml")
+        except DiskFullError as e:
+            unsaved = e
+    if (unsaved := from_rank0(unsaved, info)) is not None:   # every rank stops, none waits for rank 0
+        raise unsaved
+    if info.is_main:
         log.info("resolved config:\n" + "\n".join(f"  {s}: {v}" for s, v in config_to_dict(cfg).items()))
         device = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu"
         log.info(f"commit {git_commit()} | launcher {info.launcher} | world size {info.world_size} | "

@@ -77,15 +77,21 @@ def write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> None:
         f.write(data)
 
 
-def append_text(path: str | os.PathLike, text: str) -> None:
-    """Append `text` to `path` (a log, not atomic); a full disk is a DiskFullError naming it."""
+@contextmanager
+def full_disk_named(path: str | os.PathLike, size: int) -> Iterator[None]:
+    """A full disk inside the block, which writes `size` bytes to `path` in place, is a DiskFullError."""
     try:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(text)
+        yield
     except OSError as e:
         if e.errno not in _FULL:
             raise
-        raise disk_full(str(path), len(text.encode("utf-8")), 0) from None
+        raise disk_full(str(path), size, 0) from None
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Append `text` to `path` (a log, not atomic); a full disk is a DiskFullError naming it."""
+    with full_disk_named(path, len(text.encode("utf-8"))), open(path, "a", encoding="utf-8") as f:
+        f.write(text)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from rotnet.atomic import full_disk_named
 from rotnet.cli import InputError
 
 LOCK = ".rotnet.lock"
@@ -63,8 +64,10 @@ def hold_folder(folder: str | Path) -> Iterator[Path]:
                 "train.output_dir on one that does, or set train.lock=false and make sure yourself that "
                 "one run at a time uses it") from None
         started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}, started {started}\n".encode(), 0)
+        text = f"host {socket.gethostname()}, pid {os.getpid()}, started {started}\n".encode()
+        with full_disk_named(path, len(text)):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, text, 0)
         yield path
     finally:
         os.close(fd)   # closing drops the lock (so does the process's death)

@@ -180,3 +180,10 @@ def test_a_zero_byte_image_is_one_line_naming_it(args, tmp_path, capsys):
     with pytest.raises(UsageExit) as exc:
         train.main(args)
     assert f"empty (0-byte) image file: {empty}" in one_line(capsys, exc)
+
+
+def test_a_full_disk_at_the_start_is_one_line(args, tmp_path, capsys, full_disk):
+    with pytest.raises(UsageExit) as exc:
+        train.main([*args, f"train.output_dir={full_disk}"])
+    assert one_line(capsys, exc).startswith(f"error: disk full writing {full_disk}/")
+    assert not [n for n in os.listdir(full_disk) if n.startswith(TMP)]
