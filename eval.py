@@ -33,7 +33,7 @@ from probes.settings import (
     resolve_config,
     stretch_schedule,
 )
-from rotnet.checkpoint import git_commit
+from rotnet.checkpoint import git_commit, settings_line
 from rotnet.cli import ArgumentParser, InputError, UsageError, fail
 from rotnet.config import Config
 from rotnet.distributed import DistInfo, barrier, cleanup, init_distributed
@@ -176,6 +176,10 @@ def run(args: argparse.Namespace, info: DistInfo) -> None:
              f"{p.precision} | {cfg.model.arch} width {cfg.model.width}")
     log.info(f"checkpoint: {ckpt_path or 'none (random init)'}"
              + (f" (epoch {ckpt.get('epoch')}, commit {ckpt.get('commit')})" if ckpt else ""))
+    if ckpt is not None:
+        log.info(settings_line(ckpt_path, ckpt["config"], f"data.*, probe.* from --config {args.config}" if
+                               args.config else "data.*, probe.*, train.* from it too (no --config)")
+                 + ", overrides on top")
     log.info(f"{head} probes on {', '.join(p.layers)} | data {cfg.data.root} | batch {p.batch_size}/process "
              f"x {info.world_size} | {p.summary()} | output {out}")
 

@@ -17,6 +17,7 @@ import argparse
 import math
 import sys
 import time
+from contextlib import ExitStack
 from itertools import islice
 from pathlib import Path
 
@@ -26,14 +27,16 @@ import torch.nn.functional as F
 
 from pipelines import build_rotation_loader, class_labels_missing
 from probes.knn import KnnMonitor
+from rotnet.atomic import DiskFullError
 from rotnet.checkpoint import check_compatible, find_checkpoint, git_commit, load_checkpoint, save_checkpoint
 from rotnet.cli import ArgumentParser, InputError, fail
 from rotnet.config import config_to_dict, load_config, resolve_batch, save_config
-from rotnet.distributed import all_reduce_sum, barrier, cleanup, init_distributed
-from rotnet.meter import Meter
+from rotnet.distributed import all_reduce_sum, cleanup, from_rank0, init_distributed
+from rotnet.meter import DivergedError, Meter, diverged
 from rotnet.preemption import REQUEUE_EXIT_CODE, Preempted
 from rotnet.progress import RunLogger, log, setup_logging
 from rotnet.run import Run, autocast, build_run, data_root
+from rotnet.runlock import FolderBusyError, hold_folder
 from rotnet.schedule import due_after
 from rotnet.trackers import open_trackers, require
 
@@ -106,12 +109,15 @@ def evaluate_rotation(run: Run, loader) -> float:
     return counts[0].item() / max(counts[1].item(), 1)
 
 
-def save(run: Run, loader, epoch: int, epoch_step: int) -> None:
-    """Collective: gathers every rank's reader state; rank 0 writes atomically."""
+def save(run: Run, loader, epoch: int, epoch_step: int, failed: Exception | None = None) -> None:
+    """Collective: gathers every rank's reader state; rank 0 writes atomically, and every rank raises
+    what stopped it: a full disk (the last good checkpoint kept) or non-finite weights (never saved).
+    `failed`: rank 0's error before the save (a full disk writing the log): nothing is written."""
     loader_states = [loader.state_dict()] * run.info.world_size
+    error = failed
     if run.info.distributed:
         dist.all_gather_object(loader_states, loader_states[0])
-    if run.info.is_main:
+    if run.info.is_main and error is None:
         state = {
             "model": run.raw.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict(), "epoch": epoch, "epoch_step": epoch_step, "step": run.step,
@@ -121,11 +127,23 @@ def save(run: Run, loader, epoch: int, epoch_step: int) -> None:
             "config": config_to_dict(run.cfg), "commit": git_commit(),
             "trackers": run.logger.trackers.ids() if run.logger.trackers is not None else {},
         }
-        path = save_checkpoint(state, run.cfg.train.output_dir, run.cfg.train.keep_last,
-                               numbered=bool(run.cfg.train.save_every and epoch_step == 0
-                                             and epoch % run.cfg.train.save_every == 0))
-        log.info(f"checkpoint: {path} (epoch {epoch}, step in epoch {epoch_step}, total step {run.step})")
-    barrier(run.info)
+        try:
+            if not all(t.isfinite().all() for t in state["model"].values() if t.is_floating_point()):
+                raise diverged("the weights are not finite", run, epoch, epoch_step,
+                               run.optimizer.param_groups[0]["lr"])
+            path = save_checkpoint(state, run.cfg.train.output_dir, run.cfg.train.keep_last,
+                                   numbered=bool(run.cfg.train.save_every and epoch_step == 0
+                                                 and epoch % run.cfg.train.save_every == 0))
+        except (DiskFullError, DivergedError) as e:
+            error = e
+        else:
+            run.checkpoint = f"{path} (epoch {epoch}, step in epoch {epoch_step})"
+            log.info(f"checkpoint: {path} (epoch {epoch}, step in epoch {epoch_step}, total step {run.step})")
+    if isinstance(error, DiskFullError):
+        error = DiskFullError(f"{error}; the last good checkpoint is kept: {run.checkpoint}")
+    error, run.checkpoint = from_rank0((error, run.checkpoint), run.info)
+    if error is not None:
+        raise error
 
 
 def resume(run: Run, loader) -> tuple[int, int, dict]:
@@ -144,6 +162,7 @@ def resume(run: Run, loader) -> tuple[int, int, dict]:
     if ckpt["rng"]["cuda"] is not None and run.info.device.type == "cuda":
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
     epoch, epoch_step = ckpt["epoch"], ckpt["epoch_step"]
+    run.checkpoint = f"{path} (epoch {epoch}, step in epoch {epoch_step})"
     if ckpt["world_size"] == run.info.world_size:
         loader.load_state_dict(ckpt["loader"][run.info.rank])
         if epoch_step >= len(loader):   # older checkpoints saved "epoch e, step = len" at the end
@@ -178,10 +197,15 @@ def train_loop(run: Run, loader, val_loader, start_epoch: int, start_step: int,
                 shown = [logger.bar.postfix, _show("knn_top1", stats["knn_top1"])]
                 logger.bar.set_postfix_str(", ".join(filter(None, shown)))
         stats["global_batch"] = cfg.optim.global_batch_size
-        logger.end_epoch(stats)
+        logged = None
+        try:
+            logger.end_epoch(stats)
+        except DiskFullError as e:   # rank 0's log line: every rank stops at the save below, together
+            logged = e
         log.info(" ".join(_show(k, v) for k, v in stats.items()))
         done = stats["complete"]
-        save(run, loader, epoch + 1 if done else epoch, epoch_step=0 if done else first + stats["steps"])
+        save(run, loader, epoch + 1 if done else epoch, epoch_step=0 if done else first + stats["steps"],
+             failed=logged)
 
 
 def _show(key: str, value) -> str:
@@ -194,8 +218,9 @@ def _show(key: str, value) -> str:
 def main(argv=None) -> None:
     args = get_args(argv)
     try:
-        train(args)
-    except InputError as e:   # bad config, data, checkpoint, launch or image: one line, exit 2
+        with ExitStack() as held:   # the output folder's lock, released however train ends
+            train(args, held)
+    except InputError as e:   # bad input, a busy folder, a full disk, a diverged loss: one line, exit 2
         fail(e)
     except Preempted as stop:
         log.info(f"stop signal received: checkpoint written at epoch {stop.epoch} step {stop.epoch_step}; "
@@ -203,17 +228,26 @@ def main(argv=None) -> None:
         sys.exit(REQUEUE_EXIT_CODE)
 
 
-def train(args: argparse.Namespace) -> None:
-    """Set up, resume, train to the end; a stop signal ends it with Preempted, checkpoint written."""
+def train(args: argparse.Namespace, held: ExitStack) -> None:
+    """Set up, resume, train to the end; a stop signal ends it with Preempted, checkpoint written.
+    Rank 0 holds the output folder's lock in `held` (rotnet.runlock) before anything is written."""
     cfg = load_config(args.config, args.overrides)   # bad input fails before the output folder is touched
     require(cfg.train.loggers, "train.loggers")
     info = init_distributed()
     resolve_batch(cfg, info.world_size)   # build_run repeats it (idempotent) for the benchmarks
     root = data_root(cfg, require=(cfg.data.train_dir,))
     out = Path(cfg.train.output_dir)
+    busy = None
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
-    barrier(info)
+        try:
+            if cfg.train.lock:
+                held.enter_context(hold_folder(out))
+        except (FolderBusyError, DiskFullError) as e:
+            busy = e
+    busy = from_rank0(busy, info)   # every rank stops when rank 0 was refused (no rank waits for it)
+    if busy is not None:
+        raise busy
     setup_logging(info.is_main, out)
     run = build_run(cfg, info, RunLogger(out, info.is_main, tensorboard="tensorboard" in cfg.train.loggers))
 
@@ -234,8 +268,15 @@ def train(args: argparse.Namespace) -> None:
     elif cfg.train.monitor_every:
         monitor = KnnMonitor(cfg, info, run.raw.trunk)
 
+    unsaved = None
     if info.is_main:
-        save_config(cfg, out / "config.yaml")
+        try:
+            save_config(cfg, out / "config.yaml")
+        except DiskFullError as e:
+            unsaved = e
+    if (unsaved := from_rank0(unsaved, info)) is not None:   # every rank stops, none waits for rank 0
+        raise unsaved
+    if info.is_main:
         log.info("resolved config:\n" + "\n".join(f"  {s}: {v}" for s, v in config_to_dict(cfg).items()))
         device = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu"
         log.info(f"commit {git_commit()} | launcher {info.launcher} | world size {info.world_size} | "

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from models.rotnet import MODELS, build_model
 from models.trunk import ProbeTrunk
-from rotnet.atomic import atomic_path
-from rotnet.checkpoint import load_checkpoint
+from rotnet.atomic import write_bytes
+from rotnet.checkpoint import atomic_save, load_checkpoint, settings_line
 from rotnet.cli import ArgumentParser, InputError, fail
 from rotnet.config import Config, ModelConfig, config_from_dict
 
@@ -100,17 +100,21 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path, force: bool = Fals
     if out.exists() and not force:
         raise ExportError(f"{out} exists; pass --force to overwrite it")
     trunk, cfg, ckpt = trunk_from_checkpoint(checkpoint)
+    print(settings_line(checkpoint, ckpt["config"], f"data.crop_size={cfg.data.crop_size} "
+                        f"data.rotations={cfg.data.rotations}, mean and std too (an export takes no "
+                        "overrides)"), flush=True)
     state = {k: v.detach().contiguous() for k, v in trunk.state_dict().items()}   # as safetensors wants
     if fmt != "native":
         check_torchvision_layout(trunk, state)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out) as tmp:   # an interrupted export never leaves a truncated file
-            if as_torch:
-                torch.save(state, tmp)   # tensors only: loads with torch.load(weights_only=True)
-            else:
-                save_file(state, tmp, metadata=metadata(cfg, ckpt, fmt, checkpoint))
-    except OSError as e:   # read-only or full disk, a file where a folder should be: the --out path is bad
+        # atomic (an interrupted export never leaves a truncated file), serialised in memory first (a full
+        # disk is a DiskFullError naming the bytes needed)
+        if as_torch:
+            atomic_save(state, out)   # tensors only: loads with torch.load(weights_only=True)
+        else:
+            write_bytes(out, save(state, metadata=metadata(cfg, ckpt, fmt, checkpoint)))
+    except OSError as e:   # read-only disk, a file where a folder should be: the --out path is bad
         raise ExportError(f"cannot write {out}: {e.strerror or e}") from e
     return out
 

@@ -145,7 +145,47 @@ def list_images(root_split: str, file_list: str = "", *, labelled: bool = True,
     With `file_list`, the images are that list's lines (paths relative to `root_split`); class
     names come from the split's folders when it has them, else (a flat split, whose list's
     labels index the train split's classes) from `class_dir`'s, else '0', '1', ...
+
+    Symlinked class folders, sub-folders and files are followed, but a folder reached twice by its
+    real path (a link to `..`, two links to one folder) is listed once, with one warning naming it.
+    A 0-byte file (a copy cut short) is a BadImageError naming it, before a decoder sees it.
     """
+    paths, labels, classes = find_images(root_split, file_list, labelled=labelled, class_dir=class_dir)
+    refuse_empty(paths)
+    return paths, labels, classes
+
+
+def refuse_empty(paths: Iterable[str]) -> None:
+    """BadImageError naming the first 0-byte file of `paths` (one stat each; a missing file is the
+    loader's to name)."""
+    for p in paths:
+        try:
+            if os.stat(p).st_size == 0:
+                raise BadImageError(f"empty (0-byte) image file: {p}; remove it, or write a file list "
+                                    "without it: python -m pipelines.scan SPLIT_DIR")
+        except FileNotFoundError:
+            continue
+
+
+def images_under(folder: str, seen: set[str], loops: list[str]) -> list[str]:
+    """Image files under `folder` (links followed) in sorted order; a folder whose real path is in
+    `seen` is skipped and named in `loops`; the others go in `seen`."""
+    files = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            loops.append(f"{dirpath} -> {real}")
+            dirnames.clear()
+            continue
+        seen.add(real)
+        dirnames.sort()
+        files.extend(os.path.join(dirpath, f) for f in sorted(filenames) if is_image_file(f))
+    return files
+
+
+def find_images(root_split: str, file_list: str = "", *, labelled: bool = True,
+                class_dir: str = "") -> tuple[list[str], list[int], list[str]]:
+    """list_images without its check of the files' sizes (the scan reports those itself)."""
     root_split = os.path.abspath(root_split)
     if file_list:
         rel, labels = read_file_list(file_list)
@@ -161,17 +201,20 @@ def list_images(root_split: str, file_list: str = "", *, labelled: bool = True,
             paths = sorted(e.path for e in it if is_image_file(e.name) and e.is_file())
         return paths, [0] * len(paths), []
     classes = class_folders(root_split)
-    paths, labels, empty = [], [], []
+    paths, labels, empty, loops = [], [], [], []
+    seen = {os.path.realpath(root_split)}   # and its parents: a link up the tree is a loop too
+    while (up := os.path.dirname(min(seen, key=len))) not in seen:
+        seen.add(up)
     for idx, name in enumerate(classes):
         folder = os.path.join(root_split, name)
-        files = []
-        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-            dirnames.sort()
-            files.extend(os.path.join(dirpath, f) for f in sorted(filenames) if is_image_file(f))
+        files = images_under(folder, seen, loops)
         if not files:
             empty.append(folder)
         paths.extend(files)
         labels.extend([idx] * len(files))
+    if loops:
+        warnings.warn(f"symlink loop or repeated folder: {len(loops)} folder(s) reached a second time by "
+                      f"real path, listed once: {loops[0]}" + (" ..." if len(loops) > 1 else ""))
     if empty:
         warnings.warn(f"skipping {len(empty)} class folder(s) without images (class index kept): "
                       + ", ".join(repr(e) for e in empty[:5]) + (" ..." if len(empty) > 5 else ""))

@@ -85,11 +85,23 @@ def shard_complete(out: str, i: int, count: int) -> bool:
     return len(samples) == count and os.path.getsize(tar) == tar_bytes(samples)
 
 
+def planned_bytes(members: list[tuple]) -> int:
+    """The size shard `members` will have as a tar (0 if a file cannot be stat'ed: write_shard says why),
+    for the message of a full disk."""
+    def blocks(n: int) -> int:   # a header block, then the data padded to whole blocks
+        return tarfile.BLOCKSIZE + -(-n // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    try:
+        end = sum(blocks(os.path.getsize(path)) + blocks(len(str(label))) for path, label, _ in members)
+    except OSError:
+        return 0
+    return -(-(end + 2 * tarfile.BLOCKSIZE) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
 def write_shard(out: str, i: int, members: list[tuple]) -> tuple[int, int]:
     """Write shard i (tar, then index, then the tar's rename: a final name has its index) -> (i, bytes)."""
     tar_name, idx_name = shard_files(i)
     index = []
-    with atomic_path(os.path.join(out, tar_name)) as tmp_tar:
+    with atomic_path(os.path.join(out, tar_name), size=planned_bytes(members)) as tmp_tar:
         with open(tmp_tar, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
             for path, label, pos in members:
                 key = shard_reader.member_key(pos)

@@ -1,7 +1,11 @@
-"""Find undecodable images before a long run, and write a file list without them.
+"""Find the images training cannot decode before a long run, and write a file list without them.
 
 ROOT is a split (ROOT/CLASS/IMAGE, or flat ROOT/IMAGE) or a dataset root (ROOT/SPLIT/CLASS/IMAGE).
-Every image is fully decoded with PIL; bad ones are printed, the good ones listed in --out for
+Every image is checked the way training reads it: with DALI installed, decoded by DALI's CPU decoder
+to RGB, in batches (an external_source pipeline; a batch that fails is decoded again one file at a
+time, which names the bad ones); without DALI, decoded with PIL, and the formats PIL reads but DALI
+does not (GIF) are refused by rule. Empty files and files whose first bytes are no format DALI reads
+are refused before decoding. Bad ones are printed, the good ones listed in --out for
 `data.file_list` (a flat split gets no list: no labels). Exit status 1 when bad files were found.
 """
 from __future__ import annotations
@@ -10,23 +14,43 @@ import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
-from pipelines import listing
-from pipelines.listing import SplitLayoutError, class_folders, is_image_file, list_images, split_layout
+import numpy as np
+
+from pipelines import dali_available, listing
+from pipelines.listing import SplitLayoutError, class_folders, find_images, is_image_file, split_layout
 from rotnet.cli import ArgumentParser, InputError, one_line_errors
 
-# Leading bytes of formats the decoders read; anything else is certainly not an image.
+# Leading bytes of the formats DALI's decoder reads: JPEG, PNG, BMP, TIFF, PNM, JPEG 2000 (and WebP,
+# in `format_problem`). PIL reads more (GIF); training would stop at those.
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*",
-          b"P1", b"P2", b"P3", b"P4", b"P5", b"P6", b"GIF8")
+          b"P1", b"P2", b"P3", b"P4", b"P5", b"P6", b"\x00\x00\x00\x0cjP  ", b"\xff\x4f\xff\x51")
+BATCH = 64   # images a DALI scan decodes at once
+
+
+def format_problem(head: bytes) -> str:
+    """'' when `head` (a file's first 12 bytes) starts like a format DALI's decoder reads, else why not."""
+    if not head:
+        return "empty (0-byte) file"
+    if head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return ""
+    if head.startswith(b"GIF8"):
+        return "a GIF, which DALI's decoder (training's) cannot read: convert it to JPEG or PNG"
+    return f"not an image format DALI reads (it starts with {head[:8]!r})"
+
+
+def read_head(path: str) -> bytes | None:
+    """The first 12 bytes of `path`, None when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(12)
+    except OSError:
+        return None
 
 
 def header_ok(path: str) -> bool:
-    """Cheap check: the file starts like an image (misses truncation, unlike `check_image`)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(12)
-    except OSError:
-        return False
-    return head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+    """Cheap check: the file starts like an image DALI reads (misses truncation, unlike `check_image`)."""
+    head = read_head(path)
+    return head is not None and not format_problem(head)
 
 
 def bad_headers(paths: list[str]) -> list[str]:
@@ -34,10 +58,20 @@ def bad_headers(paths: list[str]) -> list[str]:
     return [p for p in paths if not header_ok(p)]
 
 
-def check_image(path: str) -> str:
-    """'' if `path` decodes completely to RGB, else the reason."""
+def check_image(path) -> str:
+    """'' if `path` (a path or a binary file) is a format DALI reads and decodes completely to RGB
+    with PIL, else the reason. The scan without DALI; DALI loaders naming a bad shard member."""
     from PIL import Image
 
+    if isinstance(path, str):
+        head = read_head(path)
+        if head is None:
+            return "cannot be read"
+    else:
+        head = path.read(12)
+        path.seek(0)
+    if format_problem(head):
+        return format_problem(head)
     try:
         with Image.open(path) as im:
             im.verify()
@@ -49,11 +83,66 @@ def check_image(path: str) -> str:
         return f"{type(e).__name__}: {e}"
 
 
-def scan_split(split_dir: str, workers: int) -> tuple[list[str], list[int], list[tuple[str, str]], int]:
-    """(good relative paths, their labels, [(bad path, reason)], non-image files skipped)."""
-    paths, labels, _ = list_images(split_dir, labelled=False)
+def _dali_decoder(workers: int):
+    """A DALI CPU pipeline: encoded bytes fed as "encoded" -> RGB images, decoded as training does."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=BATCH, num_threads=workers, device_id=None, prefetch_queue_depth=1)
+    def graph():
+        return fn.decoders.image(fn.external_source(name="encoded", dtype=types.UINT8), device="cpu",
+                                 output_type=types.RGB)
+    pipe = graph()
+    pipe.build()
+    return pipe
+
+
+def dali_reasons(paths: list[str], workers: int) -> list[str]:
+    """'' or the reason for each of `paths`, decoded by DALI's CPU decoder BATCH at a time; a batch
+    that fails (DALI names no file, and the pipeline is spent) is decoded again one file at a time."""
+    from pipelines.dali_loader import is_decode_failure
+
+    pipe, reasons = None, [""] * len(paths)
+
+    def decode(arrays: list[np.ndarray]) -> str:
+        nonlocal pipe
+        try:
+            pipe = pipe or _dali_decoder(workers)
+            pipe.feed_input("encoded", arrays)
+            pipe.run()
+            return ""
+        except RuntimeError as e:
+            pipe = None
+            if not is_decode_failure(str(e)):
+                raise              # out of memory, a broken install: not the file's fault
+            said = str(e).split("encountered:", 1)[-1].strip().splitlines()
+            return f"DALI cannot decode it ({said[0].strip() if said else 'no reason given'})"
+
+    for start in range(0, len(paths), BATCH):
+        batch = []
+        for i in range(start, min(start + BATCH, len(paths))):
+            try:
+                data = np.fromfile(paths[i], dtype=np.uint8)
+            except OSError as e:
+                reasons[i] = f"cannot be read: {e.strerror or e}"
+                continue
+            reasons[i] = format_problem(data[:12].tobytes())
+            if not reasons[i]:
+                batch.append((i, data))
+        if batch and decode([d for _, d in batch]):
+            for i, data in batch:
+                reasons[i] = decode([data])
+    return reasons
+
+
+def scan_split(split_dir: str, workers: int, decoder: str = "dali") -> tuple[list[str], list[int],
+                                                                         list[tuple[str, str]], int]:
+    """(good relative paths, their labels, [(bad path, reason)], non-image files skipped); `decoder`:
+    "dali" (DALI's CPU decoder) or "pil" (PIL, and the formats DALI cannot read refused by rule)."""
+    paths, labels, _ = find_images(split_dir, labelled=False)   # a 0-byte file is reported, not refused
     skipped = sum(1 for dp, _, fs in os.walk(split_dir) for f in fs if not is_image_file(f))
-    if workers > 1:
+    if decoder == "dali":
+        reasons = dali_reasons(paths, workers)
+    elif workers > 1:
         with ProcessPoolExecutor(workers) as ex:
             reasons = list(ex.map(check_image, paths, chunksize=256))
     else:
@@ -100,15 +189,23 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="file_lists/{split}.txt", help="file list to write, {split} -> split "
                     "name (default: file_lists/{split}.txt); then set data.file_list to this value")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                    help="decoding processes (default: every CPU core)")
+                    help="decoding threads (DALI) or processes (PIL) (default: every CPU core)")
+    ap.add_argument("--decoder", choices=("auto", "dali", "pil"), default="auto",
+                    help="auto (default): DALI's CPU decoder when DALI is installed, else PIL with the "
+                         "formats DALI cannot read refused")
     args = ap.parse_intermixed_args(argv)
     any_bad = False
     with one_line_errors(InputError):   # a missing ROOT, an ambiguous layout, an unwritable --out
+        decoder = args.decoder if args.decoder != "auto" else "dali" if dali_available() else "pil"
+        if decoder == "dali" and not dali_available():
+            raise InputError("--decoder dali: nvidia.dali cannot be imported (install it, or --decoder pil)")
+        print("decoding with " + ("DALI's CPU decoder, as training does" if decoder == "dali" else
+                                  "PIL (DALI not used); formats DALI cannot read are refused"), flush=True)
         todo = splits(os.path.abspath(args.root))   # every layout check before anything is written
         for split_dir in todo:
             name = os.path.basename(split_dir)
             flat = split_layout(split_dir) == listing.FLAT
-            good, labels, bad, skipped = scan_split(split_dir, args.workers)
+            good, labels, bad, skipped = scan_split(split_dir, args.workers, decoder)
             for p, why in bad:
                 print(f"BAD {p}: {why}")
             out = "no file list for a flat split (no labels)" if flat else args.out.replace("{split}", name)

@@ -4,10 +4,11 @@
 """
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
-from rotnet.atomic import write_text
+from rotnet.atomic import write_bytes, write_text
 
 MODEL_TITLES = {"pretrained": "RotNet pretrained", "random": "random init"}
 
@@ -97,8 +98,10 @@ def bar_chart(results: dict[str, dict], meta: dict, path: Path) -> None:
     how = f"k={meta['knn']['k']}, no training" if meta.get("knn") else f"{meta['epochs']} epochs"
     ax.set_title(f"{meta['arch']}: frozen-layer {meta['head']} probes ({how})", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()   # then one atomic write: a full disk is a DiskFullError, not half a PNG
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    write_bytes(path, png.getbuffer())
 
 
 def write_reports(results: dict[str, dict], meta: dict, out_dir: Path) -> str:

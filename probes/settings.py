@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from probes.heads import valid_layers
-from rotnet.checkpoint import find_checkpoint, load_checkpoint
+from rotnet.checkpoint import differences, find_checkpoint, load_checkpoint
 from rotnet.cli import UsageError
 from rotnet.config import Config, apply_overrides, config_from_dict, config_to_dict, load_config, migrate
 from rotnet.distributed import DistInfo
@@ -27,9 +27,21 @@ def resolve_config(config: str | None, checkpoint: str | None,
     if path is None:
         return cfg, cfg, None, None
     ckpt = load_checkpoint(path)
+    refuse_model_overrides(path, ckpt["config"], overrides)
     raw = config_to_dict(cfg) if config else apply_overrides(migrate(ckpt["config"]), overrides)
     cfg = config_from_dict({**raw, "model": ckpt["config"]["model"]}, f"{path} config + overrides")
     return cfg, config_from_dict(ckpt["config"], str(path)), path, ckpt
+
+
+def refuse_model_overrides(path: Path, saved: dict, overrides: list[str]) -> None:
+    """UsageError when a `model.*` override asks for another model than checkpoint `path` holds: the
+    trunk is the checkpoint's, so the override cannot apply (the checkpoint's own value is fine)."""
+    asked = [ov for ov in overrides if ov.split("=", 1)[0].strip().startswith("model.")]
+    saved = migrate(saved)
+    diffs = differences(saved, apply_overrides(saved, asked), [ov.split("=", 1)[0].strip() for ov in asked])
+    if diffs:
+        raise UsageError(f"{'; '.join(diffs)}: the model comes from the checkpoint {path}, so a model.* "
+                         "override cannot change it; drop the override, or pass another --checkpoint")
 
 
 def resolve_checkpoint(arg: str | None, output_dir: str, config_name: str) -> Path | None:

@@ -7,6 +7,7 @@ trackers ({tracker: run id} of W&B / MLflow; rotnet/trackers.py).
 """
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from rotnet.atomic import atomic_path
+from rotnet.atomic import atomic_path, write_bytes
 from rotnet.cli import InputError
 
 LATEST = "checkpoint.pt"
@@ -36,9 +37,12 @@ def git_commit() -> str:
 
 
 def atomic_save(obj, path: str | Path) -> None:
-    """torch.save through rotnet.atomic: a crash mid-write leaves the previous file intact."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
+    """torch.save through rotnet.atomic: a crash mid-write leaves the previous file intact. Serialised
+    in memory first: torch's writer turns a full disk into an unreadable RuntimeError, and the
+    DiskFullError needs the size."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_bytes(path, buf.getbuffer())
 
 
 def _snapshot(src: Path, dst: Path) -> None:
@@ -47,7 +51,7 @@ def _snapshot(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
     except OSError:
-        with atomic_path(dst) as tmp:
+        with atomic_path(dst, size=src.stat().st_size) as tmp:
             shutil.copyfile(src, tmp)
 
 
@@ -108,3 +112,10 @@ def check_compatible(path: str | Path, saved: dict, current: dict, keys: tuple[s
     diffs = differences(saved, current, keys)
     if diffs:
         raise CheckpointError(f"checkpoint is from a different model/config: {path}\n  " + "\n  ".join(diffs))
+
+
+def settings_line(path: str | Path, saved: dict, rest: str) -> str:
+    """The one line saying which settings come from checkpoint `path` (whose config is `saved`):
+    its model always; `rest` says what else."""
+    model = " ".join(f"model.{k}={v}" for k, v in (saved.get("model") or {}).items())
+    return f"settings from the checkpoint {path}: {model}; {rest}"

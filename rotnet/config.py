@@ -86,6 +86,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/sample"  # checkpoints, config.yaml, log.jsonl, tensorboard; resumes from here
+    lock: bool = True              # one live run per output_dir (rotnet/runlock.py); false: no lock at all
     seed: int = 0
     # auto: bf16 where the hardware has it, else fp16 on GPUs, fp32 on CPUs (emulated bf16 is slow)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"   # fp16 adds a GradScaler

@@ -113,6 +113,16 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+def from_rank0(obj, info: DistInfo):
+    """Rank 0's `obj` (picklable) on every rank; a collective that every rank calls. How the other
+    ranks learn that rank 0 refused to go on (a busy folder, a full disk) instead of waiting for it."""
+    if not info.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Sum `t` over ranks in place and return it."""
     if info.distributed:

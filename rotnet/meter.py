@@ -10,7 +10,20 @@ import time
 
 import torch
 
+from rotnet.cli import InputError
 from rotnet.distributed import all_reduce_sum
+
+
+class DivergedError(InputError):
+    """The loss or the weights became non-finite; the message names where, the lr, and the last good
+    checkpoint, which a rerun resumes from (non-finite weights are never saved)."""
+
+
+def diverged(what: str, run, epoch: int, step: int, lr: float) -> DivergedError:
+    """The one message for a diverged run: `what` ('loss is nan') at epoch/step, lr, last good checkpoint."""
+    return DivergedError(f"training diverged: {what} at epoch {epoch} step {step} (lr {lr:.4g}); the last "
+                         f"good checkpoint is {run.checkpoint}, and a rerun resumes from it: lower the lr "
+                         "(optim.schedule) or use train.precision=fp32 to find the cause")
 
 
 class Meter:
@@ -41,12 +54,15 @@ class Meter:
         self.window_steps += 1
 
     def close_window(self, i: int, lr: float) -> None:
-        """End the window after step `i`: the one host sync, finite-loss check, scalars to the logger."""
-        loss_sum, correct = self.window.tolist()
+        """End the window after step `i`: the one host sync, finite-loss check, scalars to the logger.
+        A non-finite loss on any rank stops every rank here (no rank waits in a collective for one gone)."""
+        nonfinite = all_reduce_sum((~self.window[:1].isfinite()).double(), self.run.info)
+        loss_sum, correct, stop = torch.cat([self.window, nonfinite]).tolist()
         n, dt = self.window_n, time.perf_counter() - self.t_window
-        if not math.isfinite(loss_sum):
-            raise FloatingPointError(f"loss is {loss_sum / n} at epoch {self.epoch} step {i}: lower the lr "
-                                     "or use train.precision=fp32 to debug")
+        if stop:
+            here = f"loss is {loss_sum / n}"
+            raise diverged(here if not math.isfinite(loss_sum) else "loss is not finite on another rank",
+                           self.run, self.epoch, i, lr)
         world = self.run.info.world_size
         self.run.logger.step(self.run.step, self.window_steps, {
             "loss": loss_sum / n, "rot_acc": correct / n, "lr": lr,

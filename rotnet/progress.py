@@ -11,6 +11,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from rotnet.atomic import append_text
+
 log = logging.getLogger("rotnet")
 
 
@@ -71,8 +73,7 @@ class RunLogger:
             self.bar = None
         if not self.is_main:
             return
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps(stats) + "\n")
+        append_text(self.jsonl, json.dumps(stats) + "\n")
         if self.tb is not None:
             for k, v in epoch_scalars(stats).items():
                 self.tb.add_scalar(k, v, stats["epoch"])

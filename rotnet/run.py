@@ -39,6 +39,7 @@ class Run:
     logger: object              # rotnet.progress.RunLogger, or a stand-in with its methods
     stop: StopFlag
     step: int = 0               # optimizer steps taken in total
+    checkpoint: str = "none yet"   # the last good checkpoint (path, epoch, step), for error messages
 
 
 def native_bf16(device: torch.device) -> bool:

@@ -1,13 +1,17 @@
 """Fixtures shared across the test packages: the tiny trained run, and what an entry point run in
 this process (tests/tiny_run.py) leaves behind put back after every test."""
+import errno
 import logging
+import os
 import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
+import rotnet.atomic
 from tests.tiny_run import TINY_RUN, train_in_process
 
 
@@ -69,3 +73,45 @@ def trained_run(sample_data, tmp_path_factory):
 def copied_run(trained_run, tmp_path) -> Path:
     """A copy of the shared trained run that the test may write into (resume it, eval into it)."""
     return Path(shutil.copytree(trained_run[0], tmp_path / "run"))
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Path:
+    """A 1 MiB tmpfs (a full disk to write into), unmounted after; skipped where mounting is not
+    permitted (not root, no CAP_SYS_ADMIN): the fault-injected tests cover the same code."""
+    folder = tmp_path / "small_disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)],
+                             capture_output=True).returncode == 0
+    if not mounted:
+        pytest.skip("cannot mount a tmpfs here")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.fixture(params=["injected", "tmpfs"])
+def full_disk(request, tmp_path, monkeypatch) -> Path:
+    """A folder on a full disk: no file written through rotnet.atomic fits in it. injected: the fsync
+    of a file in it fails with ENOSPC (as NFS reports a full disk); tmpfs: `small_disk` filled up
+    (a hidden `.filler` file takes its space)."""
+    if request.param == "tmpfs":
+        folder = request.getfixturevalue("small_disk")
+        fd = os.open(folder / ".filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            while True:
+                os.write(fd, b"\0" * 4096)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
+        return folder
+    folder = tmp_path / "full"
+    folder.mkdir()
+    fsync = rotnet.atomic._fsync
+
+    def fails_when_full(path: str) -> None:
+        if os.path.isfile(path) and os.path.abspath(path).startswith(f"{folder}{os.sep}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        fsync(path)
+    monkeypatch.setattr(rotnet.atomic, "_fsync", fails_when_full)
+    return folder

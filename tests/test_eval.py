@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -288,3 +289,28 @@ def test_knn_two_ranks_equal_one_rank(setup):
         assert two["pretrained"][layer]["num_val"] == CLASSES * VAL_PER_CLASS
         assert (two["pretrained"][layer]["top1"], two["pretrained"][layer]["top5"]) == \
                (single["pretrained"][layer]["top1"], single["pretrained"][layer]["top5"])
+
+
+def test_a_model_override_against_the_checkpoint_is_refused_in_one_line(setup, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _run(setup, "--checkpoint", str(setup["ckpt"]), "model.arch=resnet18")
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and err.startswith(
+        "error: model.arch: checkpoint has 'nin', this run has 'resnet18': the model comes from the "
+        f"checkpoint {setup['ckpt']}, so a model.* override cannot change it"), err
+
+
+def test_the_settings_from_the_checkpoint_are_named_in_one_line(setup, capsys):
+    _run(setup, "--checkpoint", str(setup["ckpt"]), "--epochs", "1", "model.arch=nin")   # its own value: fine
+    said = [line for line in capsys.readouterr().err.splitlines() if "settings from the checkpoint" in line]
+    assert len(said) == 1 and f"{setup['ckpt']}: model.arch=nin model.width=0.125" in said[0]
+    assert f"data.*, probe.* from --config {setup['cfg']}, overrides on top" in said[0]
+
+
+def test_a_full_disk_is_one_line_naming_the_file(setup, capsys, full_disk):
+    with pytest.raises(SystemExit) as exc:
+        _run(setup, "--checkpoint", str(setup["ckpt"]), "--epochs", "1", out=full_disk)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and "Traceback" not in "\n".join(err)
+    assert re.match(rf"error: disk full writing {full_disk}/\S+: it needs \d+ bytes, \d+ bytes free", err[-1])
+    assert not [n for n in os.listdir(full_disk) if n.startswith(".tmp-")]

@@ -7,6 +7,7 @@ train.py writes them. Inputs are 32-64 px, so the whole file takes seconds.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -214,3 +215,18 @@ def test_existing_out_needs_force(runs, capsys, tmp_path):
     assert load_exported(out).out_dim == net.trunk.out_dim
     assert [p.name for p in tmp_path.iterdir()] == ["nin.safetensors"]   # no temp file left behind
 
+
+
+def test_a_full_disk_is_one_line_with_the_bytes_and_no_temp_file(runs, capsys, full_disk):
+    out = full_disk / "r18.safetensors"
+    err = _refused(capsys, runs["resnet18"][0], "--out", out)
+    assert err.startswith(f"error: disk full writing {out}: it needs ") and " bytes free there" in err
+    assert [n for n in os.listdir(full_disk) if n != ".filler"] == []
+
+
+def test_the_settings_from_the_checkpoint_are_named_and_a_model_override_refused(runs, capsys, tmp_path):
+    ckpt = runs["alexnet"][0]
+    main([str(ckpt), "--format", "native", "--out", str(tmp_path / "a.safetensors")])
+    assert capsys.readouterr().out.startswith(f"settings from the checkpoint {ckpt}: model.arch=alexnet "
+                                              "model.width=0.25 ")
+    assert "unrecognized arguments: model.arch=resnet18" in _refused(capsys, ckpt, "model.arch=resnet18")

@@ -138,3 +138,34 @@ def test_a_newline_in_a_name_cannot_go_in_a_file_list(tmp_path):
     with pytest.raises(BadImageError, match="newline"):
         write_file_list(str(tmp_path / "l.txt"), ["c0/a.jpg", "c0/b\n.jpg"], [0, 0])
     assert not (tmp_path / "l.txt").exists()
+
+
+def test_a_symlink_loop_is_listed_once_with_one_warning(tmp_path):
+    root = make_folder(tmp_path / "train", [2, 3])
+    plain = list_images(root)
+    os.symlink("..", os.path.join(root, "c0", "up"))              # back to the split: a loop
+    os.symlink("../..", os.path.join(root, "c1", "top"))          # to the data set root, above the split
+    with pytest.warns(UserWarning, match=r"symlink loop .*2 folder\(s\).*c0/up -> ") as caught:
+        looped = list_images(root)
+    assert len(caught) == 1 and looped == plain
+
+
+def test_symlinked_class_folders_and_files_are_followed(tmp_path):
+    real = make_folder(tmp_path / "real", [2, 1])
+    root = tmp_path / "train"
+    (root / "a").mkdir(parents=True)
+    os.symlink(os.path.join(real, "c0"), root / "b")              # a linked class folder
+    os.symlink(os.path.join(real, "c1", os.listdir(os.path.join(real, "c1"))[0]), root / "a" / "x.jpg")
+    paths, labels, classes = list_images(str(root))
+    assert classes == ["a", "b"] and labels == [0, 1, 1] and all(os.path.isfile(p) for p in paths)
+
+
+def test_a_zero_byte_file_is_named_with_or_without_a_file_list(tmp_path):
+    root = make_folder(tmp_path / "train", [2, 2])
+    empty = os.path.join(root, "c1", "empty.JPEG")
+    open(empty, "w").close()
+    with pytest.raises(InputError, match=rf"empty \(0-byte\) image file: {empty}; remove it"):
+        list_images(root)
+    write_file_list(str(tmp_path / "list.txt"), ["c1/empty.JPEG"], [1])
+    with pytest.raises(InputError, match=rf"empty \(0-byte\) image file: {empty}"):
+        list_images(root, str(tmp_path / "list.txt"))

@@ -15,6 +15,7 @@ import tarfile
 import pytest
 import torch
 
+import pipelines.pack_shards as pack_shards
 import visualize
 from pipelines import BadImageError, build_class_loader, build_rotation_loader
 from pipelines.pack_shards import main as shards_main
@@ -221,6 +222,23 @@ def test_unreadable_file_stops_in_one_line_keeping_written_shards(tmp_path, caps
     assert shards_main([src, "--out", str(out), "--shard-size", "2", "--workers", "1"]) == 0
     assert len(json.loads((out / MANIFEST).read_text())["shards"]) == 5
     assert all(stamps(out)[n] == before[n] for n in before)
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_the_bytes(tmp_path, capsys, full_disk):
+    src = make_folder(tmp_path / "src", [4, 4], size=(24, 24))
+    with pytest.raises(UsageExit):
+        shards_main([src, "--out", str(full_disk), "--shard-size", "2", "--workers", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    said = rf"error: disk full writing {full_disk}/\S+: it needs \d+ bytes, \d+ bytes free there"
+    assert len(err) == 1 and re.match(said, err[0]), err
+    assert not [n for n in os.listdir(full_disk) if n.startswith(".tmp-")]
+
+
+def test_the_size_a_full_disk_message_gives_is_the_shards(tmp_path):
+    src = make_folder(tmp_path / "src", [4, 3], size=(24, 24))
+    pack(src, str(tmp_path / "sh"), shard_size=100, workers=1)
+    members = pack_shards.make_plan(src, "", 100, 0)[1][0]
+    assert pack_shards.planned_bytes(members) == os.path.getsize(tmp_path / "sh" / shard_files(0)[0])
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "other plan", "out inside source"])

@@ -7,7 +7,7 @@ import torch
 
 from rotnet.config import Config
 from rotnet.distributed import DistInfo
-from rotnet.meter import Meter
+from rotnet.meter import DivergedError, Meter
 
 
 class Logger:
@@ -19,7 +19,7 @@ class Logger:
 
 
 def fake_run() -> SimpleNamespace:
-    return SimpleNamespace(cfg=Config(), info=DistInfo(), logger=Logger(), step=0)
+    return SimpleNamespace(cfg=Config(), info=DistInfo(), logger=Logger(), step=0, checkpoint="none yet")
 
 
 def batch(loss: float, correct: int, n: int = 8, k: int = 4):
@@ -53,7 +53,8 @@ def test_windows_log_their_own_means_and_the_epoch_sums_them():
 def test_a_non_finite_loss_stops_at_the_window_naming_where():
     meter = Meter(fake_run(), epoch=1, steps=10)
     meter.add(*batch(math.nan, 0))
-    with pytest.raises(FloatingPointError, match="at epoch 1 step 4: lower the lr"):
+    with pytest.raises(DivergedError, match=r"loss is nan at epoch 1 step 4 \(lr 0.1\); the last good "
+                                            "checkpoint is none yet"):
         meter.close_window(4, lr=0.1)
 
 

@@ -1,0 +1,121 @@
+"""pipelines.scan checks what training reads: every file it passes decodes in a DALI CPU pipeline
+as training decodes (readers.file -> decoders.image, RGB), every file it fails does not, on crafted
+files of each kind; without DALI (--decoder pil) the same verdicts, GIF refused by rule."""
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.scan import dali_reasons, main, scan_split
+from tests.pipelines.images import needs_dali
+
+RNG = np.random.default_rng(0)
+RGB = RNG.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+
+
+def jpeg(array: np.ndarray, mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).convert(mode).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def encoded(array: np.ndarray, fmt: str, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    image = Image.fromarray(array)
+    (image.convert(mode) if mode else image).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+# name -> (bytes, whether training can decode it)
+CRAFTED = {
+    "empty.JPEG": (b"", False),
+    "gif.JPEG": (encoded(RGB, "GIF"), False),                 # PIL reads it, DALI does not
+    "truncated.JPEG": (jpeg(RGB)[:600], False),
+    "png16.png": (encoded(RNG.integers(0, 65535, (40, 50)).astype(np.uint16), "PNG"), True),
+    "palette.png": (encoded(RGB, "PNG", "P"), True),
+    "rgba.png": (encoded(np.dstack([RGB, RGB[..., 0]]), "PNG"), True),
+    "one_pixel.JPEG": (jpeg(RGB[:1, :1]), True),
+    "cmyk.JPEG": (jpeg(RGB, "CMYK"), True),
+    "gray.JPEG": (jpeg(RGB, "L"), True),
+    "plain.JPEG": (jpeg(RGB), True),
+}
+
+
+@pytest.fixture(scope="module")
+def crafted(tmp_path_factory) -> str:
+    split = tmp_path_factory.mktemp("crafted") / "train"
+    (split / "c0").mkdir(parents=True)
+    for name, (data, _) in CRAFTED.items():
+        (split / "c0" / name).write_bytes(data)
+    return str(split)
+
+
+def trains(path: str) -> bool:
+    """Whether `path` decodes in a DALI CPU pipeline the way training decodes it."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def graph():
+        jpegs, _ = fn.readers.file(files=[path])
+        return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+    try:
+        pipe = graph()
+        pipe.build()
+        (out,) = pipe.run()
+    except RuntimeError:
+        return False
+    return np.asarray(out.at(0)).shape[2] == 3
+
+
+def verdicts(split: str, decoder: str) -> dict[str, str]:
+    good, _, bad, _ = scan_split(split, workers=1, decoder=decoder)
+    return {**{os.path.basename(g): "" for g in good}, **{os.path.basename(p): why for p, why in bad}}
+
+
+@needs_dali
+def test_the_dali_scan_passes_exactly_what_trains(crafted):
+    found = verdicts(crafted, "dali")
+    assert {n for n, why in found.items() if not why} == {n for n, (_, ok) in CRAFTED.items() if ok}
+    for name in CRAFTED:
+        assert trains(os.path.join(crafted, "c0", name)) == (not found[name]), name
+    assert found["empty.JPEG"] == "empty (0-byte) file"
+    assert found["gif.JPEG"].startswith("a GIF, which DALI's decoder (training's) cannot read")
+    assert found["truncated.JPEG"].startswith("DALI cannot decode it (")
+
+
+def test_without_dali_the_same_verdicts_and_gif_refused_by_rule(crafted):
+    found = verdicts(crafted, "pil")
+    assert {n for n, why in found.items() if not why} == {n for n, (_, ok) in CRAFTED.items() if ok}
+    assert found["gif.JPEG"].startswith("a GIF, which DALI's decoder (training's) cannot read")
+
+
+@needs_dali
+def test_one_bad_file_in_a_full_batch_is_the_one_named(tmp_path):
+    paths = []
+    for i in range(70):   # a batch of 64 with the bad file in it, and a second batch
+        paths.append(str(tmp_path / f"{i}.JPEG"))
+        (tmp_path / f"{i}.JPEG").write_bytes(CRAFTED["truncated.JPEG"][0] if i == 37 else jpeg(RGB[:8, :8]))
+    reasons = dali_reasons(paths, workers=1)
+    assert [i for i, why in enumerate(reasons) if why] == [37]
+
+
+def test_the_scan_lists_what_trains_and_says_which_decoder(crafted, tmp_path, capsys):
+    out = str(tmp_path / "list.txt")
+    assert main([crafted, "--out", out, "--workers", "1", "--decoder", "pil"]) == 1
+    printed = capsys.readouterr().out
+    assert printed.startswith("decoding with PIL (DALI not used); formats DALI cannot read are refused")
+    assert f"BAD {os.path.join(crafted, 'c0', 'empty.JPEG')}: empty (0-byte) file" in printed
+    listed = {line.split()[0] for line in open(out)}
+    assert listed == {f"c0/{n}" for n, (_, ok) in CRAFTED.items() if ok}
+
+
+@pytest.mark.slow
+@needs_dali
+def test_a_9000_by_7000_jpeg_passes_and_trains(tmp_path):
+    big = np.kron(RNG.integers(0, 256, (90, 70, 3), dtype=np.uint8), np.ones((100, 100, 1), np.uint8))
+    (tmp_path / "c0").mkdir()
+    (tmp_path / "c0" / "big.JPEG").write_bytes(jpeg(np.ascontiguousarray(big.transpose(1, 0, 2))))
+    assert verdicts(str(tmp_path), "dali") == {"big.JPEG": ""} == verdicts(str(tmp_path), "pil")
+    assert trains(str(tmp_path / "c0" / "big.JPEG"))
