@@ -58,7 +58,8 @@ class LinkSettings:
     threads: int = 64             # requests served at once
 
 
-def link_schedule(now: float, free_at: float, nbytes: int, latency_s: float, rate: float) -> tuple[float, float]:
+def link_schedule(now: float, free_at: float, nbytes: int, latency_s: float,
+                  rate: float) -> tuple[float, float]:
     """(when the request is answered, when the link is free again) for a request of `nbytes` made at
     `now` on a link busy until `free_at`, moving `rate` bytes/s (0: no cap). The bytes queue behind
     earlier reads' bytes; the latency is paid once per request, in parallel with other requests."""
@@ -129,8 +130,9 @@ class LatencyPassThrough:
 
     def statfs(self, path):
         st = os.statvfs(self._path(path))
-        return {k: getattr(st, k) for k in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
-                                            "f_ffree", "f_favail", "f_flag", "f_namemax")}
+        keys = ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree", "f_favail",
+                "f_flag", "f_namemax")
+        return {k: getattr(st, k) for k in keys}
 
 
 def serve(src: str, mount: str, settings: LinkSettings) -> None:
@@ -206,7 +208,8 @@ def get_parser() -> argparse.ArgumentParser:
     ap = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("src", nargs="?", help="local folder to serve")
     ap.add_argument("mount", nargs="?", help="empty folder to mount it on")
-    ap.add_argument("--latency-ms", type=float, default=0.0, help="added to each open, read, getattr, readdir")
+    ap.add_argument("--latency-ms", type=float, default=0.0,
+                    help="added to each open, read, getattr, readdir")
     ap.add_argument("--bandwidth-mbps", type=float, default=0.0, help="MB/s of all reads together; 0: no cap")
     ap.add_argument("--attr-timeout", type=float, default=1.0, help="seconds the kernel caches lookups")
     ap.add_argument("--threads", type=int, default=64, help="requests served at once")
@@ -234,7 +237,8 @@ def main(argv=None) -> int:
     except InputError as e:
         fail(e)
     if args.background:   # a detached server of its own; this process only waits for the mount
-        cmd = [sys.executable, os.path.abspath(__file__), *[a for a in (argv or sys.argv[1:]) if a != "--background"]]
+        rest = [a for a in (argv or sys.argv[1:]) if a != "--background"]
+        cmd = [sys.executable, os.path.abspath(__file__), *rest]
         subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 30
         while not os.path.ismount(args.mount):
