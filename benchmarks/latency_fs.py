@@ -112,10 +112,8 @@ class LatencyPassThrough:
         return os.readlink(self._path(path))
 
     def open(self, path, flags):
-        from mfusepy import FuseOSError
-
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC):
-            raise FuseOSError(errno.EROFS)
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))   # mfusepy answers with its errno
         self._wait()
         return os.open(self._path(path), os.O_RDONLY)
 

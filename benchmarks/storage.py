@@ -16,11 +16,15 @@ flip, the 4 rotations, uint8 out: original images/s):
                             reader-only is the loader's `read_only_batches(epoch)`, 'n/a' without it
   DALI readers.file         DALI's folder reader, random_shuffle, the same DALI graph in full
   DALI readers.webdataset   DALI's tar reader on rotnet's shards and their wds2idx indexes
+                            (both with dont_use_mmap, as DALI advises for network storage: a file
+                            DALI keeps mapped is read from memory after its first pass, so a subset
+                            of a few thousand files would measure memory, not the mount)
   webdataset + DataLoader   the webdataset package streaming the shards, a 1,000-sample shuffle
                             buffer, PIL decode + torchvision RRC + flip + rot90, --workers workers
 Reads in flight, per row: what the reader keeps outstanding at once (rotnet: its loader's
 `reads_in_flight`, else 1; a DALI reader: 1, its one reader thread reads a file or member at a time;
-webdataset: one stream per worker). Each figure: --warmup steps, then steps for --seconds.
+webdataset: one stream per worker). Each figure: --warmup steps, then steps for --seconds; the
+batches a loader has queued by then (prefetch x batch, per worker) count too, so keep --seconds long.
 The mount's own cost: small files (open + read + close) per second, one at a time and from
 --cost-threads threads, on the local disk and through the mount at +0 ms.
 Output: a markdown block under this script's heading in docs/benchmarks.md (--no-write: print only).
@@ -40,6 +44,7 @@ import tempfile
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from nvidia.dali import pipeline_def
 
@@ -104,7 +109,7 @@ def prepare(args) -> tuple[str, str]:
                 link = os.path.join(tmp, "subset", os.path.relpath(p, args.pool))
                 os.makedirs(os.path.dirname(link), exist_ok=True)
                 os.symlink(p, link)
-            image_set.upscale(os.path.join(tmp, "subset"), os.path.join(tmp, "train"), (500, 375), 90,
+            image_set.upscale(Path(tmp, "subset"), Path(tmp, "train"), (500, 375), 90,
                               args.workers)
             os.rename(os.path.join(tmp, "train"), folder)   # whole or not at all
     pack(folder, shards, shard_size=args.shard_size, workers=args.workers)   # resumable: skips done shards
@@ -166,7 +171,7 @@ def dali_steps(args, reader, mode: str, info: dict):
 def dali_file_reader(folder: str):
     import nvidia.dali.fn as fn
 
-    return fn.readers.file(file_root=folder, random_shuffle=True, seed=0, name="Reader")
+    return fn.readers.file(file_root=folder, random_shuffle=True, seed=0, dont_use_mmap=True, name="Reader")
 
 
 def dali_wds_reader(shards: str):
@@ -174,7 +179,7 @@ def dali_wds_reader(shards: str):
 
     tars = sorted(os.path.join(shards, n) for n in os.listdir(shards) if n.endswith(".tar"))
     return fn.readers.webdataset(paths=tars, index_paths=[t[:-4] + ".idx" for t in tars], ext=["jpg", "cls"],
-                                 random_shuffle=True, seed=0, name="Reader")
+                                 random_shuffle=True, seed=0, dont_use_mmap=True, name="Reader")
 
 
 def _rotated_crops(sample, crop: int):
@@ -401,7 +406,7 @@ def main(argv=None) -> int:
             raise StorageError("no fusermount3: run `bash benchmarks/setup_storage.sh` first")
         load_before = os.getloadavg()[0]
         folder, _ = prepare(args)
-        data = image_set.describe(folder)
+        data = image_set.describe(Path(folder))
         res = run(args)
     except InputError as e:
         fail(e)
