@@ -52,7 +52,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks import image_set, latency_fs  # noqa: E402
-from benchmarks.report import append_block, machine  # noqa: E402
+from benchmarks.report import machine, publish  # noqa: E402
 from pipelines.listing import list_images  # noqa: E402
 from pipelines.sample_data import cache_root  # noqa: E402
 from rotnet.checkpoint import git_commit  # noqa: E402
@@ -411,10 +411,7 @@ def main(argv=None) -> int:
     except InputError as e:
         fail(e)
     text = report(args, res, data, load_before)
-    print(text)
-    if not args.no_write:
-        append_block(args.out, text, heading=HEADING, intro=INTRO)
-        print(f"added to {args.out}")
+    publish(text, args.out, HEADING, INTRO, write=not args.no_write)
     return 0
 
 
