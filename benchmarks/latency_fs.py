@@ -175,8 +175,9 @@ def mounted(src: str, mount: str, settings: LinkSettings, timeout: float = 30.0)
            "--bandwidth-mbps", repr(settings.bandwidth_mbps), "--attr-timeout", repr(settings.attr_timeout),
            "--threads", str(settings.threads)]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    old = signal.signal(signal.SIGTERM, _exit_on_sigterm) \
-        if threading.current_thread() is threading.main_thread() else None
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main else None
+    pending = []
     try:
         deadline = time.monotonic() + timeout
         while not os.path.ismount(mount):
@@ -187,15 +188,23 @@ def mounted(src: str, mount: str, settings: LinkSettings, timeout: float = 30.0)
             time.sleep(0.05)
         yield mount
     finally:
+        if main:   # a SIGTERM now must not cut the clean-up short: it waits until the end
+            signal.signal(signal.SIGTERM, lambda signum, frame: pending.append(signum))
         unmount(mount)
         try:
-            server.wait(timeout=10)
+            server.wait(timeout=5)
         except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+            server.terminate()      # libfuse unmounts (lazily) on SIGTERM
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
         server.stderr.close()
-        if old is not None:
+        if main:
             signal.signal(signal.SIGTERM, old)
+        if pending:
+            _exit_on_sigterm(pending[0], None)
 
 
 def _exit_on_sigterm(signum, frame):
