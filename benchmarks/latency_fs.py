@@ -37,6 +37,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -205,6 +206,23 @@ def mounted(src: str, mount: str, settings: LinkSettings, timeout: float = 30.0)
             signal.signal(signal.SIGTERM, old)
         if pending:
             _exit_on_sigterm(pending[0], None)
+
+
+def small_file_rate(paths: list[str], threads: int) -> float:
+    """Files/s reading each of `paths` whole (open + read + close), from `threads` threads: the
+    mount's own cost at +0 ms, beside the same files on the local disk."""
+    def read(p):
+        with open(p, "rb") as f:
+            return len(f.read())
+
+    t0 = time.perf_counter()
+    if threads == 1:
+        for p in paths:
+            read(p)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(read, paths))
+    return len(paths) / (time.perf_counter() - t0)
 
 
 def _exit_on_sigterm(signum, frame):

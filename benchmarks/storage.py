@@ -43,7 +43,6 @@ import sys
 import tempfile
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from nvidia.dali import pipeline_def
@@ -247,28 +246,12 @@ def measure(steps, args) -> float | None:
 
 
 # ------------------------------------------------------------------ the mount's own cost
-def small_file_rate(paths: list[str], threads: int) -> float:
-    """Files/s reading each of `paths` whole (open + read + close), from `threads` threads."""
-    def read(p):
-        with open(p, "rb") as f:
-            return len(f.read())
-
-    t0 = time.perf_counter()
-    if threads == 1:
-        for p in paths:
-            read(p)
-    else:
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(read, paths))
-    return len(paths) / (time.perf_counter() - t0)
-
-
 def mount_cost(args, base: str) -> dict[str, float]:
+    """Small files/s under `base` (latency_fs.small_file_rate): one at a time and from many threads."""
     names = [os.path.relpath(p, args.work) for p in list_images(os.path.join(args.work, "train"))[0]]
-    names = random.Random(1).sample(names, min(args.cost_files, len(names)))
-    return {"one at a time": small_file_rate([os.path.join(base, n) for n in names], 1),
-            f"{args.cost_threads} threads": small_file_rate([os.path.join(base, n) for n in names],
-                                                            args.cost_threads)}
+    paths = [os.path.join(base, n) for n in random.Random(1).sample(names, min(args.cost_files, len(names)))]
+    return {"one at a time": latency_fs.small_file_rate(paths, 1),
+            f"{args.cost_threads} threads": latency_fs.small_file_rate(paths, args.cost_threads)}
 
 
 # ------------------------------------------------------------------ the run

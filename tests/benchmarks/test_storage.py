@@ -79,6 +79,16 @@ def test_pass_through_serves_the_folder(tmp_path):
         ops.release("/a/x.bin", fh)
 
 
+def test_small_file_rate_reads_every_file_one_at_a_time_and_threaded(tmp_path):
+    paths = []
+    for i in range(4):
+        paths.append(str(tmp_path / f"{i}.bin"))
+        (tmp_path / f"{i}.bin").write_bytes(b"x" * 100)
+    assert latency_fs.small_file_rate(paths, 1) > 0 and latency_fs.small_file_rate(paths, 3) > 0
+    with pytest.raises(FileNotFoundError):
+        latency_fs.small_file_rate([*paths, str(tmp_path / "missing")], 3)
+
+
 # ------------------------------------------------------------------ the report
 def test_table_gives_each_latency_as_a_share_of_its_row_at_zero():
     rows = {("rotnet shards", "full"): {"in_flight": 16, "local disk": 1200.0, "+0 ms": 1000.0,
