@@ -134,9 +134,13 @@ class LatencyPassThrough:
         return {k: getattr(st, k) for k in keys}
 
 
-def serve(src: str, mount: str, settings: LinkSettings) -> None:
-    """Mount and serve in this process until unmounted (blocks)."""
+def serve(src: str, mount: str, settings: LinkSettings, parent: int = 0) -> None:
+    """Mount and serve in this process until unmounted (blocks). parent: a process id; when it is no
+    longer this process's parent (it died, even by SIGKILL), the server unmounts and exits."""
     from mfusepy import FUSE
+
+    if parent:
+        threading.Thread(target=_stop_when_orphaned, args=(parent,), daemon=True).start()
 
     FUSE(LatencyPassThrough(src, settings), mount, foreground=True, ro=True, direct_io=True,
          max_threads=settings.threads, max_idle_threads=settings.threads, attr_timeout=settings.attr_timeout,
@@ -174,7 +178,7 @@ def mounted(src: str, mount: str, settings: LinkSettings, timeout: float = 30.0)
     check_setup(src, mount)
     cmd = [sys.executable, os.path.abspath(__file__), src, mount, "--latency-ms", repr(settings.latency_ms),
            "--bandwidth-mbps", repr(settings.bandwidth_mbps), "--attr-timeout", repr(settings.attr_timeout),
-           "--threads", str(settings.threads)]
+           "--threads", str(settings.threads), "--parent", str(os.getpid())]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     main = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main else None
@@ -225,6 +229,12 @@ def small_file_rate(paths: list[str], threads: int) -> float:
     return len(paths) / (time.perf_counter() - t0)
 
 
+def _stop_when_orphaned(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGTERM)   # libfuse's handler: leave the loop, unmount (lazily), exit
+
+
 def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)   # runs the finally blocks, so the mount is removed
 
@@ -240,6 +250,7 @@ def get_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=64, help="requests served at once")
     ap.add_argument("--background", action="store_true", help="return once mounted; stop with --unmount")
     ap.add_argument("--unmount", metavar="MOUNT", help="unmount MOUNT (the server then exits)")
+    ap.add_argument("--parent", type=int, default=0, help=argparse.SUPPRESS)   # set by mounted()
     return ap
 
 
@@ -273,7 +284,7 @@ def main(argv=None) -> int:
         print(f"mounted {args.src} at {args.mount} (+{settings.latency_ms:g} ms); stop: "
               f"python benchmarks/latency_fs.py --unmount {args.mount}")
         return 0
-    serve(args.src, args.mount, settings)
+    serve(args.src, args.mount, settings, args.parent)
     return 0
 
 

@@ -276,7 +276,8 @@ def run(args) -> dict:
             continue
         mount = tempfile.mkdtemp(prefix="rotnet-storage-mnt-")
         try:
-            with latency_fs.mounted(args.work, mount, latency_fs.LinkSettings(latency_ms=ms)):
+            link = latency_fs.LinkSettings(latency_ms=ms, bandwidth_mbps=args.bandwidth_mbps)
+            with latency_fs.mounted(args.work, mount, link):
                 run_condition(args, mount, results, column)
                 if ms == 0:
                     cost["mount +0 ms"] = mount_cost(args, mount)
@@ -329,7 +330,8 @@ def report(args, res: dict, data: str, load_before: float) -> str:
         f"prefetch={args.prefetch}; webdataset: {args.workers} DataLoader workers; RRC {args.crop} + flip + "
         f"4 rotations, uint8 out; each figure: {args.warmup} warm-up steps, then {args.seconds:g} s",
         "- mount: benchmarks/latency_fs.py (mfusepy over libfuse3, direct_io: no page cache for file data, "
-        "up to 64 requests at once), +latency per open, read, getattr and readdir; no bandwidth cap", "",
+        "up to 64 requests at once), +latency per open, read, getattr and readdir; bandwidth cap: "
+        + (f"{args.bandwidth_mbps:g} MB/s, all reads together" if args.bandwidth_mbps else "none"), "",
         table(res["rows"], columns), "", cost_table(res["cost"]), ""])
 
 
@@ -342,6 +344,8 @@ def get_parser():
                     "(default: $ROTNET_CACHE/storage-bench/<images>, else ~/.cache/rotnet/...)")
     ap.add_argument("--shard-size", type=int, default=250, help="images per tar shard")
     ap.add_argument("--latencies", default="0,0.5,2,5", help="added ms per round trip, one mount each")
+    ap.add_argument("--bandwidth-mbps", type=float, default=0.0,
+                    help="the mounts' cap on all reads together, MB/s (0: none)")
     ap.add_argument("--seconds", type=float, default=8.0, help="timed seconds per figure")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps before each figure")
     ap.add_argument("--batch", type=int, default=64, help="original images per step")
@@ -373,8 +377,8 @@ def parse_args(argv=None):
                 "cost_threads"):
         if getattr(args, key) < 1:
             raise StorageError(f"--{key.replace('_', '-')} {getattr(args, key)}: must be at least 1")
-    if args.seconds <= 0 or args.warmup < 0:
-        raise StorageError("--seconds must be > 0 and --warmup >= 0")
+    if args.seconds <= 0 or args.warmup < 0 or args.bandwidth_mbps < 0:
+        raise StorageError("--seconds must be > 0, --warmup and --bandwidth-mbps >= 0")
     args.pool = os.path.abspath(args.pool)
     args.work = os.path.abspath(args.work or os.path.join(cache_root(), "storage-bench", str(args.images)))
     return args
