@@ -2,7 +2,7 @@
 a set latency to every round trip (benchmarks/latency_fs.py), on the same images and cores.
 
     bash benchmarks/setup_storage.sh                     # once: fuse3, and a venv with mfusepy + webdataset
-    /work/benchvenv-storage/bin/python benchmarks/storage.py [--images 3000] [--latencies 0,0.5,2,5]
+    .venv-storage/bin/python benchmarks/storage.py --pool DIR [--images 3000] [--latencies 0,0.5,2,5]
                                 [--seconds 8] [--threads 2] [--quick] [--no-write]
 
 Data: a seeded subset of --images JPEGs of --pool (Imagenette's train split) in its class folders,
