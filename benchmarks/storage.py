@@ -116,8 +116,8 @@ def prepare(args) -> tuple[str, str]:
 
 
 # ------------------------------------------------------------------ readers
-# Each yields the samples of every step it takes, forever (epoch after epoch); reads_in_flight(args,
-# reader, loader) says how many reads it keeps outstanding.
+# Each yields the samples of every step it takes, forever (epoch after epoch), and puts in
+# info["in_flight"] how many reads it keeps outstanding.
 def rotnet_steps(args, split_dir: str, fmt: str, mode: str, info: dict):
     from pipelines import build_rotation_loader
     from rotnet.config import load_config
