@@ -20,7 +20,8 @@ flip, the 4 rotations, uint8 out: original images/s):
                             DALI keeps mapped is read from memory after its first pass, so a subset
                             of a few thousand files would measure memory, not the mount)
   webdataset + DataLoader   the webdataset package streaming the shards, a 1,000-sample shuffle
-                            buffer, PIL decode + torchvision RRC + flip + rot90, --workers workers
+                            buffer per worker (filled in the warm-up), PIL decode + torchvision
+                            RRC + flip + rot90, --workers workers
 Reads in flight, per row: what the reader keeps outstanding at once (rotnet: its loader's
 `reads_in_flight`, else 1; a DALI reader: 1, its one reader thread reads a file or member at a time;
 webdataset: one stream per worker). Each figure: --warmup steps, then steps for --seconds; the
@@ -197,7 +198,9 @@ def wds_steps(args, shards: str, mode: str, info: dict):
 
     info["in_flight"] = args.workers
     tars = sorted(os.path.join(shards, n) for n in os.listdir(shards) if n.endswith(".tar"))
-    ds = wds.WebDataset(tars, shardshuffle=len(tars), repeat=True, empty_check=False, seed=0).shuffle(1000)
+    # epoch after epoch, shards reshuffled; the sample buffer is full before the first sample leaves it
+    ds = wds.WebDataset(tars, shardshuffle=len(tars), empty_check=False, seed=0).repeat()
+    ds = ds.shuffle(1000, initial=1000)
     if mode == "reader":   # lists of (bytes,) to the main process
         ds = ds.to_tuple("jpg").batched(args.batch, collation_fn=None)
     else:                  # [uint8 (B, 4, 3, crop, crop)]
@@ -224,19 +227,25 @@ def row_steps(args, reader: str, mode: str, base: str, info: dict):
 
 
 def measure(steps, args) -> float | None:
-    """Samples/s over the steps after `args.warmup`, for `args.seconds` (at least one step); None
-    when `steps` yields nothing (the reader has no such mode)."""
+    """Samples/s over the steps after `args.warmup` (at least one), for `args.seconds` (at least one
+    step); None when `steps` yields nothing (the reader has no such mode). The readers run forever:
+    one that stops after a step would turn samples read ahead into a rate, so that is an error."""
     it = iter(steps)
+
+    def step() -> int:
+        got = next(it, None)
+        if got is None:
+            raise RuntimeError("the reader stopped: each row's steps must go on epoch after epoch")
+        return got
+
     try:
-        for _ in range(args.warmup):
-            if next(it, None) is None:
-                return None
+        if next(it, None) is None:
+            return None
+        for _ in range(args.warmup - 1):
+            step()
         t0, n = time.perf_counter(), 0
         while True:
-            got = next(it, None)
-            if got is None:
-                return None if n == 0 else n / (time.perf_counter() - t0)
-            n += got
+            n += step()
             if time.perf_counter() - t0 >= args.seconds:
                 return n / (time.perf_counter() - t0)
     finally:
