@@ -7,7 +7,8 @@ a set latency to every round trip (benchmarks/latency_fs.py), on the same images
 
 Data: a seeded subset of --images JPEGs of --pool (Imagenette's train split) in its class folders,
 re-encoded at ImageNet's most common size, 500x375, quality 90 (benchmarks/image_set.py), and packed
-into tar shards of --shard-size (pipelines.pack_shards); both kept under --work for the next run.
+into tar shards of --shard-size (pipelines.pack_shards); both kept under --work (train/,
+shards-<size>/) for the next run.
 Conditions: the local disk, then the same folder mounted with +L ms per open, read, getattr and
 readdir, for each L of --latencies (one fresh mount per L). Rows, each reader-only (encoded samples
 handed over, nothing decoded: samples/s) and full pipeline (decode, random-resized crop --crop,
@@ -92,11 +93,16 @@ def conditions(latencies: list[float]) -> list[tuple[str, float | None]]:
 
 
 # ------------------------------------------------------------------ data
+def data_dirs(args, base: str) -> tuple[str, str]:
+    """(image folder, shard folder) under `base`: args.work, or a mount of it."""
+    return os.path.join(base, "train"), os.path.join(base, f"shards-{args.shard_size}")
+
+
 def prepare(args) -> tuple[str, str]:
     """(image folder, shard folder) under args.work, made on the first run and reused after."""
     from pipelines.pack_shards import pack
 
-    folder, shards = os.path.join(args.work, "train"), os.path.join(args.work, "shards")
+    folder, shards = data_dirs(args, args.work)
     if not os.path.isdir(folder):
         paths, _, _ = list_images(args.pool)
         if len(paths) < args.images:
@@ -214,7 +220,7 @@ def wds_steps(args, shards: str, mode: str, info: dict):
 
 def row_steps(args, reader: str, mode: str, base: str, info: dict):
     """The step generator of one row, reading under `base` (the local folder or the mount)."""
-    folder, shards = os.path.join(base, "train"), os.path.join(base, "shards")
+    folder, shards = data_dirs(args, base)
     if reader == "rotnet folder":
         return rotnet_steps(args, folder, "folder", mode, info)
     if reader == "rotnet shards":
@@ -257,7 +263,7 @@ def measure(steps, args) -> float | None:
 # ------------------------------------------------------------------ the mount's own cost
 def mount_cost(args, base: str) -> dict[str, float]:
     """Small files/s under `base` (latency_fs.small_file_rate): one at a time and from many threads."""
-    names = [os.path.relpath(p, args.work) for p in list_images(os.path.join(args.work, "train"))[0]]
+    names = [os.path.relpath(p, args.work) for p in list_images(data_dirs(args, args.work)[0])[0]]
     paths = [os.path.join(base, n) for n in random.Random(1).sample(names, min(args.cost_files, len(names)))]
     return {"one at a time": latency_fs.small_file_rate(paths, 1),
             f"{args.cost_threads} threads": latency_fs.small_file_rate(paths, args.cost_threads)}
