@@ -2,7 +2,7 @@
 description, an append-only writer, and the ledger that keeps the log append-only. The commit
 comes from rotnet.checkpoint.git_commit().
 
-    from benchmarks.report import append_block, machine
+    from benchmarks.report import append_block, machine, publish
     python -m benchmarks.report --ledger      # after adding blocks: protect their lines too
 
 The ledger (docs/benchmarks.ledger) holds a short hash of every line of docs/benchmarks.md as
@@ -80,6 +80,14 @@ def append_block(path: str | Path, text: str, heading: str | None = None, intro:
     end = len(doc) if nxt < 0 else nxt + 1
     doc = doc[:end].rstrip("\n") + "\n\n" + text.strip("\n") + "\n" + ("\n" + doc[end:] if nxt >= 0 else "")
     write_text(path, doc)   # a kill mid-write must not cost the file its earlier blocks
+
+
+def publish(text: str, out: str | Path, heading: str, intro: str = "", write: bool = True) -> None:
+    """Print a script's block, then (write=True, i.e. without --no-write) add it under `heading`."""
+    print(text)
+    if write:
+        append_block(out, text, heading=heading, intro=intro)
+        print(f"added to {out}")
 
 
 # ---------------------------------------------------------------------------- the append-only ledger

@@ -37,7 +37,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks.pipeline import bench_rotnet  # noqa: E402
-from benchmarks.report import append_block, machine  # noqa: E402
+from benchmarks.report import machine, publish  # noqa: E402
 from pipelines.listing import list_images, write_file_list  # noqa: E402
 from pipelines.pack_shards import pack  # noqa: E402
 from pipelines.shard_reader import list_shards  # noqa: E402
@@ -179,10 +179,7 @@ def main(argv=None) -> int:
         args.shards = os.path.join(REPO, "runs", "shards", name)
     args.load = os.getloadavg()[0]
     text = report(args, run(args))
-    print(text)
-    if not args.no_write:
-        append_block(args.out, text, heading=HEADING, intro=INTRO)
-        print(f"added to {args.out}")
+    publish(text, args.out, HEADING, INTRO, write=not args.no_write)
     return 0
 
 

@@ -1,10 +1,10 @@
 """benchmarks/report.py: the CPU named beside every figure tells the CPU kinds apart; the benchmark
-log only gains lines (its ledger, and every commit since it became append-only again)."""
+log only gains lines (its ledger, and every commit since it became append-only again); publish."""
 import subprocess
 
 import pytest
 
-from benchmarks.report import LEDGER, LOG, cpu_name, line_hashes, lost_lines
+from benchmarks.report import LEDGER, LOG, cpu_name, line_hashes, lost_lines, publish
 
 BLOCK = ("processor\t: {i}\nvendor_id\t: X\ncpu family\t: {fam}\nmodel\t\t: {model}\n"
          "model name\t: {name}\nflags\t\t: {flags}\n")
@@ -29,6 +29,14 @@ def test_cpu_name_gives_family_model_and_bf16(tmp_path):
 
 def test_cpu_name_without_cpuinfo_falls_back(tmp_path):
     assert cpu_name(tmp_path / "missing")   # platform's processor or machine name, never empty
+
+
+def test_publish_prints_and_adds_the_block_unless_told_not_to(tmp_path, capsys):
+    out = tmp_path / "bench.md"
+    publish("| a |\n", out, "## Mine", write=False)
+    assert not out.exists() and "| a |" in capsys.readouterr().out
+    publish("| a |\n", out, "## Mine", intro="Intro.")
+    assert "## Mine\n\nIntro.\n\n| a |\n" in out.read_text() and "added to" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------- append-only log

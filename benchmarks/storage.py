@@ -1,0 +1,421 @@
+"""Cluster storage: rotnet's loaders and their peers on the local disk and through a mount that adds
+a set latency to every round trip (benchmarks/latency_fs.py), on the same images and cores.
+
+    bash benchmarks/setup_storage.sh                     # once: fuse3, and a venv with mfusepy + webdataset
+    .venv-storage/bin/python benchmarks/storage.py --pool DIR [--images 3000] [--latencies 0,0.5,2,5]
+                                [--seconds 8] [--threads 2] [--quick] [--no-write]
+
+Data: a seeded subset of --images JPEGs of --pool (Imagenette's train split) in its class folders,
+re-encoded at ImageNet's most common size, 500x375, quality 90 (benchmarks/image_set.py), and packed
+into tar shards of --shard-size (pipelines.pack_shards); both kept under --work (train/,
+shards-<size>/) for the next run.
+Conditions: the local disk, then the same folder mounted with +L ms per open, read, getattr and
+readdir, for each L of --latencies (one fresh mount per L). Rows, each reader-only (encoded samples
+handed over, nothing decoded: samples/s) and full pipeline (decode, random-resized crop --crop,
+flip, the 4 rotations, uint8 out: original images/s):
+  rotnet folder / shards    pipelines.build_rotation_loader (DALI on the CPU, --threads threads);
+                            reader-only is the loader's `read_only_batches(epoch)`, 'n/a' without it
+  DALI readers.file         DALI's folder reader, random_shuffle, the same DALI graph in full
+  DALI readers.webdataset   DALI's tar reader on rotnet's shards and their wds2idx indexes
+                            (both with dont_use_mmap, as DALI advises for network storage: a file
+                            DALI keeps mapped is read from memory after its first pass, so a subset
+                            of a few thousand files would measure memory, not the mount)
+  webdataset + DataLoader   the webdataset package streaming the shards, a 1,000-sample shuffle
+                            buffer per worker (filled in the warm-up), PIL decode + torchvision
+                            RRC + flip + rot90, --workers workers
+Reads in flight, per row: what the reader keeps outstanding at once (rotnet: its loader's
+`reads_in_flight`, else 1; a DALI reader: 1, its one reader thread reads a file or member at a time;
+webdataset: one stream per worker). Each figure: --warmup steps, then steps for --seconds; the
+batches a loader has queued by then (prefetch x batch, per worker) count too, so keep --seconds long.
+The mount's own cost: small files (open + read + close) per second, one at a time and from
+--cost-threads threads, on the local disk and through the mount at +0 ms.
+Output: a markdown block under this script's heading in docs/benchmarks.md (--no-write: print only).
+Figures need quiet cores; --quick is a smoke run (a few hundred images, two latencies, short figures).
+"""
+from __future__ import annotations
+
+import datetime
+import functools
+import itertools
+import os
+import random
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+from nvidia.dali import pipeline_def
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from benchmarks import image_set, latency_fs  # noqa: E402
+from benchmarks.report import machine, publish  # noqa: E402
+from pipelines.listing import list_images  # noqa: E402
+from pipelines.sample_data import cache_root  # noqa: E402
+from rotnet.checkpoint import git_commit  # noqa: E402
+from rotnet.cli import ArgumentParser, InputError, fail  # noqa: E402
+
+HEADING = "## Cluster storage (benchmarks/storage.py)"
+INTRO = ("Each block: one run of `python benchmarks/storage.py`: rotnet's loaders and their peers on "
+         "the local disk and through benchmarks/latency_fs.py, a FUSE mount adding a set latency to every "
+         "open, read, getattr and readdir (page cache off). Percentages: of the same row at +0 ms.")
+ROTATIONS = (0, 90, 180, 270)
+READERS = ("rotnet folder", "rotnet shards", "DALI readers.file", "DALI readers.webdataset",
+           "webdataset + DataLoader")
+MODES = {"reader": "reader-only, samples/s", "full": "full pipeline, original img/s"}
+QUICK = {"images": 256, "shard_size": 64, "batch": 16, "seconds": 0.5, "warmup": 1, "latencies": "0,2",
+         "cost_files": 64}
+
+
+class StorageError(InputError):
+    """A setting or the data folder does not fit; the message names it."""
+
+
+def parse_latencies(text: str) -> list[float]:
+    """'0,0.5,2' -> [0.0, 0.5, 2.0]: added milliseconds, each >= 0, in the given order."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise StorageError(f"--latencies {text!r}: expected milliseconds separated by commas, "
+                           "e.g. 0,2") from None
+    if not values or any(v < 0 for v in values):
+        raise StorageError(f"--latencies {text!r}: give at least one value, none negative")
+    return values
+
+
+def conditions(latencies: list[float]) -> list[tuple[str, float | None]]:
+    """[(column name, added ms or None for the local disk)]: the local disk first."""
+    return [("local disk", None)] + [(f"+{ms:g} ms", ms) for ms in latencies]
+
+
+# ------------------------------------------------------------------ data
+def data_dirs(args, base: str) -> tuple[str, str]:
+    """(image folder, shard folder) under `base`: args.work, or a mount of it."""
+    return os.path.join(base, "train"), os.path.join(base, f"shards-{args.shard_size}")
+
+
+def prepare(args) -> tuple[str, str]:
+    """(image folder, shard folder) under args.work, made on the first run and reused after."""
+    from pipelines.pack_shards import pack
+
+    folder, shards = data_dirs(args, args.work)
+    if not os.path.isdir(folder):
+        paths, _, _ = list_images(args.pool)
+        if len(paths) < args.images:
+            raise StorageError(f"--pool {args.pool!r} holds {len(paths)} images; --images {args.images} "
+                               "needs more")
+        os.makedirs(args.work, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+            # the subset as links in class folders, so that image_set re-encodes exactly these
+            for p in random.Random(0).sample(paths, args.images):
+                link = os.path.join(tmp, "subset", os.path.relpath(p, args.pool))
+                os.makedirs(os.path.dirname(link), exist_ok=True)
+                os.symlink(p, link)
+            image_set.upscale(Path(tmp, "subset"), Path(tmp, "train"), (500, 375), 90,
+                              args.workers)
+            os.rename(os.path.join(tmp, "train"), folder)   # whole or not at all
+    pack(folder, shards, shard_size=args.shard_size, workers=args.workers)   # resumable: skips done shards
+    return folder, shards
+
+
+# ------------------------------------------------------------------ readers
+# Each yields the samples of every step it takes, forever (epoch after epoch), and puts in
+# info["in_flight"] how many reads it keeps outstanding.
+def rotnet_steps(args, split_dir: str, fmt: str, mode: str, info: dict):
+    from pipelines import build_rotation_loader
+    from rotnet.config import load_config
+
+    cfg = load_config(None, ["loader.backend=dali", "data.recipe=imagenet", f"data.format={fmt}",
+                             f"data.crop_size={args.crop}", f"loader.num_threads={args.threads}",
+                             f"loader.prefetch={args.prefetch}"])
+    loader = build_rotation_loader(cfg, split_dir, batch_size=args.batch, rank=0, world_size=1,
+                                   local_rank=0, device="cpu", train=True, seed=0)
+    info["in_flight"] = getattr(loader, "reads_in_flight", 1)
+    if mode == "reader" and not hasattr(loader, "read_only_batches"):
+        return   # the loader has no reader-only path (yet): the row says n/a
+    for epoch in itertools.count():
+        if mode == "reader":
+            for batch in loader.read_only_batches(epoch):
+                yield len(batch)
+        else:
+            loader.set_epoch(epoch)
+            for images, _ in loader:
+                yield images.shape[0] // len(ROTATIONS)
+
+
+@pipeline_def
+def read_only_graph(reader):
+    """The encoded samples of `reader`, nothing else."""
+    jpegs, _ = reader()
+    return jpegs
+
+
+def dali_steps(args, reader, mode: str, info: dict):
+    """A DALI pipeline of `reader` (a no-argument callable -> (encoded, label)): the reader alone,
+    or rotnet's graph in full (decode + RRC + flip + rotations, all in DALI)."""
+    from pipelines.dali_graph import rotation_graph
+
+    info["in_flight"] = 1
+    common = dict(batch_size=args.batch, num_threads=args.threads, device_id=None, seed=0,
+                  prefetch_queue_depth=args.prefetch)
+    if mode == "reader":
+        pipe = read_only_graph(reader=reader, **common)
+    else:
+        pipe = rotation_graph(reader=reader, train=True, recipe="imagenet", crop=args.crop, resize=args.crop,
+                              min_scale=0.08, rotations=list(ROTATIONS), mode="all", decoder_device="cpu",
+                              mixed_args={}, normalize=False, mean=[0.0] * 3, std=[1.0] * 3, stage="full",
+                              **common)
+    pipe.build()
+    while True:
+        yield len(pipe.run()[0])
+
+
+def dali_file_reader(folder: str):
+    import nvidia.dali.fn as fn
+
+    return fn.readers.file(file_root=folder, random_shuffle=True, seed=0, dont_use_mmap=True, name="Reader")
+
+
+def dali_wds_reader(shards: str):
+    import nvidia.dali.fn as fn
+
+    tars = sorted(os.path.join(shards, n) for n in os.listdir(shards) if n.endswith(".tar"))
+    return fn.readers.webdataset(paths=tars, index_paths=[t[:-4] + ".idx" for t in tars], ext=["jpg", "cls"],
+                                 random_shuffle=True, seed=0, dont_use_mmap=True, name="Reader")
+
+
+def _rotated_crops(sample, crop: int):
+    """(PIL image,) -> (uint8 (4, 3, crop, crop),): RRC + flip, then the 4 rotations (torch.rot90)."""
+    import torch
+    import torchvision.transforms as T
+
+    x = T.PILToTensor()(T.RandomHorizontalFlip()(T.RandomResizedCrop(crop)(sample[0])))
+    return (torch.stack([torch.rot90(x, k, dims=(1, 2)) for k in range(len(ROTATIONS))]),)
+
+
+def wds_steps(args, shards: str, mode: str, info: dict):
+    """The webdataset package: each DataLoader worker streams whole tars (its share of them)."""
+    import torch
+    import webdataset as wds
+
+    info["in_flight"] = args.workers
+    tars = sorted(os.path.join(shards, n) for n in os.listdir(shards) if n.endswith(".tar"))
+    # epoch after epoch, shards reshuffled; the sample buffer is full before the first sample leaves it
+    ds = wds.WebDataset(tars, shardshuffle=len(tars), empty_check=False, seed=0).repeat()
+    ds = ds.shuffle(1000, initial=1000)
+    if mode == "reader":   # lists of (bytes,) to the main process
+        ds = ds.to_tuple("jpg").batched(args.batch, collation_fn=None)
+    else:                  # [uint8 (B, 4, 3, crop, crop)]
+        ds = ds.decode("pil").to_tuple("jpg").map(functools.partial(_rotated_crops, crop=args.crop))
+        ds = ds.batched(args.batch)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=args.workers,
+                                         prefetch_factor=args.prefetch)
+    for batch in loader:
+        yield len(batch) if mode == "reader" else batch[0].shape[0]
+
+
+def row_steps(args, reader: str, mode: str, base: str, info: dict):
+    """The step generator of one row, reading under `base` (the local folder or the mount)."""
+    folder, shards = data_dirs(args, base)
+    if reader == "rotnet folder":
+        return rotnet_steps(args, folder, "folder", mode, info)
+    if reader == "rotnet shards":
+        return rotnet_steps(args, shards, "shards", mode, info)
+    if reader == "DALI readers.file":
+        return dali_steps(args, functools.partial(dali_file_reader, folder), mode, info)
+    if reader == "DALI readers.webdataset":
+        return dali_steps(args, functools.partial(dali_wds_reader, shards), mode, info)
+    return wds_steps(args, shards, mode, info)
+
+
+def measure(steps, args) -> float | None:
+    """Samples/s over the steps after `args.warmup` (at least one), for `args.seconds` (at least one
+    step); None when `steps` yields nothing (the reader has no such mode). The readers run forever:
+    one that stops after a step would turn samples read ahead into a rate, so that is an error."""
+    it = iter(steps)
+
+    def step() -> int:
+        got = next(it, None)
+        if got is None:
+            raise RuntimeError("the reader stopped: each row's steps must go on epoch after epoch")
+        return got
+
+    try:
+        if next(it, None) is None:
+            return None
+        for _ in range(args.warmup - 1):
+            step()
+        t0, n = time.perf_counter(), 0
+        while True:
+            n += step()
+            if time.perf_counter() - t0 >= args.seconds:
+                return n / (time.perf_counter() - t0)
+    finally:
+        close = getattr(it, "close", None)
+        if close:
+            close()   # stops the pipeline or the DataLoader's workers now, not at the next collection
+
+
+# ------------------------------------------------------------------ the mount's own cost
+def mount_cost(args, base: str) -> dict[str, float]:
+    """Small files/s under `base` (latency_fs.small_file_rate): one at a time and from many threads."""
+    names = [os.path.relpath(p, args.work) for p in list_images(data_dirs(args, args.work)[0])[0]]
+    paths = [os.path.join(base, n) for n in random.Random(1).sample(names, min(args.cost_files, len(names)))]
+    return {"one at a time": latency_fs.small_file_rate(paths, 1),
+            f"{args.cost_threads} threads": latency_fs.small_file_rate(paths, args.cost_threads)}
+
+
+# ------------------------------------------------------------------ the run
+def run_condition(args, base: str, results: dict, column: str) -> None:
+    for reader, mode in itertools.product(READERS, MODES):
+        info = {}
+        try:
+            value = measure(row_steps(args, reader, mode, base, info), args)
+        except Exception:   # one failed row must not cost the others: its traceback goes to the log
+            traceback.print_exc()
+            value = "failed"
+        results.setdefault((reader, mode), {"in_flight": info.get("in_flight", "?")})[column] = value
+        print(f"{column:>10} | {reader:24} | {mode:6} | {cell(value, None)}", flush=True)
+
+
+def run(args) -> dict:
+    results, cost = {}, {}
+    for column, ms in conditions(args.latencies):
+        if ms is None:
+            run_condition(args, args.work, results, column)
+            cost["local disk"] = mount_cost(args, args.work)
+            continue
+        mount = tempfile.mkdtemp(prefix="rotnet-storage-mnt-")
+        try:
+            link = latency_fs.LinkSettings(latency_ms=ms, bandwidth_mbps=args.bandwidth_mbps)
+            with latency_fs.mounted(args.work, mount, link):
+                run_condition(args, mount, results, column)
+                if ms == 0:
+                    cost["mount +0 ms"] = mount_cost(args, mount)
+        finally:
+            os.rmdir(mount)
+    return {"rows": results, "cost": cost}
+
+
+def cell(value, base) -> str:
+    """'1,234' or '1,234 (93%)' (of `base`, the same row at +0 ms), 'n/a' or the failure."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, str):
+        return value
+    text = f"{value:,.0f}"
+    return text + f" ({100 * value / base:.0f}%)" if isinstance(base, float) and base > 0 else text
+
+
+def table(rows: dict, columns: list[str]) -> str:
+    """One line per (reader, mode): reads in flight, then a cell per condition column."""
+    lines = ["| reader | mode | reads in flight | " + " | ".join(columns) + " |",
+             "|---|---|---:|" + "---:|" * len(columns)]
+    for (reader, mode), row in rows.items():
+        zero = row.get("+0 ms")
+        cells = [cell(row.get(c), zero if c not in ("local disk", "+0 ms") else None) for c in columns]
+        lines.append(f"| {reader} | {MODES[mode]} | {row['in_flight']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cost_table(cost: dict) -> str:
+    local, mounted = cost.get("local disk", {}), cost.get("mount +0 ms", {})
+    lines = ["| small files, open + read + close (files/s) | local disk | mount +0 ms | mount / local |",
+             "|---|---:|---:|---:|"]
+    for name in local:
+        a, b = local[name], mounted.get(name)
+        ratio = f"{b / a:.2f}" if b else "-"
+        lines.append(f"| {name} | {cell(a, None)} | {cell(b, None)} | {ratio} |")
+    return "\n".join(lines)
+
+
+def report(args, res: dict, data: str, load_before: float) -> str:
+    columns = [c for c, _ in conditions(args.latencies)]
+    return "\n".join([
+        f"### {datetime.date.today().isoformat()}, commit {git_commit()}", "",
+        f"- machine: {machine('cpu')}; load average before the run {load_before:.1f}, "
+        f"after {os.getloadavg()[0]:.1f}",
+        f"- command: `{shlex.join(['python', *args.argv])}`",
+        f"- data: {data}; shards of <= {args.shard_size}; every condition reads the same files",
+        f"- loaders: batch {args.batch} originals; DALI on the CPU, num_threads={args.threads}, "
+        f"prefetch={args.prefetch}; webdataset: {args.workers} DataLoader workers; RRC {args.crop} + flip + "
+        f"4 rotations, uint8 out; each figure: {args.warmup} warm-up steps, then {args.seconds:g} s",
+        "- mount: benchmarks/latency_fs.py (mfusepy over libfuse3, direct_io: no page cache for file data, "
+        "up to 64 requests at once), +latency per open, read, getattr and readdir; bandwidth cap: "
+        + (f"{args.bandwidth_mbps:g} MB/s, all reads together" if args.bandwidth_mbps else "none"), "",
+        table(res["rows"], columns), "", cost_table(res["cost"]), ""])
+
+
+def get_parser():
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--pool", required=True, help="image folder SPLIT/CLASS/IMAGE the subset is drawn from, "
+                    "e.g. ../shared/datasets/imagenette-224/train")
+    ap.add_argument("--images", type=int, default=3000, help="images in the subset")
+    ap.add_argument("--work", default="", help="where the re-encoded folder and its shards are kept "
+                    "(default: $ROTNET_CACHE/storage-bench/<images>, else ~/.cache/rotnet/...)")
+    ap.add_argument("--shard-size", type=int, default=250, help="images per tar shard")
+    ap.add_argument("--latencies", default="0,0.5,2,5", help="added ms per round trip, one mount each")
+    ap.add_argument("--bandwidth-mbps", type=float, default=0.0,
+                    help="the mounts' cap on all reads together, MB/s (0: none)")
+    ap.add_argument("--seconds", type=float, default=8.0, help="timed seconds per figure")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps before each figure")
+    ap.add_argument("--batch", type=int, default=64, help="original images per step")
+    ap.add_argument("--crop", type=int, default=224)
+    ap.add_argument("--threads", type=int, default=2, help="DALI num_threads")
+    ap.add_argument("--workers", type=int, default=2,
+                    help="DataLoader workers (webdataset), encoding processes")
+    ap.add_argument("--prefetch", type=int, default=2, help="batches queued ahead")
+    ap.add_argument("--cost-files", type=int, default=2000,
+                    help="small files read for the mount's own cost")
+    ap.add_argument("--cost-threads", type=int, default=32,
+                    help="threads of the concurrent small-file figure")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()))
+    ap.add_argument("--out", default=os.path.join(REPO, "docs", "benchmarks.md"))
+    ap.add_argument("--no-write", action="store_true", help="print only")
+    return ap
+
+
+def parse_args(argv=None):
+    """The parsed settings, --quick applied, latencies parsed and the work folder resolved."""
+    args = get_parser().parse_args(argv)
+    args.argv = ["benchmarks/storage.py", *(sys.argv[1:] if argv is None else argv)]
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(args, k, v)
+    args.latencies = parse_latencies(args.latencies)
+    for key in ("images", "shard_size", "batch", "threads", "workers", "prefetch", "cost_files",
+                "cost_threads"):
+        if getattr(args, key) < 1:
+            raise StorageError(f"--{key.replace('_', '-')} {getattr(args, key)}: must be at least 1")
+    if args.seconds <= 0 or args.warmup < 0 or args.bandwidth_mbps < 0:
+        raise StorageError("--seconds must be > 0, --warmup and --bandwidth-mbps >= 0")
+    args.pool = os.path.abspath(args.pool)
+    args.work = os.path.abspath(args.work or os.path.join(cache_root(), "storage-bench", str(args.images)))
+    return args
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+        if not os.path.isdir(args.pool):
+            raise StorageError(f"--pool {args.pool!r}: folder not found")
+        if shutil.which("fusermount3") is None:
+            raise StorageError("no fusermount3: run `bash benchmarks/setup_storage.sh` first")
+        load_before = os.getloadavg()[0]
+        folder, _ = prepare(args)
+        data = image_set.describe(Path(folder))
+        res = run(args)
+    except InputError as e:
+        fail(e)
+    text = report(args, res, data, load_before)
+    publish(text, args.out, HEADING, INTRO, write=not args.no_write)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

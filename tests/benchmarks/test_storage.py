@@ -1,0 +1,185 @@
+"""benchmarks/storage.py and benchmarks/latency_fs.py: their pure parts (settings, the link's
+arithmetic, the pass-through operations called directly, the table writer, the timing loop) need no
+FUSE. The mount itself: one slow test, skipped where FUSE or its binding is missing."""
+import os
+import shutil
+
+import pytest
+
+from benchmarks import latency_fs, storage
+from rotnet.cli import UsageExit
+
+
+# ------------------------------------------------------------------ settings
+def test_latencies_parse_in_order_and_refuse_bad_values():
+    assert storage.parse_latencies("0, 0.5,2,5") == [0.0, 0.5, 2.0, 5.0]
+    for bad in ("", "1,x", "-1"):
+        with pytest.raises(storage.StorageError, match="--latencies"):
+            storage.parse_latencies(bad)
+
+
+def test_conditions_put_the_local_disk_first():
+    assert storage.conditions([0.0, 0.5, 2.0]) == [("local disk", None), ("+0 ms", 0.0), ("+0.5 ms", 0.5),
+                                                   ("+2 ms", 2.0)]
+
+
+def test_quick_overrides_the_sizes_and_bad_settings_name_their_flag(tmp_path):
+    args = storage.parse_args(["--pool", str(tmp_path), "--quick", "--images", "5000"])
+    assert (args.images, args.latencies, args.seconds) == (256, [0.0, 2.0], 0.5)
+    assert args.work.endswith(os.path.join("storage-bench", "256"))
+    assert args.argv[1:] == ["--pool", str(tmp_path), "--quick", "--images", "5000"]
+    with pytest.raises(storage.StorageError, match="--shard-size 0"):
+        storage.parse_args(["--pool", str(tmp_path), "--shard-size", "0"])
+    with pytest.raises(UsageExit):
+        storage.main(["--pool", str(tmp_path / "missing")])
+
+
+def test_latency_fs_refuses_bad_settings_in_one_line(tmp_path, capsys):
+    args = latency_fs.get_parser().parse_args([str(tmp_path), str(tmp_path), "--latency-ms", "-1"])
+    with pytest.raises(latency_fs.MountError, match="--latency-ms"):
+        latency_fs.parse_settings(args)
+    (tmp_path / "mnt").mkdir()
+    (tmp_path / "mnt" / "x").write_text("")
+    with pytest.raises(latency_fs.MountError, match="empty folder"):
+        latency_fs.check_setup(str(tmp_path), str(tmp_path / "mnt"))
+    with pytest.raises(UsageExit):
+        latency_fs.main([])
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+# ------------------------------------------------------------------ the link and the operations
+def test_link_without_a_cap_adds_the_latency_alone():
+    assert latency_fs.link_schedule(10.0, 0.0, 10**6, 0.002, 0) == (10.002, 0.0)
+
+
+def test_capped_link_queues_the_bytes_of_concurrent_reads():
+    rate = 100e6   # 100 MB/s: 1 MB takes 10 ms
+    done1, free = latency_fs.link_schedule(0.0, 0.0, 10**6, 0.002, rate)
+    assert (done1, free) == pytest.approx((0.012, 0.010))
+    done2, free = latency_fs.link_schedule(0.001, free, 10**6, 0.002, rate)   # waits for the first's bytes
+    assert (done2, free) == pytest.approx((0.022, 0.020))
+    done3, _ = latency_fs.link_schedule(1.0, free, 0, 0.002, rate)            # link idle by then
+    assert done3 == pytest.approx(1.002)
+
+
+def test_pass_through_serves_the_folder(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.bin").write_bytes(bytes(range(256)) * 4)
+    ops = latency_fs.LatencyPassThrough(str(tmp_path), latency_fs.LinkSettings())
+    assert sorted(ops.readdir("/", None)) == [".", "..", "a"]
+    st = ops.getattr("/a/x.bin")
+    assert st["st_size"] == 1024 and st["st_mtime"] == os.stat(tmp_path / "a" / "x.bin").st_mtime_ns
+    with pytest.raises(OSError, match="Read-only"):
+        ops.open("/a/x.bin", os.O_WRONLY)
+    fh = ops.open("/a/x.bin", os.O_RDONLY)
+    try:
+        assert ops.read("/a/x.bin", 10, 250, fh) == bytes([250, 251, 252, 253, 254, 255, 0, 1, 2, 3])
+        assert ops.read("/a/x.bin", 10, 1024, fh) == b""
+    finally:
+        ops.release("/a/x.bin", fh)
+
+
+def test_small_file_rate_reads_every_file_one_at_a_time_and_threaded(tmp_path):
+    paths = []
+    for i in range(4):
+        paths.append(str(tmp_path / f"{i}.bin"))
+        (tmp_path / f"{i}.bin").write_bytes(b"x" * 100)
+    assert latency_fs.small_file_rate(paths, 1) > 0 and latency_fs.small_file_rate(paths, 3) > 0
+    with pytest.raises(FileNotFoundError):
+        latency_fs.small_file_rate([*paths, str(tmp_path / "missing")], 3)
+
+
+# ------------------------------------------------------------------ the report
+def test_table_gives_each_latency_as_a_share_of_its_row_at_zero():
+    rows = {("rotnet shards", "full"): {"in_flight": 16, "local disk": 1200.0, "+0 ms": 1000.0,
+                                        "+2 ms": 930.4, "+5 ms": "failed"},
+            ("rotnet folder", "reader"): {"in_flight": 1, "local disk": None, "+0 ms": None, "+2 ms": None}}
+    text = storage.table(rows, ["local disk", "+0 ms", "+2 ms", "+5 ms"])
+    lines = text.splitlines()
+    assert lines[0] == "| reader | mode | reads in flight | local disk | +0 ms | +2 ms | +5 ms |"
+    assert lines[2] == ("| rotnet shards | full pipeline, original img/s | 16 | 1,200 | 1,000 | 930 (93%) "
+                        "| failed |")
+    assert lines[3] == "| rotnet folder | reader-only, samples/s | 1 | n/a | n/a | n/a | n/a |"
+
+
+def test_cost_table_compares_the_mount_with_the_disk():
+    cost = {"local disk": {"one at a time": 4000.0, "32 threads": 8000.0},
+            "mount +0 ms": {"one at a time": 1000.0, "32 threads": 2000.0}}
+    lines = storage.cost_table(cost).splitlines()
+    assert lines[2] == "| one at a time | 4,000 | 1,000 | 0.25 |"
+    assert lines[3] == "| 32 threads | 8,000 | 2,000 | 0.25 |"
+
+
+def test_measure_skips_the_warmup_counts_samples_and_closes_the_reader():
+    closed = []
+
+    def steps(n):
+        try:
+            yield from [8] * n
+        finally:
+            closed.append(True)
+
+    args = type("A", (), {"warmup": 2, "seconds": 60.0})()
+    assert storage.measure(steps(0), args) is None       # a reader without that mode: n/a
+    with pytest.raises(RuntimeError, match="stopped"):    # read-ahead samples must not become a rate
+        storage.measure(steps(5), args)
+    assert closed == [True, True]
+    args.seconds = 1e-9
+    assert storage.measure(steps(3), args) > 0 and len(closed) == 3   # 2 warm-up steps, 1 timed
+
+
+def test_rotnet_reader_only_rows_use_the_loaders_read_only_batches(monkeypatch, tmp_path):
+    import numpy as np
+
+    import pipelines
+
+    class Feed:   # what the DALI loader offers: per step, the encoded samples of that step
+        reads_in_flight = 16
+
+        def read_only_batches(self, epoch):
+            yield [np.zeros(3, np.uint8)] * 4
+            yield [np.zeros(3, np.uint8)] * 2
+
+    built = []
+    monkeypatch.setattr(pipelines, "build_rotation_loader",
+                        lambda cfg, split_dir, **kw: built.append(cfg) or Feed())
+    args = storage.parse_args(["--pool", str(tmp_path), "--quick"])
+    info = {}
+    steps = storage.rotnet_steps(args, str(tmp_path), "shards", "reader", info)
+    assert [next(steps) for _ in range(4)] == [4, 2, 4, 2] and info["in_flight"] == 16
+    assert built[0].data.format == "shards" and built[0].loader.num_threads == 2
+    monkeypatch.setattr(pipelines, "build_rotation_loader", lambda cfg, split_dir, **kw: object())
+    info = {}
+    assert storage.measure(storage.rotnet_steps(args, str(tmp_path), "folder", "reader", info), args) is None
+    assert info["in_flight"] == 1      # a loader without read_only_batches: n/a, one read at a time
+
+
+# ------------------------------------------------------------------ the mount (slow, needs FUSE)
+def _fuse_missing() -> str:
+    if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
+        return "no /dev/fuse or fusermount3"
+    try:
+        import mfusepy  # noqa: F401
+    except (ImportError, OSError):
+        return "no mfusepy (bash benchmarks/setup_storage.sh)"
+    return ""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(_fuse_missing()), reason=_fuse_missing() or "FUSE available")
+def test_mount_serves_the_same_bytes_and_is_gone_after_an_error(tmp_path):
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    (src / "c").mkdir(parents=True)
+    data = os.urandom(300_000)
+    (src / "c" / "x.bin").write_bytes(data)
+    mnt.mkdir()
+    with pytest.raises(RuntimeError, match="inside"):
+        with latency_fs.mounted(str(src), str(mnt), latency_fs.LinkSettings(latency_ms=1.0)):
+            assert os.path.ismount(mnt)
+            assert (mnt / "c" / "x.bin").read_bytes() == data
+            with open(mnt / "c" / "x.bin", "rb") as f:     # no page cache: both reads reach the server
+                assert os.pread(f.fileno(), 10, 5) == os.pread(f.fileno(), 10, 5) == data[5:15]
+            with pytest.raises(OSError):
+                open(mnt / "c" / "new", "wb")
+            raise RuntimeError("inside")
+    assert not os.path.ismount(mnt) and os.listdir(mnt) == []
