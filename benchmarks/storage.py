@@ -14,7 +14,7 @@ readdir, for each L of --latencies (one fresh mount per L). Rows, each reader-on
 handed over, nothing decoded: samples/s) and full pipeline (decode, random-resized crop --crop,
 flip, the 4 rotations, uint8 out: original images/s):
   rotnet folder / shards    pipelines.build_rotation_loader (DALI on the CPU, --threads threads);
-                            reader-only is the loader's `read_only_batches(epoch)`, 'n/a' without it
+                            reader-only is the loader's `read_only_batches(epoch)`
   DALI readers.file         DALI's folder reader, random_shuffle, the same DALI graph in full
   DALI readers.webdataset   DALI's tar reader on rotnet's shards and their wds2idx indexes
                             (both with dont_use_mmap, as DALI advises for network storage: a file
@@ -24,7 +24,7 @@ flip, the 4 rotations, uint8 out: original images/s):
                             buffer per worker (filled in the warm-up), PIL decode + torchvision
                             RRC + flip + rot90, --workers workers
 Reads in flight, per row: what the reader keeps outstanding at once (rotnet: its loader's
-`reads_in_flight`, else 1; a DALI reader: 1, its one reader thread reads a file or member at a time;
+`reads_in_flight`; a DALI reader: 1, its one reader thread reads a file or member at a time;
 webdataset: one stream per worker). Each figure: --warmup steps, then steps for --seconds; the
 batches a loader has queued by then (prefetch x batch, per worker) count too, so keep --seconds long.
 The mount's own cost: small files (open + read + close) per second, one at a time and from
@@ -58,6 +58,7 @@ from pipelines.listing import list_images  # noqa: E402
 from pipelines.sample_data import cache_root  # noqa: E402
 from rotnet.checkpoint import git_commit  # noqa: E402
 from rotnet.cli import ArgumentParser, InputError, fail  # noqa: E402
+from rotnet.config import LoaderConfig  # noqa: E402
 
 HEADING = "## Cluster storage (benchmarks/storage.py)"
 INTRO = ("Each block: one run of `python benchmarks/storage.py`: rotnet's loaders and their peers on "
@@ -131,12 +132,11 @@ def rotnet_steps(args, split_dir: str, fmt: str, mode: str, info: dict):
 
     cfg = load_config(None, ["loader.backend=dali", "data.recipe=imagenet", f"data.format={fmt}",
                              f"data.crop_size={args.crop}", f"loader.num_threads={args.threads}",
-                             f"loader.prefetch={args.prefetch}"])
+                             f"loader.prefetch={args.prefetch}",
+                             f"loader.reads_in_flight={args.reads_in_flight}"])
     loader = build_rotation_loader(cfg, split_dir, batch_size=args.batch, rank=0, world_size=1,
                                    local_rank=0, device="cpu", train=True, seed=0)
-    info["in_flight"] = getattr(loader, "reads_in_flight", 1)
-    if mode == "reader" and not hasattr(loader, "read_only_batches"):
-        return   # the loader has no reader-only path (yet): the row says n/a
+    info["in_flight"] = cfg.loader.reads_in_flight
     for epoch in itertools.count():
         if mode == "reader":
             for batch in loader.read_only_batches(epoch):
@@ -369,6 +369,8 @@ def get_parser():
     ap.add_argument("--workers", type=int, default=2,
                     help="DataLoader workers (webdataset), encoding processes")
     ap.add_argument("--prefetch", type=int, default=2, help="batches queued ahead")
+    ap.add_argument("--reads-in-flight", type=int, default=LoaderConfig.reads_in_flight,
+                    help="rotnet rows: loader.reads_in_flight (reads kept outstanding per rank)")
     ap.add_argument("--cost-files", type=int, default=2000,
                     help="small files read for the mount's own cost")
     ap.add_argument("--cost-threads", type=int, default=32,

@@ -134,8 +134,6 @@ def test_rotnet_reader_only_rows_use_the_loaders_read_only_batches(monkeypatch, 
     import pipelines
 
     class Feed:   # what the DALI loader offers: per step, the encoded samples of that step
-        reads_in_flight = 16
-
         def read_only_batches(self, epoch):
             yield [np.zeros(3, np.uint8)] * 4
             yield [np.zeros(3, np.uint8)] * 2
@@ -146,12 +144,9 @@ def test_rotnet_reader_only_rows_use_the_loaders_read_only_batches(monkeypatch, 
     args = storage.parse_args(["--pool", str(tmp_path), "--quick"])
     info = {}
     steps = storage.rotnet_steps(args, str(tmp_path), "shards", "reader", info)
-    assert [next(steps) for _ in range(4)] == [4, 2, 4, 2] and info["in_flight"] == 16
+    assert [next(steps) for _ in range(4)] == [4, 2, 4, 2] and info["in_flight"] == args.reads_in_flight
     assert built[0].data.format == "shards" and built[0].loader.num_threads == 2
-    monkeypatch.setattr(pipelines, "build_rotation_loader", lambda cfg, split_dir, **kw: object())
-    info = {}
-    assert storage.measure(storage.rotnet_steps(args, str(tmp_path), "folder", "reader", info), args) is None
-    assert info["in_flight"] == 1      # a loader without read_only_batches: n/a, one read at a time
+    assert built[0].loader.reads_in_flight == args.reads_in_flight
 
 
 # ------------------------------------------------------------------ the mount (slow, needs FUSE)
