@@ -167,11 +167,9 @@ def _cfg(**optim):
     ({"global_batch_size": 192, "batch_size_per_gpu": 24}, 8, (192, 24)),  # both agree (resolved)
 ])
 def test_resolve_batch(optim, world, expected):
-    cfg = _cfg(**optim)
-    resolve_batch(cfg, world)
+    cfg = resolve_batch(_cfg(**optim), world)
     assert (cfg.optim.global_batch_size, cfg.optim.batch_size_per_gpu) == expected
-    resolve_batch(cfg, world)                                             # idempotent
-    assert (cfg.optim.global_batch_size, cfg.optim.batch_size_per_gpu) == expected
+    assert resolve_batch(cfg, world) == cfg                               # a resolved batch stays
 
 
 @pytest.mark.parametrize("optim,world,message", [
@@ -185,22 +183,3 @@ def test_resolve_batch(optim, world, expected):
 def test_resolve_batch_refuses(optim, world, message):
     with pytest.raises(ConfigError, match=message):
         resolve_batch(_cfg(**optim), world)
-
-
-def test_build_run_derives_the_per_gpu_batch_and_keeps_the_lr(monkeypatch):
-    """build_run (train.py and the benchmarks) on 2 ranks: global 192 -> 96 per GPU, the paper's lr
-    unscaled; with optim.scale_lr the scale follows the global batch."""
-    import torch
-
-    import rotnet.run
-    from rotnet.distributed import DistInfo
-
-    monkeypatch.setattr(rotnet.run, "place", lambda raw, info, channels_last: raw)   # no process group
-    two = DistInfo(rank=0, world_size=2, device=torch.device("cpu"))
-    cfg = load_config("configs/imagenet_alexnet.yaml", ["model.width=0.25", "data.crop_size=64"])
-    run = rotnet.run.build_run(cfg, two, logger=None)
-    assert (cfg.optim.global_batch_size, cfg.optim.batch_size_per_gpu) == (192, 96)
-    assert run.schedule(0) == pytest.approx(0.01) and run.schedule.scale == 1.0
-    scaled = load_config(None, ["optim.batch_size_per_gpu=64", "optim.scale_lr=true", "optim.ref_batch=256",
-                                "model.width=0.25", "data.crop_size=64"])
-    assert rotnet.run.build_run(scaled, two, logger=None).schedule.scale == 0.5   # 128 / 256
