@@ -18,7 +18,6 @@ import argparse
 import time
 from pathlib import Path
 
-from launch.resolve import with_data_root
 from models import build_model
 from pipelines import class_labels_missing
 from probes.config_layering import DEFAULT_CONFIG, resolve_config
@@ -35,6 +34,7 @@ from rotnet.distributed import DistInfo, barrier, cleanup, init_distributed
 from rotnet.precision import resolve_precision
 from rotnet.progress import log, setup_logging
 from rotnet.schedule import stretch_schedule
+from run_builder import with_data_root
 
 
 def get_args(argv=None) -> argparse.Namespace:

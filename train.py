@@ -24,8 +24,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from launch.resolve import resolve
-from launch.run import Run, build_run
 from pipelines import build_rotation_loader, class_labels_missing
 from probes.knn import KnnMonitor
 from rotnet.checkpoint import check_compatible, find_checkpoint, git_commit, load_checkpoint, save_checkpoint
@@ -37,6 +35,7 @@ from rotnet.precision import autocast
 from rotnet.preemption import REQUEUE_EXIT_CODE, Preempted
 from rotnet.progress import RunLogger, log, setup_logging
 from rotnet.schedule import due_after
+from run_builder import Run, build_run, resolve
 
 # A checkpoint is refused (with the differences listed) when these differ from the run's config.
 ARCH_KEYS = ("model.arch", "model.width", "model.num_blocks", "data.rotations", "data.crop_size")

@@ -36,14 +36,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import train  # noqa: E402  (train.py: the step being checked)
-from launch.resolve import resolve  # noqa: E402
-from launch.run import Run, build_run  # noqa: E402
 from pipelines import build_rotation_loader  # noqa: E402
 from rotnet.config import load_config, override  # noqa: E402
 from rotnet.distributed import DistInfo  # noqa: E402
 from rotnet.epoch_log import EpochLog  # noqa: E402
 from rotnet.preemption import StopFlag  # noqa: E402
 from rotnet.progress import RunLogger  # noqa: E402
+from run_builder import (  # noqa: E402
+    Run,
+    build_run,
+    resolve,  # noqa: E402
+)
 
 
 class SyncWatch:

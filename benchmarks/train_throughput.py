@@ -7,7 +7,7 @@ r"""Training throughput: steps/s and original images/s, real input pipeline vs s
         optim.batch_size_per_gpu=64
 
 Each case is a config trained for --warmup + --steps steps with train.py's own run and step
-(`launch.run.build_run`: model, channels_last, compile, fused SGD, scaled lr; then
+(`run_builder.build_run`: model, channels_last, compile, fused SGD, scaled lr; then
 `train.train_one_epoch`: prepare_batch, autocast, SGD, the per-window device sync), twice:
   real       batches from pipelines.build_rotation_loader (decode, crop, rotations: the pipeline)
   synthetic  one batch of the pipeline's output kept on the device and replayed (no input cost)
@@ -38,14 +38,17 @@ sys.path.insert(0, str(REPO))
 
 import train  # noqa: E402  (train.py: the step being measured)
 from benchmarks.report import append_block, machine  # noqa: E402
-from launch.resolve import resolve  # noqa: E402
-from launch.run import Run, build_run  # noqa: E402
 from pipelines import build_rotation_loader  # noqa: E402
 from pipelines.normalize import normalize_in_graph  # noqa: E402
 from pipelines.rotations import rotation_labels  # noqa: E402
 from rotnet.checkpoint import git_commit  # noqa: E402
 from rotnet.config import load_config, override  # noqa: E402
 from rotnet.distributed import DistInfo  # noqa: E402
+from run_builder import (  # noqa: E402
+    Run,
+    build_run,
+    resolve,  # noqa: E402
+)
 
 HEADING = "## Training throughput (benchmarks/train_throughput.py)"
 # name: (config on cuda, config on cpu (None: cuda only), the --*-data flag that gives its root (None:

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from launch.run import batch_preparer
 from pipelines import build_class_loader
 from probes.heads import build_probe
 from probes.protocol import ProbeProtocol, Protocol
@@ -26,6 +25,7 @@ from rotnet.distributed import all_reduce_sum, barrier, place
 from rotnet.precision import autocast
 from rotnet.progress import RunLogger, log
 from rotnet.schedule import StepSchedule, build_optimizer
+from run_builder import batch_preparer
 
 
 def freeze(trunk: nn.Module) -> None:

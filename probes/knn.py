@@ -20,7 +20,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from launch.run import batch_preparer
 from probes.engine import class_loaders, eval_mode, freeze, percentages, topk_correct
 from probes.heads import grid_pool, pool_grid
 from probes.protocol import KnnProtocol
@@ -30,6 +29,7 @@ from rotnet.distributed import DistInfo, all_reduce_sum
 from rotnet.precision import autocast
 from rotnet.progress import log
 from rotnet.schedule import due_after
+from run_builder import batch_preparer
 
 KNN_HEAD = "knn"        # eval.py --head knn
 KNN_K = 20              # DINO's defaults
@@ -186,7 +186,7 @@ class KnnMonitor:
         if bad:
             raise ConfigError(f"train.monitor_layers: unknown layer(s) {', '.join(bad)} for {trunk.arch}; "
                               f"valid: {', '.join(trunk.layer_names)}")
-        # train.precision is resolved by now (launch.resolve.resolve)
+        # train.precision is resolved by now (run_builder.resolve)
         self.p = KnnProtocol(head=KNN_HEAD, layers=layers, batch_size=cfg.optim.batch_size_per_gpu,
                              precision=t.precision, seed=t.seed, labels_per_class=t.monitor_bank_per_class,
                              info=info, cfg=cfg, k=KNN_K, t=KNN_T, pool="avg")

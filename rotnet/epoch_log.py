@@ -15,7 +15,7 @@ from rotnet.distributed import all_reduce_sum
 
 
 class EpochLog:
-    """One epoch's window and sums for `run` (launch.run.Run); `close_window` logs each window to
+    """One epoch's window and sums for `run` (run_builder.Run); `close_window` logs each window to
     run.logger. `steps`: the epoch's length."""
 
     def __init__(self, run, epoch: int, steps: int):

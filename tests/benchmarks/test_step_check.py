@@ -8,12 +8,11 @@ import pytest
 import torch
 
 from benchmarks import step_check
-from launch.resolve import resolve
-from launch.run import build_run
 from pipelines import build_rotation_loader
 from rotnet.config import load_config
 from rotnet.distributed import DistInfo
 from rotnet.progress import RunLogger
+from run_builder import build_run, resolve
 from tests.pipelines.images import make_folder
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,13 +1,13 @@
-"""launch.resolve and launch.run: the config resolved once (batch, precision, sample-data root), then
-the run built from it."""
+"""run_builder: the config resolved once (batch, precision, sample-data root), then the run built
+from it."""
 import pytest
 import torch
 
-import launch.run
 import rotnet.precision
-from launch.resolve import resolve, with_data_root
+import run_builder
 from rotnet.config import ConfigError, load_config
 from rotnet.distributed import DistInfo
+from run_builder import resolve, with_data_root
 
 CPU = torch.device("cpu")
 
@@ -15,16 +15,16 @@ CPU = torch.device("cpu")
 def test_build_run_derives_the_per_gpu_batch_and_keeps_the_lr(monkeypatch):
     """resolve + build_run (train.py and the benchmarks) on 2 ranks: global 192 -> 96 per GPU, the
     paper's lr unscaled; with optim.scale_lr the scale follows the global batch."""
-    monkeypatch.setattr(launch.run, "place", lambda raw, info, channels_last: raw)   # no process group
+    monkeypatch.setattr(run_builder, "place", lambda raw, info, channels_last: raw)   # no process group
     two = DistInfo(rank=0, world_size=2, device=CPU)
     cfg = load_config("configs/imagenet_alexnet.yaml", ["model.width=0.25", "data.crop_size=64"])
     cfg = resolve(cfg, two)
-    run = launch.run.build_run(cfg, two, logger=None)
+    run = run_builder.build_run(cfg, two, logger=None)
     assert (cfg.optim.global_batch_size, cfg.optim.batch_size_per_gpu) == (192, 96)
     assert run.schedule(0) == pytest.approx(0.01) and run.schedule.scale == 1.0
     scaled = load_config(None, ["optim.batch_size_per_gpu=64", "optim.scale_lr=true", "optim.ref_batch=256",
                                 "model.width=0.25", "data.crop_size=64", "data.root=unused"])
-    assert launch.run.build_run(resolve(scaled, two), two, logger=None).schedule.scale == 0.5   # 128 / 256
+    assert run_builder.build_run(resolve(scaled, two), two, logger=None).schedule.scale == 0.5   # 128 / 256
 
 
 def test_resolve_returns_a_new_config_without_auto(monkeypatch):
@@ -34,9 +34,9 @@ def test_resolve_returns_a_new_config_without_auto(monkeypatch):
     cfg = load_config("configs/sample.yaml", ["model.width=0.25", "train.precision=auto", "data.root=x"])
     resolved = resolve(cfg, DistInfo(device=CPU))
     assert resolved.train.precision == "fp32" and cfg.train.precision == "auto"
-    assert not launch.run.build_run(resolved, DistInfo(device=CPU), logger=None).scaler.is_enabled()
+    assert not run_builder.build_run(resolved, DistInfo(device=CPU), logger=None).scaler.is_enabled()
     with pytest.raises(ValueError, match="resolved config"):
-        launch.run.build_run(cfg, DistInfo(device=CPU), logger=None)
+        run_builder.build_run(cfg, DistInfo(device=CPU), logger=None)
 
 
 def test_resolve_refuses_missing_splits_and_sync_bn_on_cpu(tmp_path):
@@ -58,11 +58,11 @@ def test_batch_preparer_keeps_float16_under_autocast_and_casts_for_fp32(monkeypa
                       ["model.width=0.25", "train.channels_last=true", "train.precision=auto", "data.root=x"])
     x16 = torch.randn(2, 8, 8, 3, dtype=torch.float16).permute(0, 3, 1, 2)   # the graph's NHWC memory
     for precision in ("bf16", "fp16"):
-        out = launch.run.batch_preparer(cfg, precision)(x16)
+        out = run_builder.batch_preparer(cfg, precision)(x16)
         assert out.dtype == torch.float16 and out.data_ptr() == x16.data_ptr()   # no copy at all
-    run = launch.run.build_run(resolve(cfg, DistInfo(device=CPU)), DistInfo(device=CPU), logger=None)
+    run = run_builder.build_run(resolve(cfg, DistInfo(device=CPU)), DistInfo(device=CPU), logger=None)
     assert run.prepare(x16).dtype == torch.float16
-    out = launch.run.batch_preparer(cfg, "fp32")(x16)
+    out = run_builder.batch_preparer(cfg, "fp32")(x16)
     assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
     u8 = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
-    assert all(launch.run.batch_preparer(cfg, p)(u8).dtype == torch.float32 for p in ("bf16", "fp32"))
+    assert all(run_builder.batch_preparer(cfg, p)(u8).dtype == torch.float32 for p in ("bf16", "fp32"))
