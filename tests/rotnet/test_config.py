@@ -1,4 +1,6 @@
-"""Config loading: YAML into dataclasses, dotted overrides, strict keys and types."""
+"""Config loading: YAML into frozen dataclasses, dotted overrides, strict keys and types."""
+import dataclasses
+
 import pytest
 
 from rotnet.config import (
@@ -8,9 +10,23 @@ from rotnet.config import (
     config_to_dict,
     load_config,
     migrate,
+    override,
     resolve_batch,
     save_config,
 )
+
+
+def test_a_config_is_frozen_and_override_makes_a_checked_copy():
+    cfg = load_config(None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.max_steps = 5
+    new = override(cfg, {"train.max_steps": 5, "data.rotations": [0, 180]})
+    assert (new.train.max_steps, new.data.rotations) == (5, [0, 180])
+    assert (cfg.train.max_steps, cfg.data.rotations) == (0, [0, 90, 180, 270])
+    with pytest.raises(ConfigError, match=r"unknown key train\.max_step=5; did you mean train\.max_steps"):
+        override(cfg, {"train.max_step": 5})
+    with pytest.raises(ConfigError, match=r"train\.max_steps: expected int, got str"):
+        override(cfg, {"train.max_steps": "5"})
 
 
 def test_defaults_and_sample_config_load():
