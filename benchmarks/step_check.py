@@ -42,11 +42,7 @@ from rotnet.distributed import DistInfo  # noqa: E402
 from rotnet.epoch_log import EpochLog  # noqa: E402
 from rotnet.preemption import StopFlag  # noqa: E402
 from rotnet.progress import RunLogger  # noqa: E402
-from run_builder import (  # noqa: E402
-    Run,
-    build_run,
-    resolve,  # noqa: E402
-)
+from run_builder import Run, build_run, resolve  # noqa: E402
 
 
 class SyncWatch:

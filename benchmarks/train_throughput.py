@@ -44,11 +44,7 @@ from pipelines.rotations import rotation_labels  # noqa: E402
 from rotnet.checkpoint import git_commit  # noqa: E402
 from rotnet.config import load_config, override  # noqa: E402
 from rotnet.distributed import DistInfo  # noqa: E402
-from run_builder import (  # noqa: E402
-    Run,
-    build_run,
-    resolve,  # noqa: E402
-)
+from run_builder import Run, build_run, resolve  # noqa: E402
 
 HEADING = "## Training throughput (benchmarks/train_throughput.py)"
 # name: (config on cuda, config on cpu (None: cuda only), the --*-data flag that gives its root (None:

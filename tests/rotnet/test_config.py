@@ -91,15 +91,15 @@ def test_every_shipped_config_loads(path):
 # ------------------------------------------------------------------ enums, hints, global batch
 
 def test_enum_fields_name_key_value_and_choices():
-    for override, choices in [("loader.backend=foo", "auto, dali, torch"),
-                              ("train.precision=fp8", "auto, bf16"), ("data.recipe=coco", "imagenet, cifar"),
-                              ("loader.normalize=x", "auto, graph, trainer"),
-                              ("data.rotation_mode=two", "all, one_random"),
-                              ("model.arch=vgg", "alexnet, resnet18"),
-                              ("probe.head=svm", "linear, mlp, conv")]:
-        key, value = override.split("=")
+    for dotted, choices in [("loader.backend=foo", "auto, dali, torch"),
+                            ("train.precision=fp8", "auto, bf16"), ("data.recipe=coco", "imagenet, cifar"),
+                            ("loader.normalize=x", "auto, graph, trainer"),
+                            ("data.rotation_mode=two", "all, one_random"),
+                            ("model.arch=vgg", "alexnet, resnet18"),
+                            ("probe.head=svm", "linear, mlp, conv")]:
+        key, value = dotted.split("=")
         with pytest.raises(ConfigError, match=rf"{key}='{value}': expected one of {choices}"):
-            load_config(None, [override])
+            load_config(None, [dotted])
 
 
 def test_literal_choices_match_what_the_code_accepts():
