@@ -20,26 +20,22 @@ from pathlib import Path
 
 from models import build_model
 from pipelines import class_labels_missing
+from probes.config_layering import DEFAULT_CONFIG, resolve_config
 from probes.engine import fit_probes
-from probes.heads import HEADS
+from probes.heads import HEADS, parse_layers
 from probes.knn import KNN_HEAD, KNN_K, KNN_T, POOLS, knn_probe
+from probes.protocol import KnnProtocol, ProbeProtocol, Protocol
 from probes.report import write_reports
 from probes.resume import load_state
-from probes.settings import (
-    DEFAULT_CONFIG,
-    KnnProtocol,
-    ProbeProtocol,
-    parse_layers,
-    resolve_config,
-    stretch_schedule,
-)
 from rotnet.checkpoint import git_commit, settings_line
 from rotnet.cli import ArgumentParser, InputError, UsageError, fail
 from rotnet.config import Config
 from rotnet.distributed import DistInfo, barrier, cleanup, init_distributed
+from rotnet.precision import resolve_precision
 from rotnet.progress import log, setup_logging
-from rotnet.run import data_root, resolve_precision
+from rotnet.schedule import stretch_schedule
 from rotnet.trackers import TRACKER_NAMES, EvalTable, log_eval, require
+from run_builder import with_data_root
 
 
 def get_args(argv=None) -> argparse.Namespace:
@@ -99,23 +95,25 @@ def get_args(argv=None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
-def probe_protocol(args: argparse.Namespace, shared: dict, out: Path,
-                   sources: dict[str, str]) -> ProbeProtocol:
-    """Trained probes; a mismatching resume state of any trunk is refused now, not after the first's hours."""
-    cfg = shared["cfg"]
+def protocol(args: argparse.Namespace, cfg: Config, head: str, layers: list[str], seed: int, info: DistInfo,
+             out: Path, sources: dict[str, str]) -> Protocol:
+    """--head knn: KnnProtocol; else ProbeProtocol, whose mismatching resume state of any trunk is
+    refused now, not after the first trunk's hours."""
+    batch_size = args.batch_size or cfg.probe.batch_size_per_gpu
+    precision = resolve_precision(args.precision, info.device)
+    if head == KNN_HEAD:
+        if args.finetune:
+            raise UsageError("--head knn scores frozen features and trains nothing; drop --finetune")
+        return KnnProtocol(head, layers, batch_size, precision, seed, args.labels_per_class, info, cfg,
+                           k=args.knn_k, t=args.knn_t, pool=args.knn_pool)
     epochs = cfg.probe.epochs if args.epochs is None else args.epochs
-    p = ProbeProtocol(**shared, epochs=epochs, schedule=stretch_schedule(cfg.probe.schedule, cfg.probe.epochs,
-                                                                          epochs, args.lr),
+    p = ProbeProtocol(head, layers, batch_size, precision, seed, args.labels_per_class, info, cfg,
+                      epochs=epochs, schedule=stretch_schedule(cfg.probe.schedule, cfg.probe.epochs, epochs,
+                                                               args.lr),
                       finetune=args.finetune, val_every=args.val_every, out=out)
     for kind, source in sources.items():
         load_state(out / f"probe_state_{kind}.pt", p.signature(kind, source))
     return p
-
-
-def knn_protocol(args: argparse.Namespace, shared: dict) -> KnnProtocol:
-    if args.finetune:
-        raise UsageError("--head knn scores frozen features and trains nothing; drop --finetune")
-    return KnnProtocol(**shared, k=args.knn_k, t=args.knn_t, pool=args.knn_pool)
 
 
 def output_dir(args: argparse.Namespace, head: str, cfg: Config, ckpt_path: Path | None) -> Path:
@@ -157,18 +155,14 @@ def run(args: argparse.Namespace, info: DistInfo) -> None:
         trunks["random"] = build_model(trained, seed).trunk
     sources = {kind: str(ckpt_path) if kind == "pretrained" else f"random:{seed}" for kind in trunks}
     out = output_dir(args, head, cfg, ckpt_path)
-    shared = dict(head=head, layers=parse_layers(args.layer, next(iter(trunks.values())), head),
-                  batch_size=args.batch_size or cfg.probe.batch_size_per_gpu,
-                  precision=resolve_precision(args.precision, info.device), seed=seed,
-                  labels_per_class=args.labels_per_class, info=info, cfg=cfg)
+    layers = parse_layers(args.layer, next(iter(trunks.values())), head)
     # data.root "" becomes the sample data here, before the resume signature reads it
-    root = data_root(cfg, require=(cfg.data.train_dir, cfg.data.val_dir))
-    if unlabelled := class_labels_missing(cfg.data, str(root / cfg.data.val_dir)):   # ImageNet's flat val/
+    cfg = with_data_root(cfg, require=(cfg.data.train_dir, cfg.data.val_dir))
+    val_dir = str(Path(cfg.data.root) / cfg.data.val_dir)
+    if unlabelled := class_labels_missing(cfg.data, val_dir):   # ImageNet's flat val/
         raise UsageError(unlabelled)
-    if head == KNN_HEAD:
-        p, evaluate = knn_protocol(args, shared), knn_probe
-    else:
-        p, evaluate = probe_protocol(args, shared, out, sources), fit_probes
+    p = protocol(args, cfg, head, layers, seed, info, out, sources)
+    evaluate = knn_probe if head == KNN_HEAD else fit_probes
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
     barrier(info)

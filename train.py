@@ -30,15 +30,16 @@ from probes.knn import KnnMonitor
 from rotnet.atomic import DiskFullError
 from rotnet.checkpoint import check_compatible, find_checkpoint, git_commit, load_checkpoint, save_checkpoint
 from rotnet.cli import ArgumentParser, InputError, fail
-from rotnet.config import config_to_dict, load_config, resolve_batch, save_config
+from rotnet.config import config_to_dict, load_config, save_config
 from rotnet.distributed import all_reduce_sum, cleanup, from_rank0, init_distributed
-from rotnet.meter import DivergedError, Meter, diverged
+from rotnet.epoch_log import DivergedError, EpochLog, diverged
+from rotnet.precision import autocast
 from rotnet.preemption import REQUEUE_EXIT_CODE, Preempted
 from rotnet.progress import RunLogger, log, setup_logging
-from rotnet.run import Run, autocast, build_run, data_root
 from rotnet.runlock import FolderBusyError, hold_folder
 from rotnet.schedule import due_after
 from rotnet.trackers import open_trackers, require
+from run_builder import Run, build_run, resolve
 
 # A checkpoint is refused (with the differences listed) when these differ from the run's config.
 ARCH_KEYS = ("model.arch", "model.width", "model.num_blocks", "data.rotations", "data.crop_size")
@@ -60,16 +61,16 @@ def steps_allowed(run: Run) -> float:
 
 def train_one_epoch(run: Run, loader, epoch: int, start_step: int) -> dict:
     """Train the rest of one epoch from `start_step`; returns its stats over all ranks.
-    Raises Preempted after a stop signal. Host syncs only at logging windows (rotnet.meter)."""
+    Raises Preempted after a stop signal. Host syncs only at logging windows (rotnet.epoch_log)."""
     cfg, model = run.cfg, run.model
     model.train()
     steps = len(loader)
     last = min(steps, start_step + steps_allowed(run)) - 1   # the epoch's last step, or train.max_steps'
-    meter = Meter(run, epoch, steps)
+    epoch_log = EpochLog(run, epoch, steps)
     run.logger.start_epoch(epoch, total=steps, initial=start_step)
     i = start_step - 1          # the last step done
     for i, (images, labels) in islice(enumerate(loader, start=start_step), max(0, last + 1 - start_step)):
-        meter.batch_arrived()
+        epoch_log.batch_arrived()
         lr = run.schedule(epoch + i / steps)
         for g in run.optimizer.param_groups:
             g["lr"] = lr
@@ -84,15 +85,15 @@ def train_one_epoch(run: Run, loader, epoch: int, start_step: int) -> dict:
         run.scaler.update()
         run.step += 1
 
-        meter.add(loss, logits, labels)
+        epoch_log.add(loss, logits, labels)
         window_end = (i + 1) % cfg.train.log_every == 0 or i == last   # the epoch's last step always logs
         if window_end:
-            meter.close_window(i, lr)
+            epoch_log.close_window(i, lr)
         if run.stop.should_stop(window_end):   # on an epoch's last step the resume point is the next epoch
             raise Preempted(epoch + 1, 0) if i + 1 == steps else Preempted(epoch, i + 1)
-        meter.step_done()
+        epoch_log.step_done()
     lr = run.schedule(epoch + i / max(steps, 1))
-    return meter.epoch_stats(i, start_step, lr, complete=last == steps - 1)
+    return epoch_log.epoch_stats(i, start_step, lr, complete=last == steps - 1)
 
 
 @torch.no_grad()
@@ -234,8 +235,8 @@ def train(args: argparse.Namespace, held: ExitStack) -> None:
     cfg = load_config(args.config, args.overrides)   # bad input fails before the output folder is touched
     require(cfg.train.loggers, "train.loggers")
     info = init_distributed()
-    resolve_batch(cfg, info.world_size)   # build_run repeats it (idempotent) for the benchmarks
-    root = data_root(cfg, require=(cfg.data.train_dir,))
+    cfg = resolve(cfg, info, require=(cfg.data.train_dir,))   # the config this run carries, never changed
+    root = Path(cfg.data.root)
     out = Path(cfg.train.output_dir)
     busy = None
     if info.is_main:

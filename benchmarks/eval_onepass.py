@@ -35,11 +35,11 @@ from benchmarks.report import append_block, machine  # noqa: E402
 from models import build_model  # noqa: E402
 from probes.engine import build_probe_set  # noqa: E402
 from probes.heads import valid_layers  # noqa: E402
-from probes.settings import ProbeProtocol  # noqa: E402
+from probes.protocol import ProbeProtocol  # noqa: E402
 from rotnet.checkpoint import git_commit  # noqa: E402
 from rotnet.config import load_config  # noqa: E402
-from rotnet.distributed import DistInfo  # noqa: E402
-from rotnet.run import build_optimizer, place  # noqa: E402
+from rotnet.distributed import DistInfo, place  # noqa: E402
+from rotnet.schedule import build_optimizer  # noqa: E402
 
 HEADING = "## eval.py: one frozen pass for all probe layers (benchmarks/eval_onepass.py)"
 INTRO = "Target: `--layer all` costs at most 1.5x `--layer conv4`."

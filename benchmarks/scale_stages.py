@@ -199,15 +199,14 @@ def stage_knn(tree: str, s: dict) -> dict:
     bank, through the same knn_scores that eval.py uses."""
     from models import build_model
     from probes.knn import bank_bytes, knn_scores
-    from probes.settings import KnnProtocol
-    from rotnet.config import Config
+    from probes.protocol import KnnProtocol
+    from rotnet.config import Config, override
     from rotnet.distributed import DistInfo
 
     n = 1_281_167
     out: dict = {}
     for arch in PROBE_ARCHS:
-        cfg = Config()
-        cfg.model.arch, cfg.data.crop_size = arch, 224
+        cfg = override(Config(), {"model.arch": arch, "data.crop_size": 224})
         trunk = build_model(cfg, 0).trunk.eval()
         for pool in ("avg", "grid"):
             for world, key in ((1, "gathered"), (64, "sharded64")):

@@ -5,7 +5,7 @@
 
 1. Host syncs: --steps steps of `train.train_one_epoch` (after --warmup unchecked steps: cuDNN's
    autotuning and the first allocations happen once) must not make the host wait for the device
-   outside the logging window (rotnet.meter's close_window and epoch_stats, the stop check).
+   outside the logging window (rotnet.epoch_log's close_window and epoch_stats, the stop check).
    CUDA: torch.cuda.set_sync_debug_mode("warn") outside the window, 0 inside; each warning is
    counted with the line that caused it. CPU (nothing syncs there): the calls that would sync on
    CUDA are counted instead, outside the window and outside the loader, by the ops behind them
@@ -45,12 +45,12 @@ sys.path.insert(0, str(REPO))
 
 import train  # noqa: E402  (train.py: the step being checked)
 from pipelines import build_rotation_loader  # noqa: E402
-from rotnet.config import load_config  # noqa: E402
+from rotnet.config import load_config, override  # noqa: E402
 from rotnet.distributed import DistInfo  # noqa: E402
-from rotnet.meter import Meter  # noqa: E402
+from rotnet.epoch_log import EpochLog  # noqa: E402
 from rotnet.preemption import StopFlag  # noqa: E402
 from rotnet.progress import RunLogger  # noqa: E402
-from rotnet.run import Run, build_run, data_root  # noqa: E402
+from run_builder import Run, build_run, resolve  # noqa: E402
 
 aten = torch.ops.aten
 SYNC_OPS = {aten._local_scalar_dense.default: "_local_scalar_dense (.item/float/int/bool)",
@@ -178,7 +178,8 @@ class SyncWatch:
     def armed(self):
         """The sync debug mode (CUDA) or the counting patches (CPU) for the duration of the block."""
         with contextlib.ExitStack() as stack:
-            for cls, name in ((Meter, "close_window"), (Meter, "epoch_stats"), (StopFlag, "should_stop")):
+            watched = ((EpochLog, "close_window"), (EpochLog, "epoch_stats"), (StopFlag, "should_stop"))
+            for cls, name in watched:
                 stack.enter_context(mock.patch.object(cls, name, self.window(getattr(cls, name))))
             if self.cuda:
                 caught = stack.enter_context(warnings.catch_warnings(record=True))
@@ -217,7 +218,7 @@ def to_device(args: tuple, kwargs: dict) -> str | None:
 def run_steps(run: Run, loader, steps: int, epoch: int) -> int:
     """`steps` steps of train.train_one_epoch over whole epochs from `epoch` (the last one cut by
     train.max_steps); returns the next epoch."""
-    run.cfg.train.max_steps = run.step + steps
+    run.cfg = override(run.cfg, {"train.max_steps": run.step + steps})
     while run.step < run.cfg.train.max_steps:
         loader.set_epoch(epoch)
         train.train_one_epoch(run, loader, epoch, start_step=0)
@@ -295,10 +296,13 @@ def get_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = get_args(argv)
     cfg = load_config(REPO / args.config, args.overrides)
-    cfg.data.root = args.data or cfg.data.root
-    root = data_root(cfg, require=(cfg.data.train_dir,))
+    if args.data:
+        cfg = override(cfg, {"data.root": args.data})
     device = torch.device(args.device)
-    run = build_run(cfg, DistInfo(device=device), RunLogger(REPO, is_main=False))
+    info = DistInfo(device=device)
+    cfg = resolve(cfg, info, require=(cfg.data.train_dir,))   # as train.py resolves it
+    root = Path(cfg.data.root)
+    run = build_run(cfg, info, RunLogger(REPO, is_main=False))
     for sig in (signal.SIGTERM, signal.SIGUSR1):   # a check has nothing to save: die at once
         signal.signal(sig, signal.SIG_DFL)
     loader = build_rotation_loader(cfg, str(root / cfg.data.train_dir), train=True, rank=0, world_size=1,

@@ -7,7 +7,7 @@ r"""Training throughput: steps/s and original images/s, real input pipeline vs s
         optim.batch_size_per_gpu=64
 
 Each case is a config trained for --warmup + --steps steps with train.py's own run and step
-(`rotnet.run.build_run`: model, channels_last, compile, fused SGD, scaled lr; then
+(`run_builder.build_run`: model, channels_last, compile, fused SGD, scaled lr; then
 `train.train_one_epoch`: prepare_batch, autocast, SGD, the per-window device sync), twice:
   real       batches from pipelines.build_rotation_loader (decode, crop, rotations: the pipeline)
   synthetic  one batch of the pipeline's output kept on the device and replayed (no input cost)
@@ -42,9 +42,9 @@ from pipelines import build_rotation_loader  # noqa: E402
 from pipelines.normalize import normalize_in_graph  # noqa: E402
 from pipelines.rotations import rotation_labels  # noqa: E402
 from rotnet.checkpoint import git_commit  # noqa: E402
-from rotnet.config import load_config  # noqa: E402
+from rotnet.config import load_config, override  # noqa: E402
 from rotnet.distributed import DistInfo  # noqa: E402
-from rotnet.run import Run, build_run, data_root  # noqa: E402
+from run_builder import Run, build_run, resolve  # noqa: E402
 
 HEADING = "## Training throughput (benchmarks/train_throughput.py)"
 # name: (config on cuda, config on cpu (None: cuda only), the --*-data flag that gives its root (None:
@@ -100,7 +100,8 @@ def measure(run: Run, loader, warmup: int, steps: int, first_epoch: int = 0) -> 
     """Steps/s over `steps` steps after `warmup`, through train.train_one_epoch; epochs follow one
     another (set_epoch, a new iterator: a real cost of small data sets) until enough steps ran."""
     total = warmup + steps
-    run.cfg.train.max_steps, run.cfg.train.log_every = total, max(1, min(warmup, len(loader)))
+    log_every = max(1, min(warmup, len(loader)))
+    run.cfg = override(run.cfg, {"train.max_steps": total, "train.log_every": log_every})
     run.step, run.logger = 0, TimingLogger()
     epoch = first_epoch
     while run.step < total:
@@ -116,10 +117,13 @@ def measure(run: Run, loader, warmup: int, steps: int, first_epoch: int = 0) -> 
 
 def run_case(name: str, config: str, root: str | None, args) -> list[dict]:
     cfg = load_config(REPO / config, args.overrides)
+    if root is not None:
+        cfg = override(cfg, {"data.root": root})
     device = torch.device(args.device)
-    if root is None and cfg.data.root != "REQUIRED":   # "" = the built-in sample data
-        root = str(data_root(cfg))
-    run = build_run(cfg, DistInfo(device=device), TimingLogger())   # exactly what train.py builds
+    info = DistInfo(device=device)
+    cfg = resolve(cfg, info)   # as train.py resolves it; data.root "" = the built-in sample data
+    root = None if cfg.data.root == "REQUIRED" else cfg.data.root
+    run = build_run(cfg, info, TimingLogger())   # exactly what train.py builds
     # build_run arms train.py's graceful stop (SIGTERM/SIGUSR1 -> checkpoint into train.output_dir).
     # A benchmark has nothing to save and must not write into a real run's folder: die at once.
     for sig in (signal.SIGTERM, signal.SIGUSR1):

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from models.rotnet import MODELS, build_model
-from models.trunk import ProbeTrunk
+from models.trunk import Trunk
 from rotnet.atomic import write_bytes
 from rotnet.checkpoint import atomic_save, load_checkpoint, settings_line
 from rotnet.cli import ArgumentParser, InputError, fail
@@ -35,7 +35,7 @@ class ExportError(InputError):
 
 # ---------------------------------------------------------------------------- checkpoint -> trunk
 
-def trunk_from_checkpoint(path: str | Path) -> tuple[ProbeTrunk, Config, dict]:
+def trunk_from_checkpoint(path: str | Path) -> tuple[Trunk, Config, dict]:
     """(trunk in eval mode, its config, the raw checkpoint); refuses anything but a train.py checkpoint."""
     if str(path).endswith(".safetensors"):
         raise ExportError(f"{path} is already an export (.safetensors); pass the train.py checkpoint (.pt)")
@@ -65,7 +65,7 @@ def metadata(cfg: Config, ckpt: dict, fmt: str, source: str | Path) -> dict[str,
     }
 
 
-def check_torchvision_layout(trunk: ProbeTrunk, state: dict[str, torch.Tensor]) -> None:
+def check_torchvision_layout(trunk: Trunk, state: dict[str, torch.Tensor]) -> None:
     """Refuse, naming why, a trunk whose `state` is not torchvision's `arch()` minus the classifier."""
     if trunk.arch not in TORCHVISION_ARCHS:
         why = ("torchvision's AlexNet has no BatchNorm, biased convs and a dropout classifier"
@@ -125,7 +125,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         return f.metadata() or {}
 
 
-def load_exported(path: str | Path) -> ProbeTrunk:
+def load_exported(path: str | Path) -> Trunk:
     """Rebuild a rotnet trunk (eval mode, CPU) from any .safetensors this module wrote (any format)."""
     path = Path(path)
     if not path.is_file():

@@ -14,11 +14,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from models.trunk import ProbeTrunk, conv_bn_relu, init_weights, scale_channels
+from models.trunk import Trunk, conv_bn_relu, init_weights, scale_channels
 from rotnet.config import ConfigError, ModelConfig
 
 
-class NINTrunk(ProbeTrunk):
+class NINTrunk(Trunk):
     """RotNet NIN with `model.num_blocks` in {3, 4, 5}; any input size (`input_size` is recorded only)."""
 
     def __init__(self, model: ModelConfig, input_size: int = 32) -> None:

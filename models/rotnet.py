@@ -11,22 +11,22 @@ import torch
 from torch import nn
 
 from models.alexnet import AlexNetTrunk
-from models.heads import RotationHead
 from models.nin import NINTrunk
 from models.resnet import ResNetTrunk
-from models.trunk import ProbeTrunk
+from models.rotation_head import RotationHead
+from models.trunk import Trunk
 from rotnet.checkpoint import CheckpointError
 from rotnet.config import Config
 
 # model.arch -> trunk class, built as cls(cfg.model, input_size): x (B, 3, S, S) -> (B, out_dim)
-MODELS: dict[str, type[ProbeTrunk]] = {"alexnet": AlexNetTrunk, "resnet18": ResNetTrunk,
+MODELS: dict[str, type[Trunk]] = {"alexnet": AlexNetTrunk, "resnet18": ResNetTrunk,
                                        "resnet50": ResNetTrunk, "nin": NINTrunk}
 
 
 class RotNet(nn.Module):
     """x: (B, 3, H, W) -> rotation logits (B, K), K = number of rotations in the set."""
 
-    def __init__(self, trunk: ProbeTrunk, head: nn.Module):
+    def __init__(self, trunk: Trunk, head: nn.Module):
         super().__init__()
         self.trunk = trunk
         self.head = head

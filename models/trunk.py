@@ -19,7 +19,7 @@ from rotnet.config import ConfigError, ModelConfig
 
 
 def scale_channels(channels: int, width: float) -> int:
-    """Width-multiplied channel count: max(1, round(channels * width)); width > 0 (ProbeTrunk checks)."""
+    """Width-multiplied channel count: max(1, round(channels * width)); width > 0 (Trunk checks)."""
     return max(1, round(channels * width))
 
 
@@ -42,7 +42,7 @@ def init_weights(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-class ProbeTrunk(nn.Module):
+class Trunk(nn.Module):
     """Base class: a trunk is an ordered list of stages, each ending at a probe point.
 
     Subclasses set `layer_names`, `layer_channels`, `out_dim`, `_stage_attrs` ({probe name: attributes

@@ -24,7 +24,6 @@ Details (ordering, sharding, validation coverage, bad files): docs/pipelines.md.
 """
 from __future__ import annotations
 
-import copy
 import os
 
 import torch
@@ -104,7 +103,7 @@ def _build(cfg, split_dir, mode, *, batch_size, rank, world_size, local_rank, de
         paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
         shards = shards.subset(keep) if shards is not None else None
     device = torch.device(device)
-    spec = LoaderSpec(data=copy.deepcopy(data), loader=copy.deepcopy(how), mode=mode,
+    spec = LoaderSpec(data=data, loader=how, mode=mode,
                       rotations=tuple(rotations), batch_size=batch_size, rank=rank, world_size=world_size,
                       local_rank=local_rank, device=device, train=train, seed=seed,
                       normalize=normalize_in_graph(how.normalize, device), split_dir=split_dir,

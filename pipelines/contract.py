@@ -39,8 +39,8 @@ def derive_seed(seed: int, *parts) -> int:
 class LoaderSpec:
     """One loader's job, fixed when it is built."""
 
-    data: object                 # private copies of the DataConfig (recipe, sizes, rotations) and
-    loader: object               # of the LoaderConfig (threads, prefetch, DALI knobs)
+    data: object                 # the frozen DataConfig (recipe, sizes, rotations) and
+    loader: object               # LoaderConfig (threads, prefetch, DALI knobs)
     mode: str                    # "all" | "one_random" (rotation loaders) | "class" (class loaders)
     rotations: tuple[int, ...]   # degrees, validated (pipelines.rotations.check_rotations)
     batch_size: int              # originals per step (N)

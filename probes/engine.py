@@ -18,12 +18,14 @@ from torch import Tensor, nn
 
 from pipelines import build_class_loader
 from probes.heads import build_probe
+from probes.protocol import ProbeProtocol, Protocol
 from probes.resume import load_state, restore_state, save_state
-from probes.settings import ProbeProtocol, Protocol, UsageError
-from rotnet.distributed import all_reduce_sum, barrier
+from rotnet.cli import UsageError
+from rotnet.distributed import all_reduce_sum, barrier, place
+from rotnet.precision import autocast
 from rotnet.progress import RunLogger, log
-from rotnet.run import autocast, batch_preparer, build_optimizer, place
-from rotnet.schedule import StepSchedule
+from rotnet.schedule import StepSchedule, build_optimizer
+from run_builder import batch_preparer
 
 
 def freeze(trunk: nn.Module) -> None:

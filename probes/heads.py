@@ -1,7 +1,8 @@
 """Probe heads on one frozen trunk layer: (B, C, h, w) -> logits (B, num_classes); docs/eval.md.
 
 linear (Table 5, `LinearProbe`), mlp (Table 4 `AlexNetNonLinearProbe` for AlexNet conv4/conv5, the
-CIFAR `MLPProbe` elsewhere), conv (Table 3, `ConvProbe`).
+CIFAR `MLPProbe` elsewhere), conv (Table 3, `ConvProbe`). `parse_layers` reads eval.py --layer against
+`valid_layers`.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 
 from models.alexnet import alexnet_fc_block
 from models.trunk import conv_bn_relu
+from rotnet.cli import UsageError
 
 HEADS = ("linear", "mlp", "conv")
 TARGET_DIMS = 9000          # linear-probe input size of the paper (Table 5: ~9k dims per layer)
@@ -146,3 +148,17 @@ def build_probe(head: str, trunk: nn.Module, layer: str, feat_shape: tuple[int, 
     if trunk.arch == "alexnet":
         return AlexNetNonLinearProbe(trunk, layer, feat_shape, num_classes)
     return MLPProbe(c, (h, w) if c * h * w <= MLP_FLATTEN_MAX else pool_grid(c, h, w), num_classes)
+
+
+def parse_layers(text: str, trunk, head: str) -> list[str]:
+    """'conv4' | 'conv2,conv4' | 'all' -> validated layers, shallow to deep, no duplicates."""
+    valid = valid_layers(head, trunk)
+    if text.strip() == "all":
+        return valid
+    wanted = [name.strip() for name in text.split(",") if name.strip()]
+    bad = [name for name in wanted if name not in valid]
+    if bad or not wanted:
+        where = f"--head {head} on {trunk.arch}" if valid != list(trunk.layer_names) else trunk.arch
+        raise UsageError(f"--layer {text!r}: unknown layer(s) {', '.join(bad) or '(none given)'} for "
+                         f"{where}; valid choices: {', '.join(valid)} or all")
+    return sorted(set(wanted), key=valid.index)

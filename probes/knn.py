@@ -22,12 +22,14 @@ from torch import Tensor, nn
 
 from probes.engine import class_loaders, eval_mode, freeze, percentages, topk_correct
 from probes.heads import grid_pool, pool_grid
-from probes.settings import KnnProtocol, UsageError
+from probes.protocol import KnnProtocol
+from rotnet.cli import UsageError
 from rotnet.config import ConfigError
 from rotnet.distributed import DistInfo, all_reduce_sum
+from rotnet.precision import autocast
 from rotnet.progress import log
-from rotnet.run import autocast, batch_preparer
 from rotnet.schedule import due_after
+from run_builder import batch_preparer
 
 KNN_HEAD = "knn"        # eval.py --head knn
 KNN_K = 20              # DINO's defaults
@@ -184,7 +186,7 @@ class KnnMonitor:
         if bad:
             raise ConfigError(f"train.monitor_layers: unknown layer(s) {', '.join(bad)} for {trunk.arch}; "
                               f"valid: {', '.join(trunk.layer_names)}")
-        # train.precision is resolved by now (rotnet.run.build_run)
+        # train.precision is resolved by now (run_builder.resolve)
         self.p = KnnProtocol(head=KNN_HEAD, layers=layers, batch_size=cfg.optim.batch_size_per_gpu,
                              precision=t.precision, seed=t.seed, labels_per_class=t.monitor_bank_per_class,
                              info=info, cfg=cfg, k=KNN_K, t=KNN_T, pool="avg")

@@ -1,7 +1,11 @@
-"""Typed run configuration: YAML -> dataclasses, dotted CLI overrides, strict checking (a typo
+"""Typed run configuration: YAML -> frozen dataclasses, dotted CLI overrides, strict checking (a typo
 fails at once, naming the key, instead of falling back to a default).
 
     cfg = load_config("configs/sample.yaml", ["optim.epochs=5", "data.root=/data/imagenet"])
+    cfg = override(cfg, {"train.max_steps": 20})       # a changed copy; a Config is never written into
+
+What a run derives from cfg (the batch, the precision, the sample-data root) is filled in once, by
+run_builder.resolve, and saved as resolved (config.yaml, checkpoints).
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ class ConfigError(InputError):
     """A config file or override is wrong; the message names the file and key."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     """What the data IS: every field changes the numbers, so resume and probe checks compare them all."""
     root: str = ""                 # ImageNet-layout folder (SPLIT/CLASS/IMG); "" = built-in sample data
@@ -42,7 +46,7 @@ class DataConfig:
     sample_seed: int = 0           # seed of the built-in sample data (when root is "")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoaderConfig:
     """How the data is LOADED: speed and memory only, so a resumed run or probe may change these."""
     backend: Literal["auto", "dali", "torch"] = "auto"   # auto: dali when importable
@@ -60,14 +64,14 @@ class LoaderConfig:
     dali_rotate_in_graph: bool = False   # CPU only: false: OpenCV resizes/flips/rotates (faster)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     arch: Literal["alexnet", "resnet18", "resnet50", "nin"] = "alexnet"   # the keys of models.MODELS
     width: float = 1.0             # channel multiplier; <1 gives CPU-sized variants
     num_blocks: int = 4            # nin only: 3, 4 or 5
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimConfig:
     epochs: int = 30
     # ORIGINAL images per step: set ONE (the other 0, or agreeing; `resolve_batch`). Paper: global 192.
@@ -83,7 +87,7 @@ class OptimConfig:
     warmup_epochs: float = 0.0     # linear warm-up from 0 (use with scale_lr for large batches)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     output_dir: str = "runs/sample"  # checkpoints, config.yaml, log.jsonl, tensorboard; resumes from here
     lock: bool = True              # one live run per output_dir (rotnet/runlock.py); false: no lock at all
@@ -108,7 +112,7 @@ class TrainConfig:
     monitor_query_per_class: int = 10   # queries: seeded subset of data.val_dir; 0 = the whole split
 
 
-@dataclass
+@dataclass(frozen=True)
 class ProbeConfig:
     """Frozen-layer evaluation defaults (eval.py); CLI flags override them."""
     head: Literal["linear", "mlp", "conv"] = "linear"   # probes.heads.HEADS
@@ -122,7 +126,7 @@ class ProbeConfig:
     weight_decay: float = 5e-4
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
@@ -279,8 +283,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return _parse(apply_overrides(raw, overrides), source)
 
 
-def resolve_batch(cfg: Config, world_size: int) -> None:
-    """Set both optim.global_batch_size and optim.batch_size_per_gpu in cfg from the one given. Idempotent."""
+def resolve_batch(cfg: Config, world_size: int) -> Config:
+    """cfg with both optim.global_batch_size and optim.batch_size_per_gpu set from the one given."""
     o = cfg.optim
     if o.global_batch_size < 0 or o.batch_size_per_gpu < 0:
         raise ConfigError(f"optim.global_batch_size={o.global_batch_size}, optim.batch_size_per_gpu="
@@ -289,22 +293,31 @@ def resolve_batch(cfg: Config, world_size: int) -> None:
         if o.batch_size_per_gpu == 0:
             raise ConfigError("optim.global_batch_size=0 and optim.batch_size_per_gpu=0: set one of them, "
                               "e.g. optim.global_batch_size=192 (the paper's AlexNet batch)")
-        o.global_batch_size = o.batch_size_per_gpu * world_size
-    elif o.batch_size_per_gpu == 0:
+        return override(cfg, {"optim.global_batch_size": o.batch_size_per_gpu * world_size})
+    if o.batch_size_per_gpu == 0:
         if o.global_batch_size % world_size:
             raise ConfigError(f"optim.global_batch_size={o.global_batch_size} does not divide over "
                               f"{world_size} GPUs (ranks); use a multiple of {world_size}, or another "
                               "number of GPUs")
-        o.batch_size_per_gpu = o.global_batch_size // world_size
-    elif o.batch_size_per_gpu * world_size != o.global_batch_size:
+        return override(cfg, {"optim.batch_size_per_gpu": o.global_batch_size // world_size})
+    if o.batch_size_per_gpu * world_size != o.global_batch_size:
         raise ConfigError(f"optim.global_batch_size={o.global_batch_size} but optim.batch_size_per_gpu="
                           f"{o.batch_size_per_gpu} x {world_size} GPUs = {o.batch_size_per_gpu * world_size}"
                           ": set one of them and the other to 0 (optim.batch_size_per_gpu=0 derives it from "
                           "the global batch)")
+    return cfg
 
 
 def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def override(cfg: Config, values: dict[str, object]) -> Config:
+    """A copy of cfg with dotted keys set ({"train.max_steps": 20}), checked like a loaded config."""
+    raw = config_to_dict(cfg)
+    for key, value in values.items():
+        _set_dotted(raw, key, value)
+    return _parse(raw, "override " + ", ".join(values))
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -1,5 +1,6 @@
 """Process-group setup for torchrun, SLURM (srun without torchrun) and single-process runs.
-`init_distributed()` returns the `DistInfo` that the rest of the code reads ranks from."""
+`init_distributed()` returns the `DistInfo` that the rest of the code reads ranks from; `place`
+puts a model on it (DDP across ranks)."""
 from __future__ import annotations
 
 import datetime
@@ -10,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from rotnet.cli import UsageError
 
@@ -128,6 +131,17 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.distributed:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def place(raw: nn.Module, info: DistInfo, channels_last: bool) -> nn.Module:
+    """`raw` (on info.device) in its memory format, wrapped in DDP when several ranks run."""
+    if info.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True   # input shapes are fixed: autotune each conv once
+    if channels_last:
+        raw.to(memory_format=torch.channels_last)
+    if not info.distributed:
+        return raw
+    return DistributedDataParallel(raw, device_ids=None if info.device.type == "cpu" else [info.device.index])
 
 
 def cleanup(info: DistInfo) -> None:

@@ -1,7 +1,10 @@
-"""Learning-rate schedule: (epoch, lr) step table, optional linear scaling and warm-up. Evaluated
-per step from a float epoch, so a mid-epoch resume lands on the uninterrupted run's lr."""
+"""Learning-rate schedule: (epoch, lr) step table, optional linear scaling and warm-up, and the SGD it
+drives. Evaluated per step from a float epoch, so a mid-epoch resume lands on the uninterrupted run's lr."""
 from __future__ import annotations
 
+import torch
+
+from rotnet.cli import UsageError
 from rotnet.config import ConfigError
 
 
@@ -25,6 +28,28 @@ class StepSchedule:
         if epoch < self.warmup_epochs:
             lr *= (epoch + 1e-3) / self.warmup_epochs
         return lr
+
+
+def stretch_schedule(table: list[list[float]], from_epochs: int, to_epochs: int,
+                     lr: float | None) -> list[list[float]]:
+    """(epoch, lr) table for `to_epochs` epochs; lr given: scaled so the first entry equals it.
+    Milestones are not rounded: a 1-2 epoch run would collapse every stage onto epoch 0."""
+    if from_epochs < 1 or to_epochs < 1:
+        raise UsageError(f"epochs must be >= 1 (probe.epochs={from_epochs}, --epochs={to_epochs})")
+    f = to_epochs / from_epochs
+    g = 1.0 if lr is None else lr / table[0][1]
+    return [[round(e * f, 4), float(f"{v * g:.6g}")] for e, v in table]
+
+
+def build_optimizer(params, lr: float, hp) -> torch.optim.SGD:
+    """SGD with hp's momentum, nesterov and weight_decay (cfg.optim or cfg.probe); fused where the
+    torch build has it for the device, else foreach (the same update)."""
+    params = list(params)   # may be a generator: the fallback needs it again
+    sgd = dict(lr=lr, momentum=hp.momentum, nesterov=hp.nesterov, weight_decay=hp.weight_decay)
+    try:
+        return torch.optim.SGD(params, fused=True, **sgd)
+    except (RuntimeError, TypeError):
+        return torch.optim.SGD(params, foreach=True, **sgd)
 
 
 def due_after(epoch: int, every: int, epochs: int) -> bool:

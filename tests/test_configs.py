@@ -39,11 +39,9 @@ def test_cifar_paper_protocol():
 
 def test_imagenet_alexnet_paper_protocol():
     path = Path(CONFIGS[0]).parent / "imagenet_alexnet.yaml"
-    cfg = load_config(path)
-    resolve_batch(cfg, world_size=1)              # the paper: one GPU, 192 originals per step
+    cfg = resolve_batch(load_config(path), world_size=1)   # the paper: one GPU, 192 originals per step
     assert cfg.optim.batch_size_per_gpu == 192 and cfg.optim.epochs == 30
-    eight = load_config(path)
-    resolve_batch(eight, world_size=8)            # README's 8-GPU command: the same 192 per step
+    eight = resolve_batch(load_config(path), world_size=8)   # README's 8-GPU command: the same 192 per step
     assert (eight.optim.global_batch_size, eight.optim.batch_size_per_gpu) == (192, 24)
     assert eight.optim.schedule == cfg.optim.schedule and not eight.optim.scale_lr
     lr = StepSchedule(cfg.optim.schedule)

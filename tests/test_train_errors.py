@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import rotnet.checkpoint
-import rotnet.meter
+import rotnet.epoch_log
 import train
 from rotnet.atomic import TMP, atomic_path
 from rotnet.cli import UsageExit
@@ -161,11 +161,11 @@ def test_a_diverging_loss_is_one_line_and_a_rerun_resumes_from_the_last_good_one
 
 
 def test_non_finite_weights_are_never_saved(args, tmp_path, capsys, monkeypatch):
-    class Blind(rotnet.meter.Meter):   # the loss check misses it
+    class Blind(rotnet.epoch_log.EpochLog):   # the loss check misses it
         def close_window(self, i, lr):
             self.window.nan_to_num_(0.0, 0.0, 0.0)
             super().close_window(i, lr)
-    monkeypatch.setattr(train, "Meter", Blind)
+    monkeypatch.setattr(train, "EpochLog", Blind)
     with pytest.raises(UsageExit) as exc:
         train.main([*args, "optim.epochs=1", "optim.schedule=[[0,1e30]]"])
     line = one_line(capsys, exc)

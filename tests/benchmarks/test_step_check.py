@@ -13,7 +13,7 @@ from pipelines import build_rotation_loader
 from rotnet.config import load_config
 from rotnet.distributed import DistInfo
 from rotnet.progress import RunLogger
-from rotnet.run import build_run
+from run_builder import build_run, resolve
 from tests.pipelines.images import make_folder
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,7 +27,7 @@ STEPS = 7   # after 2 warm-up steps: epoch 1 whole (window ends at its steps 3 a
 def tiny(tmp_path, one_thread):
     """(run, loader) of the sample config at toy sizes; build_run's stop handlers restored after."""
     make_folder(tmp_path / "train", [8, 8], size=(72, 72))
-    cfg = load_config(REPO / "configs/sample.yaml", [f"data.root={tmp_path}", *TOY])
+    cfg = resolve(load_config(REPO / "configs/sample.yaml", [f"data.root={tmp_path}", *TOY]), DistInfo())
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     run = build_run(cfg, DistInfo(), RunLogger(tmp_path, is_main=False))
     loader = build_rotation_loader(cfg, str(tmp_path / "train"), batch_size=4, rank=0, world_size=1,

@@ -17,10 +17,7 @@ SETS = [[0, 90, 180, 270], [0, 180], [90, 270], [0, 45, 90, 135, 180, 225, 270, 
 
 def data_for(variant, **kw):
     name, over = variant
-    d = cfg(**over, **kw)
-    if name == "dali-graph":
-        d.loader.dali_rotate_in_graph = True
-    return d
+    return cfg(**over, **kw, dali_rotate_in_graph=name == "dali-graph")
 
 
 def first_batch(loader):

@@ -8,7 +8,7 @@ import torch
 from models import MODELS
 from probes.engine import ProbeSet, evaluate, topk_correct, train_one_epoch
 from probes.heads import build_probe
-from probes.settings import ProbeProtocol
+from probes.protocol import ProbeProtocol
 from rotnet.config import config_from_dict
 from rotnet.distributed import DistInfo
 

@@ -21,7 +21,8 @@ from probes.knn import (
     knn_scores,
     pool_features,
 )
-from probes.settings import KnnProtocol, UsageError
+from probes.protocol import KnnProtocol
+from rotnet.cli import UsageError
 from rotnet.config import ConfigError, config_from_dict
 from rotnet.distributed import DistInfo
 

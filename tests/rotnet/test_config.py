@@ -1,4 +1,6 @@
-"""Config loading: YAML into dataclasses, dotted overrides, strict keys and types."""
+"""Config loading: YAML into frozen dataclasses, dotted overrides, strict keys and types."""
+import dataclasses
+
 import pytest
 
 from rotnet.config import (
@@ -8,9 +10,23 @@ from rotnet.config import (
     config_to_dict,
     load_config,
     migrate,
+    override,
     resolve_batch,
     save_config,
 )
+
+
+def test_a_config_is_frozen_and_override_makes_a_checked_copy():
+    cfg = load_config(None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.max_steps = 5
+    new = override(cfg, {"train.max_steps": 5, "data.rotations": [0, 180]})
+    assert (new.train.max_steps, new.data.rotations) == (5, [0, 180])
+    assert (cfg.train.max_steps, cfg.data.rotations) == (0, [0, 90, 180, 270])
+    with pytest.raises(ConfigError, match=r"unknown key train\.max_step=5; did you mean train\.max_steps"):
+        override(cfg, {"train.max_step": 5})
+    with pytest.raises(ConfigError, match=r"train\.max_steps: expected int, got str"):
+        override(cfg, {"train.max_steps": "5"})
 
 
 def test_defaults_and_sample_config_load():
@@ -82,15 +98,15 @@ def test_every_shipped_config_loads(path):
 # ------------------------------------------------------------------ enums, hints, global batch
 
 def test_enum_fields_name_key_value_and_choices():
-    for override, choices in [("loader.backend=foo", "auto, dali, torch"),
-                              ("train.precision=fp8", "auto, bf16"), ("data.recipe=coco", "imagenet, cifar"),
-                              ("loader.normalize=x", "auto, graph, trainer"),
-                              ("data.rotation_mode=two", "all, one_random"),
-                              ("model.arch=vgg", "alexnet, resnet18"),
-                              ("probe.head=svm", "linear, mlp, conv")]:
-        key, value = override.split("=")
+    for dotted, choices in [("loader.backend=foo", "auto, dali, torch"),
+                            ("train.precision=fp8", "auto, bf16"), ("data.recipe=coco", "imagenet, cifar"),
+                            ("loader.normalize=x", "auto, graph, trainer"),
+                            ("data.rotation_mode=two", "all, one_random"),
+                            ("model.arch=vgg", "alexnet, resnet18"),
+                            ("probe.head=svm", "linear, mlp, conv")]:
+        key, value = dotted.split("=")
         with pytest.raises(ConfigError, match=rf"{key}='{value}': expected one of {choices}"):
-            load_config(None, [override])
+            load_config(None, [dotted])
 
 
 def test_literal_choices_match_what_the_code_accepts():
@@ -174,11 +190,9 @@ def _cfg(**optim):
     ({"global_batch_size": 192, "batch_size_per_gpu": 24}, 8, (192, 24)),  # both agree (resolved)
 ])
 def test_resolve_batch(optim, world, expected):
-    cfg = _cfg(**optim)
-    resolve_batch(cfg, world)
+    cfg = resolve_batch(_cfg(**optim), world)
     assert (cfg.optim.global_batch_size, cfg.optim.batch_size_per_gpu) == expected
-    resolve_batch(cfg, world)                                             # idempotent
-    assert (cfg.optim.global_batch_size, cfg.optim.batch_size_per_gpu) == expected
+    assert resolve_batch(cfg, world) == cfg                               # a resolved batch stays
 
 
 @pytest.mark.parametrize("optim,world,message", [
@@ -192,22 +206,3 @@ def test_resolve_batch(optim, world, expected):
 def test_resolve_batch_refuses(optim, world, message):
     with pytest.raises(ConfigError, match=message):
         resolve_batch(_cfg(**optim), world)
-
-
-def test_build_run_derives_the_per_gpu_batch_and_keeps_the_lr(monkeypatch):
-    """build_run (train.py and the benchmarks) on 2 ranks: global 192 -> 96 per GPU, the paper's lr
-    unscaled; with optim.scale_lr the scale follows the global batch."""
-    import torch
-
-    import rotnet.run
-    from rotnet.distributed import DistInfo
-
-    monkeypatch.setattr(rotnet.run, "place", lambda raw, info, channels_last: raw)   # no process group
-    two = DistInfo(rank=0, world_size=2, device=torch.device("cpu"))
-    cfg = load_config("configs/imagenet_alexnet.yaml", ["model.width=0.25", "data.crop_size=64"])
-    run = rotnet.run.build_run(cfg, two, logger=None)
-    assert (cfg.optim.global_batch_size, cfg.optim.batch_size_per_gpu) == (192, 96)
-    assert run.schedule(0) == pytest.approx(0.01) and run.schedule.scale == 1.0
-    scaled = load_config(None, ["optim.batch_size_per_gpu=64", "optim.scale_lr=true", "optim.ref_batch=256",
-                                "model.width=0.25", "data.crop_size=64"])
-    assert rotnet.run.build_run(scaled, two, logger=None).schedule.scale == 0.5   # 128 / 256

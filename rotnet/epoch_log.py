@@ -1,4 +1,5 @@
-"""The training step's bookkeeping: the logging window and the epoch's sums, with their timers.
+"""An epoch's log: each step's loss and accuracy measured into a window, the window reported to the
+run's logger, the epoch's sums, with their timers.
 
 A step never waits for the device: loss and correct count add into a float64 (2,) tensor on it;
 the host syncs once per logging window, in `close_window`. train.train_one_epoch shows the calls.
@@ -26,8 +27,9 @@ def diverged(what: str, run, epoch: int, step: int, lr: float) -> DivergedError:
                          "(optim.schedule) or use train.precision=fp32 to find the cause")
 
 
-class Meter:
-    """One epoch's window and sums for `run` (rotnet.run.Run); `steps`: the epoch's length."""
+class EpochLog:
+    """One epoch's window and sums for `run` (run_builder.Run); `close_window` logs each window to
+    run.logger. `steps`: the epoch's length."""
 
     def __init__(self, run, epoch: int, steps: int):
         self.run, self.epoch, self.steps = run, epoch, steps
