@@ -2,7 +2,7 @@
 a set latency to every round trip (benchmarks/latency_fs.py), on the same images and cores.
 
     bash benchmarks/setup_storage.sh                     # once: fuse3, and a venv with mfusepy + webdataset
-    .venv-storage/bin/python benchmarks/storage.py --pool DIR [--images 3000] [--latencies 0,0.5,2,5]
+    .venv-storage/bin/python benchmarks/storage.py --pool DIR [--images 3000] [--latencies 0,0.5,1,2,5]
                                 [--seconds 8] [--threads 2] [--quick] [--no-write]
 
 Data: a seeded subset of --images JPEGs of --pool (Imagenette's train split) in its class folders,
@@ -15,7 +15,8 @@ handed over, nothing decoded: samples/s) and full pipeline (decode, random-resiz
 flip, the 4 rotations, uint8 out: original images/s):
   rotnet folder / shards    pipelines.build_rotation_loader (DALI on the CPU, --threads threads);
                             reader-only is the loader's `read_only_batches(epoch)`
-  DALI readers.file         DALI's folder reader, random_shuffle, the same DALI graph in full
+  DALI readers.file         DALI's folder reader, random_shuffle, then rotnet's CPU recipe (decode + crop in
+                            DALI, flip + rotations in the OpenCV finisher): only the reader differs
   DALI readers.webdataset   DALI's tar reader on rotnet's shards and their wds2idx indexes
                             (both with dont_use_mmap, as DALI advises for network storage: a file
                             DALI keeps mapped is read from memory after its first pass, so a subset
@@ -155,8 +156,13 @@ def read_only_graph(reader):
 
 
 def dali_steps(args, reader, mode: str, info: dict):
-    """A DALI pipeline of `reader` (a no-argument callable -> (encoded, label)): the reader alone,
-    or rotnet's graph in full (decode + RRC + flip + rotations, all in DALI)."""
+    """A DALI pipeline of `reader` (reader(labels=...) -> (encoded, label)): the reader alone, or the
+    same decode + RRC in DALI and flip + rotations in the OpenCV finisher as rotnet's CPU loader, so
+    that the rows differ in their readers only."""
+    import numpy as np
+    import torch
+
+    from pipelines.cpu_finisher import CpuFinisher
     from pipelines.dali_graph import rotation_graph
 
     info["in_flight"] = 1
@@ -167,25 +173,38 @@ def dali_steps(args, reader, mode: str, info: dict):
     else:
         pipe = rotation_graph(reader=reader, train=True, recipe="imagenet", crop=args.crop, resize=args.crop,
                               min_scale=0.08, rotations=list(ROTATIONS), mode="all", decoder_device="cpu",
-                              mixed_args={}, normalize=False, mean=[0.0] * 3, std=[1.0] * 3, stage="full",
+                              mixed_args={}, normalize=False, mean=[0.0] * 3, std=[1.0] * 3, stage="host",
                               **common)
+        finish = CpuFinisher(args.crop, list(ROTATIONS), "all", threads=args.threads)
     pipe.build()
     while True:
-        yield len(pipe.run()[0])
+        outs = pipe.run()
+        if mode == "reader":
+            yield len(outs[0])
+            continue
+        crops, _, flips, _ = outs
+        views = [torch.from_numpy(np.asarray(crops[i])) for i in range(len(crops))]
+        yield finish(views, np.asarray(flips.as_tensor()).reshape(-1).tolist(), [0] * len(views)).shape[0] \
+            // len(ROTATIONS)
 
 
-def dali_file_reader(folder: str):
+# reader(labels=...) as rotation_graph calls it: labels=False drops the label output.
+def dali_file_reader(folder: str, labels: bool = True):
     import nvidia.dali.fn as fn
 
-    return fn.readers.file(file_root=folder, random_shuffle=True, seed=0, dont_use_mmap=True, name="Reader")
+    jpegs, label = fn.readers.file(file_root=folder, random_shuffle=True, seed=0, dont_use_mmap=True,
+                                   name="Reader")
+    return jpegs, label if labels else None
 
 
-def dali_wds_reader(shards: str):
+def dali_wds_reader(shards: str, labels: bool = True):
     import nvidia.dali.fn as fn
 
     tars = sorted(os.path.join(shards, n) for n in os.listdir(shards) if n.endswith(".tar"))
-    return fn.readers.webdataset(paths=tars, index_paths=[t[:-4] + ".idx" for t in tars], ext=["jpg", "cls"],
-                                 random_shuffle=True, seed=0, dont_use_mmap=True, name="Reader")
+    jpegs, label = fn.readers.webdataset(paths=tars, index_paths=[t[:-4] + ".idx" for t in tars],
+                                         ext=["jpg", "cls"], random_shuffle=True, seed=0, dont_use_mmap=True,
+                                         name="Reader")
+    return jpegs, label if labels else None
 
 
 def _rotated_crops(sample, crop: int):
@@ -358,7 +377,7 @@ def get_parser():
     ap.add_argument("--work", default="", help="where the re-encoded folder and its shards are kept "
                     "(default: $ROTNET_CACHE/storage-bench/<images>, else ~/.cache/rotnet/...)")
     ap.add_argument("--shard-size", type=int, default=250, help="images per tar shard")
-    ap.add_argument("--latencies", default="0,0.5,2,5", help="added ms per round trip, one mount each")
+    ap.add_argument("--latencies", default="0,0.5,1,2,5", help="added ms per round trip, one mount each")
     ap.add_argument("--bandwidth-mbps", type=float, default=0.0,
                     help="the mounts' cap on all reads together, MB/s (0: none)")
     ap.add_argument("--seconds", type=float, default=8.0, help="timed seconds per figure")
