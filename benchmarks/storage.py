@@ -290,7 +290,7 @@ def mount_cost(args, base: str) -> dict[str, float]:
 
 # ------------------------------------------------------------------ the run
 def run_condition(args, base: str, results: dict, column: str) -> None:
-    for reader, mode in itertools.product(READERS, MODES):
+    for reader, mode in itertools.product(args.readers, MODES):
         info = {}
         try:
             value = measure(row_steps(args, reader, mode, base, info), args)
@@ -388,6 +388,9 @@ def get_parser():
     ap.add_argument("--workers", type=int, default=2,
                     help="DataLoader workers (webdataset), encoding processes")
     ap.add_argument("--prefetch", type=int, default=2, help="batches queued ahead")
+    ap.add_argument("--readers", default="",
+                    help="rows to run, comma-separated name prefixes ('rotnet', 'rotnet shards,DALI'); "
+                         "default: every row")
     ap.add_argument("--reads-in-flight", type=int, default=LoaderConfig.reads_in_flight,
                     help="rotnet rows: loader.reads_in_flight (reads kept outstanding per rank)")
     ap.add_argument("--cost-files", type=int, default=2000,
@@ -409,6 +412,11 @@ def parse_args(argv=None):
         for k, v in QUICK.items():
             setattr(args, k, v)
     args.latencies = parse_latencies(args.latencies)
+    asked = [a.strip().lower() for a in args.readers.split(",") if a.strip()]
+    args.readers = [r for r in READERS if not asked or any(r.lower().startswith(a) for a in asked)]
+    if not args.readers:
+        raise StorageError(f"--readers {','.join(asked)}: no row starts with that; "
+                           f"rows: {', '.join(READERS)}")
     for key in ("images", "shard_size", "batch", "threads", "workers", "prefetch", "cost_files",
                 "cost_threads"):
         if getattr(args, key) < 1:

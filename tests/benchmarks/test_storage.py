@@ -178,3 +178,11 @@ def test_mount_serves_the_same_bytes_and_is_gone_after_an_error(tmp_path):
                 open(mnt / "c" / "new", "wb")
             raise RuntimeError("inside")
     assert not os.path.ismount(mnt) and os.listdir(mnt) == []
+
+
+def test_readers_picks_rows_by_prefix_and_refuses_none(tmp_path):
+    args = storage.parse_args(["--pool", str(tmp_path), "--readers", "rotnet, dali readers.web"])
+    assert args.readers == ["rotnet folder", "rotnet shards", "DALI readers.webdataset"]
+    assert storage.parse_args(["--pool", str(tmp_path)]).readers == list(storage.READERS)
+    with pytest.raises(storage.StorageError, match="--readers ffcv: no row"):
+        storage.parse_args(["--pool", str(tmp_path), "--readers", "ffcv"])
