@@ -39,8 +39,7 @@ sys.path.insert(0, str(REPO))
 import train  # noqa: E402  (train.py: the step being measured)
 from benchmarks.report import append_block, machine  # noqa: E402
 from pipelines import build_rotation_loader  # noqa: E402
-from pipelines.normalize import normalize_in_graph  # noqa: E402
-from pipelines.rotations import rotation_labels  # noqa: E402
+from pipelines.batch import normalize_in_graph, rotation_labels  # noqa: E402
 from rotnet.checkpoint import git_commit  # noqa: E402
 from rotnet.config import load_config  # noqa: E402
 from rotnet.distributed import DistInfo  # noqa: E402

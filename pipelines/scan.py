@@ -99,7 +99,7 @@ def _dali_decoder(workers: int):
 def dali_reasons(paths: list[str], workers: int) -> list[str]:
     """'' or the reason for each of `paths`, decoded by DALI's CPU decoder BATCH at a time; a batch
     that fails (DALI names no file, and the pipeline is spent) is decoded again one file at a time."""
-    from pipelines.dali_loader import is_decode_failure
+    from pipelines.dali_graph import is_decode_failure
 
     pipe, reasons = None, [""] * len(paths)
 

@@ -1,4 +1,4 @@
-"""The torch backend's DataLoader workers pin glibc's mmap threshold (else a worker's heap grows
+"""The torch loader's DataLoader workers pin glibc's mmap threshold (else a worker's heap grows
 with every step of decoded ImageNet-sized images; benchmarks/scale.py's leak stage measures it)."""
 import ctypes
 import os
@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from pipelines import build_rotation_loader
-from pipelines.torch_backend import fix_mmap_threshold
+from pipelines.torch_loader import fix_mmap_threshold
 from tests.pipelines.images import cfg, make_folder
 
 
