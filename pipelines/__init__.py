@@ -40,18 +40,11 @@ from pipelines.listing import (
     resolve_file_list,
     split_layout,
 )
+from pipelines.scan import dali_available
 from rotnet.cli import InputError
 
 __all__ = ["build_rotation_loader", "build_class_loader", "prepare_batch", "list_images",
            "BadImageError", "SplitLayoutError", "resolve_backend", "class_labels_missing"]
-
-
-def dali_available() -> bool:
-    try:
-        import nvidia.dali  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def resolve_backend(name: str) -> str:
