@@ -85,7 +85,7 @@ class ReplayLoader(list):
 
 
 def synthetic_batch(cfg, device: torch.device):
-    """Random tensors in the loader's output format (see pipelines/__init__.py's contract): a graph
+    """Random tensors in the loader's output format (see the contract in pipelines/batch.py): a graph
     that normalises emits float16 (K*N, 3, S, S) in channels-last memory, so the same input path
     (prepare_batch, autocast's first cast) is timed; else uint8 (K*N, S, S, 3)."""
     n, k, s = cfg.optim.batch_size_per_gpu, len(cfg.data.rotations), cfg.data.crop_size
