@@ -37,6 +37,7 @@ from pipelines.listing import (
     SplitLayoutError,
     layout_error,
     list_images,
+    list_shards,
     resolve_file_list,
     split_layout,
 )
@@ -67,8 +68,6 @@ def _list(data, split_dir, mode):
             raise InputError(f"data.file_list={data.file_list!r} applies to image folders; with "
                              "data.format=shards pack the list instead: "
                              "python -m pipelines.pack_shards SPLIT_DIR --file-list LIST --out DIR")
-        from pipelines.listing import list_shards
-
         return list_shards(split_dir)
     if data.format != "folder":
         raise ValueError(f"data.format={data.format!r}; expected folder or shards")

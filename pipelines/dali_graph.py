@@ -47,7 +47,7 @@ def _decode_crop(jpegs, *, recipe, train, crop, resize, min_scale, dec, mixed_ar
     """Encoded bytes -> uint8 (crop, crop, 3) RGB crop per the recipe (no flip yet).
 
     final_resize=False (CPU "host" stage) leaves the imagenet-train random crop at its own
-    size (ragged); the torch finisher resizes it.
+    size (ragged); `CpuFinisher` resizes it.
     """
     if recipe == "imagenet" and train:
         # Fused decode + random-resized-crop: only the crop window's DCT blocks are decoded,
