@@ -263,7 +263,8 @@ class LoaderBase:
     the resume state, the object side of the contract, written once.
 
     A backend implements `_batches()`: the raw batches of epoch `self.epoch` from step
-    `self.step` on, each for `assemble`. DALI also overrides the three hooks at the end.
+    `self.step` on, each for `assemble`. DALI also finishes its reader epoch in `_end_epoch` and
+    extends `state_dict` / `load_state_dict` with its pipeline's checkpoint.
     """
 
     backend = ""
@@ -301,8 +302,7 @@ class LoaderBase:
         self._end_epoch()
 
     def state_dict(self) -> dict:
-        return {**self._identity(), "seed": self.spec.seed, "epoch": self.epoch, "batch": self.step,
-                **self._extra_state()}
+        return {**self._identity(), "seed": self.spec.seed, "epoch": self.epoch, "batch": self.step}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue where `state` was saved; refuses a state of another backend or run shape."""
@@ -314,7 +314,6 @@ class LoaderBase:
             if state.get(key) != value:
                 raise InputError(f"loader state {key}={state.get(key)!r} does not match this run ({value!r})")
         self.epoch, self.step = int(state["epoch"]), int(state["batch"])
-        self._restore(state)
 
     def _identity(self) -> dict:
         s = self.spec
@@ -326,9 +325,3 @@ class LoaderBase:
 
     def _end_epoch(self) -> None:
         """Called when an epoch is left (loop done, or set_epoch)."""
-
-    def _extra_state(self) -> dict:
-        return {}
-
-    def _restore(self, state: dict) -> None:
-        """Called by load_state_dict after epoch and step are set."""

@@ -103,7 +103,7 @@ class DaliLoader(LoaderBase):
         pipe.build()
         return pipe
 
-    # ------------------------------------------------------------ state hooks
+    # ------------------------------------------------------------ epochs and state
     def _end_epoch(self) -> None:
         """Run the rest of a started reader epoch (discarded), so the next epoch starts on its
         boundary. Also right after the loop, so that a checkpoint taken then points there."""
@@ -111,12 +111,15 @@ class DaliLoader(LoaderBase):
             self._run()
             self.step += 1
 
-    def _extra_state(self) -> dict:
+    def state_dict(self) -> dict:
         ckpt = self._pipe.checkpoint() if self._pipe is not None else self._checkpoint
-        return {"dali_checkpoint": ckpt or "", "rank": self.spec.rank, "reader": "feed"}
+        return {**super().state_dict(), "dali_checkpoint": ckpt or "", "rank": self.spec.rank,
+                "reader": "feed"}
 
-    def _restore(self, state: dict) -> None:
-        if state.get("reader") != "feed" and state["format"] == "folder" and state["dali_checkpoint"]:
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)       # checks it is this run's, sets epoch and step
+        folder = state.get("format", "folder") == "folder"   # states saved before tar shards: folders
+        if state.get("reader") != "feed" and folder and state["dali_checkpoint"]:
             raise InputError("loader state is from an earlier rotnet's DALI folder reader (readers.file), "
                              "whose order this one's feed cannot continue: resume with that rotnet")
         self._checkpoint = state["dali_checkpoint"] or None
