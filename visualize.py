@@ -33,7 +33,7 @@ from torch import nn
 from models import build_model
 from models.export import trunk_from_checkpoint
 from pipelines import list_images, prepare_batch
-from pipelines.shard_reader import list_shards
+from pipelines.listing import list_shards
 from probes.report import draw_top1_bars
 from rotnet.checkpoint import find_checkpoint
 from rotnet.cli import ArgumentParser, InputError, UsageError, fail

@@ -53,7 +53,7 @@ FFCV_ROW = "ffcv-rot"     # the equal-work FFCV row, denominator of the "x FFCV+
 
 def rotate4(x: torch.Tensor) -> torch.Tensor:
     """float (N, C, S, S), any memory format -> (4N, C, S, S) channels-last, sample-major: row 4i + r is
-    x[i] turned r x 90 degrees counter-clockwise (pipelines/rotations.py's convention). One copy."""
+    x[i] turned r x 90 degrees counter-clockwise (pipelines/recipe.py's convention). One copy."""
     hwc = x.permute(0, 2, 3, 1)                                               # (N, S, S, C) view
     out = torch.stack([torch.rot90(hwc, k, dims=(1, 2)) for k in range(4)], dim=1)  # (N, 4, S, S, C)
     return out.flatten(0, 1).permute(0, 3, 1, 2)                             # (4N, C, S, S) view

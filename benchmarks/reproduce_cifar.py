@@ -158,12 +158,6 @@ def main(argv=None) -> None:
         data = make_subset(data, base / "data", b["subset"])
     py = sys.executable
     common = [f"data.root={data}"]
-    try:   # the resident loader decodes CIFAR once; fall back to streaming where it is absent
-        import importlib.util
-        if importlib.util.find_spec("pipelines.resident") is None:
-            common.append("loader.resident=false")
-    except ImportError:
-        common.append("loader.resident=false")
 
     def pretrain(name: str, extra: list[str]) -> Path:
         out = base / name

@@ -40,7 +40,7 @@ sys.path.insert(0, REPO)
 import torch  # noqa: E402
 
 from pipelines import build_rotation_loader  # noqa: E402
-from pipelines.contract import rank_indices  # noqa: E402
+from pipelines.batch import rank_indices  # noqa: E402
 from pipelines.listing import list_images, write_file_list  # noqa: E402
 from rotnet.config import load_config  # noqa: E402
 
@@ -161,8 +161,8 @@ def seeded_subset(train: str, n: int, tmp: str) -> tuple[str, list[int]]:
 
 def stage_shards(tree: str, s: dict) -> dict:
     """`pipelines.pack_shards` on a seeded sample, cut into ImageNet's ~257 shards; listing them."""
+    from pipelines.listing import list_shards
     from pipelines.pack_shards import pack
-    from pipelines.shard_reader import list_shards
 
     train = os.path.join(tree, "train")
     with tempfile.TemporaryDirectory(dir=s["work"]) as tmp:

@@ -38,9 +38,8 @@ sys.path.insert(0, REPO)
 
 from benchmarks.pipeline import bench_rotnet  # noqa: E402
 from benchmarks.report import machine, publish  # noqa: E402
-from pipelines.listing import list_images, write_file_list  # noqa: E402
+from pipelines.listing import list_images, list_shards, write_file_list  # noqa: E402
 from pipelines.pack_shards import pack  # noqa: E402
-from pipelines.shard_reader import list_shards  # noqa: E402
 from rotnet.checkpoint import git_commit  # noqa: E402
 
 HEADING = "## Tar shards vs image folder (benchmarks/shards.py)"

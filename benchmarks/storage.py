@@ -162,8 +162,7 @@ def dali_steps(args, reader, mode: str, info: dict):
     import numpy as np
     import torch
 
-    from pipelines.cpu_finisher import CpuFinisher
-    from pipelines.dali_graph import rotation_graph
+    from pipelines.dali_graph import CpuFinisher, rotation_graph
 
     info["in_flight"] = 1
     common = dict(batch_size=args.batch, num_threads=args.threads, device_id=None, seed=0,

@@ -39,8 +39,7 @@ sys.path.insert(0, str(REPO))
 import train  # noqa: E402  (train.py: the step being measured)
 from benchmarks.report import append_block, machine  # noqa: E402
 from pipelines import build_rotation_loader  # noqa: E402
-from pipelines.normalize import normalize_in_graph  # noqa: E402
-from pipelines.rotations import rotation_labels  # noqa: E402
+from pipelines.batch import normalize_in_graph, rotation_labels  # noqa: E402
 from rotnet.checkpoint import git_commit  # noqa: E402
 from rotnet.config import load_config, override  # noqa: E402
 from rotnet.distributed import DistInfo  # noqa: E402
@@ -86,7 +85,7 @@ class ReplayLoader(list):
 
 
 def synthetic_batch(cfg, device: torch.device):
-    """Random tensors in the loader's output format (see pipelines/__init__.py's contract): a graph
+    """Random tensors in the loader's output format (see the contract in pipelines/batch.py): a graph
     that normalises emits float16 (K*N, 3, S, S) in channels-last memory, so the same input path
     (prepare_batch, autocast's first cast) is timed; else uint8 (K*N, S, S, 3)."""
     n, k, s = cfg.optim.batch_size_per_gpu, len(cfg.data.rotations), cfg.data.crop_size

@@ -2,25 +2,17 @@
 
     loader = build_rotation_loader(cfg, split_dir, batch_size=N, rank=.., world_size=..,
                                    local_rank=.., device=dev, train=True, seed=cfg.train.seed)
-    for images, labels in loader:                 # see the contract below
+    for images, labels in loader:                 # the contract: pipelines/batch.py
         x = prepare_batch(images, cfg.data, channels_last=True)
 
-Contract (every backend, every loader):
-  images  uint8 (B, H, W, C) on `device` -- normalise in the trainer with `prepare_batch`;
-          or float16 (B, C, H, W) already normalised, in channels-last memory, when the loader
-          normalises itself (device cuda and loader.normalize "auto"/"graph", or "graph"
-          anywhere); `prepare_batch(.., dtype=)` casts it to the model's input dtype.
-  labels  int64 (B,) on `device`.
-  rotation loader, mode "all": B = K*N (K = len(data.rotations), N = batch_size), sample-major:
-          row K*i + r is original i rotated by data.rotations[r], label r.
-          mode "one_random": K*N originals per step, one random rotation each, label = index.
-  class loader: B = N original crops with class labels.
-  len(loader) steps per epoch on this rank (equal on all ranks when train=True);
-  .num_samples, .classes, .set_epoch(e), .state_dict(), .load_state_dict(s), .backend.
 `cfg` is a rotnet.config.Config: cfg.data says what is read (the numbers), cfg.loader how (speed).
 data.format "folder" (SPLIT/CLASS/IMAGE) or "shards" (tar shards of `python -m pipelines.pack_shards`):
-the same contract either way.
-Details (ordering, sharding, validation coverage, bad files): docs/pipelines.md.
+the same contract either way. Details (ordering, sharding, validation coverage, bad files):
+docs/pipelines.md.
+
+Read in this order: batch.py (what a batch is), recipe.py (the reference recipe, in torch),
+torch_loader.py or dali_graph.py + dali_loader.py (how each backend makes it), listing.py (which
+files and shards are read). Command-line tools: scan.py, pack_shards.py, imagenet_val.py, sample_data.py.
 """
 from __future__ import annotations
 
@@ -28,32 +20,31 @@ import os
 
 import torch
 
-from pipelines.contract import LoaderSpec, check_recipe, derive_seed
+from pipelines.batch import (
+    LoaderSpec,
+    PathTable,
+    check_recipe,
+    check_rotations,
+    derive_seed,
+    normalize_in_graph,
+    prepare_batch,
+    subset_per_class,
+)
 from pipelines.listing import (
     CLASSES,
     BadImageError,
-    PathTable,
     SplitLayoutError,
     layout_error,
     list_images,
+    list_shards,
     resolve_file_list,
     split_layout,
-    subset_per_class,
 )
-from pipelines.normalize import normalize_in_graph, prepare_batch
-from pipelines.rotations import check_rotations
+from pipelines.scan import dali_available
 from rotnet.cli import InputError
 
 __all__ = ["build_rotation_loader", "build_class_loader", "prepare_batch", "list_images",
            "BadImageError", "SplitLayoutError", "resolve_backend", "class_labels_missing"]
-
-
-def dali_available() -> bool:
-    try:
-        import nvidia.dali  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def resolve_backend(name: str) -> str:
@@ -76,8 +67,6 @@ def _list(data, split_dir, mode):
             raise InputError(f"data.file_list={data.file_list!r} applies to image folders; with "
                              "data.format=shards pack the list instead: "
                              "python -m pipelines.pack_shards SPLIT_DIR --file-list LIST --out DIR")
-        from pipelines.shard_reader import list_shards
-
         return list_shards(split_dir)
     if data.format != "folder":
         raise ValueError(f"data.format={data.format!r}; expected folder or shards")
@@ -108,12 +97,8 @@ def _build(cfg, split_dir, mode, *, batch_size, rank, world_size, local_rank, de
                       local_rank=local_rank, device=device, train=train, seed=seed,
                       normalize=normalize_in_graph(how.normalize, device), split_dir=split_dir,
                       paths=PathTable(paths), labels=tuple(labels), classes=tuple(classes), shards=shards)
-    if how.resident:
-        from pipelines.resident import ResidentLoader
-
-        return ResidentLoader(spec)
-    if resolve_backend(how.backend) == "torch":
-        from pipelines.torch_backend import TorchLoader
+    if how.resident or resolve_backend(how.backend) == "torch":   # resident images: torch ops only
+        from pipelines.torch_loader import TorchLoader
 
         return TorchLoader(spec)
     from pipelines.dali_loader import DaliLoader

@@ -1,4 +1,6 @@
-"""The DALI graph: read (pipelines.feed) -> decode+crop (recipe) -> flip -> rotations -> [normalise].
+"""The recipe as DALI runs it: the graph (read -> decode+crop -> flip -> rotations -> [normalise]), the
+OpenCV finisher that completes the CPU graph, and which DALI errors are a bad file. pipelines/recipe.py
+is the reference both are tested against.
 
 One `@pipeline_def` serves every loader; `mode` picks the output per sample:
   "all"        uint8 (K, H, W, C) -- the K rotations of one crop stacked (float16 when normalising
@@ -16,12 +18,25 @@ which matches `torch.rot90(x', k, dims=(0, 1))` (counter-clockwise). Odd multipl
 fn.rotate (bilinear, keep_size, corners 0); fn.rotate also matches torch.rot90 at multiples
 of 90 (checked in the tests), so one_random uses it with a per-sample angle.
 Flips and transposes run on uint8 (the CPU fn.flip has no float16); normalisation is last.
+
+CPU finisher: DALI's CPU resize/transpose/stack are slow (docs/pipelines.md, "DALI on CPU"), so the CPU
+graph (stage "host") stops after decode + crop and `CpuFinisher` resizes, flips and rotates the crops
+with OpenCV. All randomness still comes from the graph, so DALI checkpoints cover it.
 """
 from __future__ import annotations
 
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import cv2
+import numpy as np
 import nvidia.dali.fn as fn
 import nvidia.dali.types as types
+import torch
+import torchvision.transforms.v2.functional as TF
 from nvidia.dali import pipeline_def
+
+from pipelines.recipe import rotate_hwc
 
 
 def _flip(x, h, v):
@@ -32,7 +47,7 @@ def _decode_crop(jpegs, *, recipe, train, crop, resize, min_scale, dec, mixed_ar
     """Encoded bytes -> uint8 (crop, crop, 3) RGB crop per the recipe (no flip yet).
 
     final_resize=False (CPU "host" stage) leaves the imagenet-train random crop at its own
-    size (ragged); the torch finisher resizes it.
+    size (ragged); `CpuFinisher` resizes it.
     """
     if recipe == "imagenet" and train:
         # Fused decode + random-resized-crop: only the crop window's DCT blocks are decoded,
@@ -93,7 +108,7 @@ def _normalise(x, mean, std):
 
 def external_reader(source, labels=True):
     """(encoded images, int32 labels) from `source(iteration)` -> (list of uint8 arrays, (B, 1) int32):
-    the reader of folders and tar shards (pipelines.feed.Feed). A one-argument callable, so DALI's
+    the reader of folders and tar shards (pipelines.dali_loader.Feed). A one-argument callable, so DALI's
     checkpoint records the iteration and a restored pipeline asks `source` from there on.
     labels=False (a graph that draws its own labels): images only and None, no output left unused."""
     if not labels:
@@ -110,7 +125,7 @@ def rotation_graph(*, reader, train, recipe, crop, resize, min_scale, rotations,
     `functools.partial(external_reader, feed)`. The recipe below is the same whatever reads the bytes.
 
     stage="host" (CPU): returns (crops, labels, flip coins, rotation choices) instead and
-    leaves resize/flip/rotations to pipelines.cpu_finisher (faster on CPU; see there).
+    leaves resize/flip/rotations to `CpuFinisher` (faster on CPU; module docstring).
     """
     jpegs, label = reader(labels=not (mode == "one_random" and stage == "full"))
     x = _decode_crop(jpegs, recipe=recipe, train=train, crop=crop, resize=resize, min_scale=min_scale,
@@ -138,3 +153,82 @@ def rotation_graph(*, reader, train, recipe, crop, resize, min_scale, rotations,
         y = _flip(x, c, 0)
         return (_normalise(y, mean, std) if normalize else y), label
     raise ValueError(f"unknown graph mode {mode!r}")
+
+
+def resize_hwc(x: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (H, W, C) -> (size, size, C) bilinear, antialiased where it shrinks (enlarging: OpenCV)."""
+    h, w = x.shape[0], x.shape[1]
+    if h == size and w == size:
+        return x
+    if h <= size and w <= size:
+        return torch.from_numpy(cv2.resize(np.ascontiguousarray(x.numpy()), (size, size),
+                                           interpolation=cv2.INTER_LINEAR))
+    # (C, H, W) view of HWC memory = channels-last, which the fast uint8 kernel wants.
+    y = TF.resize(x.permute(2, 0, 1), [size, size], antialias=True)
+    return y.permute(1, 2, 0)
+
+
+# cv2.rotate codes for counter-clockwise rotations (torch.rot90 convention, pipelines.recipe)
+_CV_ROTATE = {90: cv2.ROTATE_90_COUNTERCLOCKWISE, 180: cv2.ROTATE_180, 270: cv2.ROTATE_90_CLOCKWISE}
+
+
+def rotations_into(dst: torch.Tensor, x: torch.Tensor, flip: bool, rotations: list[int]) -> None:
+    """dst uint8 (K, H, W, C), contiguous CPU <- rotations[r] of x' = flipW^flip(x); x (H, W, C), H == W.
+    x' goes into the 0-degree slot if any, each other slot is one cv2.rotate of it (45s: torch)."""
+    d, xn = dst.numpy(), np.ascontiguousarray(x.numpy())
+    j = rotations.index(0) if 0 in rotations else None
+    base = d[j] if j is not None else np.empty_like(xn)
+    if flip:
+        cv2.flip(xn, 1, dst=base)
+    else:
+        np.copyto(base, xn)
+    for r, a in enumerate(rotations):
+        if r == j:
+            continue
+        if a in _CV_ROTATE:
+            cv2.rotate(base, _CV_ROTATE[a], dst=d[r])
+        else:
+            d[r] = rotate_hwc(torch.from_numpy(base), a).numpy()
+
+
+class CpuFinisher:
+    """(crops, flips, rot_idx) -> uint8 on CPU: mode "all" (N, K, S, S, C); "one_random" (N, S, S, C)
+    rotated by rotations[rot_idx[i]]; "class" (N, S, S, C). Crops may be ragged (imagenet train)."""
+
+    def __init__(self, crop: int, rotations: list[int], mode: str, threads: int):
+        self.crop, self.rotations, self.mode, self.threads = crop, rotations, mode, max(1, threads)
+        # Small images: intra-op threads (torch per thread, OpenCV process-wide) only fight DALI's.
+        self._pool = ThreadPoolExecutor(self.threads, initializer=torch.set_num_threads, initargs=(1,))
+        cv2.setNumThreads(1)
+
+    def _work(self, out, crops, flips, rot_idx, lo, hi):
+        for i in range(lo, hi):
+            x = resize_hwc(crops[i], self.crop)
+            if self.mode == "all":
+                rotations_into(out[i], x, bool(flips[i]), self.rotations)
+            else:   # one slot: its rotation (one_random) or the flipped crop alone (class)
+                angle = self.rotations[rot_idx[i]] if self.mode == "one_random" else 0
+                rotations_into(out[i:i + 1], x, bool(flips[i]), [angle])
+
+    def __call__(self, crops: list[torch.Tensor], flips: list[int], rot_idx: list[int]) -> torch.Tensor:
+        n, s, c = len(crops), self.crop, crops[0].shape[-1]
+        shape = (n, len(self.rotations), s, s, c) if self.mode == "all" else (n, s, s, c)
+        out = torch.empty(shape, dtype=torch.uint8)
+        bounds = [n * j // self.threads for j in range(self.threads + 1)]
+        for f in [self._pool.submit(self._work, out, crops, flips, rot_idx, lo, hi)
+                  for lo, hi in zip(bounds, bounds[1:])]:
+            f.result()
+        return out
+
+
+# Only these DALI errors mean "a file is not a decodable image": a decoder naming the sample it
+# could not decode, or nvImageCodec's code-stream statuses (3 bad, 4 unsupported, 13/14 the same
+# from an extension, 19 incomplete). Memory and CUDA errors are never the file's fault.
+_DECODE_FAILURE = re.compile(r"Failed to decode sample #|nvImageCodec failure: '#(?:3|4|13|14|19)'")
+
+
+_NOT_THE_FILE = re.compile(r"out of memory|CUDA error|cudaError|CUDA_ERROR", re.IGNORECASE)
+
+
+def is_decode_failure(message: str) -> bool:
+    return bool(_DECODE_FAILURE.search(message)) and not _NOT_THE_FILE.search(message)

@@ -1,27 +1,42 @@
-"""Thin iterator over a DALI `rotation_graph` pipeline: epochs, step counts, state, errors.
+"""The DALI loader: a thin iterator over a `rotation_graph` pipeline (epochs, step counts, state,
+errors), and `Feed`, the reader that hands the pipeline its samples' bytes.
 
 DALI's own DALIGenericIterator is not used: its step count follows each rank's shard size
 (ranks can differ by one step -> DDP hang). This wrapper runs the pipeline itself, fed by
-`pipelines.feed.Feed` (image folders and tar shards alike): iteration i is step i % T of epoch
+`Feed` (image folders and tar shards alike): iteration i is step i % T of epoch
 i // T in the order `rank_indices` gives (the torch backend's), so a reader epoch is exactly
 the T steps, with no padding:
   training:   T = floor(floor(M / W) / P) full batches on every rank (equal step counts);
   validation: this rank's contiguous shard, ceil(S_r / P) batches, the last one smaller: every
               image once over all ranks, no padding, no drops. Step counts can differ by one
               between ranks, so do collectives after the loop (sum, then all_reduce).
+The order is a function of i alone, so DALI's checkpoint (which records i) resumes it exactly.
+
+On Lustre/GPFS/NFS a read costs milliseconds however small it is, so reading a step's samples one after
+another starves the decoder. In `Feed` a pool of `reads_in_flight` threads reads the current step's
+samples and those of the next steps (enough of them to keep the pool busy) while DALI decodes:
+a sample is a whole file (open + read + close) or one `os.pread` of a tar, and both release the GIL.
+Reads finish in any order; each step still gets its samples in its own order, because each sample's
+bytes land in its own slot.
+
+Why threads and not DALI's parallel external_source (worker processes): the reads are I/O, so the GIL is no
+limit; processes would copy every batch once more through shared memory, each hold its own descriptors, and
+fork a process whose DALI and CUDA state must not be touched; here a failed read is raised in the caller's
+process, naming its file, at the step it belongs to.
 """
 from __future__ import annotations
 
 import functools
 import io
-import re
+import weakref
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
-from pipelines.contract import Loader, LoaderSpec
-from pipelines.cpu_finisher import CpuFinisher
-from pipelines.dali_graph import external_reader, rotation_graph
-from pipelines.feed import Feed
+from pipelines.batch import LoaderBase, LoaderSpec, rank_indices
+from pipelines.dali_graph import CpuFinisher, external_reader, is_decode_failure, rotation_graph
 from pipelines.listing import BadImageError
 from pipelines.recipe import repair_advice
 from rotnet.cli import InputError
@@ -48,8 +63,8 @@ def mixed_decoder_args(how, train: bool) -> dict:
     return dict(hw_decoder_load=how.hw_decoder_load, **{k: v for k, v in pads.items() if v > 0 and train})
 
 
-class DaliLoader(Loader):
-    """Iterable of (images, labels); see pipelines/__init__.py for the contract.
+class DaliLoader(LoaderBase):
+    """Iterable of (images, labels); see pipelines/batch.py for the contract.
 
     `self.step` counts pipeline runs of the reader epoch, the discarded tail included.
     """
@@ -60,7 +75,7 @@ class DaliLoader(Loader):
         super().__init__(spec)
         self._gpu = spec.device.type == "cuda"
         # CPU: the graph stops after decode + crop and torch/OpenCV finish the batch (faster on
-        # CPU, see pipelines/cpu_finisher.py); GPU: everything in the graph. loader.dali_rotate_in_graph
+        # CPU, see pipelines/dali_graph.py); GPU: everything in the graph. loader.dali_rotate_in_graph
         # forces the full graph on CPU too.
         full = self._gpu or spec.loader.dali_rotate_in_graph
         self._finisher = None if full else CpuFinisher(spec.data.crop_size, list(spec.rotations), spec.mode,
@@ -88,7 +103,7 @@ class DaliLoader(Loader):
         pipe.build()
         return pipe
 
-    # ------------------------------------------------------------ state hooks
+    # ------------------------------------------------------------ epochs and state
     def _end_epoch(self) -> None:
         """Run the rest of a started reader epoch (discarded), so the next epoch starts on its
         boundary. Also right after the loop, so that a checkpoint taken then points there."""
@@ -96,12 +111,15 @@ class DaliLoader(Loader):
             self._run()
             self.step += 1
 
-    def _extra_state(self) -> dict:
+    def state_dict(self) -> dict:
         ckpt = self._pipe.checkpoint() if self._pipe is not None else self._checkpoint
-        return {"dali_checkpoint": ckpt or "", "rank": self.spec.rank, "reader": "feed"}
+        return {**super().state_dict(), "dali_checkpoint": ckpt or "", "rank": self.spec.rank,
+                "reader": "feed"}
 
-    def _restore(self, state: dict) -> None:
-        if state.get("reader") != "feed" and state["format"] == "folder" and state["dali_checkpoint"]:
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)       # checks it is this run's, sets epoch and step
+        folder = state.get("format", "folder") == "folder"   # states saved before tar shards: folders
+        if state.get("reader") != "feed" and folder and state["dali_checkpoint"]:
             raise InputError("loader state is from an earlier rotnet's DALI folder reader (readers.file), "
                              "whose order this one's feed cannot continue: resume with that rotnet")
         self._checkpoint = state["dali_checkpoint"] or None
@@ -164,12 +182,76 @@ class DaliLoader(Loader):
         return self._finisher(views, f, r), torch.as_tensor(y)
 
 
-# Only these DALI errors mean "a file is not a decodable image": a decoder naming the sample it
-# could not decode, or nvImageCodec's code-stream statuses (3 bad, 4 unsupported, 13/14 the same
-# from an extension, 19 incomplete). Memory and CUDA errors are never the file's fault.
-_DECODE_FAILURE = re.compile(r"Failed to decode sample #|nvImageCodec failure: '#(?:3|4|13|14|19)'")
-_NOT_THE_FILE = re.compile(r"out of memory|CUDA error|cudaError|CUDA_ERROR", re.IGNORECASE)
+def read_sample(spec, j: int) -> bytes:
+    """The encoded bytes of sample j: its whole file (folders) or its tar member (shards); BadImageError
+    naming it when it cannot be read or is empty."""
+    name = spec.paths[j]
+    try:
+        if spec.shards is not None:
+            data = spec.shards.read(j)
+        else:
+            with open(name, "rb", buffering=0) as f:
+                data = f.read()
+    except OSError as e:
+        raise BadImageError(f"cannot read {name!r}: {e.strerror or e}") from e
+    if not data:
+        raise BadImageError(f"{name!r} is empty (0 bytes); remove it or list without it "
+                            "(`python -m pipelines.scan SPLIT_DIR --out LIST`)")
+    return data
 
 
-def is_decode_failure(message: str) -> bool:
-    return bool(_DECODE_FAILURE.search(message)) and not _NOT_THE_FILE.search(message)
+class Feed:
+    """`external_source` callback: iteration i -> (uint8 (size,) arrays, int32 (B, 1) labels) of step i.
+
+    `read(j) -> bytes` reads sample j (default `read_sample`; tests inject slow or failing readers).
+    """
+
+    def __init__(self, spec, steps: int, read=None):
+        self.spec, self.steps = spec, steps
+        self.read = read or functools.partial(read_sample, spec)
+        self.labels = np.asarray(spec.labels, dtype=np.int32)
+        n = max(1, spec.loader.reads_in_flight)
+        self.ahead = -(-n // spec.pipe_batch)       # steps read ahead: enough to keep n reads queued
+        self.recent = deque(maxlen=max(1, spec.loader.prefetch) + 2)   # steps handed to DALI, newest last
+        self._pool = ThreadPoolExecutor(n, thread_name_prefix="rotnet-read")
+        # wait=False: a forked child that collects this object has no pool threads to join
+        self._close = weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
+        self._pending = {}                          # iteration -> futures of its samples' bytes, in order
+        self._orders = {}                           # epoch -> this rank's indices (int64 array)
+
+    def indices(self, i: int) -> np.ndarray:
+        """Sample indices of iteration i, in batch order."""
+        epoch, step = divmod(i, self.steps)
+        if epoch not in self._orders:
+            s = self.spec
+            self._orders[epoch] = np.asarray(
+                rank_indices(len(s.paths), s.pipe_batch, s.rank, s.world_size, s.train, s.seed, epoch),
+                dtype=np.int64)
+        p = self.spec.pipe_batch
+        return self._orders[epoch][step * p:(step + 1) * p]
+
+    def __call__(self, i: int):
+        idx = self.indices(i)
+        data = [np.frombuffer(b, dtype=np.uint8) for b in self.take(i)]
+        self.recent.append(idx)
+        return data, self.labels[idx].reshape(-1, 1)
+
+    def take(self, i: int) -> list[bytes]:
+        """The bytes of iteration i's samples (waiting for them), after queueing the next steps' reads."""
+        for k in [k for k in self._pending if k < i]:   # behind us (never, in a forward run): drop
+            for f in self._pending.pop(k):
+                f.cancel()
+        for k in range(i, i + 1 + self.ahead):
+            if k not in self._pending:
+                self._pending[k] = [self._pool.submit(self.read, int(j)) for j in self.indices(k)]
+        for e in [e for e in self._orders if e < i // self.steps]:
+            del self._orders[e]
+        return [f.result() for f in self._pending.pop(i)]
+
+    def in_flight(self) -> list[int]:
+        """Samples of the steps recently handed to DALI: where an image it failed to decode is."""
+        return [int(j) for idx in self.recent for j in idx]
+
+    def close(self) -> None:
+        """Stop the read threads (queued reads are dropped)."""
+        self._close()

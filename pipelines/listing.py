@@ -1,4 +1,4 @@
-"""Which files a loader reads: folder listing, file lists, per-class subsets, shard arithmetic.
+"""Which files a loader reads: image folders and file lists; tar shards (`data.format: shards`).
 
 ImageNet layout: SPLIT/CLASS/IMAGE. Class index = position of CLASS in sorted folder order
 (what torchvision's ImageFolder does), so indices agree between the train and val splits.
@@ -9,15 +9,22 @@ File lists (written by `python -m pipelines.scan`, read here) have one `relative
 line per image, the path relative to the split folder; the label is the last whitespace
 separated token, so paths may contain spaces. `data.file_list` may contain `{split}`, which
 is replaced by the split folder's name, so one config value serves train and val.
+
+Tar shards (webdataset layout) are read here. A shard folder (`python -m pipelines.pack_shards`):
+manifest.json, written last; shard-000000.tar (KEY.<image ext>, KEY.cls; KEY = packed position);
+shard-000000.idx (DALI's wds2idx index).
+A sample is one `os.pread` of a tar kept open. Format and sample order: docs/pipelines.md.
 """
 from __future__ import annotations
 
+import gc
+import json
 import os
+import threading
 import warnings
 from collections.abc import Iterable, Iterator
 
 import numpy as np
-import torch
 
 from rotnet.atomic import write_text
 from rotnet.cli import InputError
@@ -238,69 +245,150 @@ def resolve_file_list(file_list: str, split_dir: str, train_dir: str) -> str:
     return file_list if split == os.path.basename(os.path.normpath(train_dir)) else ""
 
 
-def subset_per_class(labels: list[int], per_class: int, seed: int) -> list[int]:
-    """Indices of a seeded random subset of `per_class` images of every class, sorted.
-
-    Deterministic in (labels, per_class, seed) only, so every rank picks the same subset.
-    A class with fewer images contributes all of them (with a warning).
-    """
-    g = torch.Generator().manual_seed(seed)
-    by_class: dict[int, list[int]] = {}
-    for i, lab in enumerate(labels):
-        by_class.setdefault(lab, []).append(i)
-    chosen, short = [], []
-    for lab in sorted(by_class):
-        idx = by_class[lab]
-        perm = torch.randperm(len(idx), generator=g).tolist()
-        if len(idx) < per_class:
-            short.append(lab)
-        chosen.extend(idx[j] for j in perm[:per_class])
-    if short:
-        warnings.warn(f"labels_per_class={per_class}: classes {short[:10]} have fewer: all used")
-    return sorted(chosen)
+# ------------------------------------------------------------ tar shards
+MANIFEST = "manifest.json"
+FORMAT = "rotnet-shards"
+FORMAT_VERSION = 1
+INDEX_VERSION = "v1.2"              # DALI's wds2idx index format
+LABEL_EXT = "cls"
+# Member extension per source extension; decoders read the content, so a PNG named .JPEG still decodes.
+IMAGE_EXT = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".ppm": "ppm", ".bmp": "bmp", ".pgm": "pgm",
+             ".tif": "tiff", ".tiff": "tiff", ".webp": "webp"}
 
 
-class PathTable:
-    """A split's file paths for a loader (`LoaderSpec.paths`): a sequence of str, held as one UTF-8
-    buffer after their common folder plus an int64 array of ends.
-
-    At ImageNet's 1.28M files a tuple of str costs ~110 bytes a path on every rank; this costs the
-    bytes after the folder plus 8. It is also never written once built: reading a str out of a
-    tuple writes its reference count, so every forked DataLoader worker ends up copying each page
-    of them, while the buffer and the array stay shared.
-    """
-
-    def __init__(self, paths: list[str]):
-        # the common folder ("ROOT/train/"), not a common name start ("ROOT/train/n0")
-        self.root = os.path.commonprefix([min(paths), max(paths)] if paths else [""])
-        self.root = self.root[: self.root.rfind("/") + 1]
-        cut = len(self.root)
-        parts = [p[cut:].encode("utf-8", "surrogateescape") for p in paths]
-        self._ends = np.cumsum([len(b) for b in parts], dtype=np.int64)
-        self._blob = b"".join(parts)
-
-    def __len__(self) -> int:
-        return len(self._ends)
-
-    def relative(self, i: int) -> str:
-        """Path i after `self.root`."""
-        start = int(self._ends[i - 1]) if i > 0 else 0
-        return self._blob[start: int(self._ends[i])].decode("utf-8", "surrogateescape")
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(f"path {i} of {len(self)}")
-        return self.root + self.relative(i)
-
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
+def shard_files(i: int) -> tuple[str, str]:
+    """(tar, index) file names of shard i."""
+    return f"shard-{i:06d}.tar", f"shard-{i:06d}.idx"
 
 
-def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
-    """[start, end) of shard `rank` of `n` items: DALI's formula (floor(n*r/W)), sizes differ by <= 1."""
-    return n * rank // world_size, n * (rank + 1) // world_size
+def member_key(position: int) -> str:
+    """Sample key: its position in packed order (digits only: no dot, so the extension is clear)."""
+    return f"{position:09d}"
+
+
+def index_text(samples: list[list[tuple[str, int, int, str]]]) -> str:
+    """Index of a tar: per sample its members as (ext, data offset, size, member name)."""
+    lines = [f"{INDEX_VERSION} {len(samples)}"]
+    lines += [" ".join(f"{ext} {off} {size} {name}" for ext, off, size, name in s) for s in samples]
+    return "\n".join(lines) + "\n"
+
+
+def read_index(path: str) -> list[dict[str, tuple[int, int, str]]]:
+    """Per sample {ext: (data offset, size, member name)}; ValueError naming the file if malformed."""
+    with open(path, encoding="utf-8") as f:
+        head, *rows = f.read().splitlines()
+    version, _, count = head.partition(" ")
+    if version != INDEX_VERSION or not count.isdigit() or int(count) != len(rows):
+        raise ValueError(f"{path}: not a {INDEX_VERSION} index of {len(rows)} samples (header {head!r})")
+    # Many small containers trigger full collections over torch's and DALI's objects: pause the GC.
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        samples = []
+        for n, row in enumerate(rows, 2):
+            parts = row.split(" ")
+            if len(parts) % 4:
+                raise ValueError(f"{path}:{n}: expected 'ext offset size name' per member, got {row!r}")
+            samples.append({parts[i]: (int(parts[i + 1]), int(parts[i + 2]), parts[i + 3])
+                            for i in range(0, len(parts), 4)})
+        return samples
+    finally:
+        if paused:
+            gc.enable()
+
+
+class ShardSet:
+    """Sample i = `size[i]` bytes at `offset[i]` of tar `tar_of[i]`; picklable; keeps tars open."""
+
+    def __init__(self, tars, tar_of, offset, size):
+        self.tars = tuple(tars)
+        self.tar_of, self.offset, self.size = (np.asarray(a, dtype=np.int64) for a in (tar_of, offset, size))
+        self._fds, self._pid, self._lock = {}, None, threading.Lock()
+
+    def __getstate__(self):
+        return {"tars": self.tars, "tar_of": self.tar_of, "offset": self.offset, "size": self.size}
+
+    def __setstate__(self, state):
+        self.__init__(**state)
+
+    def subset(self, keep: list[int]) -> "ShardSet":
+        return ShardSet(self.tars, self.tar_of[keep], self.offset[keep], self.size[keep])
+
+    def read(self, i: int) -> bytes:
+        t, off, size = int(self.tar_of[i]), int(self.offset[i]), int(self.size[i])
+        data = os.pread(self._fd(t), size, off)
+        if len(data) != size:
+            raise BadImageError(f"{self.tars[t]} ends at byte {off + len(data)}, before the member at "
+                                f"{off}+{size} (truncated shard: repack it)")
+        return data
+
+    def _fd(self, t: int) -> int:
+        with self._lock:
+            if self._pid != os.getpid():       # a forked worker: the parent's descriptors are not ours
+                self._fds, self._pid = {}, os.getpid()
+            fd = self._fds.get(t)
+            if fd is None:
+                if len(self._fds) >= _fd_budget():
+                    os.close(self._fds.pop(next(iter(self._fds))))   # the longest open
+                fd = self._fds[t] = os.open(self.tars[t], os.O_RDONLY)
+            return fd
+
+
+def _fd_budget() -> int:
+    """Tars one process keeps open: half its descriptor limit (the longest open is closed beyond)."""
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return 256
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(16, min(soft, 1 << 20) // 2)
+
+
+def read_manifest(shard_dir: str) -> dict:
+    path = os.path.join(shard_dir, MANIFEST)
+    if not os.path.isfile(path):
+        why = "the packer did not finish: rerun it" if os.path.isdir(shard_dir) else "folder not found"
+        raise BadImageError(f"no {MANIFEST} in {shard_dir!r} ({why}); data.format=shards reads folders "
+                            "written by `python -m pipelines.pack_shards SPLIT_DIR --out DIR`")
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:   # unreadable, or not JSON (a copy cut short)
+        raise BadImageError(f"cannot read {path!r} ({e}); repack: python -m pipelines.pack_shards") from None
+    kind = (manifest.get("format"), manifest.get("version")) if isinstance(manifest, dict) else None
+    if kind != (FORMAT, FORMAT_VERSION):
+        raise BadImageError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest; "
+                            "repack with `python -m pipelines.pack_shards`")
+    return manifest
+
+
+def list_shards(shard_dir: str) -> tuple[list[str], list[int], list[str], ShardSet]:
+    """(member names "DIR/shard-000000.tar:000000017.jpg", labels, class names, ShardSet), packed
+    order; a tar or index that disagrees with the manifest is an error naming the file."""
+    shard_dir = os.path.abspath(shard_dir)
+    manifest = read_manifest(shard_dir)
+    names, labels, tars, tar_of, offset, size = [], [], [], [], [], []
+    for t, entry in enumerate(manifest["shards"]):
+        tar, idx = (os.path.join(shard_dir, entry[k]) for k in ("tar", "index"))
+        if not os.path.isfile(tar) or os.path.getsize(tar) != entry["bytes"]:
+            raise BadImageError(f"shard {tar!r} is missing or not {entry['bytes']} bytes as {MANIFEST} says; "
+                                "rerun the packer on the same source and --out (it rewrites only bad shards)")
+        samples = read_index(idx)
+        if len(samples) != entry["count"] or len(entry["labels"]) != entry["count"]:
+            raise BadImageError(f"{idx!r} lists {len(samples)} samples, {MANIFEST} {entry['count']}: repack")
+        tars.append(tar)
+        for s in samples:
+            image = [ext for ext in s if ext != LABEL_EXT]
+            if len(image) != 1:
+                raise BadImageError(f"{idx!r}: a sample of {sorted(s)}, expected one image and .{LABEL_EXT}")
+            off, n, member = s[image[0]]
+            names.append(f"{tar}:{member}")
+            tar_of.append(t)
+            offset.append(off)
+            size.append(n)
+        labels.extend(entry["labels"])
+    count = manifest["count"]
+    if len(names) != count:
+        raise BadImageError(f"{shard_dir!r}: shards hold {len(names)} samples, {MANIFEST} says {count}")
+    return names, labels, list(manifest["classes"]), ShardSet(tars, tar_of, offset, size)
 

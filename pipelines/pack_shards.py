@@ -15,10 +15,9 @@ import sys
 import tarfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
-from pipelines import shard_reader
-from pipelines.contract import derive_seed
-from pipelines.listing import BadImageError, list_images
-from pipelines.shard_reader import IMAGE_EXT, LABEL_EXT, MANIFEST, shard_files
+from pipelines import listing
+from pipelines.batch import derive_seed
+from pipelines.listing import IMAGE_EXT, LABEL_EXT, MANIFEST, BadImageError, list_images, shard_files
 from rotnet.atomic import TMP, atomic_path, write_text
 from rotnet.checkpoint import git_commit
 from rotnet.cli import ArgumentParser, InputError, UsageError, one_line_errors
@@ -41,7 +40,7 @@ def make_plan(split_dir: str, file_list: str, shard_size: int, seed: int) -> tup
     shards = [members[k:k + shard_size] for k in range(0, len(members), shard_size)]
     record = {"source": split_dir, "file_list": os.path.abspath(file_list) if file_list else "",
               "seed": seed, "shard_size": shard_size, "count": len(paths), "classes": classes,
-              "listing_sha256": digest.hexdigest(), "version": shard_reader.FORMAT_VERSION}
+              "listing_sha256": digest.hexdigest(), "version": listing.FORMAT_VERSION}
     return record, shards
 
 
@@ -79,7 +78,7 @@ def shard_complete(out: str, i: int, count: int) -> bool:
     if not (os.path.isfile(tar) and os.path.isfile(idx)):
         return False
     try:
-        samples = shard_reader.read_index(idx)
+        samples = listing.read_index(idx)
     except (ValueError, OSError):
         return False
     return len(samples) == count and os.path.getsize(tar) == tar_bytes(samples)
@@ -104,7 +103,7 @@ def write_shard(out: str, i: int, members: list[tuple]) -> tuple[int, int]:
     with atomic_path(os.path.join(out, tar_name), size=planned_bytes(members)) as tmp_tar:
         with open(tmp_tar, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
             for path, label, pos in members:
-                key = shard_reader.member_key(pos)
+                key = listing.member_key(pos)
                 ext = IMAGE_EXT[os.path.splitext(path)[1].lower()]
                 try:
                     with open(path, "rb") as src:
@@ -118,7 +117,7 @@ def write_shard(out: str, i: int, members: list[tuple]) -> tuple[int, int]:
                     sample.append((name.split(".", 1)[1], tf.offset + tarfile.BLOCKSIZE, len(data), name))
                     tf.addfile(info, io.BytesIO(data))
                 index.append(sample)
-        write_text(os.path.join(out, idx_name), shard_reader.index_text(index))   # before the tar's rename
+        write_text(os.path.join(out, idx_name), listing.index_text(index))   # before the tar's rename
     return i, os.path.getsize(os.path.join(out, tar_name))
 
 
@@ -165,7 +164,7 @@ def pack(split_dir: str, out: str, shard_size: int, workers: int, seed: int = 0,
         size = os.path.getsize(os.path.join(out, tar))
         entries.append({"tar": tar, "index": idx, "count": len(members), "bytes": size,
                         "labels": [lab for _, lab, _ in members]})
-    manifest = {"format": shard_reader.FORMAT, "version": shard_reader.FORMAT_VERSION,
+    manifest = {"format": listing.FORMAT, "version": listing.FORMAT_VERSION,
                 "tool": "python -m pipelines.pack_shards", "tool_commit": git_commit(),
                 **{k: record[k] for k in ("count", "classes", "source", "file_list", "seed", "shard_size")},
                 "shards": entries}

@@ -1,10 +1,14 @@
-"""The crop recipe in torch ops: the torch backend, resident images and visualize.py all use this.
+"""The reference recipe in torch ops: decode, crop, flip, rotations. The torch backend, resident images
+and visualize.py run it; pipelines/dali_graph.py is the same recipe as a DALI graph (GPU) and as a
+graph plus an OpenCV finisher (CPU), both tested against this file (tests/pipelines/test_recipe.py).
 
   imagenet  train: random-resized-crop (area [min_scale, 1], ratio [3/4, 4/3]) + flip;
             eval: resize the shorter side to resize_size, centre crop crop_size.
   cifar     train: zero-pad 4, random crop_size crop (9 x 9 positions) + flip; eval: centre crop.
-pipelines/dali_graph.py is the same recipe as a DALI graph. A batch's generator draws flips, crop
-windows, then one_random's rotations.
+Rotations (all backends): `a` degrees = `torch.rot90(img_hwc, a // 90, dims=(0, 1))`, counter-
+clockwise as displayed; odd multiples of 45 rotate bilinearly about the centre, corners 0.
+Mode "all" batches are sample-major: row K*i + r is original i rotated by rotations[r], label r.
+A batch's generator draws flips, crop windows, then one_random's rotations.
 """
 from __future__ import annotations
 
@@ -15,9 +19,8 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torchvision.io import ImageReadMode, decode_image, read_file
 
-from pipelines.contract import check_recipe
+from pipelines.batch import check_recipe
 from pipelines.listing import BadImageError
-from pipelines.rotations import rotate_batch, to_device
 
 
 def decode_rgb(path: str, data: bytes | None = None) -> torch.Tensor:
@@ -106,8 +109,38 @@ def _cifar_gather(x: torch.Tensor, off: torch.Tensor, flip: torch.Tensor) -> tor
     ar = torch.arange(s)
     rows = off[:, :1] + ar                                  # (P, S)
     cols = torch.where(flip[:, None], off[:, 1:] + s - 1 - ar, off[:, 1:] + ar)
-    return pad[torch.arange(n, device=dev)[:, None, None], to_device(rows, dev)[:, :, None],
-               to_device(cols, dev)[:, None, :]]
+    return pad[torch.arange(n, device=dev)[:, None, None], pinned_copy(rows, dev)[:, :, None],
+               pinned_copy(cols, dev)[:, None, :]]
+
+
+def rotate_hwc(img: torch.Tensor, angle: int) -> torch.Tensor:
+    """Rotate uint8 (..., H, W, C) images, H == W, by `angle` degrees (multiple of 45)."""
+    if angle % 90 == 0:
+        return torch.rot90(img, angle // 90, dims=(-3, -2))
+    chw = img.movedim(-1, -3)  # (..., C, H, W) view: torchvision rotates CHW
+    out = TF.rotate(chw, float(angle), interpolation=TF.InterpolationMode.BILINEAR, expand=False, fill=0)
+    return out.movedim(-3, -1).contiguous()
+
+
+def rotate_batch(x: torch.Tensor, rotations: list[int], mode: str, g: torch.Generator):
+    """uint8 (P, S, S, C) -> "all": ((P, K, S, S, C), None); "one_random": (x_i by rotations[r_i], r (P,))."""
+    if mode == "all":
+        return torch.stack([rotate_hwc(x, a) for a in rotations], dim=1), None
+    r = torch.randint(0, len(rotations), (x.shape[0],), generator=g)
+    out = torch.empty_like(x)
+    for j, a in enumerate(rotations):  # one batched op per angle
+        sel = pinned_copy((r == j).nonzero().flatten(), x.device)
+        if len(sel):
+            out[sel] = rotate_hwc(x[sel], a)
+    return out, r
+
+
+def pinned_copy(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor (indices) on `device` without a host sync: on CUDA an async copy from pinned
+    memory, elsewhere `.to`."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def make_batch(spec, key: tuple[int, int], images, labels: torch.Tensor, cropped: bool = False):

@@ -16,7 +16,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from pipelines import dali_available, listing
+from pipelines import listing
 from pipelines.listing import SplitLayoutError, class_folders, find_images, is_image_file, split_layout
 from rotnet.cli import ArgumentParser, InputError, one_line_errors
 
@@ -25,6 +25,15 @@ from rotnet.cli import ArgumentParser, InputError, one_line_errors
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*",
           b"P1", b"P2", b"P3", b"P4", b"P5", b"P6", b"\x00\x00\x00\x0cjP  ", b"\xff\x4f\xff\x51")
 BATCH = 64   # images a DALI scan decodes at once
+
+
+def dali_available() -> bool:
+    """Whether nvidia.dali imports: the scan decodes with it, and loader.backend=auto picks it."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def format_problem(head: bytes) -> str:
@@ -99,7 +108,7 @@ def _dali_decoder(workers: int):
 def dali_reasons(paths: list[str], workers: int) -> list[str]:
     """'' or the reason for each of `paths`, decoded by DALI's CPU decoder BATCH at a time; a batch
     that fails (DALI names no file, and the pipeline is spent) is decoded again one file at a time."""
-    from pipelines.dali_loader import is_decode_failure
+    from pipelines.dali_graph import is_decode_failure
 
     pipe, reasons = None, [""] * len(paths)
 

@@ -121,7 +121,7 @@ def d2_symmetric(rng: np.random.Generator, size: int) -> np.ndarray:
 
 def make_paired_dataset(root: Path, n: int, global_batch: int, seed: int = 0) -> Path:
     """ROOT/train/c0/iNNN.png laid out for the DDP equivalence test (module docstring)."""
-    from pipelines.torch_backend import EpochSampler
+    from pipelines.torch_loader import EpochSampler
 
     order = EpochSampler(n, global_batch, rank=0, world=1, train=True, seed=seed).indices()  # epoch 0
     assert sorted(order) == list(range(n)), "n must be a multiple of the global batch"

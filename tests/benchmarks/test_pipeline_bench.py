@@ -8,7 +8,7 @@ from benchmarks import pipeline
 from benchmarks.ffcv_rows import jpeg_quality
 from benchmarks.pipeline import output_spec, rotate4, table, unequal_rows
 from pipelines import prepare_batch
-from pipelines.rotations import rotate_batch
+from pipelines.recipe import rotate_batch
 from rotnet.config import load_config
 from tests.pipelines.images import make_folder
 

@@ -18,10 +18,10 @@ import torch
 import pipelines.pack_shards as pack_shards
 import visualize
 from pipelines import BadImageError, build_class_loader, build_rotation_loader
+from pipelines.listing import MANIFEST, list_shards, shard_files
 from pipelines.pack_shards import main as shards_main
 from pipelines.pack_shards import pack, shard_complete
 from pipelines.sample_data import ensure_sample_data
-from pipelines.shard_reader import MANIFEST, list_shards, shard_files
 from rotnet.cli import InputError, UsageExit
 from tests.pipelines.images import HAVE_DALI, KINDS, cfg, make_folder, needs_dali
 from tests.tiny_run import train_in_process

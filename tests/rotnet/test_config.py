@@ -113,8 +113,7 @@ def test_literal_choices_match_what_the_code_accepts():
     import typing
 
     from models import MODELS
-    from pipelines.normalize import NORMALIZE_MODES
-    from pipelines.rotations import ROTATION_MODES
+    from pipelines.batch import NORMALIZE_MODES, ROTATION_MODES
     from probes.heads import HEADS
     from rotnet.config import DataConfig, LoaderConfig, ModelConfig, ProbeConfig
 

@@ -1,8 +1,9 @@
-"""pipelines.cpu_finisher: the CPU finisher's OpenCV rotations equal torch.rot90 of the flipped crop."""
+"""pipelines.dali_graph, the recipe as DALI runs it: the CPU finisher's OpenCV rotations equal the reference
+(torch.rot90 of the flipped crop, pipelines.recipe.rotate_hwc); which DALI errors are a bad file."""
 import pytest
 import torch
 
-from pipelines.rotations import rotate_hwc
+from pipelines.recipe import rotate_hwc
 from tests.pipelines.images import needs_dali
 
 pytestmark = needs_dali  # the finisher belongs to the DALI CPU loader (and imports its OpenCV dependency)
@@ -12,7 +13,7 @@ pytestmark = needs_dali  # the finisher belongs to the DALI CPU loader (and impo
 @pytest.mark.parametrize("flip", [False, True])
 @pytest.mark.parametrize("layout", ["contiguous", "view"])
 def test_rotations_into_matches_rot90(rotations, flip, layout):
-    from pipelines.cpu_finisher import rotations_into
+    from pipelines.dali_graph import rotations_into
 
     g = torch.Generator().manual_seed(len(rotations) + flip)
     x = torch.randint(0, 256, (17, 17, 3), dtype=torch.uint8, generator=g)
@@ -27,7 +28,7 @@ def test_rotations_into_matches_rot90(rotations, flip, layout):
 
 
 def test_finisher_batch_shapes_and_ragged_crops():
-    from pipelines.cpu_finisher import CpuFinisher
+    from pipelines.dali_graph import CpuFinisher
 
     crops = [torch.randint(0, 256, (h, w, 3), dtype=torch.uint8) for h, w in [(10, 14), (20, 20), (31, 9)]]
     finish = CpuFinisher(crop=20, rotations=[0, 90, 180, 270], mode="all", threads=2)
@@ -43,7 +44,7 @@ def test_finisher_batch_shapes_and_ragged_crops():
 @pytest.mark.parametrize("hw", [(10, 14), (20, 9), (31, 40), (25, 12)])
 def test_resize_hwc_close_to_torch_bilinear(hw):
     """OpenCV (enlarging) and torch (shrinking) paths both equal torch's antialiased bilinear to +-1."""
-    from pipelines.cpu_finisher import resize_hwc
+    from pipelines.dali_graph import resize_hwc
 
     x = torch.randint(0, 256, (*hw, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(hw[0]))
     out = resize_hwc(x, 20)
@@ -51,3 +52,14 @@ def test_resize_hwc_close_to_torch_bilinear(hw):
                                           antialias=True, align_corners=False)[0].permute(1, 2, 0)
     assert out.shape == (20, 20, 3) and out.dtype == torch.uint8
     assert (out.float() - ref).abs().max() <= 1.0
+
+
+def test_decode_failures_are_told_from_other_errors():
+    from pipelines.dali_graph import is_decode_failure
+
+    decoder = "Error in CPU operator `nvidia.dali.fn.decoders.image`,\n...\nencountered:\n\n"
+    assert is_decode_failure(decoder + "Failed to decode sample #6 : c1/trunc.JPEG")  # as DALI 2.4 says it
+    assert is_decode_failure(decoder + "nvImageCodec failure: '#4'")                  # not an image at all
+    assert not is_decode_failure(decoder + "nvImageCodec failure: '#5'")              # allocator failure
+    assert not is_decode_failure(decoder + "Failed to decode sample #1 : a.jpg\nCUDA error: out of memory")
+    assert not is_decode_failure("libnvjpeg.so.12: cannot open shared object file: No such file or directory")

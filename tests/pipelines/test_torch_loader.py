@@ -1,14 +1,35 @@
-"""The torch backend's DataLoader workers pin glibc's mmap threshold (else a worker's heap grows
-with every step of decoded ImageNet-sized images; benchmarks/scale.py's leak stage measures it)."""
+"""The torch loader: its two sources of images (files decoded every epoch, or loader.resident) make the
+same batches; its DataLoader workers pin glibc's mmap threshold (else a worker's heap grows with every
+step of decoded ImageNet-sized images; benchmarks/scale.py's leak stage measures it)."""
 import ctypes
 import os
 import sys
 
 import pytest
+import torch
 
-from pipelines import build_rotation_loader
-from pipelines.torch_backend import fix_mmap_threshold
+from pipelines import build_class_loader, build_rotation_loader
+from pipelines.torch_loader import fix_mmap_threshold
 from tests.pipelines.images import cfg, make_folder
+
+
+@pytest.mark.parametrize("recipe", ["imagenet", "cifar"])
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("build", [build_rotation_loader, build_class_loader])
+def test_resident_images_make_the_streamed_batches(tmp_path, recipe, train, build):
+    """One loader, two image sources: decoded once and kept (resident) or decoded every step; the same
+    seed gives the same batches, across an epoch boundary too."""
+    split = make_folder(tmp_path / "train", [3, 3], size=(36, 44))
+    batches = [[], []]
+    for resident, out in zip((False, True), batches):
+        loader = build(cfg(backend="torch", resident=resident, num_threads=0, recipe=recipe), split,
+                       batch_size=2, rank=0, world_size=1, local_rank=0, device="cpu", train=train, seed=3)
+        for epoch in (0, 1):
+            loader.set_epoch(epoch)
+            out.extend(loader)
+    assert len(batches[0]) == len(batches[1]) > 0
+    for (x, y), (xr, yr) in zip(*batches):
+        assert torch.equal(x, xr) and torch.equal(y, yr)
 
 
 def test_workers_start_with_a_fixed_mmap_threshold(tmp_path):

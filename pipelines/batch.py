@@ -1,0 +1,327 @@
+"""What a batch is: the contract every loader keeps, and the code that keeps it.
+
+    loader = build_rotation_loader(cfg, split_dir, batch_size=N, rank=.., world_size=..,
+                                   local_rank=.., device=dev, train=True, seed=cfg.train.seed)
+    for images, labels in loader:
+        x = prepare_batch(images, cfg.data, channels_last=True)
+
+Contract (every backend, every loader):
+  images  uint8 (B, H, W, C) on `device` -- normalise in the trainer with `prepare_batch`;
+          or float16 (B, C, H, W) already normalised, in channels-last memory, when the loader
+          normalises itself (device cuda and loader.normalize "auto"/"graph", or "graph"
+          anywhere); `prepare_batch(.., dtype=)` casts it to the model's input dtype.
+  labels  int64 (B,) on `device`.
+  rotation loader, mode "all": B = K*N (K = len(data.rotations), N = batch_size), sample-major:
+          row K*i + r is original i rotated by data.rotations[r], label r.
+          mode "one_random": K*N originals per step, one random rotation each, label = index.
+  class loader: B = N original crops with class labels.
+  len(loader) steps per epoch on this rank (equal on all ranks when train=True);
+  .num_samples, .classes, .set_epoch(e), .state_dict(), .load_state_dict(s), .backend.
+
+Kept here, once for every backend: `LoaderSpec` (one loader's job, fixed when built), which samples
+a rank reads (`rank_indices`, `shard_range`), every random stream's seed (`derive_seed`), `assemble`
+(a backend's raw batch -> the contract), `LoaderBase` (steps, epochs, resume state) and `prepare_batch`.
+A backend (pipelines/dali_loader.py, pipelines/torch_loader.py) only makes raw batches.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import math
+import os
+import warnings
+
+import numpy as np
+import torch
+
+from rotnet.cli import InputError
+
+ROTATION_MODES = ("all", "one_random")
+
+
+def check_rotations(rotations, mode: str = "all") -> list[int]:
+    """Validated rotation list (degrees, multiples of 45 in [0, 360), no duplicates)."""
+    rots = [int(r) for r in rotations]
+    if not rots:
+        raise InputError("data.rotations is empty")
+    bad = [r for r in rots if r % 45 or not 0 <= r < 360]
+    if bad:
+        raise InputError(f"data.rotations: {bad} are not multiples of 45 in [0, 360)")
+    if len(set(rots)) != len(rots):
+        raise InputError(f"data.rotations has duplicates: {rots}")
+    if mode not in ROTATION_MODES:
+        raise InputError(f"data.rotation_mode={mode!r}; expected one of {ROTATION_MODES}")
+    return rots
+
+
+RECIPES = ("imagenet", "cifar")   # pipelines/recipe.py in torch ops (the reference), pipelines/dali_graph.py
+
+
+def check_recipe(data) -> None:
+    if data.recipe not in RECIPES:
+        raise InputError(f"data.recipe={data.recipe!r}; expected one of {RECIPES}")
+
+
+NORMALIZE_MODES = ("auto", "graph", "trainer")
+
+
+def normalize_in_graph(mode: str, device: torch.device) -> bool:
+    """True when the loader itself should emit normalised float16 (B, C, H, W), channels-last."""
+    if mode not in NORMALIZE_MODES:
+        raise ValueError(f"loader.normalize={mode!r}; expected one of {NORMALIZE_MODES}")
+    if mode == "auto":
+        return torch.device(device).type == "cuda"
+    return mode == "graph"
+
+
+@functools.cache
+def _stats(mean: tuple, std: tuple, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) float32 (1, C, 1, 1) so that x*scale + shift == (x/255 - mean)/std."""
+    mean, std = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+    scale = (1.0 / (255.0 * std)).view(1, -1, 1, 1).to(device)
+    return scale, (-mean / std).view(1, -1, 1, 1).to(device)
+
+
+def prepare_batch(images: torch.Tensor, data, channels_last: bool,
+                  dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+    """Loader images -> model input (B, C, H, W) in `dtype`, on the images' device: uint8 (B, H, W, C)
+    -> (x/255 - mean)/std in float32; a float (B, C, H, W) batch is only cast (dtype=None: kept as is,
+    for autocast). channels_last costs no copy for either."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if images.is_floating_point():
+        if images.dim() != 4 or images.shape[1] != len(data.mean):
+            raise ValueError(f"expected float (B, C, H, W), got shape {tuple(images.shape)}")
+        return images.to(dtype or images.dtype).contiguous(memory_format=fmt)
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        raise ValueError(f"expected uint8 (B, H, W, C), got {images.dtype} {tuple(images.shape)}")
+    scale, shift = _stats(tuple(data.mean), tuple(data.std), str(images.device))
+    x = images.permute(0, 3, 1, 2).float()  # keeps the NHWC strides, i.e. channels_last
+    x = torch.addcmul(shift, x, scale)       # one fused pass: x*scale + shift
+    return x.to(dtype or torch.float32).contiguous(memory_format=fmt)
+
+
+def derive_seed(seed: int, *parts) -> int:
+    """A 31-bit seed for one random stream: the run's seed and labelled parts, e.g. ("shuffle", epoch).
+
+    A hash, not arithmetic, so different (seed, parts) never share a stream by accident; 31 bits
+    suit torch generators and DALI alike.
+    """
+    key = repr((int(seed),) + tuple(parts)).encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") % (2**31 - 1)
+
+
+class PathTable:
+    """A split's file paths for a loader (`LoaderSpec.paths`): a sequence of str, held as one UTF-8
+    buffer after their common folder plus an int64 array of ends.
+
+    At ImageNet's 1.28M files a tuple of str costs ~110 bytes a path on every rank; this costs the
+    bytes after the folder plus 8. It is also never written once built: reading a str out of a
+    tuple writes its reference count, so every forked DataLoader worker ends up copying each page
+    of them, while the buffer and the array stay shared.
+    """
+
+    def __init__(self, paths: list[str]):
+        # the common folder ("ROOT/train/"), not a common name start ("ROOT/train/n0")
+        self.root = os.path.commonprefix([min(paths), max(paths)] if paths else [""])
+        self.root = self.root[: self.root.rfind("/") + 1]
+        cut = len(self.root)
+        parts = [p[cut:].encode("utf-8", "surrogateescape") for p in paths]
+        self._ends = np.cumsum([len(b) for b in parts], dtype=np.int64)
+        self._blob = b"".join(parts)
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def relative(self, i: int) -> str:
+        """Path i after `self.root`."""
+        start = int(self._ends[i - 1]) if i > 0 else 0
+        return self._blob[start: int(self._ends[i])].decode("utf-8", "surrogateescape")
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"path {i} of {len(self)}")
+        return self.root + self.relative(i)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, end) of shard `rank` of `n` items: DALI's formula (floor(n*r/W)), sizes differ by <= 1."""
+    return n * rank // world_size, n * (rank + 1) // world_size
+
+
+def subset_per_class(labels: list[int], per_class: int, seed: int) -> list[int]:
+    """Indices of a seeded random subset of `per_class` images of every class, sorted.
+
+    Deterministic in (labels, per_class, seed) only, so every rank picks the same subset.
+    A class with fewer images contributes all of them (with a warning).
+    """
+    g = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, lab in enumerate(labels):
+        by_class.setdefault(lab, []).append(i)
+    chosen, short = [], []
+    for lab in sorted(by_class):
+        idx = by_class[lab]
+        perm = torch.randperm(len(idx), generator=g).tolist()
+        if len(idx) < per_class:
+            short.append(lab)
+        chosen.extend(idx[j] for j in perm[:per_class])
+    if short:
+        warnings.warn(f"labels_per_class={per_class}: classes {short[:10]} have fewer: all used")
+    return sorted(chosen)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderSpec:
+    """One loader's job, fixed when it is built."""
+
+    data: object                 # the frozen DataConfig (recipe, sizes, rotations) and
+    loader: object               # LoaderConfig (threads, prefetch, DALI knobs)
+    mode: str                    # "all" | "one_random" (rotation loaders) | "class" (class loaders)
+    rotations: tuple[int, ...]   # degrees, validated (check_rotations)
+    batch_size: int              # originals per step (N)
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    train: bool                  # training recipe, shuffled and sharded; else eval recipe, in order
+    seed: int
+    normalize: bool              # emit normalised float16 (normalize_in_graph)
+    split_dir: str
+    paths: PathTable             # every file of the split (all ranks), its label, the class names;
+    labels: tuple[int, ...]      # with tar shards, paths name the members ("DIR/shard-000000.tar:KEY.jpg")
+    classes: tuple[str, ...]
+    shards: object = None        # data.format "shards": the pipelines.listing.ShardSet holding the bytes
+
+    @property
+    def k(self) -> int:
+        return len(self.rotations)
+
+    @property
+    def pipe_batch(self) -> int:
+        """Samples drawn per step: N, or K*N originals in one_random (one rotation each)."""
+        return self.batch_size * self.k if self.mode == "one_random" else self.batch_size
+
+    def seed_for(self, *parts) -> int:
+        return derive_seed(self.seed, *parts)
+
+
+def rank_indices(n: int, batch: int, rank: int, world: int, train: bool, seed: int, epoch: int) -> list[int]:
+    """Indices of the n samples that rank `rank` reads in `epoch`, in order, for loaders that pick
+    their own samples (torch backend, resident images, tar shards in DALI).
+
+    Training (as DistributedSampler): a permutation of all n seeded by (seed, epoch), the tail
+    dropped so every rank gets floor(n / W), rank r takes every W-th, full batches only (equal
+    step counts). Validation: rank r's contiguous shard (DALI's split), all of it.
+    """
+    if train:
+        g = torch.Generator().manual_seed(derive_seed(seed, "shuffle", epoch))
+        per_rank = n // world
+        perm = torch.randperm(n, generator=g)[: per_rank * world]
+        idx = perm[rank::world].tolist()
+        return idx[: (len(idx) // batch) * batch]
+    return list(range(*shard_range(n, rank, world)))
+
+
+def rotation_labels(k: int, n: int, device=None) -> torch.Tensor:
+    """int64 (K*N,) labels of a sample-major batch: [0, 1, .., K-1] repeated N times."""
+    return torch.arange(k, device=device, dtype=torch.int64).repeat(n)
+
+
+def assemble(spec: LoaderSpec, x: torch.Tensor, y=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A backend's batch -> the contract's (images, labels) on spec.device.
+
+    x  mode "all": uint8 (N, K, H, W, C), the K rotations of each crop; else (P, H, W, C).
+       Or float16 of those shapes when the DALI graph normalised.
+    y  int (P,): rotation index (one_random) or class label (class); ignored in mode "all".
+    Returns images (K*N | P, H, W, C) uint8, or normalised float16 (B, C, H, W) in channels-last
+    memory when spec.normalize; labels int64 (B,).
+    """
+    dev = spec.device
+    x = x.to(dev, non_blocking=True)
+    if spec.mode == "all":
+        n = x.shape[0]
+        x = x.reshape((n * spec.k,) + tuple(x.shape[2:]))  # sample-major: row K*i + r (a view)
+        y = rotation_labels(spec.k, n, device=dev)
+    else:
+        y = torch.as_tensor(y).reshape(-1).to(dev, torch.int64, non_blocking=True)
+    if spec.normalize:  # float16 (B, C, H, W) on NHWC memory: the model's channels_last, no copy
+        x = (x.permute(0, 3, 1, 2) if x.is_floating_point()
+             else prepare_batch(x, spec.data, channels_last=True, dtype=torch.float16))
+    return x, y
+
+
+class LoaderBase:
+    """Base of both backends' loaders (DaliLoader, TorchLoader subclass it directly): steps, epochs and
+    the resume state, the object side of the contract, written once.
+
+    A backend implements `_batches()`: the raw batches of epoch `self.epoch` from step
+    `self.step` on, each for `assemble`. DALI also finishes its reader epoch in `_end_epoch` and
+    extends `state_dict` / `load_state_dict` with its pipeline's checkpoint.
+    """
+
+    backend = ""
+
+    def __init__(self, spec: LoaderSpec):
+        self.spec = spec
+        self.classes = list(spec.classes)
+        n, w, p = len(spec.paths), spec.world_size, spec.pipe_batch
+        self.num_samples = n                 # originals per epoch, all ranks
+        lo, hi = shard_range(n, spec.rank, w)
+        self._shard = (lo, hi)               # validation: this rank's files, read once each
+        # training: floor(M / W) files per rank, full batches only, so all ranks take equal steps
+        self._steps = (n // w) // p if spec.train else math.ceil((hi - lo) / p)
+        if spec.train and self._steps == 0:
+            raise InputError(f"{spec.split_dir}: {n // w} images per rank < one batch of {p}: lower the "
+                             "batch size or use more data")
+        self.epoch = 0                       # epoch the current/next iteration belongs to
+        self.step = 0                        # batches of that epoch already run
+
+    def __len__(self) -> int:
+        return self._steps
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` (no-op when it is the current one, e.g. resumed mid-epoch)."""
+        if epoch != self.epoch:
+            self._end_epoch()
+            self.epoch, self.step = epoch, 0
+
+    def __iter__(self):
+        if self.step >= self._steps:         # the previous epoch finished without set_epoch
+            self.set_epoch(self.epoch + 1)
+        for x, y in self._batches():
+            self.step += 1
+            yield assemble(self.spec, x, y)
+        self._end_epoch()
+
+    def state_dict(self) -> dict:
+        return {**self._identity(), "seed": self.spec.seed, "epoch": self.epoch, "batch": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue where `state` was saved; refuses a state of another backend or run shape."""
+        if state.get("backend") != self.backend:
+            raise InputError(f"loader state is from backend {state.get('backend')!r}, not {self.backend!r}: "
+                             f"resume with loader.backend={state.get('backend')}")
+        state = {"format": "folder", **state}    # states saved before tar shards existed read folders
+        for key, value in self._identity().items():
+            if state.get(key) != value:
+                raise InputError(f"loader state {key}={state.get(key)!r} does not match this run ({value!r})")
+        self.epoch, self.step = int(state["epoch"]), int(state["batch"])
+
+    def _identity(self) -> dict:
+        s = self.spec
+        return {"backend": self.backend, "format": s.data.format, "mode": s.mode, "world_size": s.world_size,
+                "num_samples": self.num_samples}
+
+    def _batches(self):
+        raise NotImplementedError
+
+    def _end_epoch(self) -> None:
+        """Called when an epoch is left (loop done, or set_epoch)."""
