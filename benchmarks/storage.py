@@ -183,8 +183,8 @@ def dali_steps(args, reader, mode: str, info: dict):
             continue
         crops, _, flips, _ = outs
         views = [torch.from_numpy(np.asarray(crops[i])) for i in range(len(crops))]
-        yield finish(views, np.asarray(flips.as_tensor()).reshape(-1).tolist(), [0] * len(views)).shape[0] \
-            // len(ROTATIONS)
+        # (N, K, S, S, C): N originals, each in its K rotations
+        yield finish(views, np.asarray(flips.as_tensor()).reshape(-1).tolist(), [0] * len(views)).shape[0]
 
 
 # reader(labels=...) as rotation_graph calls it: labels=False drops the label output.
