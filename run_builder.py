@@ -20,7 +20,7 @@ from pipelines import prepare_batch
 from pipelines.sample_data import ensure_sample_data
 from rotnet.config import Config, ConfigError, override, resolve_batch
 from rotnet.distributed import DistInfo, place
-from rotnet.precision import resolve_precision
+from rotnet.precision import amp_args, resolve_precision
 from rotnet.preemption import StopFlag
 from rotnet.schedule import StepSchedule, build_optimizer
 
@@ -65,6 +65,7 @@ class Run:
     scaler: torch.amp.GradScaler
     schedule: StepSchedule
     prepare: Callable[[torch.Tensor], torch.Tensor]   # `batch_preparer` at train.precision
+    amp: dict                   # torch.autocast(**amp) at train.precision (rotnet.precision.amp_args)
     logger: object              # rotnet.progress.RunLogger, or a stand-in with its methods
     stop: StopFlag
     step: int = 0               # optimizer steps taken in total
@@ -93,4 +94,4 @@ def build_run(cfg: Config, info: DistInfo, logger) -> Run:
     schedule = StepSchedule(cfg.optim.schedule, scale, cfg.optim.warmup_epochs)
     return Run(cfg, info, model, raw, build_optimizer(raw.parameters(), schedule(0), cfg.optim),
                torch.amp.GradScaler(info.device.type, enabled=cfg.train.precision == "fp16"), schedule,
-               prepare, logger, StopFlag(info))
+               prepare, amp_args(cfg.train.precision, info.device), logger, StopFlag(info))

@@ -33,7 +33,6 @@ from rotnet.cli import ArgumentParser, InputError, fail
 from rotnet.config import config_to_dict, load_config, save_config
 from rotnet.distributed import all_reduce_sum, cleanup, from_rank0, init_distributed
 from rotnet.epoch_log import DivergedError, EpochLog, diverged
-from rotnet.precision import autocast
 from rotnet.preemption import REQUEUE_EXIT_CODE, Preempted
 from rotnet.progress import RunLogger, log, setup_logging
 from rotnet.runlock import FolderBusyError, hold_folder
@@ -76,7 +75,7 @@ def train_one_epoch(run: Run, loader, epoch: int, start_step: int) -> dict:
             g["lr"] = lr
 
         x = run.prepare(images)                                        # (K*N, 3, H, W) normalised
-        with autocast(cfg.train.precision, run.info.device):
+        with torch.autocast(**run.amp):
             logits = model(x)                                          # (K*N, K)
         loss = F.cross_entropy(logits.float(), labels)
         run.optimizer.zero_grad(set_to_none=True)
@@ -102,7 +101,7 @@ def evaluate_rotation(run: Run, loader) -> float:
     run.raw.eval()
     counts = torch.zeros(2, device=run.info.device, dtype=torch.float64)
     for images, labels in loader:           # validation batches hold real images only (trimmed)
-        with autocast(run.cfg.train.precision, run.info.device):
+        with torch.autocast(**run.amp):
             logits = run.raw(run.prepare(images))
         counts[0] += (logits.argmax(1) == labels).sum()
         counts[1] += labels.numel()

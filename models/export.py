@@ -17,8 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
-from models.rotnet import MODELS, build_model
-from models.trunk import Trunk
+from models import MODELS, build_model
+from models.rotnet import Trunk
 from rotnet.atomic import write_bytes
 from rotnet.checkpoint import atomic_save, load_checkpoint, settings_line
 from rotnet.cli import ArgumentParser, InputError, fail

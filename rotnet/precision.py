@@ -1,8 +1,6 @@
 """Mixed precision: train.precision / eval --precision ('auto', bf16, fp16, fp32) and its autocast."""
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 
 from rotnet.progress import log
@@ -28,8 +26,13 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def amp_args(precision: str, device: torch.device) -> dict:
+    """torch.autocast's arguments for train.precision / eval --precision: bf16 | fp16 | fp32 (off).
+    Resolved once per run, so the training step calls `torch.autocast(**run.amp)` itself."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return {"device_type": device.type, "dtype": dtype, "enabled": dtype is not None}
+
+
 def autocast(precision: str, device: torch.device):
-    """Mixed-precision context for train.precision / eval --precision: bf16 | fp16 | fp32 (none)."""
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
+    """Mixed-precision context for `precision` on `device` (the probes' forward passes)."""
+    return torch.autocast(**amp_args(precision, device))

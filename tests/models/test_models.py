@@ -8,7 +8,7 @@ from torchvision.models import resnet50 as tv_resnet50
 
 from models import MODELS, build_model
 from models.alexnet import alexnet_fc_block
-from models.rotation_head import RotationHead
+from models.rotnet import RotationHead
 from rotnet.checkpoint import CheckpointError
 from rotnet.config import ConfigError, ModelConfig, config_from_dict
 
