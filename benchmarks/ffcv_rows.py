@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from benchmarks.image_set import image_files
-from benchmarks.pipeline import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.sample_data import cache_root
+from rotnet.config import DataConfig
 
 # libjpeg's standard luminance table (quality 50); quality q scales it by 5000/q (q < 50) or 200 - 2q
 # percent.
@@ -104,7 +104,7 @@ def ffcv_batches(args, rotate=None):
             "os_cache, batches_ahead=3")
     if note not in args.notes:
         args.notes.append(note)
-    mean, std = np.array(IMAGENET_MEAN) * 255, np.array(IMAGENET_STD) * 255
+    mean, std = np.array(DataConfig().mean) * 255, np.array(DataConfig().std) * 255
     image = [RandomResizedCropRGBImageDecoder((args.crop, args.crop)), RandomHorizontalFlip(),
              NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage(channels_last=True)]
     loader = Loader(path, batch_size=args.batch_size, num_workers=args.threads, order=OrderOption.RANDOM,

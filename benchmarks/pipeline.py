@@ -42,10 +42,10 @@ from benchmarks.image_set import stats  # noqa: E402
 from benchmarks.report import append_block, machine  # noqa: E402
 from pipelines import build_rotation_loader, prepare_batch  # noqa: E402
 from rotnet.checkpoint import git_commit  # noqa: E402
-from rotnet.config import ConfigError, load_config  # noqa: E402
+from rotnet.config import ConfigError, DataConfig, load_config  # noqa: E402
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# every row normalises by the recipe's mean/std (rotnet.config: ImageNet's)
+IMAGENET_MEAN, IMAGENET_STD = tuple(DataConfig().mean), tuple(DataConfig().std)
 ROWS = ("dali", "torch", "reference", "ffcv", "ffcv-rot")
 ONE_VIEW = ("ffcv",)      # rows that emit N images on purpose: not held to the equal-work spec
 FFCV_ROW = "ffcv-rot"     # the equal-work FFCV row, denominator of the "x FFCV+rot" column

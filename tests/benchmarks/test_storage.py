@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from benchmarks import latency_fs, storage
+from benchmarks import latency_fs, storage, storage_readers
 from rotnet.cli import UsageExit
 
 
@@ -143,7 +143,7 @@ def test_rotnet_reader_only_rows_use_the_loaders_read_only_batches(monkeypatch, 
                         lambda cfg, split_dir, **kw: built.append(cfg) or Feed())
     args = storage.parse_args(["--pool", str(tmp_path), "--quick"])
     info = {}
-    steps = storage.rotnet_steps(args, str(tmp_path), "shards", "reader", info)
+    steps = storage_readers.rotnet_steps(args, str(tmp_path), "shards", "reader", info)
     assert [next(steps) for _ in range(4)] == [4, 2, 4, 2] and info["in_flight"] == args.reads_in_flight
     assert built[0].data.format == "shards" and built[0].loader.num_threads == 2
     assert built[0].loader.reads_in_flight == args.reads_in_flight
