@@ -4,6 +4,7 @@ puts a model on it (DDP across ranks)."""
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import re
 import subprocess
@@ -145,5 +146,8 @@ def place(raw: nn.Module, info: DistInfo, channels_last: bool) -> nn.Module:
 
 
 def cleanup(info: DistInfo) -> None:
+    # Loaders sit in reference cycles (a DALI pipeline and its read feed): free them now, in this
+    # thread, not during interpreter teardown, where a DALI pipeline's threads can abort the process.
+    gc.collect()
     if info.distributed and dist.is_initialized():
         dist.destroy_process_group()
