@@ -293,8 +293,10 @@ def train(args: argparse.Namespace, held: ExitStack) -> None:
         train_loop(run, loader, val_loader, start_epoch, start_step, monitor)
     except Preempted as stop:   # every rank stopped after the same step: its resume point goes to disk
         save(run, loader, stop.epoch, stop.epoch_step)
+        del loader, val_loader, monitor   # for cleanup() to free their DALI pipelines now
         close(run, finished=False)
         raise
+    del loader, val_loader, monitor
     close(run, finished=True)
     log.info(f"done: {cfg.train.output_dir}")
 
