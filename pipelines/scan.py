@@ -56,17 +56,6 @@ def read_head(path: str) -> bytes | None:
         return None
 
 
-def header_ok(path: str) -> bool:
-    """Cheap check: the file starts like an image DALI reads (misses truncation, unlike `check_image`)."""
-    head = read_head(path)
-    return head is not None and not format_problem(head)
-
-
-def bad_headers(paths: list[str]) -> list[str]:
-    """Paths whose first bytes are not an image's (used to name a file DALI did not name)."""
-    return [p for p in paths if not header_ok(p)]
-
-
 def check_image(path) -> str:
     """'' if `path` (a path or a binary file) is a format DALI reads and decodes completely to RGB
     with PIL, else the reason. The scan without DALI; DALI loaders naming a bad shard member."""
