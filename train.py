@@ -31,11 +31,11 @@ from rotnet.atomic import DiskFullError
 from rotnet.checkpoint import check_compatible, find_checkpoint, git_commit, load_checkpoint, save_checkpoint
 from rotnet.cli import ArgumentParser, InputError, fail
 from rotnet.config import config_to_dict, load_config, save_config
-from rotnet.distributed import all_reduce_sum, cleanup, from_rank0, init_distributed
+from rotnet.distributed import all_reduce_sum, cleanup, from_rank0, init_distributed, on_rank0
 from rotnet.epoch_log import DivergedError, EpochLog, diverged
 from rotnet.preemption import REQUEUE_EXIT_CODE, Preempted
 from rotnet.progress import RunLogger, log, setup_logging
-from rotnet.runlock import FolderBusyError, hold_folder
+from rotnet.runlock import hold_folder
 from rotnet.schedule import due_after
 from rotnet.trackers import open_trackers, require
 from run_builder import Run, build_run, resolve
@@ -237,17 +237,11 @@ def train(args: argparse.Namespace, held: ExitStack) -> None:
     cfg = resolve(cfg, info, require=(cfg.data.train_dir,))   # the config this run carries, never changed
     root = Path(cfg.data.root)
     out = Path(cfg.train.output_dir)
-    busy = None
-    if info.is_main:
+    def claim_folder():
         out.mkdir(parents=True, exist_ok=True)
-        try:
-            if cfg.train.lock:
-                held.enter_context(hold_folder(out))
-        except (FolderBusyError, DiskFullError) as e:
-            busy = e
-    busy = from_rank0(busy, info)   # every rank stops when rank 0 was refused (no rank waits for it)
-    if busy is not None:
-        raise busy
+        if cfg.train.lock:
+            held.enter_context(hold_folder(out))
+    on_rank0(claim_folder, info)   # a busy folder or a full disk stops every rank
     setup_logging(info.is_main, out)
     run = build_run(cfg, info, RunLogger(out, info.is_main, tensorboard="tensorboard" in cfg.train.loggers))
 
@@ -268,14 +262,7 @@ def train(args: argparse.Namespace, held: ExitStack) -> None:
     elif cfg.train.monitor_every:
         monitor = KnnMonitor(cfg, info, run.raw.trunk)
 
-    unsaved = None
-    if info.is_main:
-        try:
-            save_config(cfg, out / "config.yaml")
-        except DiskFullError as e:
-            unsaved = e
-    if (unsaved := from_rank0(unsaved, info)) is not None:   # every rank stops, none waits for rank 0
-        raise unsaved
+    on_rank0(lambda: save_config(cfg, out / "config.yaml"), info)
     if info.is_main:
         log.info("resolved config:\n" + "\n".join(f"  {s}: {v}" for s, v in config_to_dict(cfg).items()))
         device = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu"

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from rotnet.cli import UsageError
+from rotnet.cli import InputError, UsageError
 
 
 @dataclass(frozen=True)
@@ -125,6 +125,19 @@ def from_rank0(obj, info: DistInfo):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_rank0(work, info: DistInfo) -> None:
+    """Run `work()` on rank 0 only; bad input it raises there (a busy folder, a full disk) is raised
+    on every rank. A collective that every rank calls: no rank waits for a rank 0 that stopped."""
+    error = None
+    if info.is_main:
+        try:
+            work()
+        except InputError as e:
+            error = e
+    if (error := from_rank0(error, info)) is not None:
+        raise error
 
 
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
