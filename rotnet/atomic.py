@@ -53,19 +53,29 @@ def disk_full(path: str, needed: int, written: int) -> DiskFullError:
 
 
 @contextmanager
+def full_disk_named(path: str | os.PathLike, size: int, partial: str = "") -> Iterator[None]:
+    """A full disk inside the block, which writes `size` bytes to `path` (through `partial`, a
+    temporary file, if given), is a DiskFullError."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _FULL:
+            raise
+        written = os.path.getsize(partial) if partial and os.path.exists(partial) else 0
+        raise disk_full(str(path), size, written) from None
+
+
+@contextmanager
 def atomic_path(path: str | os.PathLike, size: int = 0) -> Iterator[str]:
     """Yield the temporary path to write `path` through: renamed over `path` on a clean exit,
     removed on an exception. `size`: the bytes the file will take, when known (for DiskFullError)."""
     tmp = tmp_path(path)
     try:
-        yield tmp
-        _fsync(tmp)
-        os.replace(tmp, os.path.abspath(path))
-        _fsync(os.path.dirname(tmp))
-    except OSError as e:
-        if e.errno not in _FULL:
-            raise
-        raise disk_full(str(path), size, os.path.getsize(tmp) if os.path.exists(tmp) else 0) from None
+        with full_disk_named(path, size, partial=tmp):
+            yield tmp
+            _fsync(tmp)
+            os.replace(tmp, os.path.abspath(path))
+            _fsync(os.path.dirname(tmp))
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -75,17 +85,6 @@ def write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> None:
     """`path` holds `data` afterwards, or its earlier content if anything failed."""
     with atomic_path(path, size=len(data)) as tmp, open(tmp, "wb") as f:
         f.write(data)
-
-
-@contextmanager
-def full_disk_named(path: str | os.PathLike, size: int) -> Iterator[None]:
-    """A full disk inside the block, which writes `size` bytes to `path` in place, is a DiskFullError."""
-    try:
-        yield
-    except OSError as e:
-        if e.errno not in _FULL:
-            raise
-        raise disk_full(str(path), size, 0) from None
 
 
 def append_text(path: str | os.PathLike, text: str) -> None:
