@@ -101,6 +101,23 @@ def test_out_of_order_reads_give_the_same_batches(split, monkeypatch, fmt, train
     assert order != sorted(order) and len(set(order)) > 3    # the reads did finish out of order
 
 
+@pytest.mark.parametrize("size", [0, 1, 4096, (1 << 20) + 3])
+def test_read_file_reads_whole_files_with_one_read_request(tmp_path, monkeypatch, size):
+    """One read of fstat's size + 1 (the short read is the end of the file), however large the file;
+    a file that grew after the stat (or reports no size) is read on to its end."""
+    from pipelines.dali_loader import read_file
+
+    data = os.urandom(size)
+    (tmp_path / "f").write_bytes(data)
+    reads = []
+    real_read = os.read
+    monkeypatch.setattr(os, "read", lambda fd, n: reads.append(n) or real_read(fd, n))
+    assert read_file(str(tmp_path / "f")) == data and reads == [size + 1]
+
+    monkeypatch.setattr(os, "fstat", lambda fd: os.stat_result((0,) * 10))   # st_size 0, as /proc reports
+    assert read_file(str(tmp_path / "f")) == data
+
+
 def test_reads_in_flight_reads_at_once(split):
     """The pool keeps reads_in_flight reads going, beyond the current step (3 samples) into the next."""
     lock, now, peak = threading.Lock(), [0], [0]
