@@ -174,7 +174,8 @@ def unmount(mount: str) -> None:
 @contextmanager
 def mounted(src: str, mount: str, settings: LinkSettings, timeout: float = 30.0):
     """`src` mounted at `mount` by a server process of its own (its GIL is not the caller's), for the
-    with-block; unmounted and the server stopped on exit, also on an error or SIGTERM."""
+    with-block, which gets the server's process id (for `cpu_seconds`); unmounted and the server
+    stopped on exit, also on an error or SIGTERM."""
     check_setup(src, mount)
     cmd = [sys.executable, os.path.abspath(__file__), src, mount, "--latency-ms", repr(settings.latency_ms),
            "--bandwidth-mbps", repr(settings.bandwidth_mbps), "--attr-timeout", repr(settings.attr_timeout),
@@ -191,7 +192,7 @@ def mounted(src: str, mount: str, settings: LinkSettings, timeout: float = 30.0)
             if time.monotonic() > deadline:
                 raise MountError(f"{mount!r} was not mounted within {timeout:g} s")
             time.sleep(0.05)
-        yield mount
+        yield server.pid
     finally:
         if main:   # a SIGTERM now must not cut the clean-up short: it waits until the end
             signal.signal(signal.SIGTERM, lambda signum, frame: pending.append(signum))
@@ -210,6 +211,13 @@ def mounted(src: str, mount: str, settings: LinkSettings, timeout: float = 30.0)
             signal.signal(signal.SIGTERM, old)
         if pending:
             _exit_on_sigterm(pending[0], None)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds that process `pid` (all its threads) has used so far (Linux)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()   # after "pid (comm)": comm may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")   # utime, stime
 
 
 def small_file_rate(paths: list[str], threads: int) -> float:

@@ -73,6 +73,7 @@ INTRO = ("Each block: one run of `python benchmarks/storage.py`: rotnet's loader
 READERS = ("rotnet folder", "rotnet shards", "DALI readers.file", "DALI readers.webdataset",
            "webdataset + DataLoader")
 MODES = {"reader": "reader-only, samples/s", "full": "full pipeline, original img/s"}
+SERVER = "server "   # a row's key prefix: the mount server's cores busy in that column
 QUICK = {"images": 256, "shard_size": 64, "batch": 16, "seconds": 0.5, "warmup": 1, "latencies": "0,2",
          "cost_files": 64}
 
@@ -181,16 +182,24 @@ def mount_cost(args, base: str) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------ the run
-def run_condition(args, base: str, results: dict, column: str) -> None:
+def run_condition(args, base: str, results: dict, column: str, server: int = 0) -> None:
+    """Every row under `base`; through a mount (`server`: its process id) also the cores its server
+    kept busy meanwhile (warm-up included): the model's own CPU, taken from the loaders' cores."""
     for reader, mode in itertools.product(args.readers, MODES):
         info = {}
+        cpu0, t0 = latency_fs.cpu_seconds(server) if server else 0.0, time.perf_counter()
         try:
             value = measure(row_steps(args, reader, mode, base, info), args)
         except Exception:   # one failed row must not cost the others: its traceback goes to the log
             traceback.print_exc()
             value = "failed"
-        results.setdefault((reader, mode), {"in_flight": info.get("in_flight", "?")})[column] = value
-        print(f"{column:>10} | {reader:24} | {mode:6} | {cell(value, None)}", flush=True)
+        row = results.setdefault((reader, mode), {"in_flight": info.get("in_flight", "?")})
+        row[column] = value
+        busy = ""
+        if server:
+            row[SERVER + column] = (latency_fs.cpu_seconds(server) - cpu0) / (time.perf_counter() - t0)
+            busy = f" | mount server {row[SERVER + column]:.2f} cores"
+        print(f"{column:>10} | {reader:24} | {mode:6} | {cell(value, None)}{busy}", flush=True)
 
 
 def run(args) -> dict:
@@ -202,9 +211,10 @@ def run(args) -> dict:
             continue
         mount = tempfile.mkdtemp(prefix="rotnet-storage-mnt-")
         try:
-            link = latency_fs.LinkSettings(latency_ms=ms, bandwidth_mbps=args.bandwidth_mbps)
-            with latency_fs.mounted(args.work, mount, link):
-                run_condition(args, mount, results, column)
+            link = latency_fs.LinkSettings(latency_ms=ms, bandwidth_mbps=args.bandwidth_mbps,
+                                           threads=args.mount_threads)
+            with latency_fs.mounted(args.work, mount, link) as server:
+                run_condition(args, mount, results, column, server)
                 if ms == 0:
                     cost["mount +0 ms"] = mount_cost(args, mount)
         finally:
@@ -233,6 +243,17 @@ def table(rows: dict, columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def server_table(rows: dict, columns: list[str]) -> str:
+    """Cores the mount's server kept busy during each row, per mounted condition."""
+    mounted = [c for c in columns if c != "local disk"]
+    lines = ["| mount server, cores busy | mode | " + " | ".join(mounted) + " |",
+             "|---|---|" + "---:|" * len(mounted)]
+    for (reader, mode), row in rows.items():
+        cells = [f"{row[SERVER + c]:.2f}" if SERVER + c in row else "-" for c in mounted]
+        lines.append(f"| {reader} | {MODES[mode]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def cost_table(cost: dict) -> str:
     local, mounted = cost.get("local disk", {}), cost.get("mount +0 ms", {})
     lines = ["| small files, open + read + close (files/s) | local disk | mount +0 ms | mount / local |",
@@ -256,9 +277,10 @@ def report(args, res: dict, data: str, load_before: float) -> str:
         f"prefetch={args.prefetch}; webdataset: {args.workers} DataLoader workers; RRC {args.crop} + flip + "
         f"4 rotations, uint8 out; each figure: {args.warmup} warm-up steps, then {args.seconds:g} s",
         "- mount: benchmarks/latency_fs.py (mfusepy over libfuse3, direct_io: no page cache for file data, "
-        "up to 64 requests at once), +latency per open, read, getattr and readdir; bandwidth cap: "
+        f"up to {args.mount_threads} requests at once), +latency per open, read, getattr and readdir; "
+        "bandwidth cap: "
         + (f"{args.bandwidth_mbps:g} MB/s, all reads together" if args.bandwidth_mbps else "none"), "",
-        table(res["rows"], columns), "", cost_table(res["cost"]), ""])
+        table(res["rows"], columns), "", server_table(res["rows"], columns), "", cost_table(res["cost"]), ""])
 
 
 def get_parser():
@@ -285,6 +307,8 @@ def get_parser():
                          "default: every row")
     ap.add_argument("--reads-in-flight", type=int, default=LoaderConfig.reads_in_flight,
                     help="rotnet rows: loader.reads_in_flight (reads kept outstanding per rank)")
+    ap.add_argument("--mount-threads", type=int, default=latency_fs.LinkSettings.threads,
+                    help="requests the mount serves at once (its FUSE threads)")
     ap.add_argument("--cost-files", type=int, default=2000,
                     help="small files read for the mount's own cost")
     ap.add_argument("--cost-threads", type=int, default=32,
@@ -310,7 +334,7 @@ def parse_args(argv=None):
         raise StorageError(f"--readers {','.join(asked)}: no row starts with that; "
                            f"rows: {', '.join(READERS)}")
     for key in ("images", "shard_size", "batch", "threads", "workers", "prefetch", "cost_files",
-                "cost_threads"):
+                "cost_threads", "mount_threads"):
         if getattr(args, key) < 1:
             raise StorageError(f"--{key.replace('_', '-')} {getattr(args, key)}: must be at least 1")
     if args.seconds <= 0 or args.warmup < 0 or args.bandwidth_mbps < 0:
