@@ -60,6 +60,7 @@ from benchmarks.storage_readers import (  # noqa: E402
     rotnet_steps,
     wds_steps,
 )
+from pipelines.dali_loader import read_file  # noqa: E402
 from pipelines.listing import list_images  # noqa: E402
 from pipelines.sample_data import cache_root  # noqa: E402
 from rotnet.checkpoint import git_commit  # noqa: E402
@@ -174,11 +175,12 @@ def measure(steps, args) -> float | None:
 
 # ------------------------------------------------------------------ the mount's own cost
 def mount_cost(args, base: str) -> dict[str, float]:
-    """Small files/s under `base` (latency_fs.small_file_rate): one at a time and from many threads."""
+    """Small files/s under `base` (latency_fs.small_file_rate), read as the rotnet folder row reads
+    them (`read_file`): one at a time and from many threads."""
     names = [os.path.relpath(p, args.work) for p in list_images(data_dirs(args, args.work)[0])[0]]
     paths = [os.path.join(base, n) for n in random.Random(1).sample(names, min(args.cost_files, len(names)))]
-    return {"one at a time": latency_fs.small_file_rate(paths, 1),
-            f"{args.cost_threads} threads": latency_fs.small_file_rate(paths, args.cost_threads)}
+    return {"one at a time": latency_fs.small_file_rate(paths, 1, read_file),
+            f"{args.cost_threads} threads": latency_fs.small_file_rate(paths, args.cost_threads, read_file)}
 
 
 # ------------------------------------------------------------------ the run

@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 from benchmarks import latency_fs, storage, storage_readers
+from pipelines.dali_loader import read_file
 from rotnet.cli import UsageExit
 
 
@@ -84,9 +85,12 @@ def test_small_file_rate_reads_every_file_one_at_a_time_and_threaded(tmp_path):
     for i in range(4):
         paths.append(str(tmp_path / f"{i}.bin"))
         (tmp_path / f"{i}.bin").write_bytes(b"x" * 100)
-    assert latency_fs.small_file_rate(paths, 1) > 0 and latency_fs.small_file_rate(paths, 3) > 0
+    for threads in (1, 3):
+        seen = []
+        assert latency_fs.small_file_rate(paths, threads, lambda p: seen.append(p) or read_file(p)) > 0
+        assert sorted(seen) == sorted(paths)
     with pytest.raises(FileNotFoundError):
-        latency_fs.small_file_rate([*paths, str(tmp_path / "missing")], 3)
+        latency_fs.small_file_rate([*paths, str(tmp_path / "missing")], 3, read_file)
 
 
 # ------------------------------------------------------------------ the report
