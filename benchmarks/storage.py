@@ -9,8 +9,9 @@ Data: a seeded subset of --images JPEGs of --pool (Imagenette's train split) in 
 re-encoded at ImageNet's most common size, 500x375, quality 90 (benchmarks/image_set.py), and packed
 into tar shards of --shard-size (pipelines.pack_shards); both kept under --work (train/,
 shards-<size>/) for the next run.
-Conditions: the local disk, then the same folder mounted with +L ms per open, read, getattr and
-readdir, for each L of --latencies (one fresh mount per L). Rows, each reader-only (encoded samples
+Conditions: the local disk (every file read once before, so that each row reads from the page
+cache), then the same folder mounted with +L ms per open, read, getattr and readdir, for each L of
+--latencies (one fresh mount per L). Rows, each reader-only (encoded samples
 handed over, nothing decoded: samples/s) and full pipeline (decode, random-resized crop --crop,
 flip, the 4 rotations, uint8 out: original images/s):
   rotnet folder / shards    pipelines.build_rotation_loader (DALI on the CPU, --threads threads);
@@ -204,10 +205,21 @@ def run_condition(args, base: str, results: dict, column: str, server: int = 0) 
         print(f"{column:>10} | {reader:24} | {mode:6} | {cell(value, None)}{busy}", flush=True)
 
 
+def warm_page_cache(args) -> None:
+    """Read every image and shard once: the local-disk rows then all read from the page cache, as
+    the mount's server does, and not the first of them from the disk (its files were last read by
+    another process, or never since this machine started)."""
+    for folder in data_dirs(args, args.work):
+        for d, _, names in os.walk(folder):
+            for name in names:
+                read_file(os.path.join(d, name))
+
+
 def run(args) -> dict:
     results, cost = {}, {}
     for column, ms in conditions(args.latencies):
         if ms is None:
+            warm_page_cache(args)
             run_condition(args, args.work, results, column)
             cost["local disk"] = mount_cost(args, args.work)
             continue
