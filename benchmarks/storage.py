@@ -43,6 +43,7 @@ import os
 import random
 import shlex
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -147,9 +148,10 @@ def row_steps(args, reader: str, mode: str, base: str, info: dict):
 
 
 def measure(steps, args) -> float | None:
-    """Samples/s over the steps after `args.warmup` (at least one), for `args.seconds` (at least one
-    step); None when `steps` yields nothing (the reader has no such mode). The readers run forever:
-    one that stops after a step would turn samples read ahead into a rate, so that is an error."""
+    """Samples/s over the steps after `args.warmup` (at least one): the median of `args.repeats`
+    back-to-back windows of `args.seconds` (each at least one step); None when `steps` yields nothing
+    (the reader has no such mode). The readers run forever: one that stops after a step would turn
+    samples read ahead into a rate, so that is an error."""
     it = iter(steps)
 
     def step() -> int:
@@ -163,11 +165,13 @@ def measure(steps, args) -> float | None:
             return None
         for _ in range(args.warmup - 1):
             step()
-        t0, n = time.perf_counter(), 0
-        while True:
-            n += step()
-            if time.perf_counter() - t0 >= args.seconds:
-                return n / (time.perf_counter() - t0)
+        rates = []
+        for _ in range(args.repeats):
+            t0, n = time.perf_counter(), step()
+            while time.perf_counter() - t0 < args.seconds:
+                n += step()
+            rates.append(n / (time.perf_counter() - t0))
+        return statistics.median(rates)
     finally:
         close = getattr(it, "close", None)
         if close:
@@ -289,7 +293,9 @@ def report(args, res: dict, data: str, load_before: float) -> str:
         f"- data: {data}; shards of <= {args.shard_size}; every condition reads the same files",
         f"- loaders: batch {args.batch} originals; DALI on the CPU, num_threads={args.threads}, "
         f"prefetch={args.prefetch}; webdataset: {args.workers} DataLoader workers; RRC {args.crop} + flip + "
-        f"4 rotations, uint8 out; each figure: {args.warmup} warm-up steps, then {args.seconds:g} s",
+        f"4 rotations, uint8 out; each figure: {args.warmup} warm-up steps, then "
+        + (f"the median of {args.repeats} windows of {args.seconds:g} s" if args.repeats > 1
+           else f"{args.seconds:g} s"),
         "- mount: benchmarks/latency_fs.py (mfusepy over libfuse3, direct_io: no page cache for file data, "
         f"up to {args.mount_threads} requests at once), +latency per open, read, getattr and readdir; "
         "bandwidth cap: "
@@ -309,6 +315,8 @@ def get_parser():
     ap.add_argument("--bandwidth-mbps", type=float, default=0.0,
                     help="the mounts' cap on all reads together, MB/s (0: none)")
     ap.add_argument("--seconds", type=float, default=8.0, help="timed seconds per figure")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="timed windows per figure, back to back; the figure is their median")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps before each figure")
     ap.add_argument("--batch", type=int, default=64, help="original images per step")
     ap.add_argument("--crop", type=int, default=224)
@@ -348,7 +356,7 @@ def parse_args(argv=None):
         raise StorageError(f"--readers {','.join(asked)}: no row starts with that; "
                            f"rows: {', '.join(READERS)}")
     for key in ("images", "shard_size", "batch", "threads", "workers", "prefetch", "cost_files",
-                "cost_threads", "mount_threads"):
+                "cost_threads", "mount_threads", "repeats"):
         if getattr(args, key) < 1:
             raise StorageError(f"--{key.replace('_', '-')} {getattr(args, key)}: must be at least 1")
     if args.seconds <= 0 or args.warmup < 0 or args.bandwidth_mbps < 0:
