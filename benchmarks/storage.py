@@ -48,6 +48,7 @@ import sys
 import tempfile
 import time
 import traceback
+from contextlib import ExitStack
 from pathlib import Path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -148,10 +149,9 @@ def row_steps(args, reader: str, mode: str, base: str, info: dict):
 
 
 def measure(steps, args) -> float | None:
-    """Samples/s over the steps after `args.warmup` (at least one): the median of `args.repeats`
-    back-to-back windows of `args.seconds` (each at least one step); None when `steps` yields nothing
-    (the reader has no such mode). The readers run forever: one that stops after a step would turn
-    samples read ahead into a rate, so that is an error."""
+    """Samples/s over the steps after `args.warmup` (at least one), for `args.seconds` (at least one
+    step); None when `steps` yields nothing (the reader has no such mode). The readers run forever:
+    one that stops after a step would turn samples read ahead into a rate, so that is an error."""
     it = iter(steps)
 
     def step() -> int:
@@ -165,13 +165,10 @@ def measure(steps, args) -> float | None:
             return None
         for _ in range(args.warmup - 1):
             step()
-        rates = []
-        for _ in range(args.repeats):
-            t0, n = time.perf_counter(), step()
-            while time.perf_counter() - t0 < args.seconds:
-                n += step()
-            rates.append(n / (time.perf_counter() - t0))
-        return statistics.median(rates)
+        t0, n = time.perf_counter(), step()
+        while time.perf_counter() - t0 < args.seconds:
+            n += step()
+        return n / (time.perf_counter() - t0)
     finally:
         close = getattr(it, "close", None)
         if close:
@@ -190,8 +187,9 @@ def mount_cost(args, base: str) -> dict[str, float]:
 
 # ------------------------------------------------------------------ the run
 def run_condition(args, base: str, results: dict, column: str, server: int = 0) -> None:
-    """Every row under `base`; through a mount (`server`: its process id) also the cores its server
-    kept busy meanwhile (warm-up included): the model's own CPU, taken from the loaders' cores."""
+    """One figure of every row under `base`, added to the row's list for `column`; through a mount
+    (`server`: its process id) also the cores its server kept busy meanwhile (warm-up included): the
+    model's own CPU, taken from the loaders' cores."""
     for reader, mode in itertools.product(args.readers, MODES):
         info = {}
         cpu0, t0 = latency_fs.cpu_seconds(server) if server else 0.0, time.perf_counter()
@@ -201,11 +199,12 @@ def run_condition(args, base: str, results: dict, column: str, server: int = 0) 
             traceback.print_exc()
             value = "failed"
         row = results.setdefault((reader, mode), {"in_flight": info.get("in_flight", "?")})
-        row[column] = value
+        row.setdefault(column, []).append(value)
         busy = ""
         if server:
-            row[SERVER + column] = (latency_fs.cpu_seconds(server) - cpu0) / (time.perf_counter() - t0)
-            busy = f" | mount server {row[SERVER + column]:.2f} cores"
+            cores = (latency_fs.cpu_seconds(server) - cpu0) / (time.perf_counter() - t0)
+            row.setdefault(SERVER + column, []).append(cores)
+            busy = f" | mount server {cores:.2f} cores"
         print(f"{column:>10} | {reader:24} | {mode:6} | {cell(value, None)}{busy}", flush=True)
 
 
@@ -219,24 +218,43 @@ def warm_page_cache(args) -> None:
                 read_file(os.path.join(d, name))
 
 
+def median_cell(values: list):
+    """A cell's figures over the rounds -> their median; 'failed' if one failed, None if n/a."""
+    if any(isinstance(v, str) for v in values):
+        return "failed"
+    numbers = [v for v in values if v is not None]
+    return statistics.median(numbers) if numbers else None
+
+
 def run(args) -> dict:
+    """Every condition mounted at once (a server of its own each), then `args.rounds` rounds over
+    them in turn: a slow drift of the machine spreads over every column instead of landing on one.
+    Each cell is the median of its rounds."""
     results, cost = {}, {}
-    for column, ms in conditions(args.latencies):
-        if ms is None:
-            warm_page_cache(args)
-            run_condition(args, args.work, results, column)
-            cost["local disk"] = mount_cost(args, args.work)
-            continue
-        mount = tempfile.mkdtemp(prefix="rotnet-storage-mnt-")
-        try:
+    with ExitStack() as stack:
+        bases = {}   # column -> (folder to read, mount server's process id or 0)
+        for column, ms in conditions(args.latencies):
+            if ms is None:
+                bases[column] = (args.work, 0)
+                continue
+            mount = tempfile.mkdtemp(prefix="rotnet-storage-mnt-")
+            stack.callback(os.rmdir, mount)   # after the unmount: the stack unwinds in reverse
             link = latency_fs.LinkSettings(latency_ms=ms, bandwidth_mbps=args.bandwidth_mbps,
                                            threads=args.mount_threads)
-            with latency_fs.mounted(args.work, mount, link) as server:
-                run_condition(args, mount, results, column, server)
-                if ms == 0:
-                    cost["mount +0 ms"] = mount_cost(args, mount)
-        finally:
-            os.rmdir(mount)
+            bases[column] = (mount, stack.enter_context(latency_fs.mounted(args.work, mount, link)))
+        warm_page_cache(args)
+        for r in range(args.rounds):
+            if args.rounds > 1:
+                print(f"round {r + 1} of {args.rounds}", flush=True)
+            for column, (base, server) in bases.items():
+                run_condition(args, base, results, column, server)
+        cost["local disk"] = mount_cost(args, args.work)
+        if "+0 ms" in bases:
+            cost["mount +0 ms"] = mount_cost(args, bases["+0 ms"][0])
+    for row in results.values():
+        for key, values in row.items():
+            if isinstance(values, list):
+                row[key] = median_cell(values)
     return {"rows": results, "cost": cost}
 
 
@@ -294,8 +312,8 @@ def report(args, res: dict, data: str, load_before: float) -> str:
         f"- loaders: batch {args.batch} originals; DALI on the CPU, num_threads={args.threads}, "
         f"prefetch={args.prefetch}; webdataset: {args.workers} DataLoader workers; RRC {args.crop} + flip + "
         f"4 rotations, uint8 out; each figure: {args.warmup} warm-up steps, then "
-        + (f"the median of {args.repeats} windows of {args.seconds:g} s" if args.repeats > 1
-           else f"{args.seconds:g} s"),
+        + f"{args.seconds:g} s" + (f"; the median of {args.rounds} rounds over all conditions in turn"
+                                   if args.rounds > 1 else ""),
         "- mount: benchmarks/latency_fs.py (mfusepy over libfuse3, direct_io: no page cache for file data, "
         f"up to {args.mount_threads} requests at once), +latency per open, read, getattr and readdir; "
         "bandwidth cap: "
@@ -315,8 +333,9 @@ def get_parser():
     ap.add_argument("--bandwidth-mbps", type=float, default=0.0,
                     help="the mounts' cap on all reads together, MB/s (0: none)")
     ap.add_argument("--seconds", type=float, default=8.0, help="timed seconds per figure")
-    ap.add_argument("--repeats", type=int, default=1,
-                    help="timed windows per figure, back to back; the figure is their median")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="passes over all conditions in turn (all mounted at once); each cell is the "
+                         "median of its rounds. Use 3 where a share of the +0 ms figure decides something")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps before each figure")
     ap.add_argument("--batch", type=int, default=64, help="original images per step")
     ap.add_argument("--crop", type=int, default=224)
@@ -356,7 +375,7 @@ def parse_args(argv=None):
         raise StorageError(f"--readers {','.join(asked)}: no row starts with that; "
                            f"rows: {', '.join(READERS)}")
     for key in ("images", "shard_size", "batch", "threads", "workers", "prefetch", "cost_files",
-                "cost_threads", "mount_threads", "repeats"):
+                "cost_threads", "mount_threads", "rounds"):
         if getattr(args, key) < 1:
             raise StorageError(f"--{key.replace('_', '-')} {getattr(args, key)}: must be at least 1")
     if args.seconds <= 0 or args.warmup < 0 or args.bandwidth_mbps < 0:
