@@ -107,11 +107,11 @@ def evaluate_rotation(run: Run, loader) -> float:
     return counts[0].item() / max(counts[1].item(), 1)
 
 
-def save(run: Run, loader, epoch: int, epoch_step: int, failed: Exception | None = None) -> None:
+def save(run: Run, epoch: int, epoch_step: int, failed: Exception | None = None) -> None:
     """Collective: gathers every rank's reader state; rank 0 writes atomically, and every rank raises
     what stopped it: a full disk (the last good checkpoint kept) or non-finite weights (never saved).
     `failed`: rank 0's error before the save (a full disk writing the log): nothing is written."""
-    loader_states = [loader.state_dict()] * run.info.world_size
+    loader_states = [run.loader.state_dict()] * run.info.world_size
     error = failed
     if run.info.distributed:
         dist.all_gather_object(loader_states, loader_states[0])
@@ -201,7 +201,7 @@ def train_loop(run: Run, start_epoch: int, start_step: int) -> None:
             logged = e
         log.info(" ".join(_show(k, v) for k, v in stats.items()))
         done = stats["complete"]
-        save(run, loader, epoch + 1 if done else epoch, epoch_step=0 if done else first + stats["steps"],
+        save(run, epoch + 1 if done else epoch, epoch_step=0 if done else first + stats["steps"],
              failed=logged)
 
 
@@ -260,7 +260,7 @@ def train(args: argparse.Namespace, held: ExitStack) -> None:
     try:
         train_loop(run, start_epoch, start_step)
     except Preempted as stop:   # every rank stopped after the same step: its resume point goes to disk
-        save(run, run.loader, stop.epoch, stop.epoch_step)
+        save(run, stop.epoch, stop.epoch_step)
         close(run, finished=False)
         raise
     close(run, finished=True)
