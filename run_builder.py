@@ -1,27 +1,29 @@
-"""What builds a run from the floors below it (rotnet/, then pipelines/ and models/): the config
-resolved once, then the run built from it, for every entry point.
+"""What builds a run from the floors below it (rotnet/, then pipelines/ and models/, then probes/): the
+config resolved once, then the run built from it, for every entry point.
 
     cfg = resolve(load_config(path, overrides), info, require=("train",))   # train.py, the benchmarks
-    run = build_run(cfg, info, RunLogger(out, info.is_main))
+    run = build_run(cfg, info, RunLogger(out, info.is_main))   # train.py: with its loaders and kNN monitor
+    run = build_run(cfg, info, logger, loaders=False)          # the benchmarks: batches of their own
     cfg = with_data_root(cfg, require=("train", "val"))   # eval.py (its batch and precision are flags)
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from models import build_model
-from pipelines import prepare_batch
+from models.rotnet import build_model
+from pipelines import batch_preparer, class_labels_missing, rotation_loaders
 from pipelines.sample_data import ensure_sample_data
+from probes.knn import KnnMonitor
 from rotnet.config import Config, ConfigError, override, resolve_batch
 from rotnet.distributed import DistInfo, place
 from rotnet.precision import amp_args, resolve_precision
 from rotnet.preemption import StopFlag
+from rotnet.progress import log
 from rotnet.schedule import StepSchedule, build_optimizer
 
 # The config resolved once: what a run derives from cfg and its machine (the sample-data root, the batch
@@ -51,7 +53,8 @@ def resolve(cfg: Config, info: DistInfo, require: tuple[str, ...] = ()) -> Confi
     return resolve_batch(override(cfg, {"train.precision": precision}), info.world_size)
 
 
-# The run: model, DDP, optimizer, scaler and schedule, built from the resolved config.
+# The run: model, DDP, optimizer, scaler and schedule, and the loaders and kNN monitor that feed and
+# watch it, built from the resolved config.
 
 
 @dataclass
@@ -68,25 +71,31 @@ class Run:
     amp: dict                   # torch.autocast(**amp) at train.precision (rotnet.precision.amp_args)
     logger: object              # rotnet.progress.RunLogger, or a stand-in with its methods
     stop: StopFlag
+    loader: object = None       # the train split's rotation batches (pipelines); None: loaders=False
+    val_loader: object = None   # held-out rotation batches (train.eval_rotation_every), or None
+    monitor: KnnMonitor | None = None   # kNN top-1 during pretraining (train.monitor_every), or None
     step: int = 0               # optimizer steps taken in total
     checkpoint: str = "none yet"   # the last good checkpoint (path, epoch, step), for error messages
 
 
-def batch_preparer(cfg: Config, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Loader images -> model input at `precision`; under autocast the float16 batch is not upcast."""
-    dtype = torch.float32 if precision == "fp32" else None
-    return partial(prepare_batch, data=cfg.data, channels_last=cfg.train.channels_last, dtype=dtype)
-
-
-def build_run(cfg: Config, info: DistInfo, logger) -> Run:
+def build_run(cfg: Config, info: DistInfo, logger, loaders: bool = True) -> Run:
     """The RotNet (same seeded weights on every rank), wrapped as asked, with its optimizer, scaler
-    and lr schedule, at step 0. `cfg` is `resolve`'s for `info`."""
+    and lr schedule, at step 0; with `loaders`, also its kNN monitor and its train and val loaders
+    (loaders=False: the benchmarks, which feed batches of their own). `cfg` is `resolve`'s for `info`."""
     if cfg.train.precision == "auto" or not cfg.optim.global_batch_size:
         raise ValueError("build_run takes a resolved config: cfg = run_builder.resolve(cfg, info)")
-    prepare = batch_preparer(cfg, cfg.train.precision)
     raw = build_model(cfg, cfg.train.seed).to(info.device)
     if cfg.train.sync_bn and info.distributed:
         raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
+    monitor = loader = val_loader = None
+    if loaders:
+        every = cfg.train.monitor_every
+        unlabelled = every and class_labels_missing(cfg.data, str(Path(cfg.data.root) / cfg.data.val_dir))
+        if unlabelled:   # pretraining needs no labelled val split: run without the monitor
+            log.warning(f"the kNN monitor is off for this run (train.monitor_every={every}): {unlabelled}")
+        elif every:
+            monitor = KnnMonitor(cfg, info, raw.trunk)   # it checks train.monitor_layers on the trunk
+        loader, val_loader = rotation_loaders(cfg, info)
     model = place(raw, info, cfg.train.channels_last)
     if cfg.train.compile:
         model = torch.compile(model)
@@ -94,4 +103,5 @@ def build_run(cfg: Config, info: DistInfo, logger) -> Run:
     schedule = StepSchedule(cfg.optim.schedule, scale, cfg.optim.warmup_epochs)
     return Run(cfg, info, model, raw, build_optimizer(raw.parameters(), schedule(0), cfg.optim),
                torch.amp.GradScaler(info.device.type, enabled=cfg.train.precision == "fp16"), schedule,
-               prepare, amp_args(cfg.train.precision, info.device), logger, StopFlag(info))
+               batch_preparer(cfg, cfg.train.precision), amp_args(cfg.train.precision, info.device), logger,
+               StopFlag(info), loader, val_loader, monitor)

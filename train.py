@@ -25,8 +25,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipelines import build_rotation_loader, class_labels_missing
-from probes.knn import KnnMonitor
 from rotnet.atomic import DiskFullError
 from rotnet.checkpoint import check_compatible, find_checkpoint, git_commit, load_checkpoint, save_checkpoint
 from rotnet.cli import ArgumentParser, InputError, fail
@@ -109,11 +107,11 @@ def evaluate_rotation(run: Run, loader) -> float:
     return counts[0].item() / max(counts[1].item(), 1)
 
 
-def save(run: Run, loader, epoch: int, epoch_step: int, failed: Exception | None = None) -> None:
+def save(run: Run, epoch: int, epoch_step: int, failed: Exception | None = None) -> None:
     """Collective: gathers every rank's reader state; rank 0 writes atomically, and every rank raises
     what stopped it: a full disk (the last good checkpoint kept) or non-finite weights (never saved).
     `failed`: rank 0's error before the save (a full disk writing the log): nothing is written."""
-    loader_states = [loader.state_dict()] * run.info.world_size
+    loader_states = [run.loader.state_dict()] * run.info.world_size
     error = failed
     if run.info.distributed:
         dist.all_gather_object(loader_states, loader_states[0])
@@ -146,7 +144,7 @@ def save(run: Run, loader, epoch: int, epoch_step: int, failed: Exception | None
         raise error
 
 
-def resume(run: Run, loader) -> tuple[int, int, dict]:
+def resume(run: Run) -> tuple[int, int, dict]:
     """Load train.output_dir's checkpoint if any; returns (epoch, step inside that epoch, its tracker
     run ids {tracker: id})."""
     path = find_checkpoint(run.cfg.train.output_dir)
@@ -164,8 +162,8 @@ def resume(run: Run, loader) -> tuple[int, int, dict]:
     epoch, epoch_step = ckpt["epoch"], ckpt["epoch_step"]
     run.checkpoint = f"{path} (epoch {epoch}, step in epoch {epoch_step})"
     if ckpt["world_size"] == run.info.world_size:
-        loader.load_state_dict(ckpt["loader"][run.info.rank])
-        if epoch_step >= len(loader):   # older checkpoints saved "epoch e, step = len" at the end
+        run.loader.load_state_dict(ckpt["loader"][run.info.rank])
+        if epoch_step >= len(run.loader):   # older checkpoints saved "epoch e, step = len" at the end
             epoch, epoch_step = epoch + 1, 0
     elif epoch_step:
         log.warning(f"world size changed ({ckpt['world_size']} -> {run.info.world_size}): "
@@ -175,11 +173,10 @@ def resume(run: Run, loader) -> tuple[int, int, dict]:
     return epoch, epoch_step, ckpt.get("trackers", {})
 
 
-def train_loop(run: Run, loader, val_loader, start_epoch: int, start_step: int,
-               monitor: KnnMonitor | None = None) -> None:
+def train_loop(run: Run, start_epoch: int, start_step: int) -> None:
     """Epochs from `start_epoch` (at `start_step` inside it) to the end; checkpoint after each.
     The kNN monitor's time is logged as knn_time_s, apart from the epoch's time_s."""
-    cfg, logger = run.cfg, run.logger
+    cfg, logger, loader, monitor = run.cfg, run.logger, run.loader, run.monitor
     for epoch in range(start_epoch, cfg.optim.epochs):
         if steps_allowed(run) <= 0:
             break
@@ -187,8 +184,8 @@ def train_loop(run: Run, loader, val_loader, start_epoch: int, start_step: int,
         first = start_step if epoch == start_epoch else 0
         stats = train_one_epoch(run, loader, epoch, first)
         rot_due = due_after(epoch, cfg.train.eval_rotation_every, cfg.optim.epochs)
-        if val_loader is not None and stats["complete"] and rot_due:
-            stats["heldout_rot_acc"] = evaluate_rotation(run, val_loader)
+        if run.val_loader is not None and stats["complete"] and rot_due:
+            stats["heldout_rot_acc"] = evaluate_rotation(run, run.val_loader)
         if monitor is not None and stats["complete"] and monitor.due(epoch):
             t0 = time.perf_counter()
             stats["knn_top1"] = monitor(run.raw.trunk)   # {layer: top-1 %}
@@ -204,7 +201,7 @@ def train_loop(run: Run, loader, val_loader, start_epoch: int, start_step: int,
             logged = e
         log.info(" ".join(_show(k, v) for k, v in stats.items()))
         done = stats["complete"]
-        save(run, loader, epoch + 1 if done else epoch, epoch_step=0 if done else first + stats["steps"],
+        save(run, epoch + 1 if done else epoch, epoch_step=0 if done else first + stats["steps"],
              failed=logged)
 
 
@@ -235,7 +232,6 @@ def train(args: argparse.Namespace, held: ExitStack) -> None:
     require(cfg.train.loggers, "train.loggers")
     info = init_distributed()
     cfg = resolve(cfg, info, require=(cfg.data.train_dir,))   # the config this run carries, never changed
-    root = Path(cfg.data.root)
     out = Path(cfg.train.output_dir)
     def claim_folder():
         out.mkdir(parents=True, exist_ok=True)
@@ -244,46 +240,29 @@ def train(args: argparse.Namespace, held: ExitStack) -> None:
     on_rank0(claim_folder, info)   # a busy folder or a full disk stops every rank
     setup_logging(info.is_main, out)
     run = build_run(cfg, info, RunLogger(out, info.is_main, tensorboard="tensorboard" in cfg.train.loggers))
-
-    n, k = cfg.optim.batch_size_per_gpu, len(cfg.data.rotations)
-    common = dict(batch_size=n, rank=info.rank, world_size=info.world_size, local_rank=info.local_rank,
-                  device=info.device, seed=cfg.train.seed)
-    loader = build_rotation_loader(cfg, str(root / cfg.data.train_dir), train=True, **common)
-    val_loader = None
-    if cfg.train.eval_rotation_every and (root / cfg.data.val_dir).is_dir():   # a flat val/ will do
-        val_loader = build_rotation_loader(cfg, str(root / cfg.data.val_dir), train=False, **common)
-
-    start_epoch, start_step, tracker_ids = resume(run, loader)   # a checkpoint it refuses is left untouched
-    monitor = None
-    unlabelled = cfg.train.monitor_every and class_labels_missing(cfg.data, str(root / cfg.data.val_dir))
-    if unlabelled:   # pretraining needs no labelled val split: run without the monitor
-        log.warning(f"the kNN monitor is off for this run (train.monitor_every={cfg.train.monitor_every}): "
-                    f"{unlabelled}")
-    elif cfg.train.monitor_every:
-        monitor = KnnMonitor(cfg, info, run.raw.trunk)
+    start_epoch, start_step, tracker_ids = resume(run)   # a checkpoint it refuses is left untouched
 
     on_rank0(lambda: save_config(cfg, out / "config.yaml"), info)
     if info.is_main:
         log.info("resolved config:\n" + "\n".join(f"  {s}: {v}" for s, v in config_to_dict(cfg).items()))
         device = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu"
         log.info(f"commit {git_commit()} | launcher {info.launcher} | world size {info.world_size} | "
-                 f"device {device} | precision {cfg.train.precision} | data backend {loader.backend}")
+                 f"device {device} | precision {cfg.train.precision} | data backend {run.loader.backend}")
+        n, k = cfg.optim.batch_size_per_gpu, len(cfg.data.rotations)
         lrs = ", ".join(f"{lr:.4g} from epoch {e:g}" for e, lr in run.schedule.table)
         scaled = f" (optim.schedule x {run.schedule.scale:.3g}, optim.scale_lr)" if cfg.optim.scale_lr else ""
         params = sum(p.numel() for p in run.raw.parameters()) / 1e6
         log.info(f"batch: global {cfg.optim.global_batch_size} original images = {n}/GPU x {info.world_size} "
                  f"GPU(s); x {k} rotations = {n * k} rotated samples/GPU; lr {lrs}{scaled}; "
-                 f"{len(loader)} steps/epoch; {params:.2f}M params")
+                 f"{len(run.loader)} steps/epoch; {params:.2f}M params")
         run.logger.trackers = open_trackers(cfg, tracker_ids, git_commit())   # W&B / MLflow: the same run
 
     try:
-        train_loop(run, loader, val_loader, start_epoch, start_step, monitor)
+        train_loop(run, start_epoch, start_step)
     except Preempted as stop:   # every rank stopped after the same step: its resume point goes to disk
-        save(run, loader, stop.epoch, stop.epoch_step)
-        del loader, val_loader, monitor   # for cleanup() to free their DALI pipelines now
+        save(run, stop.epoch, stop.epoch_step)
         close(run, finished=False)
         raise
-    del loader, val_loader, monitor
     close(run, finished=True)
     log.info(f"done: {cfg.train.output_dir}")
 
@@ -291,6 +270,7 @@ def train(args: argparse.Namespace, held: ExitStack) -> None:
 def close(run: Run, finished: bool) -> None:
     """End a run that finished or was stopped (a crash leaves the process group to the launcher)."""
     run.logger.close(finished)
+    run.loader = run.val_loader = run.monitor = None   # for cleanup() to free their DALI pipelines now
     cleanup(run.info)
 
 

@@ -231,12 +231,13 @@ def stage_train(tree: str, s: dict, backend: str) -> dict:
     loader build inside it, then a few more steps (train.max_steps)."""
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
+    import pipelines
     import train
 
     steps: list[float] = []
     register_optimizer_step_post_hook(lambda *_: steps.append(time.time()))
     built: list[float] = []
-    build = train.build_rotation_loader
+    build = pipelines.build_rotation_loader   # what run_builder.build_run's loaders are built with
 
     def timed_build(*args, **kwargs):
         t0 = time.time()
@@ -244,7 +245,7 @@ def stage_train(tree: str, s: dict, backend: str) -> dict:
         built.append(time.time() - t0)
         return loader
 
-    train.build_rotation_loader = timed_build
+    pipelines.build_rotation_loader = timed_build
     with tempfile.TemporaryDirectory(dir=s["work"]) as tmp:
         train.main(["--config", CONFIG, f"data.root={tree}", f"loader.backend={backend}",
                     f"loader.num_threads={s['threads']}", f"optim.global_batch_size={s['batch']}",

@@ -302,7 +302,7 @@ def main(argv=None) -> int:
     info = DistInfo(device=device)
     cfg = resolve(cfg, info, require=(cfg.data.train_dir,))   # as train.py resolves it
     root = Path(cfg.data.root)
-    run = build_run(cfg, info, RunLogger(REPO, is_main=False))
+    run = build_run(cfg, info, RunLogger(REPO, is_main=False), loaders=False)
     for sig in (signal.SIGTERM, signal.SIGUSR1):   # a check has nothing to save: die at once
         signal.signal(sig, signal.SIG_DFL)
     loader = build_rotation_loader(cfg, str(root / cfg.data.train_dir), train=True, rank=0, world_size=1,

@@ -122,7 +122,7 @@ def run_case(name: str, config: str, root: str | None, args) -> list[dict]:
     info = DistInfo(device=device)
     cfg = resolve(cfg, info)   # as train.py resolves it; data.root "" = the built-in sample data
     root = None if cfg.data.root == "REQUIRED" else cfg.data.root
-    run = build_run(cfg, info, TimingLogger())   # exactly what train.py builds
+    run = build_run(cfg, info, TimingLogger(), loaders=False)   # what train.py builds, but its loaders
     # build_run arms train.py's graceful stop (SIGTERM/SIGUSR1 -> checkpoint into train.output_dir).
     # A benchmark has nothing to save and must not write into a real run's folder: die at once.
     for sig in (signal.SIGTERM, signal.SIGUSR1):

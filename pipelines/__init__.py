@@ -2,6 +2,7 @@
 
     loader = build_rotation_loader(cfg, split_dir, batch_size=N, rank=.., world_size=..,
                                    local_rank=.., device=dev, train=True, seed=cfg.train.seed)
+    loader, val_loader = rotation_loaders(cfg, info)   # a pretraining run's pair (run_builder.build_run)
     for images, labels in loader:                 # the contract: pipelines/batch.py
         x = prepare_batch(images, cfg.data, channels_last=True)
 
@@ -17,12 +18,14 @@ files and shards are read). Command-line tools: scan.py, pack_shards.py, imagene
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
 from pipelines.batch import (
     LoaderSpec,
     PathTable,
+    batch_preparer,
     check_recipe,
     check_rotations,
     derive_seed,
@@ -43,8 +46,9 @@ from pipelines.listing import (
 from pipelines.scan import dali_available
 from rotnet.cli import InputError
 
-__all__ = ["build_rotation_loader", "build_class_loader", "prepare_batch", "list_images",
-           "BadImageError", "SplitLayoutError", "resolve_backend", "class_labels_missing"]
+__all__ = ["rotation_loaders", "build_rotation_loader", "build_class_loader", "prepare_batch",
+           "batch_preparer", "list_images", "BadImageError", "SplitLayoutError", "resolve_backend",
+           "class_labels_missing"]
 
 
 def resolve_backend(name: str) -> str:
@@ -141,3 +145,16 @@ def build_class_loader(cfg, split_dir: str, *, batch_size: int, rank: int, world
     return _build(cfg, split_dir, "class", batch_size=batch_size, rank=rank, world_size=world_size,
                   local_rank=local_rank, device=device, train=train, seed=seed,
                   labels_per_class=labels_per_class)
+
+
+def rotation_loaders(cfg, info):
+    """A pretraining run's (train, held-out or None) rotation loaders for `info`'s rank
+    (rotnet.distributed.DistInfo), at optim.batch_size_per_gpu and train.seed: held-out batches only
+    when train.eval_rotation_every asks for them and data.val_dir exists (a flat val/ will do)."""
+    root = Path(cfg.data.root)
+    common = dict(batch_size=cfg.optim.batch_size_per_gpu, rank=info.rank, world_size=info.world_size,
+                  local_rank=info.local_rank, device=info.device, seed=cfg.train.seed)
+    train = build_rotation_loader(cfg, str(root / cfg.data.train_dir), train=True, **common)
+    if not (cfg.train.eval_rotation_every and (root / cfg.data.val_dir).is_dir()):
+        return train, None
+    return train, build_rotation_loader(cfg, str(root / cfg.data.val_dir), train=False, **common)

@@ -20,7 +20,8 @@ Contract (every backend, every loader):
 
 Kept here, once for every backend: `LoaderSpec` (one loader's job, fixed when built), which samples
 a rank reads (`rank_indices`, `shard_range`), every random stream's seed (`derive_seed`), `assemble`
-(a backend's raw batch -> the contract), `LoaderBase` (steps, epochs, resume state) and `prepare_batch`.
+(a backend's raw batch -> the contract), `LoaderBase` (steps, epochs, resume state), `prepare_batch`
+and `batch_preparer` (the batch -> the model's input).
 A backend (pipelines/dali_loader.py, pipelines/torch_loader.py) only makes raw batches.
 """
 from __future__ import annotations
@@ -99,6 +100,13 @@ def prepare_batch(images: torch.Tensor, data, channels_last: bool,
     x = images.permute(0, 3, 1, 2).float()  # keeps the NHWC strides, i.e. channels_last
     x = torch.addcmul(shift, x, scale)       # one fused pass: x*scale + shift
     return x.to(dtype or torch.float32).contiguous(memory_format=fmt)
+
+
+def batch_preparer(cfg, precision: str):
+    """`prepare_batch` for a model at `precision`, with cfg.data and train.channels_last bound: images ->
+    model input. Under autocast (bf16, fp16) a float16 batch is not upcast only to be cast back."""
+    dtype = torch.float32 if precision == "fp32" else None
+    return functools.partial(prepare_batch, data=cfg.data, channels_last=cfg.train.channels_last, dtype=dtype)
 
 
 def derive_seed(seed: int, *parts) -> int:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipelines import build_class_loader
+from pipelines import batch_preparer, build_class_loader
 from probes.heads import build_probe
 from probes.protocol import ProbeProtocol, Protocol
 from probes.resume import load_state, restore_state, save_state
@@ -25,7 +25,6 @@ from rotnet.distributed import all_reduce_sum, barrier, place
 from rotnet.precision import autocast
 from rotnet.progress import RunLogger, log
 from rotnet.schedule import StepSchedule, build_optimizer
-from run_builder import batch_preparer
 
 
 def freeze(trunk: nn.Module) -> None:

@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipelines import batch_preparer
 from probes.engine import class_loaders, eval_mode, freeze, percentages, topk_correct
 from probes.heads import grid_pool, pool_grid
 from probes.protocol import KnnProtocol
@@ -29,7 +30,6 @@ from rotnet.distributed import DistInfo, all_reduce_sum
 from rotnet.precision import autocast
 from rotnet.progress import log
 from rotnet.schedule import due_after
-from run_builder import batch_preparer
 
 KNN_HEAD = "knn"        # eval.py --head knn
 KNN_K = 20              # DINO's defaults

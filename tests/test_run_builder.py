@@ -1,5 +1,7 @@
 """run_builder: the config resolved once (batch, precision, sample-data root), then the run built
 from it."""
+import logging
+
 import pytest
 import torch
 
@@ -7,7 +9,9 @@ import rotnet.precision
 import run_builder
 from rotnet.config import ConfigError, load_config
 from rotnet.distributed import DistInfo
+from rotnet.progress import log
 from run_builder import resolve, with_data_root
+from tests.pipelines.images import make_folder
 
 CPU = torch.device("cpu")
 
@@ -19,12 +23,13 @@ def test_build_run_derives_the_per_gpu_batch_and_keeps_the_lr(monkeypatch):
     two = DistInfo(rank=0, world_size=2, device=CPU)
     cfg = load_config("configs/imagenet_alexnet.yaml", ["model.width=0.25", "data.crop_size=64"])
     cfg = resolve(cfg, two)
-    run = run_builder.build_run(cfg, two, logger=None)
+    run = run_builder.build_run(cfg, two, logger=None, loaders=False)
     assert (cfg.optim.global_batch_size, cfg.optim.batch_size_per_gpu) == (192, 96)
     assert run.schedule(0) == pytest.approx(0.01) and run.schedule.scale == 1.0
     scaled = load_config(None, ["optim.batch_size_per_gpu=64", "optim.scale_lr=true", "optim.ref_batch=256",
                                 "model.width=0.25", "data.crop_size=64", "data.root=unused"])
-    assert run_builder.build_run(resolve(scaled, two), two, logger=None).schedule.scale == 0.5   # 128 / 256
+    run = run_builder.build_run(resolve(scaled, two), two, logger=None, loaders=False)
+    assert run.schedule.scale == 0.5   # 128 / 256
 
 
 def test_resolve_returns_a_new_config_without_auto(monkeypatch):
@@ -34,9 +39,10 @@ def test_resolve_returns_a_new_config_without_auto(monkeypatch):
     cfg = load_config("configs/sample.yaml", ["model.width=0.25", "train.precision=auto", "data.root=x"])
     resolved = resolve(cfg, DistInfo(device=CPU))
     assert resolved.train.precision == "fp32" and cfg.train.precision == "auto"
-    assert not run_builder.build_run(resolved, DistInfo(device=CPU), logger=None).scaler.is_enabled()
+    run = run_builder.build_run(resolved, DistInfo(device=CPU), logger=None, loaders=False)
+    assert not run.scaler.is_enabled()
     with pytest.raises(ValueError, match="resolved config"):
-        run_builder.build_run(cfg, DistInfo(device=CPU), logger=None)
+        run_builder.build_run(cfg, DistInfo(device=CPU), logger=None, loaders=False)
 
 
 def test_resolve_refuses_missing_splits_and_sync_bn_on_cpu(tmp_path):
@@ -50,19 +56,26 @@ def test_resolve_refuses_missing_splits_and_sync_bn_on_cpu(tmp_path):
         resolve(sync, DistInfo(device=CPU))
 
 
-def test_batch_preparer_keeps_float16_under_autocast_and_casts_for_fp32(monkeypatch):
-    """Under autocast (bf16, fp16) a loader-normalised float16 batch is not cast to float32 only for
-    autocast to cast it back: the model gets it as it is. An fp32 model gets float32."""
+def test_the_run_preparer_keeps_float16_under_autocast(monkeypatch):
+    """run.prepare is pipelines.batch_preparer (tests/pipelines/test_batch.py) at the resolved precision."""
     monkeypatch.setattr(rotnet.precision, "native_bf16", lambda device: True)
-    cfg = load_config("configs/sample.yaml",
-                      ["model.width=0.25", "train.channels_last=true", "train.precision=auto", "data.root=x"])
-    x16 = torch.randn(2, 8, 8, 3, dtype=torch.float16).permute(0, 3, 1, 2)   # the graph's NHWC memory
-    for precision in ("bf16", "fp16"):
-        out = run_builder.batch_preparer(cfg, precision)(x16)
-        assert out.dtype == torch.float16 and out.data_ptr() == x16.data_ptr()   # no copy at all
-    run = run_builder.build_run(resolve(cfg, DistInfo(device=CPU)), DistInfo(device=CPU), logger=None)
-    assert run.prepare(x16).dtype == torch.float16
-    out = run_builder.batch_preparer(cfg, "fp32")(x16)
-    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
-    u8 = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
-    assert all(run_builder.batch_preparer(cfg, p)(u8).dtype == torch.float32 for p in ("bf16", "fp32"))
+    cfg = load_config("configs/sample.yaml", ["model.width=0.25", "train.precision=auto", "data.root=x"])
+    run = run_builder.build_run(resolve(cfg, DistInfo(device=CPU)), DistInfo(device=CPU), logger=None,
+                                loaders=False)
+    assert run.prepare(torch.zeros(2, 3, 8, 8, dtype=torch.float16)).dtype == torch.float16
+    assert run.loader is None and run.monitor is None
+
+
+def test_build_run_builds_the_loaders_and_runs_without_an_unlabelled_monitor(tmp_path, caplog):
+    """With loaders (train.py): the train split's loader at the per-rank batch; no val/ folder: no
+    held-out loader, and the kNN monitor is off with a warning naming why, not an error."""
+    make_folder(tmp_path / "train", [4, 4], size=(72, 72))
+    cfg = load_config("configs/sample.yaml", [
+        f"data.root={tmp_path}", "model.width=0.25", "data.crop_size=64", "data.resize_size=72",
+        "optim.batch_size_per_gpu=2", "train.monitor_every=1", "train.eval_rotation_every=1",
+        "train.precision=fp32", "loader.backend=torch", "loader.num_threads=0"])
+    info = DistInfo(device=CPU)
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        run = run_builder.build_run(resolve(cfg, info), info, logger=None)
+    assert len(run.loader) == 4 and run.val_loader is None and run.monitor is None
+    assert "the kNN monitor is off for this run (train.monitor_every=1)" in caplog.text

@@ -29,7 +29,7 @@ def tiny(tmp_path, one_thread):
     make_folder(tmp_path / "train", [8, 8], size=(72, 72))
     cfg = resolve(load_config(REPO / "configs/sample.yaml", [f"data.root={tmp_path}", *TOY]), DistInfo())
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    run = build_run(cfg, DistInfo(), RunLogger(tmp_path, is_main=False))
+    run = build_run(cfg, DistInfo(), RunLogger(tmp_path, is_main=False), loaders=False)
     loader = build_rotation_loader(cfg, str(tmp_path / "train"), batch_size=4, rank=0, world_size=1,
                                    local_rank=0, device=torch.device("cpu"), train=True, seed=0)
     yield run, loader

@@ -6,8 +6,9 @@ import io
 import pytest
 import torch
 
-from pipelines import build_class_loader, build_rotation_loader, prepare_batch
+from pipelines import batch_preparer, build_class_loader, build_rotation_loader, prepare_batch
 from rotnet.cli import InputError
+from rotnet.config import load_config
 from tests.pipelines.images import FORMATS, KINDS, cfg, in_format, make_folder, needs_dali
 
 CPU = torch.device("cpu")
@@ -135,3 +136,17 @@ def test_loader_normalisation_equals_trainer_normalisation(square_split, over):
     assert torch.equal(y8, y16)
     ref = prepare_batch(x8, cfg().data, channels_last=True)
     torch.testing.assert_close(prepare_batch(x16, cfg().data, channels_last=True), ref, atol=2e-2, rtol=1e-2)
+
+
+def test_batch_preparer_keeps_float16_under_autocast_and_casts_for_fp32():
+    """Under autocast (bf16, fp16) a loader-normalised float16 batch is not cast to float32 only for
+    autocast to cast it back: the model gets it as it is. An fp32 model gets float32."""
+    c = load_config("configs/sample.yaml", ["model.width=0.25", "train.channels_last=true", "data.root=x"])
+    x16 = torch.randn(2, 8, 8, 3, dtype=torch.float16).permute(0, 3, 1, 2)   # the graph's NHWC memory
+    for precision in ("bf16", "fp16"):
+        out = batch_preparer(c, precision)(x16)
+        assert out.dtype == torch.float16 and out.data_ptr() == x16.data_ptr()   # no copy at all
+    out = batch_preparer(c, "fp32")(x16)
+    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
+    u8 = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
+    assert all(batch_preparer(c, p)(u8).dtype == torch.float32 for p in ("bf16", "fp32"))

@@ -1,0 +1,91 @@
+"""The trunk contract every trunk in `models/` follows (the `Trunk` base class), and the helpers the
+trunks share.
+
+    trunk = MODELS[cfg.model.arch](cfg.model, input_size)   # every trunk: (ModelConfig, square side)
+    trunk.arch, trunk.width  registry name and width multiplier it was built with
+    trunk.input_size       square side it is built for (alexnet sizes its FC block from it)
+    trunk.layer_names      probe points, shallow -> deep
+    trunk.layer_channels   {probe name: channels}
+    trunk.out_dim          size of `forward(x)`, the rotation head's input
+    trunk.features(x, layers) -> {name: (B, C, h, w)}   runs only as deep as needed
+    trunk(x)               -> (B, out_dim)
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import Tensor, nn
+
+from rotnet.config import ConfigError, ModelConfig
+
+
+def scale_channels(channels: int, width: float) -> int:
+    """Width-multiplied channel count: max(1, round(channels * width)); width > 0 (Trunk checks)."""
+    return max(1, round(channels * width))
+
+
+def conv_bn_relu(cin: int, cout: int, kernel: int, stride: int = 1, padding: int | None = None):
+    """Conv (no bias) -> BN -> ReLU, 'same' padding unless given: (B, cin, H, W) -> (B, cout, H', W')."""
+    pad = (kernel - 1) // 2 if padding is None else padding
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride=stride, padding=pad, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+def init_weights(module: nn.Module) -> None:
+    """torchvision's ResNet init in place: conv kaiming-normal (fan_out), norms 1, 0; Linear default."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class Trunk(nn.Module):
+    """Base class: a trunk is an ordered list of stages, each ending at a probe point.
+
+    Subclasses set `layer_names`, `layer_channels`, `out_dim`, `_stage_attrs` ({probe name: attributes
+    run from the previous probe point to this one}) and `_tail`. Plain attributes, not a ModuleDict,
+    keep state_dict keys readable (and torchvision's for ResNet).
+    """
+
+    arch: str
+    width: float
+    input_size: int
+    layer_names: list[str]
+    layer_channels: dict[str, int]
+    out_dim: int
+    _stage_attrs: dict[str, tuple[str, ...]]
+
+    def __init__(self, model: ModelConfig, input_size: int) -> None:
+        super().__init__()
+        if model.width <= 0:
+            raise ConfigError(f"model.width={model.width}: the channel multiplier must be > 0")
+        self.arch, self.width, self.input_size = model.arch, model.width, input_size
+
+    def features(self, x: Tensor, layers: Iterable[str] | str) -> dict[str, Tensor]:
+        """x: (B, 3, H, W) -> {name: (B, layer_channels[name], h, w)} for `layers` (a str: one), in the
+        order asked; runs only up to the deepest one."""
+        wanted = [layers] if isinstance(layers, str) else list(layers)
+        bad = [name for name in wanted if name not in self.layer_names]
+        if bad or not wanted:
+            raise ValueError(f"{self.arch}.features: unknown layer(s) {bad or '(none)'}; "
+                             f"valid layers: {self.layer_names}")
+        deepest = max(self.layer_names.index(name) for name in wanted)
+        found: dict[str, Tensor] = {}
+        for name in self.layer_names[: deepest + 1]:
+            for attr in self._stage_attrs[name]:
+                x = getattr(self, attr)(x)
+            found[name] = x
+        return {name: found[name] for name in wanted}
+
+    def _tail(self, x: Tensor) -> Tensor:
+        """Deepest probe feature (B, C, h, w) -> rotation-head input (B, out_dim)."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, 3, H, W) -> (B, out_dim), the features the rotation head classifies."""
+        last = self.layer_names[-1]
+        return self._tail(self.features(x, [last])[last])
