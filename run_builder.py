@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.rotnet import build_model
+from models import build_model
 from pipelines import batch_preparer, class_labels_missing, rotation_loaders
 from pipelines.sample_data import ensure_sample_data
 from probes.knn import KnnMonitor

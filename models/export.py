@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from models import MODELS, build_model
-from models.trunk import Trunk
+from models.rotnet import Trunk
 from rotnet.atomic import write_bytes
 from rotnet.checkpoint import atomic_save, load_checkpoint, settings_line
 from rotnet.cli import ArgumentParser, InputError, fail

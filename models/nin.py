@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from models.trunk import Trunk, conv_bn_relu, init_weights, scale_channels
+from models.rotnet import Trunk, conv_bn_relu, init_weights, scale_channels
 from rotnet.config import ConfigError, ModelConfig
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from models.trunk import Trunk, init_weights, scale_channels
+from models.rotnet import Trunk, init_weights, scale_channels
 from rotnet.config import ModelConfig
 
 # arch -> torchvision block (by name: torchvision is imported when a ResNet is built), blocks per stage

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.alexnet import alexnet_fc_block
-from models.trunk import conv_bn_relu
+from models.rotnet import conv_bn_relu
 from rotnet.cli import UsageError
 
 HEADS = ("linear", "mlp", "conv")
