@@ -55,7 +55,7 @@ class LoaderConfig:
     prefetch: int = 2              # batches queued ahead
     # DALI: samples read at once per rank (threads), files or shard members, to hide the storage's
     # latency (Lustre/GPFS/NFS: ms a read); at least 1. docs/pipelines.md, "What to tune".
-    reads_in_flight: int = 32
+    reads_in_flight: int = 64
     hw_decoder_load: float = 0.65  # DALI mixed decoder: share of images sent to the A100/H100 HW decoder
     # nvJPEG bytes per training decoder thread (0: DALI's defaults); every rank pins them: docs/pipelines.md
     device_memory_padding: int = 0
