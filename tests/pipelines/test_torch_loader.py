@@ -82,9 +82,10 @@ def _worker_private_mb_per_epoch(root, epochs: int, fixed: bool) -> list[float]:
 def test_a_real_worker_stays_bounded_over_many_steps_and_grows_without_the_fix(tmp_path):
     """48 steps of ImageNet-sized (500x375) JPEGs in one worker. Pinned threshold: the worker's
     private memory stays within 3 MB from epoch 2 on. Without it (the same run, worker_init_fn
-    off) glibc's heap fragments and the worker grows by more than 15 MB: the fix is what holds it."""
+    off) glibc's heap fragments and the worker grows well out of that band (by 8 to 45 MB in runs
+    on 2-core Xeons; how much varies from run to run), so the fix is what holds it."""
     root = make_folder(tmp_path / "train", [16, 16], size=(375, 500))
     fixed = _worker_private_mb_per_epoch(root, 12, fixed=True)
     assert max(fixed[1:]) - fixed[1] < 3, fixed
     loose = _worker_private_mb_per_epoch(root, 12, fixed=False)
-    assert loose[-1] - loose[1] > 15, loose
+    assert loose[-1] - loose[1] > 5, loose
