@@ -47,6 +47,20 @@ def format_problem(head: bytes) -> str:
     return f"not an image format DALI reads (it starts with {head[:8]!r})"
 
 
+def jpeg_truncated(data: bytes) -> str:
+    """Why a JPEG's bytes stop before its end-of-image marker (EOI after the last start-of-scan), else ''.
+
+    DALI's CPU decoder refuses such a file, but given one inside a batch it can also crash the
+    process (a segfault, in about one batch of 50 here), so the scan refuses it by rule before
+    DALI sees it. Bytes after EOI (camera trailers) are allowed, as DALI allows them."""
+    if not data.startswith(b"\xff\xd8\xff"):
+        return ""
+    sos = data.rfind(b"\xff\xda")
+    if sos < 0 or data.find(b"\xff\xd9", sos) < 0:
+        return "a truncated JPEG (no end-of-image marker after its image data): copy it again or remove it"
+    return ""
+
+
 def read_head(path: str) -> bytes | None:
     """The first 12 bytes of `path`, None when it cannot be read."""
     try:
@@ -85,7 +99,8 @@ def _dali_decoder(workers: int):
     """A DALI CPU pipeline: encoded bytes fed as "encoded" -> RGB images, decoded as training does."""
     from nvidia.dali import fn, pipeline_def, types
 
-    @pipeline_def(batch_size=BATCH, num_threads=workers, device_id=None, prefetch_queue_depth=1)
+    @pipeline_def(batch_size=BATCH, num_threads=workers, device_id=None, prefetch_queue_depth=1,
+                  exec_async=False, exec_pipelined=False)
     def graph():
         return fn.decoders.image(fn.external_source(name="encoded", dtype=types.UINT8), device="cpu",
                                  output_type=types.RGB)
@@ -123,7 +138,7 @@ def dali_reasons(paths: list[str], workers: int) -> list[str]:
             except OSError as e:
                 reasons[i] = f"cannot be read: {e.strerror or e}"
                 continue
-            reasons[i] = format_problem(data[:12].tobytes())
+            reasons[i] = format_problem(data[:12].tobytes()) or jpeg_truncated(data.tobytes())
             if not reasons[i]:
                 batch.append((i, data))
         if batch and decode([d for _, d in batch]):

@@ -82,7 +82,7 @@ def test_the_dali_scan_passes_exactly_what_trains(crafted):
         assert trains(os.path.join(crafted, "c0", name)) == (not found[name]), name
     assert found["empty.JPEG"] == "empty (0-byte) file"
     assert found["gif.JPEG"].startswith("a GIF, which DALI's decoder (training's) cannot read")
-    assert found["truncated.JPEG"].startswith("DALI cannot decode it (")
+    assert found["truncated.JPEG"].startswith("a truncated JPEG (no end-of-image marker")
 
 
 def test_without_dali_the_same_verdicts_and_gif_refused_by_rule(crafted):
@@ -99,6 +99,41 @@ def test_one_bad_file_in_a_full_batch_is_the_one_named(tmp_path):
         (tmp_path / f"{i}.JPEG").write_bytes(CRAFTED["truncated.JPEG"][0] if i == 37 else jpeg(RGB[:8, :8]))
     reasons = dali_reasons(paths, workers=1)
     assert [i for i, why in enumerate(reasons) if why] == [37]
+
+
+def test_a_failed_batch_is_decoded_again_file_by_file(tmp_path, monkeypatch):
+    """DALI names no file when a batch fails, and the pipeline is spent: each file of that batch is
+    decoded alone in a new pipeline, and only the one that fails alone is named."""
+    import pipelines.scan
+
+    built, bad = [], jpeg(RGB[:8, :8], "L")   # stands for a file DALI cannot decode
+
+    class Pipe:
+        def feed_input(self, name, arrays):
+            self.arrays = arrays
+
+        def run(self):
+            if any(a.tobytes() == bad for a in self.arrays):
+                raise RuntimeError("Error in CPU operator `decoders.image`: Failed to decode sample #3")
+
+    monkeypatch.setattr(pipelines.scan, "_dali_decoder", lambda workers: built.append(1) or Pipe())
+    paths = []
+    for i in range(70):
+        paths.append(str(tmp_path / f"{i}.JPEG"))
+        (tmp_path / f"{i}.JPEG").write_bytes(bad if i == 3 else jpeg(RGB[:8, :8]))
+    reasons = dali_reasons(paths, workers=1)
+    assert [i for i, why in enumerate(reasons) if why] == [3]
+    assert reasons[3].startswith("DALI cannot decode it (") and len(built) == 3   # batch, alone, after
+
+
+@pytest.mark.parametrize("cut, why", [(600, "a truncated JPEG"), (None, "")])
+def test_a_jpeg_without_its_end_marker_is_refused_by_rule(cut, why):
+    """DALI can crash on such a file in a batch, so it never reaches DALI; bytes after EOI are allowed."""
+    from pipelines.scan import jpeg_truncated
+
+    data = jpeg(RGB)[:cut] if cut else jpeg(RGB) + b"camera trailer"
+    assert jpeg_truncated(data).startswith(why) and bool(jpeg_truncated(data)) == bool(why)
+    assert jpeg_truncated(encoded(RGB, "PNG")) == ""
 
 
 def test_the_scan_lists_what_trains_and_says_which_decoder(crafted, tmp_path, capsys):
