@@ -192,9 +192,11 @@ def read_file(path: str) -> bytes:
     try:
         size = os.fstat(fd).st_size
         data = os.read(fd, size + 1)
-        if len(data) <= size:
+        if len(data) == size:
             return data
-        rest = [data]   # it grew since the open (or fstat does not know its size): read to the end
+        # Shorter (a read cut short, or the file shrank), longer (it grew, or fstat does not know
+        # its size): read on to the end, one more round trip in these rare cases only.
+        rest = [data]
         while chunk := os.read(fd, 1 << 20):
             rest.append(chunk)
         return b"".join(rest)

@@ -104,7 +104,7 @@ def test_out_of_order_reads_give_the_same_batches(split, monkeypatch, fmt, train
 @pytest.mark.parametrize("size", [0, 1, 4096, (1 << 20) + 3])
 def test_read_file_reads_whole_files_with_one_read_request(tmp_path, monkeypatch, size):
     """One read of fstat's size + 1 (the short read is the end of the file), however large the file;
-    a file that grew after the stat (or reports no size) is read on to its end."""
+    a file that grew after the stat (or reports no size), or a read cut short, is read on to its end."""
     from pipelines.dali_loader import read_file
 
     data = os.urandom(size)
@@ -114,6 +114,9 @@ def test_read_file_reads_whole_files_with_one_read_request(tmp_path, monkeypatch
     monkeypatch.setattr(os, "read", lambda fd, n: reads.append(n) or real_read(fd, n))
     assert read_file(str(tmp_path / "f")) == data and reads == [size + 1]
 
+    monkeypatch.setattr(os, "read", lambda fd, n: real_read(fd, min(n, 7)))   # every read cut short
+    assert read_file(str(tmp_path / "f")) == data
+    monkeypatch.setattr(os, "read", real_read)
     monkeypatch.setattr(os, "fstat", lambda fd: os.stat_result((0,) * 10))   # st_size 0, as /proc reports
     assert read_file(str(tmp_path / "f")) == data
 
