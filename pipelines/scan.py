@@ -99,8 +99,7 @@ def _dali_decoder(workers: int):
     """A DALI CPU pipeline: encoded bytes fed as "encoded" -> RGB images, decoded as training does."""
     from nvidia.dali import fn, pipeline_def, types
 
-    @pipeline_def(batch_size=BATCH, num_threads=workers, device_id=None, prefetch_queue_depth=1,
-                  exec_async=False, exec_pipelined=False)
+    @pipeline_def(batch_size=BATCH, num_threads=workers, device_id=None, prefetch_queue_depth=1)
     def graph():
         return fn.decoders.image(fn.external_source(name="encoded", dtype=types.UINT8), device="cpu",
                                  output_type=types.RGB)
