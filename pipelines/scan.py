@@ -133,13 +133,14 @@ def dali_reasons(paths: list[str], workers: int) -> list[str]:
         batch = []
         for i in range(start, min(start + BATCH, len(paths))):
             try:
-                data = np.fromfile(paths[i], dtype=np.uint8)
+                with open(paths[i], "rb") as f:
+                    raw = f.read()
             except OSError as e:
                 reasons[i] = f"cannot be read: {e.strerror or e}"
                 continue
-            reasons[i] = format_problem(data[:12].tobytes()) or jpeg_truncated(data.tobytes())
+            reasons[i] = format_problem(raw[:12]) or jpeg_truncated(raw)
             if not reasons[i]:
-                batch.append((i, data))
+                batch.append((i, np.frombuffer(raw, dtype=np.uint8)))   # no copy of the bytes
         if batch and decode([d for _, d in batch]):
             for i, data in batch:
                 reasons[i] = decode([data])
