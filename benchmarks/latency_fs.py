@@ -13,15 +13,18 @@ What it models. Each request the kernel sends pays --latency-ms before its answe
             round trip; the kernel caches its answer for --attr-timeout seconds (as NFS does);
   readdir   one round trip per listing call.
 --bandwidth-mbps caps the bytes of all reads together: one shared link, on which a read's bytes
-wait for those of the reads ahead of it (`link_schedule`).
+wait for those of the reads ahead of it.
 The kernel's page cache is off for file data (direct_io): every read reaches this process and pays
 the latency, also when the same bytes were read before. A private mmap of a file still works
 (DALI's readers.file maps files); its page faults become read requests.
-Many requests are served at once: libfuse's multithreaded loop with up to --threads threads, and a
-request's wait is time.sleep, which releases the GIL, as does os.pread.
+Many requests are served at once: libfuse's multithreaded loop with up to --threads threads, each
+request sleeping its latency in a thread of its own. The server is C (latency_fs_server.c, built by
+the setup script): it shares the cores with the readers it measures, where a cluster's file server
+has cores of its own, so its CPU per request must stay small (a Python server cost several times
+more: docs/benchmarks.md, "Cluster storage").
 Its limits: the latency is fixed (no jitter, no congestion, no server-side caching or readahead);
-the cost of the mount itself (kernel round trip + Python callback) comes on top, and at 0 ms it is
-the whole difference from the local disk: benchmarks/storage.py measures it.
+the cost of the mount itself (kernel round trip + server) comes on top, and at 0 ms it is the whole
+difference from the local disk: benchmarks/storage.py measures it.
 
 Foreground (default) serves until SIGINT/SIGTERM or `--unmount`; --background returns once mounted.
 `mounted()` is the context manager other scripts use: the mount is gone when it exits, error or not.
@@ -29,7 +32,6 @@ Foreground (default) serves until SIGINT/SIGTERM or `--unmount`; --background re
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import shutil
 import signal
@@ -59,93 +61,23 @@ class LinkSettings:
     threads: int = 64             # requests served at once
 
 
-def link_schedule(now: float, free_at: float, nbytes: int, latency_s: float,
-                  rate: float) -> tuple[float, float]:
-    """(when the request is answered, when the link is free again) for a request of `nbytes` made at
-    `now` on a link busy until `free_at`, moving `rate` bytes/s (0: no cap). The bytes queue behind
-    earlier reads' bytes; the latency is paid once per request, in parallel with other requests."""
-    if rate <= 0:
-        return now + latency_s, free_at
-    sent = max(now, free_at) + nbytes / rate
-    return sent + latency_s, sent
+SERVER = "latency-fs-server"   # benchmarks/latency_fs_server.c, built beside the venv's python
 
 
-class LatencyPassThrough:
-    """mfusepy operations: the files of `root`, read-only, each request delayed per `settings`."""
-
-    use_ns = True   # times in integer nanoseconds (mfusepy's non-deprecated form)
-
-    def __init__(self, root: str, settings: LinkSettings):
-        self.root = os.path.realpath(root)
-        self.settings = settings
-        self._latency = settings.latency_ms / 1000
-        self._rate = settings.bandwidth_mbps * 1e6
-        self._free_at = 0.0
-        self._lock = threading.Lock()
-
-    def _wait(self, nbytes: int = 0) -> None:
-        if self._rate > 0:
-            with self._lock:    # the link's queue; the sleep itself happens outside the lock
-                done, self._free_at = link_schedule(time.monotonic(), self._free_at, nbytes, self._latency,
-                                                    self._rate)
-        else:
-            done = time.monotonic() + self._latency
-        left = done - time.monotonic()
-        if left > 0:
-            time.sleep(left)    # releases the GIL: other requests are served meanwhile
-
-    def _path(self, path: str) -> str:
-        return os.path.join(self.root, path.lstrip("/"))
-
-    def getattr(self, path, fh=None):
-        self._wait()
-        st = os.lstat(self._path(path)) if fh is None else os.fstat(fh)
-        out = {k: getattr(st, k) for k in ("st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_ino")}
-        out.update(st_atime=st.st_atime_ns, st_mtime=st.st_mtime_ns, st_ctime=st.st_ctime_ns)
-        return out
-
-    def readdir(self, path, fh):
-        self._wait()
-        return [".", "..", *os.listdir(self._path(path))]
-
-    def readlink(self, path):
-        self._wait()
-        return os.readlink(self._path(path))
-
-    def open(self, path, flags):
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC):
-            raise OSError(errno.EROFS, os.strerror(errno.EROFS))   # mfusepy answers with its errno
-        self._wait()
-        return os.open(self._path(path), os.O_RDONLY)
-
-    def read(self, path, size, offset, fh):
-        data = os.pread(fh, size, offset)
-        self._wait(len(data))
-        return data
-
-    def release(self, path, fh):
-        os.close(fh)
-        return 0
-
-    def statfs(self, path):
-        st = os.statvfs(self._path(path))
-        keys = ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree", "f_favail",
-                "f_flag", "f_namemax")
-        return {k: getattr(st, k) for k in keys}
+def server_binary() -> str:
+    """The C server that `bash benchmarks/setup_storage.sh` built into this venv's bin/."""
+    path = os.path.join(os.path.dirname(sys.executable), SERVER)
+    if not os.access(path, os.X_OK):
+        raise MountError(f"no {path}: run `bash benchmarks/setup_storage.sh` (it builds the mount's server) "
+                         "and use its venv's python")
+    return path
 
 
-def serve(src: str, mount: str, settings: LinkSettings, parent: int = 0) -> None:
-    """Mount and serve in this process until unmounted (blocks). parent: a process id; when it is no
-    longer this process's parent (it died, even by SIGKILL), the server unmounts and exits."""
-    from mfusepy import FUSE
-
-    if parent:
-        threading.Thread(target=_stop_when_orphaned, args=(parent,), daemon=True).start()
-
-    FUSE(LatencyPassThrough(src, settings), mount, foreground=True, ro=True, direct_io=True,
-         max_threads=settings.threads, max_idle_threads=settings.threads, attr_timeout=settings.attr_timeout,
-         entry_timeout=settings.attr_timeout, negative_timeout=settings.attr_timeout,
-         fsname=f"latency_fs:{os.path.basename(os.path.abspath(src))}")
+def server_command(src: str, mount: str, settings: LinkSettings, parent: int = 0) -> list[str]:
+    """The server's command line (latency_fs_server.c's usage). parent: a process id; when it is gone
+    (even by SIGKILL), the server unmounts and exits."""
+    return [server_binary(), src, mount, repr(settings.latency_ms), repr(settings.bandwidth_mbps),
+            repr(settings.attr_timeout), str(settings.threads), str(parent)]
 
 
 def check_setup(src: str, mount: str) -> None:
@@ -156,11 +88,7 @@ def check_setup(src: str, mount: str) -> None:
         raise MountError(f"{mount!r}: the mount point must be an empty folder")
     if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
         raise MountError("no /dev/fuse or fusermount3: run `bash benchmarks/setup_storage.sh` (Debian fuse3)")
-    try:
-        import mfusepy  # noqa: F401
-    except (ImportError, OSError) as e:   # OSError: the binding found no libfuse
-        raise MountError(f"the FUSE binding does not load ({e}): run `bash benchmarks/setup_storage.sh` "
-                         "and use its venv's python") from None
+    server_binary()
 
 
 def unmount(mount: str) -> None:
@@ -177,10 +105,8 @@ def mounted(src: str, mount: str, settings: LinkSettings, timeout: float = 30.0)
     with-block, which gets the server's process id (for `cpu_seconds`); unmounted and the server
     stopped on exit, also on an error or SIGTERM."""
     check_setup(src, mount)
-    cmd = [sys.executable, os.path.abspath(__file__), src, mount, "--latency-ms", repr(settings.latency_ms),
-           "--bandwidth-mbps", repr(settings.bandwidth_mbps), "--attr-timeout", repr(settings.attr_timeout),
-           "--threads", str(settings.threads), "--parent", str(os.getpid())]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(server_command(src, mount, settings, os.getpid()), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
     main = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main else None
     pending = []
@@ -233,12 +159,6 @@ def small_file_rate(paths: list[str], threads: int, read) -> float:
     return len(paths) / (time.perf_counter() - t0)
 
 
-def _stop_when_orphaned(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os.kill(os.getpid(), signal.SIGTERM)   # libfuse's handler: leave the loop, unmount (lazily), exit
-
-
 def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)   # runs the finally blocks, so the mount is removed
 
@@ -254,7 +174,6 @@ def get_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=64, help="requests served at once")
     ap.add_argument("--background", action="store_true", help="return once mounted; stop with --unmount")
     ap.add_argument("--unmount", metavar="MOUNT", help="unmount MOUNT (the server then exits)")
-    ap.add_argument("--parent", type=int, default=0, help=argparse.SUPPRESS)   # set by mounted()
     return ap
 
 
@@ -276,19 +195,18 @@ def main(argv=None) -> int:
         check_setup(args.src, args.mount)
     except InputError as e:
         fail(e)
-    if args.background:   # a detached server of its own; this process only waits for the mount
-        rest = [a for a in (argv or sys.argv[1:]) if a != "--background"]
-        cmd = [sys.executable, os.path.abspath(__file__), *rest]
-        subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 30
-        while not os.path.ismount(args.mount):
-            if time.monotonic() > deadline:
-                fail(MountError(f"{args.mount!r} was not mounted within 30 s"))
-            time.sleep(0.05)
-        print(f"mounted {args.src} at {args.mount} (+{settings.latency_ms:g} ms); stop: "
-              f"python benchmarks/latency_fs.py --unmount {args.mount}")
-        return 0
-    serve(args.src, args.mount, settings, args.parent)
+    cmd = server_command(args.src, args.mount, settings)
+    if not args.background:
+        os.execv(cmd[0], cmd)   # serves in the foreground until SIGINT/SIGTERM or --unmount
+    # --background: a detached server of its own; this process only waits for the mount
+    subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not os.path.ismount(args.mount):
+        if time.monotonic() > deadline:
+            fail(MountError(f"{args.mount!r} was not mounted within 30 s"))
+        time.sleep(0.05)
+    print(f"mounted {args.src} at {args.mount} (+{settings.latency_ms:g} ms); stop: "
+          f"python benchmarks/latency_fs.py --unmount {args.mount}")
     return 0
 
 

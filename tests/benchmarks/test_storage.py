@@ -1,8 +1,12 @@
-"""benchmarks/storage.py and benchmarks/latency_fs.py: their pure parts (settings, the link's
-arithmetic, the pass-through operations called directly, the table writer, the timing loop) need no
-FUSE. The mount itself: one slow test, skipped where FUSE or its binding is missing."""
+"""benchmarks/storage.py and benchmarks/latency_fs.py: their pure parts (settings, the table writer,
+the timing loop) need no FUSE. The mount itself (its C server: the bytes, the latency, the link's cap,
+its clean-up): slow tests, skipped where FUSE or the built server is missing."""
 import os
 import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -48,38 +52,13 @@ def test_latency_fs_refuses_bad_settings_in_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.count("\n") == 1
 
 
-# ------------------------------------------------------------------ the link and the operations
-def test_link_without_a_cap_adds_the_latency_alone():
-    assert latency_fs.link_schedule(10.0, 0.0, 10**6, 0.002, 0) == (10.002, 0.0)
+def test_latency_fs_names_the_setup_script_when_its_server_is_not_built(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "bin" / "python"))
+    with pytest.raises(latency_fs.MountError, match="setup_storage.sh"):
+        latency_fs.server_command(str(tmp_path), str(tmp_path), latency_fs.LinkSettings())
 
 
-def test_capped_link_queues_the_bytes_of_concurrent_reads():
-    rate = 100e6   # 100 MB/s: 1 MB takes 10 ms
-    done1, free = latency_fs.link_schedule(0.0, 0.0, 10**6, 0.002, rate)
-    assert (done1, free) == pytest.approx((0.012, 0.010))
-    done2, free = latency_fs.link_schedule(0.001, free, 10**6, 0.002, rate)   # waits for the first's bytes
-    assert (done2, free) == pytest.approx((0.022, 0.020))
-    done3, _ = latency_fs.link_schedule(1.0, free, 0, 0.002, rate)            # link idle by then
-    assert done3 == pytest.approx(1.002)
-
-
-def test_pass_through_serves_the_folder(tmp_path):
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "x.bin").write_bytes(bytes(range(256)) * 4)
-    ops = latency_fs.LatencyPassThrough(str(tmp_path), latency_fs.LinkSettings())
-    assert sorted(ops.readdir("/", None)) == [".", "..", "a"]
-    st = ops.getattr("/a/x.bin")
-    assert st["st_size"] == 1024 and st["st_mtime"] == os.stat(tmp_path / "a" / "x.bin").st_mtime_ns
-    with pytest.raises(OSError, match="Read-only"):
-        ops.open("/a/x.bin", os.O_WRONLY)
-    fh = ops.open("/a/x.bin", os.O_RDONLY)
-    try:
-        assert ops.read("/a/x.bin", 10, 250, fh) == bytes([250, 251, 252, 253, 254, 255, 0, 1, 2, 3])
-        assert ops.read("/a/x.bin", 10, 1024, fh) == b""
-    finally:
-        ops.release("/a/x.bin", fh)
-
-
+# ------------------------------------------------------------------ reading
 def test_small_file_rate_reads_every_file_one_at_a_time_and_threaded(tmp_path):
     paths = []
     for i in range(4):
@@ -143,10 +122,14 @@ def test_rotnet_reader_only_rows_use_the_loaders_read_only_batches(monkeypatch, 
 
     import pipelines
 
-    class Feed:   # what the DALI loader offers: per step, the encoded samples of that step
-        def read_only_batches(self, epoch):
-            yield [np.zeros(3, np.uint8)] * 4
-            yield [np.zeros(3, np.uint8)] * 2
+    calls = []
+
+    class Feed:   # what the DALI loader offers: per step of each epoch, the encoded samples of that step
+        def read_only_batches(self, epochs):
+            calls.append(epochs)
+            for _ in epochs:
+                yield [np.zeros(3, np.uint8)] * 4
+                yield [np.zeros(3, np.uint8)] * 2
 
     built = []
     monkeypatch.setattr(pipelines, "build_rotation_loader",
@@ -155,39 +138,9 @@ def test_rotnet_reader_only_rows_use_the_loaders_read_only_batches(monkeypatch, 
     info = {}
     steps = storage_readers.rotnet_steps(args, str(tmp_path), "shards", "reader", info)
     assert [next(steps) for _ in range(4)] == [4, 2, 4, 2] and info["in_flight"] == args.reads_in_flight
+    assert len(calls) == 1   # one feed across the epochs, as training keeps one
     assert built[0].data.format == "shards" and built[0].loader.num_threads == 2
     assert built[0].loader.reads_in_flight == args.reads_in_flight
-
-
-# ------------------------------------------------------------------ the mount (slow, needs FUSE)
-def _fuse_missing() -> str:
-    if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
-        return "no /dev/fuse or fusermount3"
-    try:
-        import mfusepy  # noqa: F401
-    except (ImportError, OSError):
-        return "no mfusepy (bash benchmarks/setup_storage.sh)"
-    return ""
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(bool(_fuse_missing()), reason=_fuse_missing() or "FUSE available")
-def test_mount_serves_the_same_bytes_and_is_gone_after_an_error(tmp_path):
-    src, mnt = tmp_path / "src", tmp_path / "mnt"
-    (src / "c").mkdir(parents=True)
-    data = os.urandom(300_000)
-    (src / "c" / "x.bin").write_bytes(data)
-    mnt.mkdir()
-    with pytest.raises(RuntimeError, match="inside"):
-        with latency_fs.mounted(str(src), str(mnt), latency_fs.LinkSettings(latency_ms=1.0)):
-            assert os.path.ismount(mnt)
-            assert (mnt / "c" / "x.bin").read_bytes() == data
-            with open(mnt / "c" / "x.bin", "rb") as f:     # no page cache: both reads reach the server
-                assert os.pread(f.fileno(), 10, 5) == os.pread(f.fileno(), 10, 5) == data[5:15]
-            with pytest.raises(OSError):
-                open(mnt / "c" / "new", "wb")
-            raise RuntimeError("inside")
-    assert not os.path.ismount(mnt) and os.listdir(mnt) == []
 
 
 def test_readers_picks_rows_by_prefix_and_refuses_none(tmp_path):
@@ -196,3 +149,90 @@ def test_readers_picks_rows_by_prefix_and_refuses_none(tmp_path):
     assert storage.parse_args(["--pool", str(tmp_path)]).readers == list(storage.READERS)
     with pytest.raises(storage.StorageError, match="--readers ffcv: no row"):
         storage.parse_args(["--pool", str(tmp_path), "--readers", "ffcv"])
+
+
+# ------------------------------------------------------------------ the mount (slow, needs FUSE)
+def _fuse_missing() -> str:
+    if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
+        return "no /dev/fuse or fusermount3"
+    try:
+        latency_fs.server_binary()
+    except latency_fs.MountError as e:
+        return str(e)
+    return ""
+
+
+needs_fuse = pytest.mark.skipif(bool(_fuse_missing()), reason=_fuse_missing() or "FUSE available")
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """(source folder with c/x.bin of 300 kB random bytes, empty mount point, the bytes)."""
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    (src / "c").mkdir(parents=True)
+    data = os.urandom(300_000)
+    (src / "c" / "x.bin").write_bytes(data)
+    mnt.mkdir()
+    return src, mnt, data
+
+
+@pytest.mark.slow
+@needs_fuse
+def test_mount_serves_the_same_bytes_and_is_gone_after_an_error(tree):
+    src, mnt, data = tree
+    with pytest.raises(RuntimeError, match="inside"):
+        with latency_fs.mounted(str(src), str(mnt), latency_fs.LinkSettings(latency_ms=1.0)):
+            assert os.path.ismount(mnt) and os.listdir(mnt) == ["c"]
+            assert (mnt / "c" / "x.bin").read_bytes() == data
+            with open(mnt / "c" / "x.bin", "rb") as f:     # no page cache: both reads reach the server
+                assert os.pread(f.fileno(), 10, 5) == os.pread(f.fileno(), 10, 5) == data[5:15]
+            with pytest.raises(OSError, match="Read-only"):
+                open(mnt / "c" / "x.bin", "r+b")
+            with pytest.raises(OSError):
+                open(mnt / "c" / "new", "wb")
+            assert os.statvfs(mnt).f_bsize > 0
+            raise RuntimeError("inside")
+    assert not os.path.ismount(mnt) and os.listdir(mnt) == []
+
+
+@pytest.mark.slow
+@needs_fuse
+def test_each_request_waits_the_latency_and_reads_share_the_capped_link(tree):
+    src, mnt, data = tree
+    (src / "c" / "y.bin").write_bytes(data)
+    with latency_fs.mounted(str(src), str(mnt), latency_fs.LinkSettings(latency_ms=30.0, attr_timeout=0)):
+        fd = os.open(mnt / "c" / "x.bin", os.O_RDONLY)   # lookups of c/, x.bin, then the open: >= 3 trips
+        try:
+            t0 = time.perf_counter()
+            os.pread(fd, 10, 0)
+            assert time.perf_counter() - t0 >= 0.030
+        finally:
+            os.close(fd)
+    with latency_fs.mounted(str(src), str(mnt), latency_fs.LinkSettings(bandwidth_mbps=3.0)):
+        names = [mnt / "c" / "x.bin", mnt / "c" / "y.bin"]
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(2) as pool:   # 2 x 300 kB at 3 MB/s: 0.2 s when they share the link
+            assert list(pool.map(lambda p: p.read_bytes(), names)) == [data, data]
+        assert time.perf_counter() - t0 >= 0.19
+
+
+@pytest.mark.slow
+@needs_fuse
+def test_mount_of_a_killed_process_goes_away(tree):
+    src, mnt, _ = tree
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from benchmarks import latency_fs; "
+            "cm = latency_fs.mounted(sys.argv[2], sys.argv[3], latency_fs.LinkSettings()); cm.__enter__(); "
+            "print('up', flush=True); time.sleep(60)")
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    child = subprocess.Popen([sys.executable, "-c", code, repo, str(src), str(mnt)], stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert child.stdout.readline().strip() == "up" and os.path.ismount(mnt)
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()
+    deadline = time.monotonic() + 10
+    while os.path.ismount(mnt) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.path.ismount(mnt)
