@@ -15,7 +15,7 @@ cache), then the same folder mounted with +L ms per open, read, getattr and read
 handed over, nothing decoded: samples/s) and full pipeline (decode, random-resized crop --crop,
 flip, the 4 rotations, uint8 out: original images/s):
   rotnet folder / shards    pipelines.build_rotation_loader (DALI on the CPU, --threads threads);
-                            reader-only is the loader's `read_only_batches(epoch)`
+                            reader-only is the loader's `read_only_batches(epochs)`
   DALI readers.file         DALI's folder reader, random_shuffle, then rotnet's CPU recipe (decode + crop in
                             DALI, flip + rotations in the OpenCV finisher): only the reader differs
   DALI readers.webdataset   DALI's tar reader on rotnet's shards and their wds2idx indexes

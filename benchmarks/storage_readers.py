@@ -27,14 +27,13 @@ def rotnet_steps(args, split_dir: str, fmt: str, mode: str, info: dict):
     loader = build_rotation_loader(cfg, split_dir, batch_size=args.batch, rank=0, world_size=1,
                                    local_rank=0, device="cpu", train=True, seed=0)
     info["in_flight"] = cfg.loader.reads_in_flight
+    if mode == "reader":   # one feed over the epochs, as the full pipeline's
+        for batch in loader.read_only_batches(itertools.count()):
+            yield len(batch)
     for epoch in itertools.count():
-        if mode == "reader":
-            for batch in loader.read_only_batches(epoch):
-                yield len(batch)
-        else:
-            loader.set_epoch(epoch)
-            for images, _ in loader:
-                yield images.shape[0] // len(ROTATIONS)
+        loader.set_epoch(epoch)
+        for images, _ in loader:
+            yield images.shape[0] // len(ROTATIONS)
 
 
 @pipeline_def

@@ -151,13 +151,16 @@ class DaliLoader(LoaderBase):
             else "a file could not be decoded (DALI did not name it)"
         return f"{where}. {repair_advice(self.spec.shards is not None)} DALI said: {first}"
 
-    def read_only_batches(self, epoch: int):
-        """This rank's steps of `epoch` as the pipeline's feed reads them (reads_in_flight at a time),
-        without decoding: per step, the list of encoded samples (uint8 arrays). For benchmarks."""
+    def read_only_batches(self, epochs):
+        """This rank's steps of each epoch in `epochs` (e.g. range(2), itertools.count()) as the
+        pipeline's feed reads them, without decoding: per step, the list of encoded samples (uint8
+        arrays). One feed for all of them, as training keeps one, so reads run on across an epoch's
+        end. For benchmarks."""
         feed = Feed(self.spec, self._steps)
         try:
-            for i in range(epoch * self._steps, (epoch + 1) * self._steps):
-                yield feed(i)[0]
+            for epoch in epochs:
+                for i in range(epoch * self._steps, (epoch + 1) * self._steps):
+                    yield feed(i)[0]
         finally:
             feed.close()
 
