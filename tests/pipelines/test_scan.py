@@ -3,15 +3,13 @@ as training decodes (readers.file -> decoders.image, RGB), every file it fails d
 files of each kind; without DALI (--decoder pil) the same verdicts, GIF refused by rule."""
 import io
 import os
-import struct
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from pipelines.scan import dali_reasons, main, scan_split
-from tests.pipelines.images import needs_dali
+from tests.pipelines.images import declaring, needs_dali
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (40, 50, 3), dtype=np.uint8)
@@ -28,16 +26,6 @@ def encoded(array: np.ndarray, fmt: str, mode: str | None = None, **save) -> byt
     image = Image.fromarray(array)
     (image.convert(mode) if mode else image).save(buf, format=fmt, **save)
     return buf.getvalue()
-
-
-def declaring(data: bytes, w: int, h: int) -> bytes:
-    """`data` (a PIL-made PNG, or JPEG: baseline or progressive) with the size its header declares
-    replaced by w x h; the image data is left as it is."""
-    if data.startswith(b"\x89PNG"):   # IHDR: length, type, width, height, 5 more bytes, a CRC of type + data
-        ihdr = b"IHDR" + struct.pack(">II", w, h) + data[24:29]
-        return data[:12] + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + data[33:]
-    sof = data.index(b"\xff\xc2" if b"\xff\xc2" in data else b"\xff\xc0")   # FF Cn, length, precision, h, w
-    return data[:sof + 5] + struct.pack(">HH", h, w) + data[sof + 9:]
 
 
 # name -> (bytes, whether training can decode it)
