@@ -231,6 +231,7 @@ _DECODE_FAILURE = re.compile(r"Failed to decode sample #|nvImageCodec failure: '
 # height, and also what a wrong call (a bug) says. The file's fault only where such a sample is found
 # (`pipelines.scan.zero_size`): the caller checks.
 INVALID_PARAMETER = "nvImageCodec failure: '#2'"
+
 _NOT_THE_FILE = re.compile(r"out of memory|CUDA error|cudaError|CUDA_ERROR", re.IGNORECASE)
 
 
