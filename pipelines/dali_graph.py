@@ -227,6 +227,11 @@ class CpuFinisher:
 _DECODE_FAILURE = re.compile(r"Failed to decode sample #|nvImageCodec failure: '#(?:3|4|13|14|19)'")
 
 
+# nvImageCodec's "invalid parameter" (2): what DALI says when every sample of a batch declares a 0 width or
+# height, and also what a wrong call (a bug) says. The file's fault only where such a sample is found
+# (`pipelines.scan.zero_size`): the caller checks.
+INVALID_PARAMETER = "nvImageCodec failure: '#2'"
+
 _NOT_THE_FILE = re.compile(r"out of memory|CUDA error|cudaError|CUDA_ERROR", re.IGNORECASE)
 
 

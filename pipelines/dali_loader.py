@@ -37,7 +37,13 @@ import numpy as np
 import torch
 
 from pipelines.batch import LoaderBase, LoaderSpec, rank_indices
-from pipelines.dali_graph import CpuFinisher, external_reader, is_decode_failure, rotation_graph
+from pipelines.dali_graph import (
+    INVALID_PARAMETER,
+    CpuFinisher,
+    external_reader,
+    is_decode_failure,
+    rotation_graph,
+)
 from pipelines.listing import BadImageError
 from pipelines.recipe import repair_advice
 from rotnet.cli import InputError
@@ -136,9 +142,16 @@ class DaliLoader(LoaderBase):
             return self._pipe.run()
         except RuntimeError as e:
             self._pipe = None                # DALI: "pipeline object is no longer valid"
-            if not is_decode_failure(str(e)):
-                raise                        # out of memory, a missing CUDA library, ...: as it is
-            raise BadImageError(self._explain(str(e))) from e
+            said = str(e)
+            if is_decode_failure(said) or (INVALID_PARAMETER in said and self._zero_size_in_flight()):
+                raise BadImageError(self._explain(said)) from e
+            raise                            # out of memory, a missing CUDA library, ...: as it is
+
+    def _zero_size_in_flight(self) -> bool:
+        """Whether a sample of the steps in flight declares a 0 width or height (`scan.zero_size`)."""
+        from pipelines.scan import zero_size
+
+        return any(zero_size(self._feed.read(j)) for j in self._feed.in_flight())
 
     def _explain(self, message: str) -> str:
         """A clear message naming the bad file(s): the samples of the steps in flight, decoded with PIL."""

@@ -4,8 +4,9 @@ ROOT is a split (ROOT/CLASS/IMAGE, or flat ROOT/IMAGE) or a dataset root (ROOT/S
 Every image is checked the way training reads it: with DALI installed, decoded by DALI's CPU decoder
 to RGB, in batches (an external_source pipeline; a batch that fails is decoded again one file at a
 time, which names the bad ones); without DALI, decoded with PIL, and the formats PIL reads but DALI
-does not (GIF) are refused by rule. Empty files, files whose first bytes are no format DALI reads and
-JPEGs cut short (no end-of-image marker) are refused before decoding. Bad ones are printed, the good
+does not (GIF) are refused by rule. Empty files, files whose first bytes are no format DALI reads, JPEGs
+cut short (no end-of-image marker) and JPEGs or PNGs whose header declares a 0 width or height are refused
+before decoding. Bad ones are printed, the good
 ones listed in --out for `data.file_list` (a flat split gets no list: no labels). Exit status 1 when
 bad files were found.
 """
@@ -60,6 +61,45 @@ def jpeg_truncated(data: bytes) -> str:
     if sos < 0 or data.find(b"\xff\xd9", sos) < 0:
         return "a truncated JPEG (no end-of-image marker after its image data): copy it again or remove it"
     return ""
+
+
+# JPEG frame header markers (SOF0-3, 5-7, 9-11, 13-15: baseline, progressive, lossless, ...); C4, C8 and
+# CC in that range are other segments (DHT, JPG, DAC).
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def zero_size(data: bytes) -> str:
+    """Why a JPEG's frame header (SOF) or a PNG's IHDR declares a 0 width or height, else '' (also for
+    other formats, and for headers this walk cannot follow: the decoder judges those).
+
+    Alone in a batch, such a file makes DALI fail with nvImageCodec's "invalid parameter" status, which a
+    wrong call (a bug) also gives, so that status cannot name the file. The header names it exactly: the
+    scan refuses it by rule before DALI sees it, and the DALI loader checks the samples in flight for it
+    when DALI fails so (a 0 height with a DNL marker is valid JPEG, but no decoder here reads it)."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n") and data[12:16] == b"IHDR":
+        w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    elif data.startswith(b"\xff\xd8"):
+        i, w, h = 2, 1, 1
+        while i + 9 <= len(data) and data[i] == 0xFF:   # marker segments: FF, marker, 2-byte length
+            marker = data[i + 1]
+            if marker in _SOF:                          # FF Cn, length, precision, height, width
+                h, w = int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+                break
+            if marker in (0xDA, 0xD9):                  # image data (or its end) before any frame header
+                break
+            if marker == 0xFF:                          # a fill byte
+                i += 1
+            elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # RSTn, TEM: no length
+                i += 2
+            else:
+                i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    else:
+        return ""
+    if w and h:
+        return ""
+    kind = "PNG" if data[:1] == b"\x89" else "JPEG"
+    return f"a {kind} whose header declares a {w}x{h} (width x height) image, which DALI cannot decode: " \
+           "re-encode it from its source or remove it"
 
 
 def read_head(path: str) -> bytes | None:
@@ -139,7 +179,7 @@ def dali_reasons(paths: list[str], workers: int) -> list[str]:
             except OSError as e:
                 reasons[i] = f"cannot be read: {e.strerror or e}"
                 continue
-            reasons[i] = format_problem(raw[:12]) or jpeg_truncated(raw)
+            reasons[i] = format_problem(raw[:12]) or jpeg_truncated(raw) or zero_size(raw)
             if not reasons[i]:
                 batch.append((i, np.frombuffer(raw, dtype=np.uint8)))   # no copy of the bytes
         if batch and decode([d for _, d in batch]):

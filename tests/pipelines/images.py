@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -46,6 +48,16 @@ def cfg(**kw) -> Config:
 def save_jpeg(path, arr, **kw):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.fromarray(arr).save(path, format="JPEG", quality=95, **kw)
+
+
+def declaring(data: bytes, w: int, h: int) -> bytes:
+    """`data` (a PIL-made PNG, or JPEG: baseline or progressive) with the size its header declares
+    replaced by w x h; the image data is left as it is."""
+    if data.startswith(b"\x89PNG"):   # IHDR: length, type, width, height, 5 more bytes, a CRC of type + data
+        ihdr = b"IHDR" + struct.pack(">II", w, h) + data[24:29]
+        return data[:12] + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + data[33:]
+    sof = data.index(b"\xff\xc2" if b"\xff\xc2" in data else b"\xff\xc0")   # FF Cn, length, precision, h, w
+    return data[:sof + 5] + struct.pack(">HH", h, w) + data[sof + 9:]
 
 
 def textured(rng, h, w):

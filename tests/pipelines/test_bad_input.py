@@ -1,4 +1,5 @@
 """ImageNet's odd files: greyscale, CMYK, PNG named .JPEG, non-square decode to RGB; bad files are named."""
+import functools
 import os
 import re
 
@@ -9,7 +10,16 @@ from PIL import Image
 
 from pipelines import BadImageError, build_class_loader, build_rotation_loader
 from pipelines.scan import main as scan_main
-from tests.pipelines.images import HAVE_DALI, KINDS, cfg, make_folder, needs_dali, save_jpeg, textured
+from tests.pipelines.images import (
+    HAVE_DALI,
+    KINDS,
+    cfg,
+    declaring,
+    make_folder,
+    needs_dali,
+    save_jpeg,
+    textured,
+)
 
 CPU = torch.device("cpu")
 
@@ -82,6 +92,32 @@ def test_dali_truncated_file_is_named(tmp_path):
         with pytest.raises(BadImageError, match=f"'{full}'"):
             list(build_rotation_loader(make_cfg(("dali", {"backend": "dali"})), root, batch_size=7, rank=0,
                                        world_size=1, local_rank=0, device=CPU, train=train, seed=0))
+
+
+@needs_dali
+def test_dali_zero_size_jpeg_alone_in_its_batch_is_named(tmp_path):
+    """Alone in a batch it makes DALI say "invalid parameter", which a bug can say too: the file is named
+    because a sample in flight declares 0x0; the same status with no such sample keeps its traceback."""
+    root = make_folder(tmp_path / "train", [2, 1], name="{i}.JPEG")
+    zero = os.path.join(root, "c1", "zero.JPEG")
+    with open(zero, "wb") as f:
+        f.write(declaring(open(os.path.join(root, "c1", "0.JPEG"), "rb").read(), 0, 0))
+    build = functools.partial(build_rotation_loader, make_cfg(("dali", {"backend": "dali"})), root,
+                              batch_size=1, rank=0, world_size=1, local_rank=0, device=CPU, seed=0)
+    for train in (False, True):
+        with pytest.raises(BadImageError, match=f"'{re.escape(zero)}'"):
+            list(build(train=train))
+    os.remove(zero)
+    lo = build(train=False)
+    batches = iter(lo)
+    next(batches)
+
+    class Broken:   # the pipeline failing so with good files in flight: a bug, not a file
+        def run(self):
+            raise RuntimeError("Error in CPU operator `decoders.image`: nvImageCodec failure: '#2'")
+    lo._pipe = Broken()
+    with pytest.raises(RuntimeError, match="'#2'"):
+        next(batches)
 
 
 def test_scan_finds_bad_files_and_loader_uses_its_list(tmp_path, capsys):

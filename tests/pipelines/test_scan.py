@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from pipelines.scan import dali_reasons, main, scan_split
-from tests.pipelines.images import needs_dali
+from tests.pipelines.images import declaring, needs_dali
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (40, 50, 3), dtype=np.uint8)
@@ -21,10 +21,10 @@ def jpeg(array: np.ndarray, mode: str = "RGB") -> bytes:
     return buf.getvalue()
 
 
-def encoded(array: np.ndarray, fmt: str, mode: str | None = None) -> bytes:
+def encoded(array: np.ndarray, fmt: str, mode: str | None = None, **save) -> bytes:
     buf = io.BytesIO()
     image = Image.fromarray(array)
-    (image.convert(mode) if mode else image).save(buf, format=fmt)
+    (image.convert(mode) if mode else image).save(buf, format=fmt, **save)
     return buf.getvalue()
 
 
@@ -33,6 +33,8 @@ CRAFTED = {
     "empty.JPEG": (b"", False),
     "gif.JPEG": (encoded(RGB, "GIF"), False),                 # PIL reads it, DALI does not
     "truncated.JPEG": (jpeg(RGB)[:600], False),
+    "zero_size.JPEG": (declaring(jpeg(RGB), 0, 0), False),    # alone, DALI's "invalid parameter"
+    "zero_height.png": (declaring(encoded(RGB, "PNG"), 50, 0), False),
     "png16.png": (encoded(RNG.integers(0, 65535, (40, 50)).astype(np.uint16), "PNG"), True),
     "palette.png": (encoded(RGB, "PNG", "P"), True),
     "rgba.png": (encoded(np.dstack([RGB, RGB[..., 0]]), "PNG"), True),
@@ -83,6 +85,8 @@ def test_the_dali_scan_passes_exactly_what_trains(crafted):
     assert found["empty.JPEG"] == "empty (0-byte) file"
     assert found["gif.JPEG"].startswith("a GIF, which DALI's decoder (training's) cannot read")
     assert found["truncated.JPEG"].startswith("a truncated JPEG (no end-of-image marker")
+    assert found["zero_size.JPEG"].startswith("a JPEG whose header declares a 0x0 (width x height) image")
+    assert found["zero_height.png"].startswith("a PNG whose header declares a 50x0 (width x height) image")
 
 
 def test_without_dali_the_same_verdicts_and_gif_refused_by_rule(crafted):
@@ -134,6 +138,37 @@ def test_a_jpeg_without_its_end_marker_is_refused_by_rule(cut, why):
     data = jpeg(RGB)[:cut] if cut else jpeg(RGB) + b"camera trailer"
     assert jpeg_truncated(data).startswith(why) and bool(jpeg_truncated(data)) == bool(why)
     assert jpeg_truncated(encoded(RGB, "PNG")) == ""
+
+
+@pytest.mark.parametrize("make, w, h, refused", [
+    (lambda: jpeg(RGB), 0, 0, True), (lambda: jpeg(RGB), 0, 40, True), (lambda: jpeg(RGB), 50, 0, True),
+    (lambda: jpeg(RGB), 50, 40, False),
+    (lambda: encoded(RGB, "JPEG", progressive=True), 0, 0, True),        # SOF2
+    (lambda: encoded(RGB, "JPEG", progressive=True), 50, 40, False),
+    (lambda: encoded(RGB, "JPEG", exif=b"Exif\x00\x00" + bytes(3000)), 0, 7, True),   # APP1 before SOF
+    (lambda: encoded(RGB, "PNG"), 0, 0, True), (lambda: encoded(RGB, "PNG"), 50, 40, False),
+], ids=["0x0", "0xH", "Wx0", "WxH", "progressive-0x0", "progressive", "exif-0xH", "png-0x0", "png"])
+def test_a_header_declaring_a_0_side_is_refused_by_rule(make, w, h, refused):
+    """DALI's status for such a file alone is "invalid parameter", which a bug can give too: the header
+    names it exactly. Other formats and headers cut short are left to the decoder."""
+    from pipelines.scan import zero_size
+
+    why = zero_size(declaring(make(), w, h))
+    assert bool(why) == refused and (not why or f"declares a {w}x{h} (width x height) image" in why)
+    assert zero_size(declaring(jpeg(RGB), 0, 0)[:40]) == zero_size(encoded(RGB, "BMP")) == ""
+
+
+@needs_dali
+def test_a_jpeg_declaring_0x0_is_named_in_one_line_and_the_scan_goes_on(tmp_path, capsys):
+    (tmp_path / "c0").mkdir()
+    for name in ("a.JPEG", "zero.JPEG", "b.JPEG"):   # decoded alone, it would stop DALI ("invalid parameter")
+        (tmp_path / "c0" / name).write_bytes(declaring(jpeg(RGB), 0, 0) if name == "zero.JPEG" else jpeg(RGB))
+    out = str(tmp_path / "list.txt")
+    assert main([str(tmp_path), "--out", out, "--workers", "1", "--decoder", "dali"]) == 1
+    bad = [line for line in capsys.readouterr().out.splitlines() if line.startswith("BAD ")]
+    assert bad == [f"BAD {tmp_path / 'c0' / 'zero.JPEG'}: a JPEG whose header declares a 0x0 (width x "
+                   "height) image, which DALI cannot decode: re-encode it from its source or remove it"]
+    assert open(out).read().split() == ["c0/a.JPEG", "0", "c0/b.JPEG", "0"]
 
 
 def test_the_scan_lists_what_trains_and_says_which_decoder(crafted, tmp_path, capsys):
