@@ -5,10 +5,9 @@ Every image is checked the way training reads it: with DALI installed, decoded b
 to RGB, in batches (an external_source pipeline; a batch that fails is decoded again one file at a
 time, which names the bad ones); without DALI, decoded with PIL, and the formats PIL reads but DALI
 does not (GIF) are refused by rule. Empty files, files whose first bytes are no format DALI reads, JPEGs
-cut short (no end-of-image marker) and JPEGs or PNGs whose header declares a 0 width or height are refused
-before decoding. Bad ones are printed, the good
-ones listed in --out for `data.file_list` (a flat split gets no list: no labels). Exit status 1 when
-bad files were found.
+cut short (no end-of-image marker) and JPEGs or PNGs whose header declares a 0 width or height are
+refused before decoding. Bad ones are printed, the good ones listed in --out for `data.file_list` (a
+flat split gets no list: no labels). Exit status 1 when bad files were found.
 """
 from __future__ import annotations
 
