@@ -1,7 +1,7 @@
 """Cluster storage: rotnet's loaders and their peers on the local disk and through a mount that adds
 a set latency to every round trip (benchmarks/latency_fs.py), on the same images and cores.
 
-    bash benchmarks/setup_storage.sh                     # once: fuse3, and a venv with mfusepy + webdataset
+    bash benchmarks/setup_storage.sh                     # once: fuse3, the mount's server, webdataset
     .venv-storage/bin/python benchmarks/storage.py --pool DIR [--images 3000] [--latencies 0,0.5,1,2,5]
                                 [--seconds 8] [--threads 2] [--quick] [--no-write]
 
@@ -314,7 +314,7 @@ def report(args, res: dict, data: str, load_before: float) -> str:
         f"4 rotations, uint8 out; each figure: {args.warmup} warm-up steps, then "
         + f"{args.seconds:g} s" + (f"; the median of {args.rounds} rounds over all conditions in turn"
                                    if args.rounds > 1 else ""),
-        "- mount: benchmarks/latency_fs.py (mfusepy over libfuse3, direct_io: no page cache for file data, "
+        "- mount: benchmarks/latency_fs.py (C server, libfuse3, direct_io: no page cache for file data, "
         f"up to {args.mount_threads} requests at once), +latency per open, read, getattr and readdir; "
         "bandwidth cap: "
         + (f"{args.bandwidth_mbps:g} MB/s, all reads together" if args.bandwidth_mbps else "none"), "",
