@@ -20,8 +20,8 @@ the latency, also when the same bytes were read before. A private mmap of a file
 Many requests are served at once: libfuse's multithreaded loop with up to --threads threads, each
 request sleeping its latency in a thread of its own. The server is C (latency_fs_server.c, built by
 the setup script): it shares the cores with the readers it measures, where a cluster's file server
-has cores of its own, so its CPU per request must stay small (a Python server cost several times
-more: docs/benchmarks.md, "Cluster storage").
+has cores of its own, so its CPU per request must stay small (a Python server cost six times as
+much per file: docs/pipelines.md, "Cluster storage").
 Its limits: the latency is fixed (no jitter, no congestion, no server-side caching or readahead);
 the cost of the mount itself (kernel round trip + server) comes on top, and at 0 ms it is the whole
 difference from the local disk: benchmarks/storage.py measures it.

@@ -6,8 +6,8 @@
  *   latency-fs-server SRC MOUNT LATENCY_MS BANDWIDTH_MBPS ATTR_TIMEOUT_S THREADS PARENT_PID
  *
  * In C, not Python: the model's own CPU must stay small, because it shares the machine's cores with
- * the readers it measures, while a cluster's file server has cores of its own. A Python server spent
- * most of a core per few thousand files on callbacks and on handing its GIL between 64 threads.
+ * the readers it measures, while a cluster's file server has cores of its own. A Python server cost
+ * six times as much CPU per file, in callbacks and in handing its GIL between 64 threads.
  * PARENT_PID (0: none): when that process is gone, the server unmounts and exits.
  */
 #define FUSE_USE_VERSION 31
