@@ -46,6 +46,7 @@ from pipelines.dali_graph import (
 )
 from pipelines.listing import BadImageError
 from pipelines.recipe import repair_advice
+from pipelines.scan import check_image, jpeg_truncated, zero_size
 from rotnet.cli import InputError
 
 
@@ -149,20 +150,13 @@ class DaliLoader(LoaderBase):
 
     def _zero_size_in_flight(self) -> bool:
         """Whether a sample of the steps in flight declares a 0 width or height (`scan.zero_size`)."""
-        from pipelines.scan import zero_size
-
         return any(zero_size(self._feed.read(j)) for j in self._feed.in_flight())
 
     def _explain(self, message: str) -> str:
         """A clear message naming the bad file(s): the samples of the steps in flight, decoded with PIL."""
-        from pipelines.scan import check_image
-
-        feed = self._feed
-        bad = [self.spec.paths[j] for j in feed.in_flight() if check_image(io.BytesIO(feed.read(j)))]
         first = message.strip().splitlines()[-1] if message.strip() else ""
-        where = ("bad image file(s): " + ", ".join(repr(p) for p in bad[:10])) if bad \
-            else "a file could not be decoded (DALI did not name it)"
-        return f"{where}. {repair_advice(self.spec.shards is not None)} DALI said: {first}"
+        samples = [(j, self._feed.read(j)) for j in self._feed.in_flight()]
+        return name_bad_files(self.spec, samples, f"DALI said: {first}")
 
     def read_only_batches(self, epochs):
         """This rank's steps of each epoch in `epochs` (e.g. range(2), itertools.count()) as the
@@ -234,6 +228,15 @@ def read_sample(spec, j: int) -> bytes:
     return data
 
 
+def name_bad_files(spec, samples, said: str) -> str:
+    """One line naming the bad files among `samples` ((index, encoded bytes) pairs), judged with PIL,
+    with how to repair the list and what failed (`said`)."""
+    bad = [spec.paths[j] for j, data in samples if jpeg_truncated(data) or check_image(io.BytesIO(data))]
+    where = ("bad image file(s): " + ", ".join(repr(p) for p in bad[:10])) if bad \
+        else "a file could not be decoded (DALI did not name it)"
+    return f"{where}. {repair_advice(spec.shards is not None)} {said}"
+
+
 class Feed:
     """`external_source` callback: iteration i -> (uint8 (size,) arrays, int32 (B, 1) labels) of step i.
 
@@ -266,9 +269,14 @@ class Feed:
 
     def __call__(self, i: int):
         idx = self.indices(i)
-        data = [np.frombuffer(b, dtype=np.uint8) for b in self.take(i)]
+        data = self.take(i)
+        # DALI's CPU decoder can crash the process on a JPEG cut short inside a batch: the step is
+        # refused before DALI sees it, with every bad file of the step named.
+        if any(jpeg_truncated(b) for b in data):
+            raise BadImageError(name_bad_files(self.spec, zip(idx.tolist(), data),
+                                               "Refused before decoding: a JPEG cut short can crash DALI."))
         self.recent.append(idx)
-        return data, self.labels[idx].reshape(-1, 1)
+        return [np.frombuffer(b, dtype=np.uint8) for b in data], self.labels[idx].reshape(-1, 1)
 
     def take(self, i: int) -> list[bytes]:
         """The bytes of iteration i's samples (waiting for them), after queueing the next steps' reads."""

@@ -52,9 +52,12 @@ def jpeg_truncated(data: bytes) -> str:
     """Why a JPEG's bytes stop before its end-of-image marker (EOI after the last start-of-scan), else ''.
 
     DALI's CPU decoder refuses such a file, but given one inside a batch it can also crash the
-    process (a segfault, in about one batch of 50 here), so the scan refuses it by rule before
-    DALI sees it. Bytes after EOI (camera trailers) are allowed, as DALI allows them."""
+    process (a segfault, in about one batch of 50 here), so the scan and the DALI loaders' feed
+    refuse it by rule before DALI sees it. Bytes after EOI (camera trailers) are allowed, as DALI
+    allows them."""
     if not data.startswith(b"\xff\xd8\xff"):
+        return ""
+    if data.endswith(b"\xff\xd9") and data.find(b"\xff\xda") >= 0:   # the usual case, found near the start
         return ""
     sos = data.rfind(b"\xff\xda")
     if sos < 0 or data.find(b"\xff\xd9", sos) < 0:

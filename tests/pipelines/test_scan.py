@@ -130,12 +130,17 @@ def test_a_failed_batch_is_decoded_again_file_by_file(tmp_path, monkeypatch):
     assert reasons[3].startswith("DALI cannot decode it (") and len(built) == 3   # batch, alone, after
 
 
-@pytest.mark.parametrize("cut, why", [(600, "a truncated JPEG"), (None, "")])
-def test_a_jpeg_without_its_end_marker_is_refused_by_rule(cut, why):
+@pytest.mark.parametrize("make, why", [
+    (lambda d: d[:600], "a truncated JPEG"),
+    (lambda d: d, ""),                                             # ends with its marker
+    (lambda d: d + b"camera trailer", ""),                         # bytes after the marker
+    (lambda d: d[:d.index(b"\xff\xda")] + b"\xff\xd9", "a truncated JPEG"),   # no image data at all
+], ids=["cut", "whole", "trailer", "no-scan"])
+def test_a_jpeg_without_its_end_marker_is_refused_by_rule(make, why):
     """DALI can crash on such a file in a batch, so it never reaches DALI; bytes after EOI are allowed."""
     from pipelines.scan import jpeg_truncated
 
-    data = jpeg(RGB)[:cut] if cut else jpeg(RGB) + b"camera trailer"
+    data = make(jpeg(RGB))
     assert jpeg_truncated(data).startswith(why) and bool(jpeg_truncated(data)) == bool(why)
     assert jpeg_truncated(encoded(RGB, "PNG")) == ""
 
