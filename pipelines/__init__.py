@@ -27,7 +27,6 @@ from pipelines.batch import (
     PathTable,
     batch_preparer,
     check_recipe,
-    check_rotations,
     derive_seed,
     normalize_in_graph,
     prepare_batch,
@@ -84,21 +83,16 @@ def _build(cfg, split_dir, mode, *, batch_size, rank, world_size, local_rank, de
     data, how = cfg.data, cfg.loader
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}")
-    if data.crop_size < 1:
-        raise InputError(f"data.crop_size={data.crop_size}: must be at least 1")
-    if how.reads_in_flight < 1:
-        raise InputError(f"loader.reads_in_flight={how.reads_in_flight}: must be at least 1")
     check_recipe(data)
-    rotations = check_rotations(data.rotations, data.rotation_mode)
     paths, labels, classes, shards = _list(data, split_dir, mode)
     if labels_per_class > 0:
         keep = subset_per_class(labels, labels_per_class, derive_seed(seed, "subset"))
         paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
         shards = shards.subset(keep) if shards is not None else None
     device = torch.device(device)
-    spec = LoaderSpec(data=data, loader=how, mode=mode,
-                      rotations=tuple(rotations), batch_size=batch_size, rank=rank, world_size=world_size,
-                      local_rank=local_rank, device=device, train=train, seed=seed,
+    spec = LoaderSpec(data=data, loader=how, mode=mode, rotations=tuple(data.rotations),
+                      batch_size=batch_size, rank=rank, world_size=world_size, local_rank=local_rank,
+                      device=device, train=train, seed=seed,
                       normalize=normalize_in_graph(how.normalize, device), split_dir=split_dir,
                       paths=PathTable(paths), labels=tuple(labels), classes=tuple(classes), shards=shards)
     if how.resident or resolve_backend(how.backend) == "torch":   # resident images: torch ops only

@@ -38,24 +38,6 @@ import torch
 
 from rotnet.cli import InputError
 
-ROTATION_MODES = ("all", "one_random")
-
-
-def check_rotations(rotations, mode: str = "all") -> list[int]:
-    """Validated rotation list (degrees, multiples of 45 in [0, 360), no duplicates)."""
-    rots = [int(r) for r in rotations]
-    if not rots:
-        raise InputError("data.rotations is empty")
-    bad = [r for r in rots if r % 45 or not 0 <= r < 360]
-    if bad:
-        raise InputError(f"data.rotations: {bad} are not multiples of 45 in [0, 360)")
-    if len(set(rots)) != len(rots):
-        raise InputError(f"data.rotations has duplicates: {rots}")
-    if mode not in ROTATION_MODES:
-        raise InputError(f"data.rotation_mode={mode!r}; expected one of {ROTATION_MODES}")
-    return rots
-
-
 RECIPES = ("imagenet", "cifar")   # pipelines/recipe.py in torch ops (the reference), pipelines/dali_graph.py
 
 
@@ -193,7 +175,7 @@ class LoaderSpec:
     data: object                 # the frozen DataConfig (recipe, sizes, rotations) and
     loader: object               # LoaderConfig (threads, prefetch, DALI knobs)
     mode: str                    # "all" | "one_random" (rotation loaders) | "class" (class loaders)
-    rotations: tuple[int, ...]   # degrees, validated (check_rotations)
+    rotations: tuple[int, ...]   # degrees (data.rotations, checked by rotnet.config)
     batch_size: int              # originals per step (N)
     rank: int
     world_size: int

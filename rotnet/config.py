@@ -45,6 +45,19 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     sample_seed: int = 0           # seed of the built-in sample data (when root is "")
 
+    def __post_init__(self):
+        # the values a type cannot say, checked wherever a DataConfig is made (a file, an override, code)
+        rots = self.rotations
+        if not rots:
+            raise ConfigError("data.rotations is empty; the paper's set is [0, 90, 180, 270]")
+        bad = [r for r in rots if r % 45 or not 0 <= r < 360]
+        if bad:
+            raise ConfigError(f"data.rotations: {bad} are not multiples of 45 in [0, 360)")
+        if len(set(rots)) != len(rots):
+            raise ConfigError(f"data.rotations has duplicates: {rots}")
+        if self.crop_size < 1:
+            raise ConfigError(f"data.crop_size={self.crop_size}: must be at least 1")
+
 
 @dataclass(frozen=True)
 class LoaderConfig:
@@ -62,6 +75,10 @@ class LoaderConfig:
     host_memory_padding: int = 0
     normalize: Literal["auto", "graph", "trainer"] = "auto"  # auto: graph on GPU, trainer on CPU
     dali_rotate_in_graph: bool = False   # CPU only: false: OpenCV resizes/flips/rotates (faster)
+
+    def __post_init__(self):
+        if self.reads_in_flight < 1:
+            raise ConfigError(f"loader.reads_in_flight={self.reads_in_flight}: must be at least 1")
 
 
 @dataclass(frozen=True)

@@ -202,11 +202,6 @@ def test_a_decode_failure_names_the_file_of_its_batch(tmp_path):
     assert re.findall(r"'[^']*\.JPEG'", msg) == [repr(bad)] and "\n" not in msg
 
 
-def test_reads_in_flight_must_be_positive(split):
-    with pytest.raises(InputError, match="loader.reads_in_flight=0"):
-        loader(split, reads_in_flight=0)
-
-
 def test_one_random_in_graph_resumes_and_reads_no_unused_labels(split):
     """The full graph's one_random draws its own labels: the feed gives it images only (DALI would warn
     about an unused output) and a restored pipeline still continues with the same batches."""

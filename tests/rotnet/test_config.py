@@ -2,6 +2,7 @@
 import dataclasses
 
 import pytest
+import yaml
 
 from rotnet.config import (
     Config,
@@ -113,7 +114,7 @@ def test_literal_choices_match_what_the_code_accepts():
     import typing
 
     from models import MODELS
-    from pipelines.batch import NORMALIZE_MODES, ROTATION_MODES
+    from pipelines.batch import NORMALIZE_MODES
     from probes.heads import HEADS
     from rotnet.config import DataConfig, LoaderConfig, ModelConfig, ProbeConfig
 
@@ -122,7 +123,23 @@ def test_literal_choices_match_what_the_code_accepts():
     assert choices(ModelConfig, "arch") == set(MODELS)
     assert choices(ProbeConfig, "head") == set(HEADS)
     assert choices(LoaderConfig, "normalize") == set(NORMALIZE_MODES)
-    assert choices(DataConfig, "rotation_mode") == set(ROTATION_MODES)
+    assert choices(DataConfig, "rotation_mode") == {"all", "one_random"}   # pipelines/batch.py's contract
+
+
+@pytest.mark.parametrize("dotted, says", [
+    ("data.rotations=[]", "data.rotations is empty"),
+    ("data.rotations=[0,30,90]", r"data.rotations: \[30\] are not multiples of 45"),
+    ("data.rotations=[0,360]", r"data.rotations: \[360\] are not multiples of 45"),
+    ("data.rotations=[0,90,90]", "data.rotations has duplicates"),
+    ("data.crop_size=0", "data.crop_size=0: must be at least 1"),
+    ("loader.reads_in_flight=0", "loader.reads_in_flight=0: must be at least 1"),
+])
+def test_values_a_type_cannot_check_fail_at_load_naming_the_key(dotted, says):
+    with pytest.raises(ConfigError, match=says):
+        load_config(None, [dotted])
+    key, value = dotted.split("=")
+    with pytest.raises(ConfigError, match=says):   # also a config changed afterwards
+        override(load_config(None), {key: yaml.safe_load(value)})
 
 
 def test_unknown_keys_get_hints():
