@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import train  # noqa: E402  (train.py: the step being checked)
-from pipelines import build_rotation_loader  # noqa: E402
+from pipelines import rotation_loaders  # noqa: E402
 from rotnet.config import load_config, override  # noqa: E402
 from rotnet.distributed import DistInfo  # noqa: E402
 from rotnet.epoch_log import EpochLog  # noqa: E402
@@ -301,13 +301,10 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     info = DistInfo(device=device)
     cfg = resolve(cfg, info, require=(cfg.data.train_dir,))   # as train.py resolves it
-    root = Path(cfg.data.root)
     run = build_run(cfg, info, RunLogger(REPO, is_main=False), loaders=False)
     for sig in (signal.SIGTERM, signal.SIGUSR1):   # a check has nothing to save: die at once
         signal.signal(sig, signal.SIG_DFL)
-    loader = build_rotation_loader(cfg, str(root / cfg.data.train_dir), train=True, rank=0, world_size=1,
-                                   local_rank=0, batch_size=cfg.optim.batch_size_per_gpu, device=device,
-                                   seed=cfg.train.seed)
+    loader, _ = rotation_loaders(cfg, info, val=False)   # the run's train loader, as build_run makes it
     found, epoch = check_syncs(run, loader, args.steps, args.warmup)
     how = "set_sync_debug_mode warn" if device.type == "cuda" else "calls that sync on CUDA, counted"
     print(f"sync check: {args.steps} steps of {cfg.model.arch} {cfg.data.crop_size} px "

@@ -141,14 +141,14 @@ def build_class_loader(cfg, split_dir: str, *, batch_size: int, rank: int, world
                   labels_per_class=labels_per_class)
 
 
-def rotation_loaders(cfg, info):
+def rotation_loaders(cfg, info, val: bool = True):
     """A pretraining run's (train, held-out or None) rotation loaders for `info`'s rank
     (rotnet.distributed.DistInfo), at optim.batch_size_per_gpu and train.seed: held-out batches only
-    when train.eval_rotation_every asks for them and data.val_dir exists (a flat val/ will do)."""
+    when `val`, train.eval_rotation_every asks for them and data.val_dir exists (a flat val/ will do)."""
     root = Path(cfg.data.root)
     common = dict(batch_size=cfg.optim.batch_size_per_gpu, rank=info.rank, world_size=info.world_size,
                   local_rank=info.local_rank, device=info.device, seed=cfg.train.seed)
     train = build_rotation_loader(cfg, str(root / cfg.data.train_dir), train=True, **common)
-    if not (cfg.train.eval_rotation_every and (root / cfg.data.val_dir).is_dir()):
+    if not (val and cfg.train.eval_rotation_every and (root / cfg.data.val_dir).is_dir()):
         return train, None
     return train, build_rotation_loader(cfg, str(root / cfg.data.val_dir), train=False, **common)

@@ -7,6 +7,7 @@ import torch
 
 import rotnet.precision
 import run_builder
+from pipelines import rotation_loaders
 from rotnet.config import ConfigError, load_config
 from rotnet.distributed import DistInfo
 from rotnet.progress import log
@@ -79,3 +80,20 @@ def test_build_run_builds_the_loaders_and_runs_without_an_unlabelled_monitor(tmp
         run = run_builder.build_run(resolve(cfg, info), info, logger=None)
     assert len(run.loader) == 4 and run.val_loader is None and run.monitor is None
     assert "the kNN monitor is off for this run (train.monitor_every=1)" in caplog.text
+
+
+def test_rotation_loaders_build_the_held_out_loader_unless_told_not_to(tmp_path):
+    """train.eval_rotation_every and a val/ folder: a held-out loader of the eval recipe; val=False (the
+    benchmarks that time the train loader alone): the same train loader and no held-out one."""
+    make_folder(tmp_path / "train", [4, 4], size=(72, 72))
+    make_folder(tmp_path / "val", [2, 2], size=(72, 72))
+    cfg = load_config("configs/sample.yaml", [
+        f"data.root={tmp_path}", "data.crop_size=64", "data.resize_size=72", "optim.batch_size_per_gpu=2",
+        "train.eval_rotation_every=1", "train.precision=fp32", "loader.backend=torch",
+        "loader.num_threads=0"])
+    info = DistInfo(device=CPU)
+    cfg = resolve(cfg, info)
+    train, val = rotation_loaders(cfg, info)
+    assert len(train) == 4 and val is not None and len(val) == 2
+    alone, none = rotation_loaders(cfg, info, val=False)
+    assert none is None and len(alone) == len(train)

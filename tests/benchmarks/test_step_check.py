@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from benchmarks import step_check
-from pipelines import build_rotation_loader
+from pipelines import rotation_loaders
 from rotnet.config import load_config
 from rotnet.distributed import DistInfo
 from rotnet.progress import RunLogger
@@ -30,8 +30,7 @@ def tiny(tmp_path, one_thread):
     cfg = resolve(load_config(REPO / "configs/sample.yaml", [f"data.root={tmp_path}", *TOY]), DistInfo())
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     run = build_run(cfg, DistInfo(), RunLogger(tmp_path, is_main=False), loaders=False)
-    loader = build_rotation_loader(cfg, str(tmp_path / "train"), batch_size=4, rank=0, world_size=1,
-                                   local_rank=0, device=torch.device("cpu"), train=True, seed=0)
+    loader, _ = rotation_loaders(cfg, DistInfo(), val=False)   # as step_check.main builds it
     yield run, loader
     for s, h in handlers.items():
         signal.signal(s, h)
