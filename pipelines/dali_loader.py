@@ -88,7 +88,7 @@ class DaliLoader(LoaderBase):
         full = self._gpu or spec.loader.dali_rotate_in_graph
         self._finisher = None if full else CpuFinisher(spec.data.crop_size, list(spec.rotations), spec.mode,
                                                        threads=spec.loader.num_threads)
-        self._feed = None                    # the Feed of the current pipe (kept after a failure: `_explain`)
+        self._feed = None                    # the current pipe's Feed (kept after a failure: its files named)
         self._pipe = None
         self._checkpoint = None              # restored checkpoint, used when the pipe is built
 
@@ -144,19 +144,13 @@ class DaliLoader(LoaderBase):
         except RuntimeError as e:
             self._pipe = None                # DALI: "pipeline object is no longer valid"
             said = str(e)
-            if is_decode_failure(said) or (INVALID_PARAMETER in said and self._zero_size_in_flight()):
-                raise BadImageError(self._explain(said)) from e
+            if is_decode_failure(said) or INVALID_PARAMETER in said:
+                samples = [(j, self._feed.read(j)) for j in self._feed.in_flight()]   # the steps in flight
+                # "#2" is also what a bug gives: bad input only when a sample declares a 0 size
+                if is_decode_failure(said) or any(zero_size(data) for _, data in samples):
+                    first = said.strip().splitlines()[-1] if said.strip() else ""
+                    raise BadImageError(name_bad_files(self.spec, samples, f"DALI said: {first}")) from e
             raise                            # out of memory, a missing CUDA library, ...: as it is
-
-    def _zero_size_in_flight(self) -> bool:
-        """Whether a sample of the steps in flight declares a 0 width or height (`scan.zero_size`)."""
-        return any(zero_size(self._feed.read(j)) for j in self._feed.in_flight())
-
-    def _explain(self, message: str) -> str:
-        """A clear message naming the bad file(s): the samples of the steps in flight, decoded with PIL."""
-        first = message.strip().splitlines()[-1] if message.strip() else ""
-        samples = [(j, self._feed.read(j)) for j in self._feed.in_flight()]
-        return name_bad_files(self.spec, samples, f"DALI said: {first}")
 
     def read_only_batches(self, epochs):
         """This rank's steps of each epoch in `epochs` (e.g. range(2), itertools.count()) as the
