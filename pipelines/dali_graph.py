@@ -225,15 +225,27 @@ class CpuFinisher:
 # could not decode, or nvImageCodec's code-stream statuses (3 bad, 4 unsupported, 13/14 the same
 # from an extension, 19 incomplete). Memory and CUDA errors are never the file's fault.
 _DECODE_FAILURE = re.compile(r"Failed to decode sample #|nvImageCodec failure: '#(?:3|4|13|14|19)'")
-
-
-# nvImageCodec's "invalid parameter" (2): what DALI says when every sample of a batch declares a 0 width or
-# height, and also what a wrong call (a bug) says. The file's fault only where such a sample is found
-# (`pipelines.scan.zero_size`): the caller checks.
-INVALID_PARAMETER = "nvImageCodec failure: '#2'"
-
 _NOT_THE_FILE = re.compile(r"out of memory|CUDA error|cudaError|CUDA_ERROR", re.IGNORECASE)
+# nvImageCodec statuses a sample can cause: the code-stream ones above, and 2 ("invalid parameter"),
+# what DALI says when every sample of a batch declares a 0 width or height, and what a bug says too.
+_SAMPLE_STATUSES = {"2", "3", "4", "13", "14", "19"}
 
 
 def is_decode_failure(message: str) -> bool:
+    """Whether DALI's `message` says a file could not be decoded (even when no file is found to blame)."""
     return bool(_DECODE_FAILURE.search(message)) and not _NOT_THE_FILE.search(message)
+
+
+def may_be_a_file(message: str) -> bool:
+    """Whether DALI's `message` may be one sample's fault, to be found by decoding the samples alone: not
+    memory or CUDA, and no nvImageCodec status but a sample's. A codec's own words ("Invalid
+    sample_type: 8197" for a 32-bit TIFF) carry no status: only decoding the samples alone tells."""
+    statuses = re.findall(r"nvImageCodec failure: '#(\d+)'", message)
+    return not _NOT_THE_FILE.search(message) and all(s in _SAMPLE_STATUSES for s in statuses)
+
+
+def decoder_said(message: str) -> str:
+    """The line of a DALI error that says what went wrong: the first after "encountered:", else the last."""
+    head, found, tail = message.partition("encountered:")
+    lines = tail.strip().splitlines()[:1] if found else head.strip().splitlines()[-1:]
+    return lines[0].strip() if lines else "no reason given"

@@ -27,7 +27,6 @@ process, naming its file, at the step it belongs to.
 from __future__ import annotations
 
 import functools
-import io
 import os
 import weakref
 from collections import deque
@@ -38,15 +37,16 @@ import torch
 
 from pipelines.batch import LoaderBase, LoaderSpec, rank_indices
 from pipelines.dali_graph import (
-    INVALID_PARAMETER,
     CpuFinisher,
+    decoder_said,
     external_reader,
     is_decode_failure,
+    may_be_a_file,
     rotation_graph,
 )
 from pipelines.listing import BadImageError
 from pipelines.recipe import repair_advice
-from pipelines.scan import check_image, jpeg_truncated, zero_size
+from pipelines.scan import by_rule, dali_decode, dali_verdicts, jpeg_truncated
 from rotnet.cli import InputError
 
 
@@ -144,13 +144,16 @@ class DaliLoader(LoaderBase):
         except RuntimeError as e:
             self._pipe = None                # DALI: "pipeline object is no longer valid"
             said = str(e)
-            if is_decode_failure(said) or INVALID_PARAMETER in said:
-                samples = [(j, self._feed.read(j)) for j in self._feed.in_flight()]   # the steps in flight
-                # "#2" is also what a bug gives: bad input only when a sample declares a 0 size
-                if is_decode_failure(said) or any(zero_size(data) for _, data in samples):
-                    first = said.strip().splitlines()[-1] if said.strip() else ""
-                    raise BadImageError(name_bad_files(self.spec, samples, f"DALI said: {first}")) from e
-            raise                            # out of memory, a missing CUDA library, ...: as it is
+            if not may_be_a_file(said):
+                raise                        # out of memory, a missing codec, CUDA: as it is
+            # DALI names no file: the samples in flight are judged alone, as the scan judges files
+            samples = [(j, self._feed.read(j)) for j in self._feed.in_flight()]
+            decode = dali_decode(max(1, self.spec.loader.num_threads))
+            why = dali_verdicts([data for _, data in samples], decode)
+            bad = [(self.spec.paths[j], w) for (j, _), w in zip(samples, why) if w]
+            if bad or is_decode_failure(said):
+                raise BadImageError(name_bad_files(self.spec, bad, f"DALI said: {decoder_said(said)}")) from e
+            raise                            # a bug that looks like a file's fault ("#2"): as it is
 
     def read_only_batches(self, epochs):
         """This rank's steps of each epoch in `epochs` (e.g. range(2), itertools.count()) as the
@@ -222,11 +225,10 @@ def read_sample(spec, j: int) -> bytes:
     return data
 
 
-def name_bad_files(spec, samples, said: str) -> str:
-    """One line naming the bad files among `samples` ((index, encoded bytes) pairs), judged with PIL,
-    with how to repair the list and what failed (`said`)."""
-    bad = [spec.paths[j] for j, data in samples if jpeg_truncated(data) or check_image(io.BytesIO(data))]
-    where = ("bad image file(s): " + ", ".join(repr(p) for p in bad[:10])) if bad \
+def name_bad_files(spec, bad: list[tuple[str, str]], said: str) -> str:
+    """One line naming `bad` ((file or shard member, why) pairs), with how to repair the list and what
+    failed (`said`)."""
+    where = ("bad image file(s): " + "; ".join(f"{p!r}: {why}" for p, why in bad[:10])) if bad \
         else "a file could not be decoded (DALI did not name it)"
     return f"{where}. {repair_advice(spec.shards is not None)} {said}"
 
@@ -267,8 +269,9 @@ class Feed:
         # DALI's CPU decoder can crash the process on a JPEG cut short inside a batch: the step is
         # refused before DALI sees it, with every bad file of the step named.
         if any(jpeg_truncated(b) for b in data):
-            raise BadImageError(name_bad_files(self.spec, zip(idx.tolist(), data),
-                                               "Refused before decoding: a JPEG cut short can crash DALI."))
+            bad = [(self.spec.paths[j], why) for j, b in zip(idx.tolist(), data) if (why := by_rule(b))]
+            raise BadImageError(name_bad_files(self.spec, bad, "Refused before decoding: a JPEG cut short "
+                                                               "can crash DALI."))
         self.recent.append(idx)
         return [np.frombuffer(b, dtype=np.uint8) for b in data], self.labels[idx].reshape(-1, 1)
 

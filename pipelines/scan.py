@@ -11,6 +11,8 @@ flat split gets no list: no labels). Exit status 1 when bad files were found.
 """
 from __future__ import annotations
 
+import functools
+import io
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -104,6 +106,12 @@ def zero_size(data: bytes) -> str:
            "re-encode it from its source or remove it"
 
 
+def by_rule(data: bytes) -> str:
+    """Why `data` (a file's bytes) is refused before any decoder sees it, else '': no format DALI reads,
+    a JPEG cut short (DALI can crash on it), a 0 width or height (DALI cannot say which file)."""
+    return format_problem(data[:12]) or jpeg_truncated(data) or zero_size(data)
+
+
 def read_head(path: str) -> bytes | None:
     """The first 12 bytes of `path`, None when it cannot be read."""
     try:
@@ -115,7 +123,7 @@ def read_head(path: str) -> bytes | None:
 
 def check_image(path) -> str:
     """'' if `path` (a path or a binary file) is a format DALI reads and decodes completely to RGB
-    with PIL, else the reason. The scan without DALI; DALI loaders naming a bad shard member."""
+    with PIL, else the reason: the scan without DALI."""
     from PIL import Image
 
     if isinstance(path, str):
@@ -151,42 +159,75 @@ def _dali_decoder(workers: int):
     return pipe
 
 
-def dali_reasons(paths: list[str], workers: int) -> list[str]:
-    """'' or the reason for each of `paths`, decoded by DALI's CPU decoder BATCH at a time; a batch
-    that fails (DALI names no file, and the pipeline is spent) is decoded again one file at a time."""
-    from pipelines.dali_graph import is_decode_failure
+@functools.cache
+def _control() -> np.ndarray:
+    """A small JPEG that every decoder reads: a decoder that fails on it is broken, whatever the file."""
+    from PIL import Image
 
-    pipe, reasons = None, [""] * len(paths)
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (90, 120, 150)).save(buf, "JPEG")
+    return np.frombuffer(buf.getvalue(), dtype=np.uint8)
 
-    def decode(arrays: list[np.ndarray]) -> str:
+
+def dali_decode(workers: int):
+    """decode(samples) -> None, or DALI's error decoding `samples` (encoded bytes) as one batch with its
+    CPU decoder, as training does. Errors that are never a file's (memory, CUDA, a missing codec) are
+    raised. A failed pipeline is spent: the next call builds another."""
+    from pipelines.dali_graph import may_be_a_file
+
+    pipe = None
+
+    def decode(samples: list) -> RuntimeError | None:
         nonlocal pipe
         try:
             pipe = pipe or _dali_decoder(workers)
-            pipe.feed_input("encoded", arrays)
+            pipe.feed_input("encoded", [np.frombuffer(s, dtype=np.uint8) for s in samples])
             pipe.run()
-            return ""
+            return None
         except RuntimeError as e:
             pipe = None
-            if not is_decode_failure(str(e)):
-                raise              # out of memory, a broken install: not the file's fault
-            said = str(e).split("encountered:", 1)[-1].strip().splitlines()
-            return f"DALI cannot decode it ({said[0].strip() if said else 'no reason given'})"
+            if not may_be_a_file(str(e)):
+                raise
+            return e
+    return decode
 
+
+def dali_verdicts(samples: list[bytes], decode) -> list[str]:
+    """'' or why training cannot decode each of `samples` (encoded bytes): the rules first (`by_rule`),
+    then `decode` (`dali_decode`) BATCH at a time. DALI names no sample when a batch fails, so that batch
+    is decoded again one sample at a time. A sample that fails alone is its file's fault, unless the
+    decoder then fails on a known-good JPEG too: that error is raised, as a broken decoder's."""
+    from pipelines.dali_graph import decoder_said, is_decode_failure
+
+    reasons = [by_rule(s) for s in samples]
+    todo = [i for i, why in enumerate(reasons) if not why]
+    for lo in range(0, len(todo), BATCH):
+        part = todo[lo:lo + BATCH]
+        if decode([samples[i] for i in part]) is None:
+            continue
+        for i in part:
+            error = decode([samples[i]])
+            if error is None:
+                continue
+            if not is_decode_failure(str(error)) and decode([_control()]) is not None:
+                raise error
+            reasons[i] = f"DALI cannot decode it ({decoder_said(str(error))})"
+    return reasons
+
+
+def dali_reasons(paths: list[str], workers: int) -> list[str]:
+    """'' or the reason for each of `paths` (`dali_verdicts`), read and decoded BATCH files at a time."""
+    decode, reasons = dali_decode(workers), [""] * len(paths)
     for start in range(0, len(paths), BATCH):
-        batch = []
+        read = {}
         for i in range(start, min(start + BATCH, len(paths))):
             try:
                 with open(paths[i], "rb") as f:
-                    raw = f.read()
+                    read[i] = f.read()
             except OSError as e:
                 reasons[i] = f"cannot be read: {e.strerror or e}"
-                continue
-            reasons[i] = format_problem(raw[:12]) or jpeg_truncated(raw) or zero_size(raw)
-            if not reasons[i]:
-                batch.append((i, np.frombuffer(raw, dtype=np.uint8)))   # no copy of the bytes
-        if batch and decode([d for _, d in batch]):
-            for i, data in batch:
-                reasons[i] = decode([data])
+        for i, why in zip(read, dali_verdicts(list(read.values()), decode)):
+            reasons[i] = why
     return reasons
 
 

@@ -1,6 +1,7 @@
 """Test image folders written with PIL into tmp dirs (no binaries in git), and small configs."""
 from __future__ import annotations
 
+import io
 import os
 import struct
 import zlib
@@ -93,3 +94,11 @@ def identify(images: torch.Tensor, n: int) -> list[int]:
     table = torch.tensor([colour_of(i) for i in range(n)], dtype=torch.float32)
     means = images.float().mean(dim=(1, 2))
     return torch.cdist(means, table).argmin(dim=1).tolist()
+
+
+def int32_tiff(h: int = 40, w: int = 50) -> bytes:
+    """A 32-bit integer greyscale TIFF: PIL reads it; DALI's TIFF codec refuses it in words of its own
+    ("Invalid sample_type: 8197"), with no status that blames a file."""
+    buf, values = io.BytesIO(), np.random.default_rng(0).integers(0, 2**31 - 1, (h, w))
+    Image.fromarray(values.astype(np.int32)).save(buf, "TIFF")
+    return buf.getvalue()

@@ -15,6 +15,7 @@ from tests.pipelines.images import (
     KINDS,
     cfg,
     declaring,
+    int32_tiff,
     make_folder,
     needs_dali,
     save_jpeg,
@@ -120,6 +121,22 @@ def test_dali_zero_size_jpeg_alone_in_its_batch_is_named(tmp_path):
     lo._pipe = Broken()
     with pytest.raises(RuntimeError, match="'#2'"):
         next(batches)
+
+
+@needs_dali
+def test_dali_file_refused_in_the_codec_s_own_words_is_named(tmp_path):
+    """DALI's error for a 32-bit TIFF blames no file ("Invalid sample_type"): the samples in flight are
+    decoded alone, and the one DALI cannot decode is named in one line, instead of a traceback."""
+    root = make_folder(tmp_path / "train", [3, 2], name="{i}.JPEG")
+    tif = os.path.join(root, "c1", "int32.tif")
+    with open(tif, "wb") as f:
+        f.write(int32_tiff())
+    for train in (False, True):   # plain decode (val) and fused decode + random crop (train)
+        with pytest.raises(BadImageError, match=f"'{re.escape(tif)}': DALI cannot decode it "
+                                                r"\(Invalid sample_type: 8197\)") as e:
+            list(build_rotation_loader(make_cfg(("dali", {"backend": "dali"})), root, batch_size=6, rank=0,
+                                       world_size=1, local_rank=0, device=CPU, train=train, seed=0))
+        assert "\n" not in str(e.value) and "DALI said: Invalid sample_type: 8197" in str(e.value)
 
 
 def test_scan_finds_bad_files_and_loader_uses_its_list(tmp_path, capsys):

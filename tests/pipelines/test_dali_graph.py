@@ -63,3 +63,18 @@ def test_decode_failures_are_told_from_other_errors():
     assert not is_decode_failure(decoder + "nvImageCodec failure: '#5'")              # allocator failure
     assert not is_decode_failure(decoder + "Failed to decode sample #1 : a.jpg\nCUDA error: out of memory")
     assert not is_decode_failure("libnvjpeg.so.12: cannot open shared object file: No such file or directory")
+
+
+def test_errors_that_may_be_a_file_are_told_from_the_device_s_and_the_codec_s():
+    from pipelines.dali_graph import decoder_said, may_be_a_file
+
+    decoder = "Error in CPU operator `nvidia.dali.fn.decoders.image`,\n...\nencountered:\n\n"
+    assert may_be_a_file(decoder + "Invalid sample_type: 8197\nCurrent pipeline object is no longer valid.")
+    assert may_be_a_file(decoder + "nvImageCodec failure: '#2'")          # 0x0 samples (or a bug)
+    assert may_be_a_file(decoder + "nvImageCodec failure: '#4'")
+    assert not may_be_a_file(decoder + "nvImageCodec failure: '#10'")     # a codec's dependency missing
+    assert not may_be_a_file(decoder + "nvImageCodec failure: '#5'")      # allocator failure
+    assert not may_be_a_file(decoder + "CUDA error: out of memory")
+    assert decoder_said(decoder + "Invalid sample_type: 8197\nCurrent pipeline object is no longer valid.") \
+        == "Invalid sample_type: 8197"
+    assert decoder_said("Critical error\nsomething else") == "something else"

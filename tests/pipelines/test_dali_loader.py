@@ -37,8 +37,6 @@ def test_non_decode_error_is_raised_as_is_without_a_scan(square_split, monkeypat
     """An out-of-memory (or a missing library) is not a bad image: no BadImageError, no file decoded."""
     from nvidia.dali.pipeline import Pipeline
 
-    import pipelines.scan
-
     def fail(pipe, *args):
         # no reference to the pipeline in the traceback: freed later by the garbage collector in a
         # forked DataLoader worker (of a later test), DALI's shutdown deadlocks there
@@ -46,7 +44,8 @@ def test_non_decode_error_is_raised_as_is_without_a_scan(square_split, monkeypat
         raise RuntimeError(message)
 
     monkeypatch.setattr(Pipeline, "run", fail)
-    monkeypatch.setattr(pipelines.scan, "check_image", lambda f: pytest.fail("decoded the files in flight"))
+    monkeypatch.setattr(pipelines.dali_loader, "dali_verdicts",
+                        lambda *a: pytest.fail("decoded the files in flight"))
     lo = build_rotation_loader(cfg(backend="dali"), square_split, batch_size=2, rank=0, world_size=1,
                                local_rank=0, device=torch.device("cpu"), train=True, seed=0)
     with pytest.raises(RuntimeError) as info:

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from pipelines.scan import dali_reasons, main, scan_split
-from tests.pipelines.images import declaring, needs_dali
+from tests.pipelines.images import declaring, int32_tiff, needs_dali
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (40, 50, 3), dtype=np.uint8)
@@ -128,6 +128,49 @@ def test_a_failed_batch_is_decoded_again_file_by_file(tmp_path, monkeypatch):
     reasons = dali_reasons(paths, workers=1)
     assert [i for i, why in enumerate(reasons) if why] == [3]
     assert reasons[3].startswith("DALI cannot decode it (") and len(built) == 3   # batch, alone, after
+
+
+@needs_dali
+def test_a_file_dali_refuses_in_words_of_its_own_is_named_and_the_scan_goes_on(tmp_path, capsys):
+    """A 32-bit TIFF: PIL reads it, DALI's codec refuses it with no status that blames a file. Decoded
+    alone it fails while a known-good JPEG decodes: the file is named, the others listed."""
+    (tmp_path / "c0").mkdir()
+    for name in ("a.JPEG", "int32.tif", "b.JPEG"):
+        (tmp_path / "c0" / name).write_bytes(int32_tiff() if name == "int32.tif" else jpeg(RGB))
+    assert not trains(str(tmp_path / "c0" / "int32.tif"))
+    out = str(tmp_path / "list.txt")
+    assert main([str(tmp_path), "--out", out, "--workers", "1", "--decoder", "dali"]) == 1
+    bad = [line for line in capsys.readouterr().out.splitlines() if line.startswith("BAD ")]
+    assert bad == [f"BAD {tmp_path / 'c0' / 'int32.tif'}: DALI cannot decode it (Invalid sample_type: 8197)"]
+    assert open(out).read().split() == ["c0/a.JPEG", "0", "c0/b.JPEG", "0"]
+
+
+@pytest.mark.parametrize("fails_on_good", [False, True], ids=["the-file", "the-decoder"])
+def test_an_error_without_a_status_blames_the_file_only_if_a_good_jpeg_decodes(tmp_path, monkeypatch,
+                                                                                fails_on_good):
+    """An error in a codec's own words is the file's when the decoder reads a known-good JPEG right after;
+    a decoder that fails on that JPEG too is broken: its error is raised, not a file named."""
+    import pipelines.scan
+
+    bad = b"\xff\xd8\xff" + b"stands for a file the decoder refuses" + b"\xff\xda\xff\xd9"
+
+    class Pipe:
+        def feed_input(self, name, arrays):
+            self.arrays = arrays
+
+        def run(self):
+            if fails_on_good or any(a.tobytes() == bad for a in self.arrays):
+                raise RuntimeError("Error in CPU operator `decoders.image`,\nencountered:\n\nsomething new")
+
+    monkeypatch.setattr(pipelines.scan, "_dali_decoder", lambda workers: Pipe())
+    paths = [str(tmp_path / f"{i}.JPEG") for i in range(3)]
+    for i, p in enumerate(paths):
+        open(p, "wb").write(bad if i == 1 else jpeg(RGB[:8, :8]))
+    if fails_on_good:
+        with pytest.raises(RuntimeError, match="something new"):
+            dali_reasons(paths, workers=1)
+    else:
+        assert dali_reasons(paths, workers=1) == ["", "DALI cannot decode it (something new)", ""]
 
 
 @pytest.mark.parametrize("make, why", [
