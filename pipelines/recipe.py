@@ -12,23 +12,33 @@ A batch's generator draws flips, crop windows, then one_random's rotations.
 """
 from __future__ import annotations
 
+import io
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
+from PIL import Image
 from torchvision.io import ImageReadMode, decode_image, read_file
 
 from pipelines.batch import check_recipe
 from pipelines.listing import BadImageError
+
+# What torchvision decodes (JPEG, PNG, WebP, GIF, by their first bytes). The listing also takes BMP, TIFF,
+# PNM and JPEG 2000, which DALI and the scan read: those go through PIL, so every backend trains on them.
+_TORCHVISION_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"RIFF", b"GIF8")
 
 
 def decode_rgb(path: str, data: bytes | None = None) -> torch.Tensor:
     """File `path` (or its bytes `data`, e.g. a shard member) -> uint8 (3, H, W) RGB; BadImageError."""
     try:
         raw = read_file(path) if data is None else torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        return decode_image(raw, mode=ImageReadMode.RGB)
-    except Exception as e:  # torchvision raises RuntimeError / ValueError for bad data
+        if bytes(raw[:4].tolist()).startswith(_TORCHVISION_MAGIC):
+            return decode_image(raw, mode=ImageReadMode.RGB)
+        with Image.open(io.BytesIO(raw.numpy().tobytes())) as im:
+            return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+    except Exception as e:  # torchvision and PIL raise RuntimeError / ValueError / OSError for bad data
         raise BadImageError(f"bad image file {path!r}: {e}. {repair_advice(data is not None)}") from e
 
 

@@ -72,6 +72,25 @@ def test_odd_files_decode_to_rgb(tmp_path, kind, train):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_every_backend_decodes_bmp_tiff_and_pnm_as_the_png_of_the_same_image(tmp_path, kind):
+    """The listing takes BMP, TIFF and PNM, as DALI and the scan do; torchvision decodes none of them, so
+    the torch backends read them through PIL: every lossless copy gives the PNG's batch row, bit for bit."""
+    image = Image.fromarray(textured(np.random.default_rng(1), 40, 40))
+    c0 = tmp_path / "train" / "c0"
+    c0.mkdir(parents=True)
+    for name in ("a.png", "b.bmp", "c.tif", "d.ppm", "e.pgm"):
+        (image.convert("L") if name.endswith(".pgm") else image).save(c0 / name)   # .pgm: greyscale (P5)
+    image.convert("L").convert("RGB").save(c0 / "f.png")   # the grey image, as the PGM holds it
+    lo = build_class_loader(make_cfg(kind), str(tmp_path / "train"), batch_size=6, rank=0, world_size=1,
+                            local_rank=0, device=CPU, train=False, seed=0)
+    (x, _), = list(lo)
+    rows = dict(zip(sorted(os.listdir(c0)), x))    # eval loaders keep the listing's order
+    for name in ("b.bmp", "c.tif", "d.ppm"):
+        assert torch.equal(rows[name], rows["a.png"]), name
+    assert torch.equal(rows["e.pgm"], rows["f.png"])
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_non_image_file_is_named(tmp_path, kind):
     root = odd_split(tmp_path / "train")
     with open(os.path.join(root, "c0", "garbage.JPEG"), "wb") as f:
