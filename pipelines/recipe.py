@@ -31,15 +31,23 @@ _TORCHVISION_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"RIFF", b"GIF8")
 
 
 def decode_rgb(path: str, data: bytes | None = None) -> torch.Tensor:
-    """File `path` (or its bytes `data`, e.g. a shard member) -> uint8 (3, H, W) RGB; BadImageError."""
+    """File `path` (or its bytes `data`, e.g. a shard member) -> uint8 (3, H, W) RGB; BadImageError.
+    16-bit samples are rounded to 8 bits as DALI's decoder rounds them."""
     try:
         raw = read_file(path) if data is None else torch.frombuffer(bytearray(data), dtype=torch.uint8)
         if bytes(raw[:4].tolist()).startswith(_TORCHVISION_MAGIC):
-            return decode_image(raw, mode=ImageReadMode.RGB)
-        with Image.open(io.BytesIO(raw.numpy().tobytes())) as im:
-            return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+            img = decode_image(raw, mode=ImageReadMode.RGB)   # uint16 for a 16-bit PNG
+        else:
+            with Image.open(io.BytesIO(raw.numpy().tobytes())) as im:
+                deep = im.mode.startswith("I;16")   # PIL's RGB would clip 16-bit samples at 255
+                pixels = np.array(im, dtype=np.uint16) if deep else np.array(im.convert("RGB"))
+            img = torch.from_numpy(pixels)
+            img = img.expand(3, *img.shape) if img.ndim == 2 else img.permute(2, 0, 1)
     except Exception as e:  # torchvision and PIL raise RuntimeError / ValueError / OSError for bad data
         raise BadImageError(f"bad image file {path!r}: {e}. {repair_advice(data is not None)}") from e
+    if img.dtype == torch.uint16:   # round(v * 255 / 65535), never a tie
+        return ((img.to(torch.int32) * 255 + 32767) // 65535).to(torch.uint8)
+    return img.contiguous()
 
 
 def repair_advice(shards: bool) -> str:

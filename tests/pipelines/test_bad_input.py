@@ -72,22 +72,29 @@ def test_odd_files_decode_to_rgb(tmp_path, kind, train):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_every_backend_decodes_bmp_tiff_and_pnm_as_the_png_of_the_same_image(tmp_path, kind):
+def test_every_backend_decodes_bmp_tiff_pnm_and_16_bits_as_the_8_bit_png(tmp_path, kind):
     """The listing takes BMP, TIFF and PNM, as DALI and the scan do; torchvision decodes none of them, so
-    the torch backends read them through PIL: every lossless copy gives the PNG's batch row, bit for bit."""
+    the torch backends read them through PIL. 16-bit PNG and TIFF round to 8 bits as DALI rounds them.
+    Every lossless copy gives its 8-bit PNG's batch row, bit for bit, in every backend."""
     image = Image.fromarray(textured(np.random.default_rng(1), 40, 40))
+    deep = np.random.default_rng(2).integers(0, 65536, (40, 40)).astype(np.uint16)
     c0 = tmp_path / "train" / "c0"
     c0.mkdir(parents=True)
-    for name in ("a.png", "b.bmp", "c.tif", "d.ppm", "e.pgm"):
-        (image.convert("L") if name.endswith(".pgm") else image).save(c0 / name)   # .pgm: greyscale (P5)
-    image.convert("L").convert("RGB").save(c0 / "f.png")   # the grey image, as the PGM holds it
-    lo = build_class_loader(make_cfg(kind), str(tmp_path / "train"), batch_size=6, rank=0, world_size=1,
+    for name in ("a.png", "b.bmp", "c.tif", "d.ppm"):
+        image.save(c0 / name)
+    image.convert("L").save(c0 / "e.pgm")                          # greyscale PNM (P5)
+    image.convert("L").convert("RGB").save(c0 / "f.png")
+    for name in ("g.png", "h.tif"):
+        Image.fromarray(deep).save(c0 / name)                       # 16-bit greyscale
+    Image.fromarray(np.round(deep / 257).astype(np.uint8)).save(c0 / "i.png")
+    lo = build_class_loader(make_cfg(kind), str(tmp_path / "train"), batch_size=9, rank=0, world_size=1,
                             local_rank=0, device=CPU, train=False, seed=0)
     (x, _), = list(lo)
+    assert x.dtype == torch.uint8
     rows = dict(zip(sorted(os.listdir(c0)), x))    # eval loaders keep the listing's order
-    for name in ("b.bmp", "c.tif", "d.ppm"):
-        assert torch.equal(rows[name], rows["a.png"]), name
-    assert torch.equal(rows["e.pgm"], rows["f.png"])
+    for name, same_as in [("b.bmp", "a.png"), ("c.tif", "a.png"), ("d.ppm", "a.png"), ("e.pgm", "f.png"),
+                          ("g.png", "i.png"), ("h.tif", "i.png")]:
+        assert torch.equal(rows[name], rows[same_as]), name
 
 
 @pytest.mark.parametrize("kind", KINDS)
