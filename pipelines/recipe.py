@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_image, read_file
 
 from pipelines.batch import check_recipe
@@ -31,14 +31,16 @@ _TORCHVISION_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"RIFF", b"GIF8")
 
 
 def decode_rgb(path: str, data: bytes | None = None) -> torch.Tensor:
-    """File `path` (or its bytes `data`, e.g. a shard member) -> uint8 (3, H, W) RGB; BadImageError.
+    """File `path` (or its bytes `data`, e.g. a shard member) -> uint8 (3, H, W) RGB, upright as its EXIF
+    orientation says (as DALI's decoders turn it: here the orientation is the label); BadImageError.
     16-bit samples are rounded to 8 bits as DALI's decoder rounds them."""
     try:
         raw = read_file(path) if data is None else torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        if bytes(raw[:4].tolist()).startswith(_TORCHVISION_MAGIC):
-            img = decode_image(raw, mode=ImageReadMode.RGB)   # uint16 for a 16-bit PNG
+        if bytes(raw[:4].tolist()).startswith(_TORCHVISION_MAGIC):   # uint16 for a 16-bit PNG
+            img = decode_image(raw, mode=ImageReadMode.RGB, apply_exif_orientation=True)
         else:
-            with Image.open(io.BytesIO(raw.numpy().tobytes())) as im:
+            with Image.open(io.BytesIO(raw.numpy().tobytes())) as opened:
+                im = ImageOps.exif_transpose(opened)
                 deep = im.mode.startswith("I;16")   # PIL's RGB would clip 16-bit samples at 255
                 pixels = np.array(im, dtype=np.uint16) if deep else np.array(im.convert("RGB"))
             img = torch.from_numpy(pixels)
