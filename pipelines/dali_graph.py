@@ -53,13 +53,14 @@ def _decode_crop(jpegs, *, recipe, train, crop, resize, min_scale, dec, mixed_ar
         # Fused decode + random-resized-crop: only the crop window's DCT blocks are decoded,
         # several times cheaper on CPU than decoding the full image and cropping after.
         img = fn.decoders.image_random_crop(
-            jpegs, device=dec, output_type=types.RGB, random_area=[min_scale, 1.0],
+            jpegs, device=dec, output_type=types.RGB, adjust_orientation=True, random_area=[min_scale, 1.0],
             random_aspect_ratio=[3.0 / 4.0, 4.0 / 3.0], num_attempts=10, **mixed_args)
         if not final_resize:
             return img
         return fn.resize(img, resize_x=crop, resize_y=crop, interp_type=types.INTERP_LINEAR,
                          antialias=True)
-    img = fn.decoders.image(jpegs, device=dec, output_type=types.RGB, **mixed_args)
+    # adjust_orientation (DALI's default, stated): EXIF-turned JPEGs upright, as pipelines.recipe decodes
+    img = fn.decoders.image(jpegs, device=dec, output_type=types.RGB, adjust_orientation=True, **mixed_args)
     if recipe == "imagenet":  # eval: shorter side -> resize, centre crop
         img = fn.resize(img, resize_shorter=resize, interp_type=types.INTERP_LINEAR, antialias=True,
                         subpixel_scale=False)

@@ -27,6 +27,7 @@ process, naming its file, at the step it belongs to.
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import weakref
 from collections import deque
@@ -46,7 +47,7 @@ from pipelines.dali_graph import (
 )
 from pipelines.listing import BadImageError
 from pipelines.recipe import repair_advice
-from pipelines.scan import by_rule, dali_decode, dali_verdicts, jpeg_truncated
+from pipelines.scan import by_rule, dali_decoding, dali_verdicts, jpeg_truncated
 from rotnet.cli import InputError
 
 
@@ -148,10 +149,14 @@ class DaliLoader(LoaderBase):
                 raise                        # out of memory, a missing codec, CUDA: as it is
             # DALI names no file: the samples in flight are judged alone, as the scan judges files
             samples = [(j, self._feed.read(j)) for j in self._feed.in_flight()]
-            decode = dali_decode(max(1, self.spec.loader.num_threads))
-            why = dali_verdicts([data for _, data in samples], decode)
+            with dali_decoding(max(1, self.spec.loader.num_threads)) as decode:
+                why = dali_verdicts([data for _, data in samples], decode)
             bad = [(self.spec.paths[j], w) for (j, _), w in zip(samples, why) if w]
             if bad or is_decode_failure(said):
+                # The failed pipelines are freed here and now: DALI's frames in the traceback hold one, and
+                # a later garbage collection inside a forked DataLoader worker hangs in DALI's shutdown.
+                e.with_traceback(None)
+                gc.collect()
                 raise BadImageError(name_bad_files(self.spec, bad, f"DALI said: {decoder_said(said)}")) from e
             raise                            # a bug that looks like a file's fault ("#2"): as it is
 

@@ -12,6 +12,7 @@ found.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import os
@@ -170,32 +171,37 @@ def _control() -> np.ndarray:
     return np.frombuffer(buf.getvalue(), dtype=np.uint8)
 
 
-def dali_decode(workers: int):
-    """decode(samples) -> None, or DALI's error decoding `samples` (encoded bytes) as one batch with its
-    CPU decoder, as training does. Errors that are never a file's (memory, CUDA, a missing codec) are
-    raised. A failed pipeline is spent: the next call builds another."""
+@contextlib.contextmanager
+def dali_decoding(workers: int):
+    """Yields decode(samples) -> None, or DALI's error decoding `samples` (encoded bytes) as one batch
+    with its CPU decoder, as training does. Errors that are never a file's (memory, CUDA, a missing
+    codec) are raised. A failed pipeline is spent: the next call builds another. The last pipeline is
+    freed on leaving, even through an exception: one a traceback kept alive would be freed later, maybe
+    in a forked DataLoader worker, where DALI's shutdown hangs."""
     from pipelines.dali_graph import may_be_a_file
 
-    pipe = None
+    held = {}
 
     def decode(samples: list) -> RuntimeError | None:
-        nonlocal pipe
         try:
-            pipe = pipe or _dali_decoder(workers)
-            pipe.feed_input("encoded", [np.frombuffer(s, dtype=np.uint8) for s in samples])
-            pipe.run()
+            held["pipe"] = held.get("pipe") or _dali_decoder(workers)
+            held["pipe"].feed_input("encoded", [np.frombuffer(s, dtype=np.uint8) for s in samples])
+            held["pipe"].run()
             return None
         except RuntimeError as e:
-            pipe = None
+            held.clear()
             if not may_be_a_file(str(e)):
                 raise
             return e
-    return decode
+    try:
+        yield decode
+    finally:
+        held.clear()
 
 
 def dali_verdicts(samples: list[bytes], decode) -> list[str]:
     """'' or why training cannot decode each of `samples` (encoded bytes): the rules first (`by_rule`),
-    then `decode` (`dali_decode`) BATCH at a time. DALI names no sample when a batch fails, so that batch
+    then `decode` (`dali_decoding`) BATCH at a time. DALI names no sample when a batch fails, so that batch
     is decoded again one sample at a time. A sample that fails alone is its file's fault, unless the
     decoder then fails on a known-good JPEG too: that error is raised, as a broken decoder's."""
     from pipelines.dali_graph import decoder_said, is_decode_failure
@@ -218,17 +224,18 @@ def dali_verdicts(samples: list[bytes], decode) -> list[str]:
 
 def dali_reasons(paths: list[str], workers: int) -> list[str]:
     """'' or the reason for each of `paths` (`dali_verdicts`), read and decoded BATCH files at a time."""
-    decode, reasons = dali_decode(workers), [""] * len(paths)
-    for start in range(0, len(paths), BATCH):
-        read = {}
-        for i in range(start, min(start + BATCH, len(paths))):
-            try:
-                with open(paths[i], "rb") as f:
-                    read[i] = f.read()
-            except OSError as e:
-                reasons[i] = f"cannot be read: {e.strerror or e}"
-        for i, why in zip(read, dali_verdicts(list(read.values()), decode)):
-            reasons[i] = why
+    reasons = [""] * len(paths)
+    with dali_decoding(workers) as decode:
+        for start in range(0, len(paths), BATCH):
+            read = {}
+            for i in range(start, min(start + BATCH, len(paths))):
+                try:
+                    with open(paths[i], "rb") as f:
+                        read[i] = f.read()
+                except OSError as e:
+                    reasons[i] = f"cannot be read: {e.strerror or e}"
+            for i, why in zip(read, dali_verdicts(list(read.values()), decode)):
+                reasons[i] = why
     return reasons
 
 
