@@ -225,11 +225,13 @@ class CpuFinisher:
 # Only these DALI errors mean "a file is not a decodable image": a decoder naming the sample it
 # could not decode, or nvImageCodec's code-stream statuses (3 bad, 4 unsupported, 13/14 the same
 # from an extension, 19 incomplete). Memory and CUDA errors are never the file's fault.
-_DECODE_FAILURE = re.compile(r"Failed to decode sample #|nvImageCodec failure: '#(?:3|4|13|14|19)'")
+_CODESTREAM_STATUSES = ("3", "4", "13", "14", "19")
+_DECODE_FAILURE = re.compile(r"Failed to decode sample #|nvImageCodec failure: '#(?:"
+                             + "|".join(_CODESTREAM_STATUSES) + ")'")
 _NOT_THE_FILE = re.compile(r"out of memory|CUDA error|cudaError|CUDA_ERROR", re.IGNORECASE)
-# nvImageCodec statuses a sample can cause: the code-stream ones above, and 2 ("invalid parameter"),
-# what DALI says when every sample of a batch declares a 0 width or height, and what a bug says too.
-_SAMPLE_STATUSES = {"2", "3", "4", "13", "14", "19"}
+# nvImageCodec statuses a sample can cause: the code-stream ones, and 2 ("invalid parameter"), what
+# DALI says when every sample of a batch declares a 0 width or height, and what a bug says too.
+_SAMPLE_STATUSES = {"2", *_CODESTREAM_STATUSES}
 
 
 def is_decode_failure(message: str) -> bool:
