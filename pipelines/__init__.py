@@ -3,6 +3,7 @@
     loader = build_rotation_loader(cfg, split_dir, batch_size=N, rank=.., world_size=..,
                                    local_rank=.., device=dev, train=True, seed=cfg.train.seed)
     loader, val_loader = rotation_loaders(cfg, info)   # a pretraining run's pair (run_builder.build_run)
+    train, val = class_loaders(cfg, info, batch_size=N, seed=s)   # a probe's pair (probes/)
     for images, labels in loader:                 # the contract: pipelines/batch.py
         x = prepare_batch(images, cfg.data, channels_last=True)
 
@@ -45,9 +46,9 @@ from pipelines.listing import (
 from pipelines.scan import dali_available
 from rotnet.cli import InputError
 
-__all__ = ["rotation_loaders", "build_rotation_loader", "build_class_loader", "prepare_batch",
-           "batch_preparer", "list_images", "BadImageError", "SplitLayoutError", "resolve_backend",
-           "class_labels_missing"]
+__all__ = ["rotation_loaders", "class_loaders", "build_rotation_loader", "build_class_loader",
+           "prepare_batch", "batch_preparer", "list_images", "BadImageError", "SplitLayoutError",
+           "resolve_backend", "class_labels_missing"]
 
 
 def resolve_backend(name: str) -> str:
@@ -141,14 +142,36 @@ def build_class_loader(cfg, split_dir: str, *, batch_size: int, rank: int, world
                   labels_per_class=labels_per_class)
 
 
+def _per_rank(info, batch_size: int, seed: int) -> dict:
+    """The loader arguments that place it on `info`'s rank (rotnet.distributed.DistInfo)."""
+    return dict(batch_size=batch_size, rank=info.rank, world_size=info.world_size,
+                local_rank=info.local_rank, device=info.device, seed=seed)
+
+
 def rotation_loaders(cfg, info, val: bool = True):
-    """A pretraining run's (train, held-out or None) rotation loaders for `info`'s rank
-    (rotnet.distributed.DistInfo), at optim.batch_size_per_gpu and train.seed: held-out batches only
-    when `val`, train.eval_rotation_every asks for them and data.val_dir exists (a flat val/ will do)."""
+    """A pretraining run's (train, held-out or None) rotation loaders for `info`'s rank, at
+    optim.batch_size_per_gpu and train.seed: held-out batches only when `val`,
+    train.eval_rotation_every asks for them and data.val_dir exists (a flat val/ will do)."""
     root = Path(cfg.data.root)
-    common = dict(batch_size=cfg.optim.batch_size_per_gpu, rank=info.rank, world_size=info.world_size,
-                  local_rank=info.local_rank, device=info.device, seed=cfg.train.seed)
+    common = _per_rank(info, cfg.optim.batch_size_per_gpu, cfg.train.seed)
     train = build_rotation_loader(cfg, str(root / cfg.data.train_dir), train=True, **common)
     if not (val and cfg.train.eval_rotation_every and (root / cfg.data.val_dir).is_dir()):
         return train, None
     return train, build_rotation_loader(cfg, str(root / cfg.data.val_dir), train=False, **common)
+
+
+def class_loaders(cfg, info, *, batch_size: int, seed: int, labels_per_class: int = 0, augment: bool = True,
+                  val_per_class: int = 0):
+    """A probe's or the kNN monitor's (train, val) class loaders for `info`'s rank, with the same classes.
+    train: its labels_per_class subset if set; augment=False reads it with the eval recipe (a kNN bank).
+    val_per_class K > 0: a seeded K-per-class val subset."""
+    root, d = Path(cfg.data.root), cfg.data
+    common = _per_rank(info, batch_size, seed)
+    train = build_class_loader(cfg, str(root / d.train_dir), train=augment,
+                               labels_per_class=labels_per_class, **common)
+    val = build_class_loader(cfg, str(root / d.val_dir), train=False, labels_per_class=val_per_class,
+                             **common)
+    if list(train.classes) != list(val.classes):
+        raise InputError(f"class folders of {root / d.train_dir} and {root / d.val_dir} differ "
+                         f"({len(train.classes)} vs {len(val.classes)} classes)")
+    return train, val

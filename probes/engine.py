@@ -10,17 +10,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipelines import batch_preparer, build_class_loader
+from pipelines import batch_preparer
 from probes.heads import build_probe
 from probes.protocol import ProbeProtocol, Protocol
 from probes.resume import load_state, restore_state, save_state
-from rotnet.cli import UsageError
 from rotnet.distributed import all_reduce_sum, barrier, place
 from rotnet.precision import autocast
 from rotnet.progress import RunLogger, log
@@ -145,23 +143,6 @@ def percentages(sums: Tensor, layers: list[str]) -> dict[str, dict]:
             for name, (c1, c5, n) in zip(layers, sums.tolist())}
 
 
-def class_loaders(p: Protocol, *, augment: bool = True, val_per_class: int = 0):
-    """(train, val) class loaders with the same classes; train: the p.labels_per_class subset if set.
-    augment=False: train with the eval recipe (a kNN bank). val_per_class K > 0: a K-per-class val."""
-    d, info = p.cfg.data, p.info
-    root = Path(d.root)
-    common = dict(batch_size=p.batch_size, rank=info.rank, world_size=info.world_size,
-                  local_rank=info.local_rank, device=info.device, seed=p.seed)
-    train = build_class_loader(p.cfg, str(root / d.train_dir), train=augment,
-                               labels_per_class=p.labels_per_class, **common)
-    val = build_class_loader(p.cfg, str(root / d.val_dir), train=False, labels_per_class=val_per_class,
-                             **common)
-    if list(train.classes) != list(val.classes):
-        raise UsageError(f"class folders of {root / d.train_dir} and {root / d.val_dir} differ "
-                         f"({len(train.classes)} vs {len(val.classes)} classes)")
-    return train, val
-
-
 def build_probe_set(p: ProbeProtocol, trunk: nn.Module, kind: str, num_classes: int) -> ProbeSet:
     """`trunk` plus a fresh probe per layer, on the device. Each probe is sized from one dry
     forward, (2, 3, S, S) -> {layer: (2, C, h, w)}, in eval mode so BN stats stay untouched."""
@@ -187,7 +168,7 @@ def fit_probes(p: ProbeProtocol, trunk: nn.Module, kind: str, checkpoint: str) -
         log.info(f"[{kind}] already complete in {state_path}; reusing its result")
         return state["result"]
     # built afresh for each trunk, so the pretrained and the random trunk see identical data
-    train_loader, val_loader = class_loaders(p)
+    train_loader, val_loader = p.class_loaders()
     raw = build_probe_set(p, trunk, kind, len(train_loader.classes))
     model = place(raw, p.info, p.cfg.train.channels_last)
     optimizer = build_optimizer(raw.trainable_parameters(), p.schedule[0][1], p.cfg.probe)

@@ -1,5 +1,6 @@
 """list_images, file lists, subsets, backend choice and prepare_batch."""
 import os
+import re
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from pipelines import list_images, prepare_batch, resolve_backend
 from pipelines.batch import subset_per_class
 from pipelines.listing import read_file_list, resolve_file_list, write_file_list
 from rotnet.cli import InputError
+from rotnet.distributed import DistInfo
 from tests.pipelines.images import cfg, make_folder, needs_dali
 
 
@@ -170,3 +172,19 @@ def test_a_zero_byte_file_is_named_with_or_without_a_file_list(tmp_path):
     write_file_list(str(tmp_path / "list.txt"), ["c1/empty.JPEG"], [1])
     with pytest.raises(InputError, match=rf"empty \(0-byte\) image file: {empty}"):
         list_images(root, str(tmp_path / "list.txt"))
+
+
+def test_class_loaders_share_their_classes_or_name_both_folders(tmp_path):
+    """A probe's pair: the train subset (labels_per_class) and a K-per-class val, same classes; a val
+    split whose class folders differ from train's is bad input naming both folders."""
+    make_folder(tmp_path / "train", [3, 3])
+    make_folder(tmp_path / "val", [2, 2])
+    info = DistInfo(device=torch.device("cpu"))
+    c = cfg(root=str(tmp_path), backend="torch", num_threads=0)
+    train, val = pipelines.class_loaders(c, info, batch_size=2, seed=0, labels_per_class=2, val_per_class=1)
+    assert list(train.classes) == list(val.classes) == ["c0", "c1"]
+    assert (train.num_samples, val.num_samples) == (4, 2)
+    make_folder(tmp_path / "val", [0, 0, 1], name="extra {i}.JPEG")
+    differ = re.escape(f"class folders of {tmp_path / 'train'} and {tmp_path / 'val'} differ (2 vs 3")
+    with pytest.raises(InputError, match=differ):
+        pipelines.class_loaders(c, info, batch_size=2, seed=0)
