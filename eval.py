@@ -30,11 +30,9 @@ from probes.resume import load_state
 from rotnet.checkpoint import git_commit, settings_line
 from rotnet.cli import ArgumentParser, InputError, UsageError, fail
 from rotnet.config import Config
-from rotnet.distributed import DistInfo, barrier, cleanup, init_distributed
-from rotnet.precision import resolve_precision
-from rotnet.progress import log, setup_logging
+from rotnet.distributed import DistInfo, barrier, cleanup, init_distributed, resolve_precision
+from rotnet.progress import TRACKER_NAMES, EvalTable, log, log_eval, require, setup_logging
 from rotnet.schedule import stretch_schedule
-from rotnet.trackers import TRACKER_NAMES, EvalTable, log_eval, require
 from run_builder import with_data_root
 
 

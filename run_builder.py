@@ -20,8 +20,7 @@ from pipelines import batch_preparer, class_labels_missing, rotation_loaders
 from pipelines.sample_data import ensure_sample_data
 from probes.knn import KnnMonitor
 from rotnet.config import Config, ConfigError, override, resolve_batch
-from rotnet.distributed import DistInfo, place
-from rotnet.precision import amp_args, resolve_precision
+from rotnet.distributed import DistInfo, amp_args, place, resolve_precision
 from rotnet.preemption import StopFlag
 from rotnet.progress import log
 from rotnet.schedule import StepSchedule, build_optimizer
@@ -68,7 +67,7 @@ class Run:
     scaler: torch.amp.GradScaler
     schedule: StepSchedule
     prepare: Callable[[torch.Tensor], torch.Tensor]   # `batch_preparer` at train.precision
-    amp: dict                   # torch.autocast(**amp) at train.precision (rotnet.precision.amp_args)
+    amp: dict                   # torch.autocast(**amp) at train.precision (rotnet.distributed.amp_args)
     logger: object              # rotnet.progress.RunLogger, or a stand-in with its methods
     stop: StopFlag
     loader: object = None       # the train split's rotation batches (pipelines); None: loaders=False

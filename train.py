@@ -32,10 +32,9 @@ from rotnet.config import config_to_dict, load_config, save_config
 from rotnet.distributed import all_reduce_sum, cleanup, from_rank0, init_distributed, on_rank0
 from rotnet.epoch_log import DivergedError, EpochLog, diverged
 from rotnet.preemption import REQUEUE_EXIT_CODE, Preempted
-from rotnet.progress import RunLogger, log, setup_logging
+from rotnet.progress import RunLogger, log, open_trackers, require, setup_logging
 from rotnet.runlock import hold_folder
 from rotnet.schedule import due_after
-from rotnet.trackers import open_trackers, require
 from run_builder import Run, build_run, resolve
 
 # A checkpoint is refused (with the differences listed) when these differ from the run's config.

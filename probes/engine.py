@@ -19,8 +19,7 @@ from pipelines import batch_preparer
 from probes.heads import build_probe
 from probes.protocol import ProbeProtocol, Protocol
 from probes.resume import load_state, restore_state, save_state
-from rotnet.distributed import all_reduce_sum, barrier, place
-from rotnet.precision import autocast
+from rotnet.distributed import all_reduce_sum, autocast, barrier, place
 from rotnet.progress import RunLogger, log
 from rotnet.schedule import StepSchedule, build_optimizer
 

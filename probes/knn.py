@@ -26,8 +26,7 @@ from probes.heads import grid_pool, pool_grid
 from probes.protocol import KnnProtocol
 from rotnet.cli import UsageError
 from rotnet.config import ConfigError
-from rotnet.distributed import DistInfo, all_reduce_sum
-from rotnet.precision import autocast
+from rotnet.distributed import DistInfo, all_reduce_sum, autocast
 from rotnet.progress import log
 from rotnet.schedule import due_after
 

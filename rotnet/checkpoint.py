@@ -3,7 +3,7 @@
 A checkpoint is a plain dict (`torch.load(weights_only=True)` reads it): model (the UNWRAPPED
 RotNet's state dict), optimizer, scaler, epoch, epoch_step (steps done inside `epoch`), step
 (in total), rng, loader (every rank's loader state, index = rank), world_size, config, commit,
-trackers ({tracker: run id} of W&B / MLflow; rotnet/trackers.py).
+trackers ({tracker: run id} of W&B / MLflow; rotnet/progress.py).
 """
 from __future__ import annotations
 

@@ -117,7 +117,7 @@ class TrainConfig:
     keep_last: int = 2             # rolling checkpoints kept
     save_every: int = 0            # also keep a numbered copy every N epochs (0: never)
     log_every: int = 10            # steps between progress-bar / TensorBoard updates
-    # where scalars go besides log.jsonl: tensorboard, wandb, mlflow (rotnet/trackers.py, docs/training.md)
+    # where scalars go besides log.jsonl: tensorboard, wandb, mlflow (rotnet/progress.py, docs/training.md)
     loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["tensorboard"])
     max_steps: int = 0             # stop after this many steps in total (0: no limit); for smoke tests
     # Held-out rotation accuracy on data.val_dir every N epochs and after the last; 0 = off.

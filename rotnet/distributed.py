@@ -1,6 +1,7 @@
-"""Process-group setup for torchrun, SLURM (srun without torchrun) and single-process runs.
-`init_distributed()` returns the `DistInfo` that the rest of the code reads ranks from; `place`
-puts a model on it (DDP across ranks)."""
+"""The ranks, their device, and what it computes in. Process-group setup for torchrun, SLURM (srun
+without torchrun) and single-process runs: `init_distributed()` returns the `DistInfo` that the rest
+of the code reads ranks from; `place` puts a model on it (DDP across ranks). Mixed precision:
+train.precision / eval --precision ('auto', bf16, fp16, fp32) resolved for the device, and its autocast."""
 from __future__ import annotations
 
 import datetime
@@ -16,6 +17,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from rotnet.cli import InputError, UsageError
+from rotnet.progress import log
 
 
 @dataclass(frozen=True)
@@ -164,3 +166,36 @@ def cleanup(info: DistInfo) -> None:
     gc.collect()
     if info.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------ mixed precision
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 in hardware (not emulated)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> bf16 where native, else fp16 on CUDA, fp32 on CPU (emulated bf16 is tens of times
+    slower; docs/benchmarks.md)."""
+    native = native_bf16(device)
+    if precision == "auto":
+        return "bf16" if native else ("fp16" if device.type == "cuda" else "fp32")
+    if precision == "bf16" and not native:
+        log.warning(f"precision bf16 on a {device.type} without native bf16: it is emulated and can be "
+                    "tens of times slower than fp32; use precision auto (train.precision=auto, "
+                    "eval.py --precision auto)")
+    return precision
+
+
+def amp_args(precision: str, device: torch.device) -> dict:
+    """torch.autocast's arguments for train.precision / eval --precision: bf16 | fp16 | fp32 (off).
+    Resolved once per run, so the training step calls `torch.autocast(**run.amp)` itself."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return {"device_type": device.type, "dtype": dtype, "enabled": dtype is not None}
+
+
+def autocast(precision: str, device: torch.device):
+    """Mixed-precision context for `precision` on `device` (the probes' forward passes)."""
+    return torch.autocast(**amp_args(precision, device))

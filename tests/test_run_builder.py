@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 
-import rotnet.precision
+import rotnet.distributed
 import run_builder
 from pipelines import rotation_loaders
 from rotnet.config import ConfigError, load_config
@@ -36,7 +36,7 @@ def test_build_run_derives_the_per_gpu_batch_and_keeps_the_lr(monkeypatch):
 def test_resolve_returns_a_new_config_without_auto(monkeypatch):
     """The resolved config (config.yaml, checkpoints) records what ran, never 'auto'; the loaded
     one is left as it was, and build_run refuses an unresolved one."""
-    monkeypatch.setattr(rotnet.precision, "native_bf16", lambda device: False)
+    monkeypatch.setattr(rotnet.distributed, "native_bf16", lambda device: False)
     cfg = load_config("configs/sample.yaml", ["model.width=0.25", "train.precision=auto", "data.root=x"])
     resolved = resolve(cfg, DistInfo(device=CPU))
     assert resolved.train.precision == "fp32" and cfg.train.precision == "auto"
@@ -59,7 +59,7 @@ def test_resolve_refuses_missing_splits_and_sync_bn_on_cpu(tmp_path):
 
 def test_the_run_preparer_keeps_float16_under_autocast(monkeypatch):
     """run.prepare is pipelines.batch_preparer (tests/pipelines/test_batch.py) at the resolved precision."""
-    monkeypatch.setattr(rotnet.precision, "native_bf16", lambda device: True)
+    monkeypatch.setattr(rotnet.distributed, "native_bf16", lambda device: True)
     cfg = load_config("configs/sample.yaml", ["model.width=0.25", "train.precision=auto", "data.root=x"])
     run = run_builder.build_run(resolve(cfg, DistInfo(device=CPU)), DistInfo(device=CPU), logger=None,
                                 loaders=False)

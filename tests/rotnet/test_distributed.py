@@ -1,9 +1,13 @@
-"""Launcher detection: torchrun variables first, then SLURM's, else one process; one GPU per rank."""
+"""Launcher detection: torchrun variables first, then SLURM's, else one process; one GPU per rank.
+train.precision / eval --precision 'auto': bf16 only where the device has it natively."""
+import logging
+
 import pytest
 import torch
 
 from rotnet import distributed
 from rotnet.cli import UsageError
+from rotnet.config import ConfigError, load_config
 from rotnet.distributed import detect_launcher
 
 
@@ -99,3 +103,25 @@ def test_slurm_counts_this_nodes_tasks(gpus, monkeypatch):
         distributed.pick_device("slurm", local_rank=0)
     monkeypatch.setenv("SLURM_GPUS_PER_TASK", "1")   # each task sees only its own GPU: the first one
     assert distributed.pick_device("slurm", local_rank=5) == torch.device("cuda", 0)
+
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("native,expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_on_cpu_follows_native_bf16(monkeypatch, native, expected):
+    monkeypatch.setattr(distributed, "native_bf16", lambda device: native)
+    assert distributed.resolve_precision("auto", CPU) == expected
+
+
+def test_explicit_choice_is_kept_and_emulated_bf16_warns(monkeypatch, caplog):
+    monkeypatch.setattr(distributed, "native_bf16", lambda device: False)
+    with caplog.at_level(logging.WARNING, logger=distributed.log.name):
+        assert distributed.resolve_precision("bf16", CPU) == "bf16"
+    assert "emulated" in caplog.text
+    assert distributed.resolve_precision("fp32", CPU) == "fp32"
+
+
+def test_unknown_precision_names_key_and_choices():
+    with pytest.raises(ConfigError, match=r"train.precision='fp8': expected one of auto, bf16, fp16, fp32"):
+        load_config("configs/sample.yaml", ["train.precision=fp8"])

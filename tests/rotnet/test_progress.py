@@ -1,4 +1,4 @@
-"""W&B and MLflow beside TensorBoard (rotnet/trackers.py): the same scalars as log.jsonl, one run
+"""W&B and MLflow beside TensorBoard (rotnet/progress.py): the same scalars as log.jsonl, one run
 across a resume with no step twice, eval.py's table in the same run.
 
 The default tier needs neither package: the config check, the one-line "pip install" error and the
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import eval as eval_cli
-from rotnet import trackers
+from rotnet import progress
 from rotnet.config import ConfigError, load_config
 from rotnet.preemption import REQUEUE_EXIT_CODE, StopFlag
 from tests.test_train_distributed import load_ckpt, make_random_dataset, train_args
@@ -32,8 +32,8 @@ def test_unknown_logger_is_one_config_error():
 
 
 def test_missing_package_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
-    real = trackers.importlib.util.find_spec
-    monkeypatch.setattr(trackers.importlib.util, "find_spec", lambda n: None if n == "wandb" else real(n))
+    real = progress.importlib.util.find_spec
+    monkeypatch.setattr(progress.importlib.util, "find_spec", lambda n: None if n == "wandb" else real(n))
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
         train_in_process(["train.loggers=[tensorboard,wandb]", f"train.output_dir={out}"])
@@ -61,21 +61,21 @@ class FakeRun:
 def test_resumed_run_continues_the_run_and_skips_steps_it_already_got(tmp_path, monkeypatch):
     """A run that died after logging step 10 but was checkpointed at step 6: the resumed ones reopen
     the same tracker run and send nothing at or before step 10, even after dying again before it."""
-    monkeypatch.setattr(trackers, "BACKENDS", {"wandb": FakeRun})
+    monkeypatch.setattr(progress, "BACKENDS", {"wandb": FakeRun})
     FakeRun.made = []
     cfg = load_config("configs/sample.yaml", ["train.loggers=[wandb]", f"train.output_dir={tmp_path}"])
-    first = trackers.open_trackers(cfg, {}, "abc")
+    first = progress.open_trackers(cfg, {}, "abc")
     assert first.runs["wandb"].params["commit"] == "abc" and first.runs["wandb"].params["train"]["loggers"]
     for step in range(1, 11):
         first.log({"train/loss": 1.0}, step)
     first.log({"epoch/loss": 1.0}, 10)   # an epoch record shares its last window's step
     ids = first.ids()                    # what the checkpoint at step 6 kept
 
-    again = trackers.open_trackers(cfg, ids, "abc")
+    again = progress.open_trackers(cfg, ids, "abc")
     assert again.ids() == ids and again.runs["wandb"].params is None   # continued, parameters not resent
     for step in range(7, 10):            # dies again before step 10: it sent nothing
         again.log({"train/loss": 1.0}, step)
-    third = trackers.open_trackers(cfg, ids, "abc")
+    third = progress.open_trackers(cfg, ids, "abc")
     for step in range(7, 13):
         third.log({"train/loss": 1.0}, step)
     third.close(finished=True)
@@ -83,13 +83,13 @@ def test_resumed_run_continues_the_run_and_skips_steps_it_already_got(tmp_path, 
     assert [s for k, s in points if k == "train/loss"] == list(range(1, 13))
     assert ("epoch/loss", 10) in points and third.runs["wandb"].closed is True
 
-    fresh = trackers.open_trackers(cfg, {}, "abc")   # no checkpoint: a new run gets every step
+    fresh = progress.open_trackers(cfg, {}, "abc")   # no checkpoint: a new run gets every step
     fresh.log({"train/loss": 1.0}, 1)
     assert fresh.ids() != ids and fresh.runs["wandb"].points == [("train/loss", 1)]
 
 
 def test_tensorboard_alone_opens_no_tracker(tmp_path):
-    assert trackers.open_trackers(load_config(None, [f"train.output_dir={tmp_path}"]), {}, "abc") is None
+    assert progress.open_trackers(load_config(None, [f"train.output_dir={tmp_path}"]), {}, "abc") is None
 
 
 def test_eval_log_to_a_run_without_one_is_refused(trained_run, capsys):
@@ -142,7 +142,7 @@ def mlflow_points(out: Path, run_id: str) -> dict[str, list[tuple[int, float]]]:
     """{metric: [(step, value), ...]} of MLflow run `run_id` in OUTPUT_DIR/mlflow.db."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(trackers.mlflow_uri(out))
+    client = MlflowClient(progress.mlflow_uri(out))
     return {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k))
             for k in client.get_run(run_id).data.metrics}
 
@@ -179,7 +179,7 @@ def test_two_epochs_send_log_jsonl_scalars_to_both(sample_data, tmp_path, offlin
 
     from mlflow.tracking import MlflowClient
 
-    run = MlflowClient(trackers.mlflow_uri(out)).get_run(ids["mlflow"])
+    run = MlflowClient(progress.mlflow_uri(out)).get_run(ids["mlflow"])
     assert run.info.status == "FINISHED" and run.data.params["optim.epochs"] == "2"
     assert run.data.params["commit"] == load_ckpt(out)["commit"]
 
@@ -203,7 +203,7 @@ def test_preempted_resumed_and_crashed_run_is_one_run_with_no_step_twice(tmp_pat
     ids = load_ckpt(out)["trackers"]
     from mlflow.tracking import MlflowClient
 
-    assert MlflowClient(trackers.mlflow_uri(out)).get_run(ids["mlflow"]).info.status == "KILLED"
+    assert MlflowClient(progress.mlflow_uri(out)).get_run(ids["mlflow"]).info.status == "KILLED"
     train_in_process([*args, "train.max_steps=10"])
     (out / "checkpoint_0001.pt").replace(out / "checkpoint.pt")
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 6
@@ -218,7 +218,7 @@ def test_preempted_resumed_and_crashed_run_is_one_run_with_no_step_twice(tmp_pat
         assert [s for s, _ in points["epoch/loss"]] == [6, 10, 12]
         for k, p in points.items():
             assert len({s for s, _ in p}) == len(p), f"{k}: a step twice"
-    assert MlflowClient(trackers.mlflow_uri(out)).get_run(ids["mlflow"]).info.status == "FINISHED"
+    assert MlflowClient(progress.mlflow_uri(out)).get_run(ids["mlflow"]).info.status == "FINISHED"
 
 
 @pytest.mark.trackers
@@ -241,7 +241,7 @@ def test_eval_adds_its_table_and_figure_to_the_training_run(sample_data, tmp_pat
 
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(trackers.mlflow_uri(out))
+    client = MlflowClient(progress.mlflow_uri(out))
     logged = json.loads(Path(client.download_artifacts(ids["mlflow"], "eval_knn/table.json", str(tmp_path)))
                         .read_text())
     assert dict(zip(logged["columns"], logged["data"][1]))["top1"] == results["conv3"]["top1"]
