@@ -162,13 +162,13 @@ def _dali_decoder(workers: int):
 
 
 @functools.cache
-def _control() -> np.ndarray:
+def _control() -> bytes:
     """A small JPEG that every decoder reads: a decoder that fails on it is broken, whatever the file."""
     from PIL import Image
 
     buf = io.BytesIO()
     Image.new("RGB", (16, 16), (90, 120, 150)).save(buf, "JPEG")
-    return np.frombuffer(buf.getvalue(), dtype=np.uint8)
+    return buf.getvalue()
 
 
 @contextlib.contextmanager
