@@ -33,13 +33,18 @@ class FolderBusyError(InputError):
     """Another live run holds the output folder (the message names it), or its lock cannot be taken."""
 
 
-def holder(path: Path) -> str:
-    """Who holds `path`, as its text says: 'host H, pid P, started T'."""
-    try:
-        text = path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        text = ""
-    return text or "a run that is still starting (its lock file is empty)"
+def holder(path: Path, wait_s: float = 2.0) -> str:
+    """Who holds `path`, as its text says: 'host H, pid P, started T'. The holder writes it just after
+    taking the lock, so a new lock file read in between is empty: it is read again for up to `wait_s`."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            text = ""
+        if text or time.monotonic() >= deadline:
+            return text or "a run that is still starting (its lock file is empty)"
+        time.sleep(0.01)
 
 
 @contextmanager
@@ -66,8 +71,8 @@ def hold_folder(folder: str | Path) -> Iterator[Path]:
         started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         text = f"host {socket.gethostname()}, pid {os.getpid()}, started {started}\n".encode()
         with full_disk_named(path, len(text)):
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, text, 0)
+            os.pwrite(fd, text, 0)          # over the last holder's text, then cut: never empty in between
+            os.ftruncate(fd, len(text))
         yield path
     finally:
         os.close(fd)   # closing drops the lock (so does the process's death)

@@ -1,0 +1,33 @@
+"""The run lock's holder text (rotnet/runlock.py); two real runs on one folder: tests/test_train_lock.py."""
+import threading
+import time
+
+from rotnet.runlock import LOCK, hold_folder, holder
+
+
+def test_an_empty_lock_file_is_read_again_until_its_holder_has_written_it(tmp_path):
+    """A run refused between the holder's lock and its write still names the holder."""
+    path = tmp_path / LOCK
+    path.write_text("")
+    later = threading.Timer(0.2, lambda: path.write_text("host h, pid 7, started now\n"))
+    later.start()
+    try:
+        assert holder(path) == "host h, pid 7, started now"
+    finally:
+        later.cancel()
+
+
+def test_a_lock_file_left_empty_is_named_as_a_run_still_starting(tmp_path):
+    path = tmp_path / LOCK
+    path.write_text("")
+    start = time.monotonic()
+    assert holder(path, wait_s=0.05) == "a run that is still starting (its lock file is empty)"
+    assert time.monotonic() - start >= 0.05
+
+
+def test_a_new_holder_replaces_a_longer_text_whole(tmp_path):
+    old = "host a-much-longer-host-name-than-this-one, pid 123456789, started long ago\n"
+    (tmp_path / LOCK).write_text(old)
+    with hold_folder(tmp_path) as path:
+        text = holder(path)
+    assert text.startswith("host ") and "long ago" not in text and text.count("pid") == 1
