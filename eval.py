@@ -20,6 +20,7 @@ from pathlib import Path
 
 from models import build_model
 from pipelines import class_labels_missing
+from pipelines.sample_data import with_data_root
 from probes.config_layering import DEFAULT_CONFIG, resolve_config
 from probes.engine import fit_probes
 from probes.heads import HEADS, parse_layers
@@ -33,7 +34,6 @@ from rotnet.config import Config
 from rotnet.distributed import DistInfo, barrier, cleanup, init_distributed, resolve_precision
 from rotnet.progress import TRACKER_NAMES, EvalTable, log, log_eval, require, setup_logging
 from rotnet.schedule import stretch_schedule
-from run_builder import with_data_root
 
 
 def get_args(argv=None) -> argparse.Namespace:

@@ -237,7 +237,7 @@ def stage_train(tree: str, s: dict, backend: str) -> dict:
     steps: list[float] = []
     register_optimizer_step_post_hook(lambda *_: steps.append(time.time()))
     built: list[float] = []
-    build = pipelines.build_rotation_loader   # what run_builder.build_run's loaders are built with
+    build = pipelines.build_rotation_loader   # what train.build_run's loaders are built with
 
     def timed_build(*args, **kwargs):
         t0 = time.time()

@@ -50,7 +50,7 @@ from rotnet.distributed import DistInfo  # noqa: E402
 from rotnet.epoch_log import EpochLog  # noqa: E402
 from rotnet.preemption import StopFlag  # noqa: E402
 from rotnet.progress import RunLogger  # noqa: E402
-from run_builder import Run, build_run, resolve  # noqa: E402
+from train import Run, build_run, resolve  # noqa: E402
 
 aten = torch.ops.aten
 SYNC_OPS = {aten._local_scalar_dense.default: "_local_scalar_dense (.item/float/int/bool)",

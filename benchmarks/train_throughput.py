@@ -7,7 +7,7 @@ r"""Training throughput: steps/s and original images/s, real input pipeline vs s
         optim.batch_size_per_gpu=64
 
 Each case is a config trained for --warmup + --steps steps with train.py's own run and step
-(`run_builder.build_run`: model, channels_last, compile, fused SGD, scaled lr; then
+(`train.build_run`: model, channels_last, compile, fused SGD, scaled lr; then
 `train.train_one_epoch`: prepare_batch, autocast, SGD, the per-window device sync), twice:
   real       batches from pipelines.build_rotation_loader (decode, crop, rotations: the pipeline)
   synthetic  one batch of the pipeline's output kept on the device and replayed (no input cost)
@@ -43,7 +43,7 @@ from pipelines.batch import normalize_in_graph, rotation_labels  # noqa: E402
 from rotnet.checkpoint import git_commit  # noqa: E402
 from rotnet.config import load_config, override  # noqa: E402
 from rotnet.distributed import DistInfo  # noqa: E402
-from run_builder import Run, build_run, resolve  # noqa: E402
+from train import Run, build_run, resolve  # noqa: E402
 
 HEADING = "## Training throughput (benchmarks/train_throughput.py)"
 # name: (config on cuda, config on cpu (None: cuda only), the --*-data flag that gives its root (None:

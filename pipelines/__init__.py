@@ -2,8 +2,8 @@
 
     loader = build_rotation_loader(cfg, split_dir, batch_size=N, rank=.., world_size=..,
                                    local_rank=.., device=dev, train=True, seed=cfg.train.seed)
-    loader, val_loader = rotation_loaders(cfg, info)   # a pretraining run's pair (run_builder.build_run)
-    train, val = class_loaders(cfg, info, batch_size=N, seed=s)   # a probe's pair (probes/)
+    loader, val_loader = rotation_loaders(cfg, info)   # a pretraining run's pair (train.build_run)
+    train, val = class_loaders(p)     # a probe's pair; p: its protocol (probes/protocol.py)
     for images, labels in loader:                 # the contract: pipelines/batch.py
         x = prepare_batch(images, cfg.data, channels_last=True)
 
@@ -160,15 +160,16 @@ def rotation_loaders(cfg, info, val: bool = True):
     return train, build_rotation_loader(cfg, str(root / cfg.data.val_dir), train=False, **common)
 
 
-def class_loaders(cfg, info, *, batch_size: int, seed: int, labels_per_class: int = 0, augment: bool = True,
-                  val_per_class: int = 0):
-    """A probe's or the kNN monitor's (train, val) class loaders for `info`'s rank, with the same classes.
-    train: its labels_per_class subset if set; augment=False reads it with the eval recipe (a kNN bank).
-    val_per_class K > 0: a seeded K-per-class val subset."""
+def class_loaders(p, *, augment: bool = True, val_per_class: int = 0):
+    """A probe's or the kNN monitor's (train, val) class loaders for `p.info`'s rank, with the same classes.
+    p: the probe's settings (probes.protocol.Protocol): p.cfg, p.info, p.batch_size, p.seed and
+    p.labels_per_class, train's seeded K-per-class subset if > 0. augment=False reads train with the
+    eval recipe (a kNN bank); val_per_class K > 0: a seeded K-per-class val subset."""
+    cfg = p.cfg
     root, d = Path(cfg.data.root), cfg.data
-    common = _per_rank(info, batch_size, seed)
+    common = _per_rank(p.info, p.batch_size, p.seed)
     train = build_class_loader(cfg, str(root / d.train_dir), train=augment,
-                               labels_per_class=labels_per_class, **common)
+                               labels_per_class=p.labels_per_class, **common)
     val = build_class_loader(cfg, str(root / d.val_dir), train=False, labels_per_class=val_per_class,
                              **common)
     if list(train.classes) != list(val.classes):

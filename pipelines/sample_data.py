@@ -1,6 +1,7 @@
 """Built-in sample data: a small procedurally drawn image set in ImageNet folder layout.
 
     root = ensure_sample_data(seed=0)   # ~/.cache/rotnet/sample-v2-seed0/{train,val}/n00000_house/*.JPEG
+    cfg = with_data_root(cfg, require=("train",))   # data.root "" -> the sample set (train.py, eval.py)
     python -m pipelines.sample_data [--seed N] [--out CACHE_DIR]
 
 Procedural: the demo runs offline, every image has an unambiguous upright (see make_image), and
@@ -21,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from rotnet.config import Config, ConfigError, override
 
 FORMAT_VERSION = 2       # bump whenever the drawing changes
 CLASSES = ("house", "tree", "car", "person", "lamppost", "mountain", "tower", "boat", "fence", "table")
@@ -262,6 +265,17 @@ def ensure_sample_data(seed: int = 0, cache_dir: str | Path | None = None, *,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def with_data_root(cfg: Config, require: tuple[str, ...] = ()) -> Config:
+    """cfg with data.root set (an empty one: the built-in sample data); ConfigError if a `require`d
+    split folder is missing, before anything is written."""
+    root = cfg.data.root or str(ensure_sample_data(seed=cfg.data.sample_seed))
+    for split in require:
+        if not (Path(root) / split).is_dir():
+            raise ConfigError(f"data.root={root!r} has no {split}/ folder; set "
+                              "data.root=/path/to/dataset (ImageNet layout: SPLIT/CLASS/IMAGE.JPEG)")
+    return override(cfg, {"data.root": root})
 
 
 def main(argv=None):

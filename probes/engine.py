@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipelines import batch_preparer
+from pipelines import batch_preparer, class_loaders
 from probes.heads import build_probe
 from probes.protocol import ProbeProtocol, Protocol
 from probes.resume import load_state, restore_state, save_state
@@ -167,7 +167,7 @@ def fit_probes(p: ProbeProtocol, trunk: nn.Module, kind: str, checkpoint: str) -
         log.info(f"[{kind}] already complete in {state_path}; reusing its result")
         return state["result"]
     # built afresh for each trunk, so the pretrained and the random trunk see identical data
-    train_loader, val_loader = p.class_loaders()
+    train_loader, val_loader = class_loaders(p)
     raw = build_probe_set(p, trunk, kind, len(train_loader.classes))
     model = place(raw, p.info, p.cfg.train.channels_last)
     optimizer = build_optimizer(raw.trainable_parameters(), p.schedule[0][1], p.cfg.probe)

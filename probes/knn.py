@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipelines import batch_preparer
+from pipelines import batch_preparer, class_loaders
 from probes.engine import eval_mode, freeze, percentages, topk_correct
 from probes.heads import grid_pool, pool_grid
 from probes.protocol import KnnProtocol
@@ -162,7 +162,7 @@ def knn_evaluate(p: KnnProtocol, trunk: nn.Module, bank_loader, query_loader) ->
 def knn_probe(p: KnnProtocol, trunk: nn.Module, kind: str, source: str) -> dict[str, dict]:
     """eval.py --head knn on one trunk: bank = the train split (its labels_per_class subset if set),
     queries = the whole val split."""
-    bank_loader, query_loader = p.class_loaders(augment=False)
+    bank_loader, query_loader = class_loaders(p, augment=False)
     trunk = trunk.to(p.info.device)
     if p.cfg.train.channels_last:
         trunk.to(memory_format=torch.channels_last)
@@ -185,13 +185,13 @@ class KnnMonitor:
         if bad:
             raise ConfigError(f"train.monitor_layers: unknown layer(s) {', '.join(bad)} for {trunk.arch}; "
                               f"valid: {', '.join(trunk.layer_names)}")
-        # train.precision is resolved by now (run_builder.resolve)
+        # train.precision is resolved by now (train.resolve)
         self.p = KnnProtocol(head=KNN_HEAD, layers=layers, batch_size=cfg.optim.batch_size_per_gpu,
                              precision=t.precision, seed=t.seed, labels_per_class=t.monitor_bank_per_class,
                              info=info, cfg=cfg, k=KNN_K, t=KNN_T, pool="avg")
         with self._own_rng():
-            self.bank, self.queries = self.p.class_loaders(augment=False,
-                                                           val_per_class=t.monitor_query_per_class)
+            self.bank, self.queries = class_loaders(self.p, augment=False,
+                                                    val_per_class=t.monitor_query_per_class)
         log.info(f"kNN monitor every {self.every} epochs on {', '.join(layers)}: bank "
                  f"{self.bank.num_samples} images of {cfg.data.train_dir}, {self.queries.num_samples} "
                  f"queries of {cfg.data.val_dir}")

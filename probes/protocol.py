@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from pipelines import class_loaders
 from rotnet.config import Config, config_to_dict
 from rotnet.distributed import DistInfo
 
@@ -27,13 +26,6 @@ class Protocol:
 
     def signed(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("signed", True)}
-
-    def class_loaders(self, augment: bool = True, val_per_class: int = 0):
-        """(train, val) class loaders at this protocol's batch, seed and labels_per_class
-        (pipelines.class_loaders; augment=False: a kNN bank)."""
-        return class_loaders(self.cfg, self.info, batch_size=self.batch_size, seed=self.seed,
-                             labels_per_class=self.labels_per_class, augment=augment,
-                             val_per_class=val_per_class)
 
 
 @dataclass

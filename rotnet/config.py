@@ -5,7 +5,7 @@ fails at once, naming the key, instead of falling back to a default).
     cfg = override(cfg, {"train.max_steps": 20})       # a changed copy; a Config is never written into
 
 What a run derives from cfg (the batch, the precision, the sample-data root) is filled in once, by
-run_builder.resolve, and saved as resolved (config.yaml, checkpoints).
+train.resolve, and saved as resolved (config.yaml, checkpoints).
 """
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ def diverged(what: str, run, epoch: int, step: int, lr: float) -> DivergedError:
 
 
 class EpochLog:
-    """One epoch's window and sums for `run` (run_builder.Run); `close_window` logs each window to
+    """One epoch's window and sums for `run` (train.Run); `close_window` logs each window to
     run.logger. `steps`: the epoch's length."""
 
     def __init__(self, run, epoch: int, steps: int):

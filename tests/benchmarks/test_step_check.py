@@ -13,8 +13,8 @@ from pipelines import rotation_loaders
 from rotnet.config import load_config
 from rotnet.distributed import DistInfo
 from rotnet.progress import RunLogger
-from run_builder import build_run, resolve
 from tests.pipelines.images import make_folder
+from train import build_run, resolve
 
 REPO = Path(__file__).resolve().parents[2]
 # 16 images, 4 per step: 4 steps an epoch; log_every 3 puts window ends inside and at the end of epochs

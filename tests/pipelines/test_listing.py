@@ -1,6 +1,7 @@
 """list_images, file lists, subsets, backend choice and prepare_batch."""
 import os
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -181,10 +182,11 @@ def test_class_loaders_share_their_classes_or_name_both_folders(tmp_path):
     make_folder(tmp_path / "val", [2, 2])
     info = DistInfo(device=torch.device("cpu"))
     c = cfg(root=str(tmp_path), backend="torch", num_threads=0)
-    train, val = pipelines.class_loaders(c, info, batch_size=2, seed=0, labels_per_class=2, val_per_class=1)
+    p = SimpleNamespace(cfg=c, info=info, batch_size=2, seed=0, labels_per_class=2)   # a probe's protocol
+    train, val = pipelines.class_loaders(p, val_per_class=1)
     assert list(train.classes) == list(val.classes) == ["c0", "c1"]
     assert (train.num_samples, val.num_samples) == (4, 2)
     make_folder(tmp_path / "val", [0, 0, 1], name="extra {i}.JPEG")
     differ = re.escape(f"class folders of {tmp_path / 'train'} and {tmp_path / 'val'} differ (2 vs 3")
     with pytest.raises(InputError, match=differ):
-        pipelines.class_loaders(c, info, batch_size=2, seed=0)
+        pipelines.class_loaders(SimpleNamespace(cfg=c, info=info, batch_size=2, seed=0, labels_per_class=0))

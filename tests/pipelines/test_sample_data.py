@@ -117,3 +117,19 @@ def test_cli_prints_path_and_counts(tmp_path, monkeypatch, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert Path(lines[0]).parent == tmp_path and "seed2" in lines[0]
     assert "train=60" in lines[1] and "val=30" in lines[1]
+
+
+def test_an_empty_data_root_is_the_sample_set_and_a_missing_split_is_named(tmp_path, monkeypatch):
+    """with_data_root (train.py, eval.py): data.root "" -> the sample set of data.sample_seed in the
+    cache; a `require`d split missing -> ConfigError naming data.root and the split."""
+    from rotnet.config import ConfigError, load_config
+
+    made = tmp_path / f"sample-v{sd.FORMAT_VERSION}-seed3"
+    (made / "train").mkdir(parents=True)
+    (made / sd.MARKER).write_text("{}")   # a complete set: found, not generated
+    monkeypatch.setenv("ROTNET_CACHE", str(tmp_path))
+    cfg = load_config(None, ["data.sample_seed=3"])   # data.root defaults to ""
+    assert sd.with_data_root(cfg, require=("train",)).data.root == str(made)
+    assert cfg.data.root == ""   # a resolved copy; the loaded config is left as it was
+    with pytest.raises(ConfigError, match=r"data.root='.*seed3' has no val/ folder"):
+        sd.with_data_root(cfg, require=("train", "val"))

@@ -1,18 +1,18 @@
-"""run_builder: the config resolved once (batch, precision, sample-data root), then the run built
-from it."""
+"""train.py's run builder: the config resolved once (batch, precision, sample-data root), then the run
+built from it."""
 import logging
 
 import pytest
 import torch
 
 import rotnet.distributed
-import run_builder
+import train
 from pipelines import rotation_loaders
 from rotnet.config import ConfigError, load_config
 from rotnet.distributed import DistInfo
 from rotnet.progress import log
-from run_builder import resolve, with_data_root
 from tests.pipelines.images import make_folder
+from train import resolve
 
 CPU = torch.device("cpu")
 
@@ -20,16 +20,16 @@ CPU = torch.device("cpu")
 def test_build_run_derives_the_per_gpu_batch_and_keeps_the_lr(monkeypatch):
     """resolve + build_run (train.py and the benchmarks) on 2 ranks: global 192 -> 96 per GPU, the
     paper's lr unscaled; with optim.scale_lr the scale follows the global batch."""
-    monkeypatch.setattr(run_builder, "place", lambda raw, info, channels_last: raw)   # no process group
+    monkeypatch.setattr(train, "place", lambda raw, info, channels_last: raw)   # no process group
     two = DistInfo(rank=0, world_size=2, device=CPU)
     cfg = load_config("configs/imagenet_alexnet.yaml", ["model.width=0.25", "data.crop_size=64"])
     cfg = resolve(cfg, two)
-    run = run_builder.build_run(cfg, two, logger=None, loaders=False)
+    run = train.build_run(cfg, two, logger=None, loaders=False)
     assert (cfg.optim.global_batch_size, cfg.optim.batch_size_per_gpu) == (192, 96)
     assert run.schedule(0) == pytest.approx(0.01) and run.schedule.scale == 1.0
     scaled = load_config(None, ["optim.batch_size_per_gpu=64", "optim.scale_lr=true", "optim.ref_batch=256",
                                 "model.width=0.25", "data.crop_size=64", "data.root=unused"])
-    run = run_builder.build_run(resolve(scaled, two), two, logger=None, loaders=False)
+    run = train.build_run(resolve(scaled, two), two, logger=None, loaders=False)
     assert run.schedule.scale == 0.5   # 128 / 256
 
 
@@ -40,18 +40,18 @@ def test_resolve_returns_a_new_config_without_auto(monkeypatch):
     cfg = load_config("configs/sample.yaml", ["model.width=0.25", "train.precision=auto", "data.root=x"])
     resolved = resolve(cfg, DistInfo(device=CPU))
     assert resolved.train.precision == "fp32" and cfg.train.precision == "auto"
-    run = run_builder.build_run(resolved, DistInfo(device=CPU), logger=None, loaders=False)
+    run = train.build_run(resolved, DistInfo(device=CPU), logger=None, loaders=False)
     assert not run.scaler.is_enabled()
     with pytest.raises(ValueError, match="resolved config"):
-        run_builder.build_run(cfg, DistInfo(device=CPU), logger=None, loaders=False)
+        train.build_run(cfg, DistInfo(device=CPU), logger=None, loaders=False)
 
 
 def test_resolve_refuses_missing_splits_and_sync_bn_on_cpu(tmp_path):
     (tmp_path / "train").mkdir()
     cfg = load_config(None, [f"data.root={tmp_path}"])
-    assert with_data_root(cfg, require=("train",)).data.root == str(tmp_path)
+    assert resolve(cfg, DistInfo(device=CPU), require=("train",)).data.root == str(tmp_path)
     with pytest.raises(ConfigError, match=r"data.root='.*' has no val/ folder"):
-        with_data_root(cfg, require=("train", "val"))
+        resolve(cfg, DistInfo(device=CPU), require=("train", "val"))
     sync = load_config(None, [f"data.root={tmp_path}", "train.sync_bn=true"])
     with pytest.raises(ConfigError, match="train.sync_bn=true needs CUDA"):
         resolve(sync, DistInfo(device=CPU))
@@ -61,7 +61,7 @@ def test_the_run_preparer_keeps_float16_under_autocast(monkeypatch):
     """run.prepare is pipelines.batch_preparer (tests/pipelines/test_batch.py) at the resolved precision."""
     monkeypatch.setattr(rotnet.distributed, "native_bf16", lambda device: True)
     cfg = load_config("configs/sample.yaml", ["model.width=0.25", "train.precision=auto", "data.root=x"])
-    run = run_builder.build_run(resolve(cfg, DistInfo(device=CPU)), DistInfo(device=CPU), logger=None,
+    run = train.build_run(resolve(cfg, DistInfo(device=CPU)), DistInfo(device=CPU), logger=None,
                                 loaders=False)
     assert run.prepare(torch.zeros(2, 3, 8, 8, dtype=torch.float16)).dtype == torch.float16
     assert run.loader is None and run.monitor is None
@@ -77,7 +77,7 @@ def test_build_run_builds_the_loaders_and_runs_without_an_unlabelled_monitor(tmp
         "train.precision=fp32", "loader.backend=torch", "loader.num_threads=0"])
     info = DistInfo(device=CPU)
     with caplog.at_level(logging.WARNING, logger=log.name):
-        run = run_builder.build_run(resolve(cfg, info), info, logger=None)
+        run = train.build_run(resolve(cfg, info), info, logger=None)
     assert len(run.loader) == 4 and run.val_loader is None and run.monitor is None
     assert "the kNN monitor is off for this run (train.monitor_every=1)" in caplog.text
 
