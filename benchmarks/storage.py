@@ -5,32 +5,26 @@ a set latency to every round trip (benchmarks/latency_fs.py), on the same images
     .venv-storage/bin/python benchmarks/storage.py --pool DIR [--images 3000] [--latencies 0,0.5,1,2,5]
                                 [--seconds 8] [--threads 2] [--quick] [--no-write]
 
-Data: a seeded subset of --images JPEGs of --pool (Imagenette's train split) in its class folders,
-re-encoded at ImageNet's most common size, 500x375, quality 90 (benchmarks/image_set.py), and packed
-into tar shards of --shard-size (pipelines.pack_shards); both kept under --work (train/,
-shards-<size>/) for the next run.
-Conditions: the local disk (every file read once before, so that each row reads from the page
-cache), then the same folder mounted with +L ms per open, read, getattr and readdir, for each L of
---latencies (one fresh mount per L). Rows, each reader-only (encoded samples
-handed over, nothing decoded: samples/s) and full pipeline (decode, random-resized crop --crop,
-flip, the 4 rotations, uint8 out: original images/s):
+Data: a seeded subset of --images JPEGs of --pool (Imagenette's train split) re-encoded at ImageNet's
+most common size, 500x375, quality 90 (benchmarks/image_set.py), in class folders and packed into tar
+shards of --shard-size (pipelines.pack_shards), kept under --work for the next run.
+Conditions: the local disk (every file read once before: the page cache), then the folder mounted
+with +L ms per open, read, getattr and readdir for each L of --latencies (a fresh mount per L).
+Rows, reader-only (encoded samples, nothing decoded: samples/s) and full pipeline (decode, random-
+resized crop --crop, flip, the 4 rotations, uint8 out: original images/s):
   rotnet folder / shards    pipelines.build_rotation_loader (DALI on the CPU, --threads threads);
                             reader-only is the loader's `read_only_batches(epochs)`
-  DALI readers.file         DALI's folder reader, random_shuffle, then rotnet's CPU recipe (decode + crop in
-                            DALI, flip + rotations in the OpenCV finisher): only the reader differs
-  DALI readers.webdataset   DALI's tar reader on rotnet's shards and their wds2idx indexes
-                            (both with dont_use_mmap, as DALI advises for network storage: a file
-                            DALI keeps mapped is read from memory after its first pass, so a subset
-                            of a few thousand files would measure memory, not the mount)
-  webdataset + DataLoader   the webdataset package streaming the shards, a 1,000-sample shuffle
-                            buffer per worker (filled in the warm-up), PIL decode + torchvision
-                            RRC + flip + rot90, --workers workers
-Reads in flight, per row: what the reader keeps outstanding at once (rotnet: its loader's
-`reads_in_flight`; a DALI reader: 1, its one reader thread reads a file or member at a time;
-webdataset: one stream per worker). Each figure: --warmup steps, then steps for --seconds; the
-batches a loader has queued by then (prefetch x batch, per worker) count too, so keep --seconds long.
-The mount's own cost: small files (open + read + close) per second, one at a time and from
---cost-threads threads, on the local disk and through the mount at +0 ms.
+  DALI readers.file         DALI's folder reader, random_shuffle, then rotnet's CPU recipe: only the
+                            reader differs
+  DALI readers.webdataset   DALI's tar reader on rotnet's shards and their wds2idx indexes (both with
+                            dont_use_mmap, as DALI advises for network storage: a mapped file is read
+                            from memory after its first pass, which would measure memory, not the mount)
+  webdataset + DataLoader   the webdataset package streaming the shards, a 1,000-sample shuffle buffer
+                            per worker, PIL decode + torchvision RRC + flip + rot90, --workers workers
+Reads in flight per row: rotnet's `reads_in_flight`; a DALI reader 1 (one reader thread); webdataset
+one stream per worker. Each figure: --warmup steps, then steps for --seconds (batches a loader has
+queued by then count too, so keep --seconds long). The mount's own cost: small files (open + read +
+close) per second, from one and from --cost-threads threads, on the local disk and at +0 ms.
 Output: a markdown block under this script's heading in docs/benchmarks.md (--no-write: print only).
 Figures need quiet cores; --quick is a smoke run (a few hundred images, two latencies, short figures).
 """
@@ -126,8 +120,7 @@ def prepare(args) -> tuple[str, str]:
                 link = os.path.join(tmp, "subset", os.path.relpath(p, args.pool))
                 os.makedirs(os.path.dirname(link), exist_ok=True)
                 os.symlink(p, link)
-            image_set.upscale(Path(tmp, "subset"), Path(tmp, "train"), (500, 375), 90,
-                              args.workers)
+            image_set.upscale(Path(tmp, "subset"), Path(tmp, "train"), (500, 375), 90, args.workers)
             os.rename(os.path.join(tmp, "train"), folder)   # whole or not at all
     pack(folder, shards, shard_size=args.shard_size, workers=args.workers)   # resumable: skips done shards
     return folder, shards
@@ -209,9 +202,8 @@ def run_condition(args, base: str, results: dict, column: str, server: int = 0) 
 
 
 def warm_page_cache(args) -> None:
-    """Read every image and shard once: the local-disk rows then all read from the page cache, as
-    the mount's server does, and not the first of them from the disk (its files were last read by
-    another process, or never since this machine started)."""
+    """Read every image and shard once, so that every local-disk row reads from the page cache, as the
+    mount's server does (not only the rows after the first, which would read from the disk)."""
     for folder in data_dirs(args, args.work):
         for d, _, names in os.walk(folder):
             for name in names:
