@@ -35,16 +35,33 @@ class FolderBusyError(InputError):
 
 def holder(path: Path, wait_s: float = 2.0) -> str:
     """Who holds `path`, as its text says: 'host H, pid P, started T'. The holder writes it just after
-    taking the lock, so a new lock file read in between is empty: it is read again for up to `wait_s`."""
+    taking the lock, so a file read in between is empty (a new one) or names the last holder (a reused
+    one): either is read again for up to `wait_s`, a last holder only where it can be told dead (this
+    host, no such process)."""
     deadline = time.monotonic() + wait_s
     while True:
         try:
             text = path.read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError):
             text = ""
-        if text or time.monotonic() >= deadline:
+        if text and not _ended_here(text) or time.monotonic() >= deadline:
             return text or "a run that is still starting (its lock file is empty)"
         time.sleep(0.01)
+
+
+def _ended_here(text: str) -> bool:
+    """Whether `text` names a process of this host that has ended: a last holder's name."""
+    here = f"host {socket.gethostname()}, pid "
+    pid = text[len(here):].split(",")[0] if text.startswith(here) else ""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:   # alive, another user's
+        return False
+    return False
 
 
 @contextmanager

@@ -1,4 +1,8 @@
 """The run lock's holder text (rotnet/runlock.py); two real runs on one folder: tests/test_train_lock.py."""
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -31,3 +35,27 @@ def test_a_new_holder_replaces_a_longer_text_whole(tmp_path):
     with hold_folder(tmp_path) as path:
         text = holder(path)
     assert text.startswith("host ") and "long ago" not in text and text.count("pid") == 1
+
+
+def test_a_reused_lock_file_naming_an_ended_process_here_is_read_again(tmp_path):
+    """A run refused between a new holder's lock and its write reads the last holder's text; where
+    that names a process of this host that has ended, it waits for the new holder's name."""
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                           text=True, check=True)
+    last = f"host {socket.gethostname()}, pid {ended.stdout.strip()}, started before\n"
+    now = f"host {socket.gethostname()}, pid {os.getpid()}, started now\n"
+    path = tmp_path / LOCK
+    path.write_text(last)
+    later = threading.Timer(0.2, lambda: path.write_text(now))
+    later.start()
+    try:
+        assert holder(path) == now.strip()
+    finally:
+        later.cancel()
+    path.write_text(last)   # never overwritten: named as it is once the wait is over
+    assert holder(path, wait_s=0.05) == last.strip()
+    path.write_text(now)    # a live process, or another host's: named at once
+    start = time.monotonic()
+    assert holder(path) == now.strip() and time.monotonic() - start < 0.5
+    path.write_text("host another-host, pid 999999999, started then\n")   # liveness unknown there
+    assert holder(path) == "host another-host, pid 999999999, started then"
