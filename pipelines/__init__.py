@@ -43,12 +43,20 @@ from pipelines.listing import (
     resolve_file_list,
     split_layout,
 )
-from pipelines.scan import dali_available
 from rotnet.cli import InputError
 
 __all__ = ["rotation_loaders", "class_loaders", "build_rotation_loader", "build_class_loader",
            "prepare_batch", "batch_preparer", "list_images", "BadImageError", "SplitLayoutError",
            "resolve_backend", "class_labels_missing"]
+
+
+def dali_available() -> bool:
+    """Whether nvidia.dali imports: loader.backend=auto picks it, and the scan decodes with it."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def resolve_backend(name: str) -> str:

@@ -24,32 +24,53 @@ from torchvision.io import ImageReadMode, decode_image, read_file
 
 from pipelines.batch import check_recipe
 from pipelines.listing import BadImageError
+from pipelines.scan import by_rule, samples_problem
 
-# What torchvision decodes (JPEG, PNG, WebP, GIF, by their first bytes). The listing also takes BMP, TIFF,
-# PNM and JPEG 2000, which DALI and the scan read: those go through PIL, so every backend trains on them.
-_TORCHVISION_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"RIFF", b"GIF8")
+# What torchvision decodes, by the first bytes (JPEG, PNG, WebP; its GIFs are refused, as DALI refuses
+# them). The listing also takes BMP, TIFF, PNM and JPEG 2000, which DALI and the scan read: those go
+# through PIL, so every backend trains on them.
+_TORCHVISION_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"RIFF")
 
 
 def decode_rgb(path: str, data: bytes | None = None) -> torch.Tensor:
     """File `path` (or its bytes `data`, e.g. a shard member) -> uint8 (3, H, W) RGB, upright as its EXIF
-    orientation says (as DALI's decoders turn it: here the orientation is the label); BadImageError.
-    16-bit samples are rounded to 8 bits as DALI's decoder rounds them."""
+    orientation says (as DALI's decoders turn it: here the orientation is the label). 16-bit samples are
+    rounded to 8 bits as DALI's decoder rounds them. BadImageError also for the files DALI refuses (the
+    scan's rules), so that every backend trains on the same files."""
+    advice = repair_advice(data is not None)
     try:
         raw = read_file(path) if data is None else torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        if bytes(raw[:4].tolist()).startswith(_TORCHVISION_MAGIC):   # uint16 for a 16-bit PNG
-            img = decode_image(raw, mode=ImageReadMode.RGB, apply_exif_orientation=True)
-        else:
-            with Image.open(io.BytesIO(raw.numpy().tobytes())) as opened:
-                im = ImageOps.exif_transpose(opened)
-                deep = im.mode.startswith("I;16")   # PIL's RGB would clip 16-bit samples at 255
-                pixels = np.array(im, dtype=np.uint16) if deep else np.array(im.convert("RGB"))
-            img = torch.from_numpy(pixels)
-            img = img.expand(3, *img.shape) if img.ndim == 2 else img.permute(2, 0, 1)
+        encoded = raw.numpy().tobytes() if data is None else data
+        problem = by_rule(encoded)   # a GIF, a JPEG cut short, a 0 width or height
+        if not problem:
+            img, problem = _decode(raw, encoded)
     except Exception as e:  # torchvision and PIL raise RuntimeError / ValueError / OSError for bad data
-        raise BadImageError(f"bad image file {path!r}: {e}. {repair_advice(data is not None)}") from e
+        raise BadImageError(f"bad image file {path!r}: {e}. {advice}") from e
+    if problem:
+        raise BadImageError(f"bad image file {path!r}: {problem}. {advice}")
     if img.dtype == torch.uint16:   # round(v * 255 / 65535), never a tie
         return ((img.to(torch.int32) * 255 + 32767) // 65535).to(torch.uint8)
     return img.contiguous()
+
+
+def _decode(raw: torch.Tensor, encoded: bytes) -> tuple[torch.Tensor | None, str]:
+    """(uint8 or uint16 (3, H, W), '') or (None, why DALI's decoder cannot decode it either)."""
+    if encoded.startswith(_TORCHVISION_MAGIC):   # uint16 for a 16-bit PNG
+        return decode_image(raw, mode=ImageReadMode.RGB, apply_exif_orientation=True), ""
+    with Image.open(io.BytesIO(encoded)) as opened:
+        problem = samples_problem(opened)
+        if problem:
+            return None, problem
+        im = ImageOps.exif_transpose(opened)
+        # PIL's RGB would clip 16-bit samples at 255: "I;16" (PNG, TIFF), "I" (PNM: TIFFs are refused above)
+        deep = im.mode.startswith("I;16") or im.mode == "I"
+        if im.mode == "F":   # float TIFF samples, converted as DALI converts them: v x 255 rounded, clamped
+            v = np.nan_to_num(np.array(im, dtype=np.float32), nan=0.0)
+            pixels = np.clip(np.floor(v * np.float32(255) + np.float32(0.5)), 0, 255).astype(np.uint8)
+        else:
+            pixels = np.array(im, dtype=np.uint16) if deep else np.array(im.convert("RGB"))
+    img = torch.from_numpy(pixels)
+    return (img.expand(3, *img.shape) if img.ndim == 2 else img.permute(2, 0, 1)), ""
 
 
 def repair_advice(shards: bool) -> str:

@@ -21,7 +21,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from pipelines import listing
+from pipelines import dali_available, listing
 from pipelines.listing import SplitLayoutError, class_folders, find_images, is_image_file, split_layout
 from rotnet.cli import ArgumentParser, InputError, one_line_errors
 
@@ -30,15 +30,6 @@ from rotnet.cli import ArgumentParser, InputError, one_line_errors
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*",
           b"P1", b"P2", b"P3", b"P4", b"P5", b"P6", b"\x00\x00\x00\x0cjP  ", b"\xff\x4f\xff\x51")
 BATCH = 64   # images a DALI scan decodes at once
-
-
-def dali_available() -> bool:
-    """Whether nvidia.dali imports: the scan decodes with it, and loader.backend=auto picks it."""
-    try:
-        import nvidia.dali  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def format_problem(head: bytes) -> str:
@@ -114,6 +105,16 @@ def by_rule(data: bytes) -> str:
     return format_problem(data[:12]) or jpeg_truncated(data) or zero_size(data)
 
 
+def samples_problem(im) -> str:
+    """Why DALI's decoder cannot decode `im` (opened by PIL) although DALI reads its format, else '': a
+    TIFF of signed or 32-bit integer samples, which PIL opens as mode "I" (DALI: "Invalid sample_type").
+    16-bit unsigned ("I;16") and float ("F") TIFFs decode in both."""
+    if im.format == "TIFF" and im.mode == "I":
+        return ("a TIFF of signed or 32-bit integer samples, which DALI's decoder (training's) cannot "
+                "decode: convert it to 8 or 16-bit unsigned")
+    return ""
+
+
 def read_head(path: str) -> bytes | None:
     """The first 12 bytes of `path`, None when it cannot be read."""
     try:
@@ -143,7 +144,7 @@ def check_image(path) -> str:
         with Image.open(path) as im:  # verify() leaves the image unusable: reopen to decode
             im.load()
             im.convert("RGB")
-        return ""
+            return samples_problem(im)
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
         return f"{type(e).__name__}: {e}"
 

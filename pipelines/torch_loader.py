@@ -16,6 +16,7 @@ import torch
 
 from pipelines.batch import LoaderBase, LoaderSpec, rank_indices
 from pipelines.recipe import crop_batch, decode_rgb, make_batch, pinned_copy
+from rotnet.cli import InputError
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -49,7 +50,10 @@ class StepDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         key, idx = item
-        images = [decode_sample(self.spec, i) for i in idx]
+        try:
+            images = [decode_sample(self.spec, i) for i in idx]
+        except InputError as e:   # a bad file: returned whole, so that the trainer raises it as one line
+            return e              # (a worker's raise reaches it as a traceback inside the message)
         return make_batch(self.spec, key, images, torch.tensor([self.spec.labels[i] for i in idx]))
 
 
@@ -91,7 +95,13 @@ class TorchLoader(LoaderBase):
 
     def _batches(self):
         self.sampler.epoch, self.sampler.start = self.epoch, self.step  # the steps left to run
-        return self._resident_batches() if self.spec.loader.resident else iter(self._loader)
+        return self._resident_batches() if self.spec.loader.resident else self._decoded_batches()
+
+    def _decoded_batches(self):
+        for batch in self._loader:
+            if isinstance(batch, InputError):
+                raise batch
+            yield batch
 
     # ------------------------------------------------------------ loader.resident
     def _load_resident(self) -> None:

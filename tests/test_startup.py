@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 CLI_MODULES = ["train", "eval", "visualize", "pipelines.scan", "pipelines.imagenet_val",
                "pipelines.pack_shards", "models.export"]
@@ -22,3 +24,13 @@ def test_entry_points_import_no_heavy_optional_library():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [], f"imported at start-up: {out.stdout.strip()}"
+
+
+@pytest.mark.parametrize("module", [m for m in CLI_MODULES if "." in m] + ["pipelines.sample_data"])
+def test_each_python_m_tool_starts_without_a_warning(module):
+    """`python -m PACKAGE.TOOL --help` prints its help and nothing on stderr: a tool that its package's
+    __init__ imports makes runpy warn ("found in sys.modules ... unpredictable behaviour")."""
+    out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.startswith("usage:"), out.stderr
+    assert out.stderr == ""

@@ -74,7 +74,8 @@ def test_odd_files_decode_to_rgb(tmp_path, kind, train):
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_backend_decodes_bmp_tiff_pnm_and_16_bits_as_the_8_bit_png(tmp_path, kind):
     """The listing takes BMP, TIFF and PNM, as DALI and the scan do; torchvision decodes none of them, so
-    the torch backends read them through PIL. 16-bit PNG and TIFF round to 8 bits as DALI rounds them.
+    the torch backends read them through PIL. 16-bit PNG, TIFF and PNM round to 8 bits as DALI rounds
+    them, and float TIFF samples convert as DALI converts them.
     Every lossless copy gives its 8-bit PNG's batch row, bit for bit, in every backend."""
     image = Image.fromarray(textured(np.random.default_rng(1), 40, 40))
     deep = np.random.default_rng(2).integers(0, 65536, (40, 40)).astype(np.uint16)
@@ -87,13 +88,22 @@ def test_every_backend_decodes_bmp_tiff_pnm_and_16_bits_as_the_8_bit_png(tmp_pat
     for name in ("g.png", "h.tif"):
         Image.fromarray(deep).save(c0 / name)                       # 16-bit greyscale
     Image.fromarray(np.round(deep / 257).astype(np.uint8)).save(c0 / "i.png")
-    lo = build_class_loader(make_cfg(kind), str(tmp_path / "train"), batch_size=9, rank=0, world_size=1,
+    (c0 / "j.pgm").write_bytes(b"P5\n40 40\n65535\n" + deep.astype(">u2").tobytes())   # 16-bit PNM
+    deep3 = np.stack([deep, deep[::-1], deep[:, ::-1]], axis=2)
+    (c0 / "k.ppm").write_bytes(b"P6\n40 40\n65535\n" + deep3.astype(">u2").tobytes())
+    Image.fromarray(np.round(deep3 / 257).astype(np.uint8)).save(c0 / "l.png")
+    floats = np.random.default_rng(3).normal(0.5, 0.4, (40, 40)).astype(np.float32)   # some out of [0, 1]
+    Image.fromarray(floats).save(c0 / "m.tif")                      # DALI: round(v x 255), clamped
+    Image.fromarray(np.clip(np.floor(floats * np.float32(255) + np.float32(0.5)), 0, 255).astype(np.uint8)
+                    ).save(c0 / "n.png")
+    lo = build_class_loader(make_cfg(kind), str(tmp_path / "train"), batch_size=14, rank=0, world_size=1,
                             local_rank=0, device=CPU, train=False, seed=0)
     (x, _), = list(lo)
     assert x.dtype == torch.uint8
     rows = dict(zip(sorted(os.listdir(c0)), x))    # eval loaders keep the listing's order
     for name, same_as in [("b.bmp", "a.png"), ("c.tif", "a.png"), ("d.ppm", "a.png"), ("e.pgm", "f.png"),
-                          ("g.png", "i.png"), ("h.tif", "i.png")]:
+                          ("g.png", "i.png"), ("h.tif", "i.png"), ("j.pgm", "i.png"),
+                          ("k.ppm", "l.png"), ("m.tif", "n.png")]:
         assert torch.equal(rows[name], rows[same_as]), name
 
 
@@ -127,6 +137,26 @@ def test_non_image_file_is_named(tmp_path, kind):
                                 device=CPU, train=False, seed=0)
         list(lo)
 
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_backend_refuses_what_dali_refuses_naming_the_file(tmp_path, kind):
+    """The files DALI refuses (a GIF named .JPEG, which torchvision reads; a TIFF of signed integer
+    samples, which PIL reads; a JPEG cut short) stop every backend in one line naming the file, so that
+    no backend trains on a file another one refuses, and the scan's list suits them all."""
+    rng = np.random.default_rng(3)
+    bad = {"gif.JPEG": lambda p: Image.fromarray(textured(rng, 40, 40)).save(p, "GIF"),
+           "int16.tif": lambda p: Image.fromarray(rng.integers(-999, 999, (40, 40)).astype(np.int16)).save(p),
+           "cut.JPEG": lambda p: p.write_bytes(open(good, "rb").read()[:600])}
+    for name, write in bad.items():
+        root = tmp_path / name / "train"
+        good = root / "c0" / "good.JPEG"
+        save_jpeg(str(good), textured(rng, 40, 40))
+        write(root / "c0" / name)
+        with pytest.raises(BadImageError, match=re.escape(str(root / "c0" / name))) as e:
+            list(build_class_loader(make_cfg(kind), str(root), batch_size=2, rank=0, world_size=1,
+                                    local_rank=0, device=CPU, train=False, seed=0))
+        assert "\n" not in str(e.value), name
 
 @needs_dali
 def test_dali_truncated_file_is_named(tmp_path):

@@ -42,6 +42,11 @@ CRAFTED = {
     "cmyk.JPEG": (jpeg(RGB, "CMYK"), True),
     "gray.JPEG": (jpeg(RGB, "L"), True),
     "plain.JPEG": (jpeg(RGB), True),
+    "int16.tif": (encoded(RNG.integers(-999, 999, (40, 50)).astype(np.int16), "TIFF"), False),   # PIL: "I"
+    "uint32.tif": (encoded(RNG.integers(0, 2**31, (40, 50)).astype(np.uint32), "TIFF"), False),
+    "uint16.tif": (encoded(RNG.integers(0, 65535, (40, 50)).astype(np.uint16), "TIFF"), True),
+    "float.tif": (encoded(RNG.random((40, 50)).astype(np.float32), "TIFF"), True),
+    "pgm16.pgm": (b"P5\n50 40\n65535\n" + RNG.integers(0, 65535, (40, 50)).astype(">u2").tobytes(), True),
 }
 
 
@@ -93,6 +98,7 @@ def test_without_dali_the_same_verdicts_and_gif_refused_by_rule(crafted):
     found = verdicts(crafted, "pil")
     assert {n for n, why in found.items() if not why} == {n for n, (_, ok) in CRAFTED.items() if ok}
     assert found["gif.JPEG"].startswith("a GIF, which DALI's decoder (training's) cannot read")
+    assert found["int16.tif"].startswith("a TIFF of signed or 32-bit integer samples, which DALI's decoder")
 
 
 @needs_dali
