@@ -18,11 +18,11 @@ Contract (every backend, every loader):
   len(loader) steps per epoch on this rank (equal on all ranks when train=True);
   .num_samples, .classes, .set_epoch(e), .state_dict(), .load_state_dict(s), .backend.
 
-Kept here, once for every backend: `LoaderSpec` (one loader's job, fixed when built), which samples
-a rank reads (`rank_indices`, `shard_range`), every random stream's seed (`derive_seed`), `assemble`
-(a backend's raw batch -> the contract), `LoaderBase` (steps, epochs, resume state), `prepare_batch`
-and `batch_preparer` (the batch -> the model's input).
-A backend (pipelines/dali_loader.py, pipelines/torch_loader.py) only makes raw batches.
+Kept here, once for every backend: the files a batch may hold (`by_rule`: what DALI's decoder
+refuses), `LoaderSpec` (one loader's job), which samples a rank reads (`rank_indices`), every random
+stream's seed (`derive_seed`), `assemble` (a backend's raw batch -> the contract), `LoaderBase` (steps,
+epochs, resume state), `prepare_batch` and `batch_preparer` (the batch -> the model's input). A backend
+(pipelines/dali_loader.py, pipelines/torch_loader.py) only makes raw batches.
 """
 from __future__ import annotations
 
@@ -93,12 +93,94 @@ def batch_preparer(cfg, precision: str):
 
 def derive_seed(seed: int, *parts) -> int:
     """A 31-bit seed for one random stream: the run's seed and labelled parts, e.g. ("shuffle", epoch).
-
-    A hash, not arithmetic, so different (seed, parts) never share a stream by accident; 31 bits
-    suit torch generators and DALI alike.
-    """
+    A hash, not arithmetic, so different (seed, parts) never share a stream by accident; 31 bits suit
+    torch generators and DALI alike."""
     key = repr((int(seed),) + tuple(parts)).encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") % (2**31 - 1)
+
+
+# ---------------------------------------------------------------- the files a batch may hold
+# What DALI's decoder refuses, every backend and the scan refuse by these rules: the same files everywhere.
+# The leading bytes of the formats DALI reads: JPEG, PNG, BMP, TIFF, PNM, JPEG 2000 (WebP: format_problem).
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*",
+          b"P1", b"P2", b"P3", b"P4", b"P5", b"P6", b"\x00\x00\x00\x0cjP  ", b"\xff\x4f\xff\x51")
+
+
+def format_problem(head: bytes) -> str:
+    """'' when `head` (a file's first 12 bytes) starts like a format DALI's decoder reads, else why not."""
+    if not head:
+        return "empty (0-byte) file"
+    if head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return ""
+    if head.startswith(b"GIF8"):
+        return "a GIF, which DALI's decoder (training's) cannot read: convert it to JPEG or PNG"
+    return f"not an image format DALI reads (it starts with {head[:8]!r})"
+
+
+def jpeg_truncated(data: bytes) -> str:
+    """Why a JPEG's bytes stop before its end-of-image marker (EOI after the last start-of-scan), else ''.
+    DALI's CPU decoder refuses such a file, but inside a batch it can also crash the process (a segfault
+    in about one batch of 50 here): the feed refuses it first. Bytes after EOI (camera trailers) pass."""
+    if not data.startswith(b"\xff\xd8\xff"):
+        return ""
+    if data.endswith(b"\xff\xd9") and data.find(b"\xff\xda") >= 0:   # the usual case, found near the start
+        return ""
+    sos = data.rfind(b"\xff\xda")
+    if sos < 0 or data.find(b"\xff\xd9", sos) < 0:
+        return "a truncated JPEG (no end-of-image marker after its image data): copy it again or remove it"
+    return ""
+
+
+# JPEG frame header markers (SOF0-3, 5-7, 9-11, 13-15: baseline, progressive, lossless, ...); C4, C8 and
+# CC in that range are other segments (DHT, JPG, DAC).
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def zero_size(data: bytes) -> str:
+    """Why a JPEG's frame header (SOF) or a PNG's IHDR declares a 0 width or height, else '' (also for
+    other formats, and headers this walk cannot follow: the decoder judges those). Alone in a batch, such
+    a file makes DALI fail with "invalid parameter", as a bug (a wrong call) does, so the header names it
+    (a 0 height with a DNL marker is valid JPEG, but no decoder here reads it)."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n") and data[12:16] == b"IHDR":
+        w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    elif data.startswith(b"\xff\xd8"):
+        i, w, h = 2, 1, 1
+        while i + 9 <= len(data) and data[i] == 0xFF:   # marker segments: FF, marker, 2-byte length
+            marker = data[i + 1]
+            if marker in _SOF:                          # FF Cn, length, precision, height, width
+                h, w = int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+                break
+            if marker in (0xDA, 0xD9):                  # image data (or its end) before any frame header
+                break
+            if marker == 0xFF:                          # a fill byte
+                i += 1
+            elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # RSTn, TEM: no length
+                i += 2
+            else:
+                i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    else:
+        return ""
+    if w and h:
+        return ""
+    kind = "PNG" if data[:1] == b"\x89" else "JPEG"
+    return f"a {kind} whose header declares a {w}x{h} (width x height) image, which DALI cannot decode: " \
+           "re-encode it from its source or remove it"
+
+
+def by_rule(data: bytes) -> str:
+    """Why `data` (a file's bytes) is refused before any decoder sees it, else '': no format DALI reads,
+    a JPEG cut short (DALI can crash on it), a 0 width or height (DALI cannot say which file)."""
+    return format_problem(data[:12]) or jpeg_truncated(data) or zero_size(data)
+
+
+def samples_problem(im) -> str:
+    """Why DALI's decoder cannot decode `im` (opened by PIL) although DALI reads its format, else '': a
+    TIFF of signed or 32-bit integer samples, which PIL opens as mode "I" (DALI: "Invalid sample_type").
+    16-bit unsigned ("I;16") and float ("F") TIFFs decode in both."""
+    if im.format == "TIFF" and im.mode == "I":
+        return ("a TIFF of signed or 32-bit integer samples, which DALI's decoder (training's) cannot "
+                "decode: convert it to 8 or 16-bit unsigned")
+    return ""
 
 
 class PathTable:
@@ -147,11 +229,9 @@ def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
 
 
 def subset_per_class(labels: list[int], per_class: int, seed: int) -> list[int]:
-    """Indices of a seeded random subset of `per_class` images of every class, sorted.
-
-    Deterministic in (labels, per_class, seed) only, so every rank picks the same subset.
-    A class with fewer images contributes all of them (with a warning).
-    """
+    """Indices of a seeded random subset of `per_class` images of every class, sorted. Deterministic in
+    (labels, per_class, seed) only, so every rank picks the same subset; a class with fewer images
+    contributes all of them (with a warning)."""
     g = torch.Generator().manual_seed(seed)
     by_class: dict[int, list[int]] = {}
     for i, lab in enumerate(labels):

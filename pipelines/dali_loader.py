@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from pipelines.batch import LoaderBase, LoaderSpec, rank_indices
+from pipelines.batch import LoaderBase, LoaderSpec, by_rule, jpeg_truncated, rank_indices
 from pipelines.dali_graph import (
     CpuFinisher,
     decoder_said,
@@ -47,7 +47,7 @@ from pipelines.dali_graph import (
 )
 from pipelines.listing import BadImageError
 from pipelines.recipe import repair_advice
-from pipelines.scan import by_rule, dali_decoding, dali_verdicts, jpeg_truncated
+from pipelines.scan import dali_decoding, dali_verdicts
 from rotnet.cli import InputError
 
 

@@ -22,9 +22,8 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_image, read_file
 
-from pipelines.batch import check_recipe
+from pipelines.batch import by_rule, check_recipe, samples_problem
 from pipelines.listing import BadImageError
-from pipelines.scan import by_rule, samples_problem
 
 # What torchvision decodes, by the first bytes (JPEG, PNG, WebP; its GIFs are refused, as DALI refuses
 # them). The listing also takes BMP, TIFF, PNM and JPEG 2000, which DALI and the scan read: those go

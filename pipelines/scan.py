@@ -22,97 +22,11 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 from pipelines import dali_available, listing
+from pipelines.batch import by_rule, format_problem, samples_problem
 from pipelines.listing import SplitLayoutError, class_folders, find_images, is_image_file, split_layout
 from rotnet.cli import ArgumentParser, InputError, one_line_errors
 
-# Leading bytes of the formats DALI's decoder reads: JPEG, PNG, BMP, TIFF, PNM, JPEG 2000 (and WebP,
-# in `format_problem`). PIL reads more (GIF); training would stop at those.
-_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*",
-          b"P1", b"P2", b"P3", b"P4", b"P5", b"P6", b"\x00\x00\x00\x0cjP  ", b"\xff\x4f\xff\x51")
 BATCH = 64   # images a DALI scan decodes at once
-
-
-def format_problem(head: bytes) -> str:
-    """'' when `head` (a file's first 12 bytes) starts like a format DALI's decoder reads, else why not."""
-    if not head:
-        return "empty (0-byte) file"
-    if head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
-        return ""
-    if head.startswith(b"GIF8"):
-        return "a GIF, which DALI's decoder (training's) cannot read: convert it to JPEG or PNG"
-    return f"not an image format DALI reads (it starts with {head[:8]!r})"
-
-
-def jpeg_truncated(data: bytes) -> str:
-    """Why a JPEG's bytes stop before its end-of-image marker (EOI after the last start-of-scan), else ''.
-
-    DALI's CPU decoder refuses such a file, but given one inside a batch it can also crash the
-    process (a segfault, in about one batch of 50 here), so the scan and the DALI loaders' feed
-    refuse it by rule before DALI sees it. Bytes after EOI (camera trailers) are allowed, as DALI
-    allows them."""
-    if not data.startswith(b"\xff\xd8\xff"):
-        return ""
-    if data.endswith(b"\xff\xd9") and data.find(b"\xff\xda") >= 0:   # the usual case, found near the start
-        return ""
-    sos = data.rfind(b"\xff\xda")
-    if sos < 0 or data.find(b"\xff\xd9", sos) < 0:
-        return "a truncated JPEG (no end-of-image marker after its image data): copy it again or remove it"
-    return ""
-
-
-# JPEG frame header markers (SOF0-3, 5-7, 9-11, 13-15: baseline, progressive, lossless, ...); C4, C8 and
-# CC in that range are other segments (DHT, JPG, DAC).
-_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
-def zero_size(data: bytes) -> str:
-    """Why a JPEG's frame header (SOF) or a PNG's IHDR declares a 0 width or height, else '' (also for
-    other formats, and for headers this walk cannot follow: the decoder judges those).
-
-    Alone in a batch, such a file makes DALI fail with nvImageCodec's "invalid parameter" status, which a
-    wrong call (a bug) also gives, so that status cannot name the file. The header names it exactly: the
-    scan refuses it by rule before DALI sees it, and the DALI loader checks the samples in flight for it
-    when DALI fails so (a 0 height with a DNL marker is valid JPEG, but no decoder here reads it)."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n") and data[12:16] == b"IHDR":
-        w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    elif data.startswith(b"\xff\xd8"):
-        i, w, h = 2, 1, 1
-        while i + 9 <= len(data) and data[i] == 0xFF:   # marker segments: FF, marker, 2-byte length
-            marker = data[i + 1]
-            if marker in _SOF:                          # FF Cn, length, precision, height, width
-                h, w = int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
-                break
-            if marker in (0xDA, 0xD9):                  # image data (or its end) before any frame header
-                break
-            if marker == 0xFF:                          # a fill byte
-                i += 1
-            elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # RSTn, TEM: no length
-                i += 2
-            else:
-                i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
-    else:
-        return ""
-    if w and h:
-        return ""
-    kind = "PNG" if data[:1] == b"\x89" else "JPEG"
-    return f"a {kind} whose header declares a {w}x{h} (width x height) image, which DALI cannot decode: " \
-           "re-encode it from its source or remove it"
-
-
-def by_rule(data: bytes) -> str:
-    """Why `data` (a file's bytes) is refused before any decoder sees it, else '': no format DALI reads,
-    a JPEG cut short (DALI can crash on it), a 0 width or height (DALI cannot say which file)."""
-    return format_problem(data[:12]) or jpeg_truncated(data) or zero_size(data)
-
-
-def samples_problem(im) -> str:
-    """Why DALI's decoder cannot decode `im` (opened by PIL) although DALI reads its format, else '': a
-    TIFF of signed or 32-bit integer samples, which PIL opens as mode "I" (DALI: "Invalid sample_type").
-    16-bit unsigned ("I;16") and float ("F") TIFFs decode in both."""
-    if im.format == "TIFF" and im.mode == "I":
-        return ("a TIFF of signed or 32-bit integer samples, which DALI's decoder (training's) cannot "
-                "decode: convert it to 8 or 16-bit unsigned")
-    return ""
 
 
 def read_head(path: str) -> bytes | None:

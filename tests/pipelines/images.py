@@ -51,6 +51,19 @@ def save_jpeg(path, arr, **kw):
     Image.fromarray(arr).save(path, format="JPEG", quality=95, **kw)
 
 
+def jpeg(array: np.ndarray, mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).convert(mode).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def encoded(array: np.ndarray, fmt: str, mode: str | None = None, **save) -> bytes:
+    buf = io.BytesIO()
+    image = Image.fromarray(array)
+    (image.convert(mode) if mode else image).save(buf, format=fmt, **save)
+    return buf.getvalue()
+
+
 def declaring(data: bytes, w: int, h: int) -> bytes:
     """`data` (a PIL-made PNG, or JPEG: baseline or progressive) with the size its header declares
     replaced by w x h; the image data is left as it is."""

@@ -1,15 +1,27 @@
 """The batch contract (pipelines/batch.py): a resumed loader continues with exactly the same batches
 (image folders and tar shards); loader-side normalisation (loader.normalize=graph) meets the model:
-dtype and memory layout."""
+dtype and memory layout; the rules that refuse a file before any decoder sees it."""
 import io
 
+import numpy as np
 import pytest
 import torch
 
 from pipelines import batch_preparer, build_class_loader, build_rotation_loader, prepare_batch
+from pipelines.batch import jpeg_truncated, zero_size
 from rotnet.cli import InputError
 from rotnet.config import load_config
-from tests.pipelines.images import FORMATS, KINDS, cfg, in_format, make_folder, needs_dali
+from tests.pipelines.images import (
+    FORMATS,
+    KINDS,
+    cfg,
+    declaring,
+    encoded,
+    in_format,
+    jpeg,
+    make_folder,
+    needs_dali,
+)
 
 CPU = torch.device("cpu")
 
@@ -150,3 +162,36 @@ def test_batch_preparer_keeps_float16_under_autocast_and_casts_for_fp32():
     assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
     u8 = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
     assert all(batch_preparer(c, p)(u8).dtype == torch.float32 for p in ("bf16", "fp32"))
+
+
+# ---------------------------------------------------------------- the files a batch may hold
+RGB = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("make, why", [
+    (lambda d: d[:600], "a truncated JPEG"),
+    (lambda d: d, ""),                                             # ends with its marker
+    (lambda d: d + b"camera trailer", ""),                         # bytes after the marker
+    (lambda d: d[:d.index(b"\xff\xda")] + b"\xff\xd9", "a truncated JPEG"),   # no image data at all
+], ids=["cut", "whole", "trailer", "no-scan"])
+def test_a_jpeg_without_its_end_marker_is_refused_by_rule(make, why):
+    """DALI can crash on such a file in a batch, so it never reaches DALI; bytes after EOI are allowed."""
+    data = make(jpeg(RGB))
+    assert jpeg_truncated(data).startswith(why) and bool(jpeg_truncated(data)) == bool(why)
+    assert jpeg_truncated(encoded(RGB, "PNG")) == ""
+
+
+@pytest.mark.parametrize("make, w, h, refused", [
+    (lambda: jpeg(RGB), 0, 0, True), (lambda: jpeg(RGB), 0, 40, True), (lambda: jpeg(RGB), 50, 0, True),
+    (lambda: jpeg(RGB), 50, 40, False),
+    (lambda: encoded(RGB, "JPEG", progressive=True), 0, 0, True),        # SOF2
+    (lambda: encoded(RGB, "JPEG", progressive=True), 50, 40, False),
+    (lambda: encoded(RGB, "JPEG", exif=b"Exif\x00\x00" + bytes(3000)), 0, 7, True),   # APP1 before SOF
+    (lambda: encoded(RGB, "PNG"), 0, 0, True), (lambda: encoded(RGB, "PNG"), 50, 40, False),
+], ids=["0x0", "0xH", "Wx0", "WxH", "progressive-0x0", "progressive", "exif-0xH", "png-0x0", "png"])
+def test_a_header_declaring_a_0_side_is_refused_by_rule(make, w, h, refused):
+    """DALI's status for such a file alone is "invalid parameter", which a bug can give too: the header
+    names it exactly. Other formats and headers cut short are left to the decoder."""
+    why = zero_size(declaring(make(), w, h))
+    assert bool(why) == refused and (not why or f"declares a {w}x{h} (width x height) image" in why)
+    assert zero_size(declaring(jpeg(RGB), 0, 0)[:40]) == zero_size(encoded(RGB, "BMP")) == ""
