@@ -214,8 +214,9 @@ def plot_layers(evals: list[tuple[str, dict]], path: Path) -> Path:
     """One panel per eval.json: grouped top-1 bars per layer for each model in it (pretrained, random)."""
     fig, axes = subplots(1, len(evals), figsize=(4.2 * len(evals), 3.2), squeeze=False)
     for ax, (label, ev) in zip(axes[0], evals):
-        models = [m for m in ("pretrained", "random") if m in ev] or \
-                 [k for k, v in ev.items() if k not in ("meta", "difference_top1") and isinstance(v, dict)]
+        models = ([m for m in ("pretrained", "random") if m in ev]
+                  or [k for k, v in ev.items() if k not in ("meta", "difference_top1")
+                      and isinstance(v, dict)])
         draw_top1_bars(ax, {m: ev[m] for m in models}, fontsize=6)
         ax.set_title(label, fontsize=8)
         ax.grid(axis="y", alpha=0.3)

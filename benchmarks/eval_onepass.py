@@ -132,8 +132,8 @@ def main() -> None:
 
     # A copy of the tree without .git (e.g. a rented GPU box) cannot tell its commit: ROTNET_COMMIT can.
     commit = git_commit() if git_commit() != "unknown" else os.environ.get("ROTNET_COMMIT", "unknown")
-    load = f", load average {os.getloadavg()[0]:.1f} at the end (shared cores: compare rows of one block)" \
-        if hasattr(os, "getloadavg") else ""
+    load = (f", load average {os.getloadavg()[0]:.1f} at the end (shared cores: compare rows of one block)"
+            if hasattr(os, "getloadavg") else "")
     block = "\n".join([
         f"### {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} | commit {commit} | {machine()}{load}",
         "",

@@ -160,8 +160,8 @@ def main(argv=None) -> int:
                 "work": os.path.dirname(os.path.abspath(args.json))}
     t0 = time.perf_counter()
     try:
-        small = run_scale(args.compare, [s for s in stages if s not in SIZE_FREE], args, settings) \
-            if args.compare != args.scale else []
+        small = (run_scale(args.compare, [s for s in stages if s not in SIZE_FREE], args, settings)
+                 if args.compare != args.scale else [])
         large = run_scale(args.scale, stages, args, settings)
     except InputError as e:
         fail(e)

@@ -108,8 +108,8 @@ def run(args) -> dict:
     for fmt, path in where.items():
         rows["listing, first call in a fresh process (ms)"][fmt] = 1000 * first_call_s(fmt, path, file_list,
                                                                                       args.list_repeats)
-        rows["files opened per epoch and process"][fmt] = manifest["count"] if fmt == "folder" \
-            else len(manifest["shards"])
+        rows["files opened per epoch and process"][fmt] = (manifest["count"] if fmt == "folder"
+                                                           else len(manifest["shards"]))
         rows["read all bytes once, no decode (img/s)"][fmt] = read_rate(fmt, path, file_list)
     device = torch.device("cpu")
     for backend in args.backends.split(","):

@@ -163,8 +163,8 @@ def zero_size(data: bytes) -> str:
     if w and h:
         return ""
     kind = "PNG" if data[:1] == b"\x89" else "JPEG"
-    return f"a {kind} whose header declares a {w}x{h} (width x height) image, which DALI cannot decode: " \
-           "re-encode it from its source or remove it"
+    return (f"a {kind} whose header declares a {w}x{h} (width x height) image, which DALI cannot decode: "
+            "re-encode it from its source or remove it")
 
 
 def by_rule(data: bytes) -> str:

@@ -134,8 +134,8 @@ def rotation_graph(*, reader, train, recipe, crop, resize, min_scale, rotations,
     if stage == "host":
         never = dict(probability=0.0, dtype=types.INT32)  # a per-sample 0 output
         c = fn.random.coin_flip(probability=0.5 if train else 0.0, dtype=types.INT32)
-        r = fn.random.uniform(values=list(range(len(rotations))), dtype=types.INT32) \
-            if mode == "one_random" else fn.random.coin_flip(**never)
+        r = (fn.random.uniform(values=list(range(len(rotations))), dtype=types.INT32)
+             if mode == "one_random" else fn.random.coin_flip(**never))
         return x, label, c, r
     c = fn.random.coin_flip(probability=0.5, dtype=types.INT32) if train else 0
     if mode == "all":

@@ -233,8 +233,8 @@ def read_sample(spec, j: int) -> bytes:
 def name_bad_files(spec, bad: list[tuple[str, str]], said: str) -> str:
     """One line naming `bad` ((file or shard member, why) pairs), with how to repair the list and what
     failed (`said`)."""
-    where = ("bad image file(s): " + "; ".join(f"{p!r}: {why}" for p, why in bad[:10])) if bad \
-        else "a file could not be decoded (DALI did not name it)"
+    where = (("bad image file(s): " + "; ".join(f"{p!r}: {why}" for p, why in bad[:10])) if bad
+             else "a file could not be decoded (DALI did not name it)")
     return f"{where}. {repair_advice(spec.shards is not None)} {said}"
 
 
