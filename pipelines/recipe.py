@@ -61,13 +61,13 @@ def _decode(raw: torch.Tensor, encoded: bytes) -> tuple[torch.Tensor | None, str
         if problem:
             return None, problem
         im = ImageOps.exif_transpose(opened)
-        # PIL's RGB would clip 16-bit samples at 255: "I;16" (PNG, TIFF), "I" (PNM: TIFFs are refused above)
-        deep = im.mode.startswith("I;16") or im.mode == "I"
         if im.mode == "F":   # float TIFF samples, converted as DALI converts them: v x 255 rounded, clamped
             v = np.nan_to_num(np.array(im, dtype=np.float32), nan=0.0)
             pixels = np.clip(np.floor(v * np.float32(255) + np.float32(0.5)), 0, 255).astype(np.uint8)
+        elif im.mode.startswith("I;16") or im.mode == "I":   # 16-bit PNG, TIFF ("I;16") or PNM ("I"):
+            pixels = np.array(im, dtype=np.uint16)            # PIL's RGB would clip them at 255
         else:
-            pixels = np.array(im, dtype=np.uint16) if deep else np.array(im.convert("RGB"))
+            pixels = np.array(im.convert("RGB"))
     img = torch.from_numpy(pixels)
     return (img.expand(3, *img.shape) if img.ndim == 2 else img.permute(2, 0, 1)), ""
 
