@@ -84,8 +84,7 @@ def stage_listing(tree: str, s: dict) -> dict:
 def stage_scan(tree: str, s: dict) -> dict:
     """`pipelines.scan`'s full-decode check on a seeded sample, one core (DALI's CPU decoder on one
     thread where DALI is installed, as the scan does; else PIL): images/s per core."""
-    from pipelines import dali_available
-    from pipelines.scan import check_image, dali_reasons
+    from pipelines.scan import check_image, dali_available, dali_reasons
 
     paths = list_images(os.path.join(tree, "train"), labelled=False)[0]
     sample = random.Random(0).sample(paths, min(s["scan_sample"], len(paths)))

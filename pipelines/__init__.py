@@ -50,17 +50,11 @@ __all__ = ["rotation_loaders", "class_loaders", "build_rotation_loader", "build_
            "resolve_backend", "class_labels_missing"]
 
 
-def dali_available() -> bool:
-    """Whether nvidia.dali imports: loader.backend=auto picks it, and the scan decodes with it."""
-    try:
-        import nvidia.dali  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def resolve_backend(name: str) -> str:
     """'auto' -> 'dali' when nvidia.dali imports, else 'torch'; 'dali' without DALI -> error."""
+    # imported here: `python -m pipelines.scan` makes runpy warn when the package imported scan first
+    from pipelines.scan import dali_available
+
     if name not in ("auto", "dali", "torch"):
         raise ValueError(f"loader.backend={name!r}; expected auto, dali or torch")
     if name == "auto":

@@ -21,12 +21,21 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from pipelines import dali_available, listing
+from pipelines import listing
 from pipelines.batch import by_rule, format_problem, samples_problem
 from pipelines.listing import SplitLayoutError, class_folders, find_images, is_image_file, split_layout
 from rotnet.cli import ArgumentParser, InputError, one_line_errors
 
 BATCH = 64   # images a DALI scan decodes at once
+
+
+def dali_available() -> bool:
+    """Whether nvidia.dali imports: the scan decodes with it, and loader.backend=auto picks it."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def read_head(path: str) -> bytes | None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import dali_available
+from pipelines.scan import dali_available
 from tests.pipelines.images import make_folder
 
 REPO = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import dali_available
+from pipelines.scan import dali_available
 from rotnet.config import LOADER_KEYS, Config, DataConfig, LoaderConfig
 
 HAVE_DALI = dali_available()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import pipelines
+import pipelines.scan
 from pipelines import list_images, prepare_batch, resolve_backend
 from pipelines.batch import subset_per_class
 from pipelines.listing import read_file_list, resolve_file_list, write_file_list
@@ -76,7 +77,7 @@ def test_subset_per_class():
 def test_resolve_backend(monkeypatch):
     assert resolve_backend("torch") == "torch"
     assert resolve_backend("auto") in ("dali", "torch")
-    monkeypatch.setattr(pipelines, "dali_available", lambda: False)
+    monkeypatch.setattr(pipelines.scan, "dali_available", lambda: False)
     assert resolve_backend("auto") == "torch"
     with pytest.raises(InputError, match="nvidia.dali"):
         resolve_backend("dali")
