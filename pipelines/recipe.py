@@ -25,10 +25,9 @@ from torchvision.io import ImageReadMode, decode_image, read_file
 from pipelines.batch import by_rule, check_recipe, samples_problem
 from pipelines.listing import BadImageError
 
-# What torchvision decodes, by the first bytes (JPEG, PNG, WebP; its GIFs are refused, as DALI refuses
-# them). The listing also takes BMP, TIFF, PNM and JPEG 2000, which DALI and the scan read: those go
-# through PIL, so every backend trains on them.
-_TORCHVISION_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"RIFF")
+# What torchvision decodes here, by the first bytes: JPEG and PNG. The rest that DALI and the scan read
+# goes through PIL: BMP, TIFF, PNM, JPEG 2000, and WebP, whose EXIF orientation torchvision ignores.
+_TORCHVISION_MAGIC = (b"\xff\xd8\xff", b"\x89PNG")
 
 
 def decode_rgb(path: str, data: bytes | None = None) -> torch.Tensor:

@@ -109,15 +109,17 @@ def test_every_backend_decodes_bmp_tiff_pnm_and_16_bits_as_the_8_bit_png(tmp_pat
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("orientation, side", [(3, "bottom"), (6, "right"), (8, "left")])
-def test_every_backend_turns_a_jpeg_upright_as_its_exif_says(tmp_path, kind, orientation, side):
-    """A JPEG stored turned, with an EXIF orientation, is shown upright by viewers and by DALI's decoders;
-    the torch backends turn it too. Here the orientation is the label: the backends must agree."""
+@pytest.mark.parametrize("ext", ["jpg", "png", "webp", "tif"])
+def test_every_backend_turns_an_image_upright_as_its_exif_says(tmp_path, kind, orientation, side, ext):
+    """An image stored turned, with an EXIF orientation, is shown upright by viewers and by DALI's
+    decoders (JPEG, PNG, WebP, TIFF); the torch backends turn it too. Here the orientation is the label:
+    the backends must agree."""
     stored = np.zeros((48, 48, 3), np.uint8)
     stored[:12, :, 0] = 255                                         # a red band along the stored top
     exif = Image.Exif()
     exif[0x0112] = orientation
     (tmp_path / "train" / "c0").mkdir(parents=True)
-    Image.fromarray(stored).save(tmp_path / "train" / "c0" / "turned.jpg", exif=exif.tobytes(), quality=95)
+    Image.fromarray(stored).save(tmp_path / "train" / "c0" / f"turned.{ext}", exif=exif.tobytes(), quality=95)
     lo = build_class_loader(make_cfg(kind), str(tmp_path / "train"), batch_size=1, rank=0, world_size=1,
                             local_rank=0, device=CPU, train=False, seed=0)
     (x, _), = list(lo)
