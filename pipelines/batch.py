@@ -175,11 +175,14 @@ def by_rule(data: bytes) -> str:
 
 def samples_problem(im) -> str:
     """Why DALI's decoder cannot decode `im` (opened by PIL) although DALI reads its format, else '': a
-    TIFF of signed or 32-bit integer samples, which PIL opens as mode "I" (DALI: "Invalid sample_type").
-    16-bit unsigned ("I;16") and float ("F") TIFFs decode in both."""
+    TIFF of signed or 32-bit integer samples, which PIL opens as mode "I" (DALI: "Invalid sample_type"),
+    or one without a BitsPerSample tag (1-bit, as PIL writes it). 16-bit and float TIFFs decode in both."""
     if im.format == "TIFF" and im.mode == "I":
         return ("a TIFF of signed or 32-bit integer samples, which DALI's decoder (training's) cannot "
                 "decode: convert it to 8 or 16-bit unsigned")
+    if im.format == "TIFF" and 258 not in im.tag_v2:
+        return ("a TIFF without a BitsPerSample tag, which DALI's decoder (training's) cannot read: save "
+                "it again as PNG or JPEG")
     return ""
 
 
@@ -330,12 +333,9 @@ def assemble(spec: LoaderSpec, x: torch.Tensor, y=None) -> tuple[torch.Tensor, t
 
 class LoaderBase:
     """Base of both backends' loaders (DaliLoader, TorchLoader subclass it directly): steps, epochs and
-    the resume state, the object side of the contract, written once.
-
-    A backend implements `_batches()`: the raw batches of epoch `self.epoch` from step
-    `self.step` on, each for `assemble`. DALI also finishes its reader epoch in `_end_epoch` and
-    extends `state_dict` / `load_state_dict` with its pipeline's checkpoint.
-    """
+    the resume state, the object side of the contract, written once. A backend implements `_batches()`:
+    the raw batches of epoch `self.epoch` from step `self.step` on, each for `assemble`. DALI also ends its
+    reader epoch in `_end_epoch` and extends `state_dict` / `load_state_dict` with its pipeline's state."""
 
     backend = ""
 

@@ -60,7 +60,10 @@ def _decode(raw: torch.Tensor, encoded: bytes) -> tuple[torch.Tensor | None, str
         if problem:
             return None, problem
         im = ImageOps.exif_transpose(opened)
-        if im.mode == "F":   # float TIFF samples, converted as DALI converts them: v x 255 rounded, clamped
+        if im.mode == "P" and opened.format == "TIFF":   # 16-bit colour map, rounded as DALI rounds samples
+            cmap = np.array(opened.tag_v2[320], dtype=np.uint16).reshape(3, -1)
+            pixels = cmap[:, np.array(im)].transpose(1, 2, 0)
+        elif im.mode == "F":   # float TIFF samples, converted as DALI converts them: v x 255 rounded, clamped
             v = np.nan_to_num(np.array(im, dtype=np.float32), nan=0.0)
             pixels = np.clip(np.floor(v * np.float32(255) + np.float32(0.5)), 0, 255).astype(np.uint8)
         elif im.mode.startswith("I;16") or im.mode == "I":   # 16-bit PNG, TIFF ("I;16") or PNM ("I"):

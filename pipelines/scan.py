@@ -4,7 +4,7 @@ ROOT is a split (ROOT/CLASS/IMAGE, or flat ROOT/IMAGE) or a dataset root (ROOT/S
 Every image is checked the way training reads it: with DALI installed, decoded by DALI's CPU decoder to
 RGB, in batches (an external_source pipeline; a batch that fails is decoded again one file at a time,
 which names the bad ones, the decoder checked on a known-good JPEG); without DALI, decoded with PIL, and
-what PIL reads but DALI does not (a GIF, a TIFF of signed or 32-bit integer samples) is refused by rule.
+what PIL reads but DALI does not (a GIF, some TIFFs: `samples_problem`) is refused by rule.
 Empty files, files whose first bytes are no format DALI reads, JPEGs cut short (no end-of-image marker)
 and JPEGs or PNGs whose header declares a 0 width or height are refused before decoding. Bad ones are
 printed, the good ones listed in --out for `data.file_list` (a flat split gets no list: no labels). Exit

@@ -75,7 +75,7 @@ def test_odd_files_decode_to_rgb(tmp_path, kind, train):
 def test_every_backend_decodes_bmp_tiff_pnm_and_16_bits_as_the_8_bit_png(tmp_path, kind):
     """The listing takes BMP, TIFF and PNM, as DALI and the scan do; torchvision decodes none of them, so
     the torch backends read them through PIL. 16-bit PNG, TIFF and PNM round to 8 bits as DALI rounds
-    them, and float TIFF samples convert as DALI converts them.
+    them, and float TIFF samples and 16-bit TIFF colour maps convert as DALI converts them.
     Every lossless copy gives its 8-bit PNG's batch row, bit for bit, in every backend."""
     image = Image.fromarray(textured(np.random.default_rng(1), 40, 40))
     deep = np.random.default_rng(2).integers(0, 65536, (40, 40)).astype(np.uint16)
@@ -96,14 +96,18 @@ def test_every_backend_decodes_bmp_tiff_pnm_and_16_bits_as_the_8_bit_png(tmp_pat
     Image.fromarray(floats).save(c0 / "m.tif")                      # DALI: round(v x 255), clamped
     Image.fromarray(np.clip(np.floor(floats * np.float32(255) + np.float32(0.5)), 0, 255).astype(np.uint8)
                     ).save(c0 / "n.png")
-    lo = build_class_loader(make_cfg(kind), str(tmp_path / "train"), batch_size=14, rank=0, world_size=1,
+    image.convert("P").save(c0 / "o.tif")                           # a 16-bit colour map (PIL: 256 x c)
+    with Image.open(c0 / "o.tif") as pal:
+        cmap = (np.array(pal.tag_v2[320], np.int64).reshape(3, -1) * 255 + 32767) // 65535
+        Image.fromarray(cmap[:, np.array(pal)].transpose(1, 2, 0).astype(np.uint8)).save(c0 / "p.png")
+    lo = build_class_loader(make_cfg(kind), str(tmp_path / "train"), batch_size=16, rank=0, world_size=1,
                             local_rank=0, device=CPU, train=False, seed=0)
     (x, _), = list(lo)
     assert x.dtype == torch.uint8
     rows = dict(zip(sorted(os.listdir(c0)), x))    # eval loaders keep the listing's order
     for name, same_as in [("b.bmp", "a.png"), ("c.tif", "a.png"), ("d.ppm", "a.png"), ("e.pgm", "f.png"),
                           ("g.png", "i.png"), ("h.tif", "i.png"), ("j.pgm", "i.png"),
-                          ("k.ppm", "l.png"), ("m.tif", "n.png")]:
+                          ("k.ppm", "l.png"), ("m.tif", "n.png"), ("o.tif", "p.png")]:
         assert torch.equal(rows[name], rows[same_as]), name
 
 
@@ -143,13 +147,14 @@ def test_non_image_file_is_named(tmp_path, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_backend_refuses_what_dali_refuses_naming_the_file(tmp_path, kind):
-    """The files DALI refuses (a GIF named .JPEG, which torchvision reads; a TIFF of signed integer
-    samples, which PIL reads; a JPEG cut short) stop every backend in one line naming the file, so that
-    no backend trains on a file another one refuses, and the scan's list suits them all."""
+    """The files DALI refuses (a GIF named .JPEG, which torchvision reads; TIFFs of signed integer samples
+    or without BitsPerSample, which PIL reads; a JPEG cut short) stop every backend in one line naming
+    the file, so that no backend trains on a file another one refuses, and the scan's list suits them all."""
     rng = np.random.default_rng(3)
     bad = {"gif.JPEG": lambda p: Image.fromarray(textured(rng, 40, 40)).save(p, "GIF"),
            "int16.tif": lambda p: Image.fromarray(rng.integers(-999, 999, (40, 40)).astype(np.int16)).save(p),
-           "cut.JPEG": lambda p: p.write_bytes(open(good, "rb").read()[:600])}
+           "cut.JPEG": lambda p: p.write_bytes(open(good, "rb").read()[:600]),
+           "onebit.tif": lambda p: Image.fromarray(textured(rng, 40, 40)).convert("1").save(p)}
     for name, write in bad.items():
         root = tmp_path / name / "train"
         good = root / "c0" / "good.JPEG"

@@ -32,6 +32,8 @@ CRAFTED = {
     "uint16.tif": (encoded(RNG.integers(0, 65535, (40, 50)).astype(np.uint16), "TIFF"), True),
     "float.tif": (encoded(RNG.random((40, 50)).astype(np.float32), "TIFF"), True),
     "pgm16.pgm": (b"P5\n50 40\n65535\n" + RNG.integers(0, 65535, (40, 50)).astype(">u2").tobytes(), True),
+    "onebit.tif": (encoded(RGB, "TIFF", "1"), False),        # PIL leaves out BitsPerSample (1 by default)
+    "palette.tif": (encoded(RGB, "TIFF", "P"), True),
 }
 
 
@@ -84,6 +86,7 @@ def test_without_dali_the_same_verdicts_and_gif_refused_by_rule(crafted):
     assert {n for n, why in found.items() if not why} == {n for n, (_, ok) in CRAFTED.items() if ok}
     assert found["gif.JPEG"].startswith("a GIF, which DALI's decoder (training's) cannot read")
     assert found["int16.tif"].startswith("a TIFF of signed or 32-bit integer samples, which DALI's decoder")
+    assert found["onebit.tif"].startswith("a TIFF without a BitsPerSample tag, which DALI's decoder")
 
 
 @needs_dali
