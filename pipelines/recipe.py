@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageOps
-from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.io import ImageReadMode, decode_image
 
 from pipelines.batch import by_rule, check_recipe, samples_problem
 from pipelines.listing import BadImageError
@@ -35,25 +36,24 @@ def decode_rgb(path: str, data: bytes | None = None) -> torch.Tensor:
     orientation says (as DALI's decoders turn it: here the orientation is the label). 16-bit samples are
     rounded to 8 bits as DALI's decoder rounds them. BadImageError also for the files DALI refuses (the
     scan's rules), so that every backend trains on the same files."""
-    advice = repair_advice(data is not None)
     try:
-        raw = read_file(path) if data is None else torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        encoded = raw.numpy().tobytes() if data is None else data
+        encoded = Path(path).read_bytes() if data is None else data
         problem = by_rule(encoded)   # a GIF, a JPEG cut short, a 0 width or height
         if not problem:
-            img, problem = _decode(raw, encoded)
+            img, problem = _decode(encoded)
     except Exception as e:  # torchvision and PIL raise RuntimeError / ValueError / OSError for bad data
-        raise BadImageError(f"bad image file {path!r}: {e}. {advice}") from e
+        raise BadImageError(f"bad image file {path!r}: {e}. {repair_advice(data is not None)}") from e
     if problem:
-        raise BadImageError(f"bad image file {path!r}: {problem}. {advice}")
+        raise BadImageError(f"bad image file {path!r}: {problem}. {repair_advice(data is not None)}")
     if img.dtype == torch.uint16:   # round(v * 255 / 65535), never a tie
         return ((img.to(torch.int32) * 255 + 32767) // 65535).to(torch.uint8)
     return img.contiguous()
 
 
-def _decode(raw: torch.Tensor, encoded: bytes) -> tuple[torch.Tensor | None, str]:
+def _decode(encoded: bytes) -> tuple[torch.Tensor | None, str]:
     """(uint8 or uint16 (3, H, W), '') or (None, why DALI's decoder cannot decode it either)."""
     if encoded.startswith(_TORCHVISION_MAGIC):   # uint16 for a 16-bit PNG
+        raw = torch.frombuffer(bytearray(encoded), dtype=torch.uint8)
         return decode_image(raw, mode=ImageReadMode.RGB, apply_exif_orientation=True), ""
     with Image.open(io.BytesIO(encoded)) as opened:
         problem = samples_problem(opened)
