@@ -80,10 +80,11 @@ def get_args(argv=None) -> argparse.Namespace:
 # changes it afterwards; config.yaml and the checkpoints store the resolved one.
 
 
-def resolve(cfg: Config, info: DistInfo, require: tuple[str, ...] = ()) -> Config:
-    """cfg as a training run on `info`'s ranks and device carries it: data.root (`with_data_root`),
-    both batch sizes (`resolve_batch`), train.precision without 'auto'."""
-    cfg = with_data_root(cfg, require)
+def resolve(cfg: Config, info: DistInfo, splits: tuple[str, ...] = ()) -> Config:
+    """cfg as a training run on `info`'s ranks and device carries it: data.root (`with_data_root`, which
+    refuses a root without the folders `splits`), both batch sizes (`resolve_batch`), train.precision
+    without 'auto'."""
+    cfg = with_data_root(cfg, require=splits)
     if cfg.train.sync_bn and info.device.type != "cuda":
         raise ConfigError("train.sync_bn=true needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); "
                           "set train.sync_bn=false")
@@ -325,7 +326,7 @@ def train(args: argparse.Namespace, held: ExitStack) -> None:
     cfg = load_config(args.config, args.overrides)   # bad input fails before the output folder is touched
     require(cfg.train.loggers, "train.loggers")
     info = init_distributed()
-    cfg = resolve(cfg, info, require=(cfg.data.train_dir,))   # the config this run carries, never changed
+    cfg = resolve(cfg, info, splits=(cfg.data.train_dir,))   # the config this run carries, never changed
     out = Path(cfg.train.output_dir)
     def claim_folder():
         out.mkdir(parents=True, exist_ok=True)

@@ -300,7 +300,7 @@ def main(argv=None) -> int:
         cfg = override(cfg, {"data.root": args.data})
     device = torch.device(args.device)
     info = DistInfo(device=device)
-    cfg = resolve(cfg, info, require=(cfg.data.train_dir,))   # as train.py resolves it
+    cfg = resolve(cfg, info, splits=(cfg.data.train_dir,))   # as train.py resolves it
     run = build_run(cfg, info, RunLogger(REPO, is_main=False), loaders=False)
     for sig in (signal.SIGTERM, signal.SIGUSR1):   # a check has nothing to save: die at once
         signal.signal(sig, signal.SIG_DFL)

@@ -60,7 +60,7 @@ def _ended_here(text: str) -> bool:
     except ProcessLookupError:
         return True
     except PermissionError:   # alive, another user's
-        return False
+        pass
     return False
 
 

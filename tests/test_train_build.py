@@ -49,9 +49,9 @@ def test_resolve_returns_a_new_config_without_auto(monkeypatch):
 def test_resolve_refuses_missing_splits_and_sync_bn_on_cpu(tmp_path):
     (tmp_path / "train").mkdir()
     cfg = load_config(None, [f"data.root={tmp_path}"])
-    assert resolve(cfg, DistInfo(device=CPU), require=("train",)).data.root == str(tmp_path)
+    assert resolve(cfg, DistInfo(device=CPU), splits=("train",)).data.root == str(tmp_path)
     with pytest.raises(ConfigError, match=r"data.root='.*' has no val/ folder"):
-        resolve(cfg, DistInfo(device=CPU), require=("train", "val"))
+        resolve(cfg, DistInfo(device=CPU), splits=("train", "val"))
     sync = load_config(None, [f"data.root={tmp_path}", "train.sync_bn=true"])
     with pytest.raises(ConfigError, match="train.sync_bn=true needs CUDA"):
         resolve(sync, DistInfo(device=CPU))
