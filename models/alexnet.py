@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from models.rotnet import Trunk, conv_bn_relu, init_weights, scale_channels
+from models.rotnet import Trunk, conv_bn_relu, init_weights, register, scale_channels
 from rotnet.config import ConfigError, ModelConfig
 
 
@@ -30,6 +30,7 @@ def _pool5_size(input_size: int) -> int:
     return side
 
 
+@register("alexnet")
 class AlexNetTrunk(Trunk):
     """RotNet AlexNet: five Conv-BN-ReLU layers, pool5, the FC block. Probe points (after each ReLU),
     224 px, width 1: conv1 (B, 64, 55, 55), conv2 (B, 192, 27, 27), conv3 (B, 384, 13, 13),

@@ -14,10 +14,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from models.rotnet import Trunk, conv_bn_relu, init_weights, scale_channels
+from models.rotnet import Trunk, conv_bn_relu, init_weights, register, scale_channels
 from rotnet.config import ConfigError, ModelConfig
 
 
+@register("nin")
 class NINTrunk(Trunk):
     """RotNet NIN with `model.num_blocks` in {3, 4, 5}; any input size (`input_size` is recorded only)."""
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from models.rotnet import Trunk, init_weights, scale_channels
+from models.rotnet import Trunk, init_weights, register, scale_channels
 from rotnet.config import ModelConfig
 
 # arch -> torchvision block (by name: torchvision is imported when a ResNet is built), blocks per stage
@@ -37,6 +37,7 @@ def _make_layer(block: type[nn.Module], inplanes: int, planes: int, blocks: int,
     return nn.Sequential(*layers)
 
 
+@register("resnet18", "resnet50")
 class ResNetTrunk(Trunk):
     """torchvision ResNet without `fc` (`model.arch`: a key of DEPTHS); any input size."""
 

@@ -1,6 +1,5 @@
 """The RotNet network: a trunk (the contract every trunk in `models/` follows, and the helpers they
-share), the rotation head, and RotNet = trunk + head. The registry and `build_model` are in
-models/__init__.py.
+share), the rotation head, RotNet = trunk + head, and `build_model`, which makes one from a config.
 
     trunk = MODELS[cfg.model.arch](cfg.model, input_size)   # every trunk: (ModelConfig, square side)
     trunk.arch, trunk.width  registry name and width multiplier it was built with
@@ -18,9 +17,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import torch
 from torch import Tensor, nn
 
-from rotnet.config import ConfigError, ModelConfig
+from rotnet.checkpoint import CheckpointError
+from rotnet.config import Config, ConfigError, ModelConfig
 
 
 def scale_channels(channels: int, width: float) -> int:
@@ -120,3 +121,37 @@ class RotNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.trunk(x))
+
+
+# model.arch -> trunk class, built as cls(cfg.model, input_size): x (B, 3, S, S) -> (B, out_dim).
+# Each trunk module adds itself (`register`), as torchvision's models do, so that `build_model` can sit
+# beside RotNet: models/__init__.py imports every trunk module. model.arch's choices (rotnet/config.py)
+# name the same keys; a test holds the two together.
+MODELS: dict[str, type[Trunk]] = {}
+
+
+def register(*archs: str):
+    """Class decorator: MODELS[arch] = the trunk class, for each of `archs`."""
+    def add(cls: type[Trunk]) -> type[Trunk]:
+        for arch in archs:
+            MODELS[arch] = cls
+        return cls
+    return add
+
+
+def build_model(cfg: Config, seed: int, state: dict | None = None, source: str = "checkpoint") -> RotNet:
+    """The RotNet `cfg` describes, initialised under manual_seed(seed) (same on every rank). state: a
+    checkpoint's 'model', loaded strictly; CheckpointError naming `source` when it does not fit."""
+    torch.manual_seed(seed)
+    trunk = MODELS[cfg.model.arch](cfg.model, cfg.data.crop_size)
+    net = RotNet(trunk, RotationHead(trunk.out_dim, len(cfg.data.rotations)))
+    if state is not None:
+        want = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+        wrong = sorted(k for k in want.keys() | state.keys()
+                       if k not in want or k not in state or tuple(state[k].shape) != want[k])
+        if wrong:
+            raise CheckpointError(f"{source}: weights do not match its config (model.arch={cfg.model.arch}, "
+                                  f"width={cfg.model.width}, data.crop_size={cfg.data.crop_size}) at "
+                                  f"{len(wrong)} keys, e.g. {wrong[:3]}")
+        net.load_state_dict(state, strict=True)
+    return net
