@@ -114,7 +114,8 @@ def format_problem(head: bytes) -> str:
         return ""
     if head.startswith(b"GIF8"):
         return "a GIF, which DALI's decoder (training's) cannot read: convert it to JPEG or PNG"
-    return f"not an image format DALI reads (it starts with {head[:8]!r})"
+    return (f"not an image format training reads (JPEG, PNG, BMP, TIFF, PNM, JPEG 2000, WebP); it starts "
+            f"with {head[:8]!r}")
 
 
 def jpeg_truncated(data: bytes) -> str:

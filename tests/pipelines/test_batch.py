@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipelines import batch_preparer, build_class_loader, build_rotation_loader, prepare_batch
-from pipelines.batch import jpeg_truncated, zero_size
+from pipelines.batch import format_problem, jpeg_truncated, zero_size
 from rotnet.cli import InputError
 from rotnet.config import load_config
 from tests.pipelines.images import (
@@ -195,3 +195,18 @@ def test_a_header_declaring_a_0_side_is_refused_by_rule(make, w, h, refused):
     why = zero_size(declaring(make(), w, h))
     assert bool(why) == refused and (not why or f"declares a {w}x{h} (width x height) image" in why)
     assert zero_size(declaring(jpeg(RGB), 0, 0)[:40]) == zero_size(encoded(RGB, "BMP")) == ""
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "BMP", "TIFF", "PPM", "WEBP", "JPEG2000"])
+def test_the_formats_training_reads_pass_the_format_rule(fmt):
+    assert format_problem(encoded(RGB, fmt)[:12]) == ""
+
+
+@pytest.mark.parametrize("head, why, advice", [
+    (b"", "empty (0-byte) file", ""),
+    (b"GIF89a\x01\x00", "a GIF", "convert it to JPEG or PNG"),
+    (b"<html><body>", "not an image format training reads", "JPEG, PNG, BMP, TIFF, PNM, JPEG 2000, WebP"),
+], ids=["empty", "gif", "html"])   # html: a saved error page named .JPEG
+def test_other_files_fail_the_format_rule_in_words_for_every_backend(head, why, advice):
+    """The message says what to do, not which backend happens to refuse the file."""
+    assert format_problem(head).startswith(why) and advice in format_problem(head)
