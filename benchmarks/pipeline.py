@@ -43,6 +43,7 @@ from benchmarks.report import append_block, machine  # noqa: E402
 from pipelines import build_rotation_loader, prepare_batch  # noqa: E402
 from rotnet.checkpoint import git_commit  # noqa: E402
 from rotnet.config import ConfigError, DataConfig, load_config  # noqa: E402
+from rotnet.distributed import DistInfo  # noqa: E402
 
 # every row normalises by the recipe's mean/std (rotnet.config: ImageNet's)
 IMAGENET_MEAN, IMAGENET_STD = tuple(DataConfig().mean), tuple(DataConfig().std)
@@ -124,8 +125,8 @@ def rotnet_batches(args, backend: str, device: torch.device):
     cfg = load_config(None, [f"loader.backend={backend}", "data.recipe=imagenet",
                              f"data.crop_size={args.crop}", f"loader.num_threads={args.threads}",
                              f"loader.prefetch={args.prefetch}", *args.overrides])
-    loader = build_rotation_loader(cfg, args.data, batch_size=args.batch_size, rank=0, world_size=1,
-                                   local_rank=0, device=device, train=True, seed=0)
+    loader = build_rotation_loader(cfg, args.data, batch_size=args.batch_size, info=DistInfo(device=device),
+                                   train=True, seed=0)
     need = args.steps + args.warmup
     if len(loader) < need:
         raise SystemExit(f"{args.data}: {len(loader)} batches per epoch < {need} steps needed")

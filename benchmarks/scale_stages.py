@@ -43,6 +43,7 @@ from pipelines import build_rotation_loader  # noqa: E402
 from pipelines.batch import rank_indices  # noqa: E402
 from pipelines.listing import list_images, write_file_list  # noqa: E402
 from rotnet.config import load_config  # noqa: E402
+from rotnet.distributed import DistInfo  # noqa: E402
 
 CONFIG = os.path.join(REPO, "configs", "imagenet_alexnet.yaml")
 PROBE_ARCHS = ("alexnet", "resnet50")
@@ -102,9 +103,8 @@ def stage_loader(tree: str, s: dict, backend: str, world: str) -> dict:
     cfg = config(tree, s, backend)
     before = rss_mb()
     t0 = time.perf_counter()
-    loader = build_rotation_loader(cfg, os.path.join(tree, "train"), batch_size=s["batch"], rank=0,
-                                   world_size=int(world), local_rank=0, device=torch.device("cpu"),
-                                   train=True, seed=0)
+    loader = build_rotation_loader(cfg, os.path.join(tree, "train"), batch_size=s["batch"],
+                                   train=True, seed=0, info=DistInfo(world_size=int(world)))
     build_s = time.perf_counter() - t0
     built = rss_mb() - before
     images, _ = next(iter(loader))
@@ -128,9 +128,8 @@ def stage_state(tree: str, s: dict, backend: str) -> dict:
     from rotnet.checkpoint import atomic_save
 
     cfg = config(tree, s, backend)
-    loader = build_rotation_loader(cfg, os.path.join(tree, "train"), batch_size=s["batch"], rank=0,
-                                   world_size=64, local_rank=0, device=torch.device("cpu"), train=True,
-                                   seed=0)
+    loader = build_rotation_loader(cfg, os.path.join(tree, "train"), batch_size=s["batch"],
+                                   train=True, seed=0, info=DistInfo(world_size=64))
     next(iter(loader))
     state = loader.state_dict()
     buf = io.BytesIO()
@@ -200,7 +199,6 @@ def stage_knn(tree: str, s: dict) -> dict:
     from probes.knn import bank_bytes, knn_scores
     from probes.protocol import KnnProtocol
     from rotnet.config import Config, override
-    from rotnet.distributed import DistInfo
 
     n = 1_281_167
     out: dict = {}
@@ -262,8 +260,7 @@ def stage_leak(tree: str, s: dict, backend: str) -> dict:
     with tempfile.TemporaryDirectory(dir=s["work"]) as tmp:
         file_list, _ = seeded_subset(train, s["leak_images"], tmp)   # the loader lists the subset itself
         cfg = config(tree, s, backend, (f"data.file_list={file_list}",))
-        loader = build_rotation_loader(cfg, train, batch_size=s["batch"], rank=0, world_size=1,
-                                       local_rank=0, device=torch.device("cpu"), train=True, seed=0)
+        loader = build_rotation_loader(cfg, train, batch_size=s["batch"], train=True, seed=0)
         mem = []
         for epoch in range(s["leak_epochs"]):
             loader.set_epoch(epoch)

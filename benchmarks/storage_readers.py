@@ -24,8 +24,7 @@ def rotnet_steps(args, split_dir: str, fmt: str, mode: str, info: dict):
                              f"data.crop_size={args.crop}", f"loader.num_threads={args.threads}",
                              f"loader.prefetch={args.prefetch}",
                              f"loader.reads_in_flight={args.reads_in_flight}"])
-    loader = build_rotation_loader(cfg, split_dir, batch_size=args.batch, rank=0, world_size=1,
-                                   local_rank=0, device="cpu", train=True, seed=0)
+    loader = build_rotation_loader(cfg, split_dir, batch_size=args.batch, train=True, seed=0)
     info["in_flight"] = cfg.loader.reads_in_flight
     if mode == "reader":   # one feed over the epochs, as the full pipeline's
         for batch in loader.read_only_batches(itertools.count()):

@@ -135,8 +135,8 @@ def run_case(name: str, config: str, root: str | None, args) -> list[dict]:
     loader, batch, build_s = None, None, float("nan")
     if root and (Path(root) / cfg.data.train_dir).is_dir():
         t = time.perf_counter()
-        loader = build_rotation_loader(cfg, str(Path(root) / cfg.data.train_dir), batch_size=n, rank=0,
-                                       world_size=1, local_rank=0, device=device, train=True, seed=0)
+        loader = build_rotation_loader(cfg, str(Path(root) / cfg.data.train_dir), batch_size=n,
+                                       info=DistInfo(device=device), train=True, seed=0)
         build_s = time.perf_counter() - t
         images, labels = next(iter(loader))
         batch = (images.clone(), labels.clone())   # loader buffers may be reused

@@ -1,7 +1,7 @@
 """Input pipelines for RotNet pretraining and probes: DALI or pure-torch backends.
 
-    loader = build_rotation_loader(cfg, split_dir, batch_size=N, rank=.., world_size=..,
-                                   local_rank=.., device=dev, train=True, seed=cfg.train.seed)
+    loader = build_rotation_loader(cfg, split_dir, batch_size=N, train=True, seed=cfg.train.seed,
+                                   info=info)      # info: this rank's DistInfo (default: one CPU process)
     loader, val_loader = rotation_loaders(cfg, info)   # a pretraining run's pair (train.build_run)
     train, val = class_loaders(p)     # a probe's pair; p: its protocol (probes/protocol.py)
     for images, labels in loader:                 # the contract: pipelines/batch.py
@@ -44,6 +44,7 @@ from pipelines.listing import (
     split_layout,
 )
 from rotnet.cli import InputError
+from rotnet.distributed import DistInfo
 
 __all__ = ["rotation_loaders", "class_loaders", "build_rotation_loader", "build_class_loader",
            "prepare_batch", "batch_preparer", "list_images", "BadImageError", "SplitLayoutError",
@@ -80,9 +81,9 @@ def _list(data, split_dir, mode):
     return (*list_images(split_dir, file_list, labelled=mode == "class", class_dir=_train_split(data)), None)
 
 
-def _build(cfg, split_dir, mode, *, batch_size, rank, world_size, local_rank, device, train, seed,
-           labels_per_class=0):
-    """The loader's LoaderSpec, built once, handed to the backend that `cfg.loader` selects."""
+def _build(cfg, split_dir, mode, info, *, batch_size, train, seed, labels_per_class=0):
+    """The loader's LoaderSpec, built once, handed to the backend that `cfg.loader` selects, on
+    `info`'s rank and device."""
     data, how = cfg.data, cfg.loader
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}")
@@ -92,10 +93,10 @@ def _build(cfg, split_dir, mode, *, batch_size, rank, world_size, local_rank, de
         keep = subset_per_class(labels, labels_per_class, derive_seed(seed, "subset"))
         paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
         shards = shards.subset(keep) if shards is not None else None
-    device = torch.device(device)
+    device = torch.device(info.device)
     spec = LoaderSpec(data=data, loader=how, mode=mode, rotations=tuple(data.rotations),
-                      batch_size=batch_size, rank=rank, world_size=world_size, local_rank=local_rank,
-                      device=device, train=train, seed=seed,
+                      batch_size=batch_size, rank=info.rank, world_size=info.world_size,
+                      local_rank=info.local_rank, device=device, train=train, seed=seed,
                       normalize=normalize_in_graph(how.normalize, device), split_dir=split_dir,
                       paths=PathTable(paths), labels=tuple(labels), classes=tuple(classes), shards=shards)
     if how.resident or resolve_backend(how.backend) == "torch":   # resident images: torch ops only
@@ -128,26 +129,20 @@ def class_labels_missing(data, split_dir: str) -> str:
     return "" if layout == CLASSES else str(layout_error(split_dir, layout))
 
 
-def build_rotation_loader(cfg, split_dir: str, *, batch_size: int, rank: int, world_size: int,
-                          local_rank: int, device: torch.device, train: bool, seed: int):
-    """Rotation-prediction batches: (K*N images, rotation labels); see the module docstring."""
-    return _build(cfg, split_dir, cfg.data.rotation_mode, batch_size=batch_size, rank=rank,
-                  world_size=world_size, local_rank=local_rank, device=device, train=train, seed=seed)
+def build_rotation_loader(cfg, split_dir: str, *, batch_size: int, train: bool, seed: int,
+                          info: DistInfo = DistInfo()):
+    """Rotation-prediction batches of `info`'s rank: (K*N images, rotation labels); see the module
+    docstring. batch_size: N original images per rank; train: the train recipe and a shuffled order."""
+    return _build(cfg, split_dir, cfg.data.rotation_mode, info, batch_size=batch_size, train=train,
+                  seed=seed)
 
 
-def build_class_loader(cfg, split_dir: str, *, batch_size: int, rank: int, world_size: int,
-                       local_rank: int, device: torch.device, train: bool, seed: int,
-                       labels_per_class: int = 0):
-    """Class-labelled batches of N crops (probes). labels_per_class=K>0: seeded K-per-class subset."""
-    return _build(cfg, split_dir, "class", batch_size=batch_size, rank=rank, world_size=world_size,
-                  local_rank=local_rank, device=device, train=train, seed=seed,
+def build_class_loader(cfg, split_dir: str, *, batch_size: int, train: bool, seed: int,
+                       info: DistInfo = DistInfo(), labels_per_class: int = 0):
+    """Class-labelled batches of N crops of `info`'s rank (probes). labels_per_class=K>0: seeded
+    K-per-class subset."""
+    return _build(cfg, split_dir, "class", info, batch_size=batch_size, train=train, seed=seed,
                   labels_per_class=labels_per_class)
-
-
-def _per_rank(info, batch_size: int, seed: int) -> dict:
-    """The loader arguments that place it on `info`'s rank (rotnet.distributed.DistInfo)."""
-    return dict(batch_size=batch_size, rank=info.rank, world_size=info.world_size,
-                local_rank=info.local_rank, device=info.device, seed=seed)
 
 
 def rotation_loaders(cfg, info, val: bool = True):
@@ -155,7 +150,7 @@ def rotation_loaders(cfg, info, val: bool = True):
     optim.batch_size_per_gpu and train.seed: held-out batches only when `val`,
     train.eval_rotation_every asks for them and data.val_dir exists (a flat val/ will do)."""
     root = Path(cfg.data.root)
-    common = _per_rank(info, cfg.optim.batch_size_per_gpu, cfg.train.seed)
+    common = dict(batch_size=cfg.optim.batch_size_per_gpu, seed=cfg.train.seed, info=info)
     train = build_rotation_loader(cfg, str(root / cfg.data.train_dir), train=True, **common)
     if not (val and cfg.train.eval_rotation_every and (root / cfg.data.val_dir).is_dir()):
         return train, None
@@ -169,7 +164,7 @@ def class_loaders(p, *, augment: bool = True, val_per_class: int = 0):
     eval recipe (a kNN bank); val_per_class K > 0: a seeded K-per-class val subset."""
     cfg = p.cfg
     root, d = Path(cfg.data.root), cfg.data
-    common = _per_rank(p.info, p.batch_size, p.seed)
+    common = dict(batch_size=p.batch_size, seed=p.seed, info=p.info)
     train = build_class_loader(cfg, str(root / d.train_dir), train=augment,
                                labels_per_class=p.labels_per_class, **common)
     val = build_class_loader(cfg, str(root / d.val_dir), train=False, labels_per_class=val_per_class,

@@ -1,16 +1,16 @@
 """What a batch is: the contract every loader keeps, and the code that keeps it.
 
-    loader = build_rotation_loader(cfg, split_dir, batch_size=N, rank=.., world_size=..,
-                                   local_rank=.., device=dev, train=True, seed=cfg.train.seed)
+    loader = build_rotation_loader(cfg, split_dir, batch_size=N, train=True, seed=cfg.train.seed,
+                                   info=info)   # info: this rank's rotnet.distributed.DistInfo
     for images, labels in loader:
         x = prepare_batch(images, cfg.data, channels_last=True)
 
 Contract (every backend, every loader):
-  images  uint8 (B, H, W, C) on `device` -- normalise in the trainer with `prepare_batch`;
+  images  uint8 (B, H, W, C) on `info.device` -- normalise in the trainer with `prepare_batch`;
           or float16 (B, C, H, W) already normalised, in channels-last memory, when the loader
           normalises itself (device cuda and loader.normalize "auto"/"graph", or "graph"
           anywhere); `prepare_batch(.., dtype=)` casts it to the model's input dtype.
-  labels  int64 (B,) on `device`.
+  labels  int64 (B,) on `info.device`.
   rotation loader, mode "all": B = K*N (K = len(data.rotations), N = batch_size), sample-major:
           row K*i + r is original i rotated by data.rotations[r], label r.
           mode "one_random": K*N originals per step, one random rotation each, label = index.

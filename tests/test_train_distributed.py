@@ -197,13 +197,14 @@ def test_paired_data_gives_equal_bn_statistics(paired_data):
     """Precondition of the equivalence test, checked through the loaders train.py uses."""
     from pipelines import build_rotation_loader
     from rotnet.config import load_config
+    from rotnet.distributed import DistInfo
 
     cfg = load_config(REPO / "configs/sample.yaml", TINY + WHOLE)
     split = str(paired_data / "train")
 
     def loader(rank, world, batch):
-        return build_rotation_loader(cfg, split, batch_size=batch, rank=rank, world_size=world,
-                                     local_rank=rank, device=torch.device("cpu"), train=True, seed=0)
+        return build_rotation_loader(cfg, split, batch_size=batch, train=True, seed=0,
+                                     info=DistInfo(rank=rank, world_size=world, local_rank=rank))
 
     single, r0, r1 = loader(0, 1, 2 * N_PER_RANK), loader(0, 2, N_PER_RANK), loader(1, 2, N_PER_RANK)
     assert len(single) == len(r0) == len(r1) == STEPS

@@ -19,6 +19,7 @@ from benchmarks.imagenet_tree import (
 )
 from pipelines import build_class_loader, build_rotation_loader, list_images
 from pipelines.imagenet_val import main as convert
+from rotnet.distributed import DistInfo
 from tests.pipelines.images import cfg, make_folder
 
 SCALE = 0.01
@@ -73,8 +74,8 @@ def test_val_csv_through_imagenet_val_and_a_class_loader(tree, tmp_path):
     assert classes == names and len(paths) == 500
     assert all(truth[os.path.basename(p)] == lab for p, lab in zip(paths, labels))
     with pytest.warns(UserWarning, match="without images"):
-        loader = build_class_loader(cfg(backend="torch", num_threads=0), str(out), batch_size=8, rank=0,
-                                    world_size=1, local_rank=0, device="cpu", train=False, seed=0)
+        loader = build_class_loader(cfg(backend="torch", num_threads=0), str(out), batch_size=8,
+                                    train=False, seed=0)
     images, y = next(iter(loader))
     assert images.shape == (8, 32, 32, 3) and y.tolist() == labels[:8]
 
@@ -84,8 +85,8 @@ def test_rotation_loader_covers_the_split_on_two_ranks(tree, train):
     root, _ = tree
     split = os.path.join(root, "train")
     n = len(list_images(split)[0])
-    loaders = [build_rotation_loader(cfg(backend="torch", num_threads=0), split, batch_size=16, rank=r,
-                                     world_size=2, local_rank=0, device="cpu", train=train, seed=0)
+    loaders = [build_rotation_loader(cfg(backend="torch", num_threads=0), split, batch_size=16,
+                                     info=DistInfo(rank=r, world_size=2), train=train, seed=0)
                for r in (0, 1)]
     parts = [set(ld.sampler.indices()) for ld in loaders]
     assert not parts[0] & parts[1]

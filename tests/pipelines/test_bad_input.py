@@ -60,14 +60,12 @@ def make_cfg(kind, **kw):
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_odd_files_decode_to_rgb(tmp_path, kind, train):
     root = odd_split(tmp_path / "train")
-    lo = build_class_loader(make_cfg(kind), root, batch_size=6, rank=0, world_size=1, local_rank=0,
-                            device=CPU, train=train, seed=0)
+    lo = build_class_loader(make_cfg(kind), root, batch_size=6, train=train, seed=0)
     assert lo.num_samples == 6  # notes.txt skipped
     x, y = next(iter(lo))
     assert x.shape == (6, 32, 32, 3) and x.dtype == torch.uint8
     assert sorted(y.tolist()) == [0, 0, 0, 0, 0, 1]
-    rot = build_rotation_loader(make_cfg(kind), root, batch_size=6, rank=0, world_size=1, local_rank=0,
-                                device=CPU, train=train, seed=0)
+    rot = build_rotation_loader(make_cfg(kind), root, batch_size=6, train=train, seed=0)
     assert next(iter(rot))[0].shape == (24, 32, 32, 3)
 
 
@@ -100,8 +98,7 @@ def test_every_backend_decodes_bmp_tiff_pnm_and_16_bits_as_the_8_bit_png(tmp_pat
     with Image.open(c0 / "o.tif") as pal:
         cmap = (np.array(pal.tag_v2[320], np.int64).reshape(3, -1) * 255 + 32767) // 65535
         Image.fromarray(cmap[:, np.array(pal)].transpose(1, 2, 0).astype(np.uint8)).save(c0 / "p.png")
-    lo = build_class_loader(make_cfg(kind), str(tmp_path / "train"), batch_size=16, rank=0, world_size=1,
-                            local_rank=0, device=CPU, train=False, seed=0)
+    lo = build_class_loader(make_cfg(kind), str(tmp_path / "train"), batch_size=16, train=False, seed=0)
     (x, _), = list(lo)
     assert x.dtype == torch.uint8
     rows = dict(zip(sorted(os.listdir(c0)), x))    # eval loaders keep the listing's order
@@ -124,8 +121,7 @@ def test_every_backend_turns_an_image_upright_as_its_exif_says(tmp_path, kind, o
     exif[0x0112] = orientation
     (tmp_path / "train" / "c0").mkdir(parents=True)
     Image.fromarray(stored).save(tmp_path / "train" / "c0" / f"turned.{ext}", exif=exif.tobytes(), quality=95)
-    lo = build_class_loader(make_cfg(kind), str(tmp_path / "train"), batch_size=1, rank=0, world_size=1,
-                            local_rank=0, device=CPU, train=False, seed=0)
+    lo = build_class_loader(make_cfg(kind), str(tmp_path / "train"), batch_size=1, train=False, seed=0)
     (x, _), = list(lo)
     red = x[0, ..., 0].float()                                      # (32, 32): resized to 36, centre crop
     edges = {"top": red[:5], "bottom": red[-5:], "left": red[:, :5], "right": red[:, -5:]}
@@ -139,8 +135,7 @@ def test_non_image_file_is_named(tmp_path, kind):
     with open(os.path.join(root, "c0", "garbage.JPEG"), "wb") as f:
         f.write(b"<html>this is not a JPEG</html>" * 10)
     with pytest.raises(BadImageError, match=r"garbage\.JPEG(.|\n)*pipelines\.scan"):
-        lo = build_class_loader(make_cfg(kind), root, batch_size=7, rank=0, world_size=1, local_rank=0,
-                                device=CPU, train=False, seed=0)
+        lo = build_class_loader(make_cfg(kind), root, batch_size=7, train=False, seed=0)
         list(lo)
 
 
@@ -161,8 +156,7 @@ def test_every_backend_refuses_what_dali_refuses_naming_the_file(tmp_path, kind)
         save_jpeg(str(good), textured(rng, 40, 40))
         write(root / "c0" / name)
         with pytest.raises(BadImageError, match=re.escape(str(root / "c0" / name))) as e:
-            list(build_class_loader(make_cfg(kind), str(root), batch_size=2, rank=0, world_size=1,
-                                    local_rank=0, device=CPU, train=False, seed=0))
+            list(build_class_loader(make_cfg(kind), str(root), batch_size=2, train=False, seed=0))
         assert "\n" not in str(e.value), name
 
 @needs_dali
@@ -175,8 +169,8 @@ def test_dali_truncated_file_is_named(tmp_path):
     for train in (False, True):   # plain decode (val) and fused decode + random crop (train)
         # refused by the feed before DALI sees it (DALI's decoder can crash on it), the file named
         with pytest.raises(BadImageError, match=f"'{full}'.*Refused before decoding") as e:
-            list(build_rotation_loader(make_cfg(("dali", {"backend": "dali"})), root, batch_size=7, rank=0,
-                                       world_size=1, local_rank=0, device=CPU, train=train, seed=0))
+            list(build_rotation_loader(make_cfg(("dali", {"backend": "dali"})), root, batch_size=7,
+                                       train=train, seed=0))
         assert e.value.__cause__ is None and "\n" not in str(e.value)
 
 
@@ -189,7 +183,7 @@ def test_dali_zero_size_jpeg_alone_in_its_batch_is_named(tmp_path):
     with open(zero, "wb") as f:
         f.write(declaring(open(os.path.join(root, "c1", "0.JPEG"), "rb").read(), 0, 0))
     build = functools.partial(build_rotation_loader, make_cfg(("dali", {"backend": "dali"})), root,
-                              batch_size=1, rank=0, world_size=1, local_rank=0, device=CPU, seed=0)
+                              batch_size=1, seed=0)
     for train in (False, True):
         with pytest.raises(BadImageError, match=f"'{re.escape(zero)}'"):
             list(build(train=train))
@@ -217,8 +211,8 @@ def test_dali_file_refused_in_the_codec_s_own_words_is_named(tmp_path):
     for train in (False, True):   # plain decode (val) and fused decode + random crop (train)
         with pytest.raises(BadImageError, match=f"'{re.escape(tif)}': DALI cannot decode it "
                                                 r"\(Invalid sample_type: 8197\)") as e:
-            list(build_rotation_loader(make_cfg(("dali", {"backend": "dali"})), root, batch_size=6, rank=0,
-                                       world_size=1, local_rank=0, device=CPU, train=train, seed=0))
+            list(build_rotation_loader(make_cfg(("dali", {"backend": "dali"})), root, batch_size=6,
+                                       train=train, seed=0))
         assert "\n" not in str(e.value) and "DALI said: Invalid sample_type: 8197" in str(e.value)
 
 
@@ -239,8 +233,7 @@ def test_scan_finds_bad_files_and_loader_uses_its_list(tmp_path, capsys):
         if kind[0] == "dali" and not HAVE_DALI:
             continue
         d = make_cfg(kind, file_list=out)
-        lo = build_class_loader(d, root, batch_size=3, rank=0, world_size=1, local_rank=0, device=CPU,
-                                train=False, seed=0)
+        lo = build_class_loader(d, root, batch_size=3, train=False, seed=0)
         assert lo.num_samples == 6 and sum(len(y) for _, y in lo) == 6
 
 

@@ -11,6 +11,7 @@ from pipelines import batch_preparer, build_class_loader, build_rotation_loader,
 from pipelines.batch import format_problem, jpeg_truncated, zero_size
 from rotnet.cli import InputError
 from rotnet.config import load_config
+from rotnet.distributed import DistInfo
 from tests.pipelines.images import (
     FORMATS,
     KINDS,
@@ -55,8 +56,8 @@ def take(loader, epoch, n):
 def build(kind, split, seed=5, fmt="folder"):
     name, over = kind  # prefetch 2: the DALI checkpoint must follow what was consumed, not prefetched
     d = cfg(prefetch=2, num_threads=2, format=fmt, **over)
-    return build_rotation_loader(d, in_format(split, fmt), batch_size=2, rank=1, world_size=2, local_rank=0,
-                                 device=CPU, train=True, seed=seed)
+    return build_rotation_loader(d, in_format(split, fmt), batch_size=2, train=True, seed=seed,
+                                 info=DistInfo(rank=1, world_size=2))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -100,7 +101,7 @@ def test_labels_per_class_subset_deterministic_and_balanced(tmp_path, kind, fmt)
     d = cfg(format=fmt, **over)
 
     def labels(seed, rank):
-        lo = build_class_loader(d, root, batch_size=2, rank=rank, world_size=2, local_rank=0, device=CPU,
+        lo = build_class_loader(d, root, batch_size=2, info=DistInfo(rank=rank, world_size=2),
                                 train=False, seed=seed, labels_per_class=3)
         assert lo.num_samples == 9
         return [(int(v), x[i].float().mean().item()) for x, y in lo for i, v in enumerate(y)]
@@ -119,8 +120,7 @@ VARIANTS = [pytest.param(dict(backend="dali"), id="dali", marks=needs_dali),
 
 
 def first(split, over, **kw):
-    lo = build_rotation_loader(cfg(**over, **kw), split, batch_size=2, rank=0, world_size=1, local_rank=0,
-                               device=CPU, train=False, seed=0)
+    lo = build_rotation_loader(cfg(**over, **kw), split, batch_size=2, train=False, seed=0)
     return next(iter(lo))
 
 

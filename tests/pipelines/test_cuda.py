@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from pipelines import build_class_loader, build_rotation_loader, prepare_batch
+from rotnet.distributed import DistInfo
 from tests.pipelines.images import KINDS, cfg
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -14,16 +15,16 @@ GPU = torch.device("cuda", 0)
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_cuda_rotation_loader(square_split, kind, train):
     _, over = kind
-    exact = build_rotation_loader(cfg(normalize="trainer", **over), square_split, batch_size=3, rank=0,
-                                  world_size=1, local_rank=0, device=GPU, train=train, seed=0)
+    exact = build_rotation_loader(cfg(normalize="trainer", **over), square_split, batch_size=3,
+                                  info=DistInfo(device=GPU), train=train, seed=0)
     x, y = next(iter(exact))
     assert x.device.type == "cuda" and y.device.type == "cuda"
     assert x.dtype == torch.uint8 and x.shape == (12, 32, 32, 3) and y.tolist() == [0, 1, 2, 3] * 3
     for i in range(3):
         for r in range(4):
             assert torch.equal(x[4 * i + r], torch.rot90(x[4 * i], r, dims=(0, 1)))
-    normed = build_rotation_loader(cfg(**over), square_split, batch_size=3, rank=0, world_size=1,
-                                   local_rank=0, device=GPU, train=train, seed=0)
+    normed = build_rotation_loader(cfg(**over), square_split, batch_size=3, info=DistInfo(device=GPU),
+                                   train=train, seed=0)
     z, _ = next(iter(normed))  # normalize="auto" on cuda: float16 (B, C, H, W) from the loader
     assert z.dtype == torch.float16 and z.shape == (12, 3, 32, 32) and z.device.type == "cuda"
     assert prepare_batch(z, cfg().data, channels_last=True).is_contiguous(memory_format=torch.channels_last)
@@ -36,7 +37,7 @@ def test_cuda_rotation_loader(square_split, kind, train):
 @pytest.mark.parametrize("kind", KINDS)
 def test_cuda_class_loader(square_split, kind):
     _, over = kind
-    lo = build_class_loader(cfg(**over), square_split, batch_size=4, rank=0, world_size=1, local_rank=0,
-                            device=GPU, train=False, seed=0)
+    lo = build_class_loader(cfg(**over), square_split, batch_size=4, info=DistInfo(device=GPU), train=False,
+                            seed=0)
     labels = torch.cat([y for _, y in lo])
     assert labels.device.type == "cuda" and sorted(labels.tolist()) == [0] * 5 + [1] * 5 + [2] * 5

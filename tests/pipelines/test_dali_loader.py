@@ -14,6 +14,7 @@ import torch
 import pipelines.dali_loader
 from pipelines import BadImageError, build_class_loader, build_rotation_loader
 from rotnet.cli import InputError
+from rotnet.distributed import DistInfo
 from tests.pipelines.images import FORMATS, cfg, in_format, make_folder, needs_dali, save_jpeg, textured
 
 pytestmark = needs_dali
@@ -46,8 +47,7 @@ def test_non_decode_error_is_raised_as_is_without_a_scan(square_split, monkeypat
     monkeypatch.setattr(Pipeline, "run", fail)
     monkeypatch.setattr(pipelines.dali_loader, "dali_verdicts",
                         lambda *a: pytest.fail("decoded the files in flight"))
-    lo = build_rotation_loader(cfg(backend="dali"), square_split, batch_size=2, rank=0, world_size=1,
-                               local_rank=0, device=torch.device("cpu"), train=True, seed=0)
+    lo = build_rotation_loader(cfg(backend="dali"), square_split, batch_size=2, train=True, seed=0)
     with pytest.raises(RuntimeError) as info:
         next(iter(lo))
     assert not isinstance(info.value, BadImageError) and str(info.value) == message
@@ -62,8 +62,8 @@ def split(tmp_path_factory):
 
 
 def loader(root, fmt="folder", train=True, rank=0, **kw):
-    return build_rotation_loader(cfg(backend="dali", format=fmt, **kw), root, batch_size=3, rank=rank,
-                                 world_size=2, local_rank=0, device=CPU, train=train, seed=3)
+    return build_rotation_loader(cfg(backend="dali", format=fmt, **kw), root, batch_size=3,
+                                 info=DistInfo(rank=rank, world_size=2), train=train, seed=3)
 
 
 def slow_reads(monkeypatch):
@@ -157,8 +157,7 @@ def test_read_only_batches_are_the_samples_of_each_step(split, fmt):
 def test_a_failed_read_in_flight_is_named_in_one_line(tmp_path):
     """A file gone after listing, read ahead of its step: one line naming it, at the step it is in."""
     root = make_folder(tmp_path / "train", [4, 4])
-    lo = build_class_loader(cfg(backend="dali", reads_in_flight=16), root, batch_size=2, rank=0, world_size=1,
-                            local_rank=0, device=CPU, train=False, seed=0)
+    lo = build_class_loader(cfg(backend="dali", reads_in_flight=16), root, batch_size=2, train=False, seed=0)
     gone = lo.spec.paths[5]
     os.remove(gone)
     it = iter(lo)
@@ -171,8 +170,7 @@ def test_a_failed_read_in_flight_is_named_in_one_line(tmp_path):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_empty_and_unreadable_members_are_named(tmp_path, monkeypatch, fmt):
     root = in_format(make_folder(tmp_path / "train", [3, 3]), fmt)
-    lo = build_class_loader(cfg(backend="dali", format=fmt), root, batch_size=6, rank=0, world_size=1,
-                            local_rank=0, device=CPU, train=False, seed=0)
+    lo = build_class_loader(cfg(backend="dali", format=fmt), root, batch_size=6, train=False, seed=0)
     name = lo.spec.paths[4]
     if fmt == "folder":
         open(name, "wb").close()
@@ -195,8 +193,7 @@ def test_a_decode_failure_names_the_file_of_its_batch(tmp_path):
     data = open(bad, "rb").read()
     open(bad, "wb").write(data[:300] + b"\0" * 50)
     with pytest.raises(BadImageError) as e:
-        list(build_rotation_loader(cfg(backend="dali"), root, batch_size=4, rank=0, world_size=1,
-                                   local_rank=0, device=CPU, train=True, seed=0))
+        list(build_rotation_loader(cfg(backend="dali"), root, batch_size=4, train=True, seed=0))
     msg = str(e.value)
     assert re.findall(r"'[^']*\.JPEG'", msg) == [repr(bad)] and "\n" not in msg
 
@@ -207,8 +204,7 @@ def test_one_random_in_graph_resumes_and_reads_no_unused_labels(split):
     d = cfg(backend="dali", rotation_mode="one_random", dali_rotate_in_graph=True, prefetch=2)
 
     def build():
-        return build_rotation_loader(d, split, batch_size=1, rank=0, world_size=1, local_rank=0, device=CPU,
-                                     train=True, seed=1)
+        return build_rotation_loader(d, split, batch_size=1, train=True, seed=1)
 
     a = build()
     with warnings.catch_warnings():

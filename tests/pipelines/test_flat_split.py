@@ -18,7 +18,7 @@ from rotnet.cli import InputError
 from tests.pipelines.images import KINDS, cfg, make_folder, save_jpeg, textured
 
 CPU = torch.device("cpu")
-LOADER = dict(batch_size=2, rank=0, world_size=1, local_rank=0, device=CPU, seed=0)
+LOADER = dict(batch_size=2, seed=0)
 
 
 def make_flat(root, n, seed=1):

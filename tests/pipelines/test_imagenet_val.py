@@ -56,8 +56,7 @@ def one_line_error(capsys, *args, **kw) -> str:
 
 def loader_labels_by_image(d, split):
     """{val image index: class index} read through a torch class loader (eval recipe, in order)."""
-    lo = build_class_loader(d, split, batch_size=4, rank=0, world_size=1, local_rank=0,
-                            device=torch.device("cpu"), train=False, seed=0)
+    lo = build_class_loader(d, split, batch_size=4, train=False, seed=0)
     assert list(lo.classes) == TRAIN
     found = {}
     palette = torch.tensor([colour_of(k) for k in range(len(TRUTH))], dtype=torch.float32)

@@ -109,10 +109,8 @@ def test_prepare_batch_float_passthrough():
 def test_graph_normalisation_on_cpu(square_split, backend):
     """loader.normalize=graph: float16 (B, C, H, W) normalised by the loader, same values as prepare_batch."""
     kw = dict(backend=backend, rotations=[0, 180])
-    lo_u8 = pipelines.build_rotation_loader(cfg(**kw), square_split, batch_size=2, rank=0, world_size=1,
-                                            local_rank=0, device=torch.device("cpu"), train=False, seed=0)
-    lo_f16 = pipelines.build_rotation_loader(cfg(normalize="graph", **kw), square_split, batch_size=2, rank=0,
-                                             world_size=1, local_rank=0, device=torch.device("cpu"),
+    lo_u8 = pipelines.build_rotation_loader(cfg(**kw), square_split, batch_size=2, train=False, seed=0)
+    lo_f16 = pipelines.build_rotation_loader(cfg(normalize="graph", **kw), square_split, batch_size=2,
                                              train=False, seed=0)
     x8, y8 = next(iter(lo_u8))
     x16, y16 = next(iter(lo_f16))

@@ -23,6 +23,7 @@ from pipelines.pack_shards import main as shards_main
 from pipelines.pack_shards import pack, shard_complete
 from pipelines.sample_data import ensure_sample_data
 from rotnet.cli import InputError, UsageExit
+from rotnet.distributed import DistInfo
 from tests.pipelines.images import HAVE_DALI, KINDS, cfg, make_folder, needs_dali
 from tests.tiny_run import train_in_process
 
@@ -127,8 +128,8 @@ def test_shards_give_the_folder_images(sample, kind, world):
     def images(d, split, epochs):
         seen = []
         for rank in range(world):
-            lo = build_class_loader(d, str(split), batch_size=7, rank=rank, world_size=world, local_rank=0,
-                                    device=CPU, train=False, seed=0)
+            lo = build_class_loader(d, str(split), batch_size=7, info=DistInfo(rank=rank, world_size=world),
+                                    train=False, seed=0)
             assert lo.num_samples == 40 and lo.classes == sorted(os.listdir(root / "val"))
             for epoch in range(epochs):
                 lo.set_epoch(epoch)
@@ -144,7 +145,7 @@ def test_shards_give_the_folder_images(sample, kind, world):
 
 def test_state_of_another_format_is_refused(sample):
     root, shards = sample
-    kw = dict(batch_size=4, rank=0, world_size=1, local_rank=0, device=CPU, train=True, seed=0)
+    kw = dict(batch_size=4, train=True, seed=0)
     folder = build_rotation_loader(cfg(backend="torch"), str(root / "train"), **kw)
     packed = build_rotation_loader(cfg(backend="torch", format="shards"), str(shards / "train"), **kw)
     with pytest.raises(InputError, match="format='folder'"):
@@ -157,7 +158,7 @@ def test_file_list_with_shards_is_refused(sample):
     _, shards = sample
     with pytest.raises(InputError, match="data.file_list"):
         build_class_loader(cfg(format="shards", file_list="x.txt"), str(shards / "train"), batch_size=2,
-                           rank=0, world_size=1, local_rank=0, device=CPU, train=False, seed=0)
+                           train=False, seed=0)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -174,8 +175,8 @@ def test_bad_member_is_named(tmp_path, kind):
            if store.read(i).startswith(b"<html>") or store.read(i) == good[: len(good) // 2]}
     _, over = kind
     with pytest.raises(BadImageError, match="pipelines.pack_shards SPLIT_DIR --file-list") as e:
-        list(build_class_loader(cfg(format="shards", **over), str(tmp_path / "sh"), batch_size=8, rank=0,
-                                world_size=1, local_rank=0, device=CPU, train=False, seed=0))
+        list(build_class_loader(cfg(format="shards", **over), str(tmp_path / "sh"), batch_size=8,
+                                train=False, seed=0))
     named = set(re.findall(r"shard-\d{6}\.tar:\d{9}\.jpg", str(e.value)))
     assert len(bad) == 2 and named and named <= bad
     if kind[0] == "dali":
@@ -288,7 +289,7 @@ def test_cuda_shards_match_folder(sample):
     """GPU graph (mixed decode) fed from shards: the folder's labels, and the same crops as the folder's."""
     root, shards = sample
     gpu = torch.device("cuda", 0)
-    kw = dict(batch_size=8, rank=0, world_size=1, local_rank=0, device=gpu, train=False, seed=0)
+    kw = dict(batch_size=8, info=DistInfo(device=gpu), train=False, seed=0)
     a = build_class_loader(cfg(backend="dali", normalize="trainer"), str(root / "val"), **kw)
     b = build_class_loader(cfg(backend="dali", normalize="trainer", format="shards"), str(shards / "val"),
                            **kw)

@@ -35,7 +35,7 @@ def test_dali_eval_crops_equal_torch_recipe(tmp_path, recipe, size):
     out = {}
     for backend in ("dali", "torch"):
         lo = build_class_loader(cfg(backend=backend, recipe=recipe, resize_size=36), root, batch_size=4,
-                                rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), train=False,
+                                train=False,
                                 seed=0)
         out[backend] = next(iter(lo))[0].float()
     assert (out["dali"] - out["torch"]).abs().max() <= 1
@@ -66,8 +66,7 @@ def test_rotations_are_rot90_of_own_crop(square_split, variant, rotations, train
     if train and len(rotations) == 8 and variant[0] != "dali":
         pytest.skip("8-set covered once per recipe is enough")
     d = data_for(variant, rotations=rotations)
-    loader = build_rotation_loader(d, square_split, batch_size=3, rank=0, world_size=1, local_rank=0,
-                                   device=CPU, train=train, seed=1)
+    loader = build_rotation_loader(d, square_split, batch_size=3, train=train, seed=1)
     x, y = first_batch(loader)
     k, n = len(rotations), 3
     assert x.shape == (k * n, 32, 32, 3) and x.dtype == torch.uint8
@@ -91,10 +90,8 @@ def test_one_random_matches_class_crop(square_split, variant):
     """one_random: K*N originals per step; each output = its own crop rotated by rotations[label]."""
     rotations = [0, 90, 180, 270]
     d = data_for(variant, rotations=rotations, rotation_mode="one_random")
-    rot = build_rotation_loader(d, square_split, batch_size=2, rank=0, world_size=1, local_rank=0,
-                                device=CPU, train=False, seed=3)
-    cls = build_class_loader(data_for(variant), square_split, batch_size=8, rank=0, world_size=1,
-                             local_rank=0, device=CPU, train=False, seed=3)
+    rot = build_rotation_loader(d, square_split, batch_size=2, train=False, seed=3)
+    cls = build_class_loader(data_for(variant), square_split, batch_size=8, train=False, seed=3)
     x, y = first_batch(rot)
     plain, _ = first_batch(cls)
     assert x.shape == (8, 32, 32, 3) and y.shape == (8,)

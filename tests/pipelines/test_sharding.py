@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pipelines import build_class_loader, build_rotation_loader
+from rotnet.distributed import DistInfo
 from tests.pipelines.images import FORMATS, KINDS, cfg, identify, in_format, make_colour_folder, make_folder
 
 CPU = torch.device("cpu")
@@ -26,8 +27,8 @@ def colour_split(tmp_path_factory):
 def test_train_rotation_loader_two_ranks_cover_all_once(colour_split, kind, fmt):
     """24 files, 2 ranks, 4 originals per step: each epoch = a permutation of all files."""
     d = backend_cfg(kind, format=fmt)
-    loaders = [build_rotation_loader(d, in_format(colour_split, fmt), batch_size=4, rank=r, world_size=2,
-                                     local_rank=0, device=CPU, train=True, seed=7) for r in range(2)]
+    loaders = [build_rotation_loader(d, in_format(colour_split, fmt), batch_size=4, train=True, seed=7,
+                                     info=DistInfo(rank=r, world_size=2)) for r in range(2)]
     assert [len(lo) for lo in loaders] == [3, 3]
     assert all(lo.num_samples == 24 for lo in loaders)
     orders = []
@@ -52,8 +53,8 @@ def test_train_step_counts_equal_with_uneven_shards(tmp_path, kind, fmt):
     """9 files, 2 ranks (shards 4 and 5), batch 2: both ranks take 2 steps, no file twice."""
     root = in_format(make_colour_folder(tmp_path / "train", 9), fmt)
     d = backend_cfg(kind, format=fmt)
-    loaders = [build_rotation_loader(d, root, batch_size=2, rank=r, world_size=2, local_rank=0,
-                                     device=CPU, train=True, seed=0) for r in range(2)]
+    loaders = [build_rotation_loader(d, root, batch_size=2, train=True, seed=0,
+                                     info=DistInfo(rank=r, world_size=2)) for r in range(2)]
     assert [len(lo) for lo in loaders] == [2, 2]
     for epoch in range(2):
         seen = []
@@ -77,7 +78,7 @@ def test_validation_class_loader_counts_each_image_once(tmp_path, kind, n, batch
     d = backend_cfg(kind, format=fmt)
     seen = []
     for r in range(2):
-        lo = build_class_loader(d, root, batch_size=batch, rank=r, world_size=2, local_rank=0, device=CPU,
+        lo = build_class_loader(d, root, batch_size=batch, info=DistInfo(rank=r, world_size=2),
                                 train=False, seed=0)
         assert lo.num_samples == n and len(lo.classes) == n
         shard = n // 2 if r == 0 else n - n // 2

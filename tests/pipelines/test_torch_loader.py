@@ -25,7 +25,7 @@ def test_resident_images_make_the_streamed_batches(tmp_path, recipe, train, buil
     batches = [[], []]
     for resident, out in zip((False, True), batches):
         loader = build(cfg(backend="torch", resident=resident, num_threads=0, recipe=recipe), split,
-                       batch_size=2, rank=0, world_size=1, local_rank=0, device="cpu", train=train, seed=3)
+                       batch_size=2, train=train, seed=3)
         for epoch in (0, 1):
             loader.set_epoch(epoch)
             out.extend(loader)
@@ -36,10 +36,10 @@ def test_resident_images_make_the_streamed_batches(tmp_path, recipe, train, buil
 
 def test_workers_start_with_a_fixed_mmap_threshold(tmp_path):
     split = make_folder(tmp_path / "train", [4, 4])
-    with_workers = build_rotation_loader(cfg(backend="torch", num_threads=1), split, batch_size=2, rank=0,
-                                         world_size=1, local_rank=0, device="cpu", train=True, seed=0)
-    in_process = build_rotation_loader(cfg(backend="torch", num_threads=0), split, batch_size=2, rank=0,
-                                       world_size=1, local_rank=0, device="cpu", train=True, seed=0)
+    with_workers = build_rotation_loader(cfg(backend="torch", num_threads=1), split, batch_size=2, train=True,
+                                         seed=0)
+    in_process = build_rotation_loader(cfg(backend="torch", num_threads=0), split, batch_size=2, train=True,
+                                       seed=0)
     assert with_workers._loader.worker_init_fn is fix_mmap_threshold
     assert in_process._loader.worker_init_fn is None
 
@@ -64,7 +64,7 @@ def _worker_private_mb_per_epoch(root, epochs: int) -> list[float]:
     from benchmarks.scale_stages import tree_memory_mb
 
     loader = build_rotation_loader(cfg(backend="torch", num_threads=1, crop_size=224, resize_size=256), root,
-                                   batch_size=8, rank=0, world_size=1, local_rank=0, device="cpu", train=True,
+                                   batch_size=8, train=True,
                                    seed=0)
     private = []
     for epoch in range(epochs):
