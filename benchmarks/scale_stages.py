@@ -84,17 +84,18 @@ def stage_listing(tree: str, s: dict) -> dict:
 
 def stage_scan(tree: str, s: dict) -> dict:
     """`pipelines.scan`'s full-decode check on a seeded sample, one core (DALI's CPU decoder on one
-    thread where DALI is installed, as the scan does; else PIL): images/s per core."""
-    from pipelines.scan import check_image, dali_available, dali_reasons
+    thread where DALI is installed, as the scan does; else the torch backends'): images/s per core."""
+    from pipelines.recipe import image_problem
+    from pipelines.scan import dali_available, dali_reasons
 
     paths = list_images(os.path.join(tree, "train"), labelled=False)[0]
     sample = random.Random(0).sample(paths, min(s["scan_sample"], len(paths)))
     torch.set_num_threads(1)
     dali = dali_available()
     t0 = time.perf_counter()
-    bad = sum(map(bool, dali_reasons(sample, workers=1) if dali else [check_image(p) for p in sample]))
+    bad = sum(map(bool, dali_reasons(sample, workers=1) if dali else [image_problem(p) for p in sample]))
     rate = len(sample) / (time.perf_counter() - t0)
-    return {"decoder": "dali" if dali else "pil", "images": len(sample), "bad": bad, "per_core_img_s": rate,
+    return {"decoder": "dali" if dali else "torch", "images": len(sample), "bad": bad, "per_core_img_s": rate,
             "imagenet_16_cores_min": 1_281_167 / (rate * 16) / 60}
 
 

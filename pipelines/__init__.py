@@ -19,6 +19,7 @@ files and shards are read). Command-line tools: scan.py, pack_shards.py, imagene
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -31,7 +32,6 @@ from pipelines.batch import (
     derive_seed,
     normalize_in_graph,
     prepare_batch,
-    subset_per_class,
 )
 from pipelines.listing import (
     CLASSES,
@@ -106,6 +106,26 @@ def _build(cfg, split_dir, mode, info, *, batch_size, train, seed, labels_per_cl
     from pipelines.dali_loader import DaliLoader
 
     return DaliLoader(spec)
+
+
+def subset_per_class(labels: list[int], per_class: int, seed: int) -> list[int]:
+    """Indices of a seeded random subset of `per_class` images of every class, sorted. Deterministic in
+    (labels, per_class, seed) only, so every rank picks the same subset; a class with fewer images
+    contributes all of them (with a warning)."""
+    g = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, lab in enumerate(labels):
+        by_class.setdefault(lab, []).append(i)
+    chosen, short = [], []
+    for lab in sorted(by_class):
+        idx = by_class[lab]
+        perm = torch.randperm(len(idx), generator=g).tolist()
+        if len(idx) < per_class:
+            short.append(lab)
+        chosen.extend(idx[j] for j in perm[:per_class])
+    if short:
+        warnings.warn(f"labels_per_class={per_class}: classes {short[:10]} have fewer: all used")
+    return sorted(chosen)
 
 
 def _train_split(data) -> str:

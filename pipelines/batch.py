@@ -31,7 +31,7 @@ import functools
 import hashlib
 import math
 import os
-import warnings
+import zlib
 
 import numpy as np
 import torch
@@ -118,10 +118,13 @@ def format_problem(head: bytes) -> str:
             f"with {head[:8]!r}")
 
 
-def jpeg_truncated(data: bytes) -> str:
-    """Why a JPEG's bytes stop before its end-of-image marker (EOI after the last start-of-scan), else ''.
-    DALI's CPU decoder refuses such a file, but inside a batch it can also crash the process (a segfault
-    in about one batch of 50 here): the feed refuses it first. Bytes after EOI (camera trailers) pass."""
+def damaged(data: bytes) -> str:
+    """Why a JPEG's or PNG's bytes are damaged, else '': a JPEG with no end-of-image marker after its last
+    start-of-scan, a PNG cut before the end of its IEND chunk or with an IHDR, PLTE or IDAT chunk failing
+    its CRC. DALI refuses each, but in a batch it can crash on the first and fails on the second without
+    naming it; torchvision can crash on the third. Bytes after the end (camera trailers) pass."""
+    if data.startswith(_PNG):
+        return _png_damaged(data)
     if not data.startswith(b"\xff\xd8\xff"):
         return ""
     if data.endswith(b"\xff\xd9") and data.find(b"\xff\xda") >= 0:   # the usual case, found near the start
@@ -130,6 +133,26 @@ def jpeg_truncated(data: bytes) -> str:
     if sos < 0 or data.find(b"\xff\xd9", sos) < 0:
         return "a truncated JPEG (no end-of-image marker after its image data): copy it again or remove it"
     return ""
+
+
+_PNG = b"\x89PNG\r\n\x1a\n"
+_PNG_CHECKED = (b"IHDR", b"PLTE", b"IDAT")   # chunks whose CRC every decoder checks (IEND's: none)
+
+
+def _png_damaged(data: bytes) -> str:
+    """`damaged` for a PNG: its chunks (length, type, body, CRC) walked up to IEND."""
+    view, i = memoryview(data), len(_PNG)
+    while i + 12 <= len(data):
+        kind, end = bytes(view[i + 4:i + 8]), i + 12 + int.from_bytes(view[i:i + 4], "big")
+        if end > len(data):
+            break
+        crc = int.from_bytes(view[end - 4:end], "big")
+        if kind in _PNG_CHECKED and zlib.crc32(view[i + 4:end - 4]) != crc:
+            return f"a damaged PNG (its {kind.decode()} chunk fails its CRC): copy it again or remove it"
+        if kind == b"IEND":
+            return ""
+        i = end
+    return "a truncated PNG (it ends before its IEND chunk does): copy it again or remove it"
 
 
 # JPEG frame header markers (SOF0-3, 5-7, 9-11, 13-15: baseline, progressive, lossless, ...); C4, C8 and
@@ -170,8 +193,8 @@ def zero_size(data: bytes) -> str:
 
 def by_rule(data: bytes) -> str:
     """Why `data` (a file's bytes) is refused before any decoder sees it, else '': no format DALI reads,
-    a JPEG cut short (DALI can crash on it), a 0 width or height (DALI cannot say which file)."""
-    return format_problem(data[:12]) or jpeg_truncated(data) or zero_size(data)
+    a JPEG or PNG cut short or damaged (`damaged`), a 0 width or height (DALI cannot say which file)."""
+    return format_problem(data[:12]) or damaged(data) or zero_size(data)
 
 
 def samples_problem(im) -> str:
@@ -230,26 +253,6 @@ class PathTable:
 def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
     """[start, end) of shard `rank` of `n` items: DALI's formula (floor(n*r/W)), sizes differ by <= 1."""
     return n * rank // world_size, n * (rank + 1) // world_size
-
-
-def subset_per_class(labels: list[int], per_class: int, seed: int) -> list[int]:
-    """Indices of a seeded random subset of `per_class` images of every class, sorted. Deterministic in
-    (labels, per_class, seed) only, so every rank picks the same subset; a class with fewer images
-    contributes all of them (with a warning)."""
-    g = torch.Generator().manual_seed(seed)
-    by_class: dict[int, list[int]] = {}
-    for i, lab in enumerate(labels):
-        by_class.setdefault(lab, []).append(i)
-    chosen, short = [], []
-    for lab in sorted(by_class):
-        idx = by_class[lab]
-        perm = torch.randperm(len(idx), generator=g).tolist()
-        if len(idx) < per_class:
-            short.append(lab)
-        chosen.extend(idx[j] for j in perm[:per_class])
-    if short:
-        warnings.warn(f"labels_per_class={per_class}: classes {short[:10]} have fewer: all used")
-    return sorted(chosen)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from pipelines.batch import LoaderBase, LoaderSpec, by_rule, jpeg_truncated, rank_indices
+from pipelines.batch import LoaderBase, LoaderSpec, by_rule, damaged, rank_indices
 from pipelines.dali_graph import (
     CpuFinisher,
     decoder_said,
@@ -271,12 +271,12 @@ class Feed:
     def __call__(self, i: int):
         idx = self.indices(i)
         data = self.take(i)
-        # DALI's CPU decoder can crash the process on a JPEG cut short inside a batch: the step is
-        # refused before DALI sees it, with every bad file of the step named.
-        if any(jpeg_truncated(b) for b in data):
+        # Inside a batch DALI's decoder can crash the process on a JPEG cut short, and fails on a PNG cut
+        # short without naming it: the step is refused before DALI sees it, every bad file of it named.
+        if any(damaged(b) for b in data):
             bad = [(self.spec.paths[j], why) for j, b in zip(idx.tolist(), data) if (why := by_rule(b))]
-            raise BadImageError(name_bad_files(self.spec, bad, "Refused before decoding: a JPEG cut short "
-                                                               "can crash DALI."))
+            raise BadImageError(name_bad_files(self.spec, bad, "Refused before decoding: DALI can crash on "
+                                                               "such files, or fail without naming them."))
         self.recent.append(idx)
         return [np.frombuffer(b, dtype=np.uint8) for b in data], self.labels[idx].reshape(-1, 1)
 

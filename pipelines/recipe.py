@@ -16,6 +16,7 @@ import io
 import math
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -36,25 +37,44 @@ def decode_rgb(path: str, data: bytes | None = None) -> torch.Tensor:
     orientation says (as DALI's decoders turn it: here the orientation is the label). 16-bit samples are
     rounded to 8 bits as DALI's decoder rounds them. BadImageError also for the files DALI refuses (the
     scan's rules), so that every backend trains on the same files."""
-    try:
-        encoded = Path(path).read_bytes() if data is None else data
-        problem = by_rule(encoded)   # a GIF, a JPEG cut short, a 0 width or height
-        if not problem:
-            img, problem = _decode(encoded)
-    except Exception as e:  # torchvision and PIL raise RuntimeError / ValueError / OSError for bad data
-        raise BadImageError(f"bad image file {path!r}: {e}. {repair_advice(data is not None)}") from e
+    img, problem = _attempt(path, data)
     if problem:
         raise BadImageError(f"bad image file {path!r}: {problem}. {repair_advice(data is not None)}")
-    if img.dtype == torch.uint16:   # round(v * 255 / 65535), never a tie
-        return ((img.to(torch.int32) * 255 + 32767) // 65535).to(torch.uint8)
-    return img.contiguous()
+    return img
+
+
+def image_problem(path: str) -> str:
+    """'' when `decode_rgb` decodes the file `path`, else why not: the scan's verdict without DALI, where
+    training decodes with this file too."""
+    return _attempt(path, None)[1]
+
+
+def _attempt(path: str, data: bytes | None) -> tuple[torch.Tensor | None, str]:
+    """(uint8 (3, H, W), '') or (None, why the file is refused)."""
+    try:
+        encoded = Path(path).read_bytes() if data is None else data
+        problem = by_rule(encoded)   # a GIF, a JPEG or PNG cut short or damaged, a 0 width or height
+        img, problem = (None, problem) if problem else _decode(encoded)
+    except Exception as e:  # torchvision and PIL raise RuntimeError / ValueError / OSError for bad data
+        return None, f"{type(e).__name__}: {e}"
+    if img is not None and img.dtype == torch.uint16:   # round(v * 255 / 65535), never a tie
+        img = ((img.to(torch.int32) * 255 + 32767) // 65535).to(torch.uint8)
+    return (img if img is None else img.contiguous()), problem
 
 
 def _decode(encoded: bytes) -> tuple[torch.Tensor | None, str]:
     """(uint8 or uint16 (3, H, W), '') or (None, why DALI's decoder cannot decode it either)."""
     if encoded.startswith(_TORCHVISION_MAGIC):   # uint16 for a 16-bit PNG
         raw = torch.frombuffer(bytearray(encoded), dtype=torch.uint8)
-        return decode_image(raw, mode=ImageReadMode.RGB, apply_exif_orientation=True), ""
+        try:
+            return decode_image(raw, mode=ImageReadMode.RGB, apply_exif_orientation=True), ""
+        except RuntimeError:
+            # torchvision stops at corrupt JPEG data that libjpeg-turbo can read past; DALI's CPU decoder
+            # reads on, and OpenCV to the same pixels (tests/pipelines/test_recipe.py)
+            bgr = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR) if raw[0] == 0xFF else None
+            if bgr is None:
+                raise
+            return torch.from_numpy(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)).permute(2, 0, 1), ""
     with Image.open(io.BytesIO(encoded)) as opened:
         problem = samples_problem(opened)
         if problem:

@@ -3,10 +3,10 @@
 ROOT is a split (ROOT/CLASS/IMAGE, or flat ROOT/IMAGE) or a dataset root (ROOT/SPLIT/CLASS/IMAGE).
 Every image is checked the way training reads it: with DALI installed, decoded by DALI's CPU decoder to
 RGB, in batches (an external_source pipeline; a batch that fails is decoded again one file at a time,
-which names the bad ones, the decoder checked on a known-good JPEG); without DALI, decoded with PIL, and
-what PIL reads but DALI does not (a GIF, some TIFFs: `samples_problem`) is refused by rule.
-Empty files, files whose first bytes are no format DALI reads, JPEGs cut short (no end-of-image marker)
-and JPEGs or PNGs whose header declares a 0 width or height are refused before decoding. Bad ones are
+which names the bad ones, the decoder checked on a known-good JPEG); without DALI, decoded as the torch
+backends decode it (`pipelines.recipe.decode_rgb`), since training without DALI uses them. Either way
+the files DALI refuses are refused (`pipelines.batch.by_rule`: empty files, no format DALI reads, JPEGs
+and PNGs cut short or damaged, a 0 width or height, before decoding). Bad ones are
 printed, the good ones listed in --out for `data.file_list` (a flat split gets no list: no labels). Exit
 status 1 when bad files were found.
 """
@@ -22,7 +22,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 from pipelines import listing
-from pipelines.batch import by_rule, format_problem, samples_problem
+from pipelines.batch import by_rule
 from pipelines.listing import SplitLayoutError, class_folders, find_images, is_image_file, split_layout
 from rotnet.cli import ArgumentParser, InputError, one_line_errors
 
@@ -36,40 +36,6 @@ def dali_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def read_head(path: str) -> bytes | None:
-    """The first 12 bytes of `path`, None when it cannot be read."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(12)
-    except OSError:
-        return None
-
-
-def check_image(path) -> str:
-    """'' if `path` (a path or a binary file) is a format DALI reads and decodes completely to RGB
-    with PIL, else the reason: the scan without DALI."""
-    from PIL import Image
-
-    if isinstance(path, str):
-        head = read_head(path)
-        if head is None:
-            return "cannot be read"
-    else:
-        head = path.read(12)
-        path.seek(0)
-    if format_problem(head):
-        return format_problem(head)
-    try:
-        with Image.open(path) as im:
-            im.verify()
-        with Image.open(path) as im:  # verify() leaves the image unusable: reopen to decode
-            im.load()
-            im.convert("RGB")
-            return samples_problem(im)
-    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
-        return f"{type(e).__name__}: {e}"
 
 
 def _dali_decoder(workers: int):
@@ -166,16 +132,18 @@ def dali_reasons(paths: list[str], workers: int) -> list[str]:
 def scan_split(split_dir: str, workers: int, decoder: str = "dali") -> tuple[list[str], list[int],
                                                                          list[tuple[str, str]], int]:
     """(good relative paths, their labels, [(bad path, reason)], non-image files skipped); `decoder`:
-    "dali" (DALI's CPU decoder) or "pil" (PIL, and the formats DALI cannot read refused by rule)."""
+    "dali" (DALI's CPU decoder) or "torch" (the torch backends' `decode_rgb`)."""
+    from pipelines.recipe import image_problem  # torchvision and OpenCV: imported when a scan runs
+
     paths, labels, _ = find_images(split_dir, labelled=False)   # a 0-byte file is reported, not refused
     skipped = sum(1 for dp, _, fs in os.walk(split_dir) for f in fs if not is_image_file(f))
     if decoder == "dali":
         reasons = dali_reasons(paths, workers)
     elif workers > 1:
         with ProcessPoolExecutor(workers) as ex:
-            reasons = list(ex.map(check_image, paths, chunksize=256))
+            reasons = list(ex.map(image_problem, paths, chunksize=256))
     else:
-        reasons = [check_image(p) for p in paths]
+        reasons = [image_problem(p) for p in paths]
     good, good_labels, bad = [], [], []
     for p, lab, why in zip(paths, labels, reasons):
         if why:
@@ -218,18 +186,20 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="file_lists/{split}.txt", help="file list to write, {split} -> split "
                     "name (default: file_lists/{split}.txt); then set data.file_list to this value")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                    help="decoding threads (DALI) or processes (PIL) (default: every CPU core)")
-    ap.add_argument("--decoder", choices=("auto", "dali", "pil"), default="auto",
-                    help="auto (default): DALI's CPU decoder when DALI is installed, else PIL with the "
-                         "formats DALI cannot read refused")
+                    help="decoding threads (DALI) or processes (torch) (default: every CPU core)")
+    ap.add_argument("--decoder", choices=("auto", "dali", "torch", "pil"), default="auto",
+                    help="auto (default): DALI's CPU decoder when DALI is installed, else torch: the torch "
+                         "backends' decoder, which trains without DALI (pil: its former name)")
     args = ap.parse_intermixed_args(argv)
     any_bad = False
     with one_line_errors(InputError):   # a missing ROOT, an ambiguous layout, an unwritable --out
-        decoder = args.decoder if args.decoder != "auto" else "dali" if dali_available() else "pil"
-        if decoder == "dali" and not dali_available():
-            raise InputError("--decoder dali: nvidia.dali cannot be imported (install it, or --decoder pil)")
+        auto = "dali" if dali_available() else "torch"
+        decoder = {"auto": auto, "pil": "torch"}.get(args.decoder, args.decoder)
+        if decoder == "dali" and auto != "dali":
+            raise InputError("--decoder dali: nvidia.dali does not import (install it, or --decoder torch)")
         print("decoding with " + ("DALI's CPU decoder, as training does" if decoder == "dali" else
-                                  "PIL (DALI not used); formats DALI cannot read are refused"), flush=True)
+                                  "the torch backends' decoder, as training without DALI does; files DALI "
+                                  "refuses are refused"), flush=True)
         todo = splits(os.path.abspath(args.root))   # every layout check before anything is written
         for split_dir in todo:
             name = os.path.basename(split_dir)

@@ -115,3 +115,22 @@ def int32_tiff(h: int = 40, w: int = 50) -> bytes:
     buf, values = io.BytesIO(), np.random.default_rng(0).integers(0, 2**31 - 1, (h, w))
     Image.fromarray(values.astype(np.int32)).save(buf, "TIFF")
     return buf.getvalue()
+
+
+def png_chunk_flipped(data: bytes, kind: bytes) -> bytes:
+    """`data` (a PNG) with one byte of its first `kind` chunk's body flipped: its CRC no longer matches."""
+    at = data.index(kind) + 4
+    return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]
+
+
+def png_with_chunk(data: bytes, kind: bytes, body: bytes, crc: int | None = None) -> bytes:
+    """`data` (a PNG) with a `kind` chunk inserted after IHDR, its CRC `crc` (default: the right one)."""
+    crc = zlib.crc32(kind + body) if crc is None else crc
+    return data[:33] + struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc) + data[33:]
+
+
+def corrupt_jpeg(data: bytes, at: int = 200) -> bytes:
+    """`data` (a baseline JPEG) with 8 bytes of its image data, `at` bytes into the scan, replaced by a
+    stray restart marker and Huffman-table start: libjpeg-turbo reads on with a warning, torchvision stops."""
+    i = data.index(b"\xff\xda") + at
+    return data[:i] + b"\xff\xd0\x00\x13\x77\xff\xc4\x01" + data[i + 8:]

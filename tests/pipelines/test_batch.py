@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipelines import batch_preparer, build_class_loader, build_rotation_loader, prepare_batch
-from pipelines.batch import format_problem, jpeg_truncated, zero_size
+from pipelines.batch import damaged, format_problem, zero_size
 from rotnet.cli import InputError
 from rotnet.config import load_config
 from rotnet.distributed import DistInfo
@@ -22,6 +22,8 @@ from tests.pipelines.images import (
     jpeg,
     make_folder,
     needs_dali,
+    png_chunk_flipped,
+    png_with_chunk,
 )
 
 CPU = torch.device("cpu")
@@ -173,12 +175,24 @@ RGB = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
     (lambda d: d, ""),                                             # ends with its marker
     (lambda d: d + b"camera trailer", ""),                         # bytes after the marker
     (lambda d: d[:d.index(b"\xff\xda")] + b"\xff\xd9", "a truncated JPEG"),   # no image data at all
-], ids=["cut", "whole", "trailer", "no-scan"])
-def test_a_jpeg_without_its_end_marker_is_refused_by_rule(make, why):
-    """DALI can crash on such a file in a batch, so it never reaches DALI; bytes after EOI are allowed."""
+    (lambda d: encoded(RGB, "PNG"), ""),
+    (lambda d: encoded(RGB, "PNG")[:-12], "a truncated PNG"),                  # no IEND: DALI's "#17"
+    (lambda d: encoded(RGB, "PNG")[:-2], "a truncated PNG"),                   # IEND cut: DALI refuses
+    (lambda d: encoded(RGB, "PNG")[:300], "a truncated PNG"),                  # inside IDAT
+    (lambda d: encoded(RGB, "PNG") + b"trailer", ""),
+    (lambda d: png_chunk_flipped(encoded(RGB, "PNG"), b"IDAT"), "a damaged PNG (its IDAT chunk"),
+    (lambda d: png_chunk_flipped(encoded(RGB, "PNG"), b"IHDR"), "a damaged PNG (its IHDR chunk"),
+    (lambda d: png_chunk_flipped(encoded(RGB, "PNG", "P"), b"PLTE"), "a damaged PNG (its PLTE chunk"),
+    (lambda d: png_chunk_flipped(encoded(RGB, "PNG"), b"IEND"), ""),          # no body: its CRC flipped
+    (lambda d: png_with_chunk(encoded(RGB, "PNG"), b"tEXt", b"a\x00b", crc=0), ""),   # DALI reads past
+], ids=["cut", "whole", "trailer", "no-scan", "png", "png-no-iend", "png-iend-cut", "png-cut", "png-trailer",
+        "png-idat-crc", "png-ihdr-crc", "png-plte-crc", "png-iend-crc", "png-text-crc"])
+def test_a_jpeg_or_png_cut_short_or_damaged_is_refused_by_rule(make, why):
+    """DALI can crash on a JPEG cut short in a batch and fails on a PNG cut short without naming it;
+    torchvision can crash on a damaged IDAT: such files reach no decoder. Bytes after the end pass, and so
+    do the CRCs no decoder checks (IEND's, a text chunk's)."""
     data = make(jpeg(RGB))
-    assert jpeg_truncated(data).startswith(why) and bool(jpeg_truncated(data)) == bool(why)
-    assert jpeg_truncated(encoded(RGB, "PNG")) == ""
+    assert damaged(data).startswith(why) and bool(damaged(data)) == bool(why)
 
 
 @pytest.mark.parametrize("make, w, h, refused", [

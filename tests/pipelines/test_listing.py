@@ -8,8 +8,7 @@ import torch
 
 import pipelines
 import pipelines.scan
-from pipelines import list_images, prepare_batch, resolve_backend
-from pipelines.batch import subset_per_class
+from pipelines import list_images, prepare_batch, resolve_backend, subset_per_class
 from pipelines.listing import read_file_list, resolve_file_list, write_file_list
 from rotnet.cli import InputError
 from rotnet.distributed import DistInfo

@@ -1,11 +1,24 @@
 """The reference recipe (pipelines/recipe.py): its CIFAR fast path, the DALI graph form of it, and
-pixel-exact rotations and label order of every backend/variant and rotation set against it."""
+pixel-exact rotations and label order of every backend/variant and rotation set against it; its decoder
+on damaged files, against DALI's."""
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pipelines import build_class_loader, build_rotation_loader
-from pipelines.recipe import crop_batch, rotate_hwc
-from tests.pipelines.images import cfg, make_folder, needs_dali
+from pipelines.recipe import crop_batch, decode_rgb, rotate_hwc
+from tests.pipelines.images import (
+    cfg,
+    corrupt_jpeg,
+    encoded,
+    make_folder,
+    needs_dali,
+    png_chunk_flipped,
+)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -107,3 +120,49 @@ def test_rotate_hwc_direction():
     img[0, 3] = 255
     assert rotate_hwc(img, 90)[0, 0, 0] == 255
     assert torch.equal(rotate_hwc(img, 270), torch.rot90(img, 3, (0, 1)))
+
+
+def dali_cpu_decode(data: bytes) -> np.ndarray | None:
+    """uint8 (H, W, 3) as DALI's CPU decoder (training's, off the GPU) decodes `data`; None if it fails."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1)
+    def graph():
+        return fn.decoders.image(fn.external_source(name="e", dtype=types.UINT8), device="cpu",
+                                 output_type=types.RGB)
+    pipe = graph()
+    pipe.build()
+    pipe.feed_input("e", [np.frombuffer(data, np.uint8)])
+    try:
+        return np.asarray(pipe.run()[0].at(0))
+    except RuntimeError:
+        return None
+
+
+@needs_dali
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK", "RGB-exif6"])
+@pytest.mark.parametrize("at", [60, 400])
+def test_a_jpeg_with_corrupt_data_decodes_as_dali_decodes_it(tmp_path, mode, at):
+    """torchvision stops at corrupt JPEG image data that DALI's decoder reads past (libjpeg-turbo warns):
+    decode_rgb reads on too, to DALI's pixels, turned as the EXIF orientation says."""
+    rgb = np.random.default_rng(3).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    extra = {"exif": exif.tobytes()} if mode == "RGB-exif6" else {}
+    data = corrupt_jpeg(encoded(rgb, "JPEG", mode[:4].rstrip("-"), quality=90, **extra), at=at)
+    (tmp_path / "x.JPEG").write_bytes(data)
+    want = dali_cpu_decode(data)
+    assert want is not None
+    assert np.array_equal(decode_rgb(str(tmp_path / "x.JPEG")).permute(1, 2, 0).numpy(), want)
+
+
+def test_a_png_whose_image_data_fails_its_crc_is_refused_not_decoded(tmp_path):
+    """torchvision's PNG decoder crashes the process (SIGSEGV) on a damaged image stream: the CRC rule
+    refuses the file first. In a child process, so that a crash fails this test, not the run."""
+    (tmp_path / "x.png").write_bytes(png_chunk_flipped(encoded(np.zeros((40, 50, 3), np.uint8) + 7, "PNG"),
+                                                       b"IDAT"))
+    code = ("import sys; from pipelines.recipe import image_problem; "
+            f"print(image_problem({str(tmp_path / 'x.png')!r}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("a damaged PNG (its IDAT chunk fails its CRC)")
+

@@ -1,16 +1,27 @@
 """pipelines.scan checks what training reads: every file it passes decodes in a DALI CPU pipeline
 as training decodes (readers.file -> decoders.image, RGB), every file it fails does not, on crafted
-files of each kind; without DALI (--decoder pil) the same verdicts, GIF refused by rule."""
+files of each kind; without DALI (--decoder torch) the same verdicts: the torch backends' decoder, GIF
+refused by rule."""
 import os
 
 import numpy as np
 import pytest
 
 from pipelines.scan import dali_reasons, main, scan_split
-from tests.pipelines.images import declaring, encoded, int32_tiff, jpeg, needs_dali
+from tests.pipelines.images import (
+    corrupt_jpeg,
+    declaring,
+    encoded,
+    int32_tiff,
+    jpeg,
+    needs_dali,
+    png_chunk_flipped,
+    png_with_chunk,
+)
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+PNG = encoded(RGB, "PNG")
 
 
 # name -> (bytes, whether training can decode it)
@@ -34,6 +45,12 @@ CRAFTED = {
     "pgm16.pgm": (b"P5\n50 40\n65535\n" + RNG.integers(0, 65535, (40, 50)).astype(">u2").tobytes(), True),
     "onebit.tif": (encoded(RGB, "TIFF", "1"), False),        # PIL leaves out BitsPerSample (1 by default)
     "palette.tif": (encoded(RGB, "TIFF", "P"), True),
+    "no_iend.png": (PNG[:-12], False),                       # alone, DALI fails with an internal error
+    "iend_cut.png": (PNG[:-2], False),                       # torchvision and PIL read both
+    "idat_crc.png": (png_chunk_flipped(PNG, b"IDAT"), False),   # torchvision can crash on it
+    "text_crc.png": (png_with_chunk(PNG, b"tEXt", b"note\x00hi", crc=0), True),   # PIL refused it
+    "trailer.png": (PNG + b"bytes after IEND", True),
+    "corrupt.JPEG": (corrupt_jpeg(jpeg(RGB), 100), True),   # torchvision and PIL refused it
 }
 
 
@@ -82,7 +99,7 @@ def test_the_dali_scan_passes_exactly_what_trains(crafted):
 
 
 def test_without_dali_the_same_verdicts_and_gif_refused_by_rule(crafted):
-    found = verdicts(crafted, "pil")
+    found = verdicts(crafted, "torch")
     assert {n for n, why in found.items() if not why} == {n for n, (_, ok) in CRAFTED.items() if ok}
     assert found["gif.JPEG"].startswith("a GIF, which DALI's decoder (training's) cannot read")
     assert found["int16.tif"].startswith("a TIFF of signed or 32-bit integer samples, which DALI's decoder")
@@ -182,9 +199,9 @@ def test_a_jpeg_declaring_0x0_is_named_in_one_line_and_the_scan_goes_on(tmp_path
 
 def test_the_scan_lists_what_trains_and_says_which_decoder(crafted, tmp_path, capsys):
     out = str(tmp_path / "list.txt")
-    assert main([crafted, "--out", out, "--workers", "1", "--decoder", "pil"]) == 1
+    assert main([crafted, "--out", out, "--workers", "1", "--decoder", "pil"]) == 1   # torch's former name
     printed = capsys.readouterr().out
-    assert printed.startswith("decoding with PIL (DALI not used); formats DALI cannot read are refused")
+    assert printed.startswith("decoding with the torch backends' decoder, as training without DALI does")
     assert f"BAD {os.path.join(crafted, 'c0', 'empty.JPEG')}: empty (0-byte) file" in printed
     listed = {line.split()[0] for line in open(out)}
     assert listed == {f"c0/{n}" for n, (_, ok) in CRAFTED.items() if ok}
@@ -196,5 +213,5 @@ def test_a_9000_by_7000_jpeg_passes_and_trains(tmp_path):
     big = np.kron(RNG.integers(0, 256, (90, 70, 3), dtype=np.uint8), np.ones((100, 100, 1), np.uint8))
     (tmp_path / "c0").mkdir()
     (tmp_path / "c0" / "big.JPEG").write_bytes(jpeg(np.ascontiguousarray(big.transpose(1, 0, 2))))
-    assert verdicts(str(tmp_path), "dali") == {"big.JPEG": ""} == verdicts(str(tmp_path), "pil")
+    assert verdicts(str(tmp_path), "dali") == {"big.JPEG": ""} == verdicts(str(tmp_path), "torch")
     assert trains(str(tmp_path / "c0" / "big.JPEG"))
