@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from pipelines.batch import LoaderBase, LoaderSpec, by_rule, damaged, rank_indices
+from pipelines.batch import LoaderBase, LoaderSpec, by_rule, rank_indices, truncated
 from pipelines.dali_graph import (
     CpuFinisher,
     decoder_said,
@@ -273,7 +273,7 @@ class Feed:
         data = self.take(i)
         # Inside a batch DALI's decoder can crash the process on a JPEG cut short, and fails on a PNG cut
         # short without naming it: the step is refused before DALI sees it, every bad file of it named.
-        if any(damaged(b) for b in data):
+        if any(truncated(b) for b in data):
             bad = [(self.spec.paths[j], why) for j, b in zip(idx.tolist(), data) if (why := by_rule(b))]
             raise BadImageError(name_bad_files(self.spec, bad, "Refused before decoding: DALI can crash on "
                                                                "such files, or fail without naming them."))

@@ -27,9 +27,10 @@ from torchvision.io import ImageReadMode, decode_image
 from pipelines.batch import by_rule, check_recipe, samples_problem
 from pipelines.listing import BadImageError
 
-# What torchvision decodes here, by the first bytes: JPEG and PNG. The rest that DALI and the scan read
-# goes through PIL: BMP, TIFF, PNM, JPEG 2000, and WebP, whose EXIF orientation torchvision ignores.
-_TORCHVISION_MAGIC = (b"\xff\xd8\xff", b"\x89PNG")
+# Decoders by the first bytes: torchvision for JPEG, OpenCV for PNG (torchvision's PNG decoder crashes
+# the process on damaged image data), PIL for the rest that DALI and the scan read: BMP, TIFF, PNM,
+# JPEG 2000, and WebP, whose EXIF orientation torchvision ignores.
+_JPEG, _PNG = b"\xff\xd8\xff", b"\x89PNG"
 
 
 def decode_rgb(path: str, data: bytes | None = None) -> torch.Tensor:
@@ -53,7 +54,7 @@ def _attempt(path: str, data: bytes | None) -> tuple[torch.Tensor | None, str]:
     """(uint8 (3, H, W), '') or (None, why the file is refused)."""
     try:
         encoded = Path(path).read_bytes() if data is None else data
-        problem = by_rule(encoded)   # a GIF, a JPEG or PNG cut short or damaged, a 0 width or height
+        problem = by_rule(encoded)   # a GIF, a JPEG or PNG cut short, a 0 width or height
         img, problem = (None, problem) if problem else _decode(encoded)
     except Exception as e:  # torchvision and PIL raise RuntimeError / ValueError / OSError for bad data
         return None, f"{type(e).__name__}: {e}"
@@ -64,17 +65,20 @@ def _attempt(path: str, data: bytes | None) -> tuple[torch.Tensor | None, str]:
 
 def _decode(encoded: bytes) -> tuple[torch.Tensor | None, str]:
     """(uint8 or uint16 (3, H, W), '') or (None, why DALI's decoder cannot decode it either)."""
-    if encoded.startswith(_TORCHVISION_MAGIC):   # uint16 for a 16-bit PNG
+    if encoded.startswith(_JPEG):
         raw = torch.frombuffer(bytearray(encoded), dtype=torch.uint8)
         try:
             return decode_image(raw, mode=ImageReadMode.RGB, apply_exif_orientation=True), ""
         except RuntimeError:
-            # torchvision stops at corrupt JPEG data that libjpeg-turbo can read past; DALI's CPU decoder
-            # reads on, and OpenCV to the same pixels (tests/pipelines/test_recipe.py)
-            bgr = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR) if raw[0] == 0xFF else None
-            if bgr is None:
+            # torchvision stops at corrupt image data that libjpeg-turbo can read past, as DALI's CPU
+            # decoder and OpenCV do, to the same pixels (tests/pipelines/test_recipe.py)
+            img = _opencv(encoded, cv2.IMREAD_COLOR)
+            if img is None:
                 raise
-            return torch.from_numpy(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)).permute(2, 0, 1), ""
+            return img, ""
+    if encoded.startswith(_PNG):   # OpenCV's verdicts and pixels are DALI's (uint16 for 16-bit samples)
+        img = _opencv(encoded, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
+        return (img, "") if img is not None else (None, "a PNG whose image data cannot be decoded")
     with Image.open(io.BytesIO(encoded)) as opened:
         problem = samples_problem(opened)
         if problem:
@@ -86,12 +90,18 @@ def _decode(encoded: bytes) -> tuple[torch.Tensor | None, str]:
         elif im.mode == "F":   # float TIFF samples, converted as DALI converts them: v x 255 rounded, clamped
             v = np.nan_to_num(np.array(im, dtype=np.float32), nan=0.0)
             pixels = np.clip(np.floor(v * np.float32(255) + np.float32(0.5)), 0, 255).astype(np.uint8)
-        elif im.mode.startswith("I;16") or im.mode == "I":   # 16-bit PNG, TIFF ("I;16") or PNM ("I"):
+        elif im.mode.startswith("I;16") or im.mode == "I":   # 16-bit TIFF ("I;16") or PNM ("I"):
             pixels = np.array(im, dtype=np.uint16)            # PIL's RGB would clip them at 255
         else:
             pixels = np.array(im.convert("RGB"))
     img = torch.from_numpy(pixels)
     return (img.expand(3, *img.shape) if img.ndim == 2 else img.permute(2, 0, 1)), ""
+
+
+def _opencv(encoded: bytes, flags: int) -> torch.Tensor | None:
+    """(3, H, W) RGB as OpenCV decodes `encoded` (EXIF orientation applied), None when it cannot."""
+    bgr = cv2.imdecode(np.frombuffer(encoded, np.uint8), flags)
+    return None if bgr is None else torch.from_numpy(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)).permute(2, 0, 1)
 
 
 def repair_advice(shards: bool) -> str:

@@ -134,3 +134,19 @@ def corrupt_jpeg(data: bytes, at: int = 200) -> bytes:
     stray restart marker and Huffman-table start: libjpeg-turbo reads on with a warning, torchvision stops."""
     i = data.index(b"\xff\xda") + at
     return data[:i] + b"\xff\xd0\x00\x13\x77\xff\xc4\x01" + data[i + 8:]
+
+
+def png_written(array: np.ndarray, filter_byte: int = 0) -> bytes:
+    """A PNG written by hand (PIL writes no 16-bit colour): uint8 or uint16 (H, W[, C]), C 1-4 -> grey,
+    grey+alpha, RGB, RGBA; every row's filter byte `filter_byte` (> 4: invalid, the CRCs still right)."""
+    a = array if array.ndim == 3 else array[..., None]
+    h, w, c = a.shape
+    depth = 16 if a.dtype == np.uint16 else 8
+    big_endian = a.astype(">u2" if depth == 16 else "u1")
+    rows = b"".join(bytes([filter_byte]) + big_endian[y].tobytes() for y in range(h))
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    color = {1: 0, 2: 4, 3: 2, 4: 6}[c]
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, color, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))

@@ -18,6 +18,8 @@ from tests.pipelines.images import (
     make_folder,
     needs_dali,
     png_chunk_flipped,
+    png_with_chunk,
+    png_written,
 )
 
 
@@ -156,13 +158,40 @@ def test_a_jpeg_with_corrupt_data_decodes_as_dali_decodes_it(tmp_path, mode, at)
     assert np.array_equal(decode_rgb(str(tmp_path / "x.JPEG")).permute(1, 2, 0).numpy(), want)
 
 
-def test_a_png_whose_image_data_fails_its_crc_is_refused_not_decoded(tmp_path):
-    """torchvision's PNG decoder crashes the process (SIGSEGV) on a damaged image stream: the CRC rule
-    refuses the file first. In a child process, so that a crash fails this test, not the run."""
-    (tmp_path / "x.png").write_bytes(png_chunk_flipped(encoded(np.zeros((40, 50, 3), np.uint8) + 7, "PNG"),
-                                                       b"IDAT"))
-    code = ("import sys; from pipelines.recipe import image_problem; "
-            f"print(image_problem({str(tmp_path / 'x.png')!r}))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and done.stdout.startswith("a damaged PNG (its IDAT chunk fails its CRC)")
+@needs_dali
+@pytest.mark.parametrize("variant", ["rgb", "rgba", "grey", "grey-alpha", "palette", "palette-trns", "1-bit",
+                                     "grey16", "rgb16", "rgba16", "exif6", "text-crc"])
+def test_a_png_decodes_as_dali_decodes_it(tmp_path, variant):
+    """PNGs go through OpenCV: DALI's pixels bit for bit, 16-bit samples rounded as DALI rounds them,
+    turned as an eXIf orientation says; a text chunk failing its CRC is skipped as DALI skips it."""
+    rng = np.random.default_rng(5)
+    rgb = rng.integers(0, 256, (30, 44, 3), dtype=np.uint8)
+    deep = rng.integers(0, 65536, (30, 44, 4), dtype=np.uint16)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = {"rgb": lambda: encoded(rgb, "PNG"), "rgba": lambda: png_written(np.dstack([rgb, rgb[..., :1]])),
+            "grey": lambda: encoded(rgb[..., 0], "PNG"), "grey-alpha": lambda: png_written(rgb[..., :2]),
+            "palette": lambda: encoded(rgb, "PNG", "P"),
+            "palette-trns": lambda: encoded(rgb, "PNG", "P", transparency=3),
+            "1-bit": lambda: encoded(rgb[..., 0], "PNG", "1"), "grey16": lambda: png_written(deep[..., 0]),
+            "rgb16": lambda: png_written(deep[..., :3]), "rgba16": lambda: png_written(deep),
+            "exif6": lambda: encoded(rgb, "PNG", exif=exif.tobytes()),
+            "text-crc": lambda: png_with_chunk(encoded(rgb, "PNG"), b"tEXt", b"note\x00hi", crc=0)}[variant]()
+    (tmp_path / "x.png").write_bytes(data)
+    want = dali_cpu_decode(data)
+    assert want is not None
+    assert np.array_equal(decode_rgb(str(tmp_path / "x.png")).permute(1, 2, 0).numpy(), want)
 
+
+@pytest.mark.parametrize("damage", ["idat-crc", "filter-byte"])
+def test_a_png_with_damaged_image_data_is_refused_not_a_crash(tmp_path, damage):
+    """torchvision's PNG decoder crashes the process (SIGSEGV) on damaged image data, whether the CRC
+    says so or not (an invalid row filter under right CRCs); the torch backends' decoder refuses such a
+    file in words. In a child process, so that a crash fails this test, not the test run."""
+    pixels = np.random.default_rng(6).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    data = (png_chunk_flipped(encoded(pixels, "PNG"), b"IDAT") if damage == "idat-crc"
+            else png_written(pixels, filter_byte=7))
+    (tmp_path / "x.png").write_bytes(data)
+    code = f"from pipelines.recipe import image_problem; print(image_problem({str(tmp_path / 'x.png')!r}))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("a PNG whose image data cannot be decoded")

@@ -47,7 +47,7 @@ CRAFTED = {
     "palette.tif": (encoded(RGB, "TIFF", "P"), True),
     "no_iend.png": (PNG[:-12], False),                       # alone, DALI fails with an internal error
     "iend_cut.png": (PNG[:-2], False),                       # torchvision and PIL read both
-    "idat_crc.png": (png_chunk_flipped(PNG, b"IDAT"), False),   # torchvision can crash on it
+    "idat_crc.png": (png_chunk_flipped(PNG, b"IDAT"), False),   # torchvision crashes on it, OpenCV refuses
     "text_crc.png": (png_with_chunk(PNG, b"tEXt", b"note\x00hi", crc=0), True),   # PIL refused it
     "trailer.png": (PNG + b"bytes after IEND", True),
     "corrupt.JPEG": (corrupt_jpeg(jpeg(RGB), 100), True),   # torchvision and PIL refused it
