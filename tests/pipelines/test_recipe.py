@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from pipelines import build_class_loader, build_rotation_loader
-from pipelines.recipe import crop_batch, decode_rgb, rotate_hwc
+from pipelines.recipe import crop_batch, decode_rgb, image_problem, rotate_hwc
 from tests.pipelines.images import (
     cfg,
     corrupt_jpeg,
@@ -20,6 +20,7 @@ from tests.pipelines.images import (
     png_chunk_flipped,
     png_with_chunk,
     png_written,
+    textured,
 )
 
 
@@ -156,6 +157,39 @@ def test_a_jpeg_with_corrupt_data_decodes_as_dali_decodes_it(tmp_path, mode, at)
     want = dali_cpu_decode(data)
     assert want is not None
     assert np.array_equal(decode_rgb(str(tmp_path / "x.JPEG")).permute(1, 2, 0).numpy(), want)
+
+
+@needs_dali
+def test_jpegs_damaged_at_random_get_dali_s_verdict_and_pixels(tmp_path):
+    """Seeded damage (bytes changed in the header or the image data, a block of data cut out, a stray
+    marker) to JPEGs:
+    decode_rgb refuses exactly the ones DALI's CPU decoder refuses, and gives DALI's pixels for the rest."""
+    rng = np.random.default_rng(11)
+    source = encoded(textured(rng, 72, 96), "JPEG", quality=90)
+    sos = source.index(b"\xff\xda")
+    refused = 0
+    for k in range(45):
+        b = bytearray(source)
+        if k % 3 == 0:
+            for _ in range(rng.integers(1, 6)):
+                b[int(rng.integers(sos + 10, len(b) - 2))] = int(rng.integers(0, 256))
+        elif k % 3 == 1:
+            for _ in range(rng.integers(1, 4)):
+                b[int(rng.integers(2, sos + 10))] = int(rng.integers(0, 256))
+        elif k % 4:
+            at = int(rng.integers(sos + 10, len(b) - 200))
+            del b[at:at + int(rng.integers(1, 200))]
+        else:   # a stray marker in the data: torchvision stops, DALI reads on
+            b = bytearray(corrupt_jpeg(source, at=int(rng.integers(20, len(b) - sos - 20))))
+        path = tmp_path / f"{k}.JPEG"
+        path.write_bytes(bytes(b))
+        want = dali_cpu_decode(bytes(b))
+        if want is None:
+            refused += 1
+            assert image_problem(str(path)), k
+        else:
+            assert np.array_equal(decode_rgb(str(path)).permute(1, 2, 0).numpy(), want), k
+    assert 0 < refused < 45   # both kinds of verdict were tried
 
 
 @needs_dali
