@@ -1,11 +1,12 @@
 """The GPU side of the contract (skipped without CUDA): outputs on the device, fp16 graph normalisation,
 mixed decode for DALI, exact rotations of device-resident images."""
+import numpy as np
 import pytest
 import torch
 
 from pipelines import build_class_loader, build_rotation_loader, prepare_batch
 from rotnet.distributed import DistInfo
-from tests.pipelines.images import KINDS, cfg
+from tests.pipelines.images import KINDS, cfg, corrupt_jpeg, encoded, textured
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 GPU = torch.device("cuda", 0)
@@ -41,3 +42,20 @@ def test_cuda_class_loader(square_split, kind):
                             seed=0)
     labels = torch.cat([y for _, y in lo])
     assert labels.device.type == "cuda" and sorted(labels.tolist()) == [0] * 5 + [1] * 5 + [2] * 5
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_loaders_read_a_jpeg_with_corrupt_data_as_the_cpu_decoders_do(tmp_path, kind):
+    """A JPEG whose image data is corrupt but decodable (DALI's CPU decoder and the torch backends read
+    on): the GPU loaders read it too (nvJPEG, or DALI's CPU fallback), so no backend refuses it alone."""
+    rng = np.random.default_rng(7)
+    c0 = tmp_path / "train" / "c0"
+    c0.mkdir(parents=True)
+    (c0 / "plain.JPEG").write_bytes(encoded(textured(rng, 48, 64), "JPEG"))
+    (c0 / "corrupt.JPEG").write_bytes(corrupt_jpeg(encoded(rng.integers(0, 256, (48, 64, 3), np.uint8),
+                                                           "JPEG"), at=100))
+    _, over = kind
+    lo = build_class_loader(cfg(**over), str(tmp_path / "train"), batch_size=2, info=DistInfo(device=GPU),
+                            train=False, seed=0)
+    (x, y), = list(lo)
+    assert x.shape[0] == 2 and y.tolist() == [0, 0]
