@@ -27,10 +27,12 @@ from torchvision.io import ImageReadMode, decode_image
 from pipelines.batch import by_rule, check_recipe, samples_problem
 from pipelines.listing import BadImageError
 
-# Decoders by the first bytes: torchvision for JPEG, OpenCV for PNG (torchvision's PNG decoder crashes
-# the process on damaged image data), PIL for the rest that DALI and the scan read: BMP, TIFF, PNM,
-# JPEG 2000, and WebP, whose EXIF orientation torchvision ignores.
-_JPEG, _PNG = b"\xff\xd8\xff", b"\x89PNG"
+# Decoders by the first bytes: torchvision for JPEG; OpenCV for PNG (torchvision's PNG decoder crashes
+# the process on damaged image data) and PNM (PIL scales by a maxval other than 255 or 65535, DALI does
+# not); PIL for the rest that DALI and the scan read: BMP, TIFF, JPEG 2000, and WebP, whose EXIF
+# orientation torchvision ignores.
+_JPEG = b"\xff\xd8\xff"
+_OPENCV_FIRST = (b"\x89PNG", b"P1", b"P2", b"P3", b"P4", b"P5", b"P6")
 
 
 def decode_rgb(path: str, data: bytes | None = None) -> torch.Tensor:
@@ -64,21 +66,27 @@ def _attempt(path: str, data: bytes | None) -> tuple[torch.Tensor | None, str]:
 
 
 def _decode(encoded: bytes) -> tuple[torch.Tensor | None, str]:
-    """(uint8 or uint16 (3, H, W), '') or (None, why DALI's decoder cannot decode it either)."""
+    """(uint8 or uint16 (3, H, W), '') or (None, why DALI's decoder cannot decode it either). Where
+    torchvision or PIL stops at damaged data that DALI's CPU decoder reads on (libjpeg-turbo goes on;
+    for a TIFF DALI falls back to OpenCV), OpenCV decodes it, to DALI's pixels (test_recipe.py)."""
+    if encoded.startswith(_OPENCV_FIRST):   # OpenCV's verdicts and pixels are DALI's (uint16: 16-bit)
+        img = _opencv(encoded, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
+        kind = "PNG" if encoded[:1] == b"\x89" else "PNM"
+        return (img, "") if img is not None else (None, f"a {kind} whose image data cannot be decoded")
+    try:
+        return _codec(encoded)
+    except (RuntimeError, OSError, SyntaxError, ValueError):   # torchvision's and PIL's words for bad data
+        img = _opencv(encoded, cv2.IMREAD_COLOR)
+        if img is None:
+            raise
+        return img, ""
+
+
+def _codec(encoded: bytes) -> tuple[torch.Tensor | None, str]:
+    """`_decode` without the fallback: torchvision for a JPEG, PIL for the rest."""
     if encoded.startswith(_JPEG):
         raw = torch.frombuffer(bytearray(encoded), dtype=torch.uint8)
-        try:
-            return decode_image(raw, mode=ImageReadMode.RGB, apply_exif_orientation=True), ""
-        except RuntimeError:
-            # torchvision stops at corrupt image data that libjpeg-turbo can read past, as DALI's CPU
-            # decoder and OpenCV do, to the same pixels (tests/pipelines/test_recipe.py)
-            img = _opencv(encoded, cv2.IMREAD_COLOR)
-            if img is None:
-                raise
-            return img, ""
-    if encoded.startswith(_PNG):   # OpenCV's verdicts and pixels are DALI's (uint16 for 16-bit samples)
-        img = _opencv(encoded, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
-        return (img, "") if img is not None else (None, "a PNG whose image data cannot be decoded")
+        return decode_image(raw, mode=ImageReadMode.RGB, apply_exif_orientation=True), ""
     with Image.open(io.BytesIO(encoded)) as opened:
         problem = samples_problem(opened)
         if problem:
@@ -90,8 +98,8 @@ def _decode(encoded: bytes) -> tuple[torch.Tensor | None, str]:
         elif im.mode == "F":   # float TIFF samples, converted as DALI converts them: v x 255 rounded, clamped
             v = np.nan_to_num(np.array(im, dtype=np.float32), nan=0.0)
             pixels = np.clip(np.floor(v * np.float32(255) + np.float32(0.5)), 0, 255).astype(np.uint8)
-        elif im.mode.startswith("I;16") or im.mode == "I":   # 16-bit TIFF ("I;16") or PNM ("I"):
-            pixels = np.array(im, dtype=np.uint16)            # PIL's RGB would clip them at 255
+        elif im.mode.startswith("I;16"):   # 16-bit TIFF: PIL's RGB would clip the samples at 255
+            pixels = np.array(im, dtype=np.uint16)
         else:
             pixels = np.array(im.convert("RGB"))
     img = torch.from_numpy(pixels)

@@ -193,6 +193,63 @@ def test_jpegs_damaged_at_random_get_dali_s_verdict_and_pixels(tmp_path):
 
 
 @needs_dali
+@pytest.mark.parametrize("fmt", ["WEBP", "WEBP-lossless", "TIFF-lzw", "TIFF-jpeg", "BMP", "JPEG2000"])
+def test_other_formats_damaged_at_random_get_dali_s_verdict_and_pixels(tmp_path, fmt):
+    """Seeded damage (cut short, bytes changed, bytes added at the end; the first bytes too, but where a
+    TIFF keeps its tags there):
+    decode_rgb refuses what DALI's CPU decoder refuses and gives its pixels for the rest. Where PIL stops
+    at damaged data (an LZW TIFF) DALI falls back to OpenCV, and so does decode_rgb."""
+    rng = np.random.default_rng(21)
+    name, _, option = fmt.partition("-")
+    save = {"lossless": {"lossless": True}, "lzw": {"compression": "tiff_lzw"},
+            "jpeg": {"compression": "jpeg"}, "": {}}[option]
+    source = encoded(textured(rng, 48, 64), name, **save)
+    kinds = (0, 1, 3) if fmt == "TIFF-jpeg" else (0, 1, 2, 3)   # PIL reads TIFF tags that libtiff refuses
+    for k in range(16):
+        b, kind = bytearray(source), kinds[k % len(kinds)]
+        if kind == 0:
+            b = b[:int(rng.integers(len(b) // 4, len(b) - 1))]
+        elif kind == 1:
+            for _ in range(rng.integers(1, 6)):
+                b[int(rng.integers(len(b) // 3, len(b)))] = int(rng.integers(0, 256))
+        elif kind == 2:
+            for _ in range(rng.integers(1, 4)):
+                b[int(rng.integers(8, min(len(b), 200)))] = int(rng.integers(0, 256))
+        else:
+            b += bytes(rng.integers(0, 256, 50, dtype=np.uint8))
+        path = tmp_path / f"{k}.img"
+        path.write_bytes(bytes(b))
+        want = dali_cpu_decode(bytes(b))
+        if want is None:
+            assert image_problem(str(path)), k
+        else:
+            assert np.array_equal(decode_rgb(str(path)).permute(1, 2, 0).numpy(), want), k
+
+
+@needs_dali
+@pytest.mark.parametrize("magic, maxval", [("P6", 1), ("P6", 55), ("P6", 255), ("P6", 65535), ("P5", 55),
+                                           ("P5", 65535), ("P3", 55), ("P2", 1000), ("P1", 1), ("P4", 1)])
+def test_a_pnm_decodes_as_dali_decodes_it(tmp_path, magic, maxval):
+    """PNMs go through OpenCV: DALI's pixels, whatever the maxval (PIL scales binary samples by a maxval
+    other than 255 or 65535, DALI does not); a maxval between 256 and 65534 stays within 1 of DALI."""
+    rng = np.random.default_rng(8)
+    h, w, c = 6, 8, 3 if magic in ("P3", "P6") else 1
+    v = rng.integers(0, maxval + 1, (h, w, c))
+    head = f"{magic}\n{w} {h}\n" + (f"{maxval}\n" if magic not in ("P1", "P4") else "")
+    if magic in ("P1", "P2", "P3"):                                  # ASCII samples
+        body = " ".join(map(str, v.ravel())).encode()
+    elif magic == "P4":                                              # one bit a sample, rows padded
+        body = np.packbits(v[..., 0].astype(np.uint8), axis=1).tobytes()
+    else:
+        body = v.astype(">u2" if maxval > 255 else "u1").tobytes()
+    data = head.encode() + body + b"\n"
+    (tmp_path / "x.pnm").write_bytes(data)
+    want = dali_cpu_decode(data)
+    got = decode_rgb(str(tmp_path / "x.pnm")).permute(1, 2, 0).numpy()
+    assert got.shape == want.shape and np.abs(got.astype(int) - want).max() <= (255 < maxval < 65535)
+
+
+@needs_dali
 @pytest.mark.parametrize("variant", ["rgb", "rgba", "grey", "grey-alpha", "palette", "palette-trns", "1-bit",
                                      "grey16", "rgb16", "rgba16", "exif6", "text-crc"])
 def test_a_png_decodes_as_dali_decodes_it(tmp_path, variant):
