@@ -159,21 +159,8 @@ def zero_size(data: bytes) -> str:
     (a 0 height with a DNL marker is valid JPEG, but no decoder here reads it)."""
     if data.startswith(b"\x89PNG\r\n\x1a\n") and data[12:16] == b"IHDR":
         w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    elif data.startswith(b"\xff\xd8"):
-        i, w, h = 2, 1, 1
-        while i + 9 <= len(data) and data[i] == 0xFF:   # marker segments: FF, marker, 2-byte length
-            marker = data[i + 1]
-            if marker in _SOF:                          # FF Cn, length, precision, height, width
-                h, w = int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
-                break
-            if marker in (0xDA, 0xD9):                  # image data (or its end) before any frame header
-                break
-            if marker == 0xFF:                          # a fill byte
-                i += 1
-            elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # RSTn, TEM: no length
-                i += 2
-            else:
-                i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    elif data.startswith(b"\xff\xd8") and (sof := jpeg_frame(data)) >= 0:   # FF Cn, length, precision, h, w
+        h, w = int.from_bytes(data[sof + 5:sof + 7], "big"), int.from_bytes(data[sof + 7:sof + 9], "big")
     else:
         return ""
     if w and h:
@@ -181,6 +168,25 @@ def zero_size(data: bytes) -> str:
     kind = "PNG" if data[:1] == b"\x89" else "JPEG"
     return (f"a {kind} whose header declares a {w}x{h} (width x height) image, which DALI cannot decode: "
             "re-encode it from its source or remove it")
+
+
+def jpeg_frame(data: bytes) -> int:
+    """Where a JPEG's frame header (FF Cn, length, precision, height, width, components) starts, by a
+    walk over its marker segments; -1 when the image data (or the walk's end) comes first."""
+    i = 2
+    while i + 9 <= len(data) and data[i] == 0xFF:   # marker segments: FF, marker, 2-byte length
+        marker = data[i + 1]
+        if marker in _SOF:
+            return i
+        if marker in (0xDA, 0xD9):                  # image data (or its end) before any frame header
+            return -1
+        if marker == 0xFF:                          # a fill byte
+            i += 1
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # RSTn, TEM: no length
+            i += 2
+        else:
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return -1
 
 
 def by_rule(data: bytes) -> str:

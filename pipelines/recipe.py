@@ -24,7 +24,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_image
 
-from pipelines.batch import by_rule, check_recipe, samples_problem
+from pipelines.batch import by_rule, check_recipe, jpeg_frame, samples_problem
 from pipelines.listing import BadImageError
 
 # Decoders by the first bytes: torchvision for JPEG; OpenCV for PNG (torchvision's PNG decoder crashes
@@ -85,6 +85,8 @@ def _decode(encoded: bytes) -> tuple[torch.Tensor | None, str]:
 def _codec(encoded: bytes) -> tuple[torch.Tensor | None, str]:
     """`_decode` without the fallback: torchvision for a JPEG, PIL for the rest."""
     if encoded.startswith(_JPEG):
+        if _turned_cmyk(encoded) and (img := _opencv(encoded, cv2.IMREAD_COLOR)) is not None:
+            return img, ""
         raw = torch.frombuffer(bytearray(encoded), dtype=torch.uint8)
         return decode_image(raw, mode=ImageReadMode.RGB, apply_exif_orientation=True), ""
     with Image.open(io.BytesIO(encoded)) as opened:
@@ -104,6 +106,16 @@ def _codec(encoded: bytes) -> tuple[torch.Tensor | None, str]:
             pixels = np.array(im.convert("RGB"))
     img = torch.from_numpy(pixels)
     return (img.expand(3, *img.shape) if img.ndim == 2 else img.permute(2, 0, 1)), ""
+
+
+def _turned_cmyk(encoded: bytes) -> bool:
+    """A 4-component (CMYK) JPEG with an EXIF orientation other than 1: DALI's CPU decoder gives OpenCV's
+    pixels for it, and libjpeg-turbo's (torchvision's, 1 level off OpenCV's) for one it need not turn."""
+    sof = jpeg_frame(encoded)
+    if sof < 0 or len(encoded) <= sof + 9 or encoded[sof + 9] != 4:
+        return False
+    with Image.open(io.BytesIO(encoded)) as im:
+        return im.getexif().get(0x0112, 1) != 1
 
 
 def _opencv(encoded: bytes, flags: int) -> torch.Tensor | None:

@@ -143,6 +143,21 @@ def dali_cpu_decode(data: bytes) -> np.ndarray | None:
 
 
 @needs_dali
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+@pytest.mark.parametrize("orientation", [None, 1, 2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("progressive", [False, True], ids=["baseline", "progressive"])
+def test_a_jpeg_decodes_as_dali_decodes_it_turned_as_its_exif_says(mode, orientation, progressive):
+    """DALI's pixels bit for bit, for every EXIF orientation (the label depends on it). A turned CMYK
+    JPEG is the odd one: DALI gives OpenCV's pixels for it, 1 level off libjpeg-turbo's."""
+    rgb = textured(np.random.default_rng(3), 64, 96)
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    data = encoded(rgb, "JPEG", mode, quality=90, progressive=progressive, exif=exif.tobytes())
+    assert np.array_equal(decode_rgb("x.JPEG", data=data).permute(1, 2, 0).numpy(), dali_cpu_decode(data))
+
+
+@needs_dali
 @pytest.mark.parametrize("mode", ["RGB", "L", "CMYK", "RGB-exif6"])
 @pytest.mark.parametrize("at", [60, 400])
 def test_a_jpeg_with_corrupt_data_decodes_as_dali_decodes_it(tmp_path, mode, at):
