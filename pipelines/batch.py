@@ -18,11 +18,10 @@ Contract (every backend, every loader):
   len(loader) steps per epoch on this rank (equal on all ranks when train=True);
   .num_samples, .classes, .set_epoch(e), .state_dict(), .load_state_dict(s), .backend.
 
-Kept here, once for every backend: the files a batch may hold (`by_rule`: what DALI's decoder
-refuses), `LoaderSpec` (one loader's job), which samples a rank reads (`rank_indices`), every random
-stream's seed (`derive_seed`), `assemble` (a backend's raw batch -> the contract), `LoaderBase` (steps,
-epochs, resume state), `prepare_batch` and `batch_preparer` (the batch -> the model's input). A backend
-(pipelines/dali_loader.py, pipelines/torch_loader.py) only makes raw batches.
+Kept here, once for every backend: the files a batch may hold (`by_rule`: what DALI's decoder refuses),
+`LoaderSpec` (one loader's job), which samples a rank reads (`rank_indices`), every random stream's seed
+(`derive_seed`), `assemble` (raw batch -> the contract), `LoaderBase` (steps, epochs, resume state),
+`prepare_batch` and `batch_preparer` (the batch -> the model's input). A backend only makes raw batches.
 """
 from __future__ import annotations
 
@@ -189,23 +188,25 @@ def jpeg_frame(data: bytes) -> int:
     return -1
 
 
+def webp_misread(data: bytes) -> str:
+    """Why DALI's WebP parser misreads a well-formed WebP, else '': an EXIF chunk after a lossless image
+    chunk (VP8L) of odd length, which RIFF pads by a byte. DALI fails on it with an internal error."""
+    if data[:4] != b"RIFF" or data[8:16] != b"WEBPVP8X":
+        return ""
+    i, odd_image = 12, False
+    while i + 8 <= len(data):
+        kind, n = data[i:i + 4], int.from_bytes(data[i + 4:i + 8], "little")
+        if kind == b"EXIF" and odd_image:
+            return "a lossless WebP that DALI misreads (EXIF after an odd-length image): save it as PNG"
+        odd_image |= kind == b"VP8L" and n % 2 == 1
+        i += 8 + n + n % 2
+    return ""
+
+
 def by_rule(data: bytes) -> str:
     """Why `data` (a file's bytes) is refused before any decoder sees it, else '': no format DALI reads,
-    a JPEG or PNG cut short (`truncated`), a 0 width or height (DALI cannot say which file)."""
-    return format_problem(data[:12]) or truncated(data) or zero_size(data)
-
-
-def samples_problem(im) -> str:
-    """Why DALI's decoder cannot decode `im` (opened by PIL) although DALI reads its format, else '': a
-    TIFF of signed or 32-bit integer samples, which PIL opens as mode "I" (DALI: "Invalid sample_type"),
-    or one without a BitsPerSample tag (1-bit, as PIL writes it). 16-bit and float TIFFs decode in both."""
-    if im.format == "TIFF" and im.mode == "I":
-        return ("a TIFF of signed or 32-bit integer samples, which DALI's decoder (training's) cannot "
-                "decode: convert it to 8 or 16-bit unsigned")
-    if im.format == "TIFF" and 258 not in im.tag_v2:
-        return ("a TIFF without a BitsPerSample tag, which DALI's decoder (training's) cannot read: save "
-                "it again as PNG or JPEG")
-    return ""
+    a JPEG or PNG cut short, a 0 width or height (DALI cannot say which file), a WebP DALI misreads."""
+    return format_problem(data[:12]) or truncated(data) or zero_size(data) or webp_misread(data)
 
 
 class PathTable:

@@ -229,9 +229,11 @@ _CODESTREAM_STATUSES = ("3", "4", "13", "14", "19")
 _DECODE_FAILURE = re.compile(r"Failed to decode sample #|nvImageCodec failure: '#(?:"
                              + "|".join(_CODESTREAM_STATUSES) + ")'")
 _NOT_THE_FILE = re.compile(r"out of memory|CUDA error|cudaError|CUDA_ERROR", re.IGNORECASE)
-# nvImageCodec statuses a sample can cause: the code-stream ones, and 2 ("invalid parameter"), what
-# DALI says when every sample of a batch declares a 0 width or height, and what a bug says too.
-_SAMPLE_STATUSES = {"2", *_CODESTREAM_STATUSES}
+# nvImageCodec statuses a sample can cause: the code-stream ones; 2 ("invalid parameter"), what DALI
+# says when every sample of a batch declares a 0 width or height; 17 (an extension's internal error),
+# what its PNG and WebP parsers say on some files. A bug can say 2 or 17 too: only a sample that fails
+# alone is blamed, else the error is raised as it is.
+_SAMPLE_STATUSES = {"2", "17", *_CODESTREAM_STATUSES}
 
 
 def is_decode_failure(message: str) -> bool:

@@ -24,7 +24,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_image
 
-from pipelines.batch import by_rule, check_recipe, jpeg_frame, samples_problem
+from pipelines.batch import by_rule, check_recipe, jpeg_frame
 from pipelines.listing import BadImageError
 
 # Decoders by the first bytes: torchvision for JPEG; OpenCV for PNG (torchvision's PNG decoder crashes
@@ -106,6 +106,19 @@ def _codec(encoded: bytes) -> tuple[torch.Tensor | None, str]:
             pixels = np.array(im.convert("RGB"))
     img = torch.from_numpy(pixels)
     return (img.expand(3, *img.shape) if img.ndim == 2 else img.permute(2, 0, 1)), ""
+
+
+def samples_problem(im) -> str:
+    """Why DALI's decoder cannot decode `im` (opened by PIL) although DALI reads its format, else '': a
+    TIFF of signed or 32-bit integer samples, which PIL opens as mode "I" (DALI: "Invalid sample_type"),
+    or one without a BitsPerSample tag (1-bit, as PIL writes it). 16-bit and float TIFFs decode in both."""
+    if im.format == "TIFF" and im.mode == "I":
+        return ("a TIFF of signed or 32-bit integer samples, which DALI's decoder (training's) cannot "
+                "decode: convert it to 8 or 16-bit unsigned")
+    if im.format == "TIFF" and 258 not in im.tag_v2:
+        return ("a TIFF without a BitsPerSample tag, which DALI's decoder (training's) cannot read: save "
+                "it again as PNG or JPEG")
+    return ""
 
 
 def _turned_cmyk(encoded: bytes) -> bool:

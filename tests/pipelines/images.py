@@ -150,3 +150,24 @@ def png_written(array: np.ndarray, filter_byte: int = 0) -> bytes:
     color = {1: 0, 2: 4, 3: 2, 4: 6}[c]
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, color, 0, 0, 0))
             + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def lossless_webp(odd: bool, exif: bytes = b"", seed: int = 0) -> bytes:
+    """A lossless WebP whose image chunk (VP8L) has an odd (or even) length, with an EXIF chunk after it
+    if `exif`: DALI's parser misreads the odd one with EXIF (pipelines.batch.webp_misread)."""
+    rng = np.random.default_rng(seed)
+    while True:
+        buf = io.BytesIO()
+        meta = {"exif": exif} if exif else {}
+        Image.fromarray(textured(rng, 40, 48)).save(buf, "WEBP", lossless=True, **meta)
+        data = buf.getvalue()
+        at = data.index(b"VP8L")
+        if int.from_bytes(data[at + 4:at + 8], "little") % 2 == odd:
+            return data
+
+
+def exif_orientation(orientation: int) -> bytes:
+    """An EXIF block holding only an orientation tag, for PIL's save(exif=...)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif.tobytes()

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+import pipelines.batch
 from pipelines import BadImageError, build_class_loader, build_rotation_loader
 from pipelines.scan import main as scan_main
 from tests.pipelines.images import (
@@ -18,6 +19,7 @@ from tests.pipelines.images import (
     declaring,
     encoded,
     int32_tiff,
+    lossless_webp,
     make_folder,
     needs_dali,
     png_with_chunk,
@@ -146,15 +148,16 @@ def test_non_image_file_is_named(tmp_path, kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_backend_refuses_what_dali_refuses_naming_the_file(tmp_path, kind):
     """The files DALI refuses (a GIF named .JPEG, which torchvision reads; TIFFs of signed integer samples
-    or without BitsPerSample, which PIL reads; a JPEG or a PNG cut short, which torchvision reads) stop every
-    backend in one line naming
+    or without BitsPerSample, which PIL reads; a JPEG or a PNG cut short, which torchvision reads; a lossless
+    WebP DALI misreads, DALI's error an internal one that names no file) stop every backend in one line naming
     the file, so that no backend trains on a file another one refuses, and the scan's list suits them all."""
     rng = np.random.default_rng(3)
     bad = {"gif.JPEG": lambda p: Image.fromarray(textured(rng, 40, 40)).save(p, "GIF"),
            "int16.tif": lambda p: Image.fromarray(rng.integers(-999, 999, (40, 40)).astype(np.int16)).save(p),
            "cut.JPEG": lambda p: p.write_bytes(open(good, "rb").read()[:600]),
            "onebit.tif": lambda p: Image.fromarray(textured(rng, 40, 40)).convert("1").save(p),
-           "cut.png": lambda p: p.write_bytes(encoded(textured(rng, 40, 40), "PNG")[:-12])}   # no IEND
+           "cut.png": lambda p: p.write_bytes(encoded(textured(rng, 40, 40), "PNG")[:-12]),   # no IEND
+           "odd_exif.webp": lambda p: p.write_bytes(lossless_webp(True, Image.Exif().tobytes()))}
     for name, write in bad.items():
         root = tmp_path / name / "train"
         good = root / "c0" / "good.JPEG"
@@ -246,6 +249,23 @@ def test_dali_file_refused_in_the_codec_s_own_words_is_named(tmp_path):
             list(build_rotation_loader(make_cfg(("dali", {"backend": "dali"})), root, batch_size=6,
                                        train=train, seed=0))
         assert "\n" not in str(e.value) and "DALI said: Invalid sample_type: 8197" in str(e.value)
+
+
+@needs_dali
+def test_dali_internal_error_on_a_file_names_the_file(tmp_path, monkeypatch):
+    """nvImageCodec's internal-error status ("#17") names no file, and DALI's PNG and WebP parsers give it
+    on some files: the samples in flight are decoded alone and the one that fails is named in one line,
+    even a file that no rule refuses first (here the rule for it is switched off)."""
+    monkeypatch.setattr(pipelines.batch, "webp_misread", lambda data: "")
+    root = make_folder(tmp_path / "train", [3, 2], name="{i}.JPEG")
+    bad = os.path.join(root, "c1", "odd.webp")
+    with open(bad, "wb") as f:
+        f.write(lossless_webp(True, Image.Exif().tobytes()))
+    for train in (False, True):
+        with pytest.raises(BadImageError, match=f"'{re.escape(bad)}': DALI cannot decode it") as e:
+            list(build_rotation_loader(make_cfg(("dali", {"backend": "dali"})), root, batch_size=6,
+                                       train=train, seed=0))
+        assert "\n" not in str(e.value)
 
 
 def test_scan_finds_bad_files_and_loader_uses_its_list(tmp_path, capsys):

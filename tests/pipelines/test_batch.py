@@ -6,9 +6,10 @@ import io
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pipelines import batch_preparer, build_class_loader, build_rotation_loader, prepare_batch
-from pipelines.batch import format_problem, truncated, zero_size
+from pipelines.batch import by_rule, format_problem, truncated, webp_misread, zero_size
 from rotnet.cli import InputError
 from rotnet.config import load_config
 from rotnet.distributed import DistInfo
@@ -20,6 +21,7 @@ from tests.pipelines.images import (
     encoded,
     in_format,
     jpeg,
+    lossless_webp,
     make_folder,
     needs_dali,
     png_chunk_flipped,
@@ -218,3 +220,18 @@ def test_the_formats_training_reads_pass_the_format_rule(fmt):
 def test_other_files_fail_the_format_rule_in_words_for_every_backend(head, why, advice):
     """The message says what to do, not which backend happens to refuse the file."""
     assert format_problem(head).startswith(why) and advice in format_problem(head)
+
+
+@pytest.mark.parametrize("odd, meta, refused", [(True, "exif", True), (False, "exif", False),
+                                                (True, "xmp", False), (True, "", False)])
+def test_a_lossless_webp_dali_misreads_is_refused_by_rule(odd, meta, refused):
+    """DALI's WebP parser fails (an internal error, no file named) on an EXIF chunk after a lossless image
+    chunk of odd length; other lossless and lossy WebPs, with EXIF or XMP, it reads."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = lossless_webp(odd, exif.tobytes() if meta == "exif" else b"")
+    if meta == "xmp":
+        data = encoded(np.asarray(Image.open(io.BytesIO(data))), "WEBP", lossless=True, xmp=b"<x>hi</x>")
+    assert bool(webp_misread(data)) == refused and by_rule(data) == webp_misread(data)
+    assert webp_misread(encoded(RGB, "WEBP", quality=80, exif=exif.tobytes())) == ""
+

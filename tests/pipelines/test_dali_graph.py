@@ -72,6 +72,7 @@ def test_errors_that_may_be_a_file_are_told_from_the_device_s_and_the_codec_s():
     assert may_be_a_file(decoder + "Invalid sample_type: 8197\nCurrent pipeline object is no longer valid.")
     assert may_be_a_file(decoder + "nvImageCodec failure: '#2'")          # 0x0 samples (or a bug)
     assert may_be_a_file(decoder + "nvImageCodec failure: '#4'")
+    assert may_be_a_file(decoder + "nvImageCodec failure: '#17'")         # a PNG cut short (or a bug)
     assert not may_be_a_file(decoder + "nvImageCodec failure: '#10'")     # a codec's dependency missing
     assert not may_be_a_file(decoder + "nvImageCodec failure: '#5'")      # allocator failure
     assert not may_be_a_file(decoder + "CUDA error: out of memory")

@@ -12,8 +12,10 @@ from tests.pipelines.images import (
     corrupt_jpeg,
     declaring,
     encoded,
+    exif_orientation,
     int32_tiff,
     jpeg,
+    lossless_webp,
     needs_dali,
     png_chunk_flipped,
     png_with_chunk,
@@ -22,6 +24,7 @@ from tests.pipelines.images import (
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (40, 50, 3), dtype=np.uint8)
 PNG = encoded(RGB, "PNG")
+EXIF6 = exif_orientation(6)
 
 
 # name -> (bytes, whether training can decode it)
@@ -51,6 +54,8 @@ CRAFTED = {
     "text_crc.png": (png_with_chunk(PNG, b"tEXt", b"note\x00hi", crc=0), True),   # PIL refused it
     "trailer.png": (PNG + b"bytes after IEND", True),
     "corrupt.JPEG": (corrupt_jpeg(jpeg(RGB), 100), True),   # torchvision and PIL refused it
+    "odd_exif.webp": (lossless_webp(True, EXIF6), False),    # DALI's parser misreads it
+    "even_exif.webp": (lossless_webp(False, EXIF6), True),
 }
 
 
