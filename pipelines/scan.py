@@ -6,7 +6,7 @@ RGB, in batches (an external_source pipeline; a batch that fails is decoded agai
 which names the bad ones, the decoder checked on a known-good JPEG); without DALI, decoded as the torch
 backends decode it (`pipelines.recipe.decode_rgb`), since training without DALI uses them. Either way
 the files DALI refuses are refused (`pipelines.batch.by_rule`: empty files, no format DALI reads, JPEGs
-and PNGs cut short, a 0 width or height, before decoding). Bad ones are
+and PNGs cut short, a 0 width or height, a WebP DALI misreads, before decoding). Bad ones are
 printed, the good ones listed in --out for `data.file_list` (a flat split gets no list: no labels). Exit
 status 1 when bad files were found.
 """
