@@ -100,6 +100,12 @@ class TorchLoader(LoaderBase):
     def _decoded_batches(self):
         for batch in self._loader:
             if isinstance(batch, InputError):
+                # Stop the workers now: collected later (the error's traceback keeps the iterator),
+                # each one waits out DataLoader's 5 s join timeout.
+                workers = getattr(self._loader, "_iterator", None)
+                if workers is not None:
+                    workers._shutdown_workers()
+                    self._loader._iterator = None
                 raise batch
             yield batch
 

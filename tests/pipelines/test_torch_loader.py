@@ -2,6 +2,7 @@
 same batches; its DataLoader workers pin glibc's mmap threshold (else a worker's heap grows with every
 step of decoded ImageNet-sized images; benchmarks/scale.py's leak stage measures it)."""
 import ctypes
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines import build_class_loader, build_rotation_loader
+from pipelines import BadImageError, build_class_loader, build_rotation_loader
 from pipelines.torch_loader import fix_mmap_threshold
 from tests.pipelines.images import cfg, make_folder
 
@@ -42,6 +43,22 @@ def test_workers_start_with_a_fixed_mmap_threshold(tmp_path):
                                        seed=0)
     assert with_workers._loader.worker_init_fn is fix_mmap_threshold
     assert in_process._loader.worker_init_fn is None
+
+def test_a_bad_file_stops_the_workers_with_the_error(tmp_path):
+    """The workers stop when a bad file's error is raised: left to the garbage collector (the error's
+    traceback keeps the iterator), each one would wait out DataLoader's 5 s join timeout."""
+    root = make_folder(tmp_path / "train", [6, 6], name="{i}.JPEG")
+    (tmp_path / "train" / "c1" / "zz.JPEG").write_bytes(b"<html>not an image</html>")
+    before = set(multiprocessing.active_children())   # other tests' loaders may still hold workers
+    lo = build_class_loader(cfg(backend="torch", num_threads=2, resize_size=36), root, batch_size=2,
+                            train=False, seed=0)
+    with pytest.raises(BadImageError, match="zz.JPEG"):
+        list(lo)
+    assert set(multiprocessing.active_children()) <= before
+    lo.set_epoch(1)
+    with pytest.raises(BadImageError, match="zz.JPEG"):   # and the loader can be read again
+        list(lo)
+
 
 def test_fix_mmap_threshold_calls_mallopt(monkeypatch):
     calls = []
