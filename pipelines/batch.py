@@ -100,7 +100,8 @@ def derive_seed(seed: int, *parts) -> int:
 # ---------------------------------------------------------------- the files a batch may hold
 # What DALI's decoder refuses, every backend and the scan refuse by these rules: the same files everywhere.
 # The leading bytes of the formats DALI reads: JPEG, PNG, BMP, TIFF, PNM, JPEG 2000 (WebP: format_problem).
-_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*",
+_JPEG, _PNG = b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n"
+_MAGIC = (_JPEG, _PNG, b"BM", b"II*\x00", b"MM\x00*",
           b"P1", b"P2", b"P3", b"P4", b"P5", b"P6", b"\x00\x00\x00\x0cjP  ", b"\xff\x4f\xff\x51")
 
 
@@ -123,7 +124,7 @@ def truncated(data: bytes) -> str:
     them first. Bytes after the end (camera trailers) pass."""
     if data.startswith(_PNG):
         return _png_truncated(data)
-    if not data.startswith(b"\xff\xd8\xff"):
+    if not data.startswith(_JPEG):
         return ""
     if data.endswith(b"\xff\xd9") and data.find(b"\xff\xda") >= 0:   # the usual case, found near the start
         return ""
@@ -131,9 +132,6 @@ def truncated(data: bytes) -> str:
     if sos < 0 or data.find(b"\xff\xd9", sos) < 0:
         return "a truncated JPEG (no end-of-image marker after its image data): copy it again or remove it"
     return ""
-
-
-_PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def _png_truncated(data: bytes) -> str:
@@ -156,7 +154,7 @@ def zero_size(data: bytes) -> str:
     other formats, and headers this walk cannot follow: the decoder judges those). Alone in a batch, such
     a file makes DALI fail with "invalid parameter", as a bug (a wrong call) does, so the header names it
     (a 0 height with a DNL marker is valid JPEG, but no decoder here reads it)."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n") and data[12:16] == b"IHDR":
+    if data.startswith(_PNG) and data[12:16] == b"IHDR":
         w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     elif data.startswith(b"\xff\xd8") and (sof := jpeg_frame(data)) >= 0:   # FF Cn, length, precision, h, w
         h, w = int.from_bytes(data[sof + 5:sof + 7], "big"), int.from_bytes(data[sof + 7:sof + 9], "big")

@@ -60,9 +60,11 @@ def _attempt(path: str, data: bytes | None) -> tuple[torch.Tensor | None, str]:
         img, problem = (None, problem) if problem else _decode(encoded)
     except Exception as e:  # torchvision and PIL raise RuntimeError / ValueError / OSError for bad data
         return None, f"{type(e).__name__}: {e}"
-    if img is not None and img.dtype == torch.uint16:   # round(v * 255 / 65535), never a tie
+    if problem:
+        return None, problem
+    if img.dtype == torch.uint16:   # round(v * 255 / 65535), never a tie
         img = ((img.to(torch.int32) * 255 + 32767) // 65535).to(torch.uint8)
-    return (img if img is None else img.contiguous()), problem
+    return img.contiguous(), ""
 
 
 def _decode(encoded: bytes) -> tuple[torch.Tensor | None, str]:
