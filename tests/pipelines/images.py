@@ -67,9 +67,8 @@ def encoded(array: np.ndarray, fmt: str, mode: str | None = None, **save) -> byt
 def declaring(data: bytes, w: int, h: int) -> bytes:
     """`data` (a PIL-made PNG, or JPEG: baseline or progressive) with the size its header declares
     replaced by w x h; the image data is left as it is."""
-    if data.startswith(b"\x89PNG"):   # IHDR: length, type, width, height, 5 more bytes, a CRC of type + data
-        ihdr = b"IHDR" + struct.pack(">II", w, h) + data[24:29]
-        return data[:12] + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + data[33:]
+    if data.startswith(b"\x89PNG"):   # IHDR: width, height, 5 more bytes
+        return data[:8] + png_chunk(b"IHDR", struct.pack(">II", w, h) + data[24:29]) + data[33:]
     sof = data.index(b"\xff\xc2" if b"\xff\xc2" in data else b"\xff\xc0")   # FF Cn, length, precision, h, w
     return data[:sof + 5] + struct.pack(">HH", h, w) + data[sof + 9:]
 
@@ -123,10 +122,15 @@ def png_chunk_flipped(data: bytes, kind: bytes) -> bytes:
     return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]
 
 
+def png_chunk(kind: bytes, body: bytes, crc: int | None = None) -> bytes:
+    """One PNG chunk: length, type, body, CRC `crc` (default: the right one)."""
+    crc = zlib.crc32(kind + body) if crc is None else crc
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+
 def png_with_chunk(data: bytes, kind: bytes, body: bytes, crc: int | None = None) -> bytes:
     """`data` (a PNG) with a `kind` chunk inserted after IHDR, its CRC `crc` (default: the right one)."""
-    crc = zlib.crc32(kind + body) if crc is None else crc
-    return data[:33] + struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc) + data[33:]
+    return data[:33] + png_chunk(kind, body, crc) + data[33:]
 
 
 def corrupt_jpeg(data: bytes, at: int = 200) -> bytes:
@@ -144,12 +148,9 @@ def png_written(array: np.ndarray, filter_byte: int = 0) -> bytes:
     depth = 16 if a.dtype == np.uint16 else 8
     big_endian = a.astype(">u2" if depth == 16 else "u1")
     rows = b"".join(bytes([filter_byte]) + big_endian[y].tobytes() for y in range(h))
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
     color = {1: 0, 2: 4, 3: 2, 4: 6}[c]
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, color, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, color, 0, 0, 0))
+            + png_chunk(b"IDAT", zlib.compress(rows)) + png_chunk(b"IEND", b""))
 
 
 def lossless_webp(odd: bool, exif: bytes = b"", seed: int = 0) -> bytes:

@@ -126,16 +126,12 @@ def test_rotate_hwc_direction():
 
 
 def dali_cpu_decode(data: bytes) -> np.ndarray | None:
-    """uint8 (H, W, 3) as DALI's CPU decoder (training's, off the GPU) decodes `data`; None if it fails."""
-    from nvidia.dali import fn, pipeline_def, types
+    """uint8 (H, W, 3) as DALI's CPU decoder (training's, off the GPU) decodes `data`, in the scan's
+    pipeline; None if it fails."""
+    from pipelines.scan import _dali_decoder
 
-    @pipeline_def(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1)
-    def graph():
-        return fn.decoders.image(fn.external_source(name="e", dtype=types.UINT8), device="cpu",
-                                 output_type=types.RGB)
-    pipe = graph()
-    pipe.build()
-    pipe.feed_input("e", [np.frombuffer(data, np.uint8)])
+    pipe = _dali_decoder(workers=1)
+    pipe.feed_input("encoded", [np.frombuffer(data, np.uint8)])
     try:
         return np.asarray(pipe.run()[0].at(0))
     except RuntimeError:
