@@ -19,8 +19,7 @@ import time
 from pathlib import Path
 
 from models import build_model
-from pipelines import class_labels_missing
-from pipelines.sample_data import with_data_root
+from pipelines import class_labels_missing, with_data_root
 from probes.config_layering import DEFAULT_CONFIG, resolve_config
 from probes.engine import fit_probes
 from probes.heads import HEADS, parse_layers

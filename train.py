@@ -30,8 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import build_model
-from pipelines import batch_preparer, class_labels_missing, rotation_loaders
-from pipelines.sample_data import with_data_root
+from pipelines import batch_preparer, class_labels_missing, rotation_loaders, with_data_root
 from probes.knn import KnnMonitor
 from rotnet.atomic import DiskFullError
 from rotnet.checkpoint import check_compatible, find_checkpoint, git_commit, load_checkpoint, save_checkpoint

@@ -2,6 +2,7 @@
 
     loader = build_rotation_loader(cfg, split_dir, batch_size=N, train=True, seed=cfg.train.seed,
                                    info=info)      # info: this rank's DistInfo (default: one CPU process)
+    cfg = with_data_root(cfg, require=("train",))   # data.root "" -> the built-in sample set
     loader, val_loader = rotation_loaders(cfg, info)   # a pretraining run's pair (train.build_run)
     train, val = class_loaders(p)     # a probe's pair; p: its protocol (probes/protocol.py)
     for images, labels in loader:                 # the contract: pipelines/batch.py
@@ -44,11 +45,26 @@ from pipelines.listing import (
     split_layout,
 )
 from rotnet.cli import InputError
+from rotnet.config import Config, ConfigError, override
 from rotnet.distributed import DistInfo
 
-__all__ = ["rotation_loaders", "class_loaders", "build_rotation_loader", "build_class_loader",
-           "prepare_batch", "batch_preparer", "list_images", "BadImageError", "SplitLayoutError",
-           "resolve_backend", "class_labels_missing"]
+__all__ = ["with_data_root", "rotation_loaders", "class_loaders", "build_rotation_loader",
+           "build_class_loader", "prepare_batch", "batch_preparer", "list_images", "BadImageError",
+           "SplitLayoutError", "resolve_backend", "class_labels_missing"]
+
+
+def with_data_root(cfg: Config, require: tuple[str, ...] = ()) -> Config:
+    """cfg with data.root set (an empty one: the built-in sample set, `pipelines.sample_data`); ConfigError
+    if a `require`d split folder is missing, before anything is written."""
+    # imported here, as in resolve_backend: `python -m pipelines.sample_data` would warn otherwise
+    from pipelines.sample_data import ensure_sample_data
+
+    root = cfg.data.root or str(ensure_sample_data())
+    for split in require:
+        if not (Path(root) / split).is_dir():
+            raise ConfigError(f"data.root={root!r} has no {split}/ folder; set "
+                              "data.root=/path/to/dataset (ImageNet layout: SPLIT/CLASS/IMAGE.JPEG)")
+    return override(cfg, {"data.root": root})
 
 
 def resolve_backend(name: str) -> str:

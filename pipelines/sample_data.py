@@ -1,8 +1,10 @@
 """Built-in sample data: a small procedurally drawn image set in ImageNet folder layout.
 
-    root = ensure_sample_data(seed=0)   # ~/.cache/rotnet/sample-v2-seed0/{train,val}/n00000_house/*.JPEG
-    cfg = with_data_root(cfg, require=("train",))   # data.root "" -> the sample set (train.py, eval.py)
-    python -m pipelines.sample_data [--seed N] [--out CACHE_DIR]
+    root = ensure_sample_data()   # ~/.cache/rotnet/sample-v2-seed0/{train,val}/n00000_house/*.JPEG
+    python -m pipelines.sample_data [--seed N] [--out CACHE_DIR]   # prints the root: data.root=ROOT
+
+data.root "" is the seed-0 set (`pipelines.with_data_root`, for train.py and eval.py); another seed's
+set is an ordinary data.root.
 
 Procedural: the demo runs offline, every image has an unambiguous upright (see make_image), and
 the class is carried by SHAPE only (colours drawn per image), so a colour probe is at chance.
@@ -22,8 +24,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-
-from rotnet.config import Config, ConfigError, override
 
 FORMAT_VERSION = 2       # bump whenever the drawing changes
 CLASSES = ("house", "tree", "car", "person", "lamppost", "mountain", "tower", "boat", "fence", "table")
@@ -267,20 +267,11 @@ def ensure_sample_data(seed: int = 0, cache_dir: str | Path | None = None, *,
     return root
 
 
-def with_data_root(cfg: Config, require: tuple[str, ...] = ()) -> Config:
-    """cfg with data.root set (an empty one: the built-in sample data); ConfigError if a `require`d
-    split folder is missing, before anything is written."""
-    root = cfg.data.root or str(ensure_sample_data(seed=cfg.data.sample_seed))
-    for split in require:
-        if not (Path(root) / split).is_dir():
-            raise ConfigError(f"data.root={root!r} has no {split}/ folder; set "
-                              "data.root=/path/to/dataset (ImageNet layout: SPLIT/CLASS/IMAGE.JPEG)")
-    return override(cfg, {"data.root": root})
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="Create (or find) the built-in sample data set.")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="another seed draws another set of the same classes (data.root \"\" is seed 0); "
+                        "train on it with data.root=ROOT, the first line printed")
     p.add_argument("--out", default=None, help="cache dir (default $ROTNET_CACHE or ~/.cache/rotnet)")
     a, t0 = p.parse_args(argv), time.time()
     root = ensure_sample_data(a.seed, a.out)

@@ -43,7 +43,6 @@ class DataConfig:
     rotation_mode: Literal["all", "one_random"] = "all"   # one_random: one rotation of each crop
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    sample_seed: int = 0           # seed of the built-in sample data (when root is "")
 
     def __post_init__(self):
         # the values a type cannot say, checked wherever a DataConfig is made (a file, an override, code)
@@ -188,6 +187,8 @@ PITFALLS = {
     "train.epochs": "the number of epochs is optim.epochs (probes: probe.epochs)",
     "model.name": "the architecture is model.arch",
     "train.eval_rotation": "the held-out rotation pass is train.eval_rotation_every (N epochs; 0 = off)",
+    "data.sample_seed": "data.root \"\" is the sample set of seed 0; for another, set data.root to the "
+                        "folder that `python -m pipelines.sample_data --seed N` prints",
     **{f"data.{k}": f"data.{k} moved to loader.{k} (how data is loaded, not what it is)"
        for k in LOADER_KEYS},
 }
@@ -260,6 +261,8 @@ def migrate(raw: dict) -> dict:
         raw["loader"] = {**moved, **(raw.get("loader") or {})}
     if isinstance(train, dict) and train.pop("eval_rotation", True) is False:
         train["eval_rotation_every"] = 0
+    if isinstance(data, dict):   # stored with data.root already resolved, so the seed said nothing more
+        data.pop("sample_seed", None)
     return raw
 
 

@@ -120,16 +120,20 @@ def test_cli_prints_path_and_counts(tmp_path, monkeypatch, capsys):
 
 
 def test_an_empty_data_root_is_the_sample_set_and_a_missing_split_is_named(tmp_path, monkeypatch):
-    """with_data_root (train.py, eval.py): data.root "" -> the sample set of data.sample_seed in the
-    cache; a `require`d split missing -> ConfigError naming data.root and the split."""
+    """with_data_root (train.py, eval.py): data.root "" -> the seed-0 sample set in the cache; a
+    `require`d split missing -> ConfigError naming data.root and the split."""
+    from pipelines import with_data_root
     from rotnet.config import ConfigError, load_config
 
-    made = tmp_path / f"sample-v{sd.FORMAT_VERSION}-seed3"
+    made = tmp_path / f"sample-v{sd.FORMAT_VERSION}-seed0"
     (made / "train").mkdir(parents=True)
     (made / sd.MARKER).write_text("{}")   # a complete set: found, not generated
     monkeypatch.setenv("ROTNET_CACHE", str(tmp_path))
-    cfg = load_config(None, ["data.sample_seed=3"])   # data.root defaults to ""
-    assert sd.with_data_root(cfg, require=("train",)).data.root == str(made)
+    cfg = load_config(None)   # data.root defaults to ""
+    assert with_data_root(cfg, require=("train",)).data.root == str(made)
     assert cfg.data.root == ""   # a resolved copy; the loaded config is left as it was
-    with pytest.raises(ConfigError, match=r"data.root='.*seed3' has no val/ folder"):
-        sd.with_data_root(cfg, require=("train", "val"))
+    with pytest.raises(ConfigError, match=r"data.root='.*seed0' has no val/ folder"):
+        with_data_root(cfg, require=("train", "val"))
+    other = tmp_path / "other"   # another seed's set, or any dataset: data.root as given
+    (other / "train").mkdir(parents=True)
+    assert with_data_root(load_config(None, [f"data.root={other}"]), ("train",)).data.root == str(other)

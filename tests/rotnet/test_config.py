@@ -156,13 +156,14 @@ def test_unknown_keys_get_hints():
 
 # ------------------------------------------------------------------ configs stored by older versions
 
-# A checkpoint's config from before `loader:` existed and while train.eval_rotation was a bool.
+# A checkpoint's config from before `loader:` existed, while train.eval_rotation was a bool and
+# data.sample_seed picked the sample set (its data.root, resolved, already names the set).
 OLD = {"data": {"root": "/d", "crop_size": 64, "backend": "torch", "num_threads": 0, "resident": True,
-                "dali_rotate_in_graph": False},
+                "dali_rotate_in_graph": False, "sample_seed": 3},
        "train": {"eval_rotation": False, "eval_rotation_every": 3}}
 
 
-def test_migrate_moves_loader_keys_and_the_eval_rotation_bool():
+def test_migrate_moves_loader_keys_and_the_eval_rotation_bool_and_drops_the_sample_seed():
     new = migrate(OLD)
     assert new["data"] == {"root": "/d", "crop_size": 64}
     assert new["loader"] == {"backend": "torch", "num_threads": 0, "resident": True,
@@ -188,6 +189,8 @@ def test_old_keys_in_a_users_yaml_name_the_new_key(tmp_path):
     """A user's file is not migrated: the error names where the key lives now, so it is fixed once."""
     with pytest.raises(ConfigError, match=r"unknown key data\.backend='torch'; .*moved to loader\.backend"):
         load_config(None, ["data.backend=torch"])
+    with pytest.raises(ConfigError, match=r"data\.sample_seed=3; .*pipelines\.sample_data --seed N"):
+        load_config(None, ["data.sample_seed=3"])
     p = tmp_path / "old.yaml"
     p.write_text("train:\n  eval_rotation: false\n")
     with pytest.raises(ConfigError, match=r"old\.yaml.*eval_rotation=False; .*train\.eval_rotation_every"):
