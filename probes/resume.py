@@ -12,6 +12,7 @@ from pathlib import Path
 
 from rotnet.checkpoint import atomic_save, differences, load_checkpoint
 from rotnet.cli import InputError
+from rotnet.config import migrate
 
 STATE_VERSION = 1
 
@@ -26,6 +27,8 @@ def load_state(path: Path, signature: dict) -> dict | None:
         return None
     state = load_checkpoint(path)
     saved = state.get("signature", {})
+    if isinstance(saved.get("data"), dict):   # signed by an older rotnet: in today's keys
+        saved = {**saved, "data": migrate({"data": saved["data"]})["data"]}
     diffs = differences(saved, signature, sorted(set(saved) | set(signature)), saved_as="saved run")
     if diffs:
         raise ResumeMismatch(

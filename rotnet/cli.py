@@ -36,7 +36,7 @@ class UsageExit(SystemExit):
 
 def fail(message) -> None:
     """Print `error: MESSAGE` as one line on stderr (lines joined with '; ') and raise UsageExit."""
-    text = "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    text = "; ".join(line.strip() for line in str(message).splitlines() if line.strip()).replace(":; ", ": ")
     text = text if text.startswith("error: ") else f"error: {text}"
     print(text, file=sys.stderr, flush=True)
     raise UsageExit(text)
