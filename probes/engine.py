@@ -119,7 +119,7 @@ def run_pass(model: nn.Module, loader: Iterable, p: Protocol, optimizer: torch.o
 def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, p: ProbeProtocol,
                     epoch: int, bar=None) -> dict:
     """One epoch; lr set per step from p.schedule at the float epoch. Returns rank-summed stats."""
-    t0, steps, lr_at = time.time(), max(1, len(loader)), StepSchedule(p.schedule, name="probe schedule")
+    t0, steps, lr_at = time.time(), max(1, len(loader)), StepSchedule(p.schedule)
     lr = lambda step: lr_at(epoch + step / steps)  # noqa: E731
     sums = run_pass(model, loader, p, optimizer, lr, bar)
     if not torch.isfinite(sums).all():

@@ -80,6 +80,17 @@ class LoaderConfig:
             raise ConfigError(f"loader.reads_in_flight={self.reads_in_flight}: must be at least 1")
 
 
+def check_schedule(table: list[list[float]], name: str) -> None:
+    """An (epoch, lr) table: [epoch, lr] pairs, epochs from 0 upwards, no lr below 0; else ConfigError."""
+    if not table or any(len(row) != 2 for row in table):
+        raise ConfigError(f"{name}: expected a non-empty list of [epoch, lr] pairs, got {table!r}")
+    epochs = [row[0] for row in table]
+    if epochs[0] != 0 or epochs != sorted(epochs):
+        raise ConfigError(f"{name}: epochs must start at 0 and increase, got {epochs}")
+    if any(row[1] < 0 for row in table):
+        raise ConfigError(f"{name}: an lr below 0 in {table!r}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     arch: Literal["alexnet", "resnet18", "resnet50", "nin"] = "alexnet"   # the keys of models.MODELS
@@ -101,6 +112,9 @@ class OptimConfig:
     scale_lr: bool = False         # every lr *= global_batch / ref_batch (Goyal et al. 2017)
     ref_batch: int = 256
     warmup_epochs: float = 0.0     # linear warm-up from 0 (use with scale_lr for large batches)
+
+    def __post_init__(self):
+        check_schedule(self.schedule, "optim.schedule")
 
 
 @dataclass(frozen=True)
@@ -140,6 +154,9 @@ class ProbeConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
+
+    def __post_init__(self):
+        check_schedule(self.schedule, "probe.schedule")
 
 
 @dataclass(frozen=True)

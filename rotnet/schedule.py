@@ -5,20 +5,14 @@ from __future__ import annotations
 import torch
 
 from rotnet.cli import UsageError
-from rotnet.config import ConfigError
 
 
 class StepSchedule:
-    """lr(epoch_float) from a table [[epoch, lr], ...] starting at epoch 0, times `scale`, ramped
-    linearly over `warmup_epochs` (Goyal et al. 2017). A bad table is a ConfigError naming `name`."""
+    """lr(epoch_float) from a table [[epoch, lr], ...] starting at epoch 0 (checked when the config
+    loads: rotnet.config.check_schedule), times `scale`, ramped linearly over `warmup_epochs` (Goyal et
+    al. 2017)."""
 
-    def __init__(self, table: list[list[float]], scale: float = 1.0, warmup_epochs: float = 0.0,
-                 name: str = "optim.schedule"):
-        if not table or any(len(row) != 2 for row in table):
-            raise ConfigError(f"{name}: expected a non-empty list of [epoch, lr] pairs, got {table!r}")
-        epochs = [row[0] for row in table]
-        if epochs[0] != 0 or epochs != sorted(epochs):
-            raise ConfigError(f"{name}: epochs must start at 0 and increase, got {epochs}")
+    def __init__(self, table: list[list[float]], scale: float = 1.0, warmup_epochs: float = 0.0):
         self.scale = scale
         self.table = [(float(e), float(lr) * scale) for e, lr in table]
         self.warmup_epochs = warmup_epochs
@@ -36,6 +30,9 @@ def stretch_schedule(table: list[list[float]], from_epochs: int, to_epochs: int,
     Milestones are not rounded: a 1-2 epoch run would collapse every stage onto epoch 0."""
     if from_epochs < 1 or to_epochs < 1:
         raise UsageError(f"epochs must be >= 1 (probe.epochs={from_epochs}, --epochs={to_epochs})")
+    if lr is not None and not (lr > 0 and table[0][1] > 0):   # lr: the ratio to the first lr
+        raise UsageError(f"--lr={lr} with a first probe.schedule lr of {table[0][1]}: --lr scales the "
+                         "table, so both must be above 0 (or set probe.schedule itself)")
     f = to_epochs / from_epochs
     g = 1.0 if lr is None else lr / table[0][1]
     return [[round(e * f, 4), float(f"{v * g:.6g}")] for e, v in table]

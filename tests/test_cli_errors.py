@@ -86,6 +86,7 @@ TRAIN = ["train.py", "--config", SAMPLE, "train.output_dir=TMP/run"]
     (["loader.backend=foo"], ["loader.backend='foo'", "auto, dali, torch"]),
     (["train.precision=fp8"], ["train.precision='fp8'", "auto, bf16, fp16, fp32"]),
     (["optim.lr=0.1"], ["optim.lr=0.1", "optim.schedule"]),
+    (["optim.schedule=[[1,0.1]]"], ["optim.schedule: epochs must start at 0"]),   # before the folder
     (["no.such=1"], ["no.such=1", "no section no", "data, loader, model, optim, train, probe"]),
     (["data.backend=torch"], ["data.backend='torch'", "moved to loader.backend"]),   # the key before loader:
     (["optim.epochs=many"], ["optim.epochs", "expected int", "'many'"]),
@@ -133,6 +134,8 @@ EVAL = ["eval.py", "--config", SAMPLE, "train.output_dir=TMP/run"]
 @pytest.mark.parametrize("args,expected", cases(
     (["--checkpoint", "random", "loader.backend=foo"], ["loader.backend='foo'", "auto, dali, torch"]),
     (["--checkpoint", "random", "probe.lr=0.1"], ["probe.lr=0.1", "probe.schedule"]),
+    (["--checkpoint", "random", "probe.schedule=[[0,0.1],[5,-1]]"], ["probe.schedule: an lr below 0"]),
+    (["--checkpoint", "random", "--lr", "0"], ["--lr=0.0", "both must be above 0"]),
     (["--checkpoint", "TMP/nonexistent.pt"], ["checkpoint not found", "nonexistent.pt"]),
     (["--checkpoint", SAMPLE], ["cannot load checkpoint", "sample.yaml"]),   # not a checkpoint file
     (["--checkpoint", "random", "--layer", "conv9"], ["--layer 'conv9'", "conv1, conv2"]),

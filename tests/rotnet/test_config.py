@@ -133,6 +133,11 @@ def test_literal_choices_match_what_the_code_accepts():
     ("data.rotations=[0,90,90]", "data.rotations has duplicates"),
     ("data.crop_size=0", "data.crop_size=0: must be at least 1"),
     ("loader.reads_in_flight=0", "loader.reads_in_flight=0: must be at least 1"),
+    ("optim.schedule=[[5,0.1]]", r"optim.schedule: epochs must start at 0 and increase, got \[5\.0\]"),
+    ("optim.schedule=[[0,0.1],[20,0.01],[10,0.001]]", "optim.schedule: epochs must start at 0 and increase"),
+    ("optim.schedule=[[0,0.1,3]]", r"optim.schedule: expected a non-empty list of \[epoch, lr\] pairs"),
+    ("optim.schedule=[]", "optim.schedule: expected a non-empty list"),
+    ("probe.schedule=[[0,-0.1]]", "probe.schedule: an lr below 0"),
 ])
 def test_values_a_type_cannot_check_fail_at_load_naming_the_key(dotted, says):
     with pytest.raises(ConfigError, match=says):

@@ -1,7 +1,7 @@
 import pytest
 
-from rotnet.config import ConfigError
-from rotnet.schedule import StepSchedule, due_after
+from rotnet.cli import UsageError
+from rotnet.schedule import StepSchedule, due_after, stretch_schedule
 
 
 def test_step_table():
@@ -14,11 +14,16 @@ def test_scale_and_warmup():
     assert s(0) < 0.01 and s(2.5) == pytest.approx(0.4, rel=1e-3) and s(5) == pytest.approx(0.8)
 
 
-def test_bad_tables_are_named():
-    with pytest.raises(ConfigError, match="optim.schedule.*start at 0"):
-        StepSchedule([[5, 0.1]])
-    with pytest.raises(ConfigError, match="pairs"):
-        StepSchedule([[0, 0.1, 3]])
+def test_stretch_keeps_ratios_and_refuses_an_lr_it_cannot_scale():
+    table = [[0, 0.01], [5, 0.002], [15, 0.0004]]
+    assert stretch_schedule(table, 35, 70, None) == [[0, 0.01], [10, 0.002], [30, 0.0004]]
+    assert stretch_schedule(table, 35, 35, 0.1) == [[0, 0.1], [5, 0.02], [15, 0.004]]
+    with pytest.raises(UsageError, match="both must be above 0"):
+        stretch_schedule(table, 35, 35, -0.1)
+    with pytest.raises(UsageError, match="both must be above 0"):
+        stretch_schedule([[0, 0.0], [5, 0.002]], 35, 35, 0.1)
+    with pytest.raises(UsageError, match="epochs must be >= 1"):
+        stretch_schedule(table, 35, 0, None)
 
 
 def test_due_after_every_n_and_the_last_epoch():
