@@ -134,6 +134,10 @@ def build_run(cfg: Config, info: DistInfo, logger, loaders: bool = True) -> Run:
         elif every:
             monitor = KnnMonitor(cfg, info, raw.trunk)   # it checks train.monitor_layers on the trunk
         loader, val_loader = rotation_loaders(cfg, info)
+        if val_loader is None and cfg.train.eval_rotation_every:   # a typo in data.val_dir, say
+            val = Path(cfg.data.root) / cfg.data.val_dir
+            log.warning(f"no held-out rotation accuracy (train.eval_rotation_every="
+                        f"{cfg.train.eval_rotation_every}): {val} is not a folder")
     model = place(raw, info, cfg.train.channels_last)
     if cfg.train.compile:
         model = torch.compile(model)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from models.rotnet import Trunk, conv_bn_relu, init_weights, register, scale_channels
-from rotnet.config import ConfigError, ModelConfig
+from rotnet.config import ModelConfig
 
 
 @register("nin")
@@ -24,9 +24,7 @@ class NINTrunk(Trunk):
 
     def __init__(self, model: ModelConfig, input_size: int = 32) -> None:
         super().__init__(model, input_size)
-        num_blocks = model.num_blocks
-        if num_blocks not in (3, 4, 5):
-            raise ConfigError(f"model.num_blocks={num_blocks}: nin has 3, 4 or 5 blocks")
+        num_blocks = model.num_blocks   # 3, 4 or 5 (checked by ModelConfig)
         wide, mid, narrow = (scale_channels(c, model.width) for c in (192, 160, 96))
         blocks = [
             nn.Sequential(

@@ -21,11 +21,11 @@ import torch
 from torch import Tensor, nn
 
 from rotnet.checkpoint import CheckpointError
-from rotnet.config import Config, ConfigError, ModelConfig
+from rotnet.config import Config, ModelConfig
 
 
 def scale_channels(channels: int, width: float) -> int:
-    """Width-multiplied channel count: max(1, round(channels * width)); width > 0 (Trunk checks)."""
+    """Width-multiplied channel count: max(1, round(channels * width)); width > 0 (ModelConfig checks)."""
     return max(1, round(channels * width))
 
 
@@ -66,8 +66,6 @@ class Trunk(nn.Module):
 
     def __init__(self, model: ModelConfig, input_size: int) -> None:
         super().__init__()
-        if model.width <= 0:
-            raise ConfigError(f"model.width={model.width}: the channel multiplier must be > 0")
         self.arch, self.width, self.input_size = model.arch, model.width, input_size
 
     def features(self, x: Tensor, layers: Iterable[str] | str) -> dict[str, Tensor]:

@@ -27,6 +27,34 @@ class ConfigError(InputError):
     """A config file or override is wrong; the message names the file and key."""
 
 
+def _at_least(low, section: str, obj, *names: str) -> None:
+    """What a type cannot say is checked in each section's __post_init__, wherever a config is made (a
+    file, an override, code), so a bad value stops a run before anything is written."""
+    for name in names:
+        if getattr(obj, name) < low:
+            raise ConfigError(f"{section}.{name}={getattr(obj, name)!r}: must be at least {low}")
+
+
+def check_schedule(table: list[list[float]], name: str) -> None:
+    """An (epoch, lr) table: [epoch, lr] pairs, epochs from 0 upwards, no lr below 0; else ConfigError."""
+    if not table or any(len(row) != 2 for row in table):
+        raise ConfigError(f"{name}: expected a non-empty list of [epoch, lr] pairs, got {table!r}")
+    epochs = [row[0] for row in table]
+    if epochs[0] != 0 or epochs != sorted(epochs):
+        raise ConfigError(f"{name}: epochs must start at 0 and increase, got {epochs}")
+    if any(row[1] < 0 for row in table):
+        raise ConfigError(f"{name}: an lr below 0 in {table!r}")
+
+
+def _check_sgd(section: str, hp) -> None:
+    """SGD settings of optim or probe: the table, epochs, momentum (nesterov needs some), weight decay."""
+    check_schedule(hp.schedule, f"{section}.schedule")
+    _at_least(1, section, hp, "epochs")
+    _at_least(0, section, hp, "momentum", "weight_decay")
+    if hp.nesterov and hp.momentum == 0:
+        raise ConfigError(f"{section}.nesterov=true needs {section}.momentum > 0 (the paper: 0.9)")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """What the data IS: every field changes the numbers, so resume and probe checks compare them all."""
@@ -45,17 +73,25 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
     def __post_init__(self):
-        # the values a type cannot say, checked wherever a DataConfig is made (a file, an override, code)
         rots = self.rotations
-        if not rots:
-            raise ConfigError("data.rotations is empty; the paper's set is [0, 90, 180, 270]")
+        if len(rots) < 2:
+            raise ConfigError(f"data.rotations={rots}: at least two angles to tell apart; the paper's set "
+                              "is [0, 90, 180, 270]")
         bad = [r for r in rots if r % 45 or not 0 <= r < 360]
         if bad:
             raise ConfigError(f"data.rotations: {bad} are not multiples of 45 in [0, 360)")
         if len(set(rots)) != len(rots):
             raise ConfigError(f"data.rotations has duplicates: {rots}")
-        if self.crop_size < 1:
-            raise ConfigError(f"data.crop_size={self.crop_size}: must be at least 1")
+        _at_least(1, "data", self, "crop_size")
+        if self.recipe == "imagenet" and self.resize_size < self.crop_size:
+            raise ConfigError(f"data.resize_size={self.resize_size} is below data.crop_size="
+                              f"{self.crop_size}: the eval crop would be padded with black (ImageNet: 256)")
+        if not 0 < self.min_scale <= 1:
+            raise ConfigError(f"data.min_scale={self.min_scale}: the smallest crop's share of the image "
+                              "area, in (0, 1] (ImageNet: 0.08)")
+        if len(self.mean) not in (1, 3) or len(self.std) != len(self.mean) or min(self.std) <= 0:
+            raise ConfigError(f"data.mean={self.mean}, data.std={self.std}: one value for every channel or "
+                              "three (RGB) each, and every std above 0")
 
 
 @dataclass(frozen=True)
@@ -76,19 +112,10 @@ class LoaderConfig:
     dali_rotate_in_graph: bool = False   # CPU only: false: OpenCV resizes/flips/rotates (faster)
 
     def __post_init__(self):
-        if self.reads_in_flight < 1:
-            raise ConfigError(f"loader.reads_in_flight={self.reads_in_flight}: must be at least 1")
-
-
-def check_schedule(table: list[list[float]], name: str) -> None:
-    """An (epoch, lr) table: [epoch, lr] pairs, epochs from 0 upwards, no lr below 0; else ConfigError."""
-    if not table or any(len(row) != 2 for row in table):
-        raise ConfigError(f"{name}: expected a non-empty list of [epoch, lr] pairs, got {table!r}")
-    epochs = [row[0] for row in table]
-    if epochs[0] != 0 or epochs != sorted(epochs):
-        raise ConfigError(f"{name}: epochs must start at 0 and increase, got {epochs}")
-    if any(row[1] < 0 for row in table):
-        raise ConfigError(f"{name}: an lr below 0 in {table!r}")
+        _at_least(0, "loader", self, "num_threads", "device_memory_padding", "host_memory_padding")
+        _at_least(1, "loader", self, "prefetch", "reads_in_flight")
+        if not 0 <= self.hw_decoder_load <= 1:
+            raise ConfigError(f"loader.hw_decoder_load={self.hw_decoder_load}: a share, in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -96,6 +123,12 @@ class ModelConfig:
     arch: Literal["alexnet", "resnet18", "resnet50", "nin"] = "alexnet"   # the keys of models.MODELS
     width: float = 1.0             # channel multiplier; <1 gives CPU-sized variants
     num_blocks: int = 4            # nin only: 3, 4 or 5
+
+    def __post_init__(self):
+        if self.width <= 0:
+            raise ConfigError(f"model.width={self.width}: the channel multiplier must be > 0")
+        if self.arch == "nin" and self.num_blocks not in (3, 4, 5):
+            raise ConfigError(f"model.num_blocks={self.num_blocks}: nin has 3, 4 or 5 blocks")
 
 
 @dataclass(frozen=True)
@@ -114,7 +147,9 @@ class OptimConfig:
     warmup_epochs: float = 0.0     # linear warm-up from 0 (use with scale_lr for large batches)
 
     def __post_init__(self):
-        check_schedule(self.schedule, "optim.schedule")
+        _check_sgd("optim", self)
+        _at_least(1, "optim", self, "ref_batch")
+        _at_least(0, "optim", self, "warmup_epochs", "global_batch_size", "batch_size_per_gpu")
 
 
 @dataclass(frozen=True)
@@ -141,6 +176,11 @@ class TrainConfig:
     monitor_bank_per_class: int = 20    # bank: seeded K-per-class subset of data.train_dir (eval recipe)
     monitor_query_per_class: int = 10   # queries: seeded subset of data.val_dir; 0 = the whole split
 
+    def __post_init__(self):
+        _at_least(0, "train", self, "keep_last", "save_every", "max_steps", "eval_rotation_every",
+                  "monitor_every", "monitor_query_per_class")
+        _at_least(1, "train", self, "log_every", "monitor_bank_per_class")
+
 
 @dataclass(frozen=True)
 class ProbeConfig:
@@ -156,7 +196,8 @@ class ProbeConfig:
     weight_decay: float = 5e-4
 
     def __post_init__(self):
-        check_schedule(self.schedule, "probe.schedule")
+        _check_sgd("probe", self)
+        _at_least(1, "probe", self, "batch_size_per_gpu")
 
 
 @dataclass(frozen=True)
@@ -323,9 +364,6 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 def resolve_batch(cfg: Config, world_size: int) -> Config:
     """cfg with both optim.global_batch_size and optim.batch_size_per_gpu set from the one given."""
     o = cfg.optim
-    if o.global_batch_size < 0 or o.batch_size_per_gpu < 0:
-        raise ConfigError(f"optim.global_batch_size={o.global_batch_size}, optim.batch_size_per_gpu="
-                          f"{o.batch_size_per_gpu}: batch sizes cannot be negative")
     if o.global_batch_size == 0:
         if o.batch_size_per_gpu == 0:
             raise ConfigError("optim.global_batch_size=0 and optim.batch_size_per_gpu=0: set one of them, "

@@ -69,7 +69,7 @@ def test_the_run_preparer_keeps_float16_under_autocast(monkeypatch):
 
 def test_build_run_builds_the_loaders_and_runs_without_an_unlabelled_monitor(tmp_path, caplog):
     """With loaders (train.py): the train split's loader at the per-rank batch; no val/ folder: no
-    held-out loader, and the kNN monitor is off with a warning naming why, not an error."""
+    held-out loader and the kNN monitor off, each with a warning naming why, not an error."""
     make_folder(tmp_path / "train", [4, 4], size=(72, 72))
     cfg = load_config("configs/sample.yaml", [
         f"data.root={tmp_path}", "model.width=0.25", "data.crop_size=64", "data.resize_size=72",
@@ -80,6 +80,7 @@ def test_build_run_builds_the_loaders_and_runs_without_an_unlabelled_monitor(tmp
         run = train.build_run(resolve(cfg, info), info, logger=None)
     assert len(run.loader) == 4 and run.val_loader is None and run.monitor is None
     assert "the kNN monitor is off for this run (train.monitor_every=1)" in caplog.text
+    assert f"no held-out rotation accuracy (train.eval_rotation_every=1): {tmp_path / 'val'}" in caplog.text
 
 
 def test_rotation_loaders_build_the_held_out_loader_unless_told_not_to(tmp_path):
