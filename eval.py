@@ -28,7 +28,7 @@ from probes.protocol import KnnProtocol, ProbeProtocol, Protocol
 from probes.report import write_reports
 from probes.resume import load_state
 from rotnet.checkpoint import git_commit, settings_line
-from rotnet.cli import ArgumentParser, InputError, UsageError, fail
+from rotnet.cli import ArgumentParser, InputError, UsageError, fail, number
 from rotnet.config import Config
 from rotnet.distributed import DistInfo, barrier, cleanup, init_distributed, resolve_precision
 from rotnet.progress import TRACKER_NAMES, EvalTable, log, log_eval, require, setup_logging
@@ -51,14 +51,14 @@ def get_args(argv=None) -> argparse.Namespace:
                         "alexnet's Table 4 head (others: FC x2). conv: NIN block + linear (Table 3). "
                         "knn: weighted k-NN, no training, a quick ranking of layers and checkpoints. "
                         "Default probe.head.")
-    p.add_argument("--epochs", type=int, default=None,
+    p.add_argument("--epochs", type=number(int, 1), default=None,
                    help="probe epochs (default probe.epochs); the schedule's milestones stretch with it.")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--lr", type=number(float, 0, strict=True), default=None,
                    help="initial lr, schedule ratios kept (default: its first lr). Lower it if the train "
                         "loss starts far above ln(classes); scale it with a much larger batch.")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=number(int, 1), default=None,
                    help="images per process per step (default probe.batch_size_per_gpu).")
-    p.add_argument("--labels-per-class", type=int, default=0, metavar="K",
+    p.add_argument("--labels-per-class", type=number(int, 0), default=0, metavar="K",
                    help="train on a seeded subset of K images per class; 0 = all. Val is always complete.")
     p.add_argument("--finetune", action="store_true",
                    help="train the trunk too: not a frozen-feature evaluation but an upper bound.")
@@ -71,15 +71,15 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="autocast dtype. auto (default): bf16 where the device has it natively, else fp32; "
                         "fp32 to debug.")
-    p.add_argument("--val-every", type=int, default=0, metavar="N",
+    p.add_argument("--val-every", type=number(int, 0), default=0, metavar="N",
                    help="also score val every N epochs, for the log only (the last epoch's is reported). "
                         "0 = only at the end.")
     p.add_argument("--seed", type=int, default=None,
                    help="probe init, data order, label subset and random trunk (default train.seed).")
-    p.add_argument("--knn-k", type=int, default=KNN_K,
+    p.add_argument("--knn-k", type=number(int, 1), default=KNN_K,
                    help=f"--head knn: neighbours that vote (default {KNN_K}); with --labels-per-class K keep "
                         "it <= K.")
-    p.add_argument("--knn-t", type=float, default=KNN_T,
+    p.add_argument("--knn-t", type=number(float, 0, strict=True), default=KNN_T,
                    help=f"--head knn: vote weight exp(cosine / T) (default {KNN_T}); larger T weighs the "
                         "neighbours more equally.")
     p.add_argument("--knn-pool", choices=POOLS, default="avg",

@@ -36,7 +36,7 @@ from pipelines import list_images, prepare_batch
 from pipelines.listing import list_shards
 from probes.report import draw_top1_bars
 from rotnet.checkpoint import find_checkpoint
-from rotnet.cli import ArgumentParser, InputError, UsageError, fail
+from rotnet.cli import ArgumentParser, InputError, UsageError, fail, number
 from rotnet.config import Config, load_config
 
 DPI = 100   # small PNGs: docs/figures keeps every file well under 200 KB
@@ -241,8 +241,10 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-json", type=Path, nargs="*", default=[], help="eval.json files (one panel each)")
     p.add_argument("--data-root", help="image folder root (default: the config's data.root)")
     p.add_argument("--split", help="split folder for the attention images (default: data.val_dir)")
-    p.add_argument("--images", type=int, default=6, help="attention-map images (spread over classes)")
-    p.add_argument("--power", type=float, default=2.0, help="p in sum_c |a|^p (paper Fig. 3)")
+    p.add_argument("--images", type=number(int, 1), default=6,
+                   help="attention-map images (spread over classes)")
+    p.add_argument("--power", type=number(float, 0, strict=True), default=2.0,
+                   help="p in sum_c |a|^p (paper Fig. 3)")
     p.add_argument("--title", default="", help="extra text for the figure titles")
     p.add_argument("--out", required=True, help="output prefix, e.g. docs/figures/cifar10")
     return p.parse_intermixed_args(argv)

@@ -24,7 +24,7 @@ import numpy as np
 from pipelines import listing
 from pipelines.batch import by_rule
 from pipelines.listing import SplitLayoutError, class_folders, find_images, is_image_file, split_layout
-from rotnet.cli import ArgumentParser, InputError, one_line_errors
+from rotnet.cli import ArgumentParser, InputError, number, one_line_errors
 
 BATCH = 64   # images a DALI scan decodes at once
 
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     ap.add_argument("root", help="split ROOT/CLASS/IMG (or flat ROOT/IMG) or dataset ROOT/SPLIT/CLASS/IMG")
     ap.add_argument("--out", default="file_lists/{split}.txt", help="file list to write, {split} -> split "
                     "name (default: file_lists/{split}.txt); then set data.file_list to this value")
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    ap.add_argument("--workers", type=number(int, 1), default=os.cpu_count() or 1,
                     help="decoding threads (DALI) or processes (torch) (default: every CPU core)")
     ap.add_argument("--decoder", choices=("auto", "dali", "torch", "pil"), default="auto",
                     help="auto (default): DALI's CPU decoder when DALI is installed, else torch: the torch "

@@ -51,6 +51,18 @@ def one_line_errors(*types: type[BaseException]):
         fail(e)
 
 
+def number(kind: type, low: float, strict: bool = False):
+    """argparse type: a `kind` (int or float) at least `low`, or above it if `strict`; else the parser's
+    one-line usage error, `argument --flag: -1: must be at least 1`."""
+    def parse(text: str):
+        value = kind(text)   # a ValueError: argparse's own "invalid int value: 'x'"
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"{text}: must be {'above' if strict else 'at least'} {low}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose usage errors are one line too: `error: MSG (see PROG --help)`, exit 2."""
 

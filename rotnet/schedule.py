@@ -28,11 +28,9 @@ def stretch_schedule(table: list[list[float]], from_epochs: int, to_epochs: int,
                      lr: float | None) -> list[list[float]]:
     """(epoch, lr) table for `to_epochs` epochs; lr given: scaled so the first entry equals it.
     Milestones are not rounded: a 1-2 epoch run would collapse every stage onto epoch 0."""
-    if from_epochs < 1 or to_epochs < 1:
-        raise UsageError(f"epochs must be >= 1 (probe.epochs={from_epochs}, --epochs={to_epochs})")
-    if lr is not None and not (lr > 0 and table[0][1] > 0):   # lr: the ratio to the first lr
-        raise UsageError(f"--lr={lr} with a first probe.schedule lr of {table[0][1]}: --lr scales the "
-                         "table, so both must be above 0 (or set probe.schedule itself)")
+    if lr is not None and table[0][1] == 0:   # epochs >= 1 and lr > 0: probe.epochs and --epochs check
+        raise UsageError(f"--lr={lr} scales probe.schedule by --lr / its first lr, which is 0: set "
+                         "probe.schedule itself")
     f = to_epochs / from_epochs
     g = 1.0 if lr is None else lr / table[0][1]
     return [[round(e * f, 4), float(f"{v * g:.6g}")] for e, v in table]

@@ -135,7 +135,12 @@ EVAL = ["eval.py", "--config", SAMPLE, "train.output_dir=TMP/run"]
     (["--checkpoint", "random", "loader.backend=foo"], ["loader.backend='foo'", "auto, dali, torch"]),
     (["--checkpoint", "random", "probe.lr=0.1"], ["probe.lr=0.1", "probe.schedule"]),
     (["--checkpoint", "random", "probe.schedule=[[0,0.1],[5,-1]]"], ["probe.schedule: an lr below 0"]),
-    (["--checkpoint", "random", "--lr", "0"], ["--lr=0.0", "both must be above 0"]),
+    (["--checkpoint", "random", "--lr", "0"], ["argument --lr: 0: must be above 0", "--help"]),
+    (["--checkpoint", "random", "--batch-size", "-1"], ["argument --batch-size: -1: must be at least 1"]),
+    (["--checkpoint", "random", "--head", "knn", "--knn-t", "0"], ["argument --knn-t: 0: must be above 0"]),
+    (["--checkpoint", "random", "--epochs", "x"], ["argument --epochs: invalid int value: 'x'"]),
+    (["--checkpoint", "random", "--lr", "0.1", "probe.schedule=[[0,0],[5,0.01]]"],
+     ["its first lr, which is 0"]),
     (["--checkpoint", "TMP/nonexistent.pt"], ["checkpoint not found", "nonexistent.pt"]),
     (["--checkpoint", SAMPLE], ["cannot load checkpoint", "sample.yaml"]),   # not a checkpoint file
     (["--checkpoint", "random", "--layer", "conv9"], ["--layer 'conv9'", "conv1, conv2"]),
@@ -197,6 +202,7 @@ def flat_beside_classes(tmp_path: Path) -> None:
     (["TMP/data"], ["mixes splits of class folders (train) and folders of loose images (val)",
                     "pipelines.imagenet_val"]),
     (["TMP/data/train", "--out", "TMP/blocker/{split}.txt"], ["cannot write the file list", "blocker"]),
+    (["TMP/data/train", "--workers", "0"], ["argument --workers: 0: must be at least 1"]),
 ))
 def test_scan_bad_input(tmp_path, args, expected):
     flat_beside_classes(tmp_path)
