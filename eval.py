@@ -27,10 +27,11 @@ from probes.knn import KNN_HEAD, KNN_K, KNN_T, POOLS, knn_probe
 from probes.protocol import KnnProtocol, ProbeProtocol, Protocol
 from probes.report import write_reports
 from probes.resume import load_state
+from rotnet.atomic import make_folder
 from rotnet.checkpoint import git_commit, settings_line
 from rotnet.cli import ArgumentParser, InputError, UsageError, fail, number
 from rotnet.config import Config
-from rotnet.distributed import DistInfo, barrier, cleanup, init_distributed, resolve_precision
+from rotnet.distributed import DistInfo, cleanup, init_distributed, on_rank0, resolve_precision
 from rotnet.progress import TRACKER_NAMES, EvalTable, log, log_eval, require, setup_logging
 from rotnet.schedule import stretch_schedule
 
@@ -160,9 +161,7 @@ def run(args: argparse.Namespace, info: DistInfo) -> None:
         raise UsageError(unlabelled)
     p = protocol(args, cfg, head, layers, seed, info, out, sources)
     evaluate = knn_probe if head == KNN_HEAD else fit_probes
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    barrier(info)
+    on_rank0(lambda: make_folder(out, "--output-dir"), info)   # a collective: every rank stops on a bad one
     log.info(f"commit {git_commit()} | world size {info.world_size} | device {info.device} | precision "
              f"{p.precision} | {cfg.model.arch} width {cfg.model.width}")
     log.info(f"checkpoint: {ckpt_path or 'none (random init)'}"

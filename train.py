@@ -32,7 +32,7 @@ from torch import nn
 from models import build_model
 from pipelines import batch_preparer, class_labels_missing, rotation_loaders, with_data_root
 from probes.knn import KnnMonitor
-from rotnet.atomic import DiskFullError
+from rotnet.atomic import DiskFullError, make_folder
 from rotnet.checkpoint import check_compatible, find_checkpoint, git_commit, load_checkpoint, save_checkpoint
 from rotnet.cli import ArgumentParser, InputError, fail
 from rotnet.config import (
@@ -332,7 +332,7 @@ def train(args: argparse.Namespace, held: ExitStack) -> None:
     cfg = resolve(cfg, info, splits=(cfg.data.train_dir,))   # the config this run carries, never changed
     out = Path(cfg.train.output_dir)
     def claim_folder():
-        out.mkdir(parents=True, exist_ok=True)
+        make_folder(out, "train.output_dir")
         if cfg.train.lock:
             held.enter_context(hold_folder(out))
     on_rank0(claim_folder, info)   # a busy folder or a full disk stops every rank

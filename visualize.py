@@ -35,6 +35,7 @@ from models.export import trunk_from_checkpoint
 from pipelines import list_images, prepare_batch
 from pipelines.listing import list_shards
 from probes.report import draw_top1_bars
+from rotnet.atomic import make_folder
 from rotnet.checkpoint import find_checkpoint
 from rotnet.cli import ArgumentParser, InputError, UsageError, fail, number
 from rotnet.config import Config, load_config
@@ -261,10 +262,7 @@ def main(argv=None) -> list[Path]:
 def draw(args: argparse.Namespace) -> list[Path]:
     """Every figure whose inputs exist; returns the files written."""
     out = Path(args.out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:   # a file where the folder should be, no permission
-        raise UsageError(f"--out {out}: cannot create {out.parent} ({e.strerror or e})") from e
+    make_folder(out.parent, "--out's folder")
     written: list[Path] = []
 
     log_path = args.run / "log.jsonl" if args.run else None

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from rotnet.atomic import make_folder
+
 FORMAT_VERSION = 2       # bump whenever the drawing changes
 CLASSES = ("house", "tree", "car", "person", "lamppost", "mountain", "tower", "boat", "fence", "table")
 CLASS_DIRS = tuple(f"n{i:05d}_{c}" for i, c in enumerate(CLASSES))
@@ -235,7 +237,7 @@ def ensure_sample_data(seed: int = 0, cache_dir: str | Path | None = None, *,
                        per_class_train: int = PER_CLASS_TRAIN, per_class_val: int = PER_CLASS_VAL) -> Path:
     """Root of the sample set (ROOT/{train,val}/CLASS/*.JPEG), generating it on first use."""
     base = cache_root() if cache_dir is None else Path(cache_dir).expanduser()
-    base.mkdir(parents=True, exist_ok=True)
+    make_folder(base, "ROTNET_CACHE" if os.environ.get("ROTNET_CACHE") else "the sample-data cache")
     name = f"sample-v{FORMAT_VERSION}-seed{seed}"
     if (per_class_train, per_class_val) != (PER_CLASS_TRAIN, PER_CLASS_VAL):
         name += f"-{per_class_train}x{per_class_val}"

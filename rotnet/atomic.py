@@ -25,6 +25,15 @@ class DiskFullError(InputError):
     """A write found its file system full; the message names the file, bytes needed and free."""
 
 
+def make_folder(path: str | os.PathLike, named: str) -> None:
+    """mkdir -p `path`; an OSError (a file in the way, no permission, a read-only disk) is an InputError
+    naming `named`, the setting the path came from."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{named}={str(path)!r}: cannot make this folder ({e.strerror or e})") from None
+
+
 def _fsync(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)   # a folder too: makes the rename itself durable
     try:

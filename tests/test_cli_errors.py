@@ -159,6 +159,23 @@ def test_eval_missing_config(tmp_path):
                           "config file not found")
 
 
+@pytest.mark.parametrize("args,named", [
+    ([*TRAIN, "train.output_dir=TMP/afile/run"], "train.output_dir"),
+    ([*EVAL, "--checkpoint", "random", "--output-dir", "TMP/afile"], "--output-dir"),
+    (["visualize.py", "--checkpoint", "random", "--config", SAMPLE, "--out", "TMP/afile/fig"],
+     "--out's folder"),
+    (TRAIN, "ROTNET_CACHE"),   # the sample data's cache folder (the sample config's data.root is "")
+], ids=["train", "eval", "visualize", "sample-cache"])
+def test_an_output_folder_that_cannot_be_made_is_named(tmp_path, monkeypatch, args, named):
+    """A file where the folder should be (a typo, a stale path): one line naming the setting, not a
+    traceback from mkdir; the file is left as it was."""
+    (tmp_path / "afile").write_text("mine")
+    if named == "ROTNET_CACHE":
+        monkeypatch.setenv("ROTNET_CACHE", str(tmp_path / "afile"))
+    assert_one_line_error(run_cli(args, tmp_path), f"{named}=", "cannot make this folder")
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
 # ---------------------------------------------------------------------------- visualize.py
 
 @pytest.mark.parametrize("args,expected", cases(
