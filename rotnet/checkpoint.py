@@ -21,6 +21,7 @@ from rotnet.cli import InputError
 
 LATEST = "checkpoint.pt"
 _NUMBERED = re.compile(r"checkpoint_(\d+)\.pt$")
+_COPY = re.compile(r"(?:checkpoint|epoch)_(\d+)\.pt$")   # rolling (keep_last) or kept (save_every)
 
 
 def git_commit() -> str:
@@ -93,7 +94,12 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         raise
     except Exception as e:  # truncated file, wrong format, disallowed pickle content: torch says which
         first = (str(e).splitlines() or [""])[0]
-        raise CheckpointError(f"cannot load checkpoint {path}: {type(e).__name__}: {first}") from e
+        copies = {int(m.group(1)): p.name for p in path.parent.glob("*.pt") if (m := _COPY.match(p.name))}
+        newest = [copies[e] for e in sorted(copies, reverse=True)[:3]]
+        hint = (f"; the copies beside it, newest first: {', '.join(newest)} (copy one over {path.name} to "
+                "resume from its epoch)" if path.name == LATEST and newest else "")
+        why = f"{type(e).__name__}: {first}" if first else f"{type(e).__name__} (cut short?)"
+        raise CheckpointError(f"cannot load checkpoint {path}: {why}{hint}") from e
 
 
 def differences(saved: dict, current: dict, keys, saved_as: str = "checkpoint") -> list[str]:

@@ -60,3 +60,19 @@ def test_check_compatible_lists_differences():
                          ("model.arch", "model.width"))
     assert "model.arch: checkpoint has 'alexnet', this run has 'resnet50'" in str(info.value)
     assert "width" not in str(info.value)
+
+
+def test_a_damaged_latest_checkpoint_names_the_copies_beside_it(tmp_path):
+    """checkpoint.pt cut short (a disk fault; rank 0's writes are atomic): the error names the rolling
+    and kept copies, newest first, which a user can copy over it to resume from that epoch."""
+    for epoch in range(1, 5):
+        save_checkpoint({"epoch": epoch, "epoch_step": 0}, tmp_path, keep_last=2, numbered=epoch == 1)
+    data = (tmp_path / "checkpoint.pt").read_bytes()
+    (tmp_path / "checkpoint.pt").write_bytes(data[:len(data) // 2])
+    says = (r"checkpoint.pt: .*; the copies beside it, newest first: checkpoint_0004.pt, checkpoint_0003.pt, "
+            r"epoch_0001.pt \(copy one over checkpoint.pt")
+    with pytest.raises(CheckpointError, match=says):
+        load_checkpoint(tmp_path / "checkpoint.pt")
+    (tmp_path / "checkpoint_0004.pt").write_bytes(b"")   # a copy itself: no advice to copy another
+    with pytest.raises(CheckpointError, match=r"checkpoint_0004.pt: EOFError \(cut short\?\)$"):
+        load_checkpoint(tmp_path / "checkpoint_0004.pt")
