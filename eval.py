@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from models import build_model
@@ -33,6 +34,7 @@ from rotnet.cli import ArgumentParser, InputError, UsageError, fail, number
 from rotnet.config import Config
 from rotnet.distributed import DistInfo, cleanup, init_distributed, on_rank0, resolve_precision
 from rotnet.progress import TRACKER_NAMES, EvalTable, log, log_eval, require, setup_logging
+from rotnet.runlock import hold_folder
 from rotnet.schedule import stretch_schedule
 
 
@@ -130,14 +132,17 @@ def main(argv=None) -> None:
     info = init_distributed()
     setup_logging(info.is_main, None)
     try:
-        run(args, info)
+        with ExitStack() as held:   # the output folder's lock, released however the run ends
+            run(args, info, held)
     except InputError as e:   # bad config, checkpoint, data or flags: one line, exit 2
         fail(e)
     finally:
         cleanup(info)
 
 
-def run(args: argparse.Namespace, info: DistInfo) -> None:
+def run(args: argparse.Namespace, info: DistInfo, held: ExitStack) -> None:
+    """Evaluate every trunk asked for; rank 0 holds the output folder's lock in `held` (rotnet.runlock),
+    so a second eval.py on the folder is refused instead of appending to its log and states."""
     require([args.log_to], "--log-to")
     cfg, trained, ckpt_path, ckpt = resolve_config(args.config, args.checkpoint, args.overrides)
     tracker_ids = ckpt.get("trackers", {}) if ckpt is not None else {}
@@ -161,7 +166,11 @@ def run(args: argparse.Namespace, info: DistInfo) -> None:
         raise UsageError(unlabelled)
     p = protocol(args, cfg, head, layers, seed, info, out, sources)
     evaluate = knn_probe if head == KNN_HEAD else fit_probes
-    on_rank0(lambda: make_folder(out, "--output-dir"), info)   # a collective: every rank stops on a bad one
+    def claim_folder():
+        make_folder(out, "--output-dir")
+        if cfg.train.lock:   # train.lock=false: file systems without locks, as for train.py
+            held.enter_context(hold_folder(out))
+    on_rank0(claim_folder, info)   # a collective: a busy or bad folder stops every rank
     log.info(f"commit {git_commit()} | world size {info.world_size} | device {info.device} | precision "
              f"{p.precision} | {cfg.model.arch} width {cfg.model.width}")
     log.info(f"checkpoint: {ckpt_path or 'none (random init)'}"

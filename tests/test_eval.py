@@ -314,3 +314,30 @@ def test_a_full_disk_is_one_line_naming_the_file(setup, capsys, full_disk):
     assert exc.value.code == 2 and "Traceback" not in "\n".join(err)
     assert re.match(rf"error: disk full writing {full_disk}/\S+: it needs \d+ bytes, \d+ bytes free", err[-1])
     assert not [n for n in os.listdir(full_disk) if n.startswith(".tmp-")]
+
+
+def test_a_second_eval_on_a_busy_folder_is_refused_and_changes_nothing(setup, capsys):
+    """Another live eval.py (here, a process holding the folder's lock) owns the output folder: one
+    line naming it, exit 2, its files untouched; train.lock=false runs anyway (lockless mounts)."""
+    from rotnet.cli import UsageExit
+    from rotnet.runlock import LOCK
+    from tests.test_train_errors import HOLD
+
+    out, args = setup["tmp"] / "busy", ("--checkpoint", "random", "--epochs", "1", "--layer", "block1")
+    out.mkdir()
+    (out / "eval_log.jsonl").write_text('{"epoch": 1}\n')
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True,
+                              cwd=REPO)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(UsageExit):
+            _run(setup, *args, out=out)
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert line.startswith(f"error: {out} is in use by another run (host "), line
+        assert sorted(os.listdir(out)) == sorted([LOCK, "eval_log.jsonl"])
+        assert (out / "eval_log.jsonl").read_text() == '{"epoch": 1}\n'
+        _run(setup, *args, "train.lock=false", out=out)
+        assert json.loads((out / "eval.json").read_text())["random"]["block1"]["epochs"] == 1
+    finally:
+        holder.kill()
+        holder.wait()
