@@ -18,9 +18,10 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pipelines import listing
 from pipelines.batch import derive_seed
 from pipelines.listing import IMAGE_EXT, LABEL_EXT, MANIFEST, BadImageError, list_images, shard_files
-from rotnet.atomic import TMP, atomic_path, write_text
+from rotnet.atomic import TMP, atomic_path, make_folder, write_text
 from rotnet.checkpoint import git_commit
 from rotnet.cli import ArgumentParser, InputError, UsageError, one_line_errors
+from rotnet.runlock import hold_folder
 
 PLAN = ".plan.json"
 
@@ -131,11 +132,19 @@ def pack(split_dir: str, out: str, shard_size: int, workers: int, seed: int = 0,
     if out == split_dir or out.startswith(split_dir + os.sep):
         raise UsageError(f"--out {out!r} is inside {split_dir!r}: it would be listed as a class folder")
     record, shards = make_plan(split_dir, file_list, shard_size, seed)
-    try:
-        os.makedirs(out, exist_ok=True)
-        check_plan(out, record)
-    except OSError as e:   # a read-only place, a file in the way
-        raise UsageError(f"--out {out!r}: cannot write there ({e.strerror or e})") from None
+    make_folder(out, "--out")
+    # one packer per folder (FolderBusyError naming the other): _fill's cleanup would delete the temp
+    # files a live packer is about to rename
+    with hold_folder(out):
+        try:
+            check_plan(out, record)
+        except OSError as e:   # a read-only place
+            raise UsageError(f"--out {out!r}: cannot write there ({e.strerror or e})") from None
+        return _fill(out, record, shards, workers)
+
+
+def _fill(out: str, record: dict, shards: list[list[tuple]], workers: int) -> dict:
+    """Write the shards `out` lacks, then the manifest; returns it."""
     for name in os.listdir(out):          # leftovers of a killed run (never under a final name)
         if name.startswith(TMP):
             os.remove(os.path.join(out, name))

@@ -265,7 +265,7 @@ def test_shards_bad_input(tmp_path):
     assert not (tmp_path / "sh" / "manifest.json").exists() and not list((tmp_path / "sh").glob(".tmp-*"))
     (tmp_path / "blocker").write_text("a file where --out needs a folder")
     p = run_cli(["-m", "pipelines.pack_shards", "TMP/src", "--out", "TMP/blocker/sh"], tmp_path)
-    assert_one_line_error(p, "--out", "blocker/sh", "cannot write there")
+    assert_one_line_error(p, "--out=", "blocker/sh", "cannot make this folder")
 
 
 # ---------------------------------------------------------------------------- the real processes

@@ -204,6 +204,32 @@ def test_rerun_completes_partial_pack_and_leaves_complete_shards(tmp_path):
     assert kept and all(after[n] == before[n] for n in kept)                 # complete shards untouched
 
 
+def test_a_second_packer_on_a_busy_folder_is_refused_and_deletes_nothing(tmp_path):
+    """A live packer (here, a process holding the folder's lock) owns --out: the second is refused
+    naming it, before its cleanup deletes the temp files the first is about to rename."""
+    import subprocess
+    import sys
+
+    from rotnet.runlock import FolderBusyError
+    from tests.test_train_errors import HOLD
+
+    src = make_folder(tmp_path / "src", [4, 4], size=(24, 24))
+    out = tmp_path / "sh"
+    out.mkdir()
+    (out / f".tmp-{shard_files(0)[0]}").write_bytes(b"a live packer's shard")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True,
+                              cwd=os.path.dirname(os.path.dirname(pack_shards.__file__)))
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(FolderBusyError, match=f"{out} is in use by another run"):
+            pack(src, str(out), shard_size=4, workers=1)
+        assert (out / f".tmp-{shard_files(0)[0]}").read_bytes() == b"a live packer's shard"
+        assert not list(out.glob("shard-*"))
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_unreadable_file_stops_in_one_line_keeping_written_shards(tmp_path, capsys):
     """An unreadable source file: exit 2, one line naming it; shards before it are complete and kept,
     none is left half-written; once the file is readable, the rerun finishes the rest."""
