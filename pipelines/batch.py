@@ -100,9 +100,10 @@ def derive_seed(seed: int, *parts) -> int:
 # ---------------------------------------------------------------- the files a batch may hold
 # What DALI's decoder refuses, every backend and the scan refuse by these rules: the same files everywhere.
 # The leading bytes of the formats DALI reads: JPEG, PNG, BMP, TIFF, PNM, JPEG 2000 (WebP: format_problem).
-_JPEG, _PNG = b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n"
-_MAGIC = (_JPEG, _PNG, b"BM", b"II*\x00", b"MM\x00*",
-          b"P1", b"P2", b"P3", b"P4", b"P5", b"P6", b"\x00\x00\x00\x0cjP  ", b"\xff\x4f\xff\x51")
+JPEG_MAGIC, PNG_MAGIC = b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n"
+PNM_MAGIC = (b"P1", b"P2", b"P3", b"P4", b"P5", b"P6")
+_MAGIC = (JPEG_MAGIC, PNG_MAGIC, b"BM", b"II*\x00", b"MM\x00*", *PNM_MAGIC, b"\x00\x00\x00\x0cjP  ",
+          b"\xff\x4f\xff\x51")
 
 
 def format_problem(head: bytes) -> str:
@@ -122,9 +123,9 @@ def truncated(data: bytes) -> str:
     after its last start-of-scan, a PNG that ends before its IEND chunk does. DALI refuses both, but in a
     batch it can crash on the first and fails on the second without naming it, so the DALI feed refuses
     them first. Bytes after the end (camera trailers) pass."""
-    if data.startswith(_PNG):
+    if data.startswith(PNG_MAGIC):
         return _png_truncated(data)
-    if not data.startswith(_JPEG):
+    if not data.startswith(JPEG_MAGIC):
         return ""
     if data.endswith(b"\xff\xd9") and data.find(b"\xff\xda") >= 0:   # the usual case, found near the start
         return ""
@@ -136,7 +137,7 @@ def truncated(data: bytes) -> str:
 
 def _png_truncated(data: bytes) -> str:
     """`truncated` for a PNG: its chunks (length, type, body, CRC) walked up to IEND."""
-    i = len(_PNG)
+    i = len(PNG_MAGIC)
     while i + 12 <= len(data):
         if data[i + 4:i + 8] == b"IEND":
             return ""
@@ -154,9 +155,9 @@ def zero_size(data: bytes) -> str:
     other formats, and headers this walk cannot follow: the decoder judges those). Alone in a batch, such
     a file makes DALI fail with "invalid parameter", as a bug (a wrong call) does, so the header names it
     (a 0 height with a DNL marker is valid JPEG, but no decoder here reads it)."""
-    if data.startswith(_PNG) and data[12:16] == b"IHDR":
+    if data.startswith(PNG_MAGIC) and data[12:16] == b"IHDR":
         w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    elif data.startswith(b"\xff\xd8") and (sof := jpeg_frame(data)) >= 0:   # FF Cn, length, precision, h, w
+    elif data.startswith(JPEG_MAGIC) and (sof := jpeg_frame(data)) >= 0:   # FF Cn, length, precision, h, w
         h, w = int.from_bytes(data[sof + 5:sof + 7], "big"), int.from_bytes(data[sof + 7:sof + 9], "big")
     else:
         return ""

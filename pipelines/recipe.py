@@ -24,15 +24,14 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_image
 
-from pipelines.batch import by_rule, check_recipe, jpeg_frame
+from pipelines.batch import JPEG_MAGIC, PNG_MAGIC, PNM_MAGIC, by_rule, check_recipe, jpeg_frame
 from pipelines.listing import BadImageError
 
 # Decoders by the first bytes: torchvision for JPEG; OpenCV for PNG (torchvision's PNG decoder crashes
 # the process on damaged image data) and PNM (PIL scales by a maxval other than 255 or 65535, DALI does
 # not); PIL for the rest that DALI and the scan read: BMP, TIFF, JPEG 2000, and WebP, whose EXIF
 # orientation torchvision ignores.
-_JPEG = b"\xff\xd8\xff"
-_OPENCV_FIRST = (b"\x89PNG", b"P1", b"P2", b"P3", b"P4", b"P5", b"P6")
+_OPENCV_FIRST = (PNG_MAGIC, *PNM_MAGIC)
 
 
 def decode_rgb(path: str, data: bytes | None = None) -> torch.Tensor:
@@ -86,7 +85,7 @@ def _decode(encoded: bytes) -> tuple[torch.Tensor | None, str]:
 
 def _codec(encoded: bytes) -> tuple[torch.Tensor | None, str]:
     """`_decode` without the fallback: torchvision for a JPEG, PIL for the rest."""
-    if encoded.startswith(_JPEG):
+    if encoded.startswith(JPEG_MAGIC):
         if _turned_cmyk(encoded) and (img := _opencv(encoded, cv2.IMREAD_COLOR)) is not None:
             return img, ""
         raw = torch.frombuffer(bytearray(encoded), dtype=torch.uint8)
