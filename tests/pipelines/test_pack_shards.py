@@ -24,6 +24,7 @@ from pipelines.pack_shards import pack, shard_complete
 from pipelines.sample_data import ensure_sample_data
 from rotnet.cli import InputError, UsageExit
 from rotnet.distributed import DistInfo
+from rotnet.runlock import LOCK, FolderBusyError
 from tests.pipelines.images import HAVE_DALI, KINDS, cfg, make_folder, needs_dali
 from tests.tiny_run import train_in_process
 
@@ -185,11 +186,16 @@ def test_bad_member_is_named(tmp_path, kind):
 
 # ---------------------------------------------------------------------- packer: resume, atomicity, bad input
 
+def contents(out):
+    """Every file of `out` but the lock, whose text each packer rewrites with its own pid and time."""
+    return {n: (out / n).read_bytes() for n in os.listdir(out) if n != LOCK}
+
+
 def test_rerun_completes_partial_pack_and_leaves_complete_shards(tmp_path):
     src = make_folder(tmp_path / "src", [4, 4, 4], size=(24, 24))
     out = tmp_path / "sh"
     pack(src, str(out), shard_size=4, workers=1)
-    original = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    original = contents(out)
     before = stamps(out)
     tar1, idx1 = shard_files(1)
     tar2, _ = shard_files(2)
@@ -198,7 +204,7 @@ def test_rerun_completes_partial_pack_and_leaves_complete_shards(tmp_path):
     (out / f".tmp-{tar1}").write_bytes(b"half a shard")  # a killed writer's leftover
     (out / MANIFEST).unlink()
     pack(src, str(out), shard_size=4, workers=2)
-    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == original   # same bytes, no leftovers
+    assert contents(out) == original   # same bytes, no leftovers
     after = stamps(out)
     kept = [n for n in before if n not in (tar1, tar2, idx1, shard_files(2)[1])]
     assert kept and all(after[n] == before[n] for n in kept)                 # complete shards untouched
@@ -210,7 +216,6 @@ def test_a_second_packer_on_a_busy_folder_is_refused_and_deletes_nothing(tmp_pat
     import subprocess
     import sys
 
-    from rotnet.runlock import FolderBusyError
     from tests.test_train_errors import HOLD
 
     src = make_folder(tmp_path / "src", [4, 4], size=(24, 24))
@@ -273,7 +278,7 @@ def test_bad_input_one_line(tmp_path, capsys, case):
     src = make_folder(tmp_path / "src", [2, 2], size=(24, 24))
     out = tmp_path / "sh"
     pack(src, str(out), shard_size=3, workers=1)
-    kept = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    kept = contents(out)
     os.makedirs(tmp_path / "empty" / "c0")
     args, expected = {
         "missing": ([str(tmp_path / "nowhere"), "--out", str(out)], "image folder not found"),
@@ -286,7 +291,7 @@ def test_bad_input_one_line(tmp_path, capsys, case):
         shards_main(args)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
-    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == kept       # nothing written is lost
+    assert contents(out) == kept       # nothing written is lost
 
 
 # ---------------------------------------------------------------------------- train.py on shards
