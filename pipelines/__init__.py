@@ -27,7 +27,6 @@ import torch
 
 from pipelines.batch import (
     LoaderSpec,
-    PathTable,
     batch_preparer,
     check_recipe,
     derive_seed,
@@ -37,11 +36,11 @@ from pipelines.batch import (
 from pipelines.listing import (
     CLASSES,
     BadImageError,
+    PathTable,
     SplitLayoutError,
     layout_error,
     list_images,
     list_shards,
-    resolve_file_list,
     split_layout,
 )
 from rotnet.cli import InputError
@@ -95,6 +94,21 @@ def _list(data, split_dir, mode):
         raise ValueError(f"data.format={data.format!r}; expected folder or shards")
     file_list = resolve_file_list(data.file_list, split_dir, data.train_dir)
     return (*list_images(split_dir, file_list, labelled=mode == "class", class_dir=_train_split(data)), None)
+
+
+def resolve_file_list(file_list: str, split_dir: str, train_dir: str) -> str:
+    """The file list that applies to `split_dir` ('' for none).
+
+    `{split}` in the value is replaced by the split folder name. A value without `{split}`
+    applies to the train split only (it was scanned from one split; using it for val
+    would read train images as validation).
+    """
+    if not file_list:
+        return ""
+    split = os.path.basename(os.path.normpath(split_dir))
+    if "{split}" in file_list:
+        return file_list.replace("{split}", split)
+    return file_list if split == os.path.basename(os.path.normpath(train_dir)) else ""
 
 
 def _build(cfg, split_dir, mode, info, *, batch_size, train, seed, labels_per_class=0):

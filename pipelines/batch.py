@@ -29,9 +29,7 @@ import dataclasses
 import functools
 import hashlib
 import math
-import os
 
-import numpy as np
 import torch
 
 from rotnet.cli import InputError
@@ -208,46 +206,6 @@ def by_rule(data: bytes) -> str:
     return format_problem(data[:12]) or truncated(data) or zero_size(data) or webp_misread(data)
 
 
-class PathTable:
-    """A split's file paths for a loader (`LoaderSpec.paths`): a sequence of str, held as one UTF-8
-    buffer after their common folder plus an int64 array of ends.
-
-    At ImageNet's 1.28M files a tuple of str costs ~110 bytes a path on every rank; this costs the
-    bytes after the folder plus 8. It is also never written once built: reading a str out of a
-    tuple writes its reference count, so every forked DataLoader worker ends up copying each page
-    of them, while the buffer and the array stay shared.
-    """
-
-    def __init__(self, paths: list[str]):
-        # the common folder ("ROOT/train/"), not a common name start ("ROOT/train/n0")
-        self.root = os.path.commonprefix([min(paths), max(paths)] if paths else [""])
-        self.root = self.root[: self.root.rfind("/") + 1]
-        cut = len(self.root)
-        parts = [p[cut:].encode("utf-8", "surrogateescape") for p in paths]
-        self._ends = np.cumsum([len(b) for b in parts], dtype=np.int64)
-        self._blob = b"".join(parts)
-
-    def __len__(self) -> int:
-        return len(self._ends)
-
-    def relative(self, i: int) -> str:
-        """Path i after `self.root`."""
-        start = int(self._ends[i - 1]) if i > 0 else 0
-        return self._blob[start: int(self._ends[i])].decode("utf-8", "surrogateescape")
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(f"path {i} of {len(self)}")
-        return self.root + self.relative(i)
-
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
-
-
 def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
     """[start, end) of shard `rank` of `n` items: DALI's formula (floor(n*r/W)), sizes differ by <= 1."""
     return n * rank // world_size, n * (rank + 1) // world_size
@@ -270,9 +228,9 @@ class LoaderSpec:
     seed: int
     normalize: bool              # emit normalised float16 (normalize_in_graph)
     split_dir: str
-    paths: PathTable             # every file of the split (all ranks), its label, the class names;
-    labels: tuple[int, ...]      # with tar shards, paths name the members ("DIR/shard-000000.tar:KEY.jpg")
-    classes: tuple[str, ...]
+    paths: object                # every file of the split (all ranks), a pipelines.listing.PathTable; with
+    labels: tuple[int, ...]      # tar shards it names the members ("DIR/shard-000000.tar:KEY.jpg");
+    classes: tuple[str, ...]     # their labels, the class names
     shards: object = None        # data.format "shards": the pipelines.listing.ShardSet holding the bytes
 
     @property

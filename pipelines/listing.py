@@ -1,4 +1,4 @@
-"""Which files a loader reads: image folders and file lists; tar shards (`data.format: shards`).
+"""Which files a loader reads (image folders, file lists, tar shards) and how it holds the list of them.
 
 ImageNet layout: SPLIT/CLASS/IMAGE. Class index = position of CLASS in sorted folder order
 (what torchvision's ImageFolder does), so indices agree between the train and val splits.
@@ -20,6 +20,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import resource
 import threading
 import warnings
 from collections.abc import Iterable, Iterator
@@ -230,19 +231,44 @@ def find_images(root_split: str, file_list: str = "", *, labelled: bool = True,
     return paths, labels, classes
 
 
-def resolve_file_list(file_list: str, split_dir: str, train_dir: str) -> str:
-    """The file list that applies to `split_dir` ('' for none).
+class PathTable:
+    """A split's file paths as a loader holds them (`LoaderSpec.paths`): a sequence of str, held as one UTF-8
+    buffer after their common folder plus an int64 array of ends.
 
-    `{split}` in the value is replaced by the split folder name. A value without `{split}`
-    applies to the train split only (it was scanned from one split; using it for val
-    would read train images as validation).
+    At ImageNet's 1.28M files a tuple of str costs ~110 bytes a path on every rank; this costs the
+    bytes after the folder plus 8. It is also never written once built: reading a str out of a
+    tuple writes its reference count, so every forked DataLoader worker ends up copying each page
+    of them, while the buffer and the array stay shared.
     """
-    if not file_list:
-        return ""
-    split = os.path.basename(os.path.normpath(split_dir))
-    if "{split}" in file_list:
-        return file_list.replace("{split}", split)
-    return file_list if split == os.path.basename(os.path.normpath(train_dir)) else ""
+
+    def __init__(self, paths: list[str]):
+        # the common folder ("ROOT/train/"), not a common name start ("ROOT/train/n0")
+        self.root = os.path.commonprefix([min(paths), max(paths)] if paths else [""])
+        self.root = self.root[: self.root.rfind("/") + 1]
+        cut = len(self.root)
+        parts = [p[cut:].encode("utf-8", "surrogateescape") for p in paths]
+        self._ends = np.cumsum([len(b) for b in parts], dtype=np.int64)
+        self._blob = b"".join(parts)
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def relative(self, i: int) -> str:
+        """Path i after `self.root`."""
+        start = int(self._ends[i - 1]) if i > 0 else 0
+        return self._blob[start: int(self._ends[i])].decode("utf-8", "surrogateescape")
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"path {i} of {len(self)}")
+        return self.root + self.relative(i)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
 
 
 # ------------------------------------------------------------ tar shards
@@ -251,26 +277,11 @@ FORMAT = "rotnet-shards"
 FORMAT_VERSION = 1
 INDEX_VERSION = "v1.2"              # DALI's wds2idx index format
 LABEL_EXT = "cls"
-# Member extension per source extension; decoders read the content, so a PNG named .JPEG still decodes.
-IMAGE_EXT = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".ppm": "ppm", ".bmp": "bmp", ".pgm": "pgm",
-             ".tif": "tiff", ".tiff": "tiff", ".webp": "webp"}
 
 
 def shard_files(i: int) -> tuple[str, str]:
     """(tar, index) file names of shard i."""
     return f"shard-{i:06d}.tar", f"shard-{i:06d}.idx"
-
-
-def member_key(position: int) -> str:
-    """Sample key: its position in packed order (digits only: no dot, so the extension is clear)."""
-    return f"{position:09d}"
-
-
-def index_text(samples: list[list[tuple[str, int, int, str]]]) -> str:
-    """Index of a tar: per sample its members as (ext, data offset, size, member name)."""
-    lines = [f"{INDEX_VERSION} {len(samples)}"]
-    lines += [" ".join(f"{ext} {off} {size} {name}" for ext, off, size, name in s) for s in samples]
-    return "\n".join(lines) + "\n"
 
 
 def read_index(path: str) -> list[dict[str, tuple[int, int, str]]]:
@@ -336,10 +347,6 @@ class ShardSet:
 
 def _fd_budget() -> int:
     """Tars one process keeps open: half its descriptor limit (the longest open is closed beyond)."""
-    try:
-        import resource  # POSIX only
-    except ImportError:
-        return 256
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     return max(16, min(soft, 1 << 20) // 2)
 

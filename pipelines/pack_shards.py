@@ -17,13 +17,29 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 
 from pipelines import listing
 from pipelines.batch import derive_seed
-from pipelines.listing import IMAGE_EXT, LABEL_EXT, MANIFEST, BadImageError, list_images, shard_files
+from pipelines.listing import INDEX_VERSION, LABEL_EXT, MANIFEST, BadImageError, list_images, shard_files
 from rotnet.atomic import TMP, atomic_path, make_folder, write_text
 from rotnet.checkpoint import git_commit
 from rotnet.cli import ArgumentParser, InputError, UsageError, one_line_errors
 from rotnet.runlock import hold_folder
 
 PLAN = ".plan.json"
+# Member extension per source extension; decoders read the content, so a PNG named .JPEG still decodes.
+IMAGE_EXT = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".ppm": "ppm", ".bmp": "bmp", ".pgm": "pgm",
+             ".tif": "tiff", ".tiff": "tiff", ".webp": "webp"}
+
+
+def member_key(position: int) -> str:
+    """Sample key: its position in packed order (digits only: no dot, so the extension is clear)."""
+    return f"{position:09d}"
+
+
+def index_text(samples: list[list[tuple[str, int, int, str]]]) -> str:
+    """Index of a tar (read by pipelines.listing.read_index and DALI): per sample its members as
+    (ext, data offset, size, member name)."""
+    lines = [f"{INDEX_VERSION} {len(samples)}"]
+    lines += [" ".join(f"{ext} {off} {size} {name}" for ext, off, size, name in s) for s in samples]
+    return "\n".join(lines) + "\n"
 
 
 def make_plan(split_dir: str, file_list: str, shard_size: int, seed: int) -> tuple[dict, list[list[tuple]]]:
@@ -104,7 +120,7 @@ def write_shard(out: str, i: int, members: list[tuple]) -> tuple[int, int]:
     with atomic_path(os.path.join(out, tar_name), size=planned_bytes(members)) as tmp_tar:
         with open(tmp_tar, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
             for path, label, pos in members:
-                key = listing.member_key(pos)
+                key = member_key(pos)
                 ext = IMAGE_EXT[os.path.splitext(path)[1].lower()]
                 try:
                     with open(path, "rb") as src:
@@ -118,7 +134,7 @@ def write_shard(out: str, i: int, members: list[tuple]) -> tuple[int, int]:
                     sample.append((name.split(".", 1)[1], tf.offset + tarfile.BLOCKSIZE, len(data), name))
                     tf.addfile(info, io.BytesIO(data))
                 index.append(sample)
-        write_text(os.path.join(out, idx_name), listing.index_text(index))   # before the tar's rename
+        write_text(os.path.join(out, idx_name), index_text(index))   # before the tar's rename
     return i, os.path.getsize(os.path.join(out, tar_name))
 
 

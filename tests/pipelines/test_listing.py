@@ -8,8 +8,8 @@ import torch
 
 import pipelines
 import pipelines.scan
-from pipelines import list_images, prepare_batch, resolve_backend, subset_per_class
-from pipelines.listing import read_file_list, resolve_file_list, write_file_list
+from pipelines import list_images, prepare_batch, resolve_backend, resolve_file_list, subset_per_class
+from pipelines.listing import read_file_list, write_file_list
 from rotnet.cli import InputError
 from rotnet.distributed import DistInfo
 from tests.pipelines.images import cfg, make_folder, needs_dali
@@ -120,7 +120,7 @@ def test_graph_normalisation_on_cpu(square_split, backend):
 def test_path_table_gives_back_every_path(tmp_path):
     """PathTable (a loader's spec.paths) returns the listed paths, odd names included, by index,
     negative index and slice; `root` + `relative(i)` is the path (DALI's file_root and files)."""
-    from pipelines.batch import PathTable
+    from pipelines.listing import PathTable
 
     odd = os.fsdecode(b"c1/bad \xff name.JPEG")          # undecodable byte, as os.walk gives it
     paths = [str(tmp_path / "s" / p) for p in ("c0/a b é.jpg", "c0/z.jpg", odd, "c1/x.png")]
