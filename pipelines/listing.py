@@ -10,10 +10,9 @@ line per image, the path relative to the split folder; the label is the last whi
 separated token, so paths may contain spaces. `data.file_list` may contain `{split}`, which
 is replaced by the split folder's name, so one config value serves train and val.
 
-Tar shards (webdataset layout) are read here. A shard folder (`python -m pipelines.pack_shards`):
-manifest.json, written last; shard-000000.tar (KEY.<image ext>, KEY.cls; KEY = packed position);
-shard-000000.idx (DALI's wds2idx index).
-A sample is one `os.pread` of a tar kept open. Format and sample order: docs/pipelines.md.
+Tar shards (webdataset layout, written by `python -m pipelines.pack_shards`): manifest.json, written
+last; shard-000000.tar (KEY.<image ext>, KEY.cls; KEY = packed position); shard-000000.idx (DALI's
+wds2idx index). A sample is one `os.pread` of a tar kept open. Format, order: docs/pipelines.md.
 """
 from __future__ import annotations
 
