@@ -112,8 +112,11 @@ def test_train_job_completes_and_writes_checkpoint(tmp_path, mode):
 @pytest.mark.parametrize("mode", ["srun", "torchrun"])
 def test_usr1_checkpoints_requeues_and_resumes(tmp_path, mode):
     """USR1 to the batch shell (what --signal=B:USR1@120 does before the time limit)."""
-    data = make_random_dataset(tmp_path / "data", n=400)           # 2 ranks x 4: 50 steps/epoch
-    out, log, epochs = tmp_path / "run", tmp_path / "job.out", 3
+    # One long epoch (2 ranks x 4: 500 steps): the stop lands a second or two of steps after the
+    # signal, far from the epoch's end. With short epochs it sometimes fell on an epoch's last step,
+    # whose resume point is the next epoch's start, and this test would not see a mid-epoch resume.
+    data = make_random_dataset(tmp_path / "data", n=4000)
+    out, log, epochs = tmp_path / "run", tmp_path / "job.out", 1
     jid = submit(out, data, log, mode, "optim.batch_size_per_gpu=4", f"optim.epochs={epochs}")
 
     wait_for(jid, lambda _: training(log), 180, "training under way", log)
@@ -131,11 +134,11 @@ def test_usr1_checkpoints_requeues_and_resumes(tmp_path, mode):
     stop = re.search(r"checkpoint written at epoch (\d+) step (\d+); exiting with code 3", text)
     assert stop, tail(text)
     epoch, step = map(int, stop.groups())
-    assert 0 < step < 50, "the stop must be mid-epoch"
+    assert 0 < step < 500, "the stop must be mid-epoch"
     resumed = f"resumed from {out / 'checkpoint.pt'}: epoch {epoch}, step in epoch {step}"
     assert "requeueing job" in text and resumed in text, tail(text)
     ckpt = load_ckpt(out)
-    assert (ckpt["epoch"], ckpt["epoch_step"], ckpt["step"]) == (epochs, 0, 50 * epochs)
+    assert (ckpt["epoch"], ckpt["epoch_step"], ckpt["step"]) == (epochs, 0, 500 * epochs)
 
 
 def test_scancel_checkpoints_and_is_not_requeued(tmp_path):
