@@ -114,7 +114,7 @@ def test_literal_choices_match_what_the_code_accepts():
     import typing
 
     from models import MODELS
-    from pipelines.batch import NORMALIZE_MODES
+    from pipelines.batch import NORMALIZE_MODES, RECIPES
     from probes.heads import HEADS
     from rotnet.config import DataConfig, LoaderConfig, ModelConfig, ProbeConfig
 
@@ -123,6 +123,7 @@ def test_literal_choices_match_what_the_code_accepts():
     assert choices(ModelConfig, "arch") == set(MODELS)
     assert choices(ProbeConfig, "head") == set(HEADS)
     assert choices(LoaderConfig, "normalize") == set(NORMALIZE_MODES)
+    assert choices(DataConfig, "recipe") == set(RECIPES)
     assert choices(DataConfig, "rotation_mode") == {"all", "one_random"}   # pipelines/batch.py's contract
 
 
