@@ -228,9 +228,9 @@ class LoaderSpec:
     seed: int
     normalize: bool              # emit normalised float16 (normalize_in_graph)
     split_dir: str
-    paths: object                # every file of the split (all ranks), a pipelines.listing.PathTable; with
-    labels: tuple[int, ...]      # tar shards it names the members ("DIR/shard-000000.tar:KEY.jpg");
-    classes: tuple[str, ...]     # their labels, the class names
+    paths: object                # every file of the split, all ranks' (a pipelines.listing.PathTable);
+    labels: tuple[int, ...]      # with tar shards, paths name the members ("DIR/shard-000000.tar:KEY.jpg")
+    classes: tuple[str, ...]     # the class names, which labels index
     shards: object = None        # data.format "shards": the pipelines.listing.ShardSet holding the bytes
 
     @property
