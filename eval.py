@@ -28,13 +28,12 @@ from probes.knn import KNN_HEAD, KNN_K, KNN_T, POOLS, knn_probe
 from probes.protocol import KnnProtocol, ProbeProtocol, Protocol
 from probes.report import write_reports
 from probes.resume import load_state
-from rotnet.atomic import make_folder
 from rotnet.checkpoint import git_commit, settings_line
 from rotnet.cli import ArgumentParser, InputError, UsageError, fail, number
 from rotnet.config import Config
 from rotnet.distributed import DistInfo, cleanup, init_distributed, on_rank0, resolve_precision
 from rotnet.progress import TRACKER_NAMES, EvalTable, log, log_eval, require, setup_logging
-from rotnet.runlock import hold_folder
+from rotnet.runlock import own_folder
 from rotnet.schedule import stretch_schedule
 
 
@@ -166,10 +165,8 @@ def run(args: argparse.Namespace, info: DistInfo, held: ExitStack) -> None:
         raise UsageError(unlabelled)
     p = protocol(args, cfg, head, layers, seed, info, out, sources)
     evaluate = knn_probe if head == KNN_HEAD else fit_probes
-    def claim_folder():
-        make_folder(out, "--output-dir")
-        if cfg.train.lock:   # train.lock=false: file systems without locks, as for train.py
-            held.enter_context(hold_folder(out))
+    def claim_folder():   # train.lock=false: file systems without locks, as for train.py
+        held.enter_context(own_folder(out, "--output-dir", cfg.train.lock))
     on_rank0(claim_folder, info)   # a collective: a busy or bad folder stops every rank
     log.info(f"commit {git_commit()} | world size {info.world_size} | device {info.device} | precision "
              f"{p.precision} | {cfg.model.arch} width {cfg.model.width}")

@@ -32,7 +32,7 @@ from torch import nn
 from models import build_model
 from pipelines import batch_preparer, class_labels_missing, rotation_loaders, with_data_root
 from probes.knn import KnnMonitor
-from rotnet.atomic import DiskFullError, make_folder
+from rotnet.atomic import DiskFullError
 from rotnet.checkpoint import check_compatible, find_checkpoint, git_commit, load_checkpoint, save_checkpoint
 from rotnet.cli import ArgumentParser, InputError, fail
 from rotnet.config import (
@@ -58,7 +58,7 @@ from rotnet.distributed import (
 from rotnet.epoch_log import DivergedError, EpochLog, diverged
 from rotnet.preemption import REQUEUE_EXIT_CODE, Preempted, StopFlag
 from rotnet.progress import RunLogger, log, open_trackers, require, setup_logging
-from rotnet.runlock import hold_folder
+from rotnet.runlock import own_folder
 from rotnet.schedule import StepSchedule, build_optimizer, due_after
 
 # A checkpoint is refused (with the differences listed) when these differ from the run's config.
@@ -332,9 +332,7 @@ def train(args: argparse.Namespace, held: ExitStack) -> None:
     cfg = resolve(cfg, info, splits=(cfg.data.train_dir,))   # the config this run carries, never changed
     out = Path(cfg.train.output_dir)
     def claim_folder():
-        make_folder(out, "train.output_dir")
-        if cfg.train.lock:
-            held.enter_context(hold_folder(out))
+        held.enter_context(own_folder(out, "train.output_dir", cfg.train.lock))
     on_rank0(claim_folder, info)   # a busy folder or a full disk stops every rank
     setup_logging(info.is_main, out)
     run = build_run(cfg, info, RunLogger(out, info.is_main, tensorboard="tensorboard" in cfg.train.loggers))

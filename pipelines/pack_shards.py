@@ -18,10 +18,10 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pipelines import listing
 from pipelines.batch import derive_seed
 from pipelines.listing import INDEX_VERSION, LABEL_EXT, MANIFEST, BadImageError, list_images, shard_files
-from rotnet.atomic import TMP, atomic_path, make_folder, write_text
+from rotnet.atomic import TMP, atomic_path, write_text
 from rotnet.checkpoint import git_commit
 from rotnet.cli import ArgumentParser, InputError, UsageError, one_line_errors
-from rotnet.runlock import hold_folder
+from rotnet.runlock import own_folder
 
 PLAN = ".plan.json"
 # Member extension per source extension; decoders read the content, so a PNG named .JPEG still decodes.
@@ -148,10 +148,9 @@ def pack(split_dir: str, out: str, shard_size: int, workers: int, seed: int = 0,
     if out == split_dir or out.startswith(split_dir + os.sep):
         raise UsageError(f"--out {out!r} is inside {split_dir!r}: it would be listed as a class folder")
     record, shards = make_plan(split_dir, file_list, shard_size, seed)
-    make_folder(out, "--out")
     # one packer per folder (FolderBusyError naming the other): _fill's cleanup would delete the temp
     # files a live packer is about to rename
-    with hold_folder(out):
+    with own_folder(out, "--out"):
         try:
             check_plan(out, record)
         except OSError as e:   # a read-only place

@@ -19,10 +19,10 @@ import os
 import socket
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from rotnet.atomic import full_disk_named
+from rotnet.atomic import full_disk_named, make_folder
 from rotnet.cli import InputError
 
 LOCK = ".rotnet.lock"
@@ -93,3 +93,13 @@ def hold_folder(folder: str | Path) -> Iterator[Path]:
         yield path
     finally:
         os.close(fd)   # closing drops the lock (so does the process's death)
+
+
+@contextmanager
+def own_folder(folder: str | Path, named: str, lock: bool = True) -> Iterator[None]:
+    """Make `folder` (`make_folder`: an error names the setting `named`) and hold its run lock for the
+    block, as every writer of a run folder does; lock=False (train.lock=false, for file systems without
+    locks) only makes it."""
+    make_folder(folder, named)
+    with hold_folder(folder) if lock else nullcontext():
+        yield

@@ -6,7 +6,10 @@ import sys
 import threading
 import time
 
-from rotnet.runlock import LOCK, hold_folder, holder
+import pytest
+
+from rotnet.cli import InputError
+from rotnet.runlock import LOCK, hold_folder, holder, own_folder
 
 
 def test_an_empty_lock_file_is_read_again_until_its_holder_has_written_it(tmp_path):
@@ -59,3 +62,15 @@ def test_a_reused_lock_file_naming_an_ended_process_here_is_read_again(tmp_path)
     assert holder(path) == now.strip() and time.monotonic() - start < 0.5
     path.write_text("host another-host, pid 999999999, started then\n")   # liveness unknown there
     assert holder(path) == "host another-host, pid 999999999, started then"
+
+
+def test_own_folder_makes_the_folder_and_holds_its_lock_unless_told_not_to(tmp_path):
+    run = tmp_path / "a" / "run"
+    with own_folder(run, "train.output_dir"):
+        assert f"pid {os.getpid()}," in (run / LOCK).read_text()   # another process: tests/test_train_lock.py
+    with own_folder(tmp_path / "b", "train.output_dir", lock=False):
+        assert os.listdir(tmp_path / "b") == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match=r"^--out=.*file.*: cannot make this folder"):
+        with own_folder(tmp_path / "file", "--out"):
+            pass
