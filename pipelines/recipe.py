@@ -72,7 +72,7 @@ def _decode(encoded: bytes) -> tuple[torch.Tensor | None, str]:
     for a TIFF DALI falls back to OpenCV), OpenCV decodes it, to DALI's pixels (test_recipe.py)."""
     if encoded.startswith(_OPENCV_FIRST):   # OpenCV's verdicts and pixels are DALI's (uint16: 16-bit)
         img = _opencv(encoded, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
-        kind = "PNG" if encoded[:1] == b"\x89" else "PNM"
+        kind = "PNG" if encoded.startswith(PNG_MAGIC) else "PNM"
         return (img, "") if img is not None else (None, f"a {kind} whose image data cannot be decoded")
     try:
         return _codec(encoded)

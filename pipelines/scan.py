@@ -193,9 +193,10 @@ def main(argv=None) -> int:
     args = ap.parse_intermixed_args(argv)
     any_bad = False
     with one_line_errors(InputError):   # a missing ROOT, an ambiguous layout, an unwritable --out
-        auto = "dali" if dali_available() else "torch"
-        decoder = {"auto": auto, "pil": "torch"}.get(args.decoder, args.decoder)
-        if decoder == "dali" and auto != "dali":
+        decoder = {"pil": "torch"}.get(args.decoder, args.decoder)   # DALI is imported only to use it
+        if decoder == "auto":
+            decoder = "dali" if dali_available() else "torch"
+        elif decoder == "dali" and not dali_available():
             raise InputError("--decoder dali: nvidia.dali does not import (install it, or --decoder torch)")
         print("decoding with " + ("DALI's CPU decoder, as training does" if decoder == "dali" else
                                   "the torch backends' decoder, as training without DALI does; files DALI "

@@ -95,7 +95,7 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     except Exception as e:  # truncated file, wrong format, disallowed pickle content: torch says which
         first = (str(e).splitlines() or [""])[0]
         copies = {int(m.group(1)): p.name for p in path.parent.glob("*.pt") if (m := _COPY.match(p.name))}
-        newest = [copies[e] for e in sorted(copies, reverse=True)[:3]]
+        newest = [copies[n] for n in sorted(copies, reverse=True)[:3]]
         hint = (f"; the copies beside it, newest first: {', '.join(newest)} (copy one over {path.name} to "
                 "resume from its epoch)" if path.name == LATEST and newest else "")
         why = f"{type(e).__name__}: {first}" if first else f"{type(e).__name__} (cut short?)"
